@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs (make protos); never edited by hand."""

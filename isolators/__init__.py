@@ -1,0 +1,1 @@
+"""Mesos-style isolators, usable without the service (imports nothing from adapter/)."""
