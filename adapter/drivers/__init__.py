@@ -1,0 +1,18 @@
+"""Runtime drivers, one module (or package) per runtime; see base.py for the contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapter.config import AgentConfig
+from adapter.drivers.base import Driver
+
+
+def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Driver:
+    """Instantiate the driver for a configured runtime. Imports are lazy so a node pays only for
+    the runtimes it uses."""
+    if name == "native":
+        from adapter.drivers.native.driver import NativeDriver
+
+        return NativeDriver(config, options)
+    raise ValueError(f"no driver for runtime {name!r}")

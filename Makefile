@@ -1,0 +1,27 @@
+# The README's commands. `make demo` and `make test` install what a fresh Debian machine lacks.
+PYTEST_WORKERS ?= auto
+
+.PHONY: install protos demo test lint bench clean
+
+install:
+	deploy/install.sh
+
+protos:
+	.venv/bin/python protos/build.py
+
+demo: install
+	deploy/demo.sh
+
+lint:
+	.venv/bin/ruff check adapter isolators tests benchmarks protos
+	.venv/bin/ruff format --check adapter isolators tests benchmarks protos
+	.venv/bin/mypy
+
+test: install lint
+	.venv/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+
+bench: install
+	.venv/bin/python benchmarks/run_all.py
+
+clean:
+	rm -rf .venv adapter/api/containerizer adapter/api/mesos build

@@ -1,0 +1,148 @@
+"""Per-node TOML config -> a typed AgentConfig, validated once at load.
+
+The schema is data (TOP_LEVEL, RUNTIME_KEYS): each key with its type and a check. A bad file is
+refused with the file, the key and what was expected. No file means a working default: the
+native runtime with the cgroup isolators.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapter.errors import ConfigError
+from adapter.model import is_valid_container_id
+
+CONFIG_VERSION = 1
+DEFAULT_SOCKET = "/run/containerizer/containerizer.sock"
+DEFAULT_STATE_DIR = "/var/lib/containerizer"
+KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "posix/mem")
+
+# Per-runtime tables: key -> expected Python type. A runtime is usable once its driver exists.
+RUNTIME_KEYS: dict[str, dict[str, type]] = {
+    "native": {"supervisor": str, "namespaces": bool},
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    version: int = CONFIG_VERSION
+    default_runtime: str = "native"
+    isolators: tuple[str, ...] = ("cgroups/cpu", "cgroups/mem", "cgroups/pids")
+    cgroups_root: str = "containerizer"
+    cgroups_hierarchy: str | None = None
+    cgroups_enable_cfs: bool = False
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    socket: Path = Path(DEFAULT_SOCKET)
+    listen: str | None = None
+    termination_retention: float = 3600.0
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"native": {}})
+    source: Path | None = None
+
+
+def _is_listen_address(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _isolator_list(value: list[Any]) -> bool:
+    return all(isinstance(name, str) and name in KNOWN_ISOLATORS for name in value)
+
+
+# key -> (type, check, what is expected)
+_Check = Callable[[Any], bool]
+TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
+    "version": (int, lambda v: v == CONFIG_VERSION, f"the integer {CONFIG_VERSION}"),
+    "default_runtime": (str, lambda v: v in RUNTIME_KEYS, f"one of {sorted(RUNTIME_KEYS)}"),
+    "isolators": (list, _isolator_list, f"a list of {list(KNOWN_ISOLATORS)}"),
+    "cgroups_root": (str, is_valid_container_id, "a single cgroup directory name"),
+    "cgroups_hierarchy": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "cgroups_enable_cfs": (bool, lambda v: True, "true or false"),
+    "state_dir": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
+    "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
+    "runtimes": (dict, lambda v: True, "a table of runtime tables"),
+}
+
+
+def load_config(path: str | Path | None) -> AgentConfig:
+    """Read and validate the config at `path`; None gives the defaults."""
+    if path is None:
+        return AgentConfig()
+    source = Path(path)
+    try:
+        raw = tomllib.loads(source.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return parse_config(raw, source)
+
+
+def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig:
+    where = str(source) if source else "<config>"
+    for key, value in raw.items():
+        _check_top_level(where, key, value)
+    if raw.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+        raise ConfigError(f"{where}: version: expected {CONFIG_VERSION}")
+    runtimes = _parse_runtimes(where, raw.get("runtimes", {"native": {}}))
+    default_runtime = raw.get("default_runtime", "native")
+    if default_runtime not in runtimes:
+        raise ConfigError(
+            f"{where}: default_runtime: {default_runtime!r} has no [runtimes.{default_runtime}]"
+            f" table; configured: {sorted(runtimes)}"
+        )
+    defaults = AgentConfig()
+    return AgentConfig(
+        default_runtime=default_runtime,
+        isolators=tuple(raw.get("isolators", defaults.isolators)),
+        cgroups_root=raw.get("cgroups_root", defaults.cgroups_root),
+        cgroups_hierarchy=raw.get("cgroups_hierarchy"),
+        cgroups_enable_cfs=raw.get("cgroups_enable_cfs", False),
+        state_dir=Path(raw.get("state_dir", DEFAULT_STATE_DIR)),
+        socket=Path(raw.get("socket", DEFAULT_SOCKET)),
+        listen=raw.get("listen"),
+        termination_retention=float(raw.get("termination_retention", 3600.0)),
+        runtimes=runtimes,
+        source=source,
+    )
+
+
+def _check_top_level(where: str, key: str, value: Any) -> None:
+    if key not in TOP_LEVEL:
+        raise ConfigError(f"{where}: unknown key {key!r}; known keys: {sorted(TOP_LEVEL)}")
+    expected_type, check, expected = TOP_LEVEL[key]
+    # bool is an int in Python; a `true` where a number is expected is still a mistake.
+    wrong_bool = isinstance(value, bool) and expected_type is not bool
+    if wrong_bool or not isinstance(value, expected_type) or not check(value):
+        raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+
+
+def _parse_runtimes(where: str, tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not tables:
+        raise ConfigError(f"{where}: runtimes: at least one runtime table is required")
+    runtimes: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        if name not in RUNTIME_KEYS:
+            raise ConfigError(
+                f"{where}: runtimes.{name}: unknown runtime; available: {sorted(RUNTIME_KEYS)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: runtimes.{name}: expected a table")
+        schema = RUNTIME_KEYS[name]
+        for key, value in table.items():
+            if key not in schema:
+                raise ConfigError(
+                    f"{where}: runtimes.{name}.{key}: unknown key; known keys: {sorted(schema)}"
+                )
+            if not isinstance(value, schema[key]):
+                raise ConfigError(
+                    f"{where}: runtimes.{name}.{key}: expected {schema[key].__name__},"
+                    f" got {value!r}"
+                )
+        runtimes[name] = dict(table)
+    return runtimes

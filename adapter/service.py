@@ -1,0 +1,220 @@
+"""The Containerizer gRPC servicer: a thin façade that validates, delegates to the core, converts.
+
+Errors are mapped once, by class (STATUS_BY_ERROR); no Python traceback crosses the API.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from adapter import errors, validation
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from adapter.containerizer import Containerizer, Event, default_sandbox
+from adapter.model import Fingerprint, Resources, State, Statistics, Termination
+from adapter.state import ContainerRecord
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.LaunchFailed, grpc.StatusCode.INTERNAL),
+    (errors.ContainerizerError, grpc.StatusCode.INTERNAL),
+]
+
+Reply = TypeVar("Reply")
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    for error_class, code in STATUS_BY_ERROR:
+        if isinstance(exc, error_class):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def mapped_errors(
+    method: Callable[..., Awaitable[Reply]],
+) -> Callable[..., Awaitable[Reply]]:
+    """Turn our errors into gRPC statuses; log and hide anything unexpected."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        try:
+            return await method(self, request, context)
+        except errors.ContainerizerError as exc:
+            await context.abort(status_for(exc), str(exc))
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+class ContainerizerService(pb_grpc.ContainerizerServicer):  # type: ignore[misc]
+    def __init__(self, core: Containerizer, state_dir: Path) -> None:
+        self._core = core
+        self._state_dir = state_dir
+
+    @mapped_errors
+    async def Launch(self, request: pb.LaunchRequest, context: Any) -> pb.LaunchResponse:
+        cid = validation.container_id(request.container_id)
+        spec, warnings = validation.launch_spec(
+            request,
+            default_runtime=self._core.default_runtime,
+            default_sandbox=default_sandbox(self._state_dir, cid),
+        )
+        record = await self._core.launch(spec, warnings)
+        return pb.LaunchResponse(status=to_status(record), warnings=list(record.warnings))
+
+    @mapped_errors
+    async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
+        cid = validation.container_id(request.container_id)
+        resources, warnings = validation.resources(request.resources)
+        await self._core.update(cid, resources)
+        return pb.UpdateResponse(warnings=list(warnings))
+
+    @mapped_errors
+    async def Usage(self, request: pb.UsageRequest, context: Any) -> pb.UsageResponse:
+        cid = validation.container_id(request.container_id)
+        return pb.UsageResponse(statistics=to_statistics(await self._core.usage(cid)))
+
+    @mapped_errors
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.ContainerStatus:
+        cid = validation.container_id(request.container_id)
+        return to_status(self._core.status(cid))
+
+    @mapped_errors
+    async def Wait(self, request: pb.WaitRequest, context: Any) -> pb.WaitResponse:
+        cid = validation.container_id(request.container_id)
+        return pb.WaitResponse(termination=to_termination(await self._core.wait(cid)))
+
+    @mapped_errors
+    async def Kill(self, request: pb.KillRequest, context: Any) -> pb.KillResponse:
+        cid = validation.container_id(request.container_id)
+        await self._core.kill(cid, validation.signal_number(request.signal))
+        return pb.KillResponse()
+
+    @mapped_errors
+    async def Destroy(self, request: pb.DestroyRequest, context: Any) -> pb.DestroyResponse:
+        cid = validation.container_id(request.container_id)
+        return pb.DestroyResponse(termination=to_termination(await self._core.destroy(cid)))
+
+    @mapped_errors
+    async def Containers(
+        self, request: pb.ContainersRequest, context: Any
+    ) -> pb.ContainersResponse:
+        return pb.ContainersResponse(containers=[to_status(r) for r in self._core.containers()])
+
+    @mapped_errors
+    async def Runtimes(self, request: pb.RuntimesRequest, context: Any) -> pb.RuntimesResponse:
+        fingerprints = await self._core.runtimes()
+        return pb.RuntimesResponse(
+            runtimes=[to_runtime(f, f.name == self._core.default_runtime) for f in fingerprints]
+        )
+
+    async def Events(self, request: pb.EventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+        cid = request.container_id
+        if cid:
+            try:
+                validation.container_id(cid)
+            except errors.InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for event in self._core.events(cid or None):
+            yield to_event(event)
+
+
+# ---- domain -> API ----
+
+
+def to_termination(termination: Termination) -> pb.Termination:
+    message = pb.Termination(
+        status=termination.status,
+        killed=termination.killed,
+        reason=pb.Reason.Value(termination.reason.value),
+        message=termination.message,
+        limited_resources=list(termination.limited_resources),
+        finished_at=termination.finished_at,
+    )
+    if termination.exit_code is not None:
+        message.exit_code = termination.exit_code
+    if termination.signal is not None:
+        message.signal = termination.signal
+    return message
+
+
+def to_resources(resources: Resources) -> list[pb.Resource]:
+    values = {
+        "cpus": resources.cpus,
+        "mem": resources.mem_mib,
+        "disk": resources.disk_mib,
+        "pids": resources.pids,
+    }
+    return [
+        pb.Resource(name=name, type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=float(value)))
+        for name, value in values.items()
+        if value is not None
+    ]
+
+
+def to_status(record: ContainerRecord) -> pb.ContainerStatus:
+    spec = record.spec
+    status = pb.ContainerStatus(
+        container_id=spec.container_id,
+        runtime=spec.runtime,
+        state=pb.State.Value(record.state.value),
+        pid=record.pid,
+        launched_at=record.launched_at,
+        image=spec.image or "",
+        sandbox=spec.sandbox,
+        labels=dict(spec.labels),
+        resources=to_resources(spec.resources),
+    )
+    if record.state is State.TERMINATED and record.termination is not None:
+        status.termination.CopyFrom(to_termination(record.termination))
+    return status
+
+
+def to_statistics(statistics: Statistics) -> pb.ResourceStatistics:
+    known = pb.ResourceStatistics.DESCRIPTOR.fields_by_name
+    return pb.ResourceStatistics(**{k: v for k, v in statistics.items() if k in known})
+
+
+def to_runtime(fingerprint: Fingerprint, is_default: bool) -> pb.RuntimeInfo:
+    caps = fingerprint.capabilities
+    return pb.RuntimeInfo(
+        name=fingerprint.name,
+        version=fingerprint.version,
+        healthy=fingerprint.healthy,
+        message=fingerprint.message,
+        is_default=is_default,
+        capabilities=pb.Capabilities(
+            images=caps.images,
+            live_update=caps.live_update,
+            oom_detection=caps.oom_detection,
+            pid_namespace=caps.pid_namespace,
+            recover=caps.recover,
+            network_isolation=caps.network_isolation,
+        ),
+    )
+
+
+def to_event(event: Event) -> pb.Event:
+    message = pb.Event(
+        timestamp=event.timestamp,
+        container_id=event.container_id,
+        state=pb.State.Value(event.state.value),
+    )
+    if event.termination is not None:
+        message.termination.CopyFrom(to_termination(event.termination))
+    return message

@@ -1,0 +1,180 @@
+"""Request validation at the service edge: API messages -> domain types, or InvalidArgument.
+
+Nothing reaches a runtime or a path on disk before it has passed through here. Every error names
+the field (`launch.resources[cpus]`, `command.environment[2].name`) and the value received.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.errors import InvalidArgument
+from adapter.model import (
+    MIN_MEM_MIB,
+    Command,
+    LaunchSpec,
+    Resources,
+    is_valid_container_id,
+)
+
+SCALAR_RESOURCES = {"cpus", "mem", "disk", "pids"}
+RUNTIME_KINDS = {"native", "containerd", "lxc", "libvirt", "docker"}
+MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
+MAX_TEXT = 64 * 1024  # a label value, an env value, a path: generous, but bounded
+MAX_COMMAND = 1024 * 1024
+
+
+def container_id(value: str, field: str = "container_id") -> str:
+    if not is_valid_container_id(value):
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgument(
+            field,
+            f"{shown!r} is not a valid id: 1-128 characters of [A-Za-z0-9_.-],"
+            " starting with a letter or digit",
+        )
+    return value
+
+
+def _text(value: str, field: str, limit: int = MAX_TEXT) -> str:
+    if "\x00" in value:
+        raise InvalidArgument(field, "contains a NUL byte")
+    if len(value) > limit:
+        raise InvalidArgument(field, f"longer than {limit} characters")
+    return value
+
+
+def resources(
+    messages: Iterable[pb.Resource], field: str = "resources"
+) -> tuple[Resources, tuple[str, ...]]:
+    """Parse Mesos-shaped resources; return them and the adjustments made (the mem floor)."""
+    values: dict[str, float] = {}
+    for index, message in enumerate(messages):
+        name = message.name
+        where = f"{field}[{index}]"
+        if name not in SCALAR_RESOURCES:
+            raise InvalidArgument(
+                f"{where}.name", f"unknown resource {name!r}; known: {sorted(SCALAR_RESOURCES)}"
+            )
+        if message.type != pb.Value.SCALAR:
+            raise InvalidArgument(f"{where}.type", f"resource {name!r} must be SCALAR")
+        if name in values:
+            raise InvalidArgument(f"{where}.name", f"resource {name!r} given twice")
+        value = message.scalar.value
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument(f"{field}[{name}]", f"must be a finite number >= 0, got {value}")
+        values[name] = value
+    warnings: list[str] = []
+    if "cpus" in values and values["cpus"] == 0:
+        raise InvalidArgument(f"{field}[cpus]", "must be greater than 0")
+    pids = values.get("pids")
+    if pids is not None and (pids != int(pids) or not 1 <= pids <= MAX_PIDS):
+        raise InvalidArgument(f"{field}[pids]", f"must be an integer in 1..{MAX_PIDS}, got {pids}")
+    mem = values.get("mem")
+    if mem is not None and mem < MIN_MEM_MIB:
+        warnings.append(f"mem raised from {mem:g} MiB to the minimum of {MIN_MEM_MIB} MiB")
+        mem = float(MIN_MEM_MIB)
+    parsed = Resources(
+        cpus=values.get("cpus"),
+        mem_mib=mem,
+        disk_mib=values.get("disk"),
+        pids=int(pids) if pids is not None else None,
+    )
+    return parsed, tuple(warnings)
+
+
+def _environment(variables: Sequence[pb.EnvironmentVariable]) -> tuple[tuple[str, str], ...]:
+    result = []
+    for index, variable in enumerate(variables):
+        where = f"command.environment[{index}]"
+        if not variable.name or "=" in variable.name or "\x00" in variable.name:
+            raise InvalidArgument(
+                f"{where}.name", f"{variable.name!r} must be non-empty without '=' or NUL"
+            )
+        result.append((variable.name, _text(variable.value, f"{where}.value")))
+    return tuple(result)
+
+
+def command(message: pb.CommandInfo) -> Command:
+    shell, argv = message.shell, list(message.argv)
+    if shell and argv:
+        raise InvalidArgument("command", "give either shell or argv, not both")
+    if not shell.strip() and not argv:
+        raise InvalidArgument("command", "is empty: give a shell string or an argv")
+    if argv and not argv[0]:
+        raise InvalidArgument("command.argv[0]", "is empty")
+    _text(shell, "command.shell", MAX_COMMAND)
+    for index, arg in enumerate(argv):
+        _text(arg, f"command.argv[{index}]", MAX_COMMAND)
+    user = _text(message.user, "command.user", 256)
+    if user and not all(c.isalnum() or c in "_.-" for c in user):
+        raise InvalidArgument("command.user", f"{user!r} is not a user name or uid")
+    working_dir = _text(message.working_dir, "command.working_dir")
+    if working_dir and not working_dir.startswith("/"):
+        raise InvalidArgument("command.working_dir", f"{working_dir!r} is not an absolute path")
+    return Command(
+        shell=shell if shell else None,
+        argv=tuple(argv),
+        environment=_environment(message.environment),
+        user=user or None,
+        working_dir=working_dir or None,
+    )
+
+
+def sandbox(value: str, default: str) -> str:
+    if not value:
+        return default
+    _text(value, "sandbox", 4096)
+    if not value.startswith("/"):
+        raise InvalidArgument("sandbox", f"{value!r} is not an absolute path")
+    normalized = os.path.normpath(value)
+    if normalized == "/" or ".." in value.split("/"):
+        raise InvalidArgument("sandbox", f"{value!r} is not a usable sandbox directory")
+    return normalized
+
+
+def labels(values: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    for key, value in values.items():
+        if not key or len(key) > 256 or any(not (c.isprintable()) for c in key):
+            raise InvalidArgument("labels", f"label key {key[:64]!r} is empty or not printable")
+        _text(value, f"labels[{key}]")
+    return tuple(sorted(values.items()))
+
+
+def launch_spec(
+    request: pb.LaunchRequest, *, default_runtime: str, default_sandbox: str
+) -> tuple[LaunchSpec, tuple[str, ...]]:
+    """Validate a LaunchRequest completely; return the spec and the warnings to report.
+
+    A runtime name that is no runtime at all is INVALID_ARGUMENT here; a real runtime that this
+    node has not configured is FAILED_PRECONDITION, from the core."""
+    cid = container_id(request.container_id)
+    runtime = request.container.runtime or default_runtime
+    if runtime not in RUNTIME_KINDS:
+        raise InvalidArgument(
+            "container.runtime", f"unknown runtime {runtime!r}; known: {sorted(RUNTIME_KINDS)}"
+        )
+    image = _text(request.container.image, "container.image", 1024)
+    if image and any(c.isspace() for c in image):
+        raise InvalidArgument("container.image", f"{image!r} contains whitespace")
+    parsed, warnings = resources(request.resources)
+    spec = LaunchSpec(
+        container_id=cid,
+        command=command(request.command),
+        resources=parsed,
+        runtime=runtime,
+        sandbox=sandbox(request.sandbox, default_sandbox),
+        image=image or None,
+        labels=labels(dict(request.labels)),
+    )
+    return spec, warnings
+
+
+def signal_number(value: int) -> int:
+    if value == 0:
+        return 15
+    if not 1 <= value <= 64:
+        raise InvalidArgument("signal", f"must be a signal number in 1..64, got {value}")
+    return value

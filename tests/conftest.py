@@ -1,0 +1,163 @@
+"""Shared fixtures: a real `containerizer serve` process per test session (per xdist worker),
+capability probes, and the CI rule that a skip for a missing capability fails the run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI") == "true"
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """In CI every runtime is installed: a skip means a broken install, so it fails the run."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be missing: {report.longrepr}"
+
+
+def require(condition: bool, reason: str) -> None:
+    if not condition:
+        pytest.skip(reason)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root (cgroups, namespaces)")
+
+
+class ServiceProcess:
+    """A real `containerizer serve` with private state, socket and cgroup root."""
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.socket = workdir / "containerizer.sock"
+        self.endpoint = f"unix:{self.socket}"
+        self.cgroups_root = f"ctz-test-{uuid.uuid4().hex[:10]}"
+        self.config_path = workdir / "containerizer.toml"
+        self.log_path = workdir / "service.log"
+        self.config_path.write_text(
+            f'version = 1\nstate_dir = "{self.state_dir}"\nsocket = "{self.socket}"\n'
+            f'cgroups_root = "{self.cgroups_root}"\ntermination_retention = 600\n'
+            f"{extra_config}\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(BIN / "containerizer"), "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited at start:\n{self.log_path.read_text()}")
+            if self.socket.exists():
+                with contextlib.suppress(grpc.RpcError):
+                    self.stub().Containers(pb.ContainersRequest(), timeout=2)
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"service did not come up:\n{self.log_path.read_text()}")
+
+    def stub(self) -> pb_grpc.ContainerizerStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.endpoint)
+        return pb_grpc.ContainerizerStub(self._channel)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def stop(self) -> None:
+        self._close_channel()
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """kill -9: what a crash looks like."""
+        self._close_channel()
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def destroy_all(self) -> None:
+        stub = self.stub()
+        for status in stub.Containers(pb.ContainersRequest(), timeout=10).containers:
+            with contextlib.suppress(grpc.RpcError):
+                stub.Destroy(pb.DestroyRequest(container_id=status.container_id), timeout=30)
+
+    def leftover_cgroups(self) -> list[Path]:
+        return [p for p in CGROUP_MOUNT.glob(f"*/{self.cgroups_root}/*") if p.is_dir()]
+
+    def remove_cgroup_roots(self) -> None:
+        for root in CGROUP_MOUNT.glob(f"*/{self.cgroups_root}"):
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One service per xdist worker; tests share it and use unique container ids."""
+    require_root()
+    require(shutil.which("containerizer", path=str(BIN)) is not None, "containerizer not installed")
+    process = ServiceProcess(tmp_path_factory.mktemp("service"))
+    process.start()
+    yield process
+    with contextlib.suppress(Exception):
+        process.destroy_all()
+    process.stop()
+    process.remove_cgroup_roots()
+
+
+@pytest.fixture
+def fresh_service(tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A service of the test's own, for tests that crash or inspect the whole node."""
+    require_root()
+    process = ServiceProcess(tmp_path)
+    process.start()
+    yield process
+    with contextlib.suppress(Exception):
+        if process.process and process.process.poll() is None:
+            process.destroy_all()
+    process.stop()
+    process.remove_cgroup_roots()
+
+
+@pytest.fixture
+def container_id(request: pytest.FixtureRequest) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
+    return f"{name}-{uuid.uuid4().hex[:8]}"
