@@ -65,13 +65,13 @@ class ServiceProcess:
         self._channel: grpc.Channel | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(BIN / "containerizer"), "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "containerizer"), "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
