@@ -51,7 +51,7 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     )
     await core.recover()
     server = grpc.aio.server()
-    pb_grpc.add_ContainerizerServicer_to_server(
+    pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
         ContainerizerService(core, config.state_dir), server
     )
     health_servicer = health.aio.HealthServicer()

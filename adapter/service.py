@@ -61,7 +61,7 @@ def mapped_errors(
     return wrapper
 
 
-class ContainerizerService(pb_grpc.ContainerizerServicer):  # type: ignore[misc]
+class ContainerizerService(pb_grpc.ContainerizerServicer):
     def __init__(self, core: Containerizer, state_dir: Path) -> None:
         self._core = core
         self._state_dir = state_dir
@@ -187,7 +187,8 @@ def to_status(record: ContainerRecord) -> pb.ContainerStatus:
 
 def to_statistics(statistics: Statistics) -> pb.ResourceStatistics:
     known = pb.ResourceStatistics.DESCRIPTOR.fields_by_name
-    return pb.ResourceStatistics(**{k: v for k, v in statistics.items() if k in known})
+    fields: dict[str, Any] = {k: v for k, v in statistics.items() if k in known}
+    return pb.ResourceStatistics(**fields)
 
 
 def to_runtime(fingerprint: Fingerprint, is_default: bool) -> pb.RuntimeInfo:

@@ -229,7 +229,9 @@ async def test_recovery_resumes_and_fails_interrupted_launches(tmp_path: Path) -
 async def test_terminations_expire_after_retention(tmp_path: Path) -> None:
     driver = FakeDriver()
     containerizer = Containerizer(
-        {"native": driver}, StateStore(tmp_path / "s.db"), default_runtime="native",
+        {"native": driver},
+        StateStore(tmp_path / "s.db"),
+        default_runtime="native",
         termination_retention=0,
     )
     await containerizer.recover()

@@ -38,8 +38,15 @@ def test_good_container_ids(good: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("cpus", -1.0), ("mem", math.nan), ("disk", math.inf), ("cpus", 0.0), ("pids", 1.5),
-     ("pids", 0.0), ("mem", -math.inf)],
+    [
+        ("cpus", -1.0),
+        ("mem", math.nan),
+        ("disk", math.inf),
+        ("cpus", 0.0),
+        ("pids", 1.5),
+        ("pids", 0.0),
+        ("mem", -math.inf),
+    ],
 )
 def test_bad_resources_name_the_resource(name: str, value: float) -> None:
     with pytest.raises(InvalidArgument) as error:
@@ -84,8 +91,12 @@ def test_bad_environment_names_the_entry(variable: pb.EnvironmentVariable, field
 
 @pytest.mark.parametrize(
     "command",
-    [pb.CommandInfo(), pb.CommandInfo(shell="   "), pb.CommandInfo(argv=[""]),
-     pb.CommandInfo(shell="x", argv=["y"])],
+    [
+        pb.CommandInfo(),
+        pb.CommandInfo(shell="   "),
+        pb.CommandInfo(argv=[""]),
+        pb.CommandInfo(shell="x", argv=["y"]),
+    ],
 )
 def test_empty_or_ambiguous_command_is_refused(command: pb.CommandInfo) -> None:
     with pytest.raises(InvalidArgument) as error:

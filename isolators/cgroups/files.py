@@ -1,0 +1,131 @@
+"""Mechanism: read and write cgroup interface files, create and remove cgroup directories.
+
+No policy here (which value to write is the isolators' business). Reads use os.open/os.read
+because the accounting reader calls them thousands of times per second across many containers
+and pathlib's text layer costs several times more than the kernel's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+from isolators.cgroups.errors import CgroupFileError
+
+# cgroup v1 prints this (PAGE_COUNTER_MAX rounded to pages) for "no memory limit".
+V1_UNLIMITED = 0x7FFFFFFFFFFFF000
+
+
+def read_text(path: Path) -> str:
+    """The file's content; FileNotFoundError propagates so callers can skip missing files."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
+
+
+def parse_int(path: Path, text: str) -> int:
+    """Parse one integer, naming the file in the error since cgroup files vary by kernel."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise CgroupFileError(f"{path}: expected an integer, read {text.strip()!r}") from None
+
+
+def read_int(path: Path) -> int:
+    return parse_int(path, read_text(path))
+
+
+def read_limit(path: Path) -> int | None:
+    """A limit file: None for "max" (v2) or the v1 unlimited sentinel, else the integer."""
+    text = read_text(path).strip()
+    if text == "max":
+        return None
+    value = parse_int(path, text)
+    return None if value >= V1_UNLIMITED else value
+
+
+def parse_kv(path: Path, text: str) -> dict[str, int]:
+    """Parse "key value" lines (memory.stat, cpu.stat, pids.events, memory.oom_control)."""
+    result: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if not value:
+            continue
+        try:
+            result[key] = int(value)
+        except ValueError:
+            raise CgroupFileError(f"{path}: expected '<key> <integer>', read {line!r}") from None
+    return result
+
+
+def read_kv(path: Path) -> dict[str, int]:
+    return parse_kv(path, read_text(path))
+
+
+def read_pids(cgroup: Path, name: str = "cgroup.procs") -> list[int]:
+    """Pids (or tids with name="tasks"/"cgroup.threads") listed by the cgroup; [] if it is gone."""
+    try:
+        text = read_text(cgroup / name)
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in text.split()]
+
+
+def write(path: Path, value: str | int) -> None:
+    """Write one value. The kernel answers bad values with EINVAL/EBUSY: name file and value."""
+    data = str(value).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CgroupFileError(f"cannot write {str(value)!r} to {path}: {exc.strerror}") from exc
+
+
+def create(cgroup: Path) -> None:
+    """Create the cgroup directory and missing parents; an existing one is reused."""
+    try:
+        cgroup.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CgroupFileError(f"cannot create cgroup {cgroup}: {exc.strerror}") from exc
+
+
+async def remove(cgroup: Path, attempts: int = 20, delay: float = 0.01) -> None:
+    """Remove the cgroup and any nested cgroups, deepest first; a missing one is fine.
+
+    rmdir answers EBUSY while exiting tasks are still being released, so it is retried a few
+    times with short sleeps before giving up with the cgroup's name.
+    """
+    if not cgroup.is_dir():
+        return
+    nested = [Path(root) for root, _, _ in os.walk(cgroup, topdown=False)]
+    for directory in nested:
+        for attempt in range(attempts):
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or attempt == attempts - 1:
+                    raise CgroupFileError(
+                        f"cannot remove cgroup {directory}: {exc.strerror}"
+                    ) from exc
+                await asyncio.sleep(delay * (attempt + 1))
+
+
+def children(cgroup: Path) -> list[str]:
+    """Names of the cgroups directly below `cgroup` ([] if it does not exist)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(cgroup) if entry.is_dir())
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,129 @@
+"""Build isolators by their Mesos names, and the container-level cgroup operations a runtime
+driver needs beside them (kill everything, read statistics, list existing cgroups).
+
+    isolators = build_isolators(["cgroups/cpu", "cgroups/mem"], cgroups_root="containerizer")
+    launch = await prepare_isolators(isolators, container_id, limits)   # join launch.cgroup_procs
+    cgroups = container_cgroups(cgroups_root="containerizer")
+    await cgroups.destroy(container_id); cgroups.statistics(container_id); cgroups.container_ids()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from isolators.base import Isolator, LaunchInfo, Limits, Statistics
+from isolators.cgroups import files
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import CpuIsolator
+from isolators.cgroups.destroy import destroy_cgroup_processes
+from isolators.cgroups.freezer import FreezerIsolator
+from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.mem import MemIsolator
+from isolators.cgroups.pids import PidsIsolator
+from isolators.posix import PosixCpuIsolator, PosixMemIsolator
+
+ISOLATOR_NAMES = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "posix/mem")
+
+# Controllers whose per-container directories a container may have (v1 names).
+ACCOUNTED_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
+
+
+def _hierarchies(cgroups_root: str, hierarchy_override: str | None) -> Hierarchies:
+    override = Path(hierarchy_override) if hierarchy_override else None
+    return Hierarchies.discover(cgroups_root, override=override)
+
+
+def build_isolators(
+    names: list[str],
+    *,
+    cgroups_root: str = "containerizer",
+    enable_cfs: bool = False,
+    hierarchy_override: str | None = None,
+) -> list[Isolator]:
+    """Isolators in the given order, plus cgroups/freezer last on v1 when any cgroups/* is
+    used (the destroyer needs a freezer cgroup; last so recover() of the others can still
+    freeze orphans before the freezer removes its own cgroups)."""
+    unknown = [name for name in names if name not in ISOLATOR_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown isolator(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(ISOLATOR_NAMES)}"
+        )
+    hierarchies = None
+    if any(name.startswith("cgroups/") for name in names):
+        hierarchies = _hierarchies(cgroups_root, hierarchy_override)
+    isolators: list[Isolator] = []
+    for name in dict.fromkeys(names):
+        if name == "cgroups/cpu":
+            assert hierarchies is not None
+            isolators.append(CpuIsolator(hierarchies, enable_cfs=enable_cfs))
+        elif name == "cgroups/mem":
+            assert hierarchies is not None
+            isolators.append(MemIsolator(hierarchies))
+        elif name == "cgroups/pids":
+            assert hierarchies is not None
+            isolators.append(PidsIsolator(hierarchies))
+        elif name == "posix/cpu":
+            isolators.append(PosixCpuIsolator())
+        else:
+            isolators.append(PosixMemIsolator())
+    if hierarchies is not None and hierarchies.version == 1 and hierarchies.has("freezer"):
+        isolators.append(FreezerIsolator(hierarchies))
+    return isolators
+
+
+async def prepare_isolators(
+    isolators: Sequence[Isolator], container_id: str, limits: Limits
+) -> LaunchInfo:
+    """Run every prepare, merging the cgroup.procs paths the child must join before exec.
+    If one fails, the ones already prepared are cleaned up before the error propagates."""
+    merged = LaunchInfo()
+    done: list[Isolator] = []
+    try:
+        for isolator in isolators:
+            info = await isolator.prepare(container_id, limits)
+            done.append(isolator)
+            if info is not None:
+                merged.cgroup_procs.extend(
+                    p for p in info.cgroup_procs if p not in merged.cgroup_procs
+                )
+    except BaseException:
+        # The one that failed may have half-created its state: clean it up too.
+        for isolator in reversed(isolators[: len(done) + 1]):
+            await isolator.cleanup(container_id)
+        raise
+    return merged
+
+
+@dataclass(frozen=True)
+class ContainerCgroups:
+    """Container-level operations on `<mount>/<cgroups_root>/<id>` across all controllers."""
+
+    hierarchies: Hierarchies
+
+    def dirs(self, container_id: str) -> list[Path]:
+        """The container's existing cgroup directories (one per controller on v1)."""
+        candidates = self.hierarchies.container_dirs(container_id, ACCOUNTED_CONTROLLERS)
+        return [d for d in candidates if d.is_dir()]
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill every process of the container and wait until all have left its cgroups."""
+        await destroy_cgroup_processes(self.hierarchies, container_id)
+
+    def statistics(self, container_id: str) -> Statistics:
+        """Mesos ResourceStatistics of the container, read from all its cgroups."""
+        return read_statistics(self.dirs(container_id))
+
+    def container_ids(self) -> set[str]:
+        """Ids that have a cgroup under `<cgroups_root>` in any controller (orphan search)."""
+        roots = {self.hierarchies.root(c) for c in ACCOUNTED_CONTROLLERS if self.hierarchies.has(c)}
+        return {name for root in roots for name in files.children(root)}
+
+
+def container_cgroups(
+    *, cgroups_root: str = "containerizer", hierarchy_override: str | None = None
+) -> ContainerCgroups:
+    """The cgroup operations for containers under `cgroups_root` (discovers the hierarchy)."""
+    return ContainerCgroups(_hierarchies(cgroups_root, hierarchy_override))
