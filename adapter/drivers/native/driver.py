@@ -1,0 +1,238 @@
+"""The native runtime ("native"; Mesos' MesosContainerizer): our isolators plus a supervisor.
+
+Launch: every isolator prepares (cgroups created, limits written), then the C supervisor forks
+the workload, which joins the cgroups and new pid/mount/uts/ipc namespaces before its first
+instruction. The supervisor, not this service, reaps the workload and records its status
+durably, so an exit while the service is down is not lost. Destroy kills through the cgroup
+freezer (and the pid namespace: when init dies the kernel kills the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from adapter.config import AgentConfig
+from adapter.drivers.base import Checkpointed, Launched
+from adapter.drivers.native import supervisor
+from adapter.errors import FailedPrecondition, LaunchFailed, NotFound
+from adapter.model import (
+    MIB,
+    MIN_MEM_MIB,
+    Capabilities,
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
+from isolators.base import Isolator, Limitation, Limits
+from isolators.registry import (
+    ContainerCgroups,
+    build_isolators,
+    container_cgroups,
+    prepare_isolators,
+)
+
+log = logging.getLogger(__name__)
+EXIT_AFTER_KILL_TIMEOUT = 30.0
+
+
+def _limits(resources: Resources) -> Limits:
+    mem = resources.mem_mib
+    return Limits(
+        cpus=resources.cpus,
+        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
+        pids=resources.pids,
+    )
+
+
+class _Running:
+    """One container this driver watches: its supervisor, exit and limitation tasks."""
+
+    def __init__(self, handle: supervisor.SupervisorHandle, exit_task: asyncio.Task[Any]) -> None:
+        self.handle = handle
+        self.exit_task = exit_task
+        self.limitation: Limitation | None = None
+        self.watch_task: asyncio.Task[None] | None = None
+
+
+class NativeDriver:
+    name = "native"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        self._configured_binary = options.get("supervisor")
+        self._namespaces = bool(options.get("namespaces", True))
+        self._run_dir = config.state_dir / "native"
+        names = list(config.isolators)
+        kwargs: dict[str, Any] = {
+            "cgroups_root": config.cgroups_root,
+            "hierarchy_override": config.cgroups_hierarchy,
+        }
+        self._isolators: list[Isolator] = build_isolators(
+            names, enable_cfs=config.cgroups_enable_cfs, **kwargs
+        )
+        self._cgroups: ContainerCgroups | None = (
+            container_cgroups(**kwargs) if any(n.startswith("cgroups/") for n in names) else None
+        )
+        self._running: dict[str, _Running] = {}
+
+    def _binary(self) -> str:
+        return supervisor.find_supervisor(self._configured_binary)
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(
+            live_update=self._cgroups is not None,
+            oom_detection=any(i.name == "cgroups/mem" for i in self._isolators),
+            pid_namespace=self._namespaces,
+            recover=True,
+        )
+        try:
+            binary = self._binary()
+        except FailedPrecondition as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
+        isolators = ", ".join(i.name for i in self._isolators) or "none"
+        return Fingerprint(
+            self.name, "1", True, f"isolators: {isolators}; supervisor: {binary}", capabilities
+        )
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        binary = self._binary()
+        run_dir = self._run_dir / cid
+        shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
+        run_dir.mkdir(parents=True)
+        try:
+            prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
+            handle = await supervisor.spawn(
+                binary,
+                status_file=str(run_dir / "status"),
+                stdout=str(Path(spec.sandbox) / "stdout"),
+                stderr=str(Path(spec.sandbox) / "stderr"),
+                argv=spec.command.resolved_argv(),
+                env=[*spec.command.environment, ("MESOS_SANDBOX", spec.sandbox)],
+                cgroup_procs=prepared.cgroup_procs,
+                cwd=spec.command.working_dir or spec.sandbox,
+                user=spec.command.user,
+                hostname=cid[:63],
+                namespaces=self._namespaces,
+            )
+            for isolator in self._isolators:
+                await isolator.isolate(cid, handle.child_pid)
+        except supervisor.SpawnError as exc:
+            await self.destroy(cid)
+            raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
+        except BaseException:
+            await self.destroy(cid)
+            raise
+        self._attach(cid, handle)
+        return Launched(handle=handle.to_json(), pid=handle.child_pid)
+
+    def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
+        running = _Running(handle, asyncio.create_task(supervisor.wait_exit(handle)))
+        running.watch_task = asyncio.create_task(self._watch_limits(cid, running))
+        self._running[cid] = running
+
+    async def _watch_limits(self, cid: str, running: _Running) -> None:
+        """Mesos semantics: a container that hits a limit is ended, with the limitation."""
+        watches = [asyncio.create_task(i.watch(cid)) for i in self._isolators]
+        try:
+            done, _ = await asyncio.wait(
+                [*watches, running.exit_task], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not running.exit_task and not task.exception():
+                    running.limitation = task.result()
+                    log.info("%s hit a limit: %s", cid, running.limitation.message)
+                    await self._kill_all(cid)
+                    break
+        finally:
+            for task in watches:
+                task.cancel()
+
+    async def wait(self, container_id: str) -> Exit:
+        running = self._running.get(container_id)
+        if running is None:
+            return Exit(lost=True, message="the native runtime has no record of this container")
+        status = await asyncio.shield(running.exit_task)
+        limitation = running.limitation or self._checked_limitation(container_id)
+        if status is None:
+            return Exit(lost=True, message="the supervisor ended without recording an exit status")
+        return Exit(
+            exit_code=status.exit_code,
+            signal=status.signal,
+            limitation=limitation.resource if limitation else None,
+            limitation_message=limitation.message if limitation else "",
+        )
+
+    def _checked_limitation(self, container_id: str) -> Limitation | None:
+        for isolator in self._isolators:
+            with contextlib.suppress(OSError):
+                limitation = isolator.check(container_id)
+                if limitation is not None:
+                    return limitation
+        return None
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        running = self._running.get(container_id)
+        if running is None:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        supervisor.kill(running.handle, signal)
+
+    async def _kill_all(self, container_id: str) -> None:
+        if self._cgroups is not None:
+            await self._cgroups.destroy(container_id)
+        running = self._running.get(container_id)
+        if running is not None:
+            supervisor.kill(running.handle, 9)  # pid namespace: the kernel kills the rest
+
+    async def destroy(self, container_id: str) -> None:
+        await self._kill_all(container_id)
+        running = self._running.get(container_id)
+        if running is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(running.exit_task), EXIT_AFTER_KILL_TIMEOUT)
+            if running.watch_task is not None:
+                running.watch_task.cancel()
+            if running.exit_task.done():
+                self._running.pop(container_id, None)
+        for isolator in reversed(self._isolators):
+            await isolator.cleanup(container_id)
+        shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        if container_id not in self._running:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        limits = _limits(resources)
+        for isolator in self._isolators:
+            await isolator.update(container_id, limits)
+
+    async def usage(self, container_id: str) -> Statistics:
+        statistics: Statistics = {}
+        for isolator in self._isolators:
+            statistics.update(await isolator.usage(container_id))
+        return statistics
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        for isolator in self._isolators:
+            await isolator.recover(known_ids)
+        for entry in checkpointed:
+            if entry.handle:
+                handle = supervisor.SupervisorHandle.from_json(entry.handle)
+                self._attach(entry.spec.container_id, handle)
+        if self._run_dir.is_dir():
+            for run_dir in self._run_dir.iterdir():
+                if run_dir.name not in known_ids:
+                    log.info("native: removing orphan run directory %s", run_dir)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def close(self) -> None:
+        for running in self._running.values():
+            running.exit_task.cancel()
+            if running.watch_task is not None:
+                running.watch_task.cancel()
+        self._running.clear()

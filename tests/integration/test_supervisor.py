@@ -1,0 +1,439 @@
+"""containerizer-supervisor for real: built from source once per session (per xdist worker), run
+as root with namespaces and cgroup v1, driven through adapter.drivers.native.supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from adapter.drivers.native import supervisor
+from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE = REPO / "supervisor" / "containerizer-supervisor.c"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture(scope="session")
+def binary(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The supervisor built from this checkout's source, so the tests never run a stale one."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (pid/mount/uts namespaces, cgroups, setuid)")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler (cc) to build the supervisor")
+    out = tmp_path_factory.mktemp("supervisor") / supervisor.SUPERVISOR_NAME
+    flags = ["-O2", "-Wall", "-Wextra", "-Werror"]
+    subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE)], check=True)
+    return str(out)
+
+
+@dataclasses.dataclass
+class Box:
+    """Where one supervised workload keeps its files."""
+
+    binary: str
+    root: Path
+
+    @property
+    def status_file(self) -> Path:
+        return self.root / "status"
+
+    @property
+    def stdout(self) -> Path:
+        return self.root / "stdout"
+
+    @property
+    def stderr(self) -> Path:
+        return self.root / "stderr"
+
+    async def spawn(self, argv: list[str], **options: object) -> SupervisorHandle:
+        return await supervisor.spawn(
+            self.binary,
+            status_file=str(self.status_file),
+            stdout=str(self.stdout),
+            stderr=str(self.stderr),
+            argv=argv,
+            **options,  # type: ignore[arg-type]
+        )
+
+    async def run(self, argv: list[str], **options: object) -> ExitStatus | None:
+        handle = await self.spawn(argv, **options)
+        return await supervisor.wait_exit(handle)
+
+
+@pytest.fixture
+def box(binary: str, tmp_path: Path) -> Box:
+    return Box(binary, tmp_path)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# --- exit statuses ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3, 255])
+async def test_exit_code_is_recorded(box: Box, code: int) -> None:
+    before = time.time()
+    status = await box.run(["sh", "-c", f"exit {code}"])
+    assert status is not None
+    assert (status.exit_code, status.signal) == (code, None)
+    assert before - 1 <= status.finished_at <= time.time() + 1
+
+
+async def test_kill_through_the_handle_is_recorded_as_signal_9(box: Box) -> None:
+    handle = await box.spawn(["sleep", "30"])
+    assert supervisor.is_alive(handle)
+    supervisor.kill(handle, signal.SIGKILL)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and (status.exit_code, status.signal) == (None, 9)
+    assert not supervisor.is_alive(handle)
+
+
+@pytest.mark.parametrize("signo", [signal.SIGKILL, signal.SIGTERM])
+async def test_workload_killing_itself_is_recorded_as_its_signal(box: Box, signo: int) -> None:
+    # Without a pid namespace: pid 1 of a namespace cannot kill itself (see the next test).
+    status = await box.run(["sh", "-c", f"kill -{signo} $$; sleep 5"], namespaces=False)
+    assert status is not None and (status.exit_code, status.signal) == (None, signo)
+
+
+async def test_namespace_init_receives_only_signals_it_handles(box: Box) -> None:
+    """Kernel rule for any container init: from outside, SIGTERM reaches pid 1 only if it has a
+    handler. A workload that traps it shuts down gracefully; the service needs SIGKILL else."""
+    handle = await box.spawn(
+        ["sh", "-c", "trap 'exit 42' TERM; echo ready; while :; do sleep 0.02; done"]
+    )
+    await wait_until(lambda: box.stdout.exists() and "ready" in box.stdout.read_text())
+    supervisor.kill(handle, signal.SIGTERM)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and status.exit_code == 42
+
+
+# --- launch errors ------------------------------------------------------------------------------
+
+
+async def test_missing_binary_is_an_exec_error_without_status(box: Box) -> None:
+    with pytest.raises(SpawnError) as caught:
+        await box.spawn(["/nonexistent/workload"])
+    assert (caught.value.step, caught.value.reason) == ("exec", "No such file or directory")
+    assert "/nonexistent/workload" in str(caught.value)
+    assert not box.status_file.exists()
+
+
+def test_missing_binary_handshake_line(box: Box) -> None:
+    result = subprocess.run(
+        [box.binary, "--status-file", str(box.status_file), "--stdout", str(box.stdout),
+         "--stderr", str(box.stderr), "--", "/nonexistent/workload"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.stdout == "error exec: No such file or directory\n"
+    assert result.returncode != 0
+    assert not box.status_file.exists()
+
+
+async def test_unknown_user_is_a_clear_error(box: Box) -> None:
+    with pytest.raises(SpawnError) as caught:
+        await box.spawn(["true"], user="no-such-user-ctz")
+    assert caught.value.step == "user"
+    assert "no-such-user-ctz" in str(caught.value) and "no such user" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "step"),
+    [
+        ({"cwd": "/nonexistent/dir"}, "cwd"),
+        ({"cgroup_procs": ["/sys/fs/cgroup/pids/ctz-no-such/cgroup.procs"]}, "cgroup"),
+    ],
+)
+async def test_other_launch_errors_name_their_step(
+    box: Box, options: dict[str, object], step: str
+) -> None:
+    with pytest.raises(SpawnError) as caught:
+        await box.spawn(["true"], **options)
+    assert caught.value.step == step
+    assert "No such file or directory" in caught.value.reason
+
+
+async def test_status_directory_that_does_not_exist_fails_before_launch(box: Box) -> None:
+    marker = box.root / "ran"
+    with pytest.raises(SpawnError) as caught:
+        await supervisor.spawn(
+            box.binary, status_file=str(box.root / "missing" / "status"), stdout=str(box.stdout),
+            stderr=str(box.stderr), argv=["touch", str(marker)],
+        )  # fmt: skip
+    assert caught.value.step == "status-file"
+    assert not marker.exists()
+
+
+async def test_supervisor_binary_that_cannot_run_is_a_spawn_error(box: Box) -> None:
+    with pytest.raises(SpawnError, match="cannot run"):
+        await supervisor.spawn(
+            str(box.root / "nope"), status_file=str(box.status_file), stdout=str(box.stdout),
+            stderr=str(box.stderr), argv=["true"],
+        )  # fmt: skip
+
+
+async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box) -> None:
+    fake = box.root / "silent-supervisor"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    with pytest.raises(SpawnError) as caught:
+        await supervisor.spawn(
+            str(fake), status_file=str(box.status_file), stdout=str(box.stdout),
+            stderr=str(box.stderr), argv=["true"], handshake_timeout=0.3,
+        )  # fmt: skip
+    assert caught.value.step == "handshake"
+    leftovers = [
+        p for p in psutil.process_iter(["cmdline"]) if str(fake) in (p.info["cmdline"] or [])
+    ]
+    assert leftovers == []
+
+
+# --- what the workload gets ---------------------------------------------------------------------
+
+
+async def test_workload_joins_cgroups_before_exec(box: Box) -> None:
+    if not (PIDS_CGROUP / "cgroup.procs").exists():
+        pytest.skip("needs the cgroup v1 pids controller at /sys/fs/cgroup/pids")
+    cgroup = PIDS_CGROUP / f"ctz-test-{uuid.uuid4().hex[:12]}"
+    cgroup.mkdir()
+    try:
+        status = await box.run(
+            ["cat", "/proc/self/cgroup"], cgroup_procs=[str(cgroup / "cgroup.procs")]
+        )
+        assert status is not None and status.exit_code == 0
+        assert f"pids:/{cgroup.name}\n" in box.stdout.read_text()
+    finally:
+        remove_cgroup(cgroup)
+
+
+def remove_cgroup(cgroup: Path) -> None:
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+async def test_workload_runs_under_our_init_in_its_own_pid_namespace(box: Box) -> None:
+    script = "echo $$; cat /proc/1/comm; ls /proc | grep -c '^[0-9]'; hostname"
+    status = await box.run(["sh", "-c", script], hostname="c" * 70)
+    assert status is not None and status.exit_code == 0
+    pid, init, visible, hostname = box.stdout.read_text().split()
+    assert (pid, init) == ("2", "containerizer-s")  # pid 1 is our init, a supervisor fork
+    assert int(visible) <= 5  # init, sh, ls, grep: nothing of the host
+    assert hostname == "c" * 63
+
+
+async def test_init_forwards_sigterm_to_a_workload_without_handlers(box: Box) -> None:
+    handle = await box.spawn(["sleep", "100"])
+    supervisor.kill(handle, signal.SIGTERM)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and (status.exit_code, status.signal) == (None, signal.SIGTERM)
+
+
+async def test_workload_killing_itself_reports_its_signal(box: Box) -> None:
+    status = await box.run(["sh", "-c", "kill -TERM $$; sleep 5"])
+    assert status is not None and status.signal == signal.SIGTERM
+
+
+async def test_namespaces_leave_the_host_mounts_alone(box: Box) -> None:
+    def proc_mounts() -> int:
+        return Path("/proc/self/mountinfo").read_text().count(" - proc ")
+
+    before = proc_mounts()
+    status = await box.run(["true"])
+    assert status is not None and status.exit_code == 0
+    assert proc_mounts() == before
+
+
+async def test_double_forked_daemon_dies_with_the_init(box: Box) -> None:
+    marker = f"1000.{uuid.uuid4().int % 10**9}"
+
+    def daemons() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]
+        ]
+
+    handle = await box.spawn(["sh", "-c", f"(setsid sleep {marker} &) ; sleep 0.3"])
+    await wait_until(lambda: len(daemons()) == 1)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and status.exit_code == 0
+    assert daemons() == []
+
+
+async def test_env_is_only_what_was_given_plus_a_default_path(box: Box) -> None:
+    status = await box.run(["/usr/bin/env"], env=[("FOO", "bar baz"), ("EMPTY", "")])
+    assert status is not None and status.exit_code == 0
+    assert sorted(box.stdout.read_text().splitlines()) == sorted(
+        ["FOO=bar baz", "EMPTY=", f"PATH={DEFAULT_PATH}"]
+    )
+
+
+async def test_given_path_replaces_the_default_and_is_searched(box: Box) -> None:
+    status = await box.run(["env"], env=[("PATH", "/bin")])
+    assert status is not None and status.exit_code == 0
+    assert box.stdout.read_text() == "PATH=/bin\n"
+
+
+async def test_cwd_is_used(box: Box) -> None:
+    work = box.root / "work dir"
+    work.mkdir()
+    status = await box.run(["/bin/pwd"], cwd=str(work))
+    assert status is not None and status.exit_code == 0
+    assert box.stdout.read_text() == f"{work}\n"
+
+
+@pytest.mark.parametrize(("user", "expected"), [("nobody", "65534"), ("12345", "12345 12345")])
+async def test_user_by_name_or_uid(box: Box, user: str, expected: str) -> None:
+    status = await box.run(["sh", "-c", "id -u; id -g; id -G"], user=user)
+    assert status is not None and status.exit_code == 0
+    uid, gid, groups = box.stdout.read_text().splitlines()
+    assert uid == expected.split()[0]
+    if user.isdigit():  # no passwd entry: gid = uid, no supplementary groups
+        assert (gid, groups) == (user, user)
+
+
+async def test_stdout_and_stderr_are_appended(box: Box) -> None:
+    box.stdout.write_text("earlier\n")
+    for word in ("one", "two"):
+        status = await box.run(["sh", "-c", f"echo out-{word}; echo err-{word} >&2"])
+        assert status is not None and status.exit_code == 0
+    assert box.stdout.read_text() == "earlier\nout-one\nout-two\n"
+    assert box.stderr.read_text() == "err-one\nerr-two\n"
+
+
+async def test_workload_inherits_no_stray_fds(box: Box) -> None:
+    status = await box.run(["ls", "/proc/self/fd"])
+    assert status is not None and status.exit_code == 0
+    assert sorted(box.stdout.read_text().split()) == ["0", "1", "2", "3"]  # 3: ls's own dir fd
+
+
+# --- the supervisor itself ------------------------------------------------------------------------
+
+
+async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
+    helper = box.root / "spawner.py"
+    helper.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, json, sys
+            from adapter.drivers.native import supervisor
+
+            async def main() -> None:
+                binary, status_file, log = sys.argv[1:]
+                handle = await supervisor.spawn(
+                    binary, status_file=status_file, stdout=log, stderr=log,
+                    argv=["sh", "-c", "sleep 0.5; exit 7"],
+                )
+                print(json.dumps(handle.to_json()), flush=True)
+                await asyncio.sleep(3600)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    spawner = subprocess.Popen(
+        [sys.executable, str(helper), box.binary, str(box.status_file), str(box.stdout)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert spawner.stdout is not None
+        line = spawner.stdout.readline()
+    finally:
+        spawner.kill()
+        spawner.wait()
+        if spawner.stdout is not None:
+            spawner.stdout.close()
+    handle = SupervisorHandle.from_json(json.loads(line))
+    assert supervisor.is_alive(handle), "the supervisor died with its spawner"
+    status = await asyncio.wait_for(supervisor.wait_exit(handle), 10)
+    assert status is not None and status.exit_code == 7
+
+
+async def test_supervisor_ignores_term_int_and_hup(box: Box) -> None:
+    handle = await box.spawn(["sleep", "30"])
+    for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        os.kill(handle.supervisor_pid, signo)
+    await asyncio.sleep(0.1)
+    assert supervisor.is_alive(handle)
+    supervisor.kill(handle, signal.SIGKILL)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and status.signal == 9
+
+
+async def test_supervisor_killed_records_nothing(box: Box) -> None:
+    handle = await box.spawn(["sleep", "30"])
+    os.kill(handle.supervisor_pid, signal.SIGKILL)
+    assert await supervisor.wait_exit(handle) is None  # the caller reports LOST
+    supervisor.kill(handle, signal.SIGKILL)  # the orphaned workload is still ours to end
+
+    def workload_gone() -> bool:
+        stat = supervisor._proc_stat(handle.child_pid)
+        return stat is None or stat[0] == "Z" or stat[1] != handle.child_start_time
+
+    await wait_until(workload_gone)
+
+
+async def test_pid_reuse_guard(box: Box) -> None:
+    handle = await box.spawn(["sleep", "30"])
+    stale = dataclasses.replace(
+        handle,
+        supervisor_start_time=handle.supervisor_start_time + 1,
+        child_start_time=handle.child_start_time + 1,
+    )
+    assert not supervisor.is_alive(stale)
+    supervisor.kill(stale, signal.SIGKILL)  # must not hit the live workload
+    assert await asyncio.wait_for(supervisor.wait_exit(stale), 2) is None
+    assert supervisor.is_alive(handle)
+    assert supervisor.start_time(handle.child_pid) == handle.child_start_time
+    supervisor.kill(handle, signal.SIGKILL)
+    status = await supervisor.wait_exit(handle)
+    assert status is not None and status.signal == 9
+
+
+async def test_waited_supervisor_leaves_no_zombie(box: Box) -> None:
+    handle = await box.spawn(["true"])
+    await supervisor.wait_exit(handle)
+    assert supervisor.start_time(handle.supervisor_pid) != handle.supervisor_start_time
+
+
+async def test_supervisor_rss_is_under_3_mib(box: Box) -> None:
+    handle = await box.spawn(["sleep", "30"])
+    try:
+        status = Path(f"/proc/{handle.supervisor_pid}/status").read_text()
+        rss_kib = int(
+            next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]
+        )
+        print(f"supervisor VmRSS: {rss_kib} KiB")
+        assert rss_kib < 3 * 1024
+    finally:
+        supervisor.kill(handle, signal.SIGKILL)
+        await supervisor.wait_exit(handle)
