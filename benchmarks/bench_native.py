@@ -1,0 +1,143 @@
+"""Native runtime: Launch latency and full lifecycle of /bin/true, next to the direct tools.
+
+Ours: Launch (until RUNNING) and Launch-until-Wait-returns over a warm gRPC channel.
+Direct tools in the same run: `unshare --fork --pid --mount --uts --ipc /bin/true` (the same
+namespaces, no cgroups, no status record) and `lxc-execute` of the same command on the host's
+root filesystem. Targets (2-core machine): lifecycle p50 no slower than lxc-execute; service RSS
+with 500 idle containers under 150 MiB; at most 3 MiB per container for its supervision.
+
+Usage: python benchmarks/bench_native.py [--runs 200] [--idle 500]   (root; prints JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from benchmarks.common import Service, private_service, ratio, summary_ms
+
+TRUE = pb.CommandInfo(argv=["/bin/true"])
+LXC_CONFIG = "lxc.uts.name = bench\nlxc.net.0.type = empty\nlxc.rootfs.path = dir:/\n"
+
+
+def lifecycle(service: Service, runs: int) -> tuple[list[float], list[float]]:
+    stub = service.stub()
+    launches, lifecycles = [], []
+    for n in range(runs):
+        cid = f"bench-true-{n}"
+        start = time.perf_counter()
+        stub.Launch(pb.LaunchRequest(container_id=cid, command=TRUE), timeout=30)
+        launched = time.perf_counter()
+        stub.Wait(pb.WaitRequest(container_id=cid), timeout=30)
+        done = time.perf_counter()
+        stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=30)  # acknowledge
+        launches.append(launched - start)
+        lifecycles.append(done - start)
+    return launches, lifecycles
+
+
+def direct(argv: list[str], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def lxc_execute(runs: int) -> list[float] | None:
+    if shutil.which("lxc-execute") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="bench-lxc-") as tmp:
+        config = Path(tmp) / "bench.conf"
+        config.write_text(LXC_CONFIG)
+        argv = ["lxc-execute", "-n", "bench", "-P", tmp, "-f", str(config), "--", "/bin/true"]
+        return direct(argv, runs)
+
+
+def idle_memory(service: Service, count: int) -> dict[str, float]:
+    """Launch `count` idle containers; measure the service and the supervisors' memory."""
+    stub = service.stub()
+
+    def start(n: int) -> None:
+        stub.Launch(
+            pb.LaunchRequest(
+                container_id=f"idle-{n}", command=pb.CommandInfo(argv=["sleep", "3600"])
+            ),
+            timeout=60,
+        )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(start, range(count)))
+    launch_seconds = time.perf_counter() - started
+    time.sleep(1)
+    supervisors = [
+        p for p in psutil.process_iter(["name"]) if p.info["name"] == "containerizer-supervisor"
+    ]
+    # Each container has two supervising processes: the supervisor and the container's init.
+    rss = sum(p.memory_info().rss for p in supervisors)
+    pss = sum(p.memory_full_info().pss for p in supervisors)
+    service_rss = psutil.Process(service.process.pid).memory_info().rss
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(
+            pool.map(
+                lambda n: stub.Destroy(pb.DestroyRequest(container_id=f"idle-{n}"), timeout=60),
+                range(count),
+            )
+        )
+    destroy_seconds = time.perf_counter() - started
+    mib = 1024 * 1024
+    return {
+        "containers": count,
+        "launch_all_s": round(launch_seconds, 2),
+        "destroy_all_s": round(destroy_seconds, 2),
+        "service_rss_mib": round(service_rss / mib, 1),
+        "supervision_rss_per_container_mib": round(rss / count / mib, 2),
+        "supervision_pss_per_container_mib": round(pss / count / mib, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=500)
+    args = parser.parse_args()
+    with private_service() as service:
+        lifecycle(service, 10)  # warm-up: page cache, channel, sqlite
+        launches, lifecycles = lifecycle(service, args.runs)
+        memory = idle_memory(service, args.idle) if args.idle else {}
+    unshare = summary_ms(
+        direct(["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "/bin/true"], args.runs)
+    )
+    lxc = lxc_execute(args.runs)
+    ours = summary_ms(lifecycles)
+    result = {
+        "benchmark": "native",
+        "launch_until_running": summary_ms(launches),
+        "lifecycle_true": ours,
+        "unshare_true": unshare,
+        "lxc_execute_true": summary_ms(lxc) if lxc else "lxc-execute not installed",
+        "ratio_lifecycle_vs_unshare_p50": ratio(ours, unshare),
+        "ratio_lifecycle_vs_lxc_execute_p50": ratio(ours, summary_ms(lxc)) if lxc else None,
+        "idle_memory": memory,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Issue 3 through the API: limits enforced, limitations reported, usage measured, live update."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from tests.conftest import ServiceProcess
+from tests.integration.api import destroy, launch, scalar, usage, wait
+
+pytestmark = pytest.mark.integration
+MIB = 1024 * 1024
+# Touches N MiB of anonymous memory and keeps it: busybox-free, Python-free, just the shell
+# builtins of dash would not allocate; `head -c | tail` makes tail buffer the whole input.
+HOLD_MEMORY = "head -c {mib}m /dev/zero | tail -c {mib}m > /dev/null & sleep 300"
+
+
+def cgroup_file(service: ServiceProcess, controller: str, cid: str, name: str) -> str:
+    return Path(f"/sys/fs/cgroup/{controller}/{service.cgroups_root}/{cid}/{name}").read_text()
+
+
+def test_memory_limit_ends_with_limitation(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "head -c 200m /dev/zero | tail > /dev/null; sleep 300", mem=64)
+    termination = wait(stub, container_id)
+    assert termination.reason == pb.LIMITATION_MEMORY
+    assert termination.killed and list(termination.limited_resources) == ["mem"]
+    assert "64" in termination.message  # the limit is named
+    assert not [p for p in service.leftover_cgroups() if p.name == container_id]
+
+
+def test_touched_memory_shows_in_usage(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "head -c 220m /dev/zero | tail > /dev/null; sleep 300", mem=512)
+    deadline = time.monotonic() + 15
+    peak = 0
+    while time.monotonic() < deadline and peak < 200 * MIB:
+        peak = max(peak, usage(stub, container_id).mem_rss_bytes)
+        time.sleep(0.1)
+    assert peak >= 200 * MIB
+    destroy(stub, container_id)
+
+
+def test_busy_loop_accounts_user_time(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "while :; do :; done", cpus=1)
+    time.sleep(1)
+    stats = usage(stub, container_id)
+    assert stats.cpus_user_time_secs >= 0.1
+    assert stats.cpus_system_time_secs < stats.cpus_user_time_secs
+    assert stats.cpus_limit == 1 and stats.processes >= 1
+    destroy(stub, container_id)
+
+
+def test_urandom_accounts_system_time(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "cat /dev/urandom > /dev/null", cpus=1)
+    time.sleep(1)
+    stats = usage(stub, container_id)
+    assert stats.cpus_system_time_secs > stats.cpus_user_time_secs
+    destroy(stub, container_id)
+
+
+def test_cfs_quota_holds_half_a_cpu(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path, extra_config="cgroups_enable_cfs = true")
+    service.start()
+    try:
+        stub = service.stub()
+        launch(stub, "half", "while :; do :; done", cpus=0.5)
+        time.sleep(0.3)
+        before = usage(stub, "half")
+        time.sleep(1)
+        after = usage(stub, "half")
+        used = (after.cpus_user_time_secs + after.cpus_system_time_secs) - (
+            before.cpus_user_time_secs + before.cpus_system_time_secs
+        )
+        wall = after.timestamp - before.timestamp
+        assert 0.3 <= used / wall <= 0.6
+        assert after.cpus_nr_throttled > 0
+        assert cgroup_file(service, "cpu", "half", "cpu.cfs_quota_us").strip() == "50000"
+        destroy(stub, "half")
+    finally:
+        service.stop()
+        service.remove_cgroup_roots()
+
+
+def test_fork_bomb_is_contained(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "bomb() { bomb | bomb & }; bomb; sleep 300", pids=50)
+    time.sleep(1.5)
+    assert int(cgroup_file(service, "pids", container_id, "pids.current")) <= 50
+    termination = destroy(stub, container_id)
+    assert termination.reason == pb.LIMITATION_PIDS
+    assert list(termination.limited_resources) == ["pids"]
+    assert not [p for p in service.leftover_cgroups() if p.name == container_id]
+
+
+def test_update_raises_limits_live(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "sleep 300", cpus=0.5, mem=64)
+    stub.Update(
+        pb.UpdateRequest(
+            container_id=container_id, resources=[scalar("cpus", 2), scalar("mem", 128)]
+        ),
+        timeout=10,
+    )
+    assert cgroup_file(service, "cpu", container_id, "cpu.shares").strip() == "2048"
+    limit = cgroup_file(service, "memory", container_id, "memory.limit_in_bytes")
+    assert int(limit) == 128 * MIB
+    status = stub.Status(pb.StatusRequest(container_id=container_id), timeout=10)
+    assert {r.name: r.scalar.value for r in status.resources} == {"cpus": 2, "mem": 128}
+    assert usage(stub, container_id).mem_limit_bytes == 128 * MIB
+    destroy(stub, container_id)
+
+
+@pytest.mark.parametrize("member", ["stopped", "traced"])
+def test_destroy_with_stopped_or_traced_member(
+    service: ServiceProcess, container_id: str, member: str
+) -> None:
+    stub = service.stub()
+    if member == "stopped":
+        shell = "sleep 300 & kill -STOP $!; sleep 300"
+    else:
+        shell = "sleep 300 & strace -p $! -o /dev/null & sleep 300"
+    launch(stub, container_id, shell)
+    time.sleep(0.5)
+    members = cgroup_file(service, "pids", container_id, "cgroup.procs").split()
+    statuses = [Path(f"/proc/{pid}/status").read_text() for pid in members]
+    if member == "stopped":
+        assert any("State:\tT (stopped)" in status for status in statuses)
+    else:
+        assert any("TracerPid:\t0\n" not in status for status in statuses)
+    termination = destroy(stub, container_id)
+    assert termination.reason == pb.DESTROYED
+    assert not [p for p in service.leftover_cgroups() if p.name == container_id]
