@@ -31,7 +31,7 @@ echo "## runtimes"
 echo
 echo "## launch: a busy loop that also holds 100 MiB, with cpus=0.5 and mem=256M"
 "$ctz" run --detach --id demo --cpus 0.5 --mem 256M --pids 64 -- \
-  sh -c 'head -c 100m /dev/zero | tail > /dev/null & while :; do :; done'
+  sh -c 'held=$(head -c 100m /dev/zero | tr "\\0" x); while :; do :; done'
 sleep 2
 echo
 echo "## usage after 2 s (CFS holds it near 0.5 cpu)"
