@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -71,9 +71,13 @@ class Containerizer:
         *,
         default_runtime: str,
         termination_retention: float = 3600.0,
+        sandbox_root: Path | None = None,
     ) -> None:
         self.drivers = drivers
         self.default_runtime = default_runtime
+        # Sandboxes we created (under this root) are ours to remove once the record goes;
+        # a sandbox the caller named is the caller's data and is never deleted.
+        self.sandbox_root = sandbox_root
         self._store = store
         self._retention = termination_retention
         self._containers: dict[str, Container] = {}
@@ -113,6 +117,7 @@ class Containerizer:
                 handle=launched.handle,
                 pid=launched.pid,
                 warnings=warnings + launched.warnings,
+                ip_address=launched.ip_address,
             )
             self._checkpoint(container, running)
             container.watcher = asyncio.create_task(self._watch(container, driver))
@@ -330,7 +335,11 @@ class Containerizer:
 
     def _forget(self, container_id: str) -> None:
         self._store.delete(container_id)
-        self._containers.pop(container_id, None)
+        container = self._containers.pop(container_id, None)
+        sandbox = Path(container.record.spec.sandbox) if container else None
+        if sandbox is not None and self.sandbox_root is not None:
+            if sandbox.parent == self.sandbox_root:
+                shutil.rmtree(sandbox, ignore_errors=True)
 
     def _publish(self, event: Event) -> None:
         for queue in self._subscribers:
@@ -365,5 +374,5 @@ def _termination_message(reason: Reason, exit_: Exit) -> str:
     return how
 
 
-def default_sandbox(state_dir: Path, container_id: str) -> str:
-    return os.path.join(state_dir, "sandboxes", container_id)
+def default_sandbox_root(state_dir: Path) -> Path:
+    return state_dir / "sandboxes"

@@ -20,15 +20,19 @@ from grpc_reflection.v1alpha import reflection
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.config import AgentConfig, load_config
-from adapter.containerizer import Containerizer
+from adapter.containerizer import Containerizer, default_sandbox_root
 from adapter.drivers import build_driver
 from adapter.errors import ConfigError, ContainerizerError
+from adapter.images import open_store
+from adapter.images_service import ImagesService
 from adapter.service import ContainerizerService
 from adapter.state import StateStore
 
 log = logging.getLogger("containerizer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Containerizer"].full_name
+IMAGES_SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["Images"].full_name
 
 
 def _bind_unix_socket(server: grpc.aio.Server, socket_path: Path) -> str:
@@ -43,21 +47,26 @@ def _bind_unix_socket(server: grpc.aio.Server, socket_path: Path) -> str:
 async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     drivers = {name: build_driver(name, opts, config) for name, opts in config.runtimes.items()}
+    sandbox_root = default_sandbox_root(config.state_dir)
     core = Containerizer(
         drivers,
         StateStore(config.state_dir / "state.db"),
         default_runtime=config.default_runtime,
         termination_retention=config.termination_retention,
+        sandbox_root=sandbox_root,
     )
     await core.recover()
     server = grpc.aio.server()
     pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
-        ContainerizerService(core, config.state_dir), server
+        ContainerizerService(core, sandbox_root), server
+    )
+    images_pb2_grpc.add_ImagesServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
+        ImagesService(open_store(config.state_dir / "images")), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, IMAGES_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     old_umask = os.umask(0o177)  # the socket is created 0600: root's API only
     try:

@@ -16,7 +16,7 @@ import grpc
 from adapter import errors, validation
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from adapter.containerizer import Containerizer, Event, default_sandbox
+from adapter.containerizer import Containerizer, Event
 from adapter.model import Fingerprint, Resources, State, Statistics, Termination
 from adapter.state import ContainerRecord
 
@@ -62,9 +62,9 @@ def mapped_errors(
 
 
 class ContainerizerService(pb_grpc.ContainerizerServicer):
-    def __init__(self, core: Containerizer, state_dir: Path) -> None:
+    def __init__(self, core: Containerizer, sandbox_root: Path) -> None:
         self._core = core
-        self._state_dir = state_dir
+        self._sandbox_root = sandbox_root
 
     @mapped_errors
     async def Launch(self, request: pb.LaunchRequest, context: Any) -> pb.LaunchResponse:
@@ -72,7 +72,7 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
         spec, warnings = validation.launch_spec(
             request,
             default_runtime=self._core.default_runtime,
-            default_sandbox=default_sandbox(self._state_dir, cid),
+            default_sandbox=str(self._sandbox_root / cid),
         )
         record = await self._core.launch(spec, warnings)
         return pb.LaunchResponse(status=to_status(record), warnings=list(record.warnings))
@@ -160,11 +160,25 @@ def to_resources(resources: Resources) -> list[pb.Resource]:
         "disk": resources.disk_mib,
         "pids": resources.pids,
     }
-    return [
+    scalars = [
         pb.Resource(name=name, type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=float(value)))
         for name, value in values.items()
         if value is not None
     ]
+    if resources.network_bandwidth is not None:
+        scalars.append(
+            pb.Resource(
+                name="network_bandwidth",
+                type=pb.Value.SCALAR,
+                scalar=pb.Value.Scalar(value=resources.network_bandwidth),
+            )
+        )
+    if resources.ports:
+        ranges = [pb.Value.Range(begin=begin, end=end) for begin, end in resources.ports]
+        scalars.append(
+            pb.Resource(name="ports", type=pb.Value.RANGES, ranges=pb.Value.Ranges(range=ranges))
+        )
+    return scalars
 
 
 def to_status(record: ContainerRecord) -> pb.ContainerStatus:
@@ -179,6 +193,7 @@ def to_status(record: ContainerRecord) -> pb.ContainerStatus:
         sandbox=spec.sandbox,
         labels=dict(spec.labels),
         resources=to_resources(spec.resources),
+        ip_address=record.ip_address,
     )
     if record.state is State.TERMINATED and record.termination is not None:
         status.termination.CopyFrom(to_termination(record.termination))

@@ -241,3 +241,25 @@ async def test_terminations_expire_after_retention(tmp_path: Path) -> None:
     containerizer._prune()
     assert containerizer.containers() == []
     await containerizer.close()
+
+
+async def test_forgetting_removes_only_our_own_sandboxes(tmp_path: Path) -> None:
+    driver = FakeDriver()
+    containerizer = Containerizer(
+        {"native": driver},
+        StateStore(tmp_path / "s.db"),
+        default_runtime="native",
+        sandbox_root=tmp_path / "sandboxes",
+    )
+    await containerizer.recover()
+    ours = make_spec("ours", tmp_path)  # under tmp_path/sandboxes: created by us
+    theirs = LaunchSpec(
+        **{**make_spec("theirs", tmp_path).__dict__, "sandbox": str(tmp_path / "mine")}
+    )
+    for spec in (ours, theirs):
+        await containerizer.launch(spec)
+        await containerizer.destroy(spec.container_id)
+        await containerizer.destroy(spec.container_id)  # acknowledge: the record goes
+    assert not Path(ours.sandbox).exists()
+    assert Path(theirs.sandbox).is_dir()
+    await containerizer.close()
