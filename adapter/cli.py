@@ -199,7 +199,11 @@ def launch_request(args: argparse.Namespace) -> pb.LaunchRequest:
         container_id=args.id,
         command=command,
         resources=resource_messages(args),
-        container=pb.ContainerInfo(runtime=args.runtime or "", image=args.image or ""),
+        container=pb.ContainerInfo(
+            runtime=args.runtime or "",
+            image=args.image or "",
+            network=pb.NetworkInfo(mode=args.network or "", port_mappings=args.publish),
+        ),
         sandbox=os.path.abspath(args.sandbox) if args.sandbox else "",
         labels=dict(args.label),
     )
@@ -209,7 +213,8 @@ def resource_messages(args: argparse.Namespace) -> list[pb.Resource]:
     """The resource flags that were given, as Mesos scalar resources (mem and disk in MiB)."""
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
-    requested = {name: getattr(args, name, None) for name in ("cpus", "mem", "disk", "pids")}
+    names = ("cpus", "mem", "disk", "pids", "network_bandwidth")
+    requested = {name: getattr(args, name, None) for name in names}
     return [
         pb.Resource(name=name, type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=float(value)))
         for name, value in requested.items()
@@ -440,6 +445,13 @@ def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None
             "--disk", type=cli_format.size_mib, help="disk limit, same units as --mem"
         )
     parser.add_argument("--pids", type=cli_format.positive_int, help="maximum number of processes")
+    parser.add_argument(
+        "--bandwidth",
+        dest="network_bandwidth",
+        type=cli_format.positive_float,
+        metavar="MBIT",
+        help="rate limit of traffic into the container, Mbit/s (bridge networking)",
+    )
 
 
 def add_run_parser(subcommands: Any) -> None:
@@ -450,6 +462,19 @@ def add_run_parser(subcommands: Any) -> None:
     add_resource_options(run, disk=True)
     run.add_argument("--image", help="image reference; default: the runtime's root filesystem")
     run.add_argument("--id", help="container id; default: ctr- and 12 random hex digits")
+    run.add_argument(
+        "--network",
+        choices=("none", "host", "bridge"),
+        help="network mode; default: the node's (config [network])",
+    )
+    run.add_argument(
+        "--publish",
+        "-p",
+        action="append",
+        default=[],
+        metavar="HOST_PORT:CONTAINER_PORT[/tcp|/udp]",
+        help="forward 127.0.0.1:HOST_PORT to the container (bridge mode); repeatable",
+    )
     run.add_argument(
         "--env",
         type=cli_format.key_value,
@@ -523,6 +548,9 @@ def build_parser() -> ArgumentParser:
     add_subcommand(
         subcommands, "runtimes", command_runtimes, "runtimes configured on this node", reads=True
     )
+    from adapter.cli_images import add_images_commands  # its own module: the images group
+
+    add_images_commands(subcommands)
     return parser
 
 

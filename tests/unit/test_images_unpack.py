@@ -1,0 +1,203 @@
+"""Unpacking layers: whiteouts, links, ownership, and every way a layer could write outside its
+rootfs, each refused with nothing written outside (checked on a canary directory next to the
+store) and nothing left of the half-unpacked rootfs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from adapter.errors import InvalidArgument
+from adapter.images import ImageStore
+from tests.images import Entry, digest, tar_bytes, write_oci_layout
+
+REFERENCE = "localhost/layers:test"
+SECRET = b"the host's secret\n"
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Path:
+    """A directory outside the store that no layer may touch."""
+    directory = tmp_path / "canary"
+    directory.mkdir()
+    (directory / "secret").write_bytes(SECRET)
+    return directory
+
+
+def canary_state(canary: Path) -> list[tuple[str, int, bytes]]:
+    return sorted(
+        (path.name, path.lstat().st_nlink, path.read_bytes() if path.is_file() else b"")
+        for path in canary.rglob("*")
+    )
+
+
+async def unpack(tmp_path: Path, layers: Sequence[Sequence[Entry]]) -> Path:
+    tarball = write_oci_layout(
+        tmp_path / "image.tar", [tar_bytes(layer) for layer in layers], REFERENCE
+    )
+    store = ImageStore(tmp_path / "store")
+    await store.import_tarball(tarball)
+    return await store.rootfs(REFERENCE)
+
+
+# `../../../canary` climbs from an unpacked rootfs (store/rootfs/<dir>/) to the canary.
+# Each case: the layers, and the reason the refusal must give.
+HOSTILE_LAYERS = {
+    "dot-dot": [[Entry("../../../canary/pwned", data=b"x")]],
+    "dot-dot-inside": [[Entry("etc/../../../../canary/pwned", data=b"x")]],
+    "absolute": [[Entry("{canary}/pwned", data=b"x")]],
+    "symlink-then-write": [
+        [Entry("escape", "symlink", link="../../../canary"), Entry("escape/pwned", data=b"x")]
+    ],
+    "symlink-in-lower-layer": [
+        [Entry("escape", "symlink", link="../../../canary")],
+        [Entry("escape/pwned", data=b"x")],
+    ],
+    "absolute-symlink-then-write": [
+        [Entry("escape", "symlink", link="{canary}"), Entry("escape/pwned", data=b"x")]
+    ],
+    "chained-symlinks": [
+        [
+            Entry("a", "dir", mode=0o755),
+            Entry("a/up", "symlink", link=".."),
+            Entry("b", "symlink", link="a/up/a/up/.."),
+            Entry("b/pwned", data=b"x"),
+        ]
+    ],
+    "hardlink-dot-dot": [[Entry("stolen", "hardlink", link="../../../canary/secret")]],
+    "hardlink-absolute": [[Entry("stolen", "hardlink", link="{canary}/secret")]],
+    "hardlink-through-symlink": [
+        [
+            Entry("escape", "symlink", link="../../../canary"),
+            Entry("stolen", "hardlink", link="escape/secret"),
+        ]
+    ],
+    "device-node": [[Entry("dev", "dir", mode=0o755), Entry("dev/mem", "chr", mode=0o600)]],
+}
+
+
+REFUSAL = {
+    "dot-dot": "has a '..' component",
+    "dot-dot-inside": "has a '..' component",
+    "absolute": "is an absolute path",
+    "symlink-then-write": "goes through a symlink that leaves the rootfs",
+    "symlink-in-lower-layer": "goes through a symlink that leaves the rootfs",
+    "absolute-symlink-then-write": "goes through the absolute symlink escape",
+    "chained-symlinks": "goes through a symlink that leaves the rootfs",
+    "hardlink-dot-dot": "'stolen' is a hard link to '../../../canary/secret', outside",
+    "hardlink-absolute": "'stolen' is a hard link to",
+    "hardlink-through-symlink": "'stolen' goes through a symlink that leaves the rootfs",
+    "device-node": "is a device node",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LAYERS))
+async def test_hostile_layers_are_refused(tmp_path: Path, canary: Path, case: str) -> None:
+    layers = [
+        [
+            Entry(
+                e.name.replace("{canary}", str(canary)),
+                e.kind,
+                e.data,
+                e.mode,
+                e.link.replace("{canary}", str(canary)),
+            )
+            for e in layer
+        ]
+        for layer in HOSTILE_LAYERS[case]
+    ]
+    before = canary_state(canary)
+    with pytest.raises(InvalidArgument) as raised:
+        await unpack(tmp_path, layers)
+    assert raised.value.field == "container.image"
+    assert REFERENCE in str(raised.value) and "layer sha256:" in str(raised.value)
+    assert REFUSAL[case] in str(raised.value)
+    assert canary_state(canary) == before
+    assert not (canary / "pwned").exists()
+    assert not list((tmp_path / "store" / "rootfs").iterdir())  # the half rootfs is gone
+
+
+async def test_a_file_replaces_a_hostile_symlink_instead_of_writing_through_it(
+    tmp_path: Path, canary: Path
+) -> None:
+    lower = [
+        Entry("etc", "dir", mode=0o755),
+        Entry("etc/passwd", "symlink", link="../../../../canary/secret"),
+    ]
+    upper = [Entry("etc/passwd", data=b"root:x:0:0::/:/bin/sh\n")]
+    rootfs = await unpack(tmp_path, [lower, upper])
+    assert not (rootfs / "etc" / "passwd").is_symlink()
+    assert (rootfs / "etc" / "passwd").read_bytes() == b"root:x:0:0::/:/bin/sh\n"
+    assert (canary / "secret").read_bytes() == SECRET
+
+
+async def test_whiteouts_hide_the_layers_below(tmp_path: Path) -> None:
+    lower = [
+        Entry("a", "dir", mode=0o755),
+        Entry("a/keep", data=b"keep"),
+        Entry("a/gone", data=b"gone"),
+        Entry("a/sub", "dir", mode=0o755),
+        Entry("a/sub/deep", data=b"deep"),
+        Entry("b", "dir", mode=0o755),
+        Entry("b/old", data=b"old"),
+        Entry("b/olddir", "dir", mode=0o755),
+        Entry("b/olddir/file", data=b"x"),
+        Entry("c", "dir", mode=0o755),
+        Entry("c/file", data=b"x"),
+    ]
+    upper = [
+        Entry("a/.wh.gone"),
+        Entry("b/new", data=b"new"),  # before the opaque marker: it must survive it
+        Entry("b/.wh..wh..opq"),
+        Entry(".wh.c"),
+    ]
+    rootfs = await unpack(tmp_path, [lower, upper])
+    assert sorted(p.name for p in (rootfs / "a").iterdir()) == ["keep", "sub"]
+    assert (rootfs / "a" / "sub" / "deep").read_bytes() == b"deep"
+    assert sorted(p.name for p in (rootfs / "b").iterdir()) == ["new"]
+    assert not (rootfs / "c").exists()
+    assert not list(rootfs.rglob(".wh.*"))
+
+
+async def test_relative_symlinks_inside_the_rootfs_are_followed(tmp_path: Path) -> None:
+    lower = [
+        Entry("usr", "dir", mode=0o755),
+        Entry("usr/lib", "dir", mode=0o755),
+        Entry("lib", "symlink", link="usr/lib"),
+    ]
+    upper = [
+        Entry("lib/libx.so", data=b"elf"),
+        Entry("usr/lib/liby.so", "hardlink", link="lib/libx.so"),
+    ]
+    rootfs = await unpack(tmp_path, [lower, upper])
+    assert (rootfs / "usr" / "lib" / "libx.so").read_bytes() == b"elf"
+    assert os.readlink(rootfs / "lib") == "usr/lib"
+    assert (rootfs / "usr" / "lib" / "liby.so").stat().st_nlink == 2
+
+
+async def test_owner_mode_and_missing_parents(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files other owners")
+    layer = [
+        Entry("usr/local/bin/tool", data=b"#!/bin/sh\n", mode=0o4755, uid=1000, gid=100),
+        Entry("run", "fifo", mode=0o600),
+    ]
+    rootfs = await unpack(tmp_path, [layer])
+    tool = (rootfs / "usr" / "local" / "bin" / "tool").stat()
+    assert (tool.st_uid, tool.st_gid, tool.st_mode & 0o7777) == (1000, 100, 0o4755)
+    assert (rootfs / "usr" / "local").is_dir()  # created though the layer has no entry for it
+    assert (rootfs / "run").is_fifo()
+
+
+async def test_a_layer_that_differs_from_its_diff_id_is_refused(tmp_path: Path) -> None:
+    layer = tar_bytes([Entry("hello", data=b"hi")])
+    wrong = digest(b"something else")
+    tarball = write_oci_layout(tmp_path / "image.tar", [layer], REFERENCE, diff_ids=[wrong])
+    store = ImageStore(tmp_path / "store")
+    await store.import_tarball(tarball)
+    with pytest.raises(InvalidArgument, match=wrong):
+        await store.rootfs(REFERENCE)
+    assert not list((tmp_path / "store" / "rootfs").iterdir())
