@@ -7,6 +7,8 @@ native runtime with the cgroup isolators.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,58 @@ KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "p
 # Per-runtime tables: key -> expected Python type. A runtime is usable once its driver exists.
 RUNTIME_KEYS: dict[str, dict[str, type]] = {
     "native": {"supervisor": str, "namespaces": bool},
+    "lxc": {"supervisor": str, "network": str, "network_link": str},
+}
+
+
+NETWORK_MODES = ("none", "host", "bridge")
+# A Linux interface name (IFNAMSIZ - 1), without '.', which separates bridge and container in
+# the names of our network namespaces.
+BRIDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,14}")
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The [network] table. Without one, containers get the host's network (Mesos 0.18) or, on
+    request, mode none; with one, bridge mode exists and is the default."""
+
+    enabled: bool = False
+    bridge: str = "ctz0"
+    subnet: str = "10.88.0.0/16"
+    default_mode: str = "host"
+    allow_host: bool = True
+    host_address: str | None = None
+    allow_privileged_ports: bool = False
+    egress_nat: bool = False
+
+
+def _is_ipv4_subnet(value: str) -> bool:
+    try:
+        return ipaddress.IPv4Network(value, strict=True).prefixlen <= 30
+    except ValueError:
+        return False
+
+
+def _is_ipv4_address(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+NETWORK_KEYS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "bridge": (
+        str,
+        lambda v: BRIDGE_NAME.fullmatch(v) is not None,
+        "an interface name: 1-15 of [A-Za-z0-9_-]",
+    ),
+    "subnet": (str, _is_ipv4_subnet, "an IPv4 network with room for containers, e.g. 10.0.0.0/16"),
+    "default_mode": (str, lambda v: v in NETWORK_MODES, f"one of {list(NETWORK_MODES)}"),
+    "allow_host": (bool, lambda v: True, "true or false"),
+    "host_address": (str, _is_ipv4_address, "an IPv4 address of this host"),
+    "allow_privileged_ports": (bool, lambda v: True, "true or false"),
+    "egress_nat": (bool, lambda v: True, "true or false"),
 }
 
 
@@ -40,6 +94,7 @@ class AgentConfig:
     listen: str | None = None
     termination_retention: float = 3600.0
     runtimes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"native": {}})
+    network: NetworkOptions = field(default_factory=NetworkOptions)
     source: Path | None = None
 
 
@@ -66,6 +121,7 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
     "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
     "runtimes": (dict, lambda v: True, "a table of runtime tables"),
+    "network": (dict, lambda v: True, "a table (see NETWORK_KEYS)"),
 }
 
 
@@ -108,8 +164,27 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         listen=raw.get("listen"),
         termination_retention=float(raw.get("termination_retention", 3600.0)),
         runtimes=runtimes,
+        network=_parse_network(where, raw["network"]) if "network" in raw else NetworkOptions(),
         source=source,
     )
+
+
+def _parse_network(where: str, table: dict[str, Any]) -> NetworkOptions:
+    for key, value in table.items():
+        if key not in NETWORK_KEYS:
+            raise ConfigError(f"{where}: network.{key}: unknown key; known: {sorted(NETWORK_KEYS)}")
+        expected_type, check, expected = NETWORK_KEYS[key]
+        if not isinstance(value, expected_type) or not check(value):
+            raise ConfigError(f"{where}: network.{key}: expected {expected}, got {value!r}")
+    options = NetworkOptions(
+        enabled=True,
+        default_mode=table.get("default_mode", "bridge"),
+        allow_host=table.get("allow_host", False),
+        **{k: v for k, v in table.items() if k not in ("default_mode", "allow_host")},
+    )
+    if options.default_mode == "host" and not options.allow_host:
+        raise ConfigError(f"{where}: network.default_mode: 'host' needs network.allow_host = true")
+    return options
 
 
 def _check_top_level(where: str, key: str, value: Any) -> None:

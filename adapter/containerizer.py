@@ -337,9 +337,8 @@ class Containerizer:
         self._store.delete(container_id)
         container = self._containers.pop(container_id, None)
         sandbox = Path(container.record.spec.sandbox) if container else None
-        if sandbox is not None and self.sandbox_root is not None:
-            if sandbox.parent == self.sandbox_root:
-                shutil.rmtree(sandbox, ignore_errors=True)
+        if self.sandbox_root is not None and sandbox and sandbox.parent == self.sandbox_root:
+            shutil.rmtree(sandbox, ignore_errors=True)
 
     def _publish(self, event: Event) -> None:
         for queue in self._subscribers:

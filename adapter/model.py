@@ -42,6 +42,8 @@ class Resources:
     mem_mib: float | None = None
     disk_mib: float | None = None
     pids: int | None = None
+    network_bandwidth: float | None = None  # Mbit/s, shaped on the host side of the veth
+    ports: tuple[tuple[int, int], ...] = ()  # Mesos `ports` ranges (inclusive), forwarded 1:1
 
     @property
     def mem_bytes(self) -> int | None:
@@ -54,7 +56,20 @@ class Resources:
             mem_mib=other.mem_mib if other.mem_mib is not None else self.mem_mib,
             disk_mib=other.disk_mib if other.disk_mib is not None else self.disk_mib,
             pids=other.pids if other.pids is not None else self.pids,
+            network_bandwidth=(
+                other.network_bandwidth
+                if other.network_bandwidth is not None
+                else self.network_bandwidth
+            ),
+            ports=other.ports or self.ports,
         )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Resources:
+        """Checkpoints written before a field existed lack it: it takes its default."""
+        values = dict(data)
+        values["ports"] = tuple((int(b), int(e)) for b, e in values.get("ports", ()))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,31 @@ class Command:
         return ["/bin/sh", "-c", self.shell] if self.shell is not None else list(self.argv)
 
 
+NETWORK_MODES = ("none", "host", "bridge")
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"  # "tcp" or "udp"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The network a launch asks for; mode "" means the node's default (config [network])."""
+
+    mode: str = ""
+    port_mappings: tuple[PortMapping, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> NetworkSettings:
+        if not data:
+            return cls()
+        mappings = tuple(PortMapping(**mapping) for mapping in data.get("port_mappings", ()))
+        return cls(mode=data.get("mode", ""), port_mappings=mappings)
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     container_id: str
@@ -80,6 +120,7 @@ class LaunchSpec:
     sandbox: str
     image: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,11 +137,12 @@ class LaunchSpec:
                 user=command["user"],
                 working_dir=command["working_dir"],
             ),
-            resources=Resources(**data["resources"]),
+            resources=Resources.from_json(data["resources"]),
             runtime=data["runtime"],
             sandbox=data["sandbox"],
             image=data["image"],
             labels=tuple((k, v) for k, v in data["labels"]),
+            network=NetworkSettings.from_json(data.get("network")),
         )
 
 

@@ -81,6 +81,8 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
     async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
         cid = validation.container_id(request.container_id)
         resources, warnings = validation.resources(request.resources)
+        if resources.ports:  # port forwards are set up at launch only
+            raise errors.InvalidArgument("resources[ports]", "cannot change on a running container")
         await self._core.update(cid, resources)
         return pb.UpdateResponse(warnings=list(warnings))
 

@@ -35,6 +35,7 @@ class ContainerRecord:
     pid: int = 0
     termination: Termination | None = None
     warnings: tuple[str, ...] = ()
+    ip_address: str = ""
 
     @property
     def container_id(self) -> str:
@@ -53,6 +54,7 @@ class ContainerRecord:
                 "pid": self.pid,
                 "termination": self.termination.to_json() if self.termination else None,
                 "warnings": list(self.warnings),
+                "ip_address": self.ip_address,
             }
         )
 
@@ -68,6 +70,7 @@ class ContainerRecord:
             pid=data["pid"],
             termination=Termination.from_json(termination) if termination else None,
             warnings=tuple(data["warnings"]),
+            ip_address=data.get("ip_address", ""),
         )
 
 

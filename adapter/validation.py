@@ -14,13 +14,19 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.errors import InvalidArgument
 from adapter.model import (
     MIN_MEM_MIB,
+    NETWORK_MODES,
     Command,
     LaunchSpec,
+    NetworkSettings,
+    PortMapping,
     Resources,
     is_valid_container_id,
 )
 
-SCALAR_RESOURCES = {"cpus", "mem", "disk", "pids"}
+SCALAR_RESOURCES = {"cpus", "mem", "disk", "pids", "network_bandwidth"}
+RANGES_RESOURCES = {"ports"}
+MAX_PORT = 65535
+MAX_PORT_MAPPINGS = 1024
 RUNTIME_KINDS = {"native", "containerd", "lxc", "libvirt", "docker"}
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_TEXT = 64 * 1024  # a label value, an env value, a path: generous, but bounded
@@ -51,13 +57,18 @@ def resources(
 ) -> tuple[Resources, tuple[str, ...]]:
     """Parse Mesos-shaped resources; return them and the adjustments made (the mem floor)."""
     values: dict[str, float] = {}
+    ports: tuple[tuple[int, int], ...] = ()
     for index, message in enumerate(messages):
         name = message.name
         where = f"{field}[{index}]"
+        if name in RANGES_RESOURCES:
+            if ports:
+                raise InvalidArgument(f"{where}.name", f"resource {name!r} given twice")
+            ports = port_ranges(message, f"{field}[{name}]")
+            continue
         if name not in SCALAR_RESOURCES:
-            raise InvalidArgument(
-                f"{where}.name", f"unknown resource {name!r}; known: {sorted(SCALAR_RESOURCES)}"
-            )
+            known = sorted(SCALAR_RESOURCES | RANGES_RESOURCES)
+            raise InvalidArgument(f"{where}.name", f"unknown resource {name!r}; known: {known}")
         if message.type != pb.Value.SCALAR:
             raise InvalidArgument(f"{where}.type", f"resource {name!r} must be SCALAR")
         if name in values:
@@ -67,8 +78,9 @@ def resources(
             raise InvalidArgument(f"{field}[{name}]", f"must be a finite number >= 0, got {value}")
         values[name] = value
     warnings: list[str] = []
-    if "cpus" in values and values["cpus"] == 0:
-        raise InvalidArgument(f"{field}[cpus]", "must be greater than 0")
+    for positive in ("cpus", "network_bandwidth"):
+        if positive in values and values[positive] == 0:
+            raise InvalidArgument(f"{field}[{positive}]", "must be greater than 0")
     pids = values.get("pids")
     if pids is not None and (pids != int(pids) or not 1 <= pids <= MAX_PIDS):
         raise InvalidArgument(f"{field}[pids]", f"must be an integer in 1..{MAX_PIDS}, got {pids}")
@@ -81,8 +93,60 @@ def resources(
         mem_mib=mem,
         disk_mib=values.get("disk"),
         pids=int(pids) if pids is not None else None,
+        network_bandwidth=values.get("network_bandwidth"),
+        ports=ports,
     )
     return parsed, tuple(warnings)
+
+
+def port_ranges(message: pb.Resource, field: str) -> tuple[tuple[int, int], ...]:
+    """Mesos ranges of host ports: each begin <= end inside 1-65535, none overlapping."""
+    if message.type != pb.Value.RANGES:
+        raise InvalidArgument(field, "must be of type RANGES")
+    ranges = sorted((r.begin, r.end) for r in message.ranges.range)
+    if not ranges:
+        raise InvalidArgument(field, "has no range")
+    for index, (begin, end) in enumerate(ranges):
+        if not 1 <= begin <= end <= MAX_PORT:
+            raise InvalidArgument(field, f"range {begin}-{end} is not within 1-{MAX_PORT}")
+        if index and begin <= ranges[index - 1][1]:
+            raise InvalidArgument(field, f"range {begin}-{end} overlaps another range")
+    if sum(end - begin + 1 for begin, end in ranges) > MAX_PORT_MAPPINGS:
+        raise InvalidArgument(field, f"more than {MAX_PORT_MAPPINGS} ports")
+    return tuple(ranges)
+
+
+def port_mapping(text: str, field: str) -> PortMapping:
+    """`HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, both ports in 1-65535."""
+    ports, _, protocol = text.partition("/")
+    host, sep, container = ports.partition(":")
+    shown = text if len(text) <= 64 else text[:64] + "..."
+    if not sep or not host.isdigit() or not container.isdigit() or len(ports) > 11:
+        raise InvalidArgument(field, f"{shown!r} is not HOST_PORT:CONTAINER_PORT[/tcp|/udp]")
+    if protocol not in ("", "tcp", "udp"):
+        raise InvalidArgument(field, f"{shown!r}: protocol must be tcp or udp")
+    for name, port in (("host port", int(host)), ("container port", int(container))):
+        if not 1 <= port <= MAX_PORT:
+            raise InvalidArgument(field, f"{shown!r}: {name} {port} is outside 1-{MAX_PORT}")
+    return PortMapping(int(host), int(container), protocol or "tcp")
+
+
+def network(message: pb.NetworkInfo) -> NetworkSettings:
+    """Mode and mappings as far as they can be checked without the node's config; the network
+    isolator checks the rest (mode allowed, privileged ports, conflicts) before it creates
+    anything."""
+    mode = _text(message.mode, "container.network.mode", 64)
+    if mode and mode not in NETWORK_MODES:
+        raise InvalidArgument(
+            "container.network.mode", f"unknown mode {mode!r}; known: {list(NETWORK_MODES)}"
+        )
+    if len(message.port_mappings) > MAX_PORT_MAPPINGS:
+        raise InvalidArgument("container.network.port_mappings", "too many mappings")
+    mappings = tuple(
+        port_mapping(text, f"container.network.port_mappings[{index}]")
+        for index, text in enumerate(message.port_mappings)
+    )
+    return NetworkSettings(mode=mode, port_mappings=mappings)
 
 
 def _environment(variables: Sequence[pb.EnvironmentVariable]) -> tuple[tuple[str, str], ...]:
@@ -168,6 +232,7 @@ def launch_spec(
         sandbox=sandbox(request.sandbox, default_sandbox),
         image=image or None,
         labels=labels(dict(request.labels)),
+        network=network(request.container.network),
     )
     return spec, warnings
 

@@ -10,7 +10,11 @@
  * Usage:
  *   containerizer-supervisor --status-file F --stdout F --stderr F [--cgroup-procs P]...
  *       [--cwd DIR] [--user NAME|UID] [--hostname NAME] [--env K=V]... [--no-namespaces]
- *       -- argv...
+ *       [--netns PATH] -- argv...
+ *
+ * --netns PATH: the child joins the network namespace bound at PATH (setns(CLONE_NEWNET), e.g.
+ * /run/netns/NAME prepared by the network isolator) after joining its cgroups and before the
+ * other unshares, so the workload's first instruction already runs on the container's network.
  *
  * Handshake (one line on stdout, then stdout is /dev/null):
  *   ok <child_host_pid> <child_start_time> <supervisor_start_time>
@@ -67,6 +71,7 @@ struct options {
     const char *cwd;
     const char *user;
     const char *hostname;
+    const char *netns;
     int namespaces;
     char **cgroup_procs; /* NULL-terminated */
     char **env;          /* NULL-terminated, the workload's whole environment */
@@ -144,6 +149,8 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
             opts->user = value;
         else if (strcmp(arg, "--hostname") == 0)
             opts->hostname = value;
+        else if (strcmp(arg, "--netns") == 0)
+            opts->netns = value;
         else if (strcmp(arg, "--cgroup-procs") == 0)
             cgroups[n_cgroups++] = value;
         else if (strcmp(arg, "--env") == 0) {
@@ -217,6 +224,14 @@ static void join_cgroups(int errpipe, char **cgroup_procs)
             child_fail(errpipe, "cgroup", *cgroup_procs, strerror(errno));
         close(fd);
     }
+}
+
+static void join_netns(int errpipe, const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || setns(fd, CLONE_NEWNET) < 0)
+        child_fail(errpipe, "netns", path, strerror(errno));
+    close(fd);
 }
 
 static void enter_namespaces(int errpipe, const char *hostname)
@@ -362,6 +377,8 @@ static void run_init(const struct options *opts, int errpipe, int statuspipe)
 static void run_child(const struct options *opts, int errpipe, int statuspipe)
 {
     join_cgroups(errpipe, opts->cgroup_procs); /* first: nothing of ours runs outside them */
+    if (opts->netns != NULL)
+        join_netns(errpipe, opts->netns);
     if (!opts->namespaces)
         exec_workload(opts, errpipe);
     enter_namespaces(errpipe, opts->hostname);

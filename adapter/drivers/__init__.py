@@ -15,4 +15,8 @@ def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Dri
         from adapter.drivers.native.driver import NativeDriver
 
         return NativeDriver(config, options)
+    if name == "lxc":
+        from adapter.drivers.lxc.driver import LxcDriver
+
+        return LxcDriver(config, options)
     raise ValueError(f"no driver for runtime {name!r}")

@@ -29,6 +29,7 @@ class Launched:
     handle: Handle
     pid: int  # host pid of the container's init process; 0 when the runtime hides it
     warnings: tuple[str, ...] = ()
+    ip_address: str = ""  # the container's own address (bridge networking); "" if none
 
 
 class Driver(Protocol):

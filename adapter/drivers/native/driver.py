@@ -5,6 +5,10 @@ the workload, which joins the cgroups and new pid/mount/uts/ipc namespaces befor
 instruction. The supervisor, not this service, reaps the workload and records its status
 durably, so an exit while the service is down is not lost. Destroy kills through the cgroup
 freezer (and the pid namespace: when init dies the kernel kills the rest).
+
+Network: the shared network isolator prepares the container's namespace (mode none or bridge)
+first, so a bad request fails before anything else exists; the supervisor's child joins it
+(--netns) before its other namespaces. Host mode passes no --netns.
 """
 
 from __future__ import annotations
@@ -13,13 +17,20 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.native import supervisor
-from adapter.errors import FailedPrecondition, LaunchFailed, NotFound
+from adapter.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+)
 from adapter.model import (
     MIB,
     MIN_MEM_MIB,
@@ -31,6 +42,8 @@ from adapter.model import (
     Statistics,
 )
 from isolators.base import Isolator, Limitation, Limits
+from isolators.network import model as network_model
+from isolators.network.isolator import NetworkIsolator, shared_isolator
 from isolators.registry import (
     ContainerCgroups,
     build_isolators,
@@ -48,6 +61,48 @@ def _limits(resources: Resources) -> Limits:
         cpus=resources.cpus,
         mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
         pids=resources.pids,
+    )
+
+
+@contextlib.contextmanager
+def _network_errors() -> Iterator[None]:
+    """The network isolator's errors as ours, by class."""
+    try:
+        yield
+    except network_model.InvalidNetworkRequest as exc:
+        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[-1]) from exc
+    except network_model.NetworkUnavailable as exc:
+        raise FailedPrecondition(str(exc)) from exc
+    except network_model.NetworkConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    except network_model.NetworkError as exc:
+        raise LaunchFailed(str(exc)) from exc
+
+
+def _network_config(config: AgentConfig) -> network_model.NetworkConfig:
+    options = config.network
+    return network_model.NetworkConfig(
+        state_dir=config.state_dir,
+        enabled=options.enabled,
+        bridge=options.bridge,
+        subnet=options.subnet,
+        default_mode=options.default_mode,
+        allow_host=options.allow_host,
+        host_address=options.host_address,
+        allow_privileged_ports=options.allow_privileged_ports,
+        egress_nat=options.egress_nat,
+    )
+
+
+def _network_request(spec: LaunchSpec) -> network_model.NetworkRequest:
+    return network_model.NetworkRequest(
+        mode=spec.network.mode,
+        port_mappings=tuple(
+            network_model.PortMapping(m.host_port, m.container_port, m.protocol)
+            for m in spec.network.port_mappings
+        ),
+        port_ranges=spec.resources.ports,
+        bandwidth_mbit=spec.resources.network_bandwidth,
     )
 
 
@@ -80,6 +135,7 @@ class NativeDriver:
             container_cgroups(**kwargs) if any(n.startswith("cgroups/") for n in names) else None
         )
         self._running: dict[str, _Running] = {}
+        self._network: NetworkIsolator = shared_isolator(_network_config(config))
 
     def _binary(self) -> str:
         return supervisor.find_supervisor(self._configured_binary)
@@ -90,6 +146,7 @@ class NativeDriver:
             oom_detection=any(i.name == "cgroups/mem" for i in self._isolators),
             pid_namespace=self._namespaces,
             recover=True,
+            network_isolation=True,
         )
         try:
             binary = self._binary()
@@ -107,6 +164,10 @@ class NativeDriver:
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
         run_dir.mkdir(parents=True)
         try:
+            with _network_errors():
+                network = await self._network.prepare(cid, _network_request(spec))
+            if network.address and spec.image:  # bind-mounting waits for native image support
+                self._network.write_etc_files(cid, Path(spec.sandbox) / ".network", cid[:63])
             prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
             handle = await supervisor.spawn(
                 binary,
@@ -120,6 +181,7 @@ class NativeDriver:
                 user=spec.command.user,
                 hostname=cid[:63],
                 namespaces=self._namespaces,
+                netns=network.netns_path,
             )
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
@@ -130,7 +192,9 @@ class NativeDriver:
             await self.destroy(cid)
             raise
         self._attach(cid, handle)
-        return Launched(handle=handle.to_json(), pid=handle.child_pid)
+        return Launched(
+            handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
+        )
 
     def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
         running = _Running(handle, asyncio.create_task(supervisor.wait_exit(handle)))
@@ -202,6 +266,8 @@ class NativeDriver:
                 self._running.pop(container_id, None)
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
+        with _network_errors():
+            await self._network.cleanup(container_id)
         shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
 
     async def update(self, container_id: str, resources: Resources) -> None:
@@ -210,16 +276,22 @@ class NativeDriver:
         limits = _limits(resources)
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
+        with _network_errors():
+            await self._network.update(container_id, resources.network_bandwidth)
 
     async def usage(self, container_id: str) -> Statistics:
         statistics: Statistics = {}
         for isolator in self._isolators:
             statistics.update(await isolator.usage(container_id))
+        with _network_errors():
+            statistics.update(await self._network.usage(container_id))
         return statistics
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
         for isolator in self._isolators:
             await isolator.recover(known_ids)
+        with _network_errors():
+            await self._network.recover(known_ids)
         for entry in checkpointed:
             if entry.handle:
                 handle = supervisor.SupervisorHandle.from_json(entry.handle)
@@ -236,3 +308,4 @@ class NativeDriver:
             if running.watch_task is not None:
                 running.watch_task.cancel()
         self._running.clear()
+        await self._network.close()

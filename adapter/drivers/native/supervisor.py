@@ -211,6 +211,7 @@ def _command_line(
     user: str | None,
     hostname: str | None,
     namespaces: bool,
+    netns: str | None = None,
 ) -> list[str]:
     """The supervisor's argv. Paths are made absolute because the supervisor leaves our cwd."""
     if not argv:
@@ -222,7 +223,9 @@ def _command_line(
     command += ["--stdout", os.path.abspath(stdout), "--stderr", os.path.abspath(stderr)]
     for path in cgroup_procs:
         command += ["--cgroup-procs", path]
-    for option, value in (("--cwd", cwd), ("--user", user), ("--hostname", hostname)):
+    for option, value in (
+        ("--cwd", cwd), ("--user", user), ("--hostname", hostname), ("--netns", netns)
+    ):  # fmt: skip
         if value is not None:
             command += [option, value]
     for key, value in env:
@@ -301,6 +304,7 @@ async def spawn(
     user: str | None = None,
     hostname: str | None = None,
     namespaces: bool = True,
+    netns: str | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> SupervisorHandle:
     """Start a supervisor for `argv` and return once the workload has exec'd.
@@ -311,6 +315,7 @@ async def spawn(
     command = _command_line(
         binary, status_file=status_file, stdout=stdout, stderr=stderr, argv=argv, env=env,
         cgroup_procs=cgroup_procs, cwd=cwd, user=user, hostname=hostname, namespaces=namespaces,
+        netns=netns,
     )  # fmt: skip
     try:
         process = await asyncio.create_subprocess_exec(

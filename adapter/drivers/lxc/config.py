@@ -1,0 +1,70 @@
+"""The LXC container config file, written so that no input can add a key of its own.
+
+LXC reads its config line by line as `key = value`; a value is everything after the `=` up to
+the end of the line. So the one way to smuggle a key (`lxc.mount.entry = / host ...`) in through
+a value is a line break, and the one way to smuggle a key through a key is a key we did not
+choose. This writer refuses both: keys must be `lxc.` names from our own code, values are
+refused (InvalidArgument naming the request field they came from) if they hold a newline, a
+carriage return or a NUL. Paths inside `lxc.mount.entry` (fstab syntax, split on whitespace)
+are octal-escaped the way LXC's getmntent-style parser decodes them.
+
+What never enters this file at all: the command, its arguments, environment variables and
+labels. They go to lxc-start as argv (see driver.py), where there is no syntax to break.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from adapter.errors import InvalidArgument
+
+# Keys are ours, never derived from input; the pattern catches a programming mistake.
+_KEY = re.compile(r"lxc(\.[a-z0-9_]+)+")
+_FORBIDDEN_IN_VALUE = ("\n", "\r", "\x00")
+# fstab escapes understood by LXC's mount-entry parser (and getmntent): space, tab, newline,
+# backslash, as three-digit octal.
+_FSTAB_ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
+
+
+def fstab_escape(path: str) -> str:
+    """`path` as one whitespace-free field of an fstab line."""
+    return "".join(_FSTAB_ESCAPES.get(char, char) for char in path)
+
+
+def check_value(value: str, field: str) -> str:
+    """The value as it may stand after `key = `; InvalidArgument naming `field` otherwise."""
+    for forbidden in _FORBIDDEN_IN_VALUE:
+        if forbidden in value:
+            raise InvalidArgument(
+                field, f"{value[:64]!r} contains {forbidden!r}, which would end the LXC config line"
+            )
+    if value != value.strip():
+        raise InvalidArgument(field, f"{value[:64]!r} has leading or trailing whitespace")
+    return value
+
+
+@dataclass
+class LxcConfig:
+    """An ordered list of `key = value` lines; `render` gives the file's text."""
+
+    entries: list[tuple[str, str]] = field(default_factory=list)
+
+    def set(self, key: str, value: str | int, *, field: str = "config") -> None:
+        """Append `key = value`. `field` names where the value came from, for the error."""
+        if _KEY.fullmatch(key) is None:
+            raise ValueError(f"{key!r} is not an LXC config key")
+        self.entries.append((key, check_value(str(value), field)))
+
+    def mount(self, source: str, target: str, options: str, *, field: str) -> None:
+        """A bind mount of host `source` at `target` (relative to the container's root)."""
+        if target.startswith("/"):
+            raise ValueError(f"mount target {target!r} must be relative to the rootfs")
+        entry = f"{fstab_escape(source)} {fstab_escape(target)} none {options} 0 0"
+        self.set("lxc.mount.entry", entry, field=field)
+
+    def get(self, key: str) -> list[str]:
+        return [value for name, value in self.entries if name == key]
+
+    def render(self) -> str:
+        return "".join(f"{key} = {value}\n" for key, value in self.entries)

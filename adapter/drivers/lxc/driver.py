@@ -1,0 +1,519 @@
+"""The LXC runtime ("lxc"): LXC 5 containers under a private lxcpath in our state directory.
+
+Tools, not bindings: each container is run by `lxc-start -F` (foreground), spawned directly
+from the event loop. Debian's python3-lxc exists only for the system Python, a pip binding
+needs lxc-dev and a compiler, and either one forks inside our process from a library that is
+not fork-safe under asyncio; the monitor process `lxc-start -F` is what LXC forks anyway, so
+spawning it ourselves costs one exec (a few ms) and leaves no LXC code in the service. Every
+other lxc-* call is off the hot path (`lxc-stop -k` only for orphans and stuck containers).
+
+Exit status. `lxc-execute` reports a signal death as 128+n (its init.lxc cannot tell them
+apart) and `lxc-start` does not report the status at all. So the container's init is our own
+containerizer-supervisor, a static build bind-mounted read-only into the container: it forks
+the workload under a nested signal-forwarding init, waits for it, and writes the exact status
+(`exited N` / `signaled N`) to a status file in the container's directory on the host. It
+outlives a `kill -9` of the service, and the file outlives the container.
+
+    lxc-start -F (monitor, host)
+      └─ supervisor (pid 1 of the container)      -> <lxcpath>/<id>/run/status
+           └─ supervisor's init (nested pid ns)   <- kill() signals go here, forwarded
+                └─ workload (stdout/stderr -> the sandbox, bound at /mnt/mesos/sandbox)
+
+The handshake line of the supervisor (its stdout is lxc-start's, `lxc.console.path = none`)
+tells us when the workload has exec'd, or why it could not.
+
+Cgroups: `lxc.cgroup.dir.container = <cgroups_root>/<id>` puts the container exactly where the
+shared accounting reader and the isolators look; limits are lxc.cgroup.* (v1) / lxc.cgroup2.*
+(v2) keys computed by the isolators' own Mesos arithmetic, and live updates go through the
+isolators' update(). The monitor gets a cgroup of its own, `<cgroups_root>.lxc-monitor.<id>`,
+at the hierarchy root (LXC removes it when the monitor ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapter.config import AgentConfig
+from adapter.drivers.base import Checkpointed, Launched
+from adapter.drivers.lxc.config import LxcConfig
+from adapter.drivers.lxc.handle import (
+    LxcHandle,
+    ProcessRef,
+    cgroup_dirs_of,
+    find_container_processes,
+    read_status,
+    start_time,
+)
+from adapter.drivers.lxc.rootfs import (
+    RUN_TARGET,
+    SANDBOX_TARGET,
+    SUPERVISOR_TARGET,
+    BaseRootfs,
+)
+from adapter.errors import ConfigError, FailedPrecondition, LaunchFailed, NotFound
+from adapter.model import (
+    MIB,
+    MIN_MEM_MIB,
+    Capabilities,
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
+from isolators.base import Isolator, Limitation, Limits
+from isolators.cgroups import files
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import CpuIsolator, cfs_quota_us, cpu_shares, cpu_weight
+from isolators.cgroups.errors import CgroupError
+from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.mem import MemIsolator, memory_limit_bytes
+from isolators.cgroups.pids import PidsIsolator
+from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups
+
+log = logging.getLogger(__name__)
+
+STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
+HANDSHAKE_TIMEOUT_S = 15.0
+EXIT_AFTER_KILL_TIMEOUT_S = 10.0
+NETWORK_TYPES = ("empty", "none", "veth")
+SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
+
+
+def _limits(resources: Resources) -> Limits:
+    mem = resources.mem_mib
+    return Limits(
+        cpus=resources.cpus,
+        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
+        pids=resources.pids,
+    )
+
+
+def cgroup_keys(limits: Limits, *, version: int, enable_cfs: bool) -> list[tuple[str, str]]:
+    """LXC cgroup keys for `limits`, with the isolators' arithmetic (cpu.py, mem.py, pids.py)."""
+    keys: list[tuple[str, str]] = []
+    if version == 1:
+        if limits.cpus is not None:
+            keys.append(("lxc.cgroup.cpu.shares", str(cpu_shares(limits.cpus))))
+            if enable_cfs:
+                keys.append(("lxc.cgroup.cpu.cfs_period_us", "100000"))
+                keys.append(("lxc.cgroup.cpu.cfs_quota_us", str(cfs_quota_us(limits.cpus))))
+        if limits.mem_bytes is not None:
+            limit = str(memory_limit_bytes(limits.mem_bytes))
+            keys.append(("lxc.cgroup.memory.limit_in_bytes", limit))
+            keys.append(("lxc.cgroup.memory.soft_limit_in_bytes", limit))
+        if limits.pids is not None:
+            keys.append(("lxc.cgroup.pids.max", str(limits.pids)))
+        return keys
+    if limits.cpus is not None:
+        keys.append(("lxc.cgroup2.cpu.weight", str(cpu_weight(cpu_shares(limits.cpus)))))
+        quota = str(cfs_quota_us(limits.cpus)) if enable_cfs else "max"
+        keys.append(("lxc.cgroup2.cpu.max", f"{quota} 100000"))
+    if limits.mem_bytes is not None:
+        limit = str(memory_limit_bytes(limits.mem_bytes))
+        keys += [("lxc.cgroup2.memory.max", limit), ("lxc.cgroup2.memory.low", limit)]
+    if limits.pids is not None:
+        keys.append(("lxc.cgroup2.pids.max", str(limits.pids)))
+    return keys
+
+
+def _parse_handshake(line: bytes) -> tuple[int, int] | str:
+    """(workload init start time, supervisor start time) from `ok <pid> <start> <start>`,
+    else the reason the supervisor gave (`error <step>: <reason>`) or a description."""
+    text = line.decode("utf-8", "replace").strip()
+    words = text.split()
+    if len(words) == 4 and words[0] == "ok" and all(word.isdigit() for word in words[1:]):
+        return int(words[2]), int(words[3])
+    if text.startswith("error "):
+        return text[len("error ") :]
+    return f"unexpected supervisor handshake {text[:200]!r}"
+
+
+@dataclass
+class _Container:
+    """One container this driver watches."""
+
+    handle: LxcHandle
+    monitor_process: asyncio.subprocess.Process | None  # None after a restart: not our child
+    exit_task: asyncio.Task[None]
+    watch_task: asyncio.Task[None] | None = None
+    limitation: Limitation | None = None
+
+
+class LxcDriver:
+    name = "lxc"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        self._lxcpath = config.state_dir / "lxc" / "containers"
+        self._rootfs = BaseRootfs(config.state_dir)
+        self._configured_supervisor: str | None = options.get("supervisor")
+        self._network = options.get("network", "empty")
+        self._network_link = options.get("network_link")
+        where = f"{config.source or '<config>'}: runtimes.lxc"
+        if self._network not in NETWORK_TYPES:
+            raise ConfigError(f"{where}.network: expected one of {NETWORK_TYPES}")
+        if (self._network == "veth") != (self._network_link is not None):
+            raise ConfigError(f"{where}.network_link: required with (and only with) 'veth'")
+        self._cgroups_root = config.cgroups_root
+        self._enable_cfs = config.cgroups_enable_cfs
+        override = Path(config.cgroups_hierarchy) if config.cgroups_hierarchy else None
+        self._hierarchies = Hierarchies.discover(config.cgroups_root, override=override)
+        self._cgroups = ContainerCgroups(self._hierarchies)
+        self._mem = MemIsolator(self._hierarchies) if self._hierarchies.has("memory") else None
+        self._isolators: list[Isolator] = [
+            CpuIsolator(self._hierarchies, enable_cfs=self._enable_cfs)
+        ]
+        self._isolators += [self._mem] if self._mem else []
+        if self._hierarchies.has("pids"):
+            self._isolators.append(PidsIsolator(self._hierarchies))
+        self._containers: dict[str, _Container] = {}
+        self._starting: dict[str, asyncio.subprocess.Process] = {}
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def _supervisor(self) -> str:
+        """The static supervisor: the container's rootfs has no libc of ours to load a dynamic
+        one. Configured path, else beside our Python (where the install step builds it)."""
+        candidates = (
+            [self._configured_supervisor]
+            if self._configured_supervisor
+            else [
+                os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME),
+                shutil.which(STATIC_SUPERVISOR_NAME) or "",
+            ]
+        )
+        for candidate in candidates:
+            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        raise FailedPrecondition(
+            f"lxc: static supervisor not found (looked at {[c for c in candidates if c]}); build"
+            f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
+        )
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(
+            images=True,
+            live_update=True,
+            oom_detection=self._mem is not None,
+            pid_namespace=True,
+            recover=True,
+            network_isolation=self._network != "none",
+        )
+        try:
+            supervisor = self._supervisor()
+            version = await self._lxc_version()
+        except (FailedPrecondition, OSError) as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
+        message = f"lxcpath {self._lxcpath}; network {self._network}; supervisor {supervisor}"
+        return Fingerprint(self.name, version, True, message, capabilities)
+
+    async def _lxc_version(self) -> str:
+        if shutil.which("lxc-start") is None:
+            raise FailedPrecondition("lxc-start not found on PATH: install Debian's lxc")
+        process = await asyncio.create_subprocess_exec(
+            "lxc-start", "--version", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        return out.decode(errors="replace").strip()
+
+    # ---- launch ----------------------------------------------------------------------------
+
+    def _container_dir(self, container_id: str) -> Path:
+        return self._lxcpath / container_id
+
+    def _config(self, spec: LaunchSpec, lower: Path, supervisor: str) -> LxcConfig:
+        cid, directory = spec.container_id, self._container_dir(spec.container_id)
+        config = LxcConfig()
+        config.set("lxc.uts.name", cid[:63], field="container_id")
+        config.set("lxc.rootfs.path", f"overlay:{lower}:{directory / 'delta0'}", field="image")
+        config.set("lxc.mount.auto", "proc:mixed sys:ro")
+        config.set("lxc.autodev", 1)
+        config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
+        config.set("lxc.tty.max", 0)
+        config.set("lxc.pty.max", 0)
+        config.set("lxc.apparmor.profile", "unconfined")  # the supervisor mounts a nested /proc
+        config.set("lxc.log.file", str(directory / "lxc.log"), field="container_id")
+        config.set("lxc.log.level", "WARN")
+        config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
+        config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
+        config.set("lxc.net.0.type", self._network)
+        if self._network == "veth":
+            config.set("lxc.net.0.link", str(self._network_link), field="runtimes.lxc.network_link")
+            config.set("lxc.net.0.flags", "up")
+        limits = _limits(spec.resources)
+        version = self._hierarchies.version
+        for key, value in cgroup_keys(limits, version=version, enable_cfs=self._enable_cfs):
+            config.set(key, value, field="resources")
+        config.mount(supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", field="supervisor")
+        config.mount(str(directory / "run"), RUN_TARGET, "bind,create=dir", field="container_id")
+        config.mount(spec.sandbox, SANDBOX_TARGET, "bind,create=dir", field="sandbox")
+        return config
+
+    def _monitor_cgroup(self, container_id: str) -> str:
+        return f"{self._cgroups_root}.lxc-monitor.{container_id}"
+
+    def _supervisor_argv(self, spec: LaunchSpec) -> list[str]:
+        """The container's init command, handed to lxc-start as argv: nothing here is parsed
+        by LXC, so the command, its environment and the user need no escaping."""
+        command = spec.command
+        argv = ["/" + SUPERVISOR_TARGET, "--status-file", f"/{RUN_TARGET}/status"]
+        argv += ["--stdout", f"{SANDBOX_IN_CONTAINER}/stdout"]
+        argv += ["--stderr", f"{SANDBOX_IN_CONTAINER}/stderr"]
+        argv += ["--cwd", command.working_dir or SANDBOX_IN_CONTAINER]
+        argv += ["--hostname", spec.container_id[:63]]
+        if command.user is not None:
+            argv += ["--user", command.user]
+        for key, value in (*command.environment, ("MESOS_SANDBOX", SANDBOX_IN_CONTAINER)):
+            argv += ["--env", f"{key}={value}"]
+        return [*argv, "--", *command.resolved_argv()]
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        supervisor = self._supervisor()
+        directory = self._container_dir(cid)
+        await self._remove_container(cid)  # what a previous container of this id left
+        try:
+            lower = await self._rootfs.lower(spec.image)
+            config = self._config(spec, lower, supervisor)
+            (directory / "delta0").mkdir(parents=True)
+            (directory / "run").mkdir()
+            (directory / "config").write_text(config.render())
+            process = await self._start_monitor(cid, self._supervisor_argv(spec))
+            handle = await self._handshake(cid, process)
+        except BaseException:
+            await self.destroy(cid)
+            raise
+        self._attach(handle, self._starting.pop(cid, None))
+        return Launched(handle=handle.to_json(), pid=handle.workload_init.pid)
+
+    async def _start_monitor(self, cid: str, argv: list[str]) -> asyncio.subprocess.Process:
+        directory = self._container_dir(cid)
+        with (directory / "lxc-start.log").open("ab") as errors:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    "lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *argv,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=errors, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                raise LaunchFailed(f"lxc: cannot run lxc-start: {exc}") from exc
+        self._starting[cid] = process
+        return process
+
+    async def _handshake(self, cid: str, process: asyncio.subprocess.Process) -> LxcHandle:
+        """Read the supervisor's handshake and find the container's processes on the host."""
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), HANDSHAKE_TIMEOUT_S)
+        except TimeoutError:
+            raise LaunchFailed(
+                f"lxc: {cid!r} did not start within {HANDSHAKE_TIMEOUT_S} s"
+            ) from None
+        parsed = _parse_handshake(line) if line else self._lxc_errors(cid)
+        if isinstance(parsed, str):
+            raise LaunchFailed(f"lxc: launch of {cid!r} failed: {parsed}")
+        workload_init_start, init_start = parsed
+        monitor_start = start_time(process.pid) or 0
+        procs = self._hierarchies.container_dirs(cid)[0] / "cgroup.procs"
+        init, workload_init = find_container_processes(
+            procs, process.pid, init_start, workload_init_start
+        )
+        # A workload that already ended took its processes along: pid 0 records "gone".
+        init = init or ProcessRef(0, init_start)
+        mounts = {c: m for c, m in self._hierarchies.mounts.items() if c in ACCOUNTED_CONTROLLERS}
+        if self._hierarchies.version == 2:
+            mounts = {"": next(iter(self._hierarchies.mounts.values()))}
+        dirs = cgroup_dirs_of(init.pid, mounts) if init.pid else ()
+        return LxcHandle(
+            name=cid,
+            lxcpath=str(self._lxcpath),
+            monitor=ProcessRef(process.pid, monitor_start),
+            init=init,
+            workload_init=workload_init or ProcessRef(0, workload_init_start),
+            status_file=str(self._container_dir(cid) / "run" / "status"),
+            cgroup_dirs=dirs or tuple(str(d) for d in self._hierarchies.container_dirs(cid)),
+        )
+
+    def _lxc_errors(self, cid: str) -> str:
+        """Why lxc-start ended without a handshake: the ERROR lines it logged."""
+        directory = self._container_dir(cid)
+        lines: list[str] = []
+        for name in ("lxc-start.log", "lxc.log"):
+            with contextlib.suppress(OSError):
+                text = (directory / name).read_text()
+                lines += [line for line in text.splitlines() if "ERROR" in line]
+        return "; ".join(lines[-3:]) or "lxc-start exited before the container started"
+
+    # ---- watching --------------------------------------------------------------------------
+
+    def _attach(self, handle: LxcHandle, process: asyncio.subprocess.Process | None) -> None:
+        container = _Container(handle, process, asyncio.create_task(handle.init.wait()))
+        if self._mem is not None and handle.init.is_alive():
+            container.watch_task = asyncio.create_task(self._watch_memory(container))
+        self._containers[handle.name] = container
+
+    async def _watch_memory(self, container: _Container) -> None:
+        """Mesos semantics: a container that hits its memory limit is ended, with the reason."""
+        assert self._mem is not None
+        cid = container.handle.name
+        try:
+            limitation = await self._mem.watch(cid)
+        except (OSError, CgroupError):
+            return  # the cgroup went away: the container has ended
+        container.limitation = limitation
+        log.info("%s hit a limit: %s", cid, limitation.message)
+        container.handle.workload_init.send(9)
+
+    async def wait(self, container_id: str) -> Exit:
+        container = self._containers.get(container_id)
+        if container is None:
+            return Exit(lost=True, message="the lxc runtime has no record of this container")
+        await asyncio.shield(container.exit_task)
+        limitation = container.limitation or self._checked_limitation(container_id)
+        status = read_status(Path(container.handle.status_file))
+        if status is None:
+            return Exit(lost=True, message="the container's init ended without recording a status")
+        return Exit(
+            exit_code=status.exit_code,
+            signal=status.signal,
+            limitation=limitation.resource if limitation else None,
+            limitation_message=limitation.message if limitation else "",
+        )
+
+    def _checked_limitation(self, container_id: str) -> Limitation | None:
+        """Counters read at exit (while LXC has not yet removed the cgroup), closing the race
+        between the exit and the OOM notification."""
+        for isolator in self._isolators:
+            with contextlib.suppress(OSError, CgroupError):
+                if (limitation := isolator.check(container_id)) is not None:
+                    return limitation
+        return None
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        container = self._containers.get(container_id)
+        if container is None:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        container.handle.workload_init.send(signal)
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        if container_id not in self._containers:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        limits = _limits(resources)
+        for isolator in self._isolators:
+            await isolator.update(container_id, limits)
+
+    async def usage(self, container_id: str) -> Statistics:
+        container = self._containers.get(container_id)
+        if container is None:
+            return self._cgroups.statistics(container_id)
+        return read_statistics(Path(d) for d in container.handle.cgroup_dirs if Path(d).is_dir())
+
+    # ---- destroy and recovery --------------------------------------------------------------
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill the workload (the supervisor records the SIGKILL), let LXC tear the container
+        down, then remove whatever is left: processes, cgroups, the container directory."""
+        container = self._containers.get(container_id)
+        process = self._starting.pop(container_id, None)
+        if container is not None:
+            container.handle.workload_init.send(9)
+            await _wait_for(asyncio.shield(container.exit_task))
+            process = process or container.monitor_process
+        if container is not None and container.handle.init.is_alive():
+            await self._cgroups.destroy(container_id)  # the supervisor itself is stuck
+        await self._stop_monitor(container_id, container, process)
+        if container is not None:
+            if container.watch_task is not None:
+                container.watch_task.cancel()
+            if container.exit_task.done():
+                self._containers.pop(container_id, None)
+        await self._remove_container(container_id)
+
+    async def _stop_monitor(
+        self,
+        container_id: str,
+        container: _Container | None,
+        process: asyncio.subprocess.Process | None,
+    ) -> None:
+        """Wait for LXC's monitor to finish its teardown; force it if it does not."""
+        if process is not None:
+            finished = await _wait_for(process.wait())
+        elif container is not None:
+            finished = await _wait_for(container.handle.monitor.wait())
+        else:  # nothing of ours watches it: only a container directory says it may exist
+            finished = not self._container_dir(container_id).is_dir()
+        if finished:
+            return
+        await self._lxc_tool("lxc-stop", "-k", "-n", container_id)
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        elif container is not None:
+            container.handle.monitor.send(9)
+
+    async def _remove_container(self, container_id: str) -> None:
+        """Remove the container's cgroups (LXC does so at a clean stop; not after a kill -9 of
+        its monitor), its monitor cgroup and its directory (config, overlay, status)."""
+        if self._cgroups.dirs(container_id):
+            await self._cgroups.destroy(container_id)
+        for isolator in self._isolators:
+            await isolator.cleanup(container_id)
+        for cgroup in self._cgroups.dirs(container_id):
+            await files.remove(cgroup)
+        for mount in set(self._hierarchies.mounts.values()):
+            await files.remove(mount / self._monitor_cgroup(container_id))
+        directory = self._container_dir(container_id)
+        if directory.exists():
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def _lxc_tool(self, tool: str, *args: str) -> None:
+        with contextlib.suppress(OSError):
+            process = await asyncio.create_subprocess_exec(
+                tool, "-P", str(self._lxcpath), *args, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            await _wait_for(process.wait())
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        for entry in checkpointed:
+            if not entry.handle:
+                continue
+            try:
+                handle = LxcHandle.from_json(entry.handle)
+            except ValueError:
+                log.exception("lxc: cannot re-attach %s", entry.spec.container_id)
+                continue
+            self._attach(handle, None)
+        if not self._lxcpath.is_dir():
+            return
+        for directory in sorted(self._lxcpath.iterdir()):
+            if directory.name not in known_ids:
+                log.info("lxc: removing unknown container %s", directory)
+                await self._lxc_tool("lxc-stop", "-k", "-n", directory.name)
+                await self._remove_container(directory.name)
+
+    async def close(self) -> None:
+        for container in self._containers.values():
+            container.exit_task.cancel()
+            if container.watch_task is not None:
+                container.watch_task.cancel()
+        self._containers.clear()
+
+
+async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:
+    """True if `awaitable` finished within `timeout`."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,203 @@
+"""Benchmark: network isolation on the native runtime, against the direct tools in the same run.
+
+1. Launch latency (Launch RPC until RUNNING) in modes host, none and bridge: ratio bridge/host.
+2. Container-to-container TCP throughput over our bridge, against two plain namespaces joined
+   by one veth pair made with `ip` (the direct tool). The same Python sender and receiver run in
+   both; target ratio >= 0.9.
+
+Needs root. Starts a private `containerizer serve` (own state, socket, bridge and subnet), prints
+JSON, and removes everything it created, also when interrupted.
+
+    .venv/bin/python benchmarks/bench_network.py [--launches 20] [--megabytes 3000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from tests.conftest import ServiceProcess
+
+PORT = 5201
+RECEIVER = f"""
+import socket, time
+server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", {PORT})); server.listen(1)
+connection, _ = server.accept(); total = 0; start = None
+while chunk := connection.recv(1 << 20):
+    start = start or time.perf_counter(); total += len(chunk)
+print(total, time.perf_counter() - start, flush=True)
+"""
+SENDER = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        connection = socket.create_connection((sys.argv[1], {port}), timeout=5); break
+    except OSError:
+        time.sleep(0.05)
+block = bytes(1 << 18)
+for _ in range(int(sys.argv[2]) * 4):
+    connection.sendall(block)
+connection.close()
+""".replace("{port}", str(PORT))
+
+
+def launch(stub: object, cid: str, argv: list[str], mode: str) -> pb.LaunchResponse:
+    request = pb.LaunchRequest(
+        container_id=cid,
+        command=pb.CommandInfo(argv=argv),
+        container=pb.ContainerInfo(network=pb.NetworkInfo(mode=mode)),
+    )
+    return stub.Launch(request, timeout=60)  # type: ignore[attr-defined, no-any-return]
+
+
+def launch_latency(service: ServiceProcess, count: int) -> dict[str, float]:
+    stub = service.stub()
+    medians = {}
+    for mode in ("host", "none", "bridge"):
+        samples = []
+        for index in range(count):
+            cid = f"lat-{mode}-{index}"
+            start = time.perf_counter()
+            launch(stub, cid, ["sleep", "60"], mode)
+            samples.append((time.perf_counter() - start) * 1000)
+            stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=60)
+            stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=60)  # acknowledge
+        medians[f"launch_{mode}_ms_median"] = round(statistics.median(samples), 2)
+    medians["launch_ratio_bridge_vs_host"] = round(
+        medians["launch_bridge_ms_median"] / medians["launch_host_ms_median"], 3
+    )
+    return medians
+
+
+def _mbit(receiver_output: str) -> float:
+    total, seconds = receiver_output.split()
+    return int(total) * 8 / float(seconds) / 1e6
+
+
+def containers_throughput(service: ServiceProcess, workdir: Path, megabytes: int) -> float:
+    stub = service.stub()
+    (workdir / "receiver.py").write_text(RECEIVER)
+    (workdir / "sender.py").write_text(SENDER)
+    receiver = launch(stub, "tput-rx", [sys.executable, str(workdir / "receiver.py")], "bridge")
+    launch(
+        stub,
+        "tput-tx",
+        [sys.executable, str(workdir / "sender.py"), receiver.status.ip_address, str(megabytes)],
+        "bridge",
+    )
+    stub.Wait(pb.WaitRequest(container_id="tput-rx"), timeout=600)
+    output = (Path(receiver.status.sandbox) / "stdout").read_text()
+    for cid in ("tput-rx", "tput-tx"):
+        stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=60)
+    return _mbit(output)
+
+
+def plain_veth_throughput(workdir: Path, megabytes: int) -> float:
+    """The same transfer between two namespaces joined by one veth, made with `ip` directly."""
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"bench-{tag}-a", f"bench-{tag}-b"
+    ip = ["ip"]
+    try:
+        for name in (a, b):
+            subprocess.run([*ip, "netns", "add", name], check=True)
+        subprocess.run(
+            [
+                *ip,
+                "link",
+                "add",
+                f"vb{tag}a",
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"vb{tag}b",
+                "netns",
+                b,
+            ],
+            check=True,
+        )
+        for name, link, address in (
+            (a, f"vb{tag}a", "10.199.0.1/30"),
+            (b, f"vb{tag}b", "10.199.0.2/30"),
+        ):
+            subprocess.run([*ip, "-n", name, "addr", "add", address, "dev", link], check=True)
+            subprocess.run([*ip, "-n", name, "link", "set", link, "up"], check=True)
+            subprocess.run([*ip, "-n", name, "link", "set", "lo", "up"], check=True)
+        receiver = subprocess.Popen(
+            [*ip, "netns", "exec", b, sys.executable, str(workdir / "receiver.py")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        subprocess.run(
+            [
+                *ip,
+                "netns",
+                "exec",
+                a,
+                sys.executable,
+                str(workdir / "sender.py"),
+                "10.199.0.2",
+                str(megabytes),
+            ],
+            check=True,
+        )
+        output, _ = receiver.communicate(timeout=600)
+        return _mbit(output)
+    finally:
+        for name in (a, b):
+            subprocess.run([*ip, "netns", "del", name], check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=20)
+    parser.add_argument("--megabytes", type=int, default=3000)
+    parser.add_argument("--repeat", type=int, default=5, help="throughput runs of each kind")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
+        workdir = Path(tmp)
+        bridge = f"ctz-b{uuid.uuid4().hex[:6]}"
+        service = ServiceProcess(
+            workdir,
+            extra_config=f'[network]\nbridge = "{bridge}"\nsubnet = "10.198.77.0/24"\n'
+            "allow_host = true\n",
+        )
+        service.start()
+        try:
+            results: dict[str, object] = {"launches_per_mode": args.launches}
+            results.update(launch_latency(service, args.launches))
+            # Alternate the two so drift on a small machine hits both alike; take the medians.
+            our_runs, plain_runs = [], []
+            for _ in range(args.repeat):
+                our_runs.append(containers_throughput(service, workdir, args.megabytes))
+                plain_runs.append(plain_veth_throughput(workdir, args.megabytes))
+            ours, plain = statistics.median(our_runs), statistics.median(plain_runs)
+            results.update(
+                megabytes=args.megabytes,
+                throughput_runs=args.repeat,
+                throughput_containers_mbit=round(ours, 1),
+                throughput_plain_veth_mbit=round(plain, 1),
+                throughput_ratio=round(ours / plain, 3),
+            )
+            print(json.dumps(results, indent=2))
+        finally:
+            service.destroy_all()
+            service.stop()
+            service.remove_cgroup_roots()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""NetworkIsolator: one container's network, with Mesos' isolator verbs.
+
+    prepare(id, request) -> Attachment   check, checkpoint, then create: namespace, veth on our
+                                         bridge, address, default route, tc rate, port forwards
+    isolate(id, pid)                     nothing: the runtime joins attachment.netns_path before
+                                         the workload's first instruction
+    update(id, bandwidth_mbit)           change the rate live
+    usage(id) -> Statistics              net_rx_* / net_tx_* of the container's interface
+    cleanup(id)                          remove everything of the container; idempotent
+    recover(known_ids)                   reload the checkpoint, drop what no container owns, sweep
+                                         namespaces and bridge ports no checkpoint names
+    close()                              service stop: the bridge goes if no container uses it
+
+Every runtime uses the same instance (`shared_isolator`): one bridge, one IPAM, one port table
+per node. How a runtime attaches (see the report of issue 10 / DESIGN.md):
+  native      --netns attachment.netns_path for the supervisor (setns before the other unshares)
+  containerd  OCI spec linux.namespaces += {type: network, path: attachment.netns_path}
+  LXC         lxc.net.0.type = none + lxc.namespace.share.net = attachment.netns_path
+  libvirt     prepare(..., NetworkRequest(mode="bridge")) then <interface type='bridge'> on
+              config.bridge; the guest configures attachment.address / gateway itself
+Mode "host" creates nothing and is not checkpointed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+
+from isolators.base import Statistics
+from isolators.network import bridge, netns, ports, shaping, state, veth
+from isolators.network.ipam import AddressPool
+from isolators.network.model import (
+    FIRST_UNPRIVILEGED_PORT,
+    MODES,
+    PROTOCOLS,
+    Attachment,
+    InvalidNetworkRequest,
+    NetworkConfig,
+    NetworkError,
+    NetworkRequest,
+    NetworkUnavailable,
+    PortConflict,
+    PortMapping,
+)
+
+log = logging.getLogger(__name__)
+MAX_FORWARDS_PER_CONTAINER = 1024
+FIELD_MODE = "container.network.mode"
+FIELD_MAPPINGS = "container.network.port_mappings"
+
+
+class NetworkIsolator:
+    name = "network"
+
+    def __init__(self, config: NetworkConfig) -> None:
+        self.config = config
+        self._state_path = config.state_dir / "network" / f"{config.bridge}.json"
+        self._state = state.NetworkState()
+        self._pool = AddressPool(config.network) if config.enabled else None
+        self._lock = asyncio.Lock()
+        self._recovered = False
+
+    # ---- checks: everything a request can get wrong, before anything exists ----
+
+    def resolve(self, container_id: str, request: NetworkRequest) -> tuple[str, list[PortMapping]]:
+        """The effective mode and forwards of `request`; raises before anything is created."""
+        mode = request.mode or self.config.default_mode
+        if mode not in MODES:
+            raise InvalidNetworkRequest(
+                FIELD_MODE, f"unknown mode {mode[:32]!r}; known: {list(MODES)}"
+            )
+        if mode == "host" and not self.config.allow_host:
+            raise NetworkUnavailable(
+                "network mode 'host' is not allowed on this node (network.allow_host)"
+            )
+        if mode == "bridge" and not self.config.enabled:
+            raise NetworkUnavailable(
+                "network mode 'bridge' needs a [network] table in the node's config"
+            )
+        bandwidth = request.bandwidth_mbit
+        if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise InvalidNetworkRequest(
+                "resources[network_bandwidth]", f"must be a number > 0 (Mbit/s), got {bandwidth}"
+            )
+        if mode != "bridge":
+            if request.port_mappings:
+                raise InvalidNetworkRequest(
+                    FIELD_MAPPINGS, f"port mappings need network mode 'bridge', not {mode!r}"
+                )
+            return mode, []
+        mappings = self._forwards_of(request)
+        self._check_ports(container_id, mappings)
+        return mode, mappings
+
+    def _forwards_of(self, request: NetworkRequest) -> list[PortMapping]:
+        mappings = list(request.port_mappings)
+        for begin, end in request.port_ranges:  # Mesos `ports`: the same port, tcp and udp
+            if (end - begin + 1) * len(PROTOCOLS) + len(mappings) > MAX_FORWARDS_PER_CONTAINER:
+                raise InvalidNetworkRequest(
+                    "resources[ports]", f"more than {MAX_FORWARDS_PER_CONTAINER} forwards"
+                )
+            mappings += [
+                PortMapping(p, p, proto) for p in range(begin, end + 1) for proto in PROTOCOLS
+            ]
+        return mappings
+
+    def _check_ports(self, container_id: str, mappings: list[PortMapping]) -> None:
+        taken = {
+            (m.host_port, m.protocol): other.container_id
+            for other in self._state.attachments.values()
+            if other.container_id != container_id
+            for m in other.port_mappings
+        }
+        seen: set[tuple[int, str]] = set()
+        for mapping in mappings:
+            mapping.check(FIELD_MAPPINGS)
+            key = (mapping.host_port, mapping.protocol)
+            if (
+                mapping.host_port < FIRST_UNPRIVILEGED_PORT
+                and not self.config.allow_privileged_ports
+            ):
+                raise InvalidNetworkRequest(
+                    FIELD_MAPPINGS,
+                    f"host port {mapping.host_port} is below {FIRST_UNPRIVILEGED_PORT}"
+                    " and network.allow_privileged_ports is false",
+                )
+            if key in seen:
+                raise InvalidNetworkRequest(
+                    FIELD_MAPPINGS,
+                    f"host port {mapping.host_port}/{mapping.protocol} is given twice",
+                )
+            seen.add(key)
+            if key in taken:
+                raise PortConflict(
+                    f"host port {mapping.host_port}/{mapping.protocol} is already forwarded"
+                    f" to container {taken[key]!r}"
+                )
+
+    # ---- verbs ----
+
+    async def prepare(self, container_id: str, request: NetworkRequest) -> Attachment:
+        async with self._lock:
+            mode, mappings = self.resolve(container_id, request)
+            if mode == "host":
+                return Attachment(container_id, "host")
+            attachment = self._plan(container_id, mode, mappings, request.bandwidth_mbit)
+            self._state.attachments[container_id] = attachment
+            self._save()  # durable before anything exists: recovery can always undo it
+            try:
+                await self._create(attachment)
+            except BaseException as exc:
+                await self._remove(attachment)
+                if isinstance(exc, NetworkError | asyncio.CancelledError):
+                    raise
+                raise NetworkError(f"network of {container_id!r}: {exc}") from exc
+            return attachment
+
+    def _plan(
+        self, container_id: str, mode: str, mappings: list[PortMapping], bandwidth: float | None
+    ) -> Attachment:
+        path = str(netns.netns_path(self.config.bridge, container_id))
+        if mode == "none":
+            return Attachment(container_id, mode, netns_path=path)
+        assert self._pool is not None
+        used = [
+            ipaddress.IPv4Address(a.address) for a in self._state.attachments.values() if a.address
+        ]
+        cursor = self._state.last_address
+        address = self._pool.allocate(used, ipaddress.IPv4Address(cursor) if cursor else None)
+        self._state.last_address = str(address)
+        return Attachment(
+            container_id,
+            mode,
+            netns_path=path,
+            address=str(address),
+            prefix_len=self._pool.subnet.prefixlen,
+            gateway=str(self._pool.gateway),
+            host_veth=veth.host_veth_name(self.config.bridge, container_id),
+            port_mappings=tuple(mappings),
+            bandwidth_mbit=bandwidth,
+        )
+
+    async def _create(self, attachment: Attachment) -> None:
+        assert attachment.netns_path is not None
+        path = Path(attachment.netns_path)
+        await netns.create(path)
+        if attachment.mode == "bridge":
+            await self._attach_to_bridge(attachment, path)
+        else:
+            async with await _ipr_in(path) as inside:
+                await veth.bring_loopback_up(inside)
+        if attachment.port_mappings:
+            await self._apply_forwards()
+
+    async def _attach_to_bridge(self, attachment: Attachment, path: Path) -> None:
+        assert attachment.host_veth is not None and attachment.address is not None
+        assert self._pool is not None
+        async with AsyncIPRoute() as host:
+            bridge_index = await bridge.ensure_bridge(
+                host, self.config.bridge, self._pool.gateway, self._pool.subnet.prefixlen
+            )
+            alias = f"containerizer {self.config.bridge} {attachment.container_id}"
+            index = await veth.create_pair(host, attachment.host_veth, path, bridge_index, alias)
+            if attachment.bandwidth_mbit is not None:
+                await shaping.set_rate(host, index, attachment.bandwidth_mbit)
+        async with await _ipr_in(path) as inside:
+            await veth.configure_container_side(
+                inside,
+                ipaddress.IPv4Address(attachment.address),
+                attachment.prefix_len,
+                self._pool.gateway,
+            )
+
+    async def isolate(self, container_id: str, pid: int) -> None:
+        """Nothing to do: the namespace exists before the workload and the runtime joins it."""
+
+    async def update(self, container_id: str, bandwidth_mbit: float | None) -> None:
+        async with self._lock:
+            attachment = self._state.attachments.get(container_id)
+            if attachment is None or attachment.mode != "bridge" or attachment.host_veth is None:
+                return
+            if bandwidth_mbit == attachment.bandwidth_mbit:
+                return
+            if bandwidth_mbit is not None:
+                self.resolve(container_id, NetworkRequest("bridge", bandwidth_mbit=bandwidth_mbit))
+            async with AsyncIPRoute() as host:
+                index = await bridge.link_index(host, attachment.host_veth)
+                if index is None:
+                    raise NetworkError(
+                        f"the interface {attachment.host_veth} of {container_id!r} is gone"
+                    )
+                if bandwidth_mbit is None:
+                    await shaping.clear_rate(host, index)
+                else:
+                    await shaping.set_rate(host, index, bandwidth_mbit)
+            self._state.attachments[container_id] = _replace_bandwidth(attachment, bandwidth_mbit)
+            self._save()
+
+    async def usage(self, container_id: str) -> Statistics:
+        attachment = self._state.attachments.get(container_id)
+        if attachment is None or attachment.host_veth is None:
+            return {}
+        async with AsyncIPRoute() as host:
+            return await veth.container_counters(host, attachment.host_veth)
+
+    def attachment(self, container_id: str) -> Attachment | None:
+        return self._state.attachments.get(container_id)
+
+    async def cleanup(self, container_id: str) -> None:
+        async with self._lock:
+            attachment = self._state.attachments.get(container_id)
+            if attachment is not None:
+                await self._remove(attachment)
+
+    async def _remove(self, attachment: Attachment) -> None:
+        """Undo `_create` from whatever point it reached, then forget the attachment. Links go
+        first: a namespace some process still holds must not keep a veth on our bridge."""
+        if attachment.host_veth is not None:
+            async with AsyncIPRoute() as host:
+                await veth.delete_link(host, attachment.host_veth)
+        if attachment.netns_path is not None:
+            netns.remove(Path(attachment.netns_path))
+        self._state.attachments.pop(attachment.container_id, None)
+        if attachment.port_mappings:
+            await self._apply_forwards()
+        self._save()
+
+    async def _apply_forwards(self) -> None:
+        forwards = [
+            ports.Forward(m.host_port, m.protocol, a.address, m.container_port)
+            for a in self._state.attachments.values()
+            if a.address is not None
+            for m in a.port_mappings
+        ]
+        await ports.apply(
+            ports.render(
+                bridge=self.config.bridge,
+                subnet=self.config.network,
+                host_address=self.config.host_address,
+                forwards=forwards,
+                egress_nat=self.config.egress_nat and self.config.enabled,
+            )
+        )
+
+    # ---- recovery and shutdown ----
+
+    async def recover(self, known_ids: set[str]) -> None:
+        """Reload the checkpoint; remove the attachments of containers nobody knows, then every
+        namespace and bridge port of ours that no attachment names. Once per process: all the
+        drivers share this instance and pass the same ids."""
+        async with self._lock:
+            if self._recovered:
+                return
+            self._state = state.load(self._state_path)
+            if self.config.enabled:
+                async with AsyncIPRoute() as host:
+                    await bridge.check_subnet_is_free(host, self.config.network, self.config.bridge)
+            for attachment in list(self._state.attachments.values()):
+                if attachment.container_id not in known_ids:
+                    log.info("network: removing orphan attachment of %s", attachment.container_id)
+                    await self._remove(attachment)
+            await self._sweep()
+            await self._apply_forwards()
+            self._save()
+            self._recovered = True
+
+    async def _sweep(self) -> None:
+        owned_netns = {
+            Path(a.netns_path).name for a in self._state.attachments.values() if a.netns_path
+        }
+        for name in netns.names_with_prefix(self.config.bridge + "."):
+            if name not in owned_netns:
+                log.info("network: removing orphan namespace %s", name)
+                netns.remove(netns.NETNS_DIR / name)
+        owned_links = {a.host_veth for a in self._state.attachments.values() if a.host_veth}
+        async with AsyncIPRoute() as host:
+            bridge_index = await bridge.link_index(host, self.config.bridge)
+            if bridge_index is None:
+                return
+            for name in await veth.bridge_ports(host, bridge_index):
+                if name not in owned_links:
+                    log.info("network: removing orphan link %s", name)
+                    await veth.delete_link(host, name)
+
+    async def close(self) -> None:
+        """The service stops: containers keep running, and so does the bridge if one uses it."""
+        async with self._lock:
+            if any(a.mode == "bridge" for a in self._state.attachments.values()):
+                return
+            with contextlib.suppress(Exception):
+                async with AsyncIPRoute() as host:
+                    await bridge.remove_bridge(host, self.config.bridge)
+
+    def _save(self) -> None:
+        state.save(self._state_path, self._state)
+
+    # ---- files for image-based containers ----
+
+    def write_etc_files(self, container_id: str, directory: Path, hostname: str) -> list[Path]:
+        """/etc/hosts and /etc/resolv.conf for the container, written into `directory` for the
+        runtime to bind-mount; resolv.conf keeps the host's nameservers except loopback ones,
+        which mean the host's own resolver and are unreachable from the container's namespace."""
+        attachment = self._state.attachments.get(container_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        if attachment is not None and attachment.address:
+            hosts += f"{attachment.address}\t{hostname}\n"
+        nameservers = [line for line in _host_resolv_conf() if not _is_loopback_nameserver(line)]
+        written = [directory / "hosts", directory / "resolv.conf"]
+        written[0].write_text(hosts)
+        written[1].write_text("".join(f"{line}\n" for line in nameservers))
+        return written
+
+
+async def _ipr_in(path: Path) -> AsyncIPRoute:
+    sock = await netns.netlink_socket_in(path)
+    return AsyncIPRoute(fileno=sock.detach())
+
+
+def _replace_bandwidth(attachment: Attachment, bandwidth: float | None) -> Attachment:
+    data = attachment.to_json()
+    data["bandwidth_mbit"] = bandwidth
+    return Attachment.from_json(data)
+
+
+def _host_resolv_conf() -> list[str]:
+    try:
+        lines = Path("/etc/resolv.conf").read_text().splitlines()
+    except OSError:
+        return []
+    return [
+        line.strip()
+        for line in lines
+        if line.strip().startswith(("nameserver", "search", "options"))
+    ]
+
+
+def _is_loopback_nameserver(line: str) -> bool:
+    words = line.split()
+    if len(words) < 2 or words[0] != "nameserver":
+        return False
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(words[1]).is_loopback
+    return False
+
+
+_shared: dict[Path, NetworkIsolator] = {}
+
+
+def shared_isolator(config: NetworkConfig) -> NetworkIsolator:
+    """The one isolator of this process for `config`'s state: every driver gets the same."""
+    key = config.state_dir / "network" / config.bridge
+    if key not in _shared:
+        _shared[key] = NetworkIsolator(config)
+    return _shared[key]
