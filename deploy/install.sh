@@ -9,12 +9,14 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 debian_packages=(
-  gcc make libc6-dev            # builds containerizer-supervisor
+  gcc make libc6-dev            # builds containerizer-supervisor (libc.a: its static twin)
   python3 python3-venv python3-dev
   util-linux iproute2 procps    # unshare, ip, ps: used by tests and benchmarks
-  busybox-static                # the test image's userland
-  lxc                           # lxc-execute, the benchmark's direct tool
+  busybox-static                # the test image's userland, LXC's default rootfs
   strace                        # tests destroy of a ptraced member
+  lxc                           # the lxc runtime
+  nftables                      # port mappings of the bridge network
+  docker-registry               # the local registry images are pulled from in tests
 )
 
 missing=()
@@ -53,5 +55,10 @@ echo "==> generating gRPC stubs"
 echo "==> building containerizer-supervisor"
 cc -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor \
   supervisor/containerizer-supervisor.c
+# The LXC runtime bind-mounts the supervisor into image root filesystems as their pid 1, where
+# the host's shared libraries are not: a static build. (glibc warns that name lookups in a
+# static binary need its shared NSS modules; --user by name inside an image uses the image's.)
+cc -static -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor-static \
+  supervisor/containerizer-supervisor.c 2> >(grep -v -e 'statically linked' -e 'in function' >&2)
 
 echo "==> installed: $repo/.venv/bin/containerizer"
