@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from adapter import processes
 from adapter.drivers.native import supervisor
 from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
 
@@ -396,8 +397,8 @@ async def test_supervisor_killed_records_nothing(box: Box) -> None:
     supervisor.kill(handle, signal.SIGKILL)  # the orphaned workload is still ours to end
 
     def workload_gone() -> bool:
-        stat = supervisor._proc_stat(handle.child_pid)
-        return stat is None or stat[0] == "Z" or stat[1] != handle.child_start_time
+        stat = processes.proc_stat(handle.child_pid)
+        return stat is None or stat[0] == "Z" or stat[2] != handle.child_start_time
 
     await wait_until(workload_gone)
 
@@ -413,7 +414,7 @@ async def test_pid_reuse_guard(box: Box) -> None:
     supervisor.kill(stale, signal.SIGKILL)  # must not hit the live workload
     assert await asyncio.wait_for(supervisor.wait_exit(stale), 2) is None
     assert supervisor.is_alive(handle)
-    assert supervisor.start_time(handle.child_pid) == handle.child_start_time
+    assert processes.start_time(handle.child_pid) == handle.child_start_time
     supervisor.kill(handle, signal.SIGKILL)
     status = await supervisor.wait_exit(handle)
     assert status is not None and status.signal == 9
@@ -422,7 +423,7 @@ async def test_pid_reuse_guard(box: Box) -> None:
 async def test_waited_supervisor_leaves_no_zombie(box: Box) -> None:
     handle = await box.spawn(["true"])
     await supervisor.wait_exit(handle)
-    assert supervisor.start_time(handle.supervisor_pid) != handle.supervisor_start_time
+    assert processes.start_time(handle.supervisor_pid) != handle.supervisor_start_time
 
 
 async def test_supervisor_rss_is_under_3_mib(box: Box) -> None:

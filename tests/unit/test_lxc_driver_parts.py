@@ -9,9 +9,10 @@ import pytest
 
 from adapter.drivers.lxc.config import LxcConfig, fstab_escape
 from adapter.drivers.lxc.driver import _parse_handshake, cgroup_keys
-from adapter.drivers.lxc.handle import LxcHandle, ProcessRef, read_status
+from adapter.drivers.lxc.handle import LxcHandle
 from adapter.drivers.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
 from adapter.errors import InvalidArgument
+from adapter.processes import ProcessRef, read_status
 from isolators.base import Limits
 
 MIB = 1024 * 1024

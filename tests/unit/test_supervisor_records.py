@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from adapter import processes
 from adapter.drivers.native import supervisor
 from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
 from adapter.errors import FailedPrecondition, LaunchFailed
@@ -36,11 +37,11 @@ def write(path: Path, text: str | bytes) -> str:
 def test_read_status_parses_what_the_supervisor_writes(
     tmp_path: Path, text: str, expected: ExitStatus
 ) -> None:
-    assert supervisor.read_status(write(tmp_path / "status", text)) == expected
+    assert processes.read_status(write(tmp_path / "status", text)) == expected
 
 
 def test_read_status_without_a_file_is_none(tmp_path: Path) -> None:
-    assert supervisor.read_status(str(tmp_path / "missing")) is None
+    assert processes.read_status(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_read_status_of_garbage_is_none_and_logged(
 ) -> None:
     path = write(tmp_path / "status", garbage)
     with caplog.at_level(logging.WARNING, logger=supervisor.__name__):
-        assert supervisor.read_status(path) is None
+        assert processes.read_status(path) is None
     assert path in caplog.text
 
 
@@ -69,7 +70,7 @@ def test_read_status_of_a_directory_is_none_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger=supervisor.__name__):
-        assert supervisor.read_status(str(tmp_path)) is None
+        assert processes.read_status(str(tmp_path)) is None
     assert "unreadable" in caplog.text
 
 
@@ -217,7 +218,7 @@ def test_find_supervisor_looks_next_to_python_then_on_path(
 
 
 def test_start_time_guard_on_our_own_process() -> None:
-    own_start = supervisor.start_time(os.getpid())
+    own_start = processes.start_time(os.getpid())
     assert own_start is not None and own_start > 0
     handle = SupervisorHandle(os.getpid(), own_start, os.getpid(), own_start, "/nonexistent")
     assert supervisor.is_alive(handle)
@@ -241,4 +242,4 @@ def test_proc_stat_survives_parentheses_and_spaces_in_comm(
         return real_open(path, mode)
 
     monkeypatch.setattr("builtins.open", fake_open)
-    assert supervisor._proc_stat(4242) == ("S", 123456)
+    assert processes.proc_stat(4242) == ("S", 4, 123456)

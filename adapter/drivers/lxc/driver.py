@@ -44,14 +44,7 @@ from typing import Any
 from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.lxc.config import LxcConfig
-from adapter.drivers.lxc.handle import (
-    LxcHandle,
-    ProcessRef,
-    cgroup_dirs_of,
-    find_container_processes,
-    read_status,
-    start_time,
-)
+from adapter.drivers.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
 from adapter.drivers.lxc.rootfs import (
     RUN_TARGET,
     SANDBOX_TARGET,
@@ -69,6 +62,7 @@ from adapter.model import (
     Resources,
     Statistics,
 )
+from adapter.processes import ProcessRef, read_status, start_time
 from isolators.base import Isolator, Limitation, Limits
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics

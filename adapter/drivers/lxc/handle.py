@@ -11,151 +11,20 @@ pids are reused and nothing is signalled unless the start time still matches):
 
 The status file lives in the container's directory on the host (bind-mounted into the
 container), so it is there for a service that restarts after the container ended. Its format is
-the supervisor's: `exited <code>` or `signaled <signo>`, then `finished <unix time>`. (The
-native driver reads the same format; drivers do not import each other, so the few lines that
-parse it are repeated here.)
+the supervisor's, read by adapter/processes.py like the native driver's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
-import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter.processes import ProcessRef, proc_stat
+
 log = logging.getLogger(__name__)
-
-_STATUS_PATTERN = re.compile(r"(exited|signaled) (\d{1,3})\nfinished (\d+(?:\.\d+)?)\n?")
-_NOT_RUNNING_STATES = frozenset({"Z", "X", "x"})
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) from /proc/PID/stat; None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            data = stat_file.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()  # comm may hold spaces and parentheses
-    try:
-        return fields[0].decode("ascii"), int(fields[19])
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-@dataclass(frozen=True)
-class ProcessRef:
-    """One host process, told apart from a later one with the same pid by its start time.
-    pid 0 means "already gone when we looked"."""
-
-    pid: int
-    start_time: int
-
-    def is_alive(self) -> bool:
-        if self.pid <= 0:
-            return False
-        stat = _proc_stat(self.pid)
-        return (
-            stat is not None and stat[1] == self.start_time and stat[0] not in _NOT_RUNNING_STATES
-        )
-
-    def send(self, signo: int) -> bool:
-        """Signal the process if it is still the one named; the pidfd makes check and send one
-        step, so a pid reused in between is never hit. True if the signal was sent."""
-        if self.pid <= 0:
-            return False
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return False
-        try:
-            if start_time(self.pid) != self.start_time:
-                return False
-            signal.pidfd_send_signal(pidfd, signo)
-            return True
-        except ProcessLookupError:
-            return False
-        finally:
-            os.close(pidfd)
-
-    async def wait(self) -> None:
-        """Resolve once the process has exited, whether or not it is our child: a pidfd becomes
-        readable at exit (no polling). The start time is checked after opening the pidfd, so
-        the pidfd is known to name this process."""
-        if self.pid <= 0:
-            return
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return
-        try:
-            if start_time(self.pid) != self.start_time:
-                return
-            loop = asyncio.get_running_loop()
-            exited: asyncio.Future[None] = loop.create_future()
-
-            def on_readable() -> None:
-                if not exited.done():
-                    exited.set_result(None)
-
-            loop.add_reader(pidfd, on_readable)
-            try:
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
-        finally:
-            os.close(pidfd)
-
-    def to_json(self) -> list[int]:
-        return [self.pid, self.start_time]
-
-    @classmethod
-    def from_json(cls, value: Any, key: str) -> ProcessRef:
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            raise ValueError(f"lxc handle: {key!r} must be [pid, start_time], got {value!r}")
-        return cls(value[0], value[1])
-
-
-@dataclass(frozen=True)
-class RecordedExit:
-    """How the workload ended, as the in-container supervisor recorded it."""
-
-    exit_code: int | None
-    signal: int | None
-    finished_at: float
-
-
-def read_status(path: Path) -> RecordedExit | None:
-    """The recorded status, or None when there is none (the supervisor died unrecorded)."""
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("lxc: status file %s is unreadable: %s", path, exc)
-        return None
-    match = _STATUS_PATTERN.fullmatch(text)
-    if match is None:
-        log.warning("lxc: status file %s does not parse: %r", path, text[:200])
-        return None
-    kind, number, finished = match.group(1), int(match.group(2)), float(match.group(3))
-    if kind == "exited":
-        return RecordedExit(exit_code=number, signal=None, finished_at=finished)
-    return RecordedExit(exit_code=None, signal=number, finished_at=finished)
 
 
 @dataclass(frozen=True)
@@ -204,20 +73,6 @@ class LxcHandle:
         )
 
 
-def _parent_and_start(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) from /proc/PID/stat."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            data = stat_file.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[1]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def find_container_processes(
     cgroup_procs: Path, monitor_pid: int, init_start: int, workload_init_start: int
 ) -> tuple[ProcessRef | None, ProcessRef | None]:
@@ -229,7 +84,7 @@ def find_container_processes(
         pids = [int(line) for line in cgroup_procs.read_text().split()]
     except FileNotFoundError:
         return None, None
-    stats = {pid: stat for pid in pids if (stat := _parent_and_start(pid)) is not None}
+    stats = {pid: (stat[1], stat[2]) for pid in pids if (stat := proc_stat(pid)) is not None}
 
     def child(parent: int, started: int) -> ProcessRef | None:
         for pid, stat in stats.items():

@@ -13,7 +13,7 @@ unless that start time still matches.
 Handshake (the supervisor's stdout, one line, read here during spawn):
     ok <child_pid> <child_start_time> <supervisor_start_time>
     error <step>: <reason>
-Status file: `exited <code>` or `signaled <signo>`, then `finished <unix time>`.
+Status file: see adapter/processes.py, which reads it.
 """
 
 from __future__ import annotations
@@ -23,23 +23,20 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from adapter.errors import FailedPrecondition, LaunchFailed
+from adapter.processes import ExitStatus, ProcessRef, read_status
 
 log = logging.getLogger(__name__)
 
 SUPERVISOR_NAME = "containerizer-supervisor"
 HANDSHAKE_TIMEOUT_S = 10.0
-_STATUS_PATTERN = re.compile(r"(exited|signaled) (\d{1,3})\nfinished (\d+(?:\.\d+)?)\n?")
-_NOT_RUNNING_STATES = frozenset({"Z", "X", "x"})
 
 
 class SpawnError(LaunchFailed):
@@ -81,93 +78,18 @@ class SupervisorHandle:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class ExitStatus:
-    """How the workload ended, as the supervisor recorded it. Exactly one of exit_code and
-    signal is set."""
-
-    exit_code: int | None
-    signal: int | None
-    finished_at: float  # unix time
-
-
 # --- processes, by pid and start time -----------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of `pid` from /proc/PID/stat, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            data = stat_file.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return fields[0].decode("ascii"), int(fields[19])
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: what tells a process apart from a later one with its pid."""
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
 def is_alive(handle: SupervisorHandle) -> bool:
-    """Whether the handle's supervisor still runs: its pid exists, is not a zombie, and started
-    when the handle says (a reused pid is somebody else)."""
-    stat = _proc_stat(handle.supervisor_pid)
-    return (
-        stat is not None
-        and stat[1] == handle.supervisor_start_time
-        and stat[0] not in _NOT_RUNNING_STATES
-    )
+    """Whether the handle's supervisor still runs (a reused pid is somebody else)."""
+    return ProcessRef(handle.supervisor_pid, handle.supervisor_start_time).is_alive()
 
 
 def kill(handle: SupervisorHandle, signo: int) -> None:
-    """Send `signo` to the workload if it is still the process the handle names; else no-op.
-
-    The check and the send go through one pidfd, so a pid reused in between cannot be hit.
-    A workload that is pid 1 of its namespace only receives signals it handles (and SIGKILL,
-    SIGSTOP): the kernel drops the rest, as for any container init.
-    """
-    try:
-        pidfd = os.pidfd_open(handle.child_pid)
-    except ProcessLookupError:
-        return
-    try:
-        if start_time(handle.child_pid) != handle.child_start_time:
-            return
-        signal.pidfd_send_signal(pidfd, signo)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
-
-
-# --- status file ----------------------------------------------------------------------------------
-
-
-def read_status(path: str) -> ExitStatus | None:
-    """The status the supervisor recorded, or None if there is none: no file means the supervisor
-    died without recording (the caller reports LOST); an unreadable file is logged as such."""
-    try:
-        text = Path(path).read_text(encoding="ascii")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("supervisor status file %s is unreadable: %s", path, exc)
-        return None
-    match = _STATUS_PATTERN.fullmatch(text)
-    if match is None:
-        log.warning("supervisor status file %s does not parse: %r", path, text[:200])
-        return None
-    kind, number, finished = match.group(1), int(match.group(2)), float(match.group(3))
-    if kind == "exited":
-        return ExitStatus(exit_code=number, signal=None, finished_at=finished)
-    return ExitStatus(exit_code=None, signal=number, finished_at=finished)
+    """Send `signo` to the container's init (which forwards it to the workload) if it is still
+    the process the handle names; else no-op."""
+    ProcessRef(handle.child_pid, handle.child_start_time).send(signo)
 
 
 # --- locating the binary --------------------------------------------------------------------------
@@ -259,30 +181,8 @@ async def _abandon(process: asyncio.subprocess.Process) -> None:
 
 
 async def _wait_foreign(handle: SupervisorHandle) -> None:
-    """Wait for a supervisor that is not our child (spawned before a restart), without polling:
-    a pidfd becomes readable when the process exits. The start time is checked after opening
-    the pidfd, so the pidfd is known to name our supervisor and not a reused pid."""
-    try:
-        pidfd = os.pidfd_open(handle.supervisor_pid)
-    except ProcessLookupError:
-        return
-    try:
-        if start_time(handle.supervisor_pid) != handle.supervisor_start_time:
-            return
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, on_readable)
-        try:
-            await exited
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
+    """Wait for a supervisor that is not our child (spawned before a restart)."""
+    await ProcessRef(handle.supervisor_pid, handle.supervisor_start_time).wait()
 
 
 # The supervisors this process spawned and has not yet waited for, by (pid, start time). Being
