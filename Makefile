@@ -24,4 +24,4 @@ bench: install
 	.venv/bin/python benchmarks/run_all.py
 
 clean:
-	rm -rf .venv adapter/api/containerizer adapter/api/mesos build
+	rm -rf .venv adapter/api/containerizer adapter/api/mesos adapter/api/containerd build

@@ -27,6 +27,13 @@ KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "p
 RUNTIME_KEYS: dict[str, dict[str, type]] = {
     "native": {"supervisor": str, "namespaces": bool},
     "lxc": {"supervisor": str, "network": str, "network_link": str},
+    "containerd": {
+        "address": str,
+        "namespace": str,
+        "runtime": str,
+        "runtime_binary": str,  # e.g. "crun": the runc shim runs this OCI runtime instead
+        "snapshotter": str,
+    },
 }
 
 

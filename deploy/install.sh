@@ -15,6 +15,8 @@ debian_packages=(
   busybox-static                # the test image's userland, LXC's default rootfs
   strace                        # tests destroy of a ptraced member
   lxc                           # the lxc runtime
+  containerd runc crun          # the containerd runtime
+  golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev  # its API's .proto files
   nftables                      # port mappings of the bridge network
   docker-registry               # the local registry images are pulled from in tests
 )

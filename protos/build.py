@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import build_containerd  # a sibling script: run as a script, protos/ is on sys.path
 from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def main() -> int:
             return 1
     _ensure_packages(REPO)
     print(f"generated stubs for {len(files)} proto files into {PACKAGE_PREFIX}/")
-    return 0
+    return build_containerd.build()  # containerd's API, from the installed Debian .proto files
 
 
 if __name__ == "__main__":

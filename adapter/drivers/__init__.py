@@ -19,4 +19,8 @@ def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Dri
         from adapter.drivers.lxc.driver import LxcDriver
 
         return LxcDriver(config, options)
+    if name == "containerd":
+        from adapter.drivers.containerd.driver import ContainerdDriver
+
+        return ContainerdDriver(config, options)
     raise ValueError(f"no driver for runtime {name!r}")

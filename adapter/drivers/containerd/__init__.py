@@ -1,0 +1,1 @@
+"""The containerd runtime: see driver.py."""

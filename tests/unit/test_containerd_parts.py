@@ -1,0 +1,212 @@
+"""The containerd driver's pure parts: id mapping, exit statuses, the OCI spec, chain ids, error
+mapping, and the stub build's import rewriting. No daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapter.drivers.containerd import spec as oci
+from adapter.drivers.containerd.client import ContainerdClient
+from adapter.drivers.containerd.content import chain_ids
+from adapter.drivers.containerd.driver import exit_from_status
+from adapter.drivers.containerd.handle import (
+    CONTAINERD_ID,
+    CONTAINERD_ID_MAX,
+    ContainerdHandle,
+    containerd_id,
+)
+from adapter.errors import (
+    AlreadyExists,
+    ContainerizerError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from adapter.images.image import Descriptor, Image
+from adapter.model import Command, LaunchSpec, Resources
+from isolators.cgroups.cpu import cpu_shares
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "protos"))
+import build_containerd
+
+
+@pytest.mark.parametrize("ours", ["web-1", "a.b_c-9", "A1"])
+def test_ids_containerd_accepts_are_kept(ours: str) -> None:
+    assert containerd_id(ours) == ours
+
+
+@pytest.mark.parametrize("ours", ["a--b", "x.", "a_-b", "x" * 77, "trailing-"])
+def test_other_ids_map_to_a_stable_valid_containerd_id(ours: str) -> None:
+    mapped = containerd_id(ours)
+    assert CONTAINERD_ID.fullmatch(mapped) and len(mapped) <= CONTAINERD_ID_MAX
+    assert mapped == containerd_id(ours) != containerd_id(ours + "0")
+
+
+def test_handle_round_trips_through_json() -> None:
+    handle = ContainerdHandle.for_container("a--b", "ns", "overlayfs")
+    data = json.loads(json.dumps(handle.to_json()))
+    assert ContainerdHandle.from_json("a--b", data) == handle
+    assert handle.snapshot_key == handle.lease_id == handle.containerd_id
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code", "signal"),
+    [
+        (0, 0, None),
+        (3, 3, None),
+        (128, 128, None),
+        (137, 9, None),
+        (143, 15, None),
+        (255, 255, None),
+    ],
+)
+def test_exit_status_follows_the_shims_128_plus_signal(
+    status: int, exit_code: int, signal: int | None
+) -> None:
+    exit_ = exit_from_status(status)
+    if status in (137, 143):
+        assert exit_.signal == exit_code and exit_.exit_code is None
+    else:
+        assert exit_.exit_code == exit_code and exit_.signal is signal
+
+
+def test_chain_ids_follow_the_image_spec() -> None:
+    a, b, c = ("sha256:" + hashlib.sha256(x).hexdigest() for x in (b"a", b"b", b"c"))
+    chain = chain_ids((a, b, c))
+    assert chain[0] == a
+    assert chain[1] == "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
+    assert chain[2] == "sha256:" + hashlib.sha256(f"{chain[1]} {c}".encode()).hexdigest()
+
+
+def _image(env: tuple[tuple[str, str], ...] = (), working_dir: str = "") -> Image:
+    blob = Descriptor("application/octet-stream", "sha256:" + "0" * 64, 1)
+    return Image("localhost/x:1", blob, blob, (blob,), (), ("sh",), env, working_dir, "")
+
+
+def _launch_spec(**resources: float) -> LaunchSpec:
+    return LaunchSpec(
+        container_id="web-1",
+        command=Command(shell="echo hi", environment=(("GREETING", "a=b c"), ("HOME", "/x"))),
+        resources=Resources(**resources),  # type: ignore[arg-type]
+        runtime="containerd",
+        sandbox="/var/lib/containerizer/sandboxes/web-1",
+    )
+
+
+def test_runtime_spec_carries_the_request() -> None:
+    image = _image(env=(("PATH", "/bin"), ("HOME", "/root")), working_dir="/srv")
+    document = oci.runtime_spec(
+        _launch_spec(cpus=0.5, mem_mib=16, pids=7),
+        image,
+        cgroups_root="containerizer",
+        enable_cfs=True,
+        user=(65534, 65534),
+    )
+    process = document["process"]
+    assert process["args"] == ["/bin/sh", "-c", "echo hi"]
+    assert process["env"] == [
+        "PATH=/bin",
+        "HOME=/x",
+        "GREETING=a=b c",
+        "MESOS_SANDBOX=/mnt/mesos/sandbox",
+    ]
+    assert process["cwd"] == "/srv" and process["user"] == {"uid": 65534, "gid": 65534}
+    linux = document["linux"]
+    assert linux["cgroupsPath"] == "/containerizer/web-1"
+    assert {n["type"] for n in linux["namespaces"]} == {"pid", "ipc", "uts", "mount", "network"}
+    resources = linux["resources"]
+    assert resources["cpu"] == {"shares": cpu_shares(0.5), "quota": 50_000, "period": 100_000}
+    assert resources["memory"] == {"limit": 32 * 1024 * 1024, "reservation": 32 * 1024 * 1024}
+    assert resources["pids"] == {"limit": 7}
+    sandbox = [m for m in document["mounts"] if m["destination"] == oci.SANDBOX_PATH]
+    assert sandbox == [
+        {
+            "destination": "/mnt/mesos/sandbox",
+            "type": "bind",
+            "source": "/var/lib/containerizer/sandboxes/web-1",
+            "options": ["rbind", "rw"],
+        }
+    ]
+    assert json.loads(oci.encode(document)) == document
+
+
+def test_unrequested_resources_stay_unlimited_and_cfs_is_optional() -> None:
+    assert oci.linux_resources(Resources(), enable_cfs=True) == {}
+    assert oci.linux_resources(Resources(cpus=0.001), enable_cfs=False) == {"cpu": {"shares": 2}}
+
+
+PASSWD = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1001::/:\n"
+GROUP = "root:x:0:\nnogroup:x:65534:\nstaff:x:50:\n"
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("0", (0, 0)),
+        ("1000", (1000, 1001)),
+        ("4242", (4242, 0)),
+        ("app", (1000, 1001)),
+        ("app:staff", (1000, 50)),
+        ("nobody:7", (65534, 7)),
+        ("5:6", (5, 6)),
+    ],
+)
+def test_users_resolve_against_the_images_tables(user: str, expected: tuple[int, int]) -> None:
+    assert oci.resolve_user(user, PASSWD, GROUP) == expected
+
+
+def test_unknown_user_names_the_field() -> None:
+    with pytest.raises(InvalidArgument) as unknown:
+        oci.resolve_user("ghost", PASSWD, GROUP)
+    assert unknown.value.field == "command.user" and "ghost" in str(unknown.value)
+    assert not oci.needs_user_tables("5:6") and oci.needs_user_tables("app")
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.NOT_FOUND, NotFound),
+        (grpc.StatusCode.ALREADY_EXISTS, AlreadyExists),
+        (grpc.StatusCode.FAILED_PRECONDITION, FailedPrecondition),
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.UNKNOWN, ContainerizerError),
+    ],
+)
+async def test_containerd_status_codes_map_to_our_classes(
+    code: grpc.StatusCode, error: type[ContainerizerError]
+) -> None:
+    client = ContainerdClient("/run/nowhere.sock", "ns")
+    try:
+        rpc_error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "boom")
+        mapped = client.error(rpc_error, "create task x")
+    finally:
+        await client.close()
+    assert type(mapped) is error
+    assert "create task x" in str(mapped)
+    if error is Unavailable:
+        assert "/run/nowhere.sock" in str(mapped)
+
+
+def test_stub_build_maps_go_import_paths_under_our_package() -> None:
+    text = (
+        'import "github.com/containerd/containerd/api/types/mount.proto";\n'
+        ' import weak "gogoproto/gogo.proto";\n'
+        'import "google/protobuf/any.proto";\n'
+    )
+    rewritten, found = build_containerd.rewrite_imports(text)
+    assert 'import "adapter/api/containerd/types/mount.proto";' in rewritten
+    assert 'import weak "adapter/api/containerd/gogoproto/gogo.proto";' in rewritten
+    assert 'import "google/protobuf/any.proto";' in rewritten
+    assert found == [
+        "github.com/containerd/containerd/api/types/mount.proto",
+        "gogoproto/gogo.proto",
+    ]
+    with pytest.raises(SystemExit):
+        build_containerd.staged_path("github.com/unknown/thing.proto")
