@@ -10,11 +10,19 @@
  * Usage:
  *   containerizer-supervisor --status-file F --stdout F --stderr F [--cgroup-procs P]...
  *       [--cwd DIR] [--user NAME|UID] [--hostname NAME] [--env K=V]... [--no-namespaces]
- *       [--netns PATH] -- argv...
+ *       [--netns PATH] [--rootfs-lower DIR --rootfs-dir DIR [--bind SRC --to DST]...]
+ *       -- argv...
  *
  * --netns PATH: the child joins the network namespace bound at PATH (setns(CLONE_NEWNET), e.g.
  * /run/netns/NAME prepared by the network isolator) after joining its cgroups and before the
  * other unshares, so the workload's first instruction already runs on the container's network.
+ *
+ * --rootfs-lower DIR --rootfs-dir DIR: the workload's / is an overlay of the read-only image
+ * rootfs DIR (lower) with DIR/upper and DIR/work, mounted at DIR/merged inside the container's
+ * own mount namespace (so the mount dies with the container; nothing on the host to leak), with
+ * a fresh /proc, a minimal /dev, a read-only /sys and each --bind SRC --to DST (host path onto
+ * a path inside the rootfs), then pivot_root (Mesos' filesystem/linux isolator). stdout and
+ * stderr are opened before any of that: their paths are the host's.
  *
  * Handshake (one line on stdout, then stdout is /dev/null):
  *   ok <child_host_pid> <child_start_time> <supervisor_start_time>
@@ -54,6 +62,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -72,6 +81,10 @@ struct options {
     const char *user;
     const char *hostname;
     const char *netns;
+    const char *rootfs_lower; /* image rootfs (read-only lower layer) or NULL */
+    const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
+    char **bind_sources;      /* NULL-terminated, pairs with bind_targets */
+    char **bind_targets;
     int namespaces;
     char **cgroup_procs; /* NULL-terminated */
     char **env;          /* NULL-terminated, the workload's whole environment */
@@ -119,9 +132,10 @@ static void usage_error(const char *message, const char *arg)
 }
 
 /* Parses argv into opts; env and cgroup_procs point into caller-provided arrays of argc + 2. */
-static void parse_args(int argc, char **argv, struct options *opts, char **env, char **cgroups)
+static void parse_args(int argc, char **argv, struct options *opts, char **env, char **cgroups,
+                       char **bind_sources, char **bind_targets)
 {
-    int n_env = 0, n_cgroups = 0, have_path = 0, i;
+    int n_env = 0, n_cgroups = 0, n_sources = 0, n_targets = 0, have_path = 0, i;
     memset(opts, 0, sizeof *opts);
     opts->namespaces = 1;
     for (i = 1; i < argc; i++) {
@@ -151,6 +165,17 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
             opts->hostname = value;
         else if (strcmp(arg, "--netns") == 0)
             opts->netns = value;
+        else if (strcmp(arg, "--rootfs-lower") == 0)
+            opts->rootfs_lower = value;
+        else if (strcmp(arg, "--rootfs-dir") == 0)
+            opts->rootfs_dir = value;
+        else if (strcmp(arg, "--bind") == 0)
+            bind_sources[n_sources++] = value;
+        else if (strcmp(arg, "--to") == 0) {
+            if (n_targets >= n_sources || value[0] != '/')
+                usage_error("--to needs an absolute path after a --bind, got", value);
+            bind_targets[n_targets++] = value;
+        }
         else if (strcmp(arg, "--cgroup-procs") == 0)
             cgroups[n_cgroups++] = value;
         else if (strcmp(arg, "--env") == 0) {
@@ -166,6 +191,16 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
         env[n_env++] = (char *)DEFAULT_PATH;
     env[n_env] = NULL;
     cgroups[n_cgroups] = NULL;
+    bind_sources[n_sources] = NULL;
+    bind_targets[n_targets] = NULL;
+    opts->bind_sources = bind_sources;
+    opts->bind_targets = bind_targets;
+    if (n_sources != n_targets)
+        usage_error("every --bind needs its --to", NULL);
+    if ((opts->rootfs_lower == NULL) != (opts->rootfs_dir == NULL))
+        usage_error("--rootfs-lower and --rootfs-dir go together", NULL);
+    if ((opts->rootfs_lower != NULL || n_sources > 0) && !opts->namespaces)
+        usage_error("--rootfs-lower and --bind need namespaces", NULL);
     opts->env = env;
     opts->cgroup_procs = cgroups;
     opts->argv = &argv[i];
@@ -234,17 +269,125 @@ static void join_netns(int errpipe, const char *path)
     close(fd);
 }
 
-static void enter_namespaces(int errpipe, const char *hostname)
+/* --- the container's root filesystem -------------------------------------------------------- */
+
+/* root + suffix into path (PATH_MAX); a path too long fails the launch instead of truncating. */
+static void join_path(int errpipe, char *path, const char *root, const char *suffix)
+{
+    int n = snprintf(path, PATH_MAX, "%s%s", root, suffix);
+    if (n < 0 || n >= PATH_MAX)
+        child_fail(errpipe, "rootfs", suffix, "path too long");
+}
+
+static void mount_or_fail(int errpipe, const char *source, const char *target, const char *type,
+                          unsigned long flags, const char *data)
+{
+    if (mount(source, target, type, flags, data) < 0)
+        child_fail(errpipe, "rootfs", target, strerror(errno));
+}
+
+/* Creates every missing directory of `path` (absolute), and the last component as a directory
+ * or, when as_file, as an empty file: the mount point for a bind of the same kind. */
+static void make_mount_point(int errpipe, char *path, int as_file)
+{
+    for (char *slash = strchr(path + 1, '/'); slash != NULL; slash = strchr(slash + 1, '/')) {
+        *slash = '\0';
+        if (mkdir(path, 0755) < 0 && errno != EEXIST)
+            child_fail(errpipe, "rootfs", path, strerror(errno));
+        *slash = '/';
+    }
+    int fd = as_file ? open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644) : -1;
+    if (as_file ? fd < 0 : mkdir(path, 0755) < 0 && errno != EEXIST)
+        child_fail(errpipe, "rootfs", path, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
+static void bind_into(int errpipe, const char *root, const char *source, const char *target)
+{
+    char path[PATH_MAX];
+    struct stat info;
+    if (stat(source, &info) < 0)
+        child_fail(errpipe, "bind", source, strerror(errno));
+    join_path(errpipe, path, root, target);
+    make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
+    mount_or_fail(errpipe, source, path, NULL, MS_BIND | MS_REC, NULL);
+}
+
+/* A tmpfs /dev with the host's harmless character devices bound in, a private devpts and shm. */
+static void populate_dev(int errpipe, const char *root)
+{
+    static const char *const devices[] = {"null", "zero", "full", "random", "urandom", "tty"};
+    char path[PATH_MAX];
+    join_path(errpipe, path, root, "/dev");
+    make_mount_point(errpipe, path, 0);
+    mount_or_fail(errpipe, "tmpfs", path, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=64k");
+    for (size_t i = 0; i < sizeof devices / sizeof devices[0]; i++) {
+        char device[32];
+        snprintf(device, sizeof device, "/dev/%s", devices[i]);
+        bind_into(errpipe, root, device, device); /* the host's node onto the same path inside */
+    }
+    join_path(errpipe, path, root, "/dev/pts");
+    make_mount_point(errpipe, path, 0);
+    mount_or_fail(errpipe, "devpts", path, "devpts", MS_NOSUID | MS_NOEXEC,
+                  "newinstance,ptmxmode=0666,mode=0620");
+    join_path(errpipe, path, root, "/dev/shm");
+    make_mount_point(errpipe, path, 0);
+    mount_or_fail(errpipe, "shm", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=65536k");
+    static const char *const links[][2] = {{"/proc/self/fd", "fd"},     {"/proc/self/fd/0", "stdin"},
+                                           {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"},
+                                           {"pts/ptmx", "ptmx"}};
+    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
+        char inside[32];
+        snprintf(inside, sizeof inside, "/dev/%s", links[i][1]);
+        join_path(errpipe, path, root, inside);
+        if (symlink(links[i][0], path) < 0)
+            child_fail(errpipe, "rootfs", path, strerror(errno));
+    }
+}
+
+/* Mounts the overlay, /proc, /dev, /sys and the binds under rootfs_dir/merged, then makes it /. */
+static void enter_rootfs(int errpipe, const struct options *opts)
+{
+    char root[PATH_MAX], path[PATH_MAX], data[3 * PATH_MAX + 64];
+    if (snprintf(root, sizeof root, "%s/merged", opts->rootfs_dir) >= (int)sizeof root ||
+        snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work",
+                 opts->rootfs_lower, opts->rootfs_dir, opts->rootfs_dir) >= (int)sizeof data)
+        child_fail(errpipe, "rootfs", opts->rootfs_dir, "path too long");
+    mount_or_fail(errpipe, "overlay", root, "overlay", 0, data);
+    join_path(errpipe, path, root, "/proc");
+    make_mount_point(errpipe, path, 0);
+    mount_or_fail(errpipe, "proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    populate_dev(errpipe, root);
+    join_path(errpipe, path, root, "/sys");
+    make_mount_point(errpipe, path, 0);
+    mount_or_fail(errpipe, "sysfs", path, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  NULL);
+    for (size_t i = 0; opts->bind_sources[i] != NULL; i++)
+        bind_into(errpipe, root, opts->bind_sources[i], opts->bind_targets[i]);
+    /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only ours. */
+    if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
+        chdir("/") < 0)
+        child_fail(errpipe, "pivot_root", root, strerror(errno));
+}
+
+static void enter_namespaces(int errpipe, const struct options *opts)
 {
     if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC) < 0)
         child_fail(errpipe, "namespaces", NULL, strerror(errno));
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
         child_fail(errpipe, "mount", "make / private", strerror(errno));
-    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        child_fail(errpipe, "proc", "/proc", strerror(errno));
-    if (hostname != NULL) {
-        size_t len = strlen(hostname);
-        if (sethostname(hostname, len > HOSTNAME_MAX_LEN ? HOSTNAME_MAX_LEN : len) < 0)
+    if (opts->rootfs_lower != NULL)
+        enter_rootfs(errpipe, opts);
+    else {
+        for (size_t i = 0; opts->bind_sources[i] != NULL; i++)
+            bind_into(errpipe, "", opts->bind_sources[i], opts->bind_targets[i]);
+        if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+            child_fail(errpipe, "proc", "/proc", strerror(errno));
+    }
+    if (opts->hostname != NULL) {
+        size_t len = strlen(opts->hostname);
+        if (sethostname(opts->hostname, len > HOSTNAME_MAX_LEN ? HOSTNAME_MAX_LEN : len) < 0)
             child_fail(errpipe, "hostname", NULL, strerror(errno));
     }
 }
@@ -309,11 +452,16 @@ static void close_other_fds(int errpipe)
             (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 
-static void exec_workload(const struct options *opts, int errpipe)
+/* The workload's stdio, opened before any namespace or root change: the paths are the host's. */
+static void open_stdio(const struct options *opts, int errpipe)
 {
     open_as(errpipe, "stdin", "/dev/null", O_RDONLY, STDIN_FILENO);
     open_as(errpipe, "stdout", opts->stdout_path, O_WRONLY | O_APPEND | O_CREAT, STDOUT_FILENO);
     open_as(errpipe, "stderr", opts->stderr_path, O_WRONLY | O_APPEND | O_CREAT, STDERR_FILENO);
+}
+
+static void exec_workload(const struct options *opts, int errpipe)
+{
     if (opts->cwd != NULL && chdir(opts->cwd) < 0)
         child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
     if (opts->user != NULL)
@@ -377,11 +525,12 @@ static void run_init(const struct options *opts, int errpipe, int statuspipe)
 static void run_child(const struct options *opts, int errpipe, int statuspipe)
 {
     join_cgroups(errpipe, opts->cgroup_procs); /* first: nothing of ours runs outside them */
+    open_stdio(opts, errpipe);
     if (opts->netns != NULL)
         join_netns(errpipe, opts->netns);
     if (!opts->namespaces)
         exec_workload(opts, errpipe);
-    enter_namespaces(errpipe, opts->hostname);
+    enter_namespaces(errpipe, opts);
     run_init(opts, errpipe, statuspipe);
 }
 
@@ -502,7 +651,7 @@ static int open_devnull(void)
 
 int main(int argc, char **argv)
 {
-    char *env[argc + 2], *cgroups[argc + 2];
+    char *env[argc + 2], *cgroups[argc + 2], *bind_sources[argc + 2], *bind_targets[argc + 2];
     struct options opts;
     const char *base;
     char line[128];
@@ -512,7 +661,7 @@ int main(int argc, char **argv)
 
     int devnull = open_devnull();
     ignore_signals();
-    parse_args(argc, argv, &opts, env, cgroups);
+    parse_args(argc, argv, &opts, env, cgroups, bind_sources, bind_targets);
     int dirfd = open_status_dir(opts.status_file, &base);
     int statuspipe[2];
     if (pipe2(statuspipe, O_CLOEXEC) < 0)

@@ -90,7 +90,11 @@ def test_cfs_quota_holds_half_a_cpu(tmp_path: Path) -> None:
 def test_fork_bomb_is_contained(service: ServiceProcess, container_id: str) -> None:
     stub = service.stub()
     launch(stub, container_id, "bomb() { bomb | bomb & }; bomb; sleep 300", pids=50)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 15  # until the bomb has run into the limit at least once
+    while time.monotonic() < deadline:
+        if cgroup_file(service, "pids", container_id, "pids.events").split()[1] != "0":
+            break
+        time.sleep(0.1)
     assert int(cgroup_file(service, "pids", container_id, "pids.current")) <= 50
     termination = destroy(stub, container_id)
     assert termination.reason == pb.LIMITATION_PIDS

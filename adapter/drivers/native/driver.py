@@ -18,6 +18,7 @@ import contextlib
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from adapter.errors import (
     LaunchFailed,
     NotFound,
 )
+from adapter.images import open_store
 from adapter.model import (
     MIB,
     MIN_MEM_MIB,
@@ -52,6 +54,8 @@ from isolators.registry import (
 )
 
 log = logging.getLogger(__name__)
+# Mesos' convention: the sandbox appears here inside a container with its own root filesystem.
+SANDBOX_IN_CONTAINER = "/mnt/mesos/sandbox"
 EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
@@ -106,6 +110,14 @@ def _network_request(spec: LaunchSpec) -> network_model.NetworkRequest:
     )
 
 
+@dataclass(frozen=True)
+class _WorkloadView:
+    environment: list[tuple[str, str]]
+    working_dir: str
+    user: str | None
+    filesystem: supervisor.Filesystem | None = None
+
+
 class _Running:
     """One container this driver watches: its supervisor, exit and limitation tasks."""
 
@@ -136,6 +148,7 @@ class NativeDriver:
         )
         self._running: dict[str, _Running] = {}
         self._network: NetworkIsolator = shared_isolator(_network_config(config))
+        self._images = open_store(config.state_dir / "images")
 
     def _binary(self) -> str:
         return supervisor.find_supervisor(self._configured_binary)
@@ -146,6 +159,7 @@ class NativeDriver:
             oom_detection=any(i.name == "cgroups/mem" for i in self._isolators),
             pid_namespace=self._namespaces,
             recover=True,
+            images=self._namespaces,
             network_isolation=True,
         )
         try:
@@ -166,8 +180,7 @@ class NativeDriver:
         try:
             with _network_errors():
                 network = await self._network.prepare(cid, _network_request(spec))
-            if network.address and spec.image:  # bind-mounting waits for native image support
-                self._network.write_etc_files(cid, Path(spec.sandbox) / ".network", cid[:63])
+            view = await self._workload_view(spec, run_dir, network.address)
             prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
             handle = await supervisor.spawn(
                 binary,
@@ -175,13 +188,14 @@ class NativeDriver:
                 stdout=str(Path(spec.sandbox) / "stdout"),
                 stderr=str(Path(spec.sandbox) / "stderr"),
                 argv=spec.command.resolved_argv(),
-                env=[*spec.command.environment, ("MESOS_SANDBOX", spec.sandbox)],
+                env=view.environment,
                 cgroup_procs=prepared.cgroup_procs,
-                cwd=spec.command.working_dir or spec.sandbox,
-                user=spec.command.user,
+                cwd=view.working_dir,
+                user=view.user,
                 hostname=cid[:63],
                 namespaces=self._namespaces,
                 netns=network.netns_path,
+                filesystem=view.filesystem,
             )
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
@@ -194,6 +208,40 @@ class NativeDriver:
         self._attach(cid, handle)
         return Launched(
             handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
+        )
+
+    async def _workload_view(
+        self, spec: LaunchSpec, run_dir: Path, address: str | None
+    ) -> _WorkloadView:
+        """Files, environment, working directory and user as the workload will see them: the
+        host's, or an image's (its rootfs, its env and defaults under the request's)."""
+        request_env = list(spec.command.environment)
+        if spec.image is None:
+            return _WorkloadView(
+                environment=[*request_env, ("MESOS_SANDBOX", spec.sandbox)],
+                working_dir=spec.command.working_dir or spec.sandbox,
+                user=spec.command.user,
+            )
+        if not self._namespaces:
+            raise FailedPrecondition("native runtime: images need namespaces = true")
+        image = self._images.get(spec.image)
+        lower = await self._images.rootfs(spec.image)
+        rootfs_dir = run_dir / "rootfs"
+        for part in ("upper", "work", "merged"):
+            (rootfs_dir / part).mkdir(parents=True)
+        binds = [(spec.sandbox, SANDBOX_IN_CONTAINER)]
+        if address:  # bridge networking: the container's own /etc/hosts and resolv.conf
+            written = self._network.write_etc_files(
+                spec.container_id, run_dir / "etc", spec.container_id[:63]
+            )
+            binds += [(str(path), f"/etc/{path.name}") for path in written]
+        overridden = {name for name, _ in request_env}
+        image_env = [(k, v) for k, v in image.env if k not in overridden]
+        return _WorkloadView(
+            environment=[*image_env, *request_env, ("MESOS_SANDBOX", SANDBOX_IN_CONTAINER)],
+            working_dir=spec.command.working_dir or image.working_dir or SANDBOX_IN_CONTAINER,
+            user=spec.command.user or image.user or None,
+            filesystem=supervisor.Filesystem(str(lower), str(rootfs_dir), tuple(binds)),
         )
 
     def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:

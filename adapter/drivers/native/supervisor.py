@@ -120,6 +120,25 @@ def find_supervisor(configured: str | None) -> str:
 # --- spawning and waiting -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Filesystem:
+    """What the workload sees as its files: by default the host's, else an overlay of a
+    read-only image rootfs (rootfs_lower) with upper/ and work/ under rootfs_dir, mounted at
+    rootfs_dir/merged inside the container's mount namespace; plus host paths bound in."""
+
+    rootfs_lower: str | None = None
+    rootfs_dir: str | None = None
+    binds: tuple[tuple[str, str], ...] = ()  # (host path, absolute path inside)
+
+    def arguments(self) -> list[str]:
+        arguments = []
+        if self.rootfs_lower is not None and self.rootfs_dir is not None:
+            arguments += ["--rootfs-lower", self.rootfs_lower, "--rootfs-dir", self.rootfs_dir]
+        for source, target in self.binds:
+            arguments += ["--bind", source, "--to", target]
+        return arguments
+
+
 def _command_line(
     binary: str,
     *,
@@ -134,6 +153,7 @@ def _command_line(
     hostname: str | None,
     namespaces: bool,
     netns: str | None = None,
+    filesystem: Filesystem | None = None,
 ) -> list[str]:
     """The supervisor's argv. Paths are made absolute because the supervisor leaves our cwd."""
     if not argv:
@@ -154,6 +174,8 @@ def _command_line(
         command += ["--env", f"{key}={value}"]
     if not namespaces:
         command.append("--no-namespaces")
+    if filesystem is not None:
+        command += filesystem.arguments()
     return [*command, "--", *argv]
 
 
@@ -205,6 +227,7 @@ async def spawn(
     hostname: str | None = None,
     namespaces: bool = True,
     netns: str | None = None,
+    filesystem: Filesystem | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> SupervisorHandle:
     """Start a supervisor for `argv` and return once the workload has exec'd.
@@ -215,7 +238,7 @@ async def spawn(
     command = _command_line(
         binary, status_file=status_file, stdout=stdout, stderr=stderr, argv=argv, env=env,
         cgroup_procs=cgroup_procs, cwd=cwd, user=user, hostname=hostname, namespaces=namespaces,
-        netns=netns,
+        netns=netns, filesystem=filesystem,
     )  # fmt: skip
     try:
         process = await asyncio.create_subprocess_exec(

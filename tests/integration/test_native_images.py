@@ -1,0 +1,88 @@
+"""The native runtime with an image: the unpacked rootfs as /, /proc, /dev and the sandbox in."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
+from tests.conftest import ServiceProcess
+from tests.image_fixtures import busybox_oci_tar  # noqa: F401
+from tests.images import REFERENCE
+from tests.integration.api import destroy, wait
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def imported(service: ServiceProcess, busybox_oci_tar: Path) -> str:  # noqa: F811
+    channel = grpc.insecure_channel(service.endpoint)
+    stub = images_pb2_grpc.ImagesStub(channel)
+    list(stub.Import(images_pb2.ImportRequest(path=str(busybox_oci_tar)), timeout=60))
+    channel.close()
+    return REFERENCE
+
+
+def launch_in_image(
+    service: ServiceProcess, container_id: str, shell: str, image: str
+) -> pb.LaunchResponse:
+    return service.stub().Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(shell=shell),
+            container=pb.ContainerInfo(image=image),
+        ),
+        timeout=30,
+    )
+
+
+def test_image_rootfs_is_the_workloads_root(
+    service: ServiceProcess, container_id: str, imported: str
+) -> None:
+    script = (
+        "echo pid=$$ cwd=$(pwd); ls /; echo $(ls /dev); "
+        "echo $MESOS_SANDBOX; echo written > /etc/created-inside; "
+        "test -e /work && echo host-visible; exit 5"
+    )
+    reply = launch_in_image(service, container_id, script, imported)
+    termination = wait(service.stub(), container_id)
+    output = (Path(reply.status.sandbox) / "stdout").read_text()
+    assert termination.exit_code == 5, output + (Path(reply.status.sandbox) / "stderr").read_text()
+    assert "pid=2 cwd=/mnt/mesos/sandbox" in output
+    assert "bin" in output.split() and "host-visible" not in output
+    for device in ("null", "zero", "urandom", "pts", "shm"):
+        assert device in output
+    assert "/mnt/mesos/sandbox\n" in output
+    # The write went to the container's own layer, never into the shared image rootfs.
+    assert not list(service.state_dir.glob("images/rootfs/*/etc/created-inside"))
+    run_dir = service.state_dir / "native" / container_id
+    assert not run_dir.exists()  # destroyed with the container after Wait
+    assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_sandbox_is_shared_with_the_host(
+    service: ServiceProcess, container_id: str, imported: str
+) -> None:
+    reply = launch_in_image(service, container_id, "echo from-inside > result; sleep 30", imported)
+    result = Path(reply.status.sandbox) / "result"
+    for _ in range(100):
+        if result.exists() and result.read_text():
+            break
+        time.sleep(0.05)
+    assert result.read_text() == "from-inside\n"
+    assert destroy(service.stub(), container_id).reason == pb.DESTROYED
+
+
+def test_unknown_and_malformed_images(service: ServiceProcess, container_id: str) -> None:
+    for image, code in [
+        ("localhost/nothing-here:1", grpc.StatusCode.NOT_FOUND),
+        ("UPPER/Case::bad", grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(grpc.RpcError) as error:
+            launch_in_image(service, container_id, "true", image)
+        assert error.value.code() == code
+        assert image in error.value.details() or "container.image" in error.value.details()
