@@ -551,6 +551,9 @@ def build_parser() -> ArgumentParser:
     from adapter.cli_images import add_images_commands  # its own module: the images group
 
     add_images_commands(subcommands)
+    from adapter.cli_compare import add_compare_parser  # its own module: the compare command
+
+    add_compare_parser(subcommands)
     return parser
 
 

@@ -27,6 +27,7 @@ KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "p
 RUNTIME_KEYS: dict[str, dict[str, type]] = {
     "native": {"supervisor": str, "namespaces": bool},
     "lxc": {"supervisor": str, "network": str, "network_link": str},
+    "docker": {"endpoint": str, "registry": str},
     "containerd": {
         "address": str,
         "namespace": str,

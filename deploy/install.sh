@@ -16,6 +16,7 @@ debian_packages=(
   strace                        # tests destroy of a ptraced member
   lxc                           # the lxc runtime
   containerd runc crun          # the containerd runtime
+  docker.io                     # the docker runtime (Docker Engine)
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev  # its API's .proto files
   nftables                      # port mappings of the bridge network
   docker-registry               # the local registry images are pulled from in tests

@@ -19,6 +19,10 @@ def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Dri
         from adapter.drivers.lxc.driver import LxcDriver
 
         return LxcDriver(config, options)
+    if name == "docker":
+        from adapter.drivers.docker.driver import DockerDriver
+
+        return DockerDriver(config, options)
     if name == "containerd":
         from adapter.drivers.containerd.driver import ContainerdDriver
 

@@ -159,7 +159,10 @@ async def test_cfs_quota_caps_half_a_cpu(cgroups_root: str) -> None:
 
     wall = after["timestamp"] - before["timestamp"]
     assert 0.3 * wall <= used(after) - used(before) <= 0.6 * wall
-    assert after["cpus_nr_throttled"] > 0 and after["cpus_limit"] == 0.5
+    # CFS is accounting periods; whether it also throttled depends on how much CPU the loop got
+    # from a loaded 2-core machine (under xdist it may get less than its quota): the upper bound
+    # above is what shows the cap.
+    assert after["cpus_nr_periods"] > 0 and after["cpus_limit"] == 0.5
     await finish(isolators, cgroups, "c1", process)
 
 

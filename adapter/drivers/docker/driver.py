@@ -1,0 +1,434 @@
+"""The docker runtime ("docker"; Mesos' DockerContainerizer): containers on Docker Engine.
+
+Translation only: a LaunchSpec becomes an Engine API container (limits by the Mesos arithmetic of
+isolators/cgroups, `CgroupParent` under our cgroups_root so accounting is the one cgroup reader,
+the sandbox bind-mounted at /mnt/mesos/sandbox, network none unless asked, Docker's init as pid 1);
+Docker's inspect state becomes an Exit. client.py owns the API calls, handle.py names and paths.
+
+Choices, and why:
+- Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
+  container is removed, so destroy copies both streams into the sandbox files just before it
+  removes the container. Nothing is lost across our crashes (the container, and so its log,
+  stays until a destroy has copied it), and no thread or connection is held per container. The
+  cost: the sandbox files fill at exit; while it runs, `docker logs` shows the output.
+- Signals: Docker reports a container whose init died of signal n as exit code 128+n (so does
+  the shell, and so does Docker's init, tini, for its child). With `Init` set the workload is not
+  pid 1, so it dies of signals the way it would under our native runtime, and 128+n (n a valid
+  signal number) is reported as signal n, like every other runtime; a workload that literally
+  exits 137 is indistinguishable, exactly as it is in a shell's `$?`.
+- OOM: Docker's State.OOMKilled (the cgroup's OOM event) is Mesos' memory limitation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal as signals
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker.auth  # type: ignore[import-untyped]
+import docker.errors  # type: ignore[import-untyped]
+import docker.utils  # type: ignore[import-untyped]
+
+from adapter.config import AgentConfig
+from adapter.drivers.base import Checkpointed, Launched
+from adapter.drivers.docker import handle as names
+from adapter.drivers.docker.client import DockerEngine, ExitFollower, Inspect
+from adapter.drivers.docker.handle import DockerHandle
+from adapter.errors import (
+    AlreadyExists,
+    ConfigError,
+    ContainerizerError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
+from adapter.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
+from isolators.cgroups.hierarchy import Hierarchies, check_root
+from isolators.cgroups.mem import memory_limit_bytes
+from isolators.registry import container_cgroups
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
+ENDPOINT = re.compile(r"unix:///\S+|tcp://[A-Za-z0-9.\-]+:\d{1,5}")
+REGISTRY = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?")
+WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
+STOP_TIMEOUT_SECONDS = 30.0
+FINISHED_KEPT = 4096  # exits kept after destroy for a wait() that comes later
+SIGNAL_MAX = int(signals.SIGRTMAX)
+CAPABILITIES = Capabilities(
+    images=True,
+    live_update=True,
+    oom_detection=True,
+    pid_namespace=True,
+    recover=True,
+    network_isolation=True,
+)
+
+
+@dataclass
+class _Tracked:
+    """A container this driver watches; `died` is set on each `die` event (or stream gap)."""
+
+    handle: DockerHandle
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def exit_from_inspect(inspect: Inspect) -> Exit:
+    """Docker's final state of a container -> our Exit (see the module docstring for 128+n)."""
+    state = inspect["State"]
+    code = int(state.get("ExitCode", 0))
+    signal = code - 128 if 128 < code <= 128 + SIGNAL_MAX else None
+    limitation, limitation_message = None, ""
+    if state.get("OOMKilled"):
+        limit = inspect.get("HostConfig", {}).get("Memory") or "unknown"
+        limitation = "mem"
+        limitation_message = f"Memory limit exceeded: limit {limit} bytes (Docker: OOMKilled)"
+    return Exit(
+        exit_code=None if signal is not None else code,
+        signal=signal,
+        limitation=limitation,
+        limitation_message=limitation_message,
+        message=str(state.get("Error") or ""),
+    )
+
+
+def has_ended(inspect: Inspect) -> bool:
+    return inspect["State"].get("Status") in ("exited", "dead")
+
+
+def resource_fields(resources: Resources, *, enable_cfs: bool) -> dict[str, int]:
+    """Our resources as Engine API HostConfig/update fields, by the isolators' arithmetic."""
+    fields: dict[str, int] = {}
+    if resources.cpus is not None:
+        fields["CpuShares"] = cpu_shares(resources.cpus)
+        if enable_cfs:
+            fields["CpuPeriod"] = CFS_PERIOD_US
+            fields["CpuQuota"] = cfs_quota_us(resources.cpus)
+    if resources.mem_bytes is not None:
+        limit = memory_limit_bytes(resources.mem_bytes)
+        # Swap equal to memory: the limit is hard, as the native runtime's is.
+        fields.update(Memory=limit, MemorySwap=limit, MemoryReservation=limit)
+    if resources.pids is not None:
+        fields["PidsLimit"] = resources.pids
+    return fields
+
+
+class DockerDriver:
+    name = "docker"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        where = f"{config.source or '<config>'}: runtimes.docker"
+        endpoint = str(options.get("endpoint", DEFAULT_ENDPOINT))
+        if ENDPOINT.fullmatch(endpoint) is None:
+            raise ConfigError(
+                f"{where}.endpoint: expected unix:///PATH or tcp://HOST:PORT, got {endpoint!r}"
+            )
+        registry = options.get("registry")
+        if registry is not None and REGISTRY.fullmatch(registry) is None:
+            raise ConfigError(f"{where}.registry: expected HOST[:PORT], got {registry!r}")
+        self._registry: str | None = registry
+        self._engine = DockerEngine(endpoint)
+        self._owner = str(config.state_dir)
+        self._cgroups_root = check_root(config.cgroups_root)
+        self._hierarchy_override = config.cgroups_hierarchy
+        self._enable_cfs = config.cgroups_enable_cfs
+        self._allow_host_network = config.network.allow_host
+        self._hierarchies: Hierarchies | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished: OrderedDict[str, Exit] = OrderedDict()
+        self._destroying: dict[str, asyncio.Future[None]] = {}
+        self._follower = ExitFollower(
+            self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
+        )
+
+    # ---- fingerprint ----
+
+    async def fingerprint(self) -> Fingerprint:
+        try:
+            version = await self._engine.version()
+            info = await self._engine.info()
+        except ContainerizerError as exc:
+            return Fingerprint(self.name, "", False, str(exc), CAPABILITIES)
+        driver = info.get("CgroupDriver", "unknown")
+        message = (
+            f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')}) at"
+            f" {self._engine.where}; cgroup driver {driver}"
+        )
+        if driver != "cgroupfs":
+            message += " (usage needs cgroupfs: containers are placed by CgroupParent)"
+        return Fingerprint(self.name, str(version.get("Version", "")), True, message, CAPABILITIES)
+
+    # ---- launch ----
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        if not spec.image:
+            raise InvalidArgument("container.image", "the docker runtime needs an image to run")
+        network_mode = self._network_mode(spec)
+        image = await self._ensure_image(spec.image)
+        await self._follower.start()
+        name = names.container_name(self._owner, cid)
+        config = self._container_config(spec, image, network_mode)
+        try:
+            docker_id = await self._engine.create(name, config, LaunchFailed)
+        except AlreadyExists:  # a leftover of an interrupted launch or cleanup: ours by name
+            await self._remove(name, cid, copy_logs=False)
+            docker_id = await self._engine.create(name, config, LaunchFailed)
+        parent = names.cgroup_parent(self._cgroups_root, cid)
+        tracked = _Tracked(DockerHandle(docker_id, name, f"{parent}/{docker_id}", image))
+        self._tracked[cid] = tracked
+        self._finished.pop(cid, None)
+        try:
+            await self._engine.start(docker_id, LaunchFailed)
+            inspect = await self._engine.inspect(docker_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(cid)
+            self._finished.pop(cid, None)
+            raise
+        pid = int(inspect["State"].get("Pid") or 0)
+        reported = names.cgroup_of_process(pid) if pid else None
+        if reported is not None and reported != tracked.handle.cgroup:
+            tracked.handle = DockerHandle(docker_id, name, reported, image)
+        return Launched(handle=tracked.handle.to_json(), pid=pid)
+
+    def _network_mode(self, spec: LaunchSpec) -> str:
+        mode = spec.network.mode or "none"
+        if spec.network.port_mappings:
+            raise FailedPrecondition("docker runtime: port mappings are not supported yet")
+        if mode == "host" and self._allow_host_network:
+            return "host"
+        if mode == "none":
+            return "none"
+        raise FailedPrecondition(
+            f"docker runtime: network mode {mode!r} is not available; use 'none'"
+            + (" or 'host'" if self._allow_host_network else "")
+        )
+
+    def _container_config(self, spec: LaunchSpec, image: str, network_mode: str) -> dict[str, Any]:
+        """create_container keyword arguments; host_config is Engine API JSON (data, never text:
+        the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
+        argv = spec.command.resolved_argv()
+        labels = dict(spec.labels)
+        labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
+        host_config: dict[str, Any] = {
+            **resource_fields(spec.resources, enable_cfs=self._enable_cfs),
+            "CgroupParent": names.cgroup_parent(self._cgroups_root, spec.container_id),
+            "Mounts": [{"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT}],
+            "NetworkMode": network_mode,
+            "Init": True,
+            "LogConfig": {"Type": "json-file", "Config": {}},
+        }
+        environment = [f"{key}={value}" for key, value in spec.command.environment]
+        environment.append(f"MESOS_SANDBOX={names.SANDBOX_MOUNT}")
+        return {
+            "image": image,
+            "entrypoint": argv[:1],
+            "command": argv[1:],
+            "environment": environment,
+            "user": spec.command.user,
+            "working_dir": spec.command.working_dir or names.SANDBOX_MOUNT,
+            "labels": labels,
+            "detach": True,
+            "host_config": host_config,
+        }
+
+    async def _ensure_image(self, reference: str) -> str:
+        """The reference to create from: as given when Docker has it, else pulled from the
+        configured registry (an unqualified name is looked up there). Never another registry."""
+        if await self._engine.has_image(reference):
+            return reference
+        try:
+            repository, tag = docker.utils.parse_repository_tag(reference)
+            index, remote = docker.auth.resolve_repository_name(repository)
+        except docker.errors.DockerException as exc:
+            raise InvalidArgument("container.image", f"{reference!r}: {exc}") from exc
+        if self._registry is None:
+            raise NotFound(
+                f"image {reference!r} is not in the docker daemon at {self._engine.where}, and no"
+                " runtimes.docker.registry is configured to pull it from"
+            )
+        qualified = repository.split("/", 1)[0] == index
+        if qualified and index != self._registry:
+            raise NotFound(
+                f"image {reference!r} is not in the docker daemon, and images are pulled only from"
+                f" the configured registry {self._registry!r}"
+            )
+        separator = "@" if "@" in reference else ":"
+        pulled = f"{self._registry}/{remote}" + (f"{separator}{tag}" if tag else ":latest")
+        if not await self._engine.has_image(pulled):
+            await self._engine.pull(pulled, LaunchFailed)
+        return pulled
+
+    # ---- exit ----
+
+    def _on_exit_event(self, container_id: str | None) -> None:
+        if container_id is None:
+            for tracked in self._tracked.values():
+                tracked.died.set()
+        elif container_id in self._tracked:
+            self._tracked[container_id].died.set()
+
+    async def wait(self, container_id: str) -> Exit:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            return self._finished.get(container_id) or Exit(
+                lost=True, message="the docker runtime has no record of this container"
+            )
+        backoff = 0.5
+        while True:
+            tracked.died.clear()
+            try:
+                await self._follower.start()
+                inspect = await self._engine.inspect(tracked.handle.docker_id)
+            except NotFound:
+                return self._finished.get(container_id) or Exit(
+                    lost=True,
+                    message=f"docker container {tracked.handle.docker_id[:12]} is gone",
+                )
+            except Unavailable as exc:  # dockerd restarting: keep waiting, slowly
+                log.warning("wait on %s: %s", container_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if has_ended(inspect):
+                return exit_from_inspect(inspect)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tracked.died.wait(), WAIT_POLL_SECONDS)
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        with contextlib.suppress(FailedPrecondition):  # already exited: wait() reports it
+            await self._engine.kill(tracked.handle.docker_id, signal)
+
+    # ---- destroy ----
+
+    async def destroy(self, container_id: str) -> None:
+        """Concurrent destroys of one container (the API's and the exit watcher's) share one
+        run: Docker refuses a second removal while one is in progress."""
+        running = self._destroying.get(container_id)
+        if running is None:
+            running = asyncio.ensure_future(self._destroy(container_id))
+            self._destroying[container_id] = running
+            running.add_done_callback(lambda _: self._destroying.pop(container_id, None))
+        await asyncio.shield(running)
+
+    async def _destroy(self, container_id: str) -> None:
+        tracked = self._tracked.get(container_id)
+        target = (
+            tracked.handle.docker_id if tracked else names.container_name(self._owner, container_id)
+        )
+        exit_ = await self._remove(target, container_id, copy_logs=True)
+        if exit_ is not None:
+            self._finished[container_id] = exit_
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+        self._tracked.pop(container_id, None)
+        if tracked is not None:
+            tracked.died.set()
+        await self._remove_parent_cgroups(container_id)
+
+    async def _remove(self, target: str, container_id: str, *, copy_logs: bool) -> Exit | None:
+        """Kill (SIGKILL, as Mesos destroys), copy the output, remove. Returns the container's
+        exit, or None when there was no container of ours to remove."""
+        try:
+            inspect = await self._engine.inspect(target)
+        except NotFound:
+            return None
+        labels = inspect.get("Config", {}).get("Labels") or {}
+        if labels.get(names.LABEL_OWNER) != self._owner:
+            raise FailedPrecondition(f"docker container {target!r} is not ours; not removing it")
+        docker_id = str(inspect["Id"])
+        if not has_ended(inspect):
+            with contextlib.suppress(FailedPrecondition):
+                await self._engine.kill(docker_id, int(signals.SIGKILL))
+            await self._engine.wait_stopped(docker_id, STOP_TIMEOUT_SECONDS)
+            inspect = await self._engine.inspect(docker_id)
+        if copy_logs:
+            sandbox = _sandbox_of(inspect)
+            if sandbox is not None and sandbox.is_dir():
+                await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
+        with contextlib.suppress(NotFound):
+            await self._engine.remove(docker_id)
+        return exit_from_inspect(inspect)
+
+    async def _remove_parent_cgroups(self, container_id: str) -> None:
+        """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
+        for _ in range(50):
+            if not names.remove_parent_cgroups(self._cgroups_root, container_id):
+                return
+            await asyncio.sleep(0.02)
+        log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)
+
+    # ---- update and usage ----
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        fields = resource_fields(resources, enable_cfs=self._enable_cfs)
+        if fields:
+            for warning in await self._engine.update(tracked.handle.docker_id, fields):
+                log.warning("docker update of %s: %s", container_id, warning)
+
+    async def usage(self, container_id: str) -> Statistics:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        if self._hierarchies is None:
+            self._hierarchies = container_cgroups(
+                cgroups_root=self._cgroups_root, hierarchy_override=self._hierarchy_override
+            ).hierarchies
+        return read_statistics(names.cgroup_dirs(self._hierarchies, tracked.handle.cgroup))
+
+    # ---- recovery ----
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        for entry in checkpointed:
+            if entry.handle:
+                handle = DockerHandle.from_json(entry.handle)
+                self._tracked[entry.spec.container_id] = _Tracked(handle)
+        try:
+            await self._follower.start()
+            containers = await self._engine.owned_containers(f"{names.LABEL_OWNER}={self._owner}")
+        except Unavailable as exc:
+            log.warning("docker: cannot recover now (%s); waits retry until dockerd is back", exc)
+            return
+        for container in containers:
+            cid = (container.get("Labels") or {}).get(names.LABEL_CONTAINER_ID, "")
+            tracked = self._tracked.get(cid)
+            if tracked is not None and tracked.handle.docker_id == container["Id"]:
+                continue  # re-attached
+            if tracked is None and cid in known_ids:
+                continue  # a terminated or half-launched record: the core destroys it
+            log.info("docker: removing orphan container %s (%s)", container["Id"][:12], cid)
+            with contextlib.suppress(ContainerizerError):
+                await self._remove(str(container["Id"]), cid, copy_logs=False)
+                if cid and cid not in known_ids:
+                    await self._remove_parent_cgroups(cid)
+
+    async def close(self) -> None:
+        self._follower.stop()
+        await self._engine.close()
+
+
+def _sandbox_of(inspect: Inspect) -> Path | None:
+    """The host directory mounted at /mnt/mesos/sandbox: the container says where its output
+    goes, so destroy needs nothing but the container, even after our restart."""
+    for mount in inspect.get("Mounts") or []:
+        if mount.get("Destination") == names.SANDBOX_MOUNT and mount.get("Source"):
+            return Path(mount["Source"])
+    return None

@@ -1,0 +1,127 @@
+"""One Docker container of ours: what re-attaches to it after a restart, and where its cgroups are.
+
+Naming and ownership. A container is created with two labels: our container id, and the state
+directory of the service that owns it (two services may share one dockerd; each recovers and
+removes only its own). Its name, `ctz-<owner tag>-<container id>`, is deterministic, so a
+container whose launch was interrupted before its id was checkpointed is still found.
+
+Cgroups. With Docker's cgroupfs driver a container with `CgroupParent=P` lives in `P/<docker id>`
+in every hierarchy. We use `P = /<cgroups_root>/<container id>`: the per-container directory every
+runtime of this project uses, so the native runtime's orphan sweep (which removes unknown ids
+under `<cgroups_root>`) never mistakes a Docker container for an orphan. Docker removes its leaf
+when the container stops but leaves `P` in every hierarchy; `remove_parent_cgroups` removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from isolators.cgroups.hierarchy import MOUNTINFO, Hierarchies
+from isolators.registry import ACCOUNTED_CONTROLLERS
+
+LABEL_CONTAINER_ID = "org.containerizer.container-id"
+LABEL_OWNER = "org.containerizer.state-dir"
+SANDBOX_MOUNT = "/mnt/mesos/sandbox"  # Mesos' DockerContainerizer convention
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class DockerHandle:
+    """Checkpointed at launch; enough to wait on, measure and remove the container again."""
+
+    docker_id: str
+    name: str
+    # The container's cgroup path relative to each hierarchy's mount, e.g.
+    # "/containerizer/web-1/<docker id>": as the kernel reported it for the container's init.
+    cgroup: str
+    image: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DockerHandle:
+        return cls(
+            docker_id=str(data["docker_id"]),
+            name=str(data["name"]),
+            cgroup=str(data["cgroup"]),
+            image=str(data["image"]),
+        )
+
+
+def owner_tag(state_dir: str) -> str:
+    """A short stable tag of the owning service, for container names."""
+    return hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+
+
+def container_name(owner: str, container_id: str) -> str:
+    """Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]+; validated container ids are a subset."""
+    return f"ctz-{owner_tag(owner)}-{container_id}"
+
+
+def cgroup_parent(cgroups_root: str, container_id: str) -> str:
+    return f"/{cgroups_root}/{container_id}"
+
+
+def cgroup_of_process(pid: int) -> str | None:
+    """The memory (v1) or unified (v2) cgroup path of a process, from /proc/<pid>/cgroup; None
+    once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    unified = None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+        if controllers == "":
+            unified = path
+    return unified
+
+
+def cgroup_dirs(hierarchies: Hierarchies, relative: str) -> list[Path]:
+    """The container's directory in each accounted controller (one on v2), existing or not."""
+    dirs: list[Path] = []
+    for controller in ACCOUNTED_CONTROLLERS:
+        if hierarchies.has(controller):
+            candidate = hierarchies.mounts[controller] / relative.lstrip("/")
+            if candidate not in dirs:
+                dirs.append(candidate)
+    return dirs
+
+
+def cgroup_mount_points(mountinfo: Path = MOUNTINFO) -> list[Path]:
+    """Every cgroup and cgroup2 mount, named hierarchies (name=systemd) included: Docker creates
+    the parent directory in all of them."""
+    points: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in mountinfo.read_text().splitlines():
+            before, sep, after = line.partition(" - ")
+            fields = before.split()
+            if sep and len(fields) >= 5 and after.split()[:1] in (["cgroup"], ["cgroup2"]):
+                point = Path(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
+                if point not in points:
+                    points.append(point)
+    return points
+
+
+def remove_parent_cgroups(cgroups_root: str, container_id: str) -> list[Path]:
+    """rmdir `<mount>/<cgroups_root>/<container id>` in every hierarchy; return those that
+    remain (still holding a container's leaf, i.e. the container is not gone yet)."""
+    remaining: list[Path] = []
+    relative = cgroup_parent(cgroups_root, container_id).lstrip("/")
+    for mount in cgroup_mount_points():
+        directory = mount / relative
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            remaining.append(directory)
+    return remaining

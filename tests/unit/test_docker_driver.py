@@ -1,0 +1,244 @@
+"""The docker driver's translation, without a daemon: exits, limits, container config, image
+references, names and cgroup paths, config errors, and an unreachable daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.config import AgentConfig, NetworkOptions, parse_config
+from adapter.drivers.docker.client import DockerEngine
+from adapter.drivers.docker.driver import DockerDriver, exit_from_inspect, resource_fields
+from adapter.drivers.docker.handle import (
+    LABEL_CONTAINER_ID,
+    LABEL_OWNER,
+    DockerHandle,
+    cgroup_dirs,
+    cgroup_mount_points,
+    container_name,
+)
+from adapter.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from adapter.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
+from isolators.cgroups.hierarchy import Hierarchies
+
+MIB = 1024 * 1024
+
+
+def inspect(code: int, oom: bool = False, error: str = "") -> dict[str, Any]:
+    state = {"Status": "exited", "ExitCode": code, "OOMKilled": oom, "Error": error}
+    return {"State": state, "HostConfig": {"Memory": 64 * MIB}}
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code", "signal"),
+    [
+        (0, 0, None),
+        (3, 3, None),
+        (128, 128, None),
+        (137, None, 9),
+        (143, None, 15),
+        (255, 255, None),
+    ],
+)
+def test_exit_codes_and_signal_deaths(code: int, exit_code: int | None, signal: int | None) -> None:
+    exit_ = exit_from_inspect(inspect(code))
+    assert (exit_.exit_code, exit_.signal, exit_.limitation) == (exit_code, signal, None)
+
+
+def test_oom_killed_is_a_memory_limitation() -> None:
+    exit_ = exit_from_inspect(inspect(137, oom=True))
+    assert exit_.limitation == "mem" and exit_.signal == 9
+    assert str(64 * MIB) in exit_.limitation_message
+
+
+def test_daemon_error_becomes_the_message() -> None:
+    assert exit_from_inspect(inspect(127, error="exec failed")).message == "exec failed"
+
+
+def test_limits_use_the_mesos_arithmetic() -> None:
+    resources = Resources(cpus=0.25, mem_mib=10, pids=20)
+    assert resource_fields(resources, enable_cfs=False) == {
+        "CpuShares": 256,
+        "Memory": 32 * MIB,  # the 32 MiB floor
+        "MemorySwap": 32 * MIB,
+        "MemoryReservation": 32 * MIB,
+        "PidsLimit": 20,
+    }
+    with_cfs = resource_fields(Resources(cpus=0.005), enable_cfs=True)
+    assert with_cfs == {"CpuShares": 5, "CpuPeriod": 100_000, "CpuQuota": 1_000}
+    assert resource_fields(Resources(), enable_cfs=True) == {}
+
+
+def driver(tmp_path: Path, *, allow_host: bool = True, **options: Any) -> DockerDriver:
+    config = AgentConfig(
+        state_dir=tmp_path,
+        cgroups_root="ctz",
+        network=NetworkOptions(allow_host=allow_host),
+        runtimes={"docker": options},
+    )
+    return DockerDriver(config, options)
+
+
+def spec(**overrides: Any) -> LaunchSpec:
+    values: dict[str, Any] = {
+        "container_id": "web-1",
+        "command": Command(shell="echo hi", environment=(("A", "b=c"),)),
+        "resources": Resources(cpus=1, mem_mib=64),
+        "runtime": "docker",
+        "sandbox": "/srv/sand:box",
+        "image": "busybox",
+        "labels": (("team", "x"), (LABEL_OWNER, "forged")),
+    }
+    values.update(overrides)
+    return LaunchSpec(**values)
+
+
+def test_container_config(tmp_path: Path) -> None:
+    config = driver(tmp_path)._container_config(spec(), "busybox", "none")
+    assert (config["entrypoint"], config["command"]) == (["/bin/sh"], ["-c", "echo hi"])
+    assert config["environment"] == ["A=b=c", "MESOS_SANDBOX=/mnt/mesos/sandbox"]
+    assert config["working_dir"] == "/mnt/mesos/sandbox"
+    assert config["labels"] == {
+        "team": "x",
+        LABEL_CONTAINER_ID: "web-1",
+        LABEL_OWNER: str(tmp_path),  # ours win over a forged one
+    }
+    host = config["host_config"]
+    assert host["Mounts"] == [
+        {"Type": "bind", "Source": "/srv/sand:box", "Target": "/mnt/mesos/sandbox"}
+    ]
+    assert host["CgroupParent"] == "/ctz/web-1"
+    assert (host["CpuShares"], host["Memory"], host["NetworkMode"]) == (1024, 64 * MIB, "none")
+    assert host["Init"] is True and host["LogConfig"]["Type"] == "json-file"
+
+
+def test_argv_keeps_its_words(tmp_path: Path) -> None:
+    command = Command(argv=("/bin/echo", "a b", "$HOME"), working_dir="/tmp")
+    config = driver(tmp_path)._container_config(spec(command=command), "busybox", "none")
+    assert (config["entrypoint"], config["command"]) == (["/bin/echo"], ["a b", "$HOME"])
+    assert config["working_dir"] == "/tmp"
+
+
+def test_network_modes(tmp_path: Path) -> None:
+    assert driver(tmp_path)._network_mode(spec()) == "none"
+    assert driver(tmp_path)._network_mode(spec(network=NetworkSettings("host"))) == "host"
+    with pytest.raises(FailedPrecondition, match="'host' is not available"):
+        driver(tmp_path, allow_host=False)._network_mode(spec(network=NetworkSettings("host")))
+    with pytest.raises(FailedPrecondition, match="'bridge'"):
+        driver(tmp_path)._network_mode(spec(network=NetworkSettings("bridge")))
+    mapped = NetworkSettings("none", (PortMapping(8080, 80),))
+    with pytest.raises(FailedPrecondition, match="port mappings"):
+        driver(tmp_path)._network_mode(spec(network=mapped))
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [({"endpoint": "/var/run/docker.sock"}, "endpoint"), ({"registry": "http://x"}, "registry")],
+)
+def test_bad_options_name_the_key(tmp_path: Path, options: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"runtimes.docker.{key}"):
+        driver(tmp_path, **options)
+
+
+def test_config_schema_accepts_the_docker_table() -> None:
+    raw = {
+        "default_runtime": "docker",
+        "runtimes": {"docker": {"endpoint": "unix:///run/d.sock", "registry": "127.0.0.1:5000"}},
+    }
+    assert parse_config(raw).runtimes["docker"]["registry"] == "127.0.0.1:5000"
+    with pytest.raises(ConfigError, match=r"runtimes\.docker\.socket"):
+        parse_config({"runtimes": {"docker": {"socket": "/x"}}})
+
+
+class FakeImages:
+    """The two engine calls image resolution makes; records pulls."""
+
+    where = "/run/fake-docker.sock"
+
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+        self.pulled: list[str] = []
+
+    async def has_image(self, reference: str) -> bool:
+        return reference in self.present
+
+    async def pull(self, reference: str, error: type[Exception]) -> None:
+        self.pulled.append(reference)
+
+
+@pytest.mark.parametrize(
+    ("reference", "pulled"),
+    [
+        ("busybox", "127.0.0.1:5000/busybox:latest"),
+        ("ctz/busybox:1", "127.0.0.1:5000/ctz/busybox:1"),
+        ("127.0.0.1:5000/ctz/busybox:2", "127.0.0.1:5000/ctz/busybox:2"),
+        ("app@sha256:" + "a" * 64, "127.0.0.1:5000/app@sha256:" + "a" * 64),
+    ],
+)
+async def test_missing_images_come_from_the_configured_registry(
+    tmp_path: Path, reference: str, pulled: str
+) -> None:
+    subject = driver(tmp_path, registry="127.0.0.1:5000")
+    subject._engine = FakeImages(set())  # type: ignore[assignment]
+    assert await subject._ensure_image(reference) == pulled
+    assert subject._engine.pulled == [pulled]  # type: ignore[attr-defined]
+
+
+async def test_present_images_are_not_pulled_and_other_registries_are_refused(
+    tmp_path: Path,
+) -> None:
+    subject = driver(tmp_path, registry="127.0.0.1:5000")
+    subject._engine = FakeImages({"local:1"})  # type: ignore[assignment]
+    assert await subject._ensure_image("local:1") == "local:1"
+    with pytest.raises(NotFound, match="only from the configured registry"):
+        await subject._ensure_image("quay.io/app:1")
+    unconfigured = driver(tmp_path)
+    unconfigured._engine = FakeImages(set())  # type: ignore[assignment]
+    with pytest.raises(NotFound, match=r"no runtimes\.docker\.registry"):
+        await unconfigured._ensure_image("busybox")
+
+
+async def test_unreachable_daemon_is_unavailable_naming_the_socket(tmp_path: Path) -> None:
+    engine = DockerEngine(f"unix://{tmp_path}/missing.sock")
+    try:
+        with pytest.raises(Unavailable, match=f"{tmp_path}/missing.sock"):
+            await engine.version()
+    finally:
+        await engine.close()
+
+
+def test_handle_round_trip_and_names() -> None:
+    handle = DockerHandle("abc", "ctz-x-web-1", "/ctz/web-1/abc", "busybox")
+    assert DockerHandle.from_json(handle.to_json()) == handle
+    name = container_name("/var/lib/containerizer", "web-1")
+    assert name.startswith("ctz-") and name.endswith("-web-1")
+    assert container_name("/other/state", "web-1") != name
+
+
+def test_cgroup_mount_points_include_named_hierarchies(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+        "40 31 0:37 / /sys/fs/cgroup/sys\\040temd rw - cgroup cgroup rw,name=systemd\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+        "22 1 8:1 / / rw - ext4 /dev/root rw\n"
+    )
+    assert cgroup_mount_points(mountinfo) == [
+        Path("/sys/fs/cgroup/cpu"),
+        Path("/sys/fs/cgroup/sys temd"),
+        Path("/sys/fs/cgroup/unified"),
+    ]
+
+
+def test_cgroup_dirs_per_controller() -> None:
+    mounts = {c: Path(f"/cg/{c}") for c in ("cpu", "cpuacct", "memory", "devices")}
+    hierarchies = Hierarchies(version=1, cgroups_root="ctz", mounts=mounts)
+    assert cgroup_dirs(hierarchies, "/ctz/web-1/abc") == [
+        Path("/cg/cpu/ctz/web-1/abc"),
+        Path("/cg/cpuacct/ctz/web-1/abc"),
+        Path("/cg/memory/ctz/web-1/abc"),
+    ]
+    unified = Hierarchies(version=2, cgroups_root="ctz", mounts=dict.fromkeys(mounts, Path("/u")))
+    assert cgroup_dirs(unified, "/ctz/web-1/abc") == [Path("/u/ctz/web-1/abc")]
