@@ -26,14 +26,23 @@ KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "p
 # Per-runtime tables: key -> expected Python type. A runtime is usable once its driver exists.
 RUNTIME_KEYS: dict[str, dict[str, type]] = {
     "native": {"supervisor": str, "namespaces": bool},
-    "lxc": {"supervisor": str, "network": str, "network_link": str},
-    "docker": {"endpoint": str, "registry": str},
     "containerd": {
         "address": str,
         "namespace": str,
         "runtime": str,
         "runtime_binary": str,  # e.g. "crun": the runc shim runs this OCI runtime instead
         "snapshotter": str,
+    },
+    "lxc": {"supervisor": str, "network": str, "network_link": str},
+    "docker": {"endpoint": str, "registry": str},
+    "libvirt": {
+        "uri": str,  # default qemu:///system
+        "virt_type": str,  # auto (probe) | kvm | qemu (TCG)
+        "kernel": str,  # default <state_dir>/libvirt/kernel/vmlinuz (deploy/vm-kernel.sh)
+        "machine": str,  # QEMU machine type, default "pc"
+        "busybox": str,  # the guest's userland, default /bin/busybox (busybox-static)
+        "kvm_probe_timeout": float,  # seconds a KVM guest may take to boot in the probe
+        "memory_mib": int,  # guest RAM when a launch asks for no mem
     },
 }
 

@@ -17,6 +17,8 @@ debian_packages=(
   lxc                           # the lxc runtime
   containerd runc crun          # the containerd runtime
   docker.io                     # the docker runtime (Docker Engine)
+  libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86  # the libvirt runtime
+  libvirt-dev pkg-config        # to build libvirt-python
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev  # its API's .proto files
   nftables                      # port mappings of the bridge network
   docker-registry               # the local registry images are pulled from in tests
@@ -63,5 +65,8 @@ cc -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor \
 # static binary need its shared NSS modules; --user by name inside an image uses the image's.)
 cc -static -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor-static \
   supervisor/containerizer-supervisor.c 2> >(grep -v -e 'statically linked' -e 'in function' >&2)
+
+# The libvirt runtime boots guests on Debian's cloud kernel; fetched, never installed.
+deploy/vm-kernel.sh "${CONTAINERIZER_VM_KERNEL_DIR:-/var/lib/containerizer/libvirt/kernel}"
 
 echo "==> installed: $repo/.venv/bin/containerizer"

@@ -4,7 +4,9 @@
 # and unpacked with `dpkg-deb -x` — never installed, so the host's own kernel and boot loader are
 # untouched. Idempotent: a kernel already in place for the current package version is kept.
 #
-#   deploy/vm-kernel.sh DIR      ->  DIR/vmlinuz (symlink to the versioned file) and DIR/VERSION
+#   deploy/vm-kernel.sh DIR  ->  DIR/vmlinuz (symlink to the versioned file), DIR/VERSION and
+#                                DIR/modules/*.ko: the few modules the guest init loads (the ACPI
+#                                power button and evdev, so an ACPI shutdown reaches the guest)
 set -euo pipefail
 
 target=${1:?usage: vm-kernel.sh DIRECTORY}
@@ -22,7 +24,7 @@ version=${image_package#linux-image-}
 
 mkdir -p "$target"
 if [ -f "$target/VERSION" ] && [ "$(cat "$target/VERSION")" = "$version" ] \
-  && [ -s "$target/vmlinuz-$version" ]; then
+  && [ -s "$target/vmlinuz-$version" ] && [ -d "$target/modules" ]; then
   echo "==> guest kernel $version already in $target"
   exit 0
 fi
@@ -37,6 +39,12 @@ install -m 0644 "$work/root/boot/vmlinuz-$version" "$target/vmlinuz-$version.tmp
 if [ -f "$work/root/boot/config-$version" ]; then
   install -m 0644 "$work/root/boot/config-$version" "$target/config-$version"
 fi
+modules="$work/root/lib/modules/$version/kernel/drivers"
+rm -rf "$target/modules.tmp" && mkdir "$target/modules.tmp"
+for module in acpi/button.ko input/evdev.ko; do
+  install -m 0644 "$modules/$module" "$target/modules.tmp/"
+done
+rm -rf "$target/modules" && mv "$target/modules.tmp" "$target/modules"
 mv -f "$target/vmlinuz-$version.tmp" "$target/vmlinuz-$version"
 ln -sfn "vmlinuz-$version" "$target/vmlinuz"
 echo "$version" > "$target/VERSION.tmp" && mv -f "$target/VERSION.tmp" "$target/VERSION"

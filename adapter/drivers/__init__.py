@@ -27,4 +27,8 @@ def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Dri
         from adapter.drivers.containerd.driver import ContainerdDriver
 
         return ContainerdDriver(config, options)
+    if name == "libvirt":
+        from adapter.drivers.libvirt.driver import LibvirtDriver
+
+        return LibvirtDriver(config, options)
     raise ValueError(f"no driver for runtime {name!r}")

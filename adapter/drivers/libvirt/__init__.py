@@ -1,0 +1,1 @@
+"""The libvirt runtime: commands in QEMU/KVM guests, and long-running disk-image guests."""

@@ -1,0 +1,531 @@
+"""The libvirt runtime ("libvirt"): each container is a transient QEMU/KVM domain whose init runs
+the command and powers off.
+
+Launch builds the container's initrd (initramfs.py), the domain XML (domain.py) and starts it in
+the resource partition `/<cgroups_root>`, so QEMU lands in cgroups the shared accounting reader
+can read; the real directories are taken from QEMU's /proc/<pid>/cgroup and kept in the handle.
+The end of a guest arrives as a libvirt lifecycle event through libvirt's asyncio event-loop
+integration (libvirtaio); its exit status is what the guest wrote to a serial port, a file QEMU
+writes, so it survives a crash of this service. Every libvirt call that talks to the daemon runs
+in a worker thread: they block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt  # type: ignore[import-untyped]
+import libvirtaio  # type: ignore[import-untyped]
+import psutil
+
+from adapter.config import AgentConfig
+from adapter.drivers.base import Checkpointed, Launched
+from adapter.drivers.libvirt import domain, kvm
+from adapter.drivers.libvirt.handle import GuestHandle
+from adapter.drivers.libvirt.initramfs import (
+    STATUS_PORT,
+    GuestCommand,
+    base_initramfs,
+    write_container_initramfs,
+)
+from adapter.drivers.libvirt.state import Guest, Guests
+from adapter.errors import (
+    ConfigError,
+    ContainerizerError,
+    FailedPrecondition,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
+from adapter.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import cpu_shares
+from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_MEMORY_MIB = 256
+MIN_GUEST_MEMORY_MIB = 64  # below this the cloud kernel does not unpack its initramfs
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+STOP_TIMEOUT = 30.0
+RECONNECT_INTERVAL = 1.0
+_event_loop: list[asyncio.AbstractEventLoop] = []  # libvirt takes one event loop per process
+
+
+@dataclass(frozen=True)
+class LibvirtOptions:
+    uri: str
+    virt_type: str
+    kernel: Path
+    machine: str
+    busybox: Path
+    kvm_probe_timeout: float
+    memory_mib: int
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], state_dir: Path) -> LibvirtOptions:
+        virt_type = options.get("virt_type", "auto")
+        if virt_type not in kvm.VIRT_TYPES:
+            raise ConfigError(
+                f"runtimes.libvirt.virt_type: expected one of {list(kvm.VIRT_TYPES)},"
+                f" got {virt_type!r}"
+            )
+        memory = options.get("memory_mib", DEFAULT_MEMORY_MIB)
+        if memory < MIN_GUEST_MEMORY_MIB:
+            raise ConfigError(f"runtimes.libvirt.memory_mib: at least {MIN_GUEST_MEMORY_MIB}")
+        return cls(
+            uri=options.get("uri", "qemu:///system"),
+            virt_type=virt_type,
+            kernel=Path(options.get("kernel", state_dir / "libvirt" / "kernel" / "vmlinuz")),
+            machine=options.get("machine", "pc"),
+            busybox=Path(options.get("busybox", "/bin/busybox")),
+            kvm_probe_timeout=float(options.get("kvm_probe_timeout", 10.0)),
+            memory_mib=int(memory),
+        )
+
+
+def _register_event_loop() -> None:
+    """libvirt dispatches events (and keepalives) through one event loop per process: ours."""
+    loop = asyncio.get_running_loop()
+    if not _event_loop:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        _event_loop.append(loop)
+    elif _event_loop[0] is not loop:
+        raise Unavailable("libvirt's event loop is bound to another asyncio loop")
+
+
+def _libvirt_error(exc: Exception, code: int) -> bool:
+    return isinstance(exc, libvirt.libvirtError) and exc.get_error_code() == code
+
+
+class LibvirtDriver:
+    name = "libvirt"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        self._options = LibvirtOptions.parse(options, config.state_dir)
+        self._owner = str(config.state_dir)
+        self._base_dir = config.state_dir / "libvirt"
+        self._run_root = self._base_dir / "run"
+        self._partition = "/" + config.cgroups_root.strip("/")
+        self._guests = Guests()
+        self._conn: Any = None
+        self._connect_lock = asyncio.Lock()
+        self._partition_lock = asyncio.Lock()
+        self._choice: kvm.VirtChoice | None = None
+        self._choice_lock = asyncio.Lock()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- connection and events ----
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """A blocking libvirt call in a worker thread, its errors as ours."""
+        try:
+            return await asyncio.to_thread(function, *args)
+        except libvirt.libvirtError as exc:
+            raise Unavailable(f"libvirt at {self._options.uri}: {exc.get_error_message()}") from exc
+
+    async def _connection(self) -> Any:
+        async with self._connect_lock:
+            if self._conn is None:
+                _register_event_loop()
+                conn = await self._call(libvirt.open, self._options.uri)
+                await self._call(
+                    conn.domainEventRegisterAny,
+                    None,
+                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    self._on_lifecycle,
+                    None,
+                )
+                await self._call(conn.registerCloseCallback, self._on_close, None)
+                await self._call(conn.setKeepAlive, 5, 3)
+                self._conn = conn
+                await self._resync()
+            return self._conn
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            return
+        guest = self._guests.by_domain(dom.name())
+        if guest is not None:
+            asyncio.get_running_loop().call_soon(guest.resolve, "stopped")
+
+    def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
+        """libvirtd went away: reconnect, then look for guests that stopped meanwhile."""
+        self._conn = None
+        if not self._closed and (self._reconnect_task is None or self._reconnect_task.done()):
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while not self._closed:
+            try:
+                await self._connection()
+                return
+            except ContainerizerError as exc:
+                log.warning("libvirt: reconnect failed: %s", exc)
+                await asyncio.sleep(RECONNECT_INTERVAL)
+
+    async def _resync(self) -> None:
+        """Resolve every watched guest whose domain is gone (stopped while nobody listened)."""
+        for _, guest in self._guests.items():
+            if guest.stopped.done():
+                continue
+            try:
+                dom = await asyncio.to_thread(
+                    self._conn.lookupByUUIDString, guest.handle.domain_uuid
+                )
+                active = await asyncio.to_thread(dom.isActive)
+            except libvirt.libvirtError as exc:
+                if not _libvirt_error(exc, libvirt.VIR_ERR_NO_DOMAIN):
+                    raise Unavailable(f"libvirt: {exc.get_error_message()}") from exc
+                active = False
+            if not active:
+                guest.resolve("stopped")
+
+    # ---- configuration checks ----
+
+    async def _base_initramfs(self) -> Path:
+        modules = self._options.kernel.parent / "modules"
+        return await base_initramfs(self._base_dir / "initramfs", self._options.busybox, modules)
+
+    async def _virt_choice(self) -> kvm.VirtChoice:
+        async with self._choice_lock:
+            if self._choice is None:
+                if not self._options.kernel.is_file():
+                    raise FailedPrecondition(
+                        f"libvirt: guest kernel {self._options.kernel} is missing; run"
+                        f" deploy/vm-kernel.sh {self._options.kernel.parent}"
+                    )
+                self._choice = await kvm.choose_virt_type(
+                    self._options.virt_type,
+                    kernel=self._options.kernel,
+                    base_initramfs=await self._base_initramfs(),
+                    cache=self._base_dir / "virt-type.json",
+                    timeout=self._options.kvm_probe_timeout,
+                )
+                log.info("libvirt: domain type %s (%s)", *self._choice.__dict__.values())
+            return self._choice
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(live_update=True, pid_namespace=True, recover=True)
+        try:
+            conn = await asyncio.wait_for(self._connection(), 15)
+            choice = await self._virt_choice()
+            libvirt_version = await self._call(conn.getLibVersion)
+            qemu_version = await self._call(conn.getVersion)
+        except (ContainerizerError, TimeoutError) as exc:
+            return Fingerprint(self.name, "", False, str(exc) or "timed out", capabilities)
+        version = _version(libvirt_version)
+        message = (
+            f"virt_type={choice.virt_type} ({choice.reason}); libvirt {version},"
+            f" qemu {_version(qemu_version)}; {self._options.uri}"
+        )
+        return Fingerprint(self.name, version, True, message, capabilities)
+
+    # ---- lifecycle ----
+
+    def _shape(self, spec: LaunchSpec) -> tuple[int, int, tuple[str, ...]]:
+        """Guest RAM (MiB) and vCPUs from the resources, and what was adjusted."""
+        warnings: list[str] = []
+        memory = self._options.memory_mib
+        if spec.resources.mem_mib is not None:
+            memory = math.ceil(spec.resources.mem_mib)
+            if memory < MIN_GUEST_MEMORY_MIB:
+                warnings.append(
+                    f"guest RAM raised from {memory} MiB to the minimum of"
+                    f" {MIN_GUEST_MEMORY_MIB} MiB"
+                )
+                memory = MIN_GUEST_MEMORY_MIB
+        vcpus = max(1, math.ceil(spec.resources.cpus or 1))
+        if spec.command.user:
+            warnings.append(f"user {spec.command.user!r} ignored: the guest runs as root")
+        return memory, vcpus, tuple(warnings)
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        conn = await self._connection()
+        choice = await self._virt_choice()
+        memory, vcpus, warnings = self._shape(spec)
+        run_dir = self._run_root / cid
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, mode=0o700)
+        handle = GuestHandle(
+            domain_name=domain.domain_name(cid),
+            domain_uuid=str(uuid.uuid4()),
+            run_dir=str(run_dir),
+            status_path=str(run_dir / f"ttyS{STATUS_PORT}"),
+            console_path=str(run_dir / "console"),
+            virt_type=choice.virt_type,
+        )
+        guest = Guest(handle, asyncio.get_running_loop().create_future(), memory, vcpus)
+        self._guests.add(cid, guest)
+        try:
+            xml = await self._prepare(spec, handle, guest)
+            async with self._partition_lock:
+                self._ensure_partition()
+                await self._call(conn.createXML, xml, 0)
+            guest.handle = _attach_qemu(handle)
+        except ContainerizerError as exc:
+            await self.destroy(cid)
+            if isinstance(exc, Unavailable | FailedPrecondition):
+                raise
+            raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
+        except BaseException:
+            await self.destroy(cid)
+            raise
+        return Launched(guest.handle.to_json(), guest.handle.qemu_pid, warnings)
+
+    async def _prepare(self, spec: LaunchSpec, handle: GuestHandle, guest: Guest) -> str:
+        """Write the container's initrd; return its domain XML."""
+        run_dir = Path(handle.run_dir)
+        command = GuestCommand(
+            argv=tuple(spec.command.resolved_argv()),
+            environment=tuple(f"{name}={value}" for name, value in spec.command.environment),
+            working_dir=spec.command.working_dir,
+        )
+        write_container_initramfs(await self._base_initramfs(), command, run_dir / "initrd")
+        sandbox = Path(spec.sandbox)
+        return domain.domain_xml(
+            domain.DomainSpec(
+                name=handle.domain_name,
+                uuid=handle.domain_uuid,
+                virt_type=handle.virt_type,
+                machine=self._options.machine,
+                memory_mib=guest.memory_mib,
+                vcpus=guest.vcpus,
+                cpu_shares=cpu_shares(spec.resources.cpus or 1.0),
+                partition=self._partition,
+                kernel=str(self._options.kernel.resolve()),
+                initrd=str(run_dir / "initrd"),
+                cmdline=KERNEL_CMDLINE,
+                serial=domain.SerialFiles(
+                    console=handle.console_path,
+                    stdout=str(sandbox / "stdout"),
+                    stderr=str(sandbox / "stderr"),
+                    status=handle.status_path,
+                ),
+                metadata=domain.Metadata(
+                    container_id=spec.container_id,
+                    sandbox=spec.sandbox,
+                    status_path=handle.status_path,
+                    run_dir=handle.run_dir,
+                    owner=self._owner,
+                    labels=spec.labels,
+                ),
+            )
+        )
+
+    def _partition_dirs(self) -> list[Path]:
+        """libvirt maps partition /a/b to `<mount>/a.partition/b.partition` in every cgroup
+        hierarchy it uses (here: each v1 controller and the unified mount)."""
+        mounts = parse_mountinfo(MOUNTINFO.read_text())
+        relative = Path(*(f"{part}.partition" for part in self._partition.strip("/").split("/")))
+        roots = dict.fromkeys([*mounts.v1.values(), *([mounts.v2] if mounts.v2 else [])])
+        return [root / relative for root in roots]
+
+    def _ensure_partition(self) -> None:
+        for directory in self._partition_dirs():
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FailedPrecondition(f"libvirt: cannot create {directory}: {exc}") from exc
+
+    async def _release_partition(self) -> None:
+        """Remove the partition once no guest of ours is left in it (others keep it busy)."""
+        async with self._partition_lock:
+            if self._guests.items():
+                return
+            for directory in reversed(self._partition_dirs()):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+    async def wait(self, container_id: str) -> Exit:
+        guest = self._guests.get(container_id)
+        if guest is None:
+            return Exit(lost=True, message="the libvirt runtime has no record of this guest")
+        return await asyncio.shield(guest.stopped)
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        """SIGTERM presses the ACPI power button (the guest's init passes it on as SIGTERM);
+        SIGKILL pulls the plug. Other signals have no meaning for a virtual machine."""
+        guest = self._guests.get(container_id)
+        if guest is None or guest.stopped.done():
+            raise NotFound(f"libvirt runtime: no running guest {container_id!r}")
+        if signal not in (15, 9):
+            raise FailedPrecondition(
+                f"libvirt runtime: signal {signal} cannot be delivered to a guest;"
+                " use 15 (ACPI shutdown) or 9 (destroy)"
+            )
+        guest.kill_signal = signal
+        await self._stop_domain(guest.handle.domain_name, graceful=signal == 15)
+
+    async def _stop_domain(self, name: str, *, graceful: bool) -> None:
+        conn = await self._connection()
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, name)
+            if graceful:
+                flags = libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+                await asyncio.to_thread(dom.shutdownFlags, flags)
+            else:
+                await asyncio.to_thread(dom.destroy)
+        except libvirt.libvirtError as exc:
+            gone = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+            if exc.get_error_code() not in gone:
+                raise Unavailable(f"libvirt: {name}: {exc.get_error_message()}") from exc
+
+    async def destroy(self, container_id: str) -> None:
+        guest = self._guests.get(container_id)
+        name = domain.domain_name(container_id)
+        if guest is not None:
+            if not guest.stopped.done():
+                guest.kill_signal = 9
+                await self._stop_domain(name, graceful=False)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(guest.stopped), STOP_TIMEOUT)
+                guest.resolve("was destroyed")  # no event (e.g. never started): settle it
+        elif await self._owned_domain(name):
+            await self._stop_domain(name, graceful=False)
+        run_dir = self._run_root / container_id
+        if guest is not None:
+            run_dir = Path(guest.handle.run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self._guests.pop(container_id)
+        await self._release_partition()
+
+    async def _owned_domain(self, name: str) -> bool:
+        """Whether a running domain of that name is ours (libvirtd may be shared)."""
+        conn = await self._connection()
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, name)
+            text = await asyncio.to_thread(
+                dom.metadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain.METADATA_NAMESPACE
+            )
+        except libvirt.libvirtError:
+            return False
+        try:
+            return domain.parse_metadata(text).owner == self._owner
+        except ValueError:
+            return False
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        """CPU shares change live; guest RAM and vCPUs are fixed at boot."""
+        guest = self._guests.get(container_id)
+        if guest is None or guest.stopped.done():
+            raise NotFound(f"libvirt runtime: no running guest {container_id!r}")
+        if resources.mem_mib is not None and math.ceil(resources.mem_mib) != guest.memory_mib:
+            raise FailedPrecondition(
+                f"libvirt runtime: guest RAM is fixed at boot ({guest.memory_mib} MiB)"
+            )
+        if resources.cpus is None:
+            return
+        conn = await self._connection()
+        dom = await self._call(conn.lookupByUUIDString, guest.handle.domain_uuid)
+        shares = {"cpu_shares": cpu_shares(resources.cpus)}
+        await self._call(dom.setSchedulerParametersFlags, shares, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    async def usage(self, container_id: str) -> Statistics:
+        """The domain's cgroups through the shared reader, completed by libvirt: CPU time of
+        the whole QEMU process (its cpuacct cgroup may not be placed), RSS and guest RAM."""
+        guest = self._guests.get(container_id)
+        if guest is None:
+            raise NotFound(f"libvirt runtime: no guest {container_id!r}")
+        statistics = read_statistics(Path(d) for d in guest.handle.cgroup_dirs)
+        conn = await self._connection()
+        try:
+            dom = await asyncio.to_thread(conn.lookupByUUIDString, guest.handle.domain_uuid)
+            cpu = (await asyncio.to_thread(dom.getCPUStats, True))[0]
+            memory = await asyncio.to_thread(dom.memoryStats)
+        except libvirt.libvirtError as exc:
+            raise NotFound(f"libvirt runtime: {exc.get_error_message()}") from exc
+        if "user_time" in cpu:
+            statistics["cpus_user_time_secs"] = cpu["user_time"] / 1e9
+            statistics["cpus_system_time_secs"] = cpu.get("system_time", 0) / 1e9
+        if "rss" in memory:
+            statistics.setdefault("mem_rss_bytes", memory["rss"] * 1024)
+        statistics.setdefault("mem_limit_bytes", guest.memory_mib * 1024 * 1024)
+        return statistics
+
+    # ---- recovery ----
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        loop = asyncio.get_running_loop()
+        for entry in checkpointed:
+            if not entry.handle:
+                continue
+            memory, vcpus, _ = self._shape(entry.spec)
+            handle = GuestHandle.from_json(entry.handle)
+            self._guests.add(
+                entry.spec.container_id, Guest(handle, loop.create_future(), memory, vcpus)
+            )
+        try:
+            await self._connection()  # resyncs: guests that ended while we were down resolve
+            await self._remove_orphan_domains(known_ids)
+        except Unavailable as exc:
+            log.warning("libvirt: not reachable at recovery, will retry: %s", exc)
+            self._reconnect_task = loop.create_task(self._reconnect())
+        if self._run_root.is_dir():
+            for run_dir in self._run_root.iterdir():
+                if run_dir.name not in known_ids:
+                    log.info("libvirt: removing orphan run directory %s", run_dir)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+        await self._release_partition()
+
+    async def _remove_orphan_domains(self, known_ids: set[str]) -> None:
+        conn = await self._connection()
+        for dom in await self._call(conn.listAllDomains, 0):
+            if not dom.name().startswith(domain.DOMAIN_PREFIX):
+                continue
+            try:
+                text = await asyncio.to_thread(
+                    dom.metadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain.METADATA_NAMESPACE
+                )
+                metadata = domain.parse_metadata(text)
+            except (libvirt.libvirtError, ValueError):
+                continue  # not ours: no metadata in our namespace
+            if metadata.owner == self._owner and metadata.container_id not in known_ids:
+                log.info("libvirt: destroying orphan domain %s", dom.name())
+                with contextlib.suppress(libvirt.libvirtError):
+                    await asyncio.to_thread(dom.destroy)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        self._guests.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.unregisterCloseCallback)
+                await asyncio.to_thread(conn.close)
+
+
+def _attach_qemu(handle: GuestHandle) -> GuestHandle:
+    """The handle completed with QEMU's pid and the domain's real cgroup directories, found by
+    the domain UUID on QEMU's command line (libvirt keeps its pid file in its own run dir)."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "-uuid" in cmdline and handle.domain_uuid in cmdline:
+            try:
+                cgroup_text = Path(f"/proc/{process.pid}/cgroup").read_text()
+            except OSError:
+                break
+            mounts = parse_mountinfo(MOUNTINFO.read_text())
+            controllers = dict(mounts.v1) if mounts.v1 else {"": mounts.v2} if mounts.v2 else {}
+            dirs = tuple(domain.qemu_cgroup_dirs(cgroup_text, controllers))
+            return GuestHandle(**{**handle.__dict__, "qemu_pid": process.pid, "cgroup_dirs": dirs})
+    log.warning("libvirt: QEMU of %s not found; usage will lack cgroup numbers", handle.domain_name)
+    return handle
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"

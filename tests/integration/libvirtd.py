@@ -1,0 +1,169 @@
+"""A private libvirtd (and its virtlogd) for tests and benchmarks, isolated from any system one.
+
+Both run as root in a mount namespace of their own, where
+- /dev/kvm is masked by an empty file on a read-only bind mount: on this host KVM guests hang,
+  and libvirtd re-probes QEMU on every domain start (~30-45 s) for as long as it finds /dev/kvm
+  accessible while its cached capabilities say KVM does not work. /dev/null over it is not
+  enough when QEMU runs as root: root may always open a device node, but access(W_OK) on a
+  regular file of a read-only mount fails (EROFS) even for root, which is what libvirt checks;
+- /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt are private
+  directories under the daemon's work directory, so two daemons (two xdist workers) never share
+  state, sockets or pid files;
+- /etc/libvirt/qemu.conf is a private file: QEMU runs as root, because the pytest temporary
+  directories that hold kernels, initrds and serial files are not traversable by libvirt-qemu;
+  and without a private /dev per QEMU (`namespaces = []`), which libvirt cannot build around
+  the /dev/kvm mount above.
+
+The client socket lives in the work directory (visible outside the namespace); `uri` points at
+it. `stop()` destroys what is left of our domains, then terminates the process group (libvirtd
+and virtlogd), then kills it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+# The namespace setup, run by `unshare -m`; paths arrive as arguments, never pasted in.
+NAMESPACE_SCRIPT = r"""
+set -eu
+work=$1
+mount --make-rprivate /
+if [ -e /dev/kvm ]; then
+    : > "$work/kvm-masked"
+    mount --bind "$work/kvm-masked" /dev/kvm
+    mount -o remount,bind,ro /dev/kvm
+fi
+mkdir -p /run/libvirt
+for dir in run lib log cache; do mkdir -p "$work/$dir"; done
+mount --bind "$work/run" /run/libvirt
+mount --bind "$work/lib" /var/lib/libvirt
+mount --bind "$work/log" /var/log/libvirt
+mount --bind "$work/cache" /var/cache/libvirt
+mount --bind "$work/qemu.conf" /etc/libvirt/qemu.conf
+virtlogd -p "$work/virtlogd.pid" &
+exec libvirtd -f "$work/libvirtd.conf" -p "$work/libvirtd.pid"
+"""
+
+LIBVIRTD_CONF = """\
+unix_sock_dir = "{sock_dir}"
+unix_sock_group = "root"
+unix_sock_rw_perms = "0700"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+log_outputs = "3:file:{log}"
+"""
+
+QEMU_CONF = """\
+user = "root"
+group = "root"
+namespaces = []
+"""
+
+
+def missing_components() -> list[str]:
+    """What this host lacks to run a private libvirtd with QEMU guests."""
+    missing = [
+        tool
+        for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare")
+        if shutil.which(tool) is None
+    ]
+    with contextlib.suppress(ImportError):
+        import libvirt  # noqa: F401
+
+        return missing
+    return [*missing, "libvirt-python"]
+
+
+class PrivateLibvirtd:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "sock" / "libvirt-sock"
+        self.uri = f"qemu+unix:///system?socket={self.socket}"
+        self.log_path = workdir / "libvirtd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "sock").mkdir(exist_ok=True)
+        (self.workdir / "libvirtd.conf").write_text(
+            LIBVIRTD_CONF.format(sock_dir=self.socket.parent, log=self.log_path)
+        )
+        (self.workdir / "qemu.conf").write_text(QEMU_CONF)
+        self.socket.unlink(missing_ok=True)  # never mistake a stale daemon for ours
+        with (self.workdir / "daemon.out").open("ab") as out:
+            self.process = subprocess.Popen(
+                ["unshare", "-m", "--", "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.workdir)],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"libvirtd exited at start: {self._output()}")
+            if self.socket.exists() and self._answers() and self.process.poll() is None:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"libvirtd did not come up: {self._output()}")
+
+    def _answers(self) -> bool:
+        import libvirt
+
+        try:
+            connection = libvirt.open(self.uri)
+        except libvirt.libvirtError:
+            return False
+        connection.close()
+        return True
+
+    def _output(self) -> str:
+        return (self.workdir / "daemon.out").read_text(errors="replace")[-4000:]
+
+    def destroy_domains(self, prefix: str = "containerizer-") -> None:
+        import libvirt
+
+        with contextlib.suppress(libvirt.libvirtError):
+            connection = libvirt.open(self.uri)
+            try:
+                for domain in connection.listAllDomains():
+                    if domain.name().startswith(prefix):
+                        with contextlib.suppress(libvirt.libvirtError):
+                            domain.destroy()
+            finally:
+                connection.close()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.destroy_domains()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        virtlogd = self.workdir / "virtlogd.pid"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _running(virtlogd):
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of the group
+        self.process = None
+
+
+def _running(pid_file: Path) -> bool:
+    """Whether the process named by the pid file still runs (a zombie has ended)."""
+    try:
+        pid = int(pid_file.read_text().strip() or 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return pid > 0 and state != "Z"

@@ -1,0 +1,182 @@
+"""The libvirt driver's pure parts: domain XML, initramfs, status files, options, probe cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from adapter.drivers.libvirt import kvm
+from adapter.drivers.libvirt.domain import (
+    DomainSpec,
+    Metadata,
+    SerialFiles,
+    domain_xml,
+    metadata_xml,
+    parse_metadata,
+    qemu_cgroup_dirs,
+)
+from adapter.drivers.libvirt.handle import GuestHandle, read_exit_code
+from adapter.drivers.libvirt.initramfs import GuestCommand, command_archive
+from adapter.errors import ConfigError, InvalidArgument
+
+HOSTILE = "<a>&amp; \"q\" 'q' ]]> <!-- x --> </domain>\n<devices><disk/></devices> \\"
+
+
+def _spec(**metadata_changes: object) -> DomainSpec:
+    metadata = Metadata(
+        container_id="x.-_1",
+        sandbox=f"/srv/{HOSTILE}",
+        status_path="/run/ctz/ttyS3",
+        run_dir="/run/ctz",
+        owner="/var/lib/containerizer",
+        labels=((HOSTILE, HOSTILE), ("bell", "ring\x07")),
+    )
+    metadata = Metadata(**{**metadata.__dict__, **metadata_changes})
+    return DomainSpec(
+        name="containerizer-x.-_1",
+        uuid="6fd1a6c4-28d1-4d3a-92fd-befa41ca9ca2",
+        virt_type="qemu",
+        machine="pc",
+        memory_mib=200,
+        vcpus=2,
+        cpu_shares=1536,
+        partition="/containerizer",
+        kernel="/k/vmlinuz",
+        initrd="/run/ctz/initrd",
+        cmdline="console=ttyS0",
+        serial=SerialFiles("/run/ctz/console", f"/srv/{HOSTILE}/stdout", "/e", "/run/ctz/ttyS3"),
+        metadata=metadata,
+    )
+
+
+def test_hostile_values_stay_values_in_the_domain_xml() -> None:
+    root = ET.fromstring(domain_xml(_spec()))
+    devices = root.find("devices")
+    assert devices is not None
+    # Structure is exactly ours: nothing a value held became an element.
+    assert [child.tag for child in devices] == [
+        "serial", "serial", "serial", "serial", "controller", "memballoon",
+    ]  # fmt: skip
+    assert root.find("devices/disk") is None
+    assert root.findall("devices/serial/source")[1].get("path") == f"/srv/{HOSTILE}/stdout"
+    assert (root.findtext("memory"), root.findtext("vcpu")) == ("200", "2")
+    assert root.findtext("cputune/shares") == "1536"
+    assert root.findtext("resource/partition") == "/containerizer"
+    metadata = parse_metadata(ET.tostring(root, encoding="unicode"))
+    assert metadata.sandbox == f"/srv/{HOSTILE}"
+    # Labels: an informational copy; what XML cannot carry at all becomes U+FFFD.
+    assert metadata.labels == ((HOSTILE, HOSTILE), ("bell", "ring\ufffd"))
+
+
+def test_metadata_round_trips_without_its_namespace() -> None:
+    """virDomainGetMetadata hands the element back with the namespace stripped."""
+    text = metadata_xml(_spec().metadata)
+    stripped = text.replace("containerizer:", "").split(">", 1)
+    plain = "<container>" + stripped[1]
+    assert parse_metadata(plain) == parse_metadata(text)
+    assert parse_metadata(plain).owner == "/var/lib/containerizer"
+    with pytest.raises(ValueError):
+        parse_metadata("<domain><metadata/></domain>")
+
+
+def test_paths_xml_cannot_carry_are_refused_with_the_field() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        domain_xml(_spec(sandbox="/srv/bad\x01dir"))
+    assert caught.value.field == "sandbox"
+
+
+def _unpack(archive: bytes) -> dict[str, bytes]:
+    """A minimal newc reader: name -> data, to check what the kernel will unpack."""
+    entries: dict[str, bytes] = {}
+    offset = 0
+    while True:
+        header = archive[offset : offset + 110]
+        assert header[:6] == b"070701"
+        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        size, name_size = fields[6], fields[11]
+        name_start = offset + 110
+        name = archive[name_start : name_start + name_size - 1].decode()
+        data_start = name_start + name_size + (-(110 + name_size) % 4)
+        data = archive[data_start : data_start + size]
+        offset = data_start + size + (-size % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = data
+
+
+def test_command_archive_carries_any_bytes_but_nul_verbatim() -> None:
+    command = GuestCommand(
+        argv=("/bin/sh", "-c", HOSTILE + "\n\n"),
+        environment=(f"HOSTILE={HOSTILE}", "-u=option-looking"),
+        working_dir="/tmp/a b",
+    )
+    entries = _unpack(command_archive(command))
+    assert entries["ctz/argv/2"] == (HOSTILE + "\n\n").encode()
+    assert entries["ctz/env/0"] == f"HOSTILE={HOSTILE}".encode()
+    assert entries["ctz/env/1"] == b"-u=option-looking"
+    assert entries["ctz/cwd"] == b"/tmp/a b"
+    assert "ctz/argv/3" not in entries
+
+
+def test_exit_status_is_the_last_reported_line(tmp_path: Path) -> None:
+    status = tmp_path / "ttyS3"
+    assert read_exit_code(status) is None  # never written: destroyed mid-boot
+    status.write_bytes(b"")
+    assert read_exit_code(status) is None
+    status.write_bytes(b"exit 7\n")
+    assert read_exit_code(status) == 7
+    status.write_bytes(b"noise\r\nexit 0\nexit 143\n")
+    assert read_exit_code(status) == 143
+
+
+def test_handle_round_trips_through_json() -> None:
+    handle = GuestHandle("d", "u", "/r", "/r/s", "/r/c", "qemu", 42, ("/sys/fs/cgroup/memory/x",))
+    assert GuestHandle.from_json(json.loads(json.dumps(handle.to_json()))) == handle
+
+
+def test_domain_cgroups_are_read_above_the_emulator_thread_group() -> None:
+    proc_cgroup = (
+        "8:pids:/\n"
+        "4:memory:/ctz.partition/qemu-3-containerizer-a.libvirt-qemu\n"
+        "1:cpu:/ctz.partition/qemu-3-containerizer-a.libvirt-qemu/emulator\n"
+        "0::/ctz.partition/qemu-3-containerizer-a.libvirt-qemu/emulator\n"
+    )
+    mounts = {"memory": Path("/cg/memory"), "cpu": Path("/cg/cpu"), "pids": Path("/cg/pids")}
+    assert qemu_cgroup_dirs(proc_cgroup, mounts) == [
+        "/cg/pids",
+        "/cg/memory/ctz.partition/qemu-3-containerizer-a.libvirt-qemu",
+        "/cg/cpu/ctz.partition/qemu-3-containerizer-a.libvirt-qemu",
+    ]
+
+
+def test_options_refuse_unknown_virt_types(tmp_path: Path) -> None:
+    from adapter.drivers.libvirt.driver import LibvirtOptions
+
+    with pytest.raises(ConfigError, match="virt_type"):
+        LibvirtOptions.parse({"virt_type": "xen"}, tmp_path)
+    options = LibvirtOptions.parse({}, tmp_path)
+    assert options.uri == "qemu:///system"
+    assert options.kernel == tmp_path / "libvirt" / "kernel" / "vmlinuz"
+
+
+async def test_virt_type_from_config_or_cache_without_probing(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    missing = tmp_path / "no-initramfs"  # a probe would need it: proves none runs
+    choice = await kvm.choose_virt_type(
+        "qemu", kernel=kernel, base_initramfs=missing, cache=tmp_path / "c.json", timeout=1
+    )
+    assert choice == kvm.VirtChoice("qemu", "set in the config")
+    cache = tmp_path / "cache.json"
+    key = kvm._cache_key(kernel, kvm.shutil.which(kvm.QEMU_BINARY) or kvm.QEMU_BINARY)
+    cache.write_text(json.dumps({"key": key, "virt_type": "kvm", "reason": "booted"}))
+    choice = await kvm.choose_virt_type(
+        "auto", kernel=kernel, base_initramfs=missing, cache=cache, timeout=1
+    )
+    assert choice.virt_type == "kvm" and "cached" in choice.reason
+    os.utime(kernel, (0, 0))  # another kernel: the cached answer no longer applies
+    assert kvm._cache_key(kernel, "qemu") != key
