@@ -141,10 +141,14 @@ class Containerizer:
         termination = self._termination(container, exit_)
         # Checkpoint the status first: a crash during cleanup must not lose it.
         self._checkpoint(container, container.record.evolve(termination=termination))
-        try:
-            await driver.destroy(container_id)
-        except Exception:
-            log.exception("cleanup of %s failed; recovery will retry", container_id)
+        # Under the container's lock: a Destroy in flight is itself calling driver.destroy, and
+        # two concurrent deletes of one container race inside some runtimes (containerd's shim
+        # closes under the second one).
+        async with container.lock:
+            try:
+                await driver.destroy(container_id)
+            except Exception:
+                log.exception("cleanup of %s failed; recovery will retry", container_id)
         self._terminate(container, termination)
 
     def _termination(self, container: Container, exit_: Exit) -> Termination:
