@@ -66,3 +66,12 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, fragment: str)
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "config").glob("*.toml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_config_loads(example: Path) -> None:
+    config = load_config(example)
+    assert config.default_runtime in config.runtimes
