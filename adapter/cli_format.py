@@ -230,6 +230,7 @@ def status_text(status: pb.ContainerStatus, now: float) -> str:
         ("Launched", format_time(status.launched_at, now)),
         ("Image", status.image or "-"),
         ("Sandbox", status.sandbox or "-"),
+        ("Address", status.ip_address or "-"),
         ("Resources", format_resources(status.resources)),
         ("Labels", " ".join(f"{k}={v}" for k, v in sorted(status.labels.items())) or "-"),
     ]
