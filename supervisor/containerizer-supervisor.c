@@ -10,7 +10,8 @@
  * Usage:
  *   containerizer-supervisor --status-file F --stdout F --stderr F [--cgroup-procs P]...
  *       [--cwd DIR] [--user NAME|UID] [--hostname NAME] [--env K=V]... [--no-namespaces]
- *       [--netns PATH] [--rootfs-lower DIR --rootfs-dir DIR [--bind SRC --to DST]...]
+ *       [--netns PATH] [--rootfs-lower DIR --rootfs-dir DIR]
+ *       [--bind SRC --to DST [--read-only]]...
  *       -- argv...
  *
  * --netns PATH: the child joins the network namespace bound at PATH (setns(CLONE_NEWNET), e.g.
@@ -21,7 +22,8 @@
  * rootfs DIR (lower) with DIR/upper and DIR/work, mounted at DIR/merged inside the container's
  * own mount namespace (so the mount dies with the container; nothing on the host to leak), with
  * a fresh /proc, a minimal /dev, a read-only /sys and each --bind SRC --to DST (host path onto
- * a path inside the rootfs), then pivot_root (Mesos' filesystem/linux isolator). stdout and
+ * a path inside the rootfs; --read-only after one makes it read-only), then pivot_root (Mesos'
+ * filesystem/linux isolator). stdout and
  * stderr are opened before any of that: their paths are the host's.
  *
  * Handshake (one line on stdout, then stdout is /dev/null):
@@ -85,6 +87,7 @@ struct options {
     const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
     char **bind_sources;      /* NULL-terminated, pairs with bind_targets */
     char **bind_targets;
+    int *bind_read_only;      /* per bind: 1 to remount it read-only */
     int namespaces;
     char **cgroup_procs; /* NULL-terminated */
     char **env;          /* NULL-terminated, the workload's whole environment */
@@ -133,7 +136,7 @@ static void usage_error(const char *message, const char *arg)
 
 /* Parses argv into opts; env and cgroup_procs point into caller-provided arrays of argc + 2. */
 static void parse_args(int argc, char **argv, struct options *opts, char **env, char **cgroups,
-                       char **bind_sources, char **bind_targets)
+                       char **bind_sources, char **bind_targets, int *bind_read_only)
 {
     int n_env = 0, n_cgroups = 0, n_sources = 0, n_targets = 0, have_path = 0, i;
     memset(opts, 0, sizeof *opts);
@@ -146,6 +149,12 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
         }
         if (strcmp(arg, "--no-namespaces") == 0) {
             opts->namespaces = 0;
+            continue;
+        }
+        if (strcmp(arg, "--read-only") == 0) {
+            if (n_targets == 0 || n_targets != n_sources)
+                usage_error("--read-only must follow a --bind SRC --to DST", NULL);
+            bind_read_only[n_targets - 1] = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -174,6 +183,7 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
         else if (strcmp(arg, "--to") == 0) {
             if (n_targets >= n_sources || value[0] != '/')
                 usage_error("--to needs an absolute path after a --bind, got", value);
+            bind_read_only[n_targets] = 0;
             bind_targets[n_targets++] = value;
         }
         else if (strcmp(arg, "--cgroup-procs") == 0)
@@ -195,6 +205,7 @@ static void parse_args(int argc, char **argv, struct options *opts, char **env, 
     bind_targets[n_targets] = NULL;
     opts->bind_sources = bind_sources;
     opts->bind_targets = bind_targets;
+    opts->bind_read_only = bind_read_only;
     if (n_sources != n_targets)
         usage_error("every --bind needs its --to", NULL);
     if ((opts->rootfs_lower == NULL) != (opts->rootfs_dir == NULL))
@@ -303,7 +314,8 @@ static void make_mount_point(int errpipe, char *path, int as_file)
         close(fd);
 }
 
-static void bind_into(int errpipe, const char *root, const char *source, const char *target)
+static void bind_into(int errpipe, const char *root, const char *source, const char *target,
+                      int read_only)
 {
     char path[PATH_MAX];
     struct stat info;
@@ -312,6 +324,8 @@ static void bind_into(int errpipe, const char *root, const char *source, const c
     join_path(errpipe, path, root, target);
     make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
     mount_or_fail(errpipe, source, path, NULL, MS_BIND | MS_REC, NULL);
+    if (read_only) /* a bind takes MS_RDONLY only on a remount */
+        mount_or_fail(errpipe, NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL);
 }
 
 /* A tmpfs /dev with the host's harmless character devices bound in, a private devpts and shm. */
@@ -325,7 +339,7 @@ static void populate_dev(int errpipe, const char *root)
     for (size_t i = 0; i < sizeof devices / sizeof devices[0]; i++) {
         char device[32];
         snprintf(device, sizeof device, "/dev/%s", devices[i]);
-        bind_into(errpipe, root, device, device); /* the host's node onto the same path inside */
+        bind_into(errpipe, root, device, device, 0); /* the host's node onto its path inside */
     }
     join_path(errpipe, path, root, "/dev/pts");
     make_mount_point(errpipe, path, 0);
@@ -364,7 +378,8 @@ static void enter_rootfs(int errpipe, const struct options *opts)
     mount_or_fail(errpipe, "sysfs", path, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   NULL);
     for (size_t i = 0; opts->bind_sources[i] != NULL; i++)
-        bind_into(errpipe, root, opts->bind_sources[i], opts->bind_targets[i]);
+        bind_into(errpipe, root, opts->bind_sources[i], opts->bind_targets[i],
+                  opts->bind_read_only[i]);
     /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only ours. */
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
         chdir("/") < 0)
@@ -381,7 +396,8 @@ static void enter_namespaces(int errpipe, const struct options *opts)
         enter_rootfs(errpipe, opts);
     else {
         for (size_t i = 0; opts->bind_sources[i] != NULL; i++)
-            bind_into(errpipe, "", opts->bind_sources[i], opts->bind_targets[i]);
+            bind_into(errpipe, "", opts->bind_sources[i], opts->bind_targets[i],
+                      opts->bind_read_only[i]);
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
             child_fail(errpipe, "proc", "/proc", strerror(errno));
     }
@@ -476,11 +492,14 @@ static void exec_workload(const struct options *opts, int errpipe)
 /* --- the container's init (pid 1 of its pid namespace) ----------------------------------- */
 
 static volatile sig_atomic_t workload_pid;
+static volatile sig_atomic_t pending_signal; /* arrived before the workload existed */
 
 static void forward_signal(int sig)
 {
     if (workload_pid > 0)
         (void)kill((pid_t)workload_pid, sig);
+    else
+        pending_signal = sig;
 }
 
 static void forward_signals(void)
@@ -501,16 +520,20 @@ static void forward_signals(void)
 static void run_init(const struct options *opts, int errpipe, int statuspipe)
 {
     int wstatus;
+    /* Handlers first: once the supervisor reports the launch, a signal must reach the workload;
+     * one that comes before the workload exists is held and sent right after the fork. */
+    forward_signals();
     pid_t pid = fork();
     if (pid < 0)
         child_fail(errpipe, "fork", "workload", strerror(errno));
     if (pid == 0) {
         close(statuspipe);
-        exec_workload(opts, errpipe);
+        exec_workload(opts, errpipe); /* resets the handlers before exec */
     }
     workload_pid = pid;
+    if (pending_signal != 0)
+        (void)kill(pid, pending_signal);
     close(errpipe); /* the workload's copy alone tells the supervisor whether exec succeeded */
-    forward_signals();
     for (;;) {
         pid_t reaped = waitpid(-1, &wstatus, 0);
         if (reaped == pid)
@@ -652,6 +675,7 @@ static int open_devnull(void)
 int main(int argc, char **argv)
 {
     char *env[argc + 2], *cgroups[argc + 2], *bind_sources[argc + 2], *bind_targets[argc + 2];
+    int bind_read_only[argc + 2];
     struct options opts;
     const char *base;
     char line[128];
@@ -661,7 +685,7 @@ int main(int argc, char **argv)
 
     int devnull = open_devnull();
     ignore_signals();
-    parse_args(argc, argv, &opts, env, cgroups, bind_sources, bind_targets);
+    parse_args(argc, argv, &opts, env, cgroups, bind_sources, bind_targets, bind_read_only);
     int dirfd = open_status_dir(opts.status_file, &base);
     int statuspipe[2];
     if (pipe2(statuspipe, O_CLOEXEC) < 0)

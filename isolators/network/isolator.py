@@ -6,6 +6,8 @@
                                          the workload's first instruction
     update(id, bandwidth_mbit)           change the rate live
     usage(id) -> Statistics              net_rx_* / net_tx_* of the container's interface
+    etc_files(id, hostname) -> paths     /etc/hosts and /etc/resolv.conf for image-based
+                                         containers, in a directory the attachment owns
     cleanup(id)                          remove everything of the container; idempotent
     recover(known_ids)                   reload the checkpoint, drop what no container owns, sweep
                                          namespaces and bridge ports no checkpoint names
@@ -16,8 +18,9 @@ per node. How a runtime attaches (see the report of issue 10 / DESIGN.md):
   native      --netns attachment.netns_path for the supervisor (setns before the other unshares)
   containerd  OCI spec linux.namespaces += {type: network, path: attachment.netns_path}
   LXC         lxc.net.0.type = none + lxc.namespace.share.net = attachment.netns_path
-  libvirt     prepare(..., NetworkRequest(mode="bridge")) then <interface type='bridge'> on
-              config.bridge; the guest configures attachment.address / gateway itself
+  libvirt     prepare(..., own_link=True): no namespace; the domain's <interface type='bridge'>
+              gets target dev attachment.host_veth (its tap, so usage/update/sweep find it),
+              then link_created(id) shapes it; the guest configures attachment.address itself
 Mode "host" creates nothing and is not checkpointed.
 """
 
@@ -28,6 +31,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import shutil
 from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
@@ -61,6 +65,8 @@ class NetworkIsolator:
     def __init__(self, config: NetworkConfig) -> None:
         self.config = config
         self._state_path = config.state_dir / "network" / f"{config.bridge}.json"
+        # The /etc files of each container (etc_files): removed with its attachment.
+        self._etc_root = config.state_dir / "network" / f"{config.bridge}.etc"
         self._state = state.NetworkState()
         self._pool = AddressPool(config.network) if config.enabled else None
         self._lock = asyncio.Lock()
@@ -144,12 +150,19 @@ class NetworkIsolator:
 
     # ---- verbs ----
 
-    async def prepare(self, container_id: str, request: NetworkRequest) -> Attachment:
+    async def prepare(
+        self, container_id: str, request: NetworkRequest, *, own_link: bool = False
+    ) -> Attachment:
+        """`own_link`: the runtime puts its own interface on the bridge, named
+        `attachment.host_veth` (libvirt's tap for a VM), and no namespace is made; the bridge,
+        address and forwards are ours as usual, and `link_created` shapes the link."""
         async with self._lock:
             mode, mappings = self.resolve(container_id, request)
             if mode == "host":
                 return Attachment(container_id, "host")
             attachment = self._plan(container_id, mode, mappings, request.bandwidth_mbit)
+            if own_link and mode == "bridge":
+                attachment = _without_netns(attachment)
             self._state.attachments[container_id] = attachment
             self._save()  # durable before anything exists: recovery can always undo it
             try:
@@ -187,7 +200,11 @@ class NetworkIsolator:
         )
 
     async def _create(self, attachment: Attachment) -> None:
-        assert attachment.netns_path is not None
+        if attachment.netns_path is None:  # prepare(own_link=True): the runtime makes the link
+            await self._ensure_bridge()
+            if attachment.port_mappings:
+                await self._apply_forwards()
+            return
         path = Path(attachment.netns_path)
         await netns.create(path)
         if attachment.mode == "bridge":
@@ -216,6 +233,27 @@ class NetworkIsolator:
                 attachment.prefix_len,
                 self._pool.gateway,
             )
+
+    async def _ensure_bridge(self) -> None:
+        assert self._pool is not None
+        async with AsyncIPRoute() as host:
+            await bridge.ensure_bridge(
+                host, self.config.bridge, self._pool.gateway, self._pool.subnet.prefixlen
+            )
+
+    async def link_created(self, container_id: str) -> None:
+        """After prepare(own_link=True): the runtime's link `host_veth` is on the bridge now;
+        give it the rate, as `_attach_to_bridge` does for a veth."""
+        attachment = self._state.attachments.get(container_id)
+        if attachment is None or attachment.host_veth is None or attachment.bandwidth_mbit is None:
+            return
+        async with AsyncIPRoute() as host:
+            index = await bridge.link_index(host, attachment.host_veth)
+            if index is None:
+                raise NetworkError(
+                    f"the interface {attachment.host_veth} of {container_id!r} is gone"
+                )
+            await shaping.set_rate(host, index, attachment.bandwidth_mbit)
 
     async def isolate(self, container_id: str, pid: int) -> None:
         """Nothing to do: the namespace exists before the workload and the runtime joins it."""
@@ -266,6 +304,7 @@ class NetworkIsolator:
                 await veth.delete_link(host, attachment.host_veth)
         if attachment.netns_path is not None:
             netns.remove(Path(attachment.netns_path))
+        shutil.rmtree(self._etc_root / attachment.container_id, ignore_errors=True)
         self._state.attachments.pop(attachment.container_id, None)
         if attachment.port_mappings:
             await self._apply_forwards()
@@ -318,6 +357,10 @@ class NetworkIsolator:
             if name not in owned_netns:
                 log.info("network: removing orphan namespace %s", name)
                 netns.remove(netns.NETNS_DIR / name)
+        if self._etc_root.is_dir():
+            for directory in self._etc_root.iterdir():
+                if directory.name not in self._state.attachments:
+                    shutil.rmtree(directory, ignore_errors=True)
         owned_links = {a.host_veth for a in self._state.attachments.values() if a.host_veth}
         async with AsyncIPRoute() as host:
             bridge_index = await bridge.link_index(host, self.config.bridge)
@@ -342,6 +385,14 @@ class NetworkIsolator:
 
     # ---- files for image-based containers ----
 
+    def etc_files(self, container_id: str, hostname: str) -> list[Path]:
+        """`write_etc_files` into a directory of the container's attachment (removed by its
+        cleanup and by recovery's sweep); [] when the container has the host's network."""
+        attachment = self._state.attachments.get(container_id)
+        if attachment is None or attachment.netns_path is None:
+            return []
+        return self.write_etc_files(container_id, self._etc_root / container_id, hostname)
+
     def write_etc_files(self, container_id: str, directory: Path, hostname: str) -> list[Path]:
         """/etc/hosts and /etc/resolv.conf for the container, written into `directory` for the
         runtime to bind-mount; resolv.conf keeps the host's nameservers except loopback ones,
@@ -361,6 +412,12 @@ class NetworkIsolator:
 async def _ipr_in(path: Path) -> AsyncIPRoute:
     sock = await netns.netlink_socket_in(path)
     return AsyncIPRoute(fileno=sock.detach())
+
+
+def _without_netns(attachment: Attachment) -> Attachment:
+    data = attachment.to_json()
+    data["netns_path"] = None
+    return Attachment.from_json(data)
 
 
 def _replace_bandwidth(attachment: Attachment, bandwidth: float | None) -> Attachment:

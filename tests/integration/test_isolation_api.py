@@ -13,9 +13,6 @@ from tests.integration.api import destroy, launch, scalar, usage, wait
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
-# Touches N MiB of anonymous memory and keeps it: busybox-free, Python-free, just the shell
-# builtins of dash would not allocate; `head -c | tail` makes tail buffer the whole input.
-HOLD_MEMORY = "head -c {mib}m /dev/zero | tail -c {mib}m > /dev/null & sleep 300"
 
 
 def cgroup_file(service: ServiceProcess, controller: str, cid: str, name: str) -> str:
@@ -34,7 +31,7 @@ def test_memory_limit_ends_with_limitation(service: ServiceProcess, container_id
 
 def test_touched_memory_shows_in_usage(service: ServiceProcess, container_id: str) -> None:
     stub = service.stub()
-    launch(stub, container_id, "head -c 220m /dev/zero | tail > /dev/null; sleep 300", mem=512)
+    launch(stub, container_id, 'held=$(head -c 220m /dev/zero | tr "\\0" x); sleep 300', mem=512)
     deadline = time.monotonic() + 15
     peak = 0
     while time.monotonic() < deadline and peak < 200 * MIB:

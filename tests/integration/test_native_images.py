@@ -86,3 +86,40 @@ def test_unknown_and_malformed_images(service: ServiceProcess, container_id: str
             launch_in_image(service, container_id, "true", image)
         assert error.value.code() == code
         assert image in error.value.details() or "container.image" in error.value.details()
+
+
+def test_bridge_network_gets_its_own_etc_files(
+    tmp_path: Path,
+    busybox_oci_tar: Path,  # noqa: F811
+) -> None:
+    from tests.integration.test_network import network_service
+
+    service = network_service(tmp_path)
+    service.start()
+    try:
+        channel = grpc.insecure_channel(service.endpoint)
+        list(
+            images_pb2_grpc.ImagesStub(channel).Import(
+                images_pb2.ImportRequest(path=str(busybox_oci_tar))
+            )
+        )
+        channel.close()
+        reply = service.stub().Launch(
+            pb.LaunchRequest(
+                container_id="bridged",
+                command=pb.CommandInfo(
+                    shell="cat /etc/hosts; cat /etc/resolv.conf; echo > /etc/hosts"
+                ),
+                container=pb.ContainerInfo(image=REFERENCE, network=pb.NetworkInfo(mode="bridge")),
+            ),
+            timeout=30,
+        )
+        termination = wait(service.stub(), "bridged")
+        output = (Path(reply.status.sandbox) / "stdout").read_text()
+        assert reply.status.ip_address and f"{reply.status.ip_address}\tbridged" in output
+        assert termination.exit_code != 0  # the files are bound read-only
+        assert not list(service.state_dir.glob("network/*.etc/bridged"))  # owner removed them
+    finally:
+        service.destroy_all()
+        service.stop()
+        service.remove_cgroup_roots()

@@ -6,6 +6,13 @@ the OCI spec (spec.py), and a task whose stdout/stderr the shim appends straight
 files. The shim, not this service, reaps the workload and keeps its exit status until the task is
 deleted, so a container survives a restart of the service and one that exited meanwhile still
 reports its status: the task is deleted only by destroy, after the core has checkpointed the exit.
+
+Network: the node's shared network isolator (adapter/network.py) makes the container's namespace
+(mode none or bridge: veth on our bridge, address, port forwards, rate) before the container
+record exists, and the OCI spec joins it by path; mode host leaves the network entry out. A
+launch that names no mode on a node without a [network] table keeps what runc gives: a fresh
+namespace with only loopback, nothing of the isolator's. Destroy releases the network last,
+whatever containerd answered, so a container never holds an address it no longer uses.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,7 @@ from adapter.errors import (
 from adapter.images import open_store
 from adapter.images.image import Image
 from adapter.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.network import RuntimeNetwork
 from isolators.cgroups.mem import MemIsolator
 from isolators.registry import container_cgroups
 
@@ -62,6 +71,8 @@ CGROUPS_V1_METRICS_TYPE_URL = cgroups_v1_metrics.Metrics.DESCRIPTOR.full_name
 FINGERPRINT_TIMEOUT = 3.0
 EXIT_AFTER_KILL_TIMEOUT = 30.0
 RECONNECT_DELAY = 1.0
+DELETE_ATTEMPTS = 3
+DELETE_RETRY_DELAY = 0.2
 SIGKILL = 9
 # The shim reports a death by signal N as 128 + N (the shell's convention); so does this driver.
 SIGNAL_EXIT_BASE = 128
@@ -98,6 +109,7 @@ class ContainerdDriver:
         self._client_instance: ContainerdClient | None = None
         self._loader: ImageLoader | None = None
         self._state = ContainerdState()
+        self._network = RuntimeNetwork(config)
 
     @property
     def _client(self) -> ContainerdClient:
@@ -165,14 +177,17 @@ class ContainerdDriver:
             )
         image = self._store.get(spec.image, "container.image")
         user = await self._user(spec, image)
+        if self._network.chooses(spec):  # bad network input fails before containerd sees it
+            self._network.check(spec)
         handle = self._handle(spec.container_id)
         self._state.forget_exit(spec.container_id)
         self._state.clear_oom(handle.containerd_id)
         await self._create_lease(handle)
         self._state.handles[spec.container_id] = handle
         try:
+            network = await self._prepare_network(spec)
             mounts = await self._prepare_rootfs(handle, image)
-            await self._create_container(handle, spec, image, user)
+            await self._create_container(handle, spec, image, user, network)
             pid = await self._start_task(handle, spec, mounts)
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -182,7 +197,17 @@ class ContainerdDriver:
                 raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
             raise
         self._state.subscribe(self._client, self._end_after_oom)
-        return Launched(handle=handle.to_json(), pid=pid)
+        return Launched(handle=handle.to_json(), pid=pid, ip_address=network.address)
+
+    async def _prepare_network(self, spec: LaunchSpec) -> _PreparedNetwork:
+        if not self._network.chooses(spec):
+            return _PreparedNetwork(oci.Network(), "")
+        attachment = await self._network.prepare(spec)
+        etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
+        return _PreparedNetwork(
+            oci.Network(attachment.netns_path, attachment.mode == "host", etc_files),
+            attachment.address or "",
+        )
 
     async def _user(self, spec: LaunchSpec, image: Image) -> tuple[int, int]:
         user = spec.command.user or image.user or "0"
@@ -217,10 +242,20 @@ class ContainerdDriver:
         return prepared.mounts
 
     async def _create_container(
-        self, handle: ContainerdHandle, spec: LaunchSpec, image: Image, user: tuple[int, int]
+        self,
+        handle: ContainerdHandle,
+        spec: LaunchSpec,
+        image: Image,
+        user: tuple[int, int],
+        network: _PreparedNetwork,
     ) -> None:
         document = oci.runtime_spec(
-            spec, image, cgroups_root=self._cgroups_root, enable_cfs=self._enable_cfs, user=user
+            spec,
+            image,
+            cgroups_root=self._cgroups_root,
+            enable_cfs=self._enable_cfs,
+            user=user,
+            network=network.oci,
         )
         runtime = containers_pb2.Container.Runtime(name=self._runtime)
         binary = self._binary_path()
@@ -337,7 +372,12 @@ class ContainerdDriver:
     async def destroy(self, container_id: str) -> None:
         """Kill every process, record the exit, then delete task, container, snapshot, lease;
         each step tolerates what an earlier, interrupted destroy already removed."""
-        handle = self._handle(container_id)
+        try:
+            await self._destroy_in_containerd(self._handle(container_id))
+        finally:
+            await self._network.cleanup(container_id)
+
+    async def _destroy_in_containerd(self, handle: ContainerdHandle) -> None:
         client = self._client
         await self._kill_and_reap(handle)
         ctr_id = handle.containerd_id
@@ -358,10 +398,25 @@ class ContainerdDriver:
             (client.leases.Delete, leases_pb2.DeleteRequest(id=handle.lease_id), "lease"),
         ]
         for method, request, what in steps:
-            with contextlib.suppress(NotFound):
-                await client.call(method, request, f"delete {what} {ctr_id}")
+            await self._delete(method, request, f"delete {what} {ctr_id}")
         self._state.clear_oom(handle.containerd_id)
-        self._state.handles.pop(container_id, None)
+        self._state.handles.pop(handle.container_id, None)
+
+    async def _delete(self, method: Any, request: Any, what: str) -> None:
+        """One step of destroy; NotFound means an earlier destroy did it. An error containerd
+        gives no class is retried: the shim can exit while containerd deletes its task
+        ("ttrpc: closed", containerd/containerd#8981), and a second Delete completes it."""
+        for attempt in range(1, DELETE_ATTEMPTS + 1):
+            try:
+                await self._client.call(method, request, what)
+                return
+            except NotFound:
+                return
+            except ContainerizerError as exc:
+                if type(exc) is not ContainerizerError or attempt == DELETE_ATTEMPTS:
+                    raise
+                log.warning("%s; retrying", exc)
+                await asyncio.sleep(DELETE_RETRY_DELAY)
 
     async def _kill_and_reap(self, handle: ContainerdHandle) -> None:
         """SIGKILL to all of the task's processes, and its exit status remembered for wait()."""
@@ -402,13 +457,16 @@ class ContainerdDriver:
             ),
             f"update task {handle.containerd_id}",
         )
+        await self._network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         """The shared accounting reader on the cgroups runc made at linux.cgroupsPath."""
         self._known(container_id)
         if not self._cgroups.dirs(container_id):
             raise NotFound(f"containerd runtime: {container_id!r} has no cgroup (not running)")
-        return self._cgroups.statistics(container_id)
+        statistics = self._cgroups.statistics(container_id)
+        statistics.update(await self._network.usage(container_id))
+        return statistics
 
     async def metrics(self, container_id: str) -> cgroups_v1_metrics.Metrics:
         """containerd's own view (tasks.Metrics), decoded by type URL: used to cross-check."""
@@ -429,6 +487,7 @@ class ContainerdDriver:
     # ---- recovery ----
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._network.recover(known_ids)  # needs no containerd: runs even if it is down
         for entry in checkpointed:
             cid = entry.spec.container_id
             if entry.handle:
@@ -475,8 +534,15 @@ class ContainerdDriver:
 
     async def close(self) -> None:
         await self._state.close()
+        await self._network.close()
         if self._client_instance is not None:
             await self._client_instance.close()
+
+
+@dataclass(frozen=True)
+class _PreparedNetwork:
+    oci: oci.Network
+    address: str  # "" without an address of its own
 
 
 def _read_text(path: Path) -> str:

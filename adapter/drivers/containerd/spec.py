@@ -5,11 +5,18 @@ arithmetic as the native isolators (imported from isolators/cgroups), and linux.
 the container at `/<cgroups_root>/<container_id>` in every controller, where the shared accounting
 reader finds it. The defaults (mounts, capabilities, masked paths) are containerd's own defaults
 for a non-privileged container.
+
+Network: the network isolator made the container's namespace before the spec is written; the
+spec joins it by path (`linux.namespaces` network entry with `path`), or has no network entry
+for the host's network. Its /etc/hosts and /etc/resolv.conf are bind-mounted read-only: the
+files live in the service's state, and a writable bind would let the container grow them there.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from adapter.errors import InvalidArgument
@@ -36,7 +43,28 @@ MASKED_PATHS = [
 READONLY_PATHS = [
     "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
 ]  # fmt: skip
-NAMESPACES = ("pid", "ipc", "uts", "mount", "network")
+NAMESPACES = ("pid", "ipc", "uts", "mount")
+
+
+@dataclass(frozen=True)
+class Network:
+    """How the container gets its network. `netns_path`: join the isolator's namespace; None and
+    `host`: the host's namespace; neither: a fresh one from runc with only loopback."""
+
+    netns_path: str | None = None
+    host: bool = False
+    etc_files: dict[str, Path] = field(default_factory=dict)  # path in the container -> file
+
+    def namespace(self) -> list[dict[str, str]]:
+        if self.netns_path is not None:
+            return [{"type": "network", "path": self.netns_path}]
+        return [] if self.host else [{"type": "network"}]
+
+    def mounts(self) -> list[dict[str, Any]]:
+        return [
+            _mount(target, "bind", str(source), ["rbind", "ro", "nosuid", "nodev", "noexec"])
+            for target, source in sorted(self.etc_files.items())
+        ]
 
 
 def _mount(destination: str, kind: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -129,7 +157,9 @@ def runtime_spec(
     cgroups_root: str,
     enable_cfs: bool,
     user: tuple[int, int],
+    network: Network | None = None,
 ) -> dict[str, Any]:
+    network = network or Network()
     capabilities = {kind: CAPABILITIES for kind in ("bounding", "effective", "permitted")}
     return {
         "ociVersion": OCI_VERSION,
@@ -145,14 +175,14 @@ def runtime_spec(
         },
         "root": {"path": "rootfs"},
         "hostname": spec.container_id[:63],
-        "mounts": default_mounts(spec.sandbox),
+        "mounts": default_mounts(spec.sandbox) + network.mounts(),
         "linux": {
             "resources": {
                 "devices": [{"allow": False, "access": "rwm"}],
                 **linux_resources(spec.resources, enable_cfs=enable_cfs),
             },
             "cgroupsPath": f"/{cgroups_root}/{spec.container_id}",
-            "namespaces": [{"type": kind} for kind in NAMESPACES],
+            "namespaces": [{"type": kind} for kind in NAMESPACES] + network.namespace(),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },

@@ -27,6 +27,15 @@ shared accounting reader and the isolators look; limits are lxc.cgroup.* (v1) / 
 (v2) keys computed by the isolators' own Mesos arithmetic, and live updates go through the
 isolators' update(). The monitor gets a cgroup of its own, `<cgroups_root>.lxc-monitor.<id>`,
 at the hierarchy root (LXC removes it when the monitor ends).
+
+Network: when the node has a [network] table or the request names a mode or port mappings, the
+node's shared network isolator (adapter/network.py) makes the container's namespace first (mode
+none or bridge: veth on our bridge, address, port forwards, rate) and the container joins it with
+`lxc.net.0.type = none` + `lxc.namespace.share.net = <path>`: LXC then creates no network of its
+own, and refuses to start if the path is gone rather than fall back to the host's. Mode host is
+`lxc.net.0.type = none` alone. Its /etc/hosts and /etc/resolv.conf are read-only bind mounts of
+the isolator's files. Otherwise `runtimes.lxc.network` applies as before (LXC's own `empty`
+namespace by default, or `veth` onto an operator's bridge).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from adapter.model import (
     Resources,
     Statistics,
 )
+from adapter.network import RuntimeNetwork
 from adapter.processes import ProcessRef, read_status, start_time
 from isolators.base import Isolator, Limitation, Limits
 from isolators.cgroups import files
@@ -71,6 +81,7 @@ from isolators.cgroups.errors import CgroupError
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.mem import MemIsolator, memory_limit_bytes
 from isolators.cgroups.pids import PidsIsolator
+from isolators.network.model import Attachment
 from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups
 
 log = logging.getLogger(__name__)
@@ -119,6 +130,19 @@ def cgroup_keys(limits: Limits, *, version: int, enable_cfs: bool) -> list[tuple
     return keys
 
 
+def set_isolator_network(
+    config: LxcConfig, network: Attachment, etc_files: dict[str, Path]
+) -> None:
+    """Join the isolator's namespace (type none: LXC makes no network of its own), or the
+    host's for mode host; bind its /etc files read-only (they live in the service's state)."""
+    config.set("lxc.net.0.type", "none")
+    if network.netns_path is None:
+        return
+    config.set("lxc.namespace.share.net", network.netns_path, field="container.network")
+    for target, source in etc_files.items():
+        config.mount(str(source), target.lstrip("/"), "bind,ro,create=file", field="network")
+
+
 def _parse_handshake(line: bytes) -> tuple[int, int] | str:
     """(workload init start time, supervisor start time) from `ok <pid> <start> <start>`,
     else the reason the supervisor gave (`error <step>: <reason>`) or a description."""
@@ -156,6 +180,12 @@ class LxcDriver:
             raise ConfigError(f"{where}.network: expected one of {NETWORK_TYPES}")
         if (self._network == "veth") != (self._network_link is not None):
             raise ConfigError(f"{where}.network_link: required with (and only with) 'veth'")
+        if "network" in options and config.network.enabled:
+            raise ConfigError(
+                f"{where}.network: the node's [network] table chooses the containers' network;"
+                " remove this key"
+            )
+        self._node_network = RuntimeNetwork(config)
         self._cgroups_root = config.cgroups_root
         self._enable_cfs = config.cgroups_enable_cfs
         override = Path(config.cgroups_hierarchy) if config.cgroups_hierarchy else None
@@ -199,14 +229,15 @@ class LxcDriver:
             oom_detection=self._mem is not None,
             pid_namespace=True,
             recover=True,
-            network_isolation=self._network != "none",
+            network_isolation=True,
         )
         try:
             supervisor = self._supervisor()
             version = await self._lxc_version()
         except (FailedPrecondition, OSError) as exc:
             return Fingerprint(self.name, "", False, str(exc), capabilities)
-        message = f"lxcpath {self._lxcpath}; network {self._network}; supervisor {supervisor}"
+        network = "the node's [network]" if self._node_network.chooses_all else self._network
+        message = f"lxcpath {self._lxcpath}; network {network}; supervisor {supervisor}"
         return Fingerprint(self.name, version, True, message, capabilities)
 
     async def _lxc_version(self) -> str:
@@ -224,7 +255,9 @@ class LxcDriver:
     def _container_dir(self, container_id: str) -> Path:
         return self._lxcpath / container_id
 
-    def _config(self, spec: LaunchSpec, lower: Path, supervisor: str) -> LxcConfig:
+    def _config(
+        self, spec: LaunchSpec, lower: Path, supervisor: str, network: Attachment | None
+    ) -> LxcConfig:
         cid, directory = spec.container_id, self._container_dir(spec.container_id)
         config = LxcConfig()
         config.set("lxc.uts.name", cid[:63], field="container_id")
@@ -239,10 +272,7 @@ class LxcDriver:
         config.set("lxc.log.level", "WARN")
         config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
         config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
-        config.set("lxc.net.0.type", self._network)
-        if self._network == "veth":
-            config.set("lxc.net.0.link", str(self._network_link), field="runtimes.lxc.network_link")
-            config.set("lxc.net.0.flags", "up")
+        self._set_network(config, cid, network)
         limits = _limits(spec.resources)
         version = self._hierarchies.version
         for key, value in cgroup_keys(limits, version=version, enable_cfs=self._enable_cfs):
@@ -251,6 +281,17 @@ class LxcDriver:
         config.mount(str(directory / "run"), RUN_TARGET, "bind,create=dir", field="container_id")
         config.mount(spec.sandbox, SANDBOX_TARGET, "bind,create=dir", field="sandbox")
         return config
+
+    def _set_network(self, config: LxcConfig, cid: str, network: Attachment | None) -> None:
+        """The isolator's namespace (or the host's) when it made one; else the runtime's own."""
+        if network is None:
+            config.set("lxc.net.0.type", self._network)
+            if self._network == "veth":
+                link = str(self._network_link)
+                config.set("lxc.net.0.link", link, field="runtimes.lxc.network_link")
+                config.set("lxc.net.0.flags", "up")
+            return
+        set_isolator_network(config, network, self._node_network.etc_files(cid, cid[:63]))
 
     def _monitor_cgroup(self, container_id: str) -> str:
         return f"{self._cgroups_root}.lxc-monitor.{container_id}"
@@ -276,8 +317,9 @@ class LxcDriver:
         directory = self._container_dir(cid)
         await self._remove_container(cid)  # what a previous container of this id left
         try:
+            network = await self._prepare_network(spec)
             lower = await self._rootfs.lower(spec.image)
-            config = self._config(spec, lower, supervisor)
+            config = self._config(spec, lower, supervisor, network)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
@@ -287,7 +329,16 @@ class LxcDriver:
             await self.destroy(cid)
             raise
         self._attach(handle, self._starting.pop(cid, None))
-        return Launched(handle=handle.to_json(), pid=handle.workload_init.pid)
+        address = network.address if network is not None else None
+        return Launched(
+            handle=handle.to_json(), pid=handle.workload_init.pid, ip_address=address or ""
+        )
+
+    async def _prepare_network(self, spec: LaunchSpec) -> Attachment | None:
+        """The isolator's attachment, or None when LXC's own network applies (see above)."""
+        if not self._node_network.chooses(spec):
+            return None
+        return await self._node_network.prepare(spec)
 
     async def _start_monitor(self, cid: str, argv: list[str]) -> asyncio.subprocess.Process:
         directory = self._container_dir(cid)
@@ -404,12 +455,17 @@ class LxcDriver:
         limits = _limits(resources)
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
+        await self._node_network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         container = self._containers.get(container_id)
         if container is None:
-            return self._cgroups.statistics(container_id)
-        return read_statistics(Path(d) for d in container.handle.cgroup_dirs if Path(d).is_dir())
+            statistics = self._cgroups.statistics(container_id)
+        else:
+            dirs = (Path(d) for d in container.handle.cgroup_dirs if Path(d).is_dir())
+            statistics = read_statistics(dirs)
+        statistics.update(await self._node_network.usage(container_id))
+        return statistics
 
     # ---- destroy and recovery --------------------------------------------------------------
 
@@ -466,6 +522,7 @@ class LxcDriver:
             await files.remove(cgroup)
         for mount in set(self._hierarchies.mounts.values()):
             await files.remove(mount / self._monitor_cgroup(container_id))
+        await self._node_network.cleanup(container_id)  # its processes are gone: links first
         directory = self._container_dir(container_id)
         if directory.exists():
             await asyncio.to_thread(shutil.rmtree, directory, True)
@@ -479,6 +536,7 @@ class LxcDriver:
             await _wait_for(process.wait())
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._node_network.recover(known_ids)
         for entry in checkpointed:
             if not entry.handle:
                 continue
@@ -502,6 +560,7 @@ class LxcDriver:
             if container.watch_task is not None:
                 container.watch_task.cancel()
         self._containers.clear()
+        await self._node_network.close()
 
 
 async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:

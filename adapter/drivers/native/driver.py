@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.native import supervisor
 from adapter.errors import (
-    ConfigError,
     FailedPrecondition,
-    InvalidArgument,
     LaunchFailed,
     NotFound,
 )
@@ -43,8 +40,8 @@ from adapter.model import (
     Resources,
     Statistics,
 )
+from adapter.network import network_config, network_errors, network_request
 from isolators.base import Isolator, Limitation, Limits
-from isolators.network import model as network_model
 from isolators.network.isolator import NetworkIsolator, shared_isolator
 from isolators.registry import (
     ContainerCgroups,
@@ -65,48 +62,6 @@ def _limits(resources: Resources) -> Limits:
         cpus=resources.cpus,
         mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
         pids=resources.pids,
-    )
-
-
-@contextlib.contextmanager
-def _network_errors() -> Iterator[None]:
-    """The network isolator's errors as ours, by class."""
-    try:
-        yield
-    except network_model.InvalidNetworkRequest as exc:
-        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[-1]) from exc
-    except network_model.NetworkUnavailable as exc:
-        raise FailedPrecondition(str(exc)) from exc
-    except network_model.NetworkConfigError as exc:
-        raise ConfigError(str(exc)) from exc
-    except network_model.NetworkError as exc:
-        raise LaunchFailed(str(exc)) from exc
-
-
-def _network_config(config: AgentConfig) -> network_model.NetworkConfig:
-    options = config.network
-    return network_model.NetworkConfig(
-        state_dir=config.state_dir,
-        enabled=options.enabled,
-        bridge=options.bridge,
-        subnet=options.subnet,
-        default_mode=options.default_mode,
-        allow_host=options.allow_host,
-        host_address=options.host_address,
-        allow_privileged_ports=options.allow_privileged_ports,
-        egress_nat=options.egress_nat,
-    )
-
-
-def _network_request(spec: LaunchSpec) -> network_model.NetworkRequest:
-    return network_model.NetworkRequest(
-        mode=spec.network.mode,
-        port_mappings=tuple(
-            network_model.PortMapping(m.host_port, m.container_port, m.protocol)
-            for m in spec.network.port_mappings
-        ),
-        port_ranges=spec.resources.ports,
-        bandwidth_mbit=spec.resources.network_bandwidth,
     )
 
 
@@ -147,7 +102,7 @@ class NativeDriver:
             container_cgroups(**kwargs) if any(n.startswith("cgroups/") for n in names) else None
         )
         self._running: dict[str, _Running] = {}
-        self._network: NetworkIsolator = shared_isolator(_network_config(config))
+        self._network: NetworkIsolator = shared_isolator(network_config(config))
         self._images = open_store(config.state_dir / "images")
 
     def _binary(self) -> str:
@@ -178,9 +133,9 @@ class NativeDriver:
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
         run_dir.mkdir(parents=True)
         try:
-            with _network_errors():
-                network = await self._network.prepare(cid, _network_request(spec))
-            view = await self._workload_view(spec, run_dir, network.address)
+            with network_errors():
+                network = await self._network.prepare(cid, network_request(spec))
+            view = await self._workload_view(spec, run_dir)
             prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
             handle = await supervisor.spawn(
                 binary,
@@ -210,9 +165,7 @@ class NativeDriver:
             handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
         )
 
-    async def _workload_view(
-        self, spec: LaunchSpec, run_dir: Path, address: str | None
-    ) -> _WorkloadView:
+    async def _workload_view(self, spec: LaunchSpec, run_dir: Path) -> _WorkloadView:
         """Files, environment, working directory and user as the workload will see them: the
         host's, or an image's (its rootfs, its env and defaults under the request's)."""
         request_env = list(spec.command.environment)
@@ -229,19 +182,22 @@ class NativeDriver:
         rootfs_dir = run_dir / "rootfs"
         for part in ("upper", "work", "merged"):
             (rootfs_dir / part).mkdir(parents=True)
-        binds = [(spec.sandbox, SANDBOX_IN_CONTAINER)]
-        if address:  # bridge networking: the container's own /etc/hosts and resolv.conf
-            written = self._network.write_etc_files(
-                spec.container_id, run_dir / "etc", spec.container_id[:63]
-            )
-            binds += [(str(path), f"/etc/{path.name}") for path in written]
+        # With a network of its own, the container's /etc/hosts and resolv.conf (none for the
+        # host's network); the isolator owns and removes the files.
+        etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
+        etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
         overridden = {name for name, _ in request_env}
         image_env = [(k, v) for k, v in image.env if k not in overridden]
         return _WorkloadView(
             environment=[*image_env, *request_env, ("MESOS_SANDBOX", SANDBOX_IN_CONTAINER)],
             working_dir=spec.command.working_dir or image.working_dir or SANDBOX_IN_CONTAINER,
             user=spec.command.user or image.user or None,
-            filesystem=supervisor.Filesystem(str(lower), str(rootfs_dir), tuple(binds)),
+            filesystem=supervisor.Filesystem(
+                str(lower),
+                str(rootfs_dir),
+                binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
+                read_only_binds=etc_binds,
+            ),
         )
 
     def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
@@ -314,7 +270,7 @@ class NativeDriver:
                 self._running.pop(container_id, None)
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
-        with _network_errors():
+        with network_errors():
             await self._network.cleanup(container_id)
         shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
 
@@ -324,21 +280,21 @@ class NativeDriver:
         limits = _limits(resources)
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
-        with _network_errors():
+        with network_errors():
             await self._network.update(container_id, resources.network_bandwidth)
 
     async def usage(self, container_id: str) -> Statistics:
         statistics: Statistics = {}
         for isolator in self._isolators:
             statistics.update(await isolator.usage(container_id))
-        with _network_errors():
+        with network_errors():
             statistics.update(await self._network.usage(container_id))
         return statistics
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
         for isolator in self._isolators:
             await isolator.recover(known_ids)
-        with _network_errors():
+        with network_errors():
             await self._network.recover(known_ids)
         for entry in checkpointed:
             if entry.handle:

@@ -129,6 +129,7 @@ class Filesystem:
     rootfs_lower: str | None = None
     rootfs_dir: str | None = None
     binds: tuple[tuple[str, str], ...] = ()  # (host path, absolute path inside)
+    read_only_binds: tuple[tuple[str, str], ...] = ()
 
     def arguments(self) -> list[str]:
         arguments = []
@@ -136,6 +137,8 @@ class Filesystem:
             arguments += ["--rootfs-lower", self.rootfs_lower, "--rootfs-dir", self.rootfs_dir]
         for source, target in self.binds:
             arguments += ["--bind", source, "--to", target]
+        for source, target in self.read_only_binds:
+            arguments += ["--bind", source, "--to", target, "--read-only"]
         return arguments
 
 
