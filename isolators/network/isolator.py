@@ -67,6 +67,7 @@ class NetworkIsolator:
         self._state_path = config.state_dir / "network" / f"{config.bridge}.json"
         # The /etc files of each container (etc_files): removed with its attachment.
         self._etc_root = config.state_dir / "network" / f"{config.bridge}.etc"
+        self._netns_prefix = netns.netns_prefix(config.bridge, config.state_dir)
         self._state = state.NetworkState()
         self._pool = AddressPool(config.network) if config.enabled else None
         self._lock = asyncio.Lock()
@@ -177,7 +178,7 @@ class NetworkIsolator:
     def _plan(
         self, container_id: str, mode: str, mappings: list[PortMapping], bandwidth: float | None
     ) -> Attachment:
-        path = str(netns.netns_path(self.config.bridge, container_id))
+        path = str(netns.netns_path(self._netns_prefix, container_id))
         if mode == "none":
             return Attachment(container_id, mode, netns_path=path)
         assert self._pool is not None
@@ -353,7 +354,7 @@ class NetworkIsolator:
         owned_netns = {
             Path(a.netns_path).name for a in self._state.attachments.values() if a.netns_path
         }
-        for name in netns.names_with_prefix(self.config.bridge + "."):
+        for name in netns.names_with_prefix(self._netns_prefix + "."):
             if name not in owned_netns:
                 log.info("network: removing orphan namespace %s", name)
                 netns.remove(netns.NETNS_DIR / name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
 import os
 import socket
 import threading
@@ -40,12 +41,19 @@ def _check(result: int, what: str, path: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}", path)
 
 
-def netns_name(bridge: str, container_id: str) -> str:
-    return f"{bridge}.{container_id}"
+def netns_prefix(bridge: str, state_dir: Path) -> str:
+    """`<bridge>.<owner>`: the owner (a hash of the service's state directory) keeps one
+    service's recovery sweep off another's namespaces on the same node."""
+    owner = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{bridge}.{owner}"
 
 
-def netns_path(bridge: str, container_id: str) -> Path:
-    return NETNS_DIR / netns_name(bridge, container_id)
+def netns_name(prefix: str, container_id: str) -> str:
+    return f"{prefix}.{container_id}"
+
+
+def netns_path(prefix: str, container_id: str) -> Path:
+    return NETNS_DIR / netns_name(prefix, container_id)
 
 
 async def _in_fresh_thread(work: Callable[[], T]) -> T:

@@ -21,6 +21,7 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from isolators.network.netns import netns_name, netns_path, netns_prefix
 from tests.conftest import ServiceProcess, require, require_root
 from tests.integration.api import destroy, scalar, usage, wait
 
@@ -184,7 +185,8 @@ def test_second_container_on_same_host_port_is_refused(
         launch(stub, f"{container_id}-2", "sleep 1000", mappings=(f"{port}:81/tcp",))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert str(port) in (refused.value.details() or "")
-    assert not Path(f"/run/netns/{net_service.bridge}.{container_id}-2").exists()  # type: ignore[attr-defined]
+    prefix = netns_prefix(net_service.bridge, net_service.state_dir)  # type: ignore[attr-defined]
+    assert not netns_path(prefix, f"{container_id}-2").exists()
     launch(stub, f"{container_id}-3", "sleep 1000", mappings=(f"{port}:80/udp",))  # other protocol
     for suffix in ("1", "3"):
         destroy(stub, f"{container_id}-{suffix}")
@@ -352,7 +354,8 @@ def test_kill_9_and_restart_keep_addresses_and_leak_nothing(
         second = launch(stub, f"{container_id}-2", "sleep 1000")
         service.kill()
         # What a crash mid-launch leaves: a namespace and a veth on the bridge nobody checkpointed.
-        subprocess.run(["ip", "netns", "add", f"{bridge}.orphan"], check=True)
+        orphan = netns_name(netns_prefix(bridge, service.state_dir), "orphan")
+        subprocess.run(["ip", "netns", "add", orphan], check=True)
         subprocess.run(
             [
                 "ip",
@@ -376,7 +379,7 @@ def test_kill_9_and_restart_keep_addresses_and_leak_nothing(
                 pb.StatusRequest(container_id=reply.status.container_id), timeout=10
             )
             assert status.state == pb.RUNNING and status.ip_address == reply.status.ip_address
-        assert not Path(f"/run/netns/{bridge}.orphan").exists()
+        assert not Path(f"/run/netns/{orphan}").exists()
         assert "vzorphan" not in node_state(bridge)["links"]
         third = launch(stub, f"{container_id}-3", "sleep 1000").status.ip_address
         assert third not in (first.status.ip_address, second.status.ip_address)
