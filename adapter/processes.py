@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter.model import Exit
+from isolators.base import Limitation
+
 log = logging.getLogger(__name__)
 
 _STATUS_PATTERN = re.compile(r"(exited|signaled) (\d{1,3})\nfinished (\d+(?:\.\d+)?)\n?")
@@ -151,3 +154,18 @@ def read_status(path: str | Path) -> ExitStatus | None:
     if kind == "exited":
         return ExitStatus(exit_code=number, signal=None, finished_at=finished)
     return ExitStatus(exit_code=None, signal=number, finished_at=finished)
+
+
+def supervised_exit(
+    status: ExitStatus | None, limitation: Limitation | None, lost_message: str
+) -> Exit:
+    """How a supervised container ended, for the core: its recorded status with the limit it
+    hit, or lost when nothing was recorded."""
+    if status is None:
+        return Exit(lost=True, message=lost_message)
+    return Exit(
+        exit_code=status.exit_code,
+        signal=status.signal,
+        limitation=limitation.resource if limitation else None,
+        limitation_message=limitation.message if limitation else "",
+    )

@@ -9,15 +9,17 @@ driver needs beside them (kill everything, read statistics, list existing cgroup
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from isolators.base import Isolator, LaunchInfo, Limits, Statistics
+from isolators.base import Isolator, LaunchInfo, Limitation, Limits, Statistics
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.destroy import destroy_cgroup_processes
+from isolators.cgroups.errors import CgroupError
 from isolators.cgroups.freezer import FreezerIsolator
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.mem import MemIsolator
@@ -95,6 +97,17 @@ async def prepare_isolators(
             await isolator.cleanup(container_id)
         raise
     return merged
+
+
+def limitation_at_exit(isolators: Sequence[Isolator], container_id: str) -> Limitation | None:
+    """The first limit the container already hit, read from counters (Isolator.check). Called
+    when it exits, it closes the race between the exit and an isolator's notification (an OOM
+    kill is both); a cgroup already gone counts as no limitation."""
+    for isolator in isolators:
+        with contextlib.suppress(OSError, CgroupError):
+            if (limitation := isolator.check(container_id)) is not None:
+                return limitation
+    return None
 
 
 @dataclass(frozen=True)

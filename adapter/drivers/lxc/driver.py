@@ -72,7 +72,7 @@ from adapter.model import (
     Statistics,
 )
 from adapter.network import RuntimeNetwork
-from adapter.processes import ProcessRef, read_status, start_time
+from adapter.processes import ProcessRef, read_status, start_time, supervised_exit
 from isolators.base import Isolator, Limitation, Limits
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
@@ -82,7 +82,7 @@ from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.mem import MemIsolator, memory_limit_bytes
 from isolators.cgroups.pids import PidsIsolator
 from isolators.network.model import Attachment
-from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups
+from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups, limitation_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -423,25 +423,11 @@ class LxcDriver:
         if container is None:
             return Exit(lost=True, message="the lxc runtime has no record of this container")
         await asyncio.shield(container.exit_task)
-        limitation = container.limitation or self._checked_limitation(container_id)
+        limitation = container.limitation or limitation_at_exit(self._isolators, container_id)
         status = read_status(Path(container.handle.status_file))
-        if status is None:
-            return Exit(lost=True, message="the container's init ended without recording a status")
-        return Exit(
-            exit_code=status.exit_code,
-            signal=status.signal,
-            limitation=limitation.resource if limitation else None,
-            limitation_message=limitation.message if limitation else "",
+        return supervised_exit(
+            status, limitation, "the container's init ended without recording a status"
         )
-
-    def _checked_limitation(self, container_id: str) -> Limitation | None:
-        """Counters read at exit (while LXC has not yet removed the cgroup), closing the race
-        between the exit and the OOM notification."""
-        for isolator in self._isolators:
-            with contextlib.suppress(OSError, CgroupError):
-                if (limitation := isolator.check(container_id)) is not None:
-                    return limitation
-        return None
 
     async def kill(self, container_id: str, signal: int) -> None:
         container = self._containers.get(container_id)

@@ -41,12 +41,14 @@ from adapter.model import (
     Statistics,
 )
 from adapter.network import network_config, network_errors, network_request
+from adapter.processes import supervised_exit
 from isolators.base import Isolator, Limitation, Limits
 from isolators.network.isolator import NetworkIsolator, shared_isolator
 from isolators.registry import (
     ContainerCgroups,
     build_isolators,
     container_cgroups,
+    limitation_at_exit,
     prepare_isolators,
 )
 
@@ -227,23 +229,10 @@ class NativeDriver:
         if running is None:
             return Exit(lost=True, message="the native runtime has no record of this container")
         status = await asyncio.shield(running.exit_task)
-        limitation = running.limitation or self._checked_limitation(container_id)
-        if status is None:
-            return Exit(lost=True, message="the supervisor ended without recording an exit status")
-        return Exit(
-            exit_code=status.exit_code,
-            signal=status.signal,
-            limitation=limitation.resource if limitation else None,
-            limitation_message=limitation.message if limitation else "",
+        limitation = running.limitation or limitation_at_exit(self._isolators, container_id)
+        return supervised_exit(
+            status, limitation, "the supervisor ended without recording an exit status"
         )
-
-    def _checked_limitation(self, container_id: str) -> Limitation | None:
-        for isolator in self._isolators:
-            with contextlib.suppress(OSError):
-                limitation = isolator.check(container_id)
-                if limitation is not None:
-                    return limitation
-        return None
 
     async def kill(self, container_id: str, signal: int) -> None:
         running = self._running.get(container_id)
