@@ -91,6 +91,7 @@ def idle_memory(service: Service, count: int) -> dict[str, float]:
     rss = sum(p.memory_info().rss for p in supervisors)
     pss = sum(p.memory_full_info().pss for p in supervisors)
     service_rss = psutil.Process(service.process.pid).memory_info().rss
+    usage_all = containers_and_usage(service, [f"idle-{n}" for n in range(min(count, 200))])
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(
@@ -108,6 +109,45 @@ def idle_memory(service: Service, count: int) -> dict[str, float]:
         "service_rss_mib": round(service_rss / mib, 1),
         "supervision_rss_per_container_mib": round(rss / count / mib, 2),
         "supervision_pss_per_container_mib": round(pss / count / mib, 2),
+        "containers_and_usage_200": usage_all,
+    }
+
+
+def containers_and_usage(service: Service, ids: list[str]) -> dict[str, float]:
+    """Issue 3's target: Containers plus one Usage per container, for 200 running containers,
+    through the API (under 200 ms here), next to `cat` of the same cgroup files."""
+    stub = service.stub()
+    sequential, concurrent = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        stub.Containers(pb.ContainersRequest(), timeout=30)
+        for cid in ids:
+            stub.Usage(pb.UsageRequest(container_id=cid), timeout=30)
+        sequential.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stub.Containers(pb.ContainersRequest(), timeout=30)
+        calls = [stub.Usage.future(pb.UsageRequest(container_id=cid), timeout=30) for cid in ids]
+        for call in calls:
+            call.result()
+        concurrent.append(time.perf_counter() - started)
+    files = [
+        str(path)
+        for cid in ids
+        for path in Path("/sys/fs/cgroup").glob(f"*/{service.cgroups_root}/{cid}/*")
+        if path.name.endswith((".stat", ".usage_in_bytes", ".limit_in_bytes", ".procs", ".max"))
+    ]
+    cat = []
+    for _ in range(5):
+        started = time.perf_counter()
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=False)
+        cat.append(time.perf_counter() - started)
+    one_by_one, in_flight, theirs = (sorted(x)[2] for x in (sequential, concurrent, cat))
+    return {
+        "containers": len(ids),
+        "api_one_call_at_a_time_ms": round(one_by_one * 1000, 1),
+        "api_all_calls_in_flight_ms": round(in_flight * 1000, 1),
+        "cat_same_files_ms": round(theirs * 1000, 1),
+        "ratio_in_flight_vs_cat": round(in_flight / theirs, 2),
     }
 
 

@@ -25,6 +25,7 @@ class Service:
     endpoint: str
     process: subprocess.Popen[bytes]
     workdir: Path
+    cgroups_root: str
 
     def stub(self) -> pb_grpc.ContainerizerStub:
         return pb_grpc.ContainerizerStub(grpc.insecure_channel(self.endpoint))
@@ -35,18 +36,19 @@ def private_service(extra_config: str = "") -> Iterator[Service]:
     """A service with its own state, socket and cgroup root under a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="ctz-bench-", dir="/tmp") as tmp:
         workdir = Path(tmp)
+        cgroups_root = f"ctz-bench-{workdir.name[-8:]}"
         socket = workdir / "containerizer.sock"
         config = workdir / "containerizer.toml"
         config.write_text(
             f'version = 1\nstate_dir = "{workdir / "state"}"\nsocket = "{socket}"\n'
-            f'cgroups_root = "ctz-bench-{workdir.name[-8:]}"\n{extra_config}\n'
+            f'cgroups_root = "{cgroups_root}"\n{extra_config}\n'
         )
         with (workdir / "service.log").open("wb") as log:
             process = subprocess.Popen(
                 [str(BIN / "containerizer"), "serve", "--config", str(config)],
                 stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
-        service = Service(f"unix:{socket}", process, workdir)
+        service = Service(f"unix:{socket}", process, workdir, cgroups_root)
         try:
             _wait_until_serving(service)
             yield service
@@ -54,7 +56,7 @@ def private_service(extra_config: str = "") -> Iterator[Service]:
             _destroy_all(service)
             process.terminate()
             process.wait(timeout=30)
-            for root in Path("/sys/fs/cgroup").glob(f"*/ctz-bench-{workdir.name[-8:]}"):
+            for root in Path("/sys/fs/cgroup").glob(f"*/{cgroups_root}"):
                 with contextlib.suppress(OSError):
                     root.rmdir()
 
