@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.conftest import ServiceProcess
 from tests.integration.api import destroy, launch, scalar, usage, wait
 
@@ -268,3 +270,40 @@ def test_runtimes_lists_native_as_default(service: ServiceProcess) -> None:
     native = next(r for r in runtimes if r.name == "native")
     assert native.is_default and native.healthy
     assert native.capabilities.pid_namespace and native.capabilities.recover
+
+
+def test_events_stream_lifecycle(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    stream = stub.Events(pb.EventsRequest(container_id=container_id), timeout=30)
+    seen: list[int] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+
+        def collect() -> None:
+            for event in stream:
+                seen.append(event.state)
+                if event.state == pb.TERMINATED:
+                    assert event.termination.exit_code == 4
+                    stream.cancel()
+                    return
+
+        collector = pool.submit(collect)
+        time.sleep(0.3)  # the subscription is in place before the launch
+        launch(stub, container_id, "exit 4")
+        collector.result(timeout=30)
+    assert seen[:2] == [pb.LAUNCHING, pb.RUNNING] and seen[-1] == pb.TERMINATED
+
+
+def test_tcp_listen_address(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    service = ServiceProcess(tmp_path, extra_config=f'listen = "127.0.0.1:{port}"')
+    service.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        runtimes = pb_grpc.ContainerizerStub(channel).Runtimes(pb.RuntimesRequest(), timeout=10)
+        assert [r.name for r in runtimes.runtimes] == ["native"]
+        channel.close()
+    finally:
+        service.stop()
+        service.remove_cgroup_roots()
