@@ -43,6 +43,8 @@ RUNTIME_KEYS: dict[str, dict[str, type]] = {
         "busybox": str,  # the guest's userland, default /bin/busybox (busybox-static)
         "kvm_probe_timeout": float,  # seconds a KVM guest may take to boot in the probe
         "memory_mib": int,  # guest RAM when a launch asks for no mem
+        "disk_images": dict,  # name = "/path/base.qcow2": images a launch may boot (disk mode)
+        "kernel_args": str,  # appended to the guest kernel's command line
     },
 }
 

@@ -1,9 +1,13 @@
 """Benchmark: boot-to-exit of `/bin/true` in a guest through our service (libvirt runtime) against
 `qemu-system-x86_64 -kernel ... -initrd ...` run directly, with the same kernel, the same
-initramfs and the same kernel command line, in the same run. Also tries `-M microvm` directly.
+initramfs and the same kernel command line, in the same run. Also the same through libvirt's
+microvm machine type (a second service, `machine = "microvm"` plus the guest kernel's timer
+flags) and `-M microvm` directly. All four run in turn, run by run, so they see the same load;
+the 1-minute load average after each round is printed with the numbers.
 
-Starts its own private libvirtd and service (both removed at the end); needs root, libvirt,
-QEMU and the guest kernel (deploy/vm-kernel.sh). Prints JSON.
+Starts its own private libvirtd (tests/integration/libvirtd.py, under a prompt child reaper)
+and services (all removed at the end); needs root, libvirt, QEMU and the guest kernel
+(deploy/vm-kernel.sh). Prints JSON.
 
     .venv/bin/python benchmarks/bench_libvirt.py [--runs 5] [--kernel PATH]
 """
@@ -13,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
@@ -35,29 +41,29 @@ from tests.integration.libvirtd import PrivateLibvirtd
 DEFAULT_KERNEL = "/var/lib/containerizer/libvirt/kernel/vmlinuz"
 MEMORY_MIB = 256
 TRUE = GuestCommand(argv=("/bin/true",))
+WARMUP = 1
 
 
-def through_service(service: ServiceProcess, runs: int) -> list[float]:
+def through_service(service: ServiceProcess, container_id: str) -> tuple[float, float]:
+    """One boot-to-exit through the API: (Launch returned, Wait returned) in seconds."""
     stub = service.stub()
-    times = []
-    for run in range(runs):
-        container_id = f"bench-true-{run}"
-        started = time.perf_counter()
-        stub.Launch(
-            pb.LaunchRequest(
-                container_id=container_id,
-                command=pb.CommandInfo(argv=["/bin/true"]),
-                resources=[
-                    pb.Resource(name="mem", type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=256))
-                ],
-            ),
-            timeout=120,
-        )
-        reply = stub.Wait(pb.WaitRequest(container_id=container_id), timeout=300)
-        times.append(time.perf_counter() - started)
-        assert reply.termination.exit_code == 0, reply.termination.message
-        stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
-    return times
+    started = time.perf_counter()
+    stub.Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(argv=["/bin/true"]),
+            resources=[
+                pb.Resource(name="mem", type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=256))
+            ],
+        ),
+        timeout=120,
+    )
+    launched = time.perf_counter() - started
+    reply = stub.Wait(pb.WaitRequest(container_id=container_id), timeout=300)
+    total = time.perf_counter() - started
+    assert reply.termination.exit_code == 0, reply.termination.message
+    stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
+    return launched, total
 
 
 # microvm has no PIT/HPET/PM timer under TCG by default: the kernel hangs calibrating the TSC
@@ -70,39 +76,94 @@ def direct_qemu(
     kernel: Path,
     initrd: Path,
     scratch: Path,
-    runs: int,
     machine: list[str],
     timeout: float,
     append: str = KERNEL_CMDLINE,
-) -> tuple[list[float], str]:
-    """The same guest under qemu-system-x86_64 directly; four serial files like our domains."""
-    times = []
-    for run in range(runs):
-        serial = [scratch / f"run{run}-ttyS{port}" for port in range(4)]
-        ports: list[str] = []
-        for port, path in enumerate(serial):
-            ports += ["-chardev", f"file,id=s{port},path={path}"]
-            ports += ["-device", f"isa-serial,chardev=s{port},index={port}"]
-        command = [
-            "qemu-system-x86_64", "-accel", "tcg", *machine, "-m", str(MEMORY_MIB),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, *ports,
-        ]  # fmt: skip
-        started = time.perf_counter()
-        try:
-            subprocess.run(command, check=True, timeout=timeout, capture_output=True)
-        except subprocess.TimeoutExpired:
-            return times, f"did not power off within {timeout:g}s"
-        except subprocess.CalledProcessError as exc:
-            return times, f"qemu failed: {exc.stderr.decode(errors='replace')[-300:]}"
-        times.append(time.perf_counter() - started)
-        if serial[3].read_text().strip() != "exit 0":
-            return times, "the guest reported no `exit 0`"
-    return times, "ok"
+) -> float | str:
+    """One boot-to-exit of the same guest under qemu-system-x86_64 directly, with four serial
+    files like our domains: seconds, or why it failed."""
+    serial = [scratch / f"ttyS{port}" for port in range(4)]
+    ports: list[str] = []
+    for port, path in enumerate(serial):
+        path.unlink(missing_ok=True)
+        ports += ["-chardev", f"file,id=s{port},path={path}"]
+        ports += ["-device", f"isa-serial,chardev=s{port},index={port}"]
+    command = [
+        "qemu-system-x86_64", "-accel", "tcg", *machine, "-m", str(MEMORY_MIB),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append, *ports,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    try:
+        subprocess.run(command, check=True, timeout=timeout, capture_output=True)
+    except subprocess.TimeoutExpired:
+        return f"did not power off within {timeout:g}s"
+    except subprocess.CalledProcessError as exc:
+        return f"qemu failed: {exc.stderr.decode(errors='replace')[-300:]}"
+    elapsed = time.perf_counter() - started
+    if serial[3].read_text().strip() != "exit 0":
+        return "the guest reported no `exit 0`"
+    return elapsed
 
 
 def p50(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
+
+
+def ratio(values: list[float], reference: list[float]) -> float | None:
+    if not values or not reference:
+        return None
+    return round(statistics.median(values) / statistics.median(reference), 3)
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def compare(
+    services: dict[str, ServiceProcess], kernel: Path, initrd: Path, scratch: Path, runs: int
+) -> dict[str, Any]:
+    """Each service, direct `-M pc` and direct microvm, run by run, so all see the same load."""
+    samples: dict[str, list[float]] = {"direct": [], "microvm": []}
+    for name in services:
+        samples[name] = []
+        samples[f"{name}_launch_rpc"] = []
+    outcomes = {"direct": "ok", "microvm": "ok"}
+    loads = []
+    for run in range(-WARMUP, runs):
+        ours = {
+            name: through_service(service, f"bench-{name}-{run + WARMUP}")
+            for name, service in services.items()
+        }
+        direct = direct_qemu(kernel, initrd, scratch, ["-M", "pc"], 120)
+        microvm: float | str = outcomes["microvm"]
+        if outcomes["microvm"] == "ok":
+            microvm = direct_qemu(
+                kernel, initrd, scratch, MICROVM_MACHINE, 60, KERNEL_CMDLINE + MICROVM_TIMER_ARGS
+            )
+        loads.append(_load())
+        if run < 0:
+            continue
+        for name, (launched, total) in ours.items():
+            samples[name].append(total)
+            samples[f"{name}_launch_rpc"].append(launched)
+        for name, value in (("direct", direct), ("microvm", microvm)):
+            if isinstance(value, float):
+                samples[name].append(value)
+            else:
+                outcomes[name] = value
+    return {"samples": samples, "outcomes": outcomes, "loads": loads}
+
+
+def _service(directory: Path, daemon: PrivateLibvirtd, kernel: Path, extra: str) -> ServiceProcess:
+    directory.mkdir()
+    return ServiceProcess(
+        directory,
+        extra_config=(
+            f'default_runtime = "libvirt"\n[runtimes.libvirt]\nuri = "{daemon.uri}"\n'
+            f'kernel = "{kernel}"\nvirt_type = "qemu"\n{extra}'
+        ),
+    )
 
 
 def main() -> int:
@@ -114,17 +175,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-libvirt-") as temporary:
         scratch = Path(temporary)
         daemon = PrivateLibvirtd(scratch / "libvirtd")
-        (scratch / "service").mkdir()
-        service = ServiceProcess(
-            scratch / "service",
-            extra_config=(
-                f'default_runtime = "libvirt"\n[runtimes.libvirt]\nuri = "{daemon.uri}"\n'
-                f'kernel = "{kernel}"\nvirt_type = "qemu"\n'
+        services = {
+            "service": _service(scratch / "service", daemon, kernel, ""),
+            # libvirt's microvm: its defaults already give TCG a PIT, PIC and RTC; the guest
+            # kernel still needs the timer flags.
+            "service_microvm": _service(
+                scratch / "service-microvm",
+                daemon,
+                kernel,
+                f'machine = "microvm"\nkernel_args = "{MICROVM_TIMER_ARGS.strip()}"\n',
             ),
-        )
+        }
         try:
             daemon.start()
-            service.start()
+            for service in services.values():
+                service.start()
             base = asyncio.run(
                 base_initramfs(
                     scratch / "initramfs", Path("/bin/busybox"), kernel.parent / "modules"
@@ -132,30 +197,38 @@ def main() -> int:
             )
             initrd = scratch / "initrd"
             write_container_initramfs(base, TRUE, initrd)
-            ours = through_service(service, args.runs)
-            direct, _ = direct_qemu(kernel, initrd, scratch, args.runs, ["-M", "pc"], 120)
-            microvm, microvm_outcome = direct_qemu(
-                kernel, initrd, scratch, args.runs, MICROVM_MACHINE, 60,
-                KERNEL_CMDLINE + MICROVM_TIMER_ARGS,
-            )  # fmt: skip
+            result = compare(services, kernel, initrd, scratch, args.runs)
         finally:
-            service.stop()
+            for service in services.values():
+                service.stop()
             daemon.stop()
-    result = {
-        "benchmark": "libvirt boot-to-exit of /bin/true (TCG)",
-        "runs": args.runs,
-        "service_p50_s": p50(ours),
-        "direct_qemu_pc_p50_s": p50(direct),
-        "ratio_service_vs_direct": round(statistics.median(ours) / statistics.median(direct), 3),
-        "direct_qemu_microvm_p50_s": p50(microvm),
-        "microvm_outcome": microvm_outcome,
-        "ratio_microvm_vs_pc": (
-            round(statistics.median(microvm) / statistics.median(direct), 3) if microvm else None
-        ),
-        "service_runs_s": [round(t, 3) for t in ours],
-        "direct_runs_s": [round(t, 3) for t in direct],
-    }
-    print(json.dumps(result, indent=2))
+    samples = result["samples"]
+    print(
+        json.dumps(
+            {
+                "benchmark": "libvirt boot-to-exit of /bin/true (TCG), runs interleaved",
+                "runs": args.runs,
+                "load_1min": result["loads"],
+                "service_p50_s": p50(samples["service"]),
+                "service_launch_rpc_p50_s": p50(samples["service_launch_rpc"]),
+                "direct_qemu_pc_p50_s": p50(samples["direct"]),
+                "ratio_service_vs_direct": ratio(samples["service"], samples["direct"]),
+                "service_microvm_p50_s": p50(samples["service_microvm"]),
+                "ratio_service_microvm_vs_direct_pc": ratio(
+                    samples["service_microvm"], samples["direct"]
+                ),
+                "direct_qemu_microvm_p50_s": p50(samples["microvm"]),
+                "microvm_outcome": result["outcomes"]["microvm"],
+                "ratio_service_microvm_vs_direct_microvm": ratio(
+                    samples["service_microvm"], samples["microvm"]
+                ),
+                "ratio_direct_microvm_vs_pc": ratio(samples["microvm"], samples["direct"]),
+                "service_runs_s": [round(t, 3) for t in samples["service"]],
+                "direct_runs_s": [round(t, 3) for t in samples["direct"]],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

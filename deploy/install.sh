@@ -19,6 +19,7 @@ debian_packages=(
   docker.io                     # the docker runtime (Docker Engine)
   libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86  # the libvirt runtime
   libvirt-dev pkg-config        # to build libvirt-python
+  qemu-utils genisoimage e2fsprogs  # libvirt disk mode: qcow2 overlays, cidata ISOs, test disks
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev  # its API's .proto files
   nftables                      # port mappings of the bridge network
   docker-registry               # the local registry images are pulled from in tests

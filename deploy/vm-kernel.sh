@@ -5,8 +5,14 @@
 # untouched. Idempotent: a kernel already in place for the current package version is kept.
 #
 #   deploy/vm-kernel.sh DIR  ->  DIR/vmlinuz (symlink to the versioned file), DIR/VERSION and
-#                                DIR/modules/*.ko: the few modules the guest init loads (the ACPI
-#                                power button and evdev, so an ACPI shutdown reaches the guest)
+#                                DIR/modules/*.ko: the few modules the guest init loads, named
+#                                GROUP-N-NAME.ko so a glob lists them in dependency order:
+#                                acpi-*   the power button and evdev (an ACPI shutdown reaches the
+#                                         guest); always loaded
+#                                virtio-* virtio PCI, block and net, and the ISO 9660 reader for
+#                                         the config drive; loaded only when the guest has a virtio
+#                                         device (a network interface or a disk image)
+#                                DIR/modules/ORDER lists them; a different list means a re-fetch.
 set -euo pipefail
 
 target=${1:?usage: vm-kernel.sh DIRECTORY}
@@ -21,10 +27,20 @@ if [ -z "$image_package" ]; then
 fi
 [ -n "$image_package" ] || { echo "vm-kernel.sh: cannot resolve $meta_package" >&2; exit 1; }
 version=${image_package#linux-image-}
+# In load order: every module after the ones it depends on (their `depends=` modinfo).
+modules_wanted="acpi-1-button:acpi/button.ko acpi-2-evdev:input/evdev.ko
+virtio-01-virtio_ring:virtio/virtio_ring.ko virtio-02-virtio:virtio/virtio.ko
+virtio-03-virtio_pci_modern_dev:virtio/virtio_pci_modern_dev.ko
+virtio-04-virtio_pci_legacy_dev:virtio/virtio_pci_legacy_dev.ko
+virtio-05-virtio_pci:virtio/virtio_pci.ko virtio-06-virtio_blk:block/virtio_blk.ko
+virtio-07-failover:../net/core/failover.ko virtio-08-net_failover:net/net_failover.ko
+virtio-09-virtio_net:net/virtio_net.ko virtio-10-cdrom:cdrom/cdrom.ko
+virtio-11-isofs:../fs/isofs/isofs.ko"
 
 mkdir -p "$target"
 if [ -f "$target/VERSION" ] && [ "$(cat "$target/VERSION")" = "$version" ] \
-  && [ -s "$target/vmlinuz-$version" ] && [ -d "$target/modules" ]; then
+  && [ -s "$target/vmlinuz-$version" ] \
+  && [ "$(cat "$target/modules/ORDER" 2>/dev/null)" = "$modules_wanted" ]; then
   echo "==> guest kernel $version already in $target"
   exit 0
 fi
@@ -41,9 +57,10 @@ if [ -f "$work/root/boot/config-$version" ]; then
 fi
 modules="$work/root/lib/modules/$version/kernel/drivers"
 rm -rf "$target/modules.tmp" && mkdir "$target/modules.tmp"
-for module in acpi/button.ko input/evdev.ko; do
-  install -m 0644 "$modules/$module" "$target/modules.tmp/"
+for entry in $modules_wanted; do
+  install -m 0644 "$modules/${entry#*:}" "$target/modules.tmp/${entry%%:*}.ko"
 done
+echo "$modules_wanted" > "$target/modules.tmp/ORDER"
 rm -rf "$target/modules" && mv "$target/modules.tmp" "$target/modules"
 mv -f "$target/vmlinuz-$version.tmp" "$target/vmlinuz-$version"
 ln -sfn "vmlinuz-$version" "$target/vmlinuz"

@@ -14,6 +14,11 @@ Both run as root in a mount namespace of their own, where
   and without a private /dev per QEMU (`namespaces = []`), which libvirt cannot build around
   the /dev/kvm mount above.
 
+libvirtd runs under a child subreaper (REAPER): QEMU daemonizes, so when it exits it is reaped
+by the nearest subreaper, else by PID 1. This machine's PID 1 reaps orphans only every ~2 s, and
+libvirt's destroy polls kill(pid, 0) until the zombie is gone, so every stop of a domain took
+~2 s longer here than under systemd, which reaps at once.
+
 The client socket lives in the work directory (visible outside the namespace); `uri` points at
 it. `stop()` destroys what is left of our domains, then terminates the process group (libvirtd
 and virtlogd), then kills it.
@@ -26,13 +31,39 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_root
+
+KERNEL = Path(
+    os.environ.get("CONTAINERIZER_VM_KERNEL", "/var/lib/containerizer/libvirt/kernel/vmlinuz")
+)
+
+# PR_SET_CHILD_SUBREAPER, then run argv and reap every child (ours and orphans) as it exits.
+REAPER = r"""
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+child = os.fork()
+if child == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+while True:
+    pid, status = os.wait()
+    if pid == child:
+        sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 # The namespace setup, run by `unshare -m`; paths arrive as arguments, never pasted in.
 NAMESPACE_SCRIPT = r"""
 set -eu
 work=$1
+python=$2
+reaper=$3
 mount --make-rprivate /
 if [ -e /dev/kvm ]; then
     : > "$work/kvm-masked"
@@ -47,7 +78,7 @@ mount --bind "$work/log" /var/log/libvirt
 mount --bind "$work/cache" /var/cache/libvirt
 mount --bind "$work/qemu.conf" /etc/libvirt/qemu.conf
 virtlogd -p "$work/virtlogd.pid" &
-exec libvirtd -f "$work/libvirtd.conf" -p "$work/libvirtd.pid"
+exec "$python" -c "$reaper" libvirtd -f "$work/libvirtd.conf" -p "$work/libvirtd.pid"
 """
 
 LIBVIRTD_CONF = """\
@@ -98,7 +129,10 @@ class PrivateLibvirtd:
         self.socket.unlink(missing_ok=True)  # never mistake a stale daemon for ours
         with (self.workdir / "daemon.out").open("ab") as out:
             self.process = subprocess.Popen(
-                ["unshare", "-m", "--", "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.workdir)],
+                [
+                    *("unshare", "-m", "--", "sh", "-c", NAMESPACE_SCRIPT, "sh"),
+                    *(str(self.workdir), sys.executable, REAPER),
+                ],
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
@@ -167,3 +201,45 @@ def _running(pid_file: Path) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return pid > 0 and state != "Z"
+
+
+_shared: dict[str, PrivateLibvirtd | int | None] = {"daemon": None, "users": 0}
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateLibvirtd]:
+    """One private libvirtd (with its virtlogd) per xdist worker. Each test module that imports
+    this fixture gets a definition of its own; the count makes them share one daemon, stopped
+    when the last of them is torn down."""
+    require_root()
+    missing = missing_components()
+    require(not missing, f"libvirt runtime needs {', '.join(missing)}")
+    require(
+        KERNEL.is_file(), f"no guest kernel at {KERNEL}: run deploy/vm-kernel.sh {KERNEL.parent}"
+    )
+    if _shared["daemon"] is None:
+        daemon = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd"))
+        daemon.start()
+        _shared["daemon"] = daemon
+    daemon = _shared["daemon"]
+    assert isinstance(daemon, PrivateLibvirtd)
+    _shared["users"] = int(_shared["users"] or 0) + 1
+    try:
+        yield daemon
+    finally:
+        _shared["users"] = int(_shared["users"] or 0) - 1
+        if _shared["users"] == 0:
+            _shared["daemon"] = None
+            daemon.stop()
+
+
+def libvirt_config(daemon: PrivateLibvirtd, virt_type: str = "qemu") -> str:
+    """The service config lines that make libvirt (on `daemon`) the default runtime; more
+    `[runtimes.libvirt]` keys may follow."""
+    return (
+        'default_runtime = "libvirt"\n'
+        "[runtimes.libvirt]\n"
+        f'uri = "{daemon.uri}"\n'
+        f'kernel = "{KERNEL}"\n'
+        f'virt_type = "{virt_type}"\n'
+    )

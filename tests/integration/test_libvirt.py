@@ -15,42 +15,19 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from tests.conftest import ServiceProcess, require, require_root
+from tests.conftest import ServiceProcess
 from tests.integration.api import destroy, scalar, wait
-from tests.integration.libvirtd import PrivateLibvirtd, missing_components
+from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
+
+__all__ = ["libvirtd"]  # the shared session fixture, used by name
 
 pytestmark = pytest.mark.integration
 
-KERNEL = Path(
-    os.environ.get("CONTAINERIZER_VM_KERNEL", "/var/lib/containerizer/libvirt/kernel/vmlinuz")
-)
 HOSTILE = "<a>&amp; \"q\" 'q' ]]> <!-- x --> </domain>\nline2 $(reboot) `id` %s \\"
 
 
-@pytest.fixture(scope="session")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateLibvirtd]:
-    """One private libvirtd (with its virtlogd) per xdist worker."""
-    require_root()
-    missing = missing_components()
-    require(not missing, f"libvirt runtime needs {', '.join(missing)}")
-    require(
-        KERNEL.is_file(), f"no guest kernel at {KERNEL}: run deploy/vm-kernel.sh {KERNEL.parent}"
-    )
-    daemon = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd"))
-    daemon.start()
-    yield daemon
-    daemon.stop()
-
-
 def _service_config(daemon: PrivateLibvirtd, virt_type: str) -> str:
-    return (
-        'default_runtime = "libvirt"\n'
-        "[runtimes.libvirt]\n"
-        f'uri = "{daemon.uri}"\n'
-        f'kernel = "{KERNEL}"\n'
-        f'virt_type = "{virt_type}"\n'
-        "kvm_probe_timeout = 8.0\n"
-    )
+    return libvirt_config(daemon, virt_type) + "kvm_probe_timeout = 8.0\n"
 
 
 def _start_service(workdir: Path, daemon: PrivateLibvirtd, virt_type: str) -> ServiceProcess:

@@ -62,6 +62,24 @@ class SerialFiles:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A virtio disk backed by a host file (vda, vdb, ... in the order given)."""
+
+    path: str
+    format: str  # "qcow2" or "raw"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class BridgeInterface:
+    """A virtio NIC whose tap, named `tap` (the isolator's name for the host side), libvirt
+    creates and enslaves to `bridge`."""
+
+    bridge: str
+    tap: str
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     uuid: str
@@ -76,6 +94,8 @@ class DomainSpec:
     cmdline: str
     serial: SerialFiles
     metadata: Metadata
+    disks: tuple[Disk, ...] = ()
+    interface: BridgeInterface | None = None
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attributes: str) -> ET.Element:
@@ -141,8 +161,25 @@ def _serial(devices: ET.Element, port: int, path: str) -> None:
     _sub(serial, "target", port=str(port))
 
 
+def _disk(devices: ET.Element, index: int, disk: Disk) -> None:
+    element = _sub(devices, "disk", type="file", device="disk")
+    _sub(element, "driver", name="qemu", type=disk.format)
+    _sub(element, "source", file=xml_path(disk.path, f"disk {index}"))
+    _sub(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+    if disk.readonly:
+        _sub(element, "readonly")
+
+
+def _interface(devices: ET.Element, interface: BridgeInterface) -> None:
+    element = _sub(devices, "interface", type="bridge")
+    _sub(element, "source", bridge=interface.bridge)
+    _sub(element, "target", dev=interface.tap)
+    _sub(element, "model", type="virtio")
+
+
 def domain_xml(spec: DomainSpec) -> str:
-    """A transient domain: direct kernel boot, four serial files, nothing else attached."""
+    """A transient domain: direct kernel boot, four serial files, and the disks and bridge
+    interface the spec names."""
     domain = ET.Element("domain", type=spec.virt_type)
     _sub(domain, "name", spec.name)
     _sub(domain, "uuid", spec.uuid)
@@ -169,6 +206,10 @@ def domain_xml(spec: DomainSpec) -> str:
         (spec.serial.console, spec.serial.stdout, spec.serial.stderr, spec.serial.status)
     ):
         _serial(devices, port, path)
+    for index, disk in enumerate(spec.disks):
+        _disk(devices, index, disk)
+    if spec.interface is not None:
+        _interface(devices, spec.interface)
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     ET.register_namespace(METADATA_PREFIX, METADATA_NAMESPACE)

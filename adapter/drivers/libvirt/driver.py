@@ -1,5 +1,19 @@
-"""The libvirt runtime ("libvirt"): each container is a transient QEMU/KVM domain whose init runs
-the command and powers off.
+"""The libvirt runtime ("libvirt"): each container is a transient QEMU/KVM domain.
+
+Two kinds of guest, both booted directly with the configured kernel and our initramfs:
+- command (no image): the initramfs's init runs the command and powers off; its exit status
+  comes back over a serial port.
+- disk image (`image` names an entry of `[runtimes.libvirt.disk_images]`, see disk.py): a
+  long-running guest. The init mounts a per-container qcow2 overlay on the base disk as root
+  (`root=/dev/vda`) and hands over to the disk's own /sbin/init; the command goes in as
+  cloud-init user-data on a config drive. The container ends when the guest powers off (exit
+  0, or the code the guest writes to the status port) or is killed.
+
+Network (issue 10): with the node's isolator deciding (a [network] table, or a mode asked for),
+mode bridge is a virtio NIC whose tap libvirt puts on the isolator's bridge under the
+isolator's link name, so forwards, tc shaping, counters and sweeps work as for a veth; the
+address reaches the guest as `ip=ADDR::GW:MASK::eth0:off` on the kernel command line (and as
+cloud-init network-config in disk mode). Mode none is a guest without NIC; host is refused.
 
 Launch builds the container's initrd (initramfs.py), the domain XML (domain.py) and starts it in
 the resource partition `/<cgroups_root>`, so QEMU lands in cgroups the shared accounting reader
@@ -19,17 +33,15 @@ import math
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt  # type: ignore[import-untyped]
 import libvirtaio  # type: ignore[import-untyped]
-import psutil
 
 from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
-from adapter.drivers.libvirt import domain, kvm
+from adapter.drivers.libvirt import cgroups, disk, domain, kvm
 from adapter.drivers.libvirt.handle import GuestHandle
 from adapter.drivers.libvirt.initramfs import (
     STATUS_PORT,
@@ -37,61 +49,29 @@ from adapter.drivers.libvirt.initramfs import (
     base_initramfs,
     write_container_initramfs,
 )
+from adapter.drivers.libvirt.options import MIN_GUEST_MEMORY_MIB, LibvirtOptions
 from adapter.drivers.libvirt.state import Guest, Guests
 from adapter.errors import (
-    ConfigError,
     ContainerizerError,
     FailedPrecondition,
+    InvalidArgument,
     LaunchFailed,
     NotFound,
     Unavailable,
 )
 from adapter.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.network import RuntimeNetwork, network_errors, network_request
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.cpu import cpu_shares
-from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
+from isolators.network.model import Attachment
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_MEMORY_MIB = 256
-MIN_GUEST_MEMORY_MIB = 64  # below this the cloud kernel does not unpack its initramfs
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 STOP_TIMEOUT = 30.0
 RECONNECT_INTERVAL = 1.0
 _event_loop: list[asyncio.AbstractEventLoop] = []  # libvirt takes one event loop per process
-
-
-@dataclass(frozen=True)
-class LibvirtOptions:
-    uri: str
-    virt_type: str
-    kernel: Path
-    machine: str
-    busybox: Path
-    kvm_probe_timeout: float
-    memory_mib: int
-
-    @classmethod
-    def parse(cls, options: dict[str, Any], state_dir: Path) -> LibvirtOptions:
-        virt_type = options.get("virt_type", "auto")
-        if virt_type not in kvm.VIRT_TYPES:
-            raise ConfigError(
-                f"runtimes.libvirt.virt_type: expected one of {list(kvm.VIRT_TYPES)},"
-                f" got {virt_type!r}"
-            )
-        memory = options.get("memory_mib", DEFAULT_MEMORY_MIB)
-        if memory < MIN_GUEST_MEMORY_MIB:
-            raise ConfigError(f"runtimes.libvirt.memory_mib: at least {MIN_GUEST_MEMORY_MIB}")
-        return cls(
-            uri=options.get("uri", "qemu:///system"),
-            virt_type=virt_type,
-            kernel=Path(options.get("kernel", state_dir / "libvirt" / "kernel" / "vmlinuz")),
-            machine=options.get("machine", "pc"),
-            busybox=Path(options.get("busybox", "/bin/busybox")),
-            kvm_probe_timeout=float(options.get("kvm_probe_timeout", 10.0)),
-            memory_mib=int(memory),
-        )
 
 
 def _register_event_loop() -> None:
@@ -124,6 +104,7 @@ class LibvirtDriver:
         self._run_root = self._base_dir / "run"
         self._partition = "/" + config.cgroups_root.strip("/")
         self._guests = Guests()
+        self._network = RuntimeNetwork(config)
         self._conn: Any = None
         self._connect_lock = asyncio.Lock()
         self._partition_lock = asyncio.Lock()
@@ -165,8 +146,11 @@ class LibvirtDriver:
             return
         loop = asyncio.get_running_loop()
         if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
-            # The guest powered itself off after reporting its exit over serial: nothing of it
-            # is left to wait for, while libvirt's own stop of QEMU takes about 2 s under TCG.
+            guest.powered_off = True
+            # The guest powered itself off (after reporting its exit over serial): nothing of
+            # it is left to wait for. libvirt stops QEMU on its own too (on_poweroff destroy),
+            # as fast (measured: ~0.2 s either way, its poll for the exited process); this
+            # makes the end independent of the domain's on_poweroff.
             loop.run_in_executor(None, _destroy_quietly, dom)
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             loop.call_soon(guest.resolve, "stopped")
@@ -205,9 +189,11 @@ class LibvirtDriver:
 
     # ---- configuration checks ----
 
-    async def _base_initramfs(self) -> Path:
+    async def _base_initramfs(self, *, virtio: bool = False) -> Path:
         modules = self._options.kernel.parent / "modules"
-        return await base_initramfs(self._base_dir / "initramfs", self._options.busybox, modules)
+        return await base_initramfs(
+            self._base_dir / "initramfs", self._options.busybox, modules, virtio=virtio
+        )
 
     async def _virt_choice(self) -> kvm.VirtChoice:
         async with self._choice_lock:
@@ -228,7 +214,13 @@ class LibvirtDriver:
             return self._choice
 
     async def fingerprint(self) -> Fingerprint:
-        capabilities = Capabilities(live_update=True, pid_namespace=True, recover=True)
+        capabilities = Capabilities(
+            images=bool(self._options.disk_images),
+            live_update=True,
+            pid_namespace=True,
+            recover=True,
+            network_isolation=True,
+        )
         try:
             conn = await asyncio.wait_for(self._connection(), 15)
             choice = await self._virt_choice()
@@ -267,6 +259,13 @@ class LibvirtDriver:
         conn = await self._connection()
         choice = await self._virt_choice()
         memory, vcpus, warnings = self._shape(spec)
+        # Everything a request can get wrong is refused before anything exists.
+        base_disk = (
+            None
+            if spec.image is None
+            else disk.resolve_image(self._options.disk_images, spec.image)
+        )
+        bridged = self._bridged(spec)
         run_dir = self._run_root / cid
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, mode=0o700)
@@ -277,35 +276,81 @@ class LibvirtDriver:
             status_path=str(run_dir / f"ttyS{STATUS_PORT}"),
             console_path=str(run_dir / "console"),
             virt_type=choice.virt_type,
+            disk_image=spec.image or "",
         )
         guest = Guest(handle, asyncio.get_running_loop().create_future(), memory, vcpus)
         self._guests.add(cid, guest)
         try:
-            xml = await self._prepare(spec, handle, guest)
+            attachment = None
+            if bridged:
+                with network_errors():
+                    attachment = await self._network.isolator.prepare(
+                        cid, network_request(spec), own_link=True
+                    )
+            address = _guest_address(attachment)
+            xml = await self._prepare(spec, handle, guest, base_disk, address)
             async with self._partition_lock:
-                self._ensure_partition()
+                cgroups.ensure_partition(self._partition)
                 await self._call(conn.createXML, xml, 0)
-            guest.handle = _attach_qemu(handle)
+            guest.handle = cgroups.attach_qemu(handle)
+            if address is not None:
+                with network_errors():
+                    await self._network.isolator.link_created(cid)
         except ContainerizerError as exc:
             await self.destroy(cid)
-            if isinstance(exc, Unavailable | FailedPrecondition):
+            if isinstance(exc, Unavailable | FailedPrecondition | InvalidArgument):
                 raise
             raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
         except BaseException:
             await self.destroy(cid)
             raise
-        return Launched(guest.handle.to_json(), guest.handle.qemu_pid, warnings)
+        ip_address = address.address if address is not None else ""
+        return Launched(guest.handle.to_json(), guest.handle.qemu_pid, warnings, ip_address)
 
-    async def _prepare(self, spec: LaunchSpec, handle: GuestHandle, guest: Guest) -> str:
-        """Write the container's initrd; return its domain XML."""
+    def _bridged(self, spec: LaunchSpec) -> bool:
+        """Whether the guest gets a NIC on the bridge. A VM cannot share the host's network
+        namespace, so mode host is refused; without the isolator deciding (no [network] table,
+        no mode asked for) the guest has no NIC, as before networking existed."""
+        if not self._network.chooses(spec):
+            return False
+        with network_errors():
+            mode, _ = self._network.isolator.resolve(spec.container_id, network_request(spec))
+        if mode == "host":
+            raise FailedPrecondition(
+                "container.network.mode: 'host' is not possible for a virtual machine"
+                " (libvirt runtime); use 'bridge' or 'none'"
+            )
+        return mode == "bridge"
+
+    async def _prepare(
+        self,
+        spec: LaunchSpec,
+        handle: GuestHandle,
+        guest: Guest,
+        base_disk: Path | None,
+        address: disk.GuestAddress | None,
+    ) -> str:
+        """Write the container's boot files (initrd, or overlay and config drive); return its
+        domain XML."""
         run_dir = Path(handle.run_dir)
-        command = GuestCommand(
-            argv=tuple(spec.command.resolved_argv()),
-            environment=tuple(f"{name}={value}" for name, value in spec.command.environment),
-            working_dir=spec.command.working_dir,
-        )
-        write_container_initramfs(await self._base_initramfs(), command, run_dir / "initrd")
+        cmdline = " ".join(filter(None, (KERNEL_CMDLINE, self._options.kernel_args)))
+        if address is not None:
+            cmdline += f" ip={address.address}::{address.gateway}:{address.netmask}::eth0:off"
+        if base_disk is None:
+            initrd = run_dir / "initrd"
+            base = await self._base_initramfs(virtio=address is not None)
+            write_container_initramfs(base, _guest_command(spec), initrd)
+            disks: tuple[domain.Disk, ...] = ()
+        else:
+            initrd = await self._base_initramfs(virtio=True)  # no command: the disk's init runs
+            disks = await self._disk_files(spec, run_dir, base_disk, address)
+            cmdline += " root=/dev/vda rw"
         sandbox = Path(spec.sandbox)
+        attachment = self._network.isolator.attachment(spec.container_id)
+        interface = None
+        if address is not None and attachment is not None and attachment.host_veth:
+            bridge = self._network.isolator.config.bridge
+            interface = domain.BridgeInterface(bridge=bridge, tap=attachment.host_veth)
         return domain.domain_xml(
             domain.DomainSpec(
                 name=handle.domain_name,
@@ -317,8 +362,8 @@ class LibvirtDriver:
                 cpu_shares=cpu_shares(spec.resources.cpus or 1.0),
                 partition=self._partition,
                 kernel=str(self._options.kernel.resolve()),
-                initrd=str(run_dir / "initrd"),
-                cmdline=KERNEL_CMDLINE,
+                initrd=str(initrd),
+                cmdline=cmdline,
                 serial=domain.SerialFiles(
                     console=handle.console_path,
                     stdout=str(sandbox / "stdout"),
@@ -333,32 +378,31 @@ class LibvirtDriver:
                     owner=self._owner,
                     labels=spec.labels,
                 ),
+                disks=disks,
+                interface=interface,
             )
         )
 
-    def _partition_dirs(self) -> list[Path]:
-        """libvirt maps partition /a/b to `<mount>/a.partition/b.partition` in every cgroup
-        hierarchy it uses (here: each v1 controller and the unified mount)."""
-        mounts = parse_mountinfo(MOUNTINFO.read_text())
-        relative = Path(*(f"{part}.partition" for part in self._partition.strip("/").split("/")))
-        roots = dict.fromkeys([*mounts.v1.values(), *([mounts.v2] if mounts.v2 else [])])
-        return [root / relative for root in roots]
-
-    def _ensure_partition(self) -> None:
-        for directory in self._partition_dirs():
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise FailedPrecondition(f"libvirt: cannot create {directory}: {exc}") from exc
+    async def _disk_files(
+        self, spec: LaunchSpec, run_dir: Path, base: Path, address: disk.GuestAddress | None
+    ) -> tuple[domain.Disk, ...]:
+        """The overlay on the base disk (vda) and the config drive with the command (vdb)."""
+        overlay = await disk.create_overlay(base, run_dir)
+        script = disk.user_data(
+            spec.command.resolved_argv(), spec.command.environment, spec.command.working_dir
+        )
+        drive = await disk.write_config_drive(run_dir, spec.container_id, script, address)
+        return (
+            domain.Disk(str(overlay), "qcow2"),
+            domain.Disk(str(drive), "raw", readonly=True),
+        )
 
     async def _release_partition(self) -> None:
         """Remove the partition once no guest of ours is left in it (others keep it busy)."""
         async with self._partition_lock:
             if self._guests.items():
                 return
-            for directory in reversed(self._partition_dirs()):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
+            cgroups.remove_partition(self._partition)
 
     async def wait(self, container_id: str) -> Exit:
         guest = self._guests.get(container_id)
@@ -409,7 +453,8 @@ class LibvirtDriver:
         run_dir = self._run_root / container_id
         if guest is not None:
             run_dir = Path(guest.handle.run_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        await self._network.cleanup(container_id)  # the tap went with the domain
+        shutil.rmtree(run_dir, ignore_errors=True)  # initrd, or overlay and config drive
         self._guests.pop(container_id)
         await self._release_partition()
 
@@ -429,7 +474,7 @@ class LibvirtDriver:
             return False
 
     async def update(self, container_id: str, resources: Resources) -> None:
-        """CPU shares change live; guest RAM and vCPUs are fixed at boot."""
+        """CPU shares and the network rate change live; guest RAM and vCPUs are fixed."""
         guest = self._guests.get(container_id)
         if guest is None or guest.stopped.done():
             raise NotFound(f"libvirt runtime: no running guest {container_id!r}")
@@ -437,6 +482,7 @@ class LibvirtDriver:
             raise FailedPrecondition(
                 f"libvirt runtime: guest RAM is fixed at boot ({guest.memory_mib} MiB)"
             )
+        await self._network.update(container_id, resources)
         if resources.cpus is None:
             return
         conn = await self._connection()
@@ -464,6 +510,7 @@ class LibvirtDriver:
         if "rss" in memory:
             statistics.setdefault("mem_rss_bytes", memory["rss"] * 1024)
         statistics.setdefault("mem_limit_bytes", guest.memory_mib * 1024 * 1024)
+        statistics.update(await self._network.usage(container_id))  # the tap's counters
         return statistics
 
     # ---- recovery ----
@@ -478,6 +525,7 @@ class LibvirtDriver:
             self._guests.add(
                 entry.spec.container_id, Guest(handle, loop.create_future(), memory, vcpus)
             )
+        await self._network.recover(known_ids)  # forwards back; orphan attachments removed
         try:
             await self._connection()  # resyncs: guests that ended while we were down resolve
             await self._remove_orphan_domains(known_ids)
@@ -513,6 +561,7 @@ class LibvirtDriver:
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
         self._guests.clear()
+        await self._network.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
@@ -520,22 +569,18 @@ class LibvirtDriver:
                 await asyncio.to_thread(conn.close)
 
 
-def _attach_qemu(handle: GuestHandle) -> GuestHandle:
-    """The handle completed with QEMU's pid and the domain's real cgroup directories, found by
-    the domain UUID on QEMU's command line (libvirt keeps its pid file in its own run dir)."""
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "-uuid" in cmdline and handle.domain_uuid in cmdline:
-            try:
-                cgroup_text = Path(f"/proc/{process.pid}/cgroup").read_text()
-            except OSError:
-                break
-            mounts = parse_mountinfo(MOUNTINFO.read_text())
-            controllers = dict(mounts.v1) if mounts.v1 else {"": mounts.v2} if mounts.v2 else {}
-            dirs = tuple(domain.qemu_cgroup_dirs(cgroup_text, controllers))
-            return GuestHandle(**{**handle.__dict__, "qemu_pid": process.pid, "cgroup_dirs": dirs})
-    log.warning("libvirt: QEMU of %s not found; usage will lack cgroup numbers", handle.domain_name)
-    return handle
+def _guest_command(spec: LaunchSpec) -> GuestCommand:
+    return GuestCommand(
+        argv=tuple(spec.command.resolved_argv()),
+        environment=tuple(f"{name}={value}" for name, value in spec.command.environment),
+        working_dir=spec.command.working_dir,
+    )
+
+
+def _guest_address(attachment: Attachment | None) -> disk.GuestAddress | None:
+    if attachment is None or attachment.address is None or attachment.gateway is None:
+        return None
+    return disk.GuestAddress(attachment.address, attachment.prefix_len, attachment.gateway)
 
 
 def _version(number: int) -> str:

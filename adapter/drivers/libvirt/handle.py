@@ -27,6 +27,8 @@ class GuestHandle:
     # The domain's cgroup directories (one per v1 controller) as QEMU's /proc/<pid>/cgroup
     # showed them right after start; read with the shared accounting reader.
     cgroup_dirs: tuple[str, ...] = field(default_factory=tuple)
+    # Disk-image mode: the configured name of the base disk; "" for a command guest.
+    disk_image: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -44,6 +46,7 @@ class GuestHandle:
             virt_type=str(data["virt_type"]),
             qemu_pid=int(data.get("qemu_pid", 0)),
             cgroup_dirs=tuple(str(d) for d in data.get("cgroup_dirs", ())),
+            disk_image=str(data.get("disk_image", "")),
         )
 
 

@@ -26,20 +26,54 @@ from pathlib import Path
 
 from adapter.errors import FailedPrecondition
 
-FORMAT_VERSION = "1"  # bump when the layout below changes: invalidates cached archives
+FORMAT_VERSION = "2"  # bump when the layout below changes: invalidates cached archives
 STDOUT_PORT, STDERR_PORT, STATUS_PORT = 1, 2, 3  # ttyS<n>; ttyS0 is the kernel console
 GUEST_PATH = "/bin:/sbin:/usr/bin:/usr/sbin"
+VIRTIO_MODULE_PREFIX = "virtio-"
 
 # PID 1 in the guest. Runs under busybox ash; values are read from files, never interpolated.
+# The kernel command line carries only what the driver built from validated values: `root=`
+# (disk-image mode) and `ip=` (the address from our IPAM).
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # containerizer guest init: run /ctz's command, report its status on ttyS3, power off.
+# With root= on the kernel command line: mount that disk and hand over to its own /sbin/init.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run /tmp
+
+boot_disk() {
+    tries=0
+    while [ ! -b "$1" ] && [ "$tries" -lt 250 ]; do sleep 0.02; tries=$((tries + 1)); done
+    mkdir -p /newroot
+    if ! mount -o rw "$1" /newroot || [ ! -x /newroot/sbin/init ]; then
+        echo "containerizer init: cannot boot $1 (no filesystem or no /sbin/init)" > /dev/console
+        echo "exit 127" > /dev/ttyS3
+        poweroff -f
+    fi
+    for fs in dev proc sys; do
+        if [ -d "/newroot/$fs" ]; then mount --move "/$fs" "/newroot/$fs"; else umount "/$fs"; fi
+    done
+    exec switch_root /newroot /sbin/init
+}
+configure_network() {
+    # ADDRESS::GATEWAY:NETMASK::DEVICE:off, the kernel's ip= syntax
+    old_ifs=$IFS; IFS=:; set -- $1; IFS=$old_ifs
+    ifconfig lo up
+    ifconfig "$6" "$1" netmask "$4" up && route add default gw "$3"
+}
+
 for module in /lib/modules/*.ko; do [ -e "$module" ] && insmod "$module" 2>/dev/null; done
 for port in /dev/ttyS1 /dev/ttyS2 /dev/ttyS3; do stty -F "$port" raw -echo 2>/dev/null; done
+root= ip_config=
+set -f
+for arg in $(cat /proc/cmdline); do
+    case $arg in root=*) root=${arg#root=} ;; ip=*) ip_config=${arg#ip=} ;; esac
+done
+set +f
+[ -n "$root" ] && boot_disk "$root"
+[ -n "$ip_config" ] && configure_network "$ip_config"
 
 finish() {
     # Whatever the command left behind dies first, so the last writer of each port has
@@ -173,12 +207,20 @@ async def _applets(busybox: Path) -> list[str]:
     return out.decode().split()
 
 
-async def base_initramfs(cache_dir: Path, busybox: Path, modules_dir: Path | None) -> Path:
-    """The cached base archive for this busybox and these modules, built if missing."""
+async def base_initramfs(
+    cache_dir: Path, busybox: Path, modules_dir: Path | None, *, virtio: bool = False
+) -> Path:
+    """The cached base archive for this busybox and these modules, built if missing. The
+    virtio modules (`virtio-*.ko`, see deploy/vm-kernel.sh) go in only with `virtio`: a guest
+    without a disk image or a NIC boots faster without unpacking and loading them."""
     try:
         busybox_bytes = busybox.read_bytes()
         modules = (
-            {p.name: p.read_bytes() for p in sorted(modules_dir.glob("*.ko"))}
+            {
+                p.name: p.read_bytes()
+                for p in sorted(modules_dir.glob("*.ko"))
+                if virtio or not p.name.startswith(VIRTIO_MODULE_PREFIX)
+            }
             if modules_dir is not None and modules_dir.is_dir()
             else {}
         )
@@ -191,7 +233,8 @@ async def base_initramfs(cache_dir: Path, busybox: Path, modules_dir: Path | Non
     digest.update(POWER_BUTTON_SCRIPT.encode() + busybox_bytes)
     for name, data in sorted(modules.items()):
         digest.update(name.encode() + hashlib.sha256(data).digest())
-    target = cache_dir / f"base-{digest.hexdigest()[:24]}.cpio"
+    kind = "virtio" if virtio else "base"
+    target = cache_dir / f"{kind}-{digest.hexdigest()[:24]}.cpio"
     if target.is_file():
         return target
     archive = _base_archive(busybox_bytes, await _applets(busybox), modules)
@@ -199,7 +242,7 @@ async def base_initramfs(cache_dir: Path, busybox: Path, modules_dir: Path | Non
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     partial.write_bytes(archive)
     partial.replace(target)  # atomic: a concurrent build of the same content is harmless
-    for stale in cache_dir.glob("base-*.cpio"):
+    for stale in cache_dir.glob(f"{kind}-*.cpio"):
         if stale != target:
             stale.unlink(missing_ok=True)
     return target

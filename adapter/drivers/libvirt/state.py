@@ -2,7 +2,8 @@
 
 A guest's end arrives as a libvirt lifecycle event (STOPPED) on the event loop; the record's
 future resolves with the Exit read from the status file at that moment, so a later removal of
-the run directory cannot lose it.
+the run directory cannot lose it. Without a status: the signal we stopped it with; for a
+disk-image guest that powered itself off, 0; else lost, with the end of its console.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class Guest:
     # The signal we answered a kill with (15: ACPI shutdown, 9: destroy), for a guest that
     # ends without reporting a status.
     kill_signal: int | None = None
+    # The guest powered itself off (libvirt's SHUTDOWN event reached us).
+    powered_off: bool = False
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def exit_now(self, how: str) -> Exit:
@@ -32,6 +35,10 @@ class Guest:
             return Exit(exit_code=code)
         if self.kill_signal is not None:
             return Exit(signal=self.kill_signal)
+        if self.powered_off and self.handle.disk_image:
+            # A disk-image guest runs its own init, which need not know our status port:
+            # powering off by itself is how such a machine ends normally.
+            return Exit(exit_code=0)
         tail = console_tail(self.handle.console_path)
         return Exit(
             lost=True,
