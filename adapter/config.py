@@ -34,7 +34,11 @@ RUNTIME_KEYS: dict[str, dict[str, type]] = {
         "snapshotter": str,
     },
     "lxc": {"supervisor": str, "network": str, "network_link": str},
-    "docker": {"endpoint": str, "registry": str},
+    "docker": {
+        "endpoint": str,
+        "registry": str,
+        "sandbox_image": str,  # bridge mode's network sandbox runs `sleep infinity` from it
+    },
     "libvirt": {
         "uri": str,  # default qemu:///system
         "virt_type": str,  # auto (probe) | kvm | qemu (TCG)

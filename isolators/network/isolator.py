@@ -21,6 +21,9 @@ per node. How a runtime attaches (see the report of issue 10 / DESIGN.md):
   libvirt     prepare(..., own_link=True): no namespace; the domain's <interface type='bridge'>
               gets target dev attachment.host_veth (its tap, so usage/update/sweep find it),
               then link_created(id) shapes it; the guest configures attachment.address itself
+  docker      prepare(..., netns_source=/proc/<sandbox pid>/ns/net): the namespace of a
+              sleeping sandbox container (NetworkMode none) is adopted, the workload joins
+              it with NetworkMode container:<sandbox>
 Mode "host" creates nothing and is not checkpointed.
 """
 
@@ -152,11 +155,19 @@ class NetworkIsolator:
     # ---- verbs ----
 
     async def prepare(
-        self, container_id: str, request: NetworkRequest, *, own_link: bool = False
+        self,
+        container_id: str,
+        request: NetworkRequest,
+        *,
+        own_link: bool = False,
+        netns_source: Path | None = None,
     ) -> Attachment:
         """`own_link`: the runtime puts its own interface on the bridge, named
         `attachment.host_veth` (libvirt's tap for a VM), and no namespace is made; the bridge,
-        address and forwards are ours as usual, and `link_created` shapes the link."""
+        address and forwards are ours as usual, and `link_created` shapes the link.
+        `netns_source`: adopt this existing namespace (/proc/<pid>/ns/net of the runtime's
+        sandbox process, Docker's) at `attachment.netns_path` instead of creating a new one;
+        everything else (veth, address, forwards, cleanup) is as usual."""
         async with self._lock:
             mode, mappings = self.resolve(container_id, request)
             if mode == "host":
@@ -167,7 +178,7 @@ class NetworkIsolator:
             self._state.attachments[container_id] = attachment
             self._save()  # durable before anything exists: recovery can always undo it
             try:
-                await self._create(attachment)
+                await self._create(attachment, netns_source)
             except BaseException as exc:
                 await self._remove(attachment)
                 if isinstance(exc, NetworkError | asyncio.CancelledError):
@@ -200,14 +211,17 @@ class NetworkIsolator:
             bandwidth_mbit=bandwidth,
         )
 
-    async def _create(self, attachment: Attachment) -> None:
+    async def _create(self, attachment: Attachment, netns_source: Path | None = None) -> None:
         if attachment.netns_path is None:  # prepare(own_link=True): the runtime makes the link
             await self._ensure_bridge()
             if attachment.port_mappings:
                 await self._apply_forwards()
             return
         path = Path(attachment.netns_path)
-        await netns.create(path)
+        if netns_source is None:
+            await netns.create(path)
+        else:
+            await netns.adopt(path, netns_source)
         if attachment.mode == "bridge":
             await self._attach_to_bridge(attachment, path)
         else:

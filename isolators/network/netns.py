@@ -118,6 +118,29 @@ async def create(path: Path) -> None:
     await _in_fresh_thread(lambda: _create(path))
 
 
+def _adopt(path: Path, source: Path) -> None:
+    """`_create` for a namespace that already exists: bind-mount `source` at `path`."""
+    _share_run_dir()
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+    try:
+        _check(
+            _libc.mount(os.fsencode(source), os.fsencode(path), b"none", MS_BIND, None),
+            "bind mount",
+            str(path),
+        )
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+async def adopt(path: Path, source: Path) -> None:
+    """Name an existing namespace (`source`, e.g. /proc/<pid>/ns/net of a runtime's sandbox
+    process) at `path`, so it is ours from here on exactly as one `create` made: the bind mount
+    keeps it alive after that process is gone, and `remove` lets it go. For runtimes that
+    cannot join a namespace by path (Docker) and make one of their own instead."""
+    await _in_fresh_thread(lambda: _adopt(path, source))
+
+
 def _netlink_socket_in(path: Path) -> socket.socket:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -14,12 +14,16 @@ from adapter.drivers.docker.driver import DockerDriver, exit_from_inspect, resou
 from adapter.drivers.docker.handle import (
     LABEL_CONTAINER_ID,
     LABEL_OWNER,
+    LABEL_ROLE,
+    ROLE_SANDBOX,
     DockerHandle,
     cgroup_dirs,
     cgroup_mount_points,
     container_name,
+    sandbox_name,
 )
-from adapter.errors import ConfigError, FailedPrecondition, NotFound, Unavailable
+from adapter.drivers.docker.network import PreparedNetwork
+from adapter.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from adapter.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
 from isolators.cgroups.hierarchy import Hierarchies
 
@@ -71,11 +75,16 @@ def test_limits_use_the_mesos_arithmetic() -> None:
     assert resource_fields(Resources(), enable_cfs=True) == {}
 
 
-def driver(tmp_path: Path, *, allow_host: bool = True, **options: Any) -> DockerDriver:
+def driver(
+    tmp_path: Path, *, allow_host: bool = True, bridge: bool = False, **options: Any
+) -> DockerDriver:
+    network = NetworkOptions(allow_host=allow_host)
+    if bridge:
+        network = NetworkOptions(enabled=True, default_mode="bridge", allow_host=allow_host)
     config = AgentConfig(
         state_dir=tmp_path,
         cgroups_root="ctz",
-        network=NetworkOptions(allow_host=allow_host),
+        network=network,
         runtimes={"docker": options},
     )
     return DockerDriver(config, options)
@@ -96,7 +105,7 @@ def spec(**overrides: Any) -> LaunchSpec:
 
 
 def test_container_config(tmp_path: Path) -> None:
-    config = driver(tmp_path)._container_config(spec(), "busybox", "none")
+    config = driver(tmp_path)._container_config(spec(), "busybox", PreparedNetwork("none"))
     assert (config["entrypoint"], config["command"]) == (["/bin/sh"], ["-c", "echo hi"])
     assert config["environment"] == ["A=b=c", "MESOS_SANDBOX=/mnt/mesos/sandbox"]
     assert config["working_dir"] == "/mnt/mesos/sandbox"
@@ -116,26 +125,67 @@ def test_container_config(tmp_path: Path) -> None:
 
 def test_argv_keeps_its_words(tmp_path: Path) -> None:
     command = Command(argv=("/bin/echo", "a b", "$HOME"), working_dir="/tmp")
-    config = driver(tmp_path)._container_config(spec(command=command), "busybox", "none")
+    config = driver(tmp_path)._container_config(
+        spec(command=command), "busybox", PreparedNetwork("none")
+    )
     assert (config["entrypoint"], config["command"]) == (["/bin/echo"], ["a b", "$HOME"])
     assert config["working_dir"] == "/tmp"
 
 
 def test_network_modes(tmp_path: Path) -> None:
-    assert driver(tmp_path)._network_mode(spec()) == "none"
-    assert driver(tmp_path)._network_mode(spec(network=NetworkSettings("host"))) == "host"
-    with pytest.raises(FailedPrecondition, match="'host' is not available"):
-        driver(tmp_path, allow_host=False)._network_mode(spec(network=NetworkSettings("host")))
-    with pytest.raises(FailedPrecondition, match="'bridge'"):
-        driver(tmp_path)._network_mode(spec(network=NetworkSettings("bridge")))
+    """Without a [network] table Docker's own `none` stays the default; with one, bridge."""
+    assert driver(tmp_path)._network.mode(spec()) == "none"
+    assert driver(tmp_path)._network.mode(spec(network=NetworkSettings("host"))) == "host"
+    # (the isolator is one per state directory: the bridge node needs its own)
+    assert driver(tmp_path / "node", bridge=True)._network.mode(spec()) == "bridge"
+    no_host = driver(tmp_path / "no-host", allow_host=False)
+    with pytest.raises(FailedPrecondition, match="allow_host"):
+        no_host._network.mode(spec(network=NetworkSettings("host")))
+    with pytest.raises(FailedPrecondition, match=r"'bridge' needs a \[network\] table"):
+        driver(tmp_path)._network.mode(spec(network=NetworkSettings("bridge")))
     mapped = NetworkSettings("none", (PortMapping(8080, 80),))
-    with pytest.raises(FailedPrecondition, match="port mappings"):
-        driver(tmp_path)._network_mode(spec(network=mapped))
+    with pytest.raises(InvalidArgument, match="port_mappings"):
+        driver(tmp_path / "node", bridge=True)._network.mode(spec(network=mapped))
+
+
+def test_bridge_workload_joins_its_sandbox_with_our_etc_files(tmp_path: Path) -> None:
+    hosts = {"Type": "bind", "Source": "/s/hosts", "Target": "/etc/hosts", "ReadOnly": True}
+    network = PreparedNetwork("container:0123abc", (hosts,), "10.9.0.2", "0123abc")
+    host = driver(tmp_path)._container_config(spec(), "busybox", network)["host_config"]
+    assert host["NetworkMode"] == "container:0123abc"
+    assert host["Mounts"][1:] == [hosts]
+    assert "PortBindings" not in host  # forwards are the isolator's nftables rules
+
+
+def test_sandbox_is_labelled_ours_and_sleeps_unprivileged(tmp_path: Path) -> None:
+    config = driver(tmp_path)._network.sandbox_config(spec(), "busybox")
+    assert config["labels"] == {
+        LABEL_CONTAINER_ID: "web-1",
+        LABEL_OWNER: str(tmp_path),
+        LABEL_ROLE: ROLE_SANDBOX,
+    }
+    assert (config["entrypoint"], config["command"]) == (["sleep"], ["infinity"])
+    assert (config["hostname"], config["user"]) == ("web-1", "65534:65534")
+    host = config["host_config"]
+    assert (host["NetworkMode"], host["CgroupParent"]) == ("none", "/ctz/web-1")
+    assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
+
+
+def test_sandbox_names_never_collide_with_workload_names() -> None:
+    owner = "/var/lib/containerizer"
+    assert sandbox_name(owner, "web") != container_name(owner, "sandbox-web")
+    assert sandbox_name(owner, "web") != container_name(owner, ".sandbox-web")
+    workload_prefix = container_name(owner, "")
+    assert not sandbox_name(owner, "web").startswith(workload_prefix)
 
 
 @pytest.mark.parametrize(
     ("options", "key"),
-    [({"endpoint": "/var/run/docker.sock"}, "endpoint"), ({"registry": "http://x"}, "registry")],
+    [
+        ({"endpoint": "/var/run/docker.sock"}, "endpoint"),
+        ({"registry": "http://x"}, "registry"),
+        ({"sandbox_image": "Not An Image"}, "sandbox_image"),
+    ],
 )
 def test_bad_options_name_the_key(tmp_path: Path, options: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=f"runtimes.docker.{key}"):
@@ -210,8 +260,10 @@ async def test_unreachable_daemon_is_unavailable_naming_the_socket(tmp_path: Pat
 
 
 def test_handle_round_trip_and_names() -> None:
-    handle = DockerHandle("abc", "ctz-x-web-1", "/ctz/web-1/abc", "busybox")
+    handle = DockerHandle("abc", "ctz-x-web-1", "/ctz/web-1/abc", "busybox", "def")
     assert DockerHandle.from_json(handle.to_json()) == handle
+    before_networking = {k: v for k, v in handle.to_json().items() if k != "sandbox_id"}
+    assert DockerHandle.from_json(before_networking).sandbox_id == ""
     name = container_name("/var/lib/containerizer", "web-1")
     assert name.startswith("ctz-") and name.endswith("-web-1")
     assert container_name("/other/state", "web-1") != name

@@ -2,8 +2,10 @@
 
 Translation only: a LaunchSpec becomes an Engine API container (limits by the Mesos arithmetic of
 isolators/cgroups, `CgroupParent` under our cgroups_root so accounting is the one cgroup reader,
-the sandbox bind-mounted at /mnt/mesos/sandbox, network none unless asked, Docker's init as pid 1);
-Docker's inspect state becomes an Exit. client.py owns the API calls, handle.py names and paths.
+the sandbox bind-mounted at /mnt/mesos/sandbox, Docker's init as pid 1); Docker's inspect state
+becomes an Exit. client.py owns the API calls, handle.py names and paths, network.py the network:
+the node's network isolator, joined through a sandbox container in bridge mode; Docker's own
+`none` (the default without a [network] table) and `host` need no sandbox.
 
 Choices, and why:
 - Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import signal as signals
@@ -40,6 +43,7 @@ from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.docker import handle as names
 from adapter.drivers.docker.client import DockerEngine, ExitFollower, Inspect
 from adapter.drivers.docker.handle import DockerHandle
+from adapter.drivers.docker.network import DockerNetwork, PreparedNetwork
 from adapter.errors import (
     AlreadyExists,
     ConfigError,
@@ -62,6 +66,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 ENDPOINT = re.compile(r"unix:///\S+|tcp://[A-Za-z0-9.\-]+:\d{1,5}")
 REGISTRY = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?")
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# Docker's reference grammar: [registry[:port]/]path[:tag][@sha256:digest]
+IMAGE_REFERENCE = re.compile(
+    rf"(?:[A-Za-z0-9.\-]+(?::\d{{1,5}})?/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+    r"(?::\w[\w.\-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
 WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
 STOP_TIMEOUT_SECONDS = 30.0
 FINISHED_KEPT = 4096  # exits kept after destroy for a wait() that comes later
@@ -82,6 +92,7 @@ class _Tracked:
 
     handle: DockerHandle
     died: asyncio.Event = field(default_factory=asyncio.Event)
+    pid: int = 0  # the init's host pid at launch; 0 after a recovery (nobody asks then)
 
 
 def exit_from_inspect(inspect: Inspect) -> Exit:
@@ -138,12 +149,16 @@ class DockerDriver:
         if registry is not None and REGISTRY.fullmatch(registry) is None:
             raise ConfigError(f"{where}.registry: expected HOST[:PORT], got {registry!r}")
         self._registry: str | None = registry
+        sandbox_image = options.get("sandbox_image")
+        if sandbox_image is not None and not _is_image_reference(sandbox_image):
+            raise ConfigError(f"{where}.sandbox_image: not an image reference: {sandbox_image!r}")
+        self._sandbox_image: str | None = sandbox_image
         self._engine = DockerEngine(endpoint)
         self._owner = str(config.state_dir)
         self._cgroups_root = check_root(config.cgroups_root)
         self._hierarchy_override = config.cgroups_hierarchy
         self._enable_cfs = config.cgroups_enable_cfs
-        self._allow_host_network = config.network.allow_host
+        self._network = DockerNetwork(config, self._engine, self._owner, self._cgroups_root)
         self._hierarchies: Hierarchies | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._finished: OrderedDict[str, Exit] = OrderedDict()
@@ -175,48 +190,53 @@ class DockerDriver:
         cid = spec.container_id
         if not spec.image:
             raise InvalidArgument("container.image", "the docker runtime needs an image to run")
-        network_mode = self._network_mode(spec)
+        mode = self._network.mode(spec)  # bad network input fails before dockerd sees it
         image = await self._ensure_image(spec.image)
         await self._follower.start()
+        self._finished.pop(cid, None)
+        try:
+            network = PreparedNetwork(mode)
+            if mode == "bridge":
+                sandbox_image = image
+                if self._sandbox_image is not None:
+                    sandbox_image = await self._ensure_image(self._sandbox_image)
+                network = await self._network.prepare_bridge(spec, sandbox_image)
+            tracked = await self._create_and_start(spec, image, network)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(cid)
+            self._finished.pop(cid, None)
+            raise
+        return Launched(
+            handle=tracked.handle.to_json(), pid=tracked.pid, ip_address=network.address
+        )
+
+    async def _create_and_start(
+        self, spec: LaunchSpec, image: str, network: PreparedNetwork
+    ) -> _Tracked:
+        cid = spec.container_id
         name = names.container_name(self._owner, cid)
-        config = self._container_config(spec, image, network_mode)
+        config = self._container_config(spec, image, network)
         try:
             docker_id = await self._engine.create(name, config, LaunchFailed)
         except AlreadyExists:  # a leftover of an interrupted launch or cleanup: ours by name
             await self._remove(name, cid, copy_logs=False)
             docker_id = await self._engine.create(name, config, LaunchFailed)
         parent = names.cgroup_parent(self._cgroups_root, cid)
-        tracked = _Tracked(DockerHandle(docker_id, name, f"{parent}/{docker_id}", image))
+        handle = DockerHandle(docker_id, name, f"{parent}/{docker_id}", image, network.sandbox_id)
+        tracked = _Tracked(handle)
         self._tracked[cid] = tracked
-        self._finished.pop(cid, None)
-        try:
-            await self._engine.start(docker_id, LaunchFailed)
-            inspect = await self._engine.inspect(docker_id)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.destroy(cid)
-            self._finished.pop(cid, None)
-            raise
-        pid = int(inspect["State"].get("Pid") or 0)
-        reported = names.cgroup_of_process(pid) if pid else None
-        if reported is not None and reported != tracked.handle.cgroup:
-            tracked.handle = DockerHandle(docker_id, name, reported, image)
-        return Launched(handle=tracked.handle.to_json(), pid=pid)
+        await self._engine.start(docker_id, LaunchFailed)
+        inspect = await self._engine.inspect(docker_id)
+        tracked.pid = int(inspect["State"].get("Pid") or 0)
+        reported = names.cgroup_of_process(tracked.pid) if tracked.pid else None
+        if reported is not None and reported != handle.cgroup:
+            tracked.handle = dataclasses.replace(handle, cgroup=reported)
+        return tracked
 
-    def _network_mode(self, spec: LaunchSpec) -> str:
-        mode = spec.network.mode or "none"
-        if spec.network.port_mappings:
-            raise FailedPrecondition("docker runtime: port mappings are not supported yet")
-        if mode == "host" and self._allow_host_network:
-            return "host"
-        if mode == "none":
-            return "none"
-        raise FailedPrecondition(
-            f"docker runtime: network mode {mode!r} is not available; use 'none'"
-            + (" or 'host'" if self._allow_host_network else "")
-        )
-
-    def _container_config(self, spec: LaunchSpec, image: str, network_mode: str) -> dict[str, Any]:
+    def _container_config(
+        self, spec: LaunchSpec, image: str, network: PreparedNetwork
+    ) -> dict[str, Any]:
         """create_container keyword arguments; host_config is Engine API JSON (data, never text:
         the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
         argv = spec.command.resolved_argv()
@@ -225,8 +245,11 @@ class DockerDriver:
         host_config: dict[str, Any] = {
             **resource_fields(spec.resources, enable_cfs=self._enable_cfs),
             "CgroupParent": names.cgroup_parent(self._cgroups_root, spec.container_id),
-            "Mounts": [{"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT}],
-            "NetworkMode": network_mode,
+            "Mounts": [
+                {"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT},
+                *network.etc_mounts,
+            ],
+            "NetworkMode": network.network_mode,
             "Init": True,
             "LogConfig": {"Type": "json-file", "Config": {}},
         }
@@ -332,6 +355,8 @@ class DockerDriver:
             tracked.handle.docker_id if tracked else names.container_name(self._owner, container_id)
         )
         exit_ = await self._remove(target, container_id, copy_logs=True)
+        # The workload is gone: its network may go (the sandbox first, then the isolator's part).
+        await self._network.release(container_id, tracked.handle.sandbox_id if tracked else "")
         if exit_ is not None:
             self._finished[container_id] = exit_
             while len(self._finished) > FINISHED_KEPT:
@@ -383,6 +408,7 @@ class DockerDriver:
         if fields:
             for warning in await self._engine.update(tracked.handle.docker_id, fields):
                 log.warning("docker update of %s: %s", container_id, warning)
+        await self._network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         tracked = self._tracked.get(container_id)
@@ -392,11 +418,14 @@ class DockerDriver:
             self._hierarchies = container_cgroups(
                 cgroups_root=self._cgroups_root, hierarchy_override=self._hierarchy_override
             ).hierarchies
-        return read_statistics(names.cgroup_dirs(self._hierarchies, tracked.handle.cgroup))
+        statistics = read_statistics(names.cgroup_dirs(self._hierarchies, tracked.handle.cgroup))
+        statistics.update(await self._network.usage(container_id))
+        return statistics
 
     # ---- recovery ----
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._network.recover(known_ids)  # needs no dockerd: runs even if it is down
         for entry in checkpointed:
             if entry.handle:
                 handle = DockerHandle.from_json(entry.handle)
@@ -408,21 +437,41 @@ class DockerDriver:
             log.warning("docker: cannot recover now (%s); waits retry until dockerd is back", exc)
             return
         for container in containers:
-            cid = (container.get("Labels") or {}).get(names.LABEL_CONTAINER_ID, "")
-            tracked = self._tracked.get(cid)
-            if tracked is not None and tracked.handle.docker_id == container["Id"]:
-                continue  # re-attached
-            if tracked is None and cid in known_ids:
-                continue  # a terminated or half-launched record: the core destroys it
-            log.info("docker: removing orphan container %s (%s)", container["Id"][:12], cid)
-            with contextlib.suppress(ContainerizerError):
-                await self._remove(str(container["Id"]), cid, copy_logs=False)
-                if cid and cid not in known_ids:
-                    await self._remove_parent_cgroups(cid)
+            await self._recover_container(container, known_ids)
+
+    async def _recover_container(self, container: dict[str, Any], known_ids: set[str]) -> None:
+        """Keep a workload or sandbox that a checkpointed handle names; leave a known id's
+        leftovers to the core's destroy; remove the rest: containers of ids no checkpoint
+        knows, and a workload or sandbox of a known id that is not the one its handle names
+        (a sandbox whose workload was never created is removed by that destroy)."""
+        labels = container.get("Labels") or {}
+        cid = labels.get(names.LABEL_CONTAINER_ID, "")
+        docker_id = str(container["Id"])
+        tracked = self._tracked.get(cid)
+        if tracked is not None and docker_id in (
+            tracked.handle.docker_id,
+            tracked.handle.sandbox_id,
+        ):
+            return  # re-attached
+        if tracked is None and cid in known_ids:
+            return  # a terminated or half-launched record: the core destroys it
+        log.info("docker: removing orphan container %s (%s)", docker_id[:12], cid)
+        with contextlib.suppress(ContainerizerError):
+            if labels.get(names.LABEL_ROLE) == names.ROLE_SANDBOX:
+                await self._network.remove_sandbox(docker_id)
+            else:
+                await self._remove(docker_id, cid, copy_logs=False)
+            if cid and cid not in known_ids:
+                await self._remove_parent_cgroups(cid)
 
     async def close(self) -> None:
         self._follower.stop()
         await self._engine.close()
+        await self._network.close()
+
+
+def _is_image_reference(reference: str) -> bool:
+    return IMAGE_REFERENCE.fullmatch(reference) is not None
 
 
 def _sandbox_of(inspect: Inspect) -> Path | None:

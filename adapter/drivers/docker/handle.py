@@ -3,7 +3,11 @@
 Naming and ownership. A container is created with two labels: our container id, and the state
 directory of the service that owns it (two services may share one dockerd; each recovers and
 removes only its own). Its name, `ctz-<owner tag>-<container id>`, is deterministic, so a
-container whose launch was interrupted before its id was checkpointed is still found.
+container whose launch was interrupted before its id was checkpointed is still found. A
+bridge-mode container also has a network sandbox (network.py), labelled the same plus a role and
+named `ctz-<owner tag>.sandbox-<container id>`: the `.` after the tag keeps the two name spaces
+apart (a workload's name has `-` there), so no container id can make a workload name collide
+with a sandbox name.
 
 Cgroups. With Docker's cgroupfs driver a container with `CgroupParent=P` lives in `P/<docker id>`
 in every hierarchy. We use `P = /<cgroups_root>/<container id>`: the per-container directory every
@@ -26,6 +30,8 @@ from isolators.registry import ACCOUNTED_CONTROLLERS
 
 LABEL_CONTAINER_ID = "org.containerizer.container-id"
 LABEL_OWNER = "org.containerizer.state-dir"
+LABEL_ROLE = "org.containerizer.role"
+ROLE_SANDBOX = "network-sandbox"  # the value of LABEL_ROLE on a sandbox; workloads have none
 SANDBOX_MOUNT = "/mnt/mesos/sandbox"  # Mesos' DockerContainerizer convention
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -40,6 +46,8 @@ class DockerHandle:
     # "/containerizer/web-1/<docker id>": as the kernel reported it for the container's init.
     cgroup: str
     image: str
+    # The network sandbox whose namespace the container shares (bridge mode); "" without one.
+    sandbox_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +59,7 @@ class DockerHandle:
             name=str(data["name"]),
             cgroup=str(data["cgroup"]),
             image=str(data["image"]),
+            sandbox_id=str(data.get("sandbox_id", "")),
         )
 
 
@@ -62,6 +71,10 @@ def owner_tag(state_dir: str) -> str:
 def container_name(owner: str, container_id: str) -> str:
     """Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]+; validated container ids are a subset."""
     return f"ctz-{owner_tag(owner)}-{container_id}"
+
+
+def sandbox_name(owner: str, container_id: str) -> str:
+    return f"ctz-{owner_tag(owner)}.sandbox-{container_id}"
 
 
 def cgroup_parent(cgroups_root: str, container_id: str) -> str:
