@@ -277,20 +277,19 @@ class Containerizer:
                 )
             return
         if record.state is State.TERMINATED:
-            with contextlib.suppress(Exception):
-                await driver.destroy(record.container_id)  # finish an interrupted cleanup
-        elif record.state is State.LAUNCHING:
+            return  # TERMINATED is checkpointed only after the cleanup ran
+        if record.state is State.LAUNCHING:
             await self._fail_launch(container, driver, "the service restarted during launch")
-        else:
-            if record.termination is not None:  # exit checkpointed, cleanup interrupted
-                with contextlib.suppress(Exception):
-                    await driver.destroy(record.container_id)
-                self._terminate(container, record.termination)
-                return
-            container.destroy_requested = record.state is State.DESTROYING
-            if container.destroy_requested:
+            return
+        if record.termination is not None:  # exit checkpointed, cleanup interrupted
+            with contextlib.suppress(Exception):
                 await driver.destroy(record.container_id)
-            container.watcher = asyncio.create_task(self._watch(container, driver))
+            self._terminate(container, record.termination)
+            return
+        container.destroy_requested = record.state is State.DESTROYING
+        if container.destroy_requested:
+            await driver.destroy(record.container_id)
+        container.watcher = asyncio.create_task(self._watch(container, driver))
 
     async def close(self) -> None:
         """Stop watching; containers keep running and are recovered at the next start."""

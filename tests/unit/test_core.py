@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ from adapter.model import (
     Resources,
     State,
     Statistics,
+    Termination,
 )
-from adapter.state import StateStore
+from adapter.state import ContainerRecord, StateStore
 
 
 class FakeDriver:
@@ -262,4 +264,31 @@ async def test_forgetting_removes_only_our_own_sandboxes(tmp_path: Path) -> None
         await containerizer.destroy(spec.container_id)  # acknowledge: the record goes
     assert not Path(ours.sandbox).exists()
     assert Path(theirs.sandbox).is_dir()
+    await containerizer.close()
+
+
+async def test_recovery_finishes_a_cleanup_the_crash_interrupted(tmp_path: Path) -> None:
+    """Exit checkpointed, then a crash before cleanup: the record is still RUNNING with a
+    termination. Recovery cleans up and reports that termination, without waiting again."""
+    store_path = tmp_path / "state.db"
+    recorded = Termination(Reason.EXITED, exit_code=9, status=9 << 8, finished_at=time.time())
+    store = StateStore(store_path)
+    store.put(
+        ContainerRecord(
+            spec=make_spec("mid-cleanup", tmp_path),
+            state=State.RUNNING,
+            launched_at=0.5,
+            handle={"fake": "mid-cleanup"},
+            termination=recorded,
+        )
+    )
+    store.close()
+    driver = FakeDriver()
+    containerizer = Containerizer(
+        {"native": driver}, StateStore(store_path), default_runtime="native"
+    )
+    await containerizer.recover()
+    assert await asyncio.wait_for(containerizer.wait("mid-cleanup"), 5) == recorded
+    assert driver.destroyed == ["mid-cleanup"]
+    assert containerizer.status("mid-cleanup").state is State.TERMINATED
     await containerizer.close()
