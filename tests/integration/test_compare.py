@@ -28,7 +28,9 @@ from tests.image_fixtures import busybox_oci_tar  # noqa: F401
 
 pytestmark = pytest.mark.integration
 ALL_RUNTIMES = "native,containerd,lxc,libvirt,docker"
-NOT_CONFIGURED = ("containerd", "lxc", "libvirt", "docker")
+# LXC needs no daemon, so it runs beside native here; the daemon runtimes are named unconfigured.
+CONFIGURED = ("native", "lxc")
+NOT_CONFIGURED = ("containerd", "libvirt", "docker")
 RUNS = 8
 DENSITY = 8
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +58,8 @@ def cfs_service(
     require_root()
     require((BIN / "containerizer").exists(), "containerizer not installed")
     service = ServiceProcess(
-        tmp_path_factory.mktemp("compare"), extra_config="cgroups_enable_cfs = true"
+        tmp_path_factory.mktemp("compare"),
+        extra_config="cgroups_enable_cfs = true\n[runtimes.native]\n[runtimes.lxc]",
     )
     service.start()
     channel = grpc.insecure_channel(service.endpoint)
@@ -88,10 +91,10 @@ def compare_run(cfs_service: ServiceProcess) -> CompareRun:
     return CompareRun(json.loads(done.stdout), html_path.read_text(), done.stderr)
 
 
-def native_entry(run: CompareRun) -> dict[str, Any]:
-    entry: dict[str, Any] = run.report["runtimes"][0]
-    assert entry["name"] == "native"
-    return entry
+def configured_entries(run: CompareRun) -> list[dict[str, Any]]:
+    entries = [e for e in run.report["runtimes"] if e["name"] in CONFIGURED]
+    assert [e["name"] for e in entries] == list(CONFIGURED)
+    return entries
 
 
 def test_every_section_is_present_for_every_runtime(compare_run: CompareRun) -> None:
@@ -99,32 +102,34 @@ def test_every_section_is_present_for_every_runtime(compare_run: CompareRun) -> 
     assert [entry["name"] for entry in runtimes] == ALL_RUNTIMES.split(",")
     for entry in runtimes:
         assert set(SECTIONS) <= set(entry), entry["name"]
-    native = native_entry(compare_run)
-    assert native["available"] and native["errors"] == {}
-    assert native["root"] == "image localhost/busybox:latest"  # the same spec as the others
-    assert native["capabilities"]["oom_detection"] is True
+    for entry in configured_entries(compare_run):
+        assert entry["available"] and entry["errors"] == {}, entry["name"]
+        assert entry["root"] == "image localhost/busybox:latest"  # one spec for every runtime
+        assert entry["capabilities"]["oom_detection"] is True
 
 
 def test_latencies_are_measured_for_every_run(compare_run: CompareRun) -> None:
-    latency = native_entry(compare_run)["latency"]
-    for kind in ("launch", "lifecycle", "teardown"):
-        series = latency[kind]
-        assert series["count"] == RUNS and series["failures"] == 0
-        assert 0 < series["p50_ms"] <= series["p95_ms"] <= series["p99_ms"] <= series["max_ms"]
-    # a lifecycle includes its launch
-    assert latency["lifecycle"]["p50_ms"] > latency["launch"]["p50_ms"]
+    for entry in configured_entries(compare_run):
+        latency = entry["latency"]
+        for kind in ("launch", "lifecycle", "teardown"):
+            series = latency[kind]
+            assert series["count"] == RUNS and series["failures"] == 0
+            assert 0 < series["p50_ms"] <= series["p95_ms"] <= series["p99_ms"] <= series["max_ms"]
+        # a lifecycle includes its launch
+        assert latency["lifecycle"]["p50_ms"] > latency["launch"]["p50_ms"]
 
 
 def test_density_launches_all_and_leaves_nothing(
     compare_run: CompareRun, cfs_service: ServiceProcess
 ) -> None:
-    density = native_entry(compare_run)["density"]
-    assert density["launched"] == DENSITY and density["launch_errors"] == []
-    assert density["launch_seconds"] > 0 and density["destroy_seconds"] > 0
-    assert density["nothing_left"] and density["leftovers"] == []
-    assert density["service_rss_with_containers_bytes"] > 0
     assert cfs_service.process is not None  # the pid SO_PEERCRED must have found
-    assert f"RSS of pid {cfs_service.process.pid}," in density["service_memory_source"]
+    for entry in configured_entries(compare_run):
+        density = entry["density"]
+        assert density["launched"] == DENSITY and density["launch_errors"] == []
+        assert density["launch_seconds"] > 0 and density["destroy_seconds"] > 0
+        assert density["nothing_left"] and density["leftovers"] == []
+        assert density["service_rss_with_containers_bytes"] > 0
+        assert f"RSS of pid {cfs_service.process.pid}," in density["service_memory_source"]
     # after the whole run: no container, record or cgroup of compare's is left
     listed = cfs_service.stub().Containers(pb.ContainersRequest(), timeout=10).containers
     assert [status.container_id for status in listed] == []
@@ -132,33 +137,36 @@ def test_density_launches_all_and_leaves_nothing(
 
 
 def test_limits_hold(compare_run: CompareRun) -> None:
-    isolation = native_entry(compare_run)["isolation"]
-    assert isolation["memory"]["verdict"] == "enforced", isolation["memory"]
-    assert "LIMITATION_MEMORY" in isolation["memory"]["detail"]
-    assert isolation["pids"]["verdict"] == "enforced", isolation["pids"]
-    assert isolation["pids"]["measured"] <= isolation["pids"]["expected"] == 32
-    # With CFS the loop never gets more than its quota (+25 %); a busy host may give it less,
-    # which the report calls "unknown" rather than a pass.
-    cpu = isolation["cpu"]
-    assert cpu["verdict"] in ("enforced", "unknown"), cpu
-    assert cpu["expected"] == 0.5 and 0 < cpu["measured"] <= 0.625
+    for entry in configured_entries(compare_run):
+        isolation = entry["isolation"]
+        assert isolation["memory"]["verdict"] == "enforced", isolation["memory"]
+        assert "LIMITATION_MEMORY" in isolation["memory"]["detail"]
+        assert isolation["pids"]["verdict"] == "enforced", isolation["pids"]
+        assert isolation["pids"]["measured"] <= isolation["pids"]["expected"] == 32
+        # With CFS the loop never gets more than its quota (+25 %); a busy host may give it
+        # less, which the report calls "unknown" rather than a pass.
+        cpu = isolation["cpu"]
+        assert cpu["verdict"] in ("enforced", "unknown"), cpu
+        assert cpu["expected"] == 0.5 and 0 < cpu["measured"] <= 0.625
 
 
 def test_accounting_is_within_tolerance(compare_run: CompareRun) -> None:
-    accounting = native_entry(compare_run)["accounting"]
-    for check in ("cpu", "memory"):
-        assert accounting[check]["within_tolerance"], accounting[check]
-    assert accounting["cpu"]["reference"].startswith("the workload's own rusage")
-    assert accounting["memory"]["expected"] == 64 * 1024 * 1024
+    for entry in configured_entries(compare_run):
+        accounting = entry["accounting"]
+        for check in ("cpu", "memory"):
+            assert accounting[check]["within_tolerance"], (entry["name"], accounting[check])
+        assert accounting["cpu"]["reference"].startswith("the workload's own rusage")
+        assert accounting["memory"]["expected"] == 64 * 1024 * 1024
 
 
 def test_unconfigured_runtimes_appear_with_their_reason(compare_run: CompareRun) -> None:
-    for entry in compare_run.report["runtimes"][1:]:
-        assert entry["name"] in NOT_CONFIGURED
+    unconfigured = [e for e in compare_run.report["runtimes"] if e["name"] not in CONFIGURED]
+    assert [e["name"] for e in unconfigured] == list(NOT_CONFIGURED)
+    for entry in unconfigured:
         assert not entry["available"]
         assert entry["reason"] == (
             f"not configured on this node: the service config has no [runtimes.{entry['name']}]"
-            " table (configured: native)"
+            " table (configured: lxc, native)"
         )
         assert entry["latency"] is None and entry["isolation"] is None
 
@@ -175,10 +183,14 @@ def test_html_report_embeds_its_charts(compare_run: CompareRun) -> None:
 def test_progress_goes_to_stderr_as_lines_when_not_a_terminal(compare_run: CompareRun) -> None:
     lines = compare_run.stderr.splitlines()
     assert lines == [
-        f"compare: native: latency ({RUNS} runs)",
-        f"compare: native: density ({DENSITY} containers)",
-        "compare: native: isolation",
-        "compare: native: accounting",
+        line
+        for name in CONFIGURED
+        for line in (
+            f"compare: {name}: latency ({RUNS} runs)",
+            f"compare: {name}: density ({DENSITY} containers)",
+            f"compare: {name}: isolation",
+            f"compare: {name}: accounting",
+        )
     ]
 
 
@@ -194,12 +206,12 @@ def test_text_report_and_orphans_of_a_dead_run_are_swept(cfs_service: ServicePro
         ),
         timeout=30,
     )
-    done = compare(cfs_service, "--runtimes=native,lxc", "--runs=2", "--density=2")
+    done = compare(cfs_service, "--runtimes=native,docker", "--runs=2", "--density=2")
     assert done.returncode == 0, done.stderr
     text = done.stdout
     for title in ("Runtimes", "Latency", "Density", "Isolation", "Accounting", "Capabilities"):
         assert re.search(rf"^{title}", text, re.MULTILINE), title
-    assert "lxc (unavailable)" in text and "[runtimes.lxc]" in text
+    assert "docker (unavailable)" in text and "[runtimes.docker]" in text
     listed = stub.Containers(pb.ContainersRequest(), timeout=10).containers
     assert orphan not in [status.container_id for status in listed]
     assert cfs_service.leftover_cgroups() == []
