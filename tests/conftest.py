@@ -20,6 +20,9 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 
+# Fixtures several test modules share, registered once here rather than imported by each.
+pytest_plugins = ["tests.integration.cgroup_helpers"]
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI") == "true"

@@ -14,7 +14,6 @@ DOCKER_HOST of the whole process.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import pytest
 
 from adapter.drivers.docker.handle import LABEL_CONTAINER_ID
 from tests.conftest import ServiceProcess, require, require_root
+from tests.image_fixtures import free_loopback_port, registry_answers
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -196,24 +196,6 @@ def build_image(daemon: PrivateDockerd, tag: str, dockerfile: str, files: dict[s
 
 def build_busybox_image(daemon: PrivateDockerd, tag: str = BUSYBOX_IMAGE) -> str:
     return build_image(daemon, tag, BUSYBOX_DOCKERFILE, {"busybox": BUSYBOX})
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def registry_answers(address: str) -> bool:
-    connection = http.client.HTTPConnection(address, timeout=1)
-    try:
-        connection.request("GET", "/v2/")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
 
 
 @contextlib.contextmanager
