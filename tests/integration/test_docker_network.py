@@ -30,7 +30,13 @@ from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parame
     dockerd,
 )
 from tests.integration.api import destroy, scalar, usage, wait
-from tests.integration.test_network import free_port, network_service, node_state
+from tests.integration.test_network import (
+    container_state,
+    etc_dirs,
+    free_port,
+    network_service,
+    node_state,
+)
 from tests.integration.test_network_runtimes import get, qdisc, stdout_of
 
 pytestmark = pytest.mark.integration
@@ -91,16 +97,10 @@ class DockerNetworkNode:
             client.close()
 
     def container_state(self) -> dict[str, object]:
-        """`node_state` without the bridge itself, which stays while the service runs."""
-        state = node_state(self.bridge)
-        links = state["links"]
-        assert isinstance(links, list)
-        state["links"] = [link for link in links if link != self.bridge]
-        return state
+        return container_state(self.bridge)
 
     def etc_dirs(self) -> list[str]:
-        root = self.service.state_dir / "network" / f"{self.bridge}.etc"
-        return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        return etc_dirs(self.service.state_dir, self.bridge)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -90,6 +90,21 @@ def node_state(bridge: str) -> dict[str, object]:
     }
 
 
+def container_state(bridge: str) -> dict[str, object]:
+    """`node_state` without the bridge itself, which stays while the service runs."""
+    state = node_state(bridge)
+    links = state["links"]
+    assert isinstance(links, list)
+    state["links"] = [link for link in links if link != bridge]
+    return state
+
+
+def etc_dirs(state_dir: Path, bridge: str) -> list[str]:
+    """The network isolator's per-container /etc files directories still on disk."""
+    root = state_dir / "network" / f"{bridge}.etc"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
 @pytest.fixture(scope="session")
 def net_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     process = network_service(tmp_path_factory.mktemp("network"))

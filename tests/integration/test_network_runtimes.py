@@ -31,7 +31,13 @@ from tests.integration.containerd_daemon import (
     import_image,
 )
 from tests.integration.test_lxc import require_lxc
-from tests.integration.test_network import free_port, network_config, node_state
+from tests.integration.test_network import (
+    container_state,
+    etc_dirs,
+    free_port,
+    network_config,
+    node_state,
+)
 
 pytestmark = pytest.mark.integration
 BUSYBOX = "/bin/busybox"
@@ -83,17 +89,10 @@ class NetworkNode:
         return node_state(self.bridge)
 
     def container_state(self) -> dict[str, object]:
-        """`state` without the bridge itself, which stays while the service runs."""
-        state = node_state(self.bridge)
-        links = state["links"]
-        assert isinstance(links, list)
-        state["links"] = [link for link in links if link != self.bridge]
-        return state
+        return container_state(self.bridge)
 
     def etc_dirs(self) -> list[str]:
-        """The isolator's per-container /etc files directories still on disk."""
-        root = self.service.state_dir / "network" / f"{self.bridge}.etc"
-        return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        return etc_dirs(self.service.state_dir, self.bridge)
 
 
 @pytest.fixture(scope="session")
