@@ -102,8 +102,8 @@ class Containerizer:
         self._containers[spec.container_id] = container
         async with container.lock:
             self._checkpoint(container, record)
-            Path(spec.sandbox).mkdir(parents=True, exist_ok=True)
             try:
+                _make_sandbox(spec.sandbox)
                 launched = await driver.launch(spec)
             except ContainerizerError as exc:
                 await self._fail_launch(container, driver, str(exc))
@@ -360,6 +360,13 @@ class Containerizer:
         while True:
             await asyncio.sleep(max(1.0, min(self._retention, 60.0)))
             self._prune()
+
+
+def _make_sandbox(path: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
 
 
 def _termination_message(reason: Reason, exit_: Exit) -> str:

@@ -292,3 +292,16 @@ async def test_recovery_finishes_a_cleanup_the_crash_interrupted(tmp_path: Path)
     assert driver.destroyed == ["mid-cleanup"]
     assert containerizer.status("mid-cleanup").state is State.TERMINATED
     await containerizer.close()
+
+
+async def test_unusable_sandbox_fails_the_launch_cleanly(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    (tmp_path / "a-file").write_text("not a directory")
+    spec = LaunchSpec(
+        **{**make_spec("nosb", tmp_path).__dict__, "sandbox": str(tmp_path / "a-file" / "sb")}
+    )
+    with pytest.raises(LaunchFailed, match="sandbox"):
+        await containerizer.launch(spec)
+    termination = await containerizer.wait("nosb")
+    assert termination.reason is Reason.LAUNCH_FAILED and "Not a directory" in termination.message
+    assert "nosb" not in driver.exits  # never reached the runtime
