@@ -90,7 +90,9 @@ def idle_memory(service: Service, count: int) -> dict[str, float]:
     # Each container has two supervising processes: the supervisor and the container's init.
     rss = sum(p.memory_info().rss for p in supervisors)
     pss = sum(p.memory_full_info().pss for p in supervisors)
-    service_rss = psutil.Process(service.process.pid).memory_info().rss
+    service_process = psutil.Process(service.process.pid)
+    service_rss = service_process.memory_info().rss
+    service_threads = service_process.num_threads()
     usage_all = containers_and_usage(service, [f"idle-{n}" for n in range(min(count, 200))])
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -107,6 +109,7 @@ def idle_memory(service: Service, count: int) -> dict[str, float]:
         "launch_all_s": round(launch_seconds, 2),
         "destroy_all_s": round(destroy_seconds, 2),
         "service_rss_mib": round(service_rss / mib, 1),
+        "service_threads": service_threads,
         "supervision_rss_per_container_mib": round(rss / count / mib, 2),
         "supervision_pss_per_container_mib": round(pss / count / mib, 2),
         "containers_and_usage_200": usage_all,

@@ -10,6 +10,7 @@ driver needs beside them (kill everything, read statistics, list existing cgroup
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.destroy import destroy_cgroup_processes
 from isolators.cgroups.errors import CgroupError
 from isolators.cgroups.freezer import FreezerIsolator
-from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.hierarchy import Hierarchies, check_component
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.posix import PosixCpuIsolator, PosixMemIsolator
@@ -127,7 +128,19 @@ class ContainerCgroups:
 
     def statistics(self, container_id: str) -> Statistics:
         """Mesos ResourceStatistics of the container, read from all its cgroups."""
-        return read_statistics(self.dirs(container_id))
+        # Not self.dirs(): the reader skips a directory that does not exist by itself, so a
+        # stat() of each one first would only repeat that work; and plain strings under roots
+        # joined once, since Usage runs this per container and pathlib's joins cost more here
+        # than the listing of a directory.
+        check_component(container_id, "container id")
+        return read_statistics(f"{root}/{container_id}" for root in self._accounted_roots)
+
+    @functools.cached_property
+    def _accounted_roots(self) -> tuple[str, ...]:
+        """`<mount>/<cgroups_root>` of each accounted controller, in container_dirs' order and
+        deduplicated (co-mounted controllers and v2 share one); mounts are fixed at discovery."""
+        roots = (self.hierarchies.root(c) for c in ACCOUNTED_CONTROLLERS if self.hierarchies.has(c))
+        return tuple(dict.fromkeys(str(root) for root in roots))
 
     def container_ids(self) -> set[str]:
         """Ids that have a cgroup under `<cgroups_root>` in any controller (orphan search)."""

@@ -18,7 +18,7 @@ from isolators.cgroups.errors import CgroupFileError
 V1_UNLIMITED = 0x7FFFFFFFFFFFF000
 
 
-def read_text(path: Path) -> str:
+def read_text(path: str | Path) -> str:
     """The file's content; FileNotFoundError propagates so callers can skip missing files."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -30,7 +30,7 @@ def read_text(path: Path) -> str:
     return b"".join(chunks).decode()
 
 
-def parse_int(path: Path, text: str) -> int:
+def parse_int(path: str | Path, text: str) -> int:
     """Parse one integer, naming the file in the error since cgroup files vary by kernel."""
     try:
         return int(text.strip())
@@ -51,7 +51,7 @@ def read_limit(path: Path) -> int | None:
     return None if value >= V1_UNLIMITED else value
 
 
-def parse_kv(path: Path, text: str) -> dict[str, int]:
+def parse_kv(path: str | Path, text: str) -> dict[str, int]:
     """Parse "key value" lines (memory.stat, cpu.stat, pids.events, memory.oom_control)."""
     result: dict[str, int] = {}
     for line in text.splitlines():

@@ -168,3 +168,23 @@ async def test_touching_200_mib_is_rss(cgroups_root: str) -> None:
     assert stats["mem_total_bytes"] >= stats["mem_rss_bytes"]
     assert stats["mem_limit_bytes"] == stats["mem_soft_limit_bytes"] == 512 * MiB
     await finish(isolators, cgroups, "c1", process)
+
+
+async def test_one_pass_statistics_equal_the_isolators_readings(cgroups_root: str) -> None:
+    """The native driver reads ContainerCgroups.statistics once instead of merging every cgroup
+    isolator's usage(): both must report the same numbers for an idle container."""
+    isolators = build_isolators(CGROUPS, cgroups_root=cgroups_root, enable_cfs=True)
+    cgroups = container_cgroups(cgroups_root=cgroups_root)
+    launch = await prepare_isolators(isolators, "c1", Limits(cpus=0.5, mem_bytes=64 * MiB))
+    process = await start(launch.cgroup_procs, "exec sleep 60")
+    merged: Statistics = {}
+    for isolator in isolators:
+        merged.update(await isolator.usage("c1"))
+    one_pass = cgroups.statistics("c1")
+    # The same keys; counters may tick between the two reads, the limits and counts may not.
+    assert set(one_pass) == set(merged)
+    stable = ("cpus_limit", "mem_limit_bytes", "mem_soft_limit_bytes", "processes", "threads")
+    assert {k: one_pass[k] for k in stable} == {k: merged[k] for k in stable}
+    assert one_pass["processes"] == 1 and one_pass["cpus_limit"] == 0.5
+    assert one_pass["mem_limit_bytes"] == 64 * MiB
+    await finish(isolators, cgroups, "c1", process)

@@ -130,6 +130,12 @@ def test_missing_files_and_directories_are_skipped(tmp_path: Path) -> None:
     assert list(stats) == ["timestamp"]
 
 
+def test_a_file_given_as_a_directory_is_skipped(tmp_path: Path) -> None:
+    (not_a_directory := tmp_path / "cgroup.procs").write_text("1\n")
+    stats = read_statistics([not_a_directory, str(write_tree(tmp_path, V2_TREE)[0])])
+    assert stats["processes"] == 3 and stats["mem_total_bytes"] == 210 * MiB
+
+
 async def test_posix_isolators_walk_the_process_tree() -> None:
     cpu, mem = PosixCpuIsolator(), PosixMemIsolator()
     for isolator in (cpu, mem):

@@ -43,6 +43,7 @@ from adapter.model import (
 from adapter.network import network_config, network_errors, network_request
 from adapter.processes import supervised_exit
 from isolators.base import Isolator, Limitation, Limits
+from isolators.cgroups.isolator import CgroupIsolator
 from isolators.network.isolator import NetworkIsolator, shared_isolator
 from isolators.registry import (
     ContainerCgroups,
@@ -273,9 +274,13 @@ class NativeDriver:
             await self._network.update(container_id, resources.network_bandwidth)
 
     async def usage(self, container_id: str) -> Statistics:
-        statistics: Statistics = {}
+        # One pass over the container's cgroup directories for every cgroup isolator: reading
+        # once per isolator probed each directory for every controller's files and re-counted
+        # cgroup.procs and tasks each time.
+        statistics = self._cgroups.statistics(container_id) if self._cgroups else {}
         for isolator in self._isolators:
-            statistics.update(await isolator.usage(container_id))
+            if not isinstance(isolator, CgroupIsolator):
+                statistics.update(await isolator.usage(container_id))
         with network_errors():
             statistics.update(await self._network.usage(container_id))
         return statistics
