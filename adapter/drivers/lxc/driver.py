@@ -1,7 +1,8 @@
 """The LXC runtime ("lxc"): LXC 5 containers under a private lxcpath in our state directory.
 
 Tools, not bindings: each container is run by `lxc-start -F` (foreground), spawned directly
-from the event loop. Debian's python3-lxc exists only for the system Python, a pip binding
+from the event loop (monitor.py: vfork + exec, its exit seen through a pidfd).
+Debian's python3-lxc exists only for the system Python, a pip binding
 needs lxc-dev and a compiler, and either one forks inside our process from a library that is
 not fork-safe under asyncio; the monitor process `lxc-start -F` is what LXC forks anyway, so
 spawning it ourselves costs one exec (a few ms) and leaves no LXC code in the service. Every
@@ -54,6 +55,7 @@ from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.lxc.config import LxcConfig
 from adapter.drivers.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
+from adapter.drivers.lxc.monitor import Monitor
 from adapter.drivers.lxc.rootfs import (
     RUN_TARGET,
     SANDBOX_TARGET,
@@ -90,6 +92,7 @@ STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
 HANDSHAKE_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_TIMEOUT_S = 10.0
 NETWORK_TYPES = ("empty", "none", "veth")
+SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
 
 
@@ -160,7 +163,7 @@ class _Container:
     """One container this driver watches."""
 
     handle: LxcHandle
-    monitor_process: asyncio.subprocess.Process | None  # None after a restart: not our child
+    monitor_process: Monitor | None  # None after a restart: not our child
     exit_task: asyncio.Task[None]
     watch_task: asyncio.Task[None] | None = None
     limitation: Limitation | None = None
@@ -199,7 +202,7 @@ class LxcDriver:
         if self._hierarchies.has("pids"):
             self._isolators.append(PidsIsolator(self._hierarchies))
         self._containers: dict[str, _Container] = {}
-        self._starting: dict[str, asyncio.subprocess.Process] = {}
+        self._starting: dict[str, Monitor] = {}
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -315,7 +318,7 @@ class LxcDriver:
         cid = spec.container_id
         supervisor = self._supervisor()
         directory = self._container_dir(cid)
-        await self._remove_container(cid)  # what a previous container of this id left
+        await self._remove_leftovers(cid)
         try:
             network = await self._prepare_network(spec)
             lower = await self._rootfs.lower(spec.image)
@@ -323,7 +326,7 @@ class LxcDriver:
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
-            process = await self._start_monitor(cid, self._supervisor_argv(spec))
+            process = self._start_monitor(cid, self._supervisor_argv(spec))
             handle = await self._handshake(cid, process)
         except BaseException:
             await self.destroy(cid)
@@ -340,25 +343,16 @@ class LxcDriver:
             return None
         return await self._node_network.prepare(spec)
 
-    async def _start_monitor(self, cid: str, argv: list[str]) -> asyncio.subprocess.Process:
-        directory = self._container_dir(cid)
-        with (directory / "lxc-start.log").open("ab") as errors:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    "lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *argv,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=errors, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                raise LaunchFailed(f"lxc: cannot run lxc-start: {exc}") from exc
-        self._starting[cid] = process
-        return process
+    def _start_monitor(self, cid: str, argv: list[str]) -> Monitor:
+        command = ["lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *argv]
+        monitor = Monitor.start(command, self._container_dir(cid) / "lxc-start.log")
+        self._starting[cid] = monitor
+        return monitor
 
-    async def _handshake(self, cid: str, process: asyncio.subprocess.Process) -> LxcHandle:
+    async def _handshake(self, cid: str, process: Monitor) -> LxcHandle:
         """Read the supervisor's handshake and find the container's processes on the host."""
-        assert process.stdout is not None
         try:
-            line = await asyncio.wait_for(process.stdout.readline(), HANDSHAKE_TIMEOUT_S)
+            line = await asyncio.wait_for(process.readline(), HANDSHAKE_TIMEOUT_S)
         except TimeoutError:
             raise LaunchFailed(
                 f"lxc: {cid!r} did not start within {HANDSHAKE_TIMEOUT_S} s"
@@ -400,7 +394,7 @@ class LxcDriver:
 
     # ---- watching --------------------------------------------------------------------------
 
-    def _attach(self, handle: LxcHandle, process: asyncio.subprocess.Process | None) -> None:
+    def _attach(self, handle: LxcHandle, process: Monitor | None) -> None:
         container = _Container(handle, process, asyncio.create_task(handle.init.wait()))
         if self._mem is not None and handle.init.is_alive():
             container.watch_task = asyncio.create_task(self._watch_memory(container))
@@ -478,7 +472,7 @@ class LxcDriver:
         self,
         container_id: str,
         container: _Container | None,
-        process: asyncio.subprocess.Process | None,
+        process: Monitor | None,
     ) -> None:
         """Wait for LXC's monitor to finish its teardown; force it if it does not."""
         if process is not None:
@@ -491,11 +485,21 @@ class LxcDriver:
             return
         await self._lxc_tool("lxc-stop", "-k", "-n", container_id)
         if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            process.kill()
             await process.wait()
         elif container is not None:
             container.handle.monitor.send(9)
+
+    async def _remove_leftovers(self, container_id: str) -> None:
+        """What a previous container of this id left. The full removal costs about a
+        millisecond on every launch, so it runs only when something is there: the container's
+        directory is created before any resource of it but its network attachment (and
+        removed after all of them), so with no directory and no cgroup only the network can
+        be left."""
+        if self._container_dir(container_id).exists() or self._cgroups.dirs(container_id):
+            await self._remove_container(container_id)
+        else:
+            await self._node_network.cleanup(container_id)
 
     async def _remove_container(self, container_id: str) -> None:
         """Remove the container's cgroups (LXC does so at a clean stop; not after a kill -9 of
@@ -509,9 +513,7 @@ class LxcDriver:
         for mount in set(self._hierarchies.mounts.values()):
             await files.remove(mount / self._monitor_cgroup(container_id))
         await self._node_network.cleanup(container_id)  # its processes are gone: links first
-        directory = self._container_dir(container_id)
-        if directory.exists():
-            await asyncio.to_thread(shutil.rmtree, directory, True)
+        await _remove_tree(self._container_dir(container_id))
 
     async def _lxc_tool(self, tool: str, *args: str) -> None:
         with contextlib.suppress(OSError):
@@ -543,10 +545,35 @@ class LxcDriver:
     async def close(self) -> None:
         for container in self._containers.values():
             container.exit_task.cancel()
+            if container.monitor_process is not None:
+                container.monitor_process.close()
             if container.watch_task is not None:
                 container.watch_task.cancel()
         self._containers.clear()
         await self._node_network.close()
+
+
+def _is_small_tree(directory: Path, limit: int = SMALL_TREE_ENTRIES) -> bool:
+    """True if `directory` holds at most `limit` entries in all (stops counting beyond)."""
+    count = 0
+    for _, subdirs, names in os.walk(directory):
+        count += len(subdirs) + len(names)
+        if count > limit:
+            return False
+    return True
+
+
+async def _remove_tree(directory: Path) -> None:
+    """Remove a container directory. What LXC leaves there is a handful of entries (config,
+    logs, the status file, an empty overlay): removed in place, that is a fraction of the
+    thread hop a removal in a worker thread costs on every exit. A workload that filled its
+    overlay gets the thread, so a big tree never blocks the event loop."""
+    if not directory.exists():
+        return
+    if _is_small_tree(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        await asyncio.to_thread(shutil.rmtree, directory, True)
 
 
 async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:

@@ -17,6 +17,7 @@ the supervisor's, read by adapter/processes.py like the native driver's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,11 @@ def find_container_processes(
     already exited."""
     try:
         pids = [int(line) for line in cgroup_procs.read_text().split()]
-    except FileNotFoundError:
+    except OSError as exc:
+        # A workload that ended at once may have had its cgroup removed by LXC's teardown
+        # already (ENOENT) or while we read it (ENODEV): its processes are gone either way.
+        if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
         return None, None
     stats = {pid: (stat[1], stat[2]) for pid in pids if (stat := proc_stat(pid)) is not None}
 
