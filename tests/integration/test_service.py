@@ -307,3 +307,16 @@ def test_tcp_listen_address(tmp_path: Path) -> None:
     finally:
         service.stop()
         service.remove_cgroup_roots()
+
+
+def test_no_thread_per_container(service: ServiceProcess, container_id: str) -> None:
+    """Supervisors are reaped through pidfds on the event loop, not a waitpid thread each."""
+    stub = service.stub()
+    assert service.process is not None
+    ids = [f"{container_id}-{n}" for n in range(30)]
+    for cid in ids:
+        launch(stub, cid, "sleep 300")
+    threads = psutil.Process(service.process.pid).num_threads()
+    for cid in ids:
+        destroy(stub, cid)
+    assert threads < 30

@@ -1,7 +1,7 @@
 """The LXC runtime ("lxc"): LXC 5 containers under a private lxcpath in our state directory.
 
 Tools, not bindings: each container is run by `lxc-start -F` (foreground), spawned directly
-from the event loop (monitor.py: vfork + exec, its exit seen through a pidfd).
+from the event loop (adapter/children.py: vfork + exec, its exit seen through a pidfd).
 Debian's python3-lxc exists only for the system Python, a pip binding
 needs lxc-dev and a compiler, and either one forks inside our process from a library that is
 not fork-safe under asyncio; the monitor process `lxc-start -F` is what LXC forks anyway, so
@@ -51,11 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter.children import Child as Monitor
 from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.lxc.config import LxcConfig
 from adapter.drivers.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
-from adapter.drivers.lxc.monitor import Monitor
 from adapter.drivers.lxc.rootfs import (
     RUN_TARGET,
     SANDBOX_TARGET,

@@ -19,17 +19,16 @@ Status file: see adapter/processes.py, which reads it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adapter.children import Child
 from adapter.errors import FailedPrecondition, LaunchFailed
 from adapter.processes import ExitStatus, ProcessRef, read_status
 
@@ -197,11 +196,10 @@ def _parse_handshake(line: bytes, workload: str) -> tuple[int, int, int]:
     )
 
 
-async def _abandon(process: asyncio.subprocess.Process) -> None:
+async def _abandon(process: Child) -> None:
     """Kill a supervisor whose launch went wrong, with the workload it may have forked (both in
     the supervisor's own process group), and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    process.kill_group()
     await process.wait()
 
 
@@ -211,9 +209,9 @@ async def _wait_foreign(handle: SupervisorHandle) -> None:
 
 
 # The supervisors this process spawned and has not yet waited for, by (pid, start time). Being
-# our children, they must be reaped by us; asyncio does that for as long as their Process lives.
-# The registry is module-level because "our children" is a fact about the process, not an object.
-_children: dict[tuple[int, int], asyncio.subprocess.Process] = {}
+# our children, they must be reaped by us. The registry is module-level because "our children"
+# is a fact about the process, not an object.
+_children: dict[tuple[int, int], Child] = {}
 
 
 async def spawn(
@@ -244,15 +242,9 @@ async def spawn(
         netns=netns, filesystem=filesystem,
     )  # fmt: skip
     try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise SpawnError(f"cannot run {binary}: {exc}", step="supervisor") from exc
+        process = Child.start(command)
+    except LaunchFailed as exc:
+        raise SpawnError(str(exc), step="supervisor") from exc
     child_pid, child_start, supervisor_start = await _read_handshake(
         process, argv[0], handshake_timeout
     )
@@ -266,14 +258,11 @@ async def spawn(
     )
 
 
-async def _read_handshake(
-    process: asyncio.subprocess.Process, workload: str, timeout: float
-) -> tuple[int, int, int]:
+async def _read_handshake(process: Child, workload: str, timeout: float) -> tuple[int, int, int]:
     """The parsed `ok` line. On anything else the supervisor (and whatever it forked) is killed
     and reaped before SpawnError is raised; a cancelled spawn leaves nothing behind either."""
-    assert process.stdout is not None
     try:
-        line = await asyncio.wait_for(process.stdout.readline(), timeout)
+        line = await asyncio.wait_for(process.readline(), timeout)
     except TimeoutError:
         await _abandon(process)
         raise SpawnError(
@@ -290,13 +279,15 @@ async def _read_handshake(
             step="supervisor",
         )
     try:
-        return _parse_handshake(line, workload)
+        parsed = _parse_handshake(line, workload)
     except SpawnError as exc:
         if exc.step == "handshake":
             await _abandon(process)
         else:
             await process.wait()  # it exits by itself after an error line
         raise
+    process.close_stdout()  # the supervisor writes nothing after the handshake
+    return parsed
 
 
 async def wait_exit(handle: SupervisorHandle) -> ExitStatus | None:

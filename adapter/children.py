@@ -1,13 +1,13 @@
-"""LXC's monitor process (`lxc-start -F`) as our child: spawned, read and reaped without
-asyncio's subprocess machinery.
+"""A long-lived child of the service (a container's supervisor, LXC's monitor): spawned, read
+and reaped without asyncio's subprocess machinery.
 
 Why not `asyncio.create_subprocess_exec`: on Python 3.11 its default child watcher starts one
-thread per child that blocks in waitpid(), and the pipes become transports set up over several
-event-loop round trips. In the service, whose loop and GIL are shared with gRPC's threads, that
-cost a few milliseconds per launch, on the path every launch and every exit takes. Here the
-monitor is started with `subprocess.Popen` (vfork + exec, no thread), the handshake line is read
-straight from the pipe when the loop says it is readable, and its exit is seen through a pidfd
-(readable when the process ends: an event, not a poll), then reaped with a non-blocking waitpid.
+thread per child that blocks in waitpid() for the child's whole life (a container's), the pipes
+become transports set up over several event-loop round trips, and a transport that is collected
+kills its child, which must outlive a stopping service. Here the child is started with
+`subprocess.Popen` (vfork + exec, no thread), its one handshake line is read straight from the
+pipe when the loop says it is readable, and its exit is seen through a pidfd (readable when the
+process ends: an event, not a poll), then reaped with a non-blocking waitpid.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from adapter.errors import LaunchFailed
 MAX_HANDSHAKE_BYTES = 4096
 
 
-class Monitor:
-    """One `lxc-start -F` we started; stdout is the container init's (the handshake)."""
+class Child:
+    """One long-lived child we started; its stdout carries a one-line handshake."""
 
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self._process = process
@@ -38,16 +38,18 @@ class Monitor:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def start(cls, argv: list[str], errors_log: Path) -> Monitor:
-        """Spawn `argv` in a new session, stdout a pipe, stderr appended to `errors_log`."""
-        with errors_log.open("ab") as errors:
+    def start(cls, argv: list[str], errors_log: Path | None = None) -> Child:
+        """Spawn `argv` in a new session, stdout a pipe, stderr appended to `errors_log` (or
+        discarded)."""
+        with contextlib.ExitStack() as stack:
+            errors = stack.enter_context(errors_log.open("ab")) if errors_log else None
             try:
                 process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
-                    start_new_session=True,
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=errors if errors else subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
             except OSError as exc:
-                raise LaunchFailed(f"lxc: cannot run {argv[0]}: {exc}") from exc
+                raise LaunchFailed(f"cannot run {argv[0]}: {exc}") from exc
         return cls(process)
 
     @property
@@ -57,7 +59,7 @@ class Monitor:
     async def readline(self) -> bytes:
         """The first line on stdout (with its newline), or what came before EOF. The caller
         bounds the wait. The pipe stays open until the monitor is reaped, as a transport's
-        would: a late write by LXC must not end its monitor with SIGPIPE mid-teardown."""
+        would: a late write (LXC's) must not end the child with SIGPIPE mid-teardown."""
         stdout = self._process.stdout
         assert stdout is not None
         fd = stdout.fileno()
@@ -108,12 +110,23 @@ class Monitor:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
+    def kill_group(self) -> None:
+        """SIGKILL to its whole process group (its own session): what it forked goes too."""
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
     def _close_pidfd(self) -> None:
         if self._pidfd >= 0:
             if self._loop is not None and self._exited is not None and not self._exited.done():
                 self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+
+    def close_stdout(self) -> None:
+        """For a child that writes nothing after its handshake: one fd less per container."""
+        if self._process.stdout is not None:
+            self._process.stdout.close()
 
     def close(self) -> None:
         """Release our fds: once it is reaped, or when the service stops and leaves it running

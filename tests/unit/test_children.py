@@ -1,6 +1,6 @@
-"""The LXC monitor wrapper (adapter/drivers/lxc/monitor.py) against real processes: the
-handshake line, the exit status through the pidfd, shared and cancelled waits, kill, reaping;
-and the container-directory removal for small and large trees."""
+"""The long-lived child wrapper (adapter/children.py: LXC monitors, supervisors) against real
+processes: the handshake line, the exit status through the pidfd, shared and cancelled waits,
+kill, reaping; and the LXC container-directory removal for small and large trees."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import asyncio
 import os
 from pathlib import Path
 
+from adapter.children import Child as Monitor
 from adapter.drivers.lxc.driver import SMALL_TREE_ENTRIES, _remove_tree
-from adapter.drivers.lxc.monitor import Monitor
 
 
 def _is_zombie_or_gone(pid: int) -> bool:
