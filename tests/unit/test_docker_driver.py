@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from adapter.config import AgentConfig, NetworkOptions, parse_config
@@ -23,7 +24,14 @@ from adapter.drivers.docker.handle import (
     sandbox_name,
 )
 from adapter.drivers.docker.network import PreparedNetwork
-from adapter.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from adapter.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
 from adapter.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
 from isolators.cgroups.hierarchy import Hierarchies
 
@@ -294,3 +302,27 @@ def test_cgroup_dirs_per_controller() -> None:
     ]
     unified = Hierarchies(version=2, cgroups_root="ctz", mounts=dict.fromkeys(mounts, Path("/u")))
     assert cgroup_dirs(unified, "/ctz/web-1/abc") == [Path("/u/ctz/web-1/abc")]
+
+
+class RacyStartApi:
+    """dockerd under load: the start happened, the answer says it failed."""
+
+    def __init__(self, started_at: str) -> None:
+        self.started_at = started_at
+
+    def start(self, container: str) -> None:
+        raise docker.errors.APIError(
+            "500 Server Error", explanation="cannot start an already running container"
+        )
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        return {"State": {"Running": True, "StartedAt": self.started_at}}
+
+
+async def test_a_start_that_happened_counts_even_when_dockerd_says_it_failed() -> None:
+    engine = DockerEngine("unix:///run/fake-docker.sock")
+    engine._client = RacyStartApi("2026-11-25T20:00:00.1Z")
+    await engine.start("c1", LaunchFailed)  # no error: it runs
+    engine._client = RacyStartApi("0001-01-01T00:00:00Z")
+    with pytest.raises(LaunchFailed, match="already running"):
+        await engine.start("c1", LaunchFailed)  # never started: the failure stands

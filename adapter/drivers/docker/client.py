@@ -48,6 +48,10 @@ API_TIMEOUT = 60  # seconds per request (a socket read); pulls stream, so they a
 RESUBSCRIBE_MAX_BACKOFF = 10.0
 
 
+# Docker's StartedAt of a container that never started (Go's zero time).
+NEVER_STARTED = "0001-01-01"
+
+
 class DockerEngine:
     """A lazily connected Docker API client: nothing is contacted before the first call, so the
     service starts whether or not dockerd is up, and each call after an outage connects anew."""
@@ -186,7 +190,18 @@ class DockerEngine:
         return await self.call(f"create container {name}", create, error, AlreadyExists)
 
     async def start(self, container: str, error: type[ContainerizerError]) -> None:
-        await self.call(f"start container {container}", lambda api: api.start(container), error)
+        """Start it. Under load dockerd can fail a start that did happen ("cannot start an
+        already running container"): a container that has started counts as started, and its
+        exit, if any, reaches the waiter as usual."""
+        try:
+            await self.call(f"start container {container}", lambda api: api.start(container), error)
+        except NotFound:
+            raise
+        except ContainerizerError:
+            state = (await self.inspect(container)).get("State", {})
+            if not str(state.get("StartedAt", "")).startswith(NEVER_STARTED):
+                return
+            raise
 
     async def kill(self, container: str, signal: int) -> None:
         what = f"kill container {container} with signal {signal}"
