@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ from isolators.network.veth import host_veth_name
 from tests.conftest import ServiceProcess
 from tests.integration.api import destroy, scalar, usage
 from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
-from tests.integration.test_network import network_config, node_state
+from tests.integration.test_network import launch, network_config, node_state
 
 __all__ = ["libvirtd"]  # the shared session fixture, used by name
 pytestmark = pytest.mark.integration
@@ -55,25 +56,10 @@ def bridged_vm_service(tmp_path: Path, libvirtd: PrivateLibvirtd) -> Iterator[Se
 
 
 def _launch(
-    stub: pb_grpc.ContainerizerStub,
-    container_id: str,
-    shell: str,
-    *,
-    mode: str,
-    mappings: tuple[str, ...] = (),
-    resources: tuple[pb.Resource, ...] = (),
+    stub: pb_grpc.ContainerizerStub, container_id: str, shell: str, **network: Any
 ) -> pb.LaunchResponse:
-    return stub.Launch(
-        pb.LaunchRequest(
-            container_id=container_id,
-            command=pb.CommandInfo(shell=shell),
-            resources=list(resources),
-            container=pb.ContainerInfo(
-                network=pb.NetworkInfo(mode=mode, port_mappings=list(mappings))
-            ),
-        ),
-        timeout=120,
-    )
+    """test_network's launch, with the patience a VM boot needs."""
+    return launch(stub, container_id, shell, timeout=120, **network)
 
 
 def test_host_network_is_refused_for_a_vm(

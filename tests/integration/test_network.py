@@ -126,6 +126,7 @@ def launch(
     mode: str = "",
     mappings: tuple[str, ...] = (),
     resources: tuple[pb.Resource, ...] = (),
+    timeout: float = 30,
 ) -> pb.LaunchResponse:
     return stub.Launch(
         pb.LaunchRequest(
@@ -136,7 +137,7 @@ def launch(
                 network=pb.NetworkInfo(mode=mode, port_mappings=list(mappings))
             ),
         ),
-        timeout=30,
+        timeout=timeout,
     )
 
 
