@@ -206,6 +206,8 @@ def launch_request(args: argparse.Namespace) -> pb.LaunchRequest:
         ),
         sandbox=os.path.abspath(args.sandbox) if args.sandbox else "",
         labels=dict(args.label),
+        privileged=args.privileged,
+        no_new_privileges=args.no_new_privileges,
     )
 
 
@@ -484,6 +486,16 @@ def add_run_parser(subcommands: Any) -> None:
         help="repeatable",
     )
     run.add_argument("--user", help="user name or uid to run as")
+    run.add_argument(
+        "--privileged",
+        action="store_true",
+        help="no confinement: all capabilities, no seccomp (the node must allow it)",
+    )
+    run.add_argument(
+        "--no-new-privileges",
+        action="store_true",
+        help="set no_new_privs even as root (always set for other users)",
+    )
     run.add_argument("--workdir", help="working directory inside the container")
     run.add_argument("--sandbox", metavar="DIR", help="host directory for stdout/stderr files")
     run.add_argument(

@@ -116,6 +116,8 @@ class AgentConfig:
     socket: Path = Path(DEFAULT_SOCKET)
     listen: str | None = None
     termination_retention: float = 3600.0
+    # Whether a launch may ask for `privileged` (no confinement); refused unless set.
+    allow_privileged: bool = False
     runtimes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"native": {}})
     network: NetworkOptions = field(default_factory=NetworkOptions)
     source: Path | None = None
@@ -143,6 +145,7 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
     "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
     "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
+    "allow_privileged": (bool, lambda v: True, "true or false"),
     "runtimes": (dict, lambda v: True, "a table of runtime tables"),
     "network": (dict, lambda v: True, "a table (see NETWORK_KEYS)"),
 }
@@ -186,6 +189,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         socket=Path(raw.get("socket", DEFAULT_SOCKET)),
         listen=raw.get("listen"),
         termination_retention=float(raw.get("termination_retention", 3600.0)),
+        allow_privileged=raw.get("allow_privileged", False),
         runtimes=runtimes,
         network=_parse_network(where, raw["network"]) if "network" in raw else NetworkOptions(),
         source=source,

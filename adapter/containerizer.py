@@ -72,8 +72,10 @@ class Containerizer:
         default_runtime: str,
         termination_retention: float = 3600.0,
         sandbox_root: Path | None = None,
+        allow_privileged: bool = False,
     ) -> None:
         self.drivers = drivers
+        self.allow_privileged = allow_privileged
         self.default_runtime = default_runtime
         # Sandboxes we created (under this root) are ours to remove once the record goes;
         # a sandbox the caller named is the caller's data and is never deleted.
@@ -88,6 +90,11 @@ class Containerizer:
 
     async def launch(self, spec: LaunchSpec, warnings: tuple[str, ...] = ()) -> ContainerRecord:
         driver = self._driver(spec.runtime)
+        if spec.privileged and not self.allow_privileged:
+            raise FailedPrecondition(
+                "privileged: this node does not allow privileged containers"
+                " (set allow_privileged = true in its config to permit them)"
+            )
         existing = self._containers.get(spec.container_id)
         if existing is not None and existing.record.state is not State.TERMINATED:
             raise AlreadyExists(f"container {spec.container_id!r} already exists")

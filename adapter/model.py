@@ -121,6 +121,9 @@ class LaunchSpec:
     image: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    # The default confinement's explicit opt-out (node-allowed) and its no_new_privs request.
+    privileged: bool = False
+    no_new_privileges: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +146,8 @@ class LaunchSpec:
             image=data["image"],
             labels=tuple((k, v) for k, v in data["labels"]),
             network=NetworkSettings.from_json(data.get("network")),
+            privileged=bool(data.get("privileged", False)),
+            no_new_privileges=bool(data.get("no_new_privileges", False)),
         )
 
 
@@ -214,6 +219,8 @@ class Fingerprint:
     healthy: bool
     message: str = ""
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # What a workload gets by default here (adapter/confinement.py's summary, as enforced).
+    confinement: str = ""
 
 
 # Statistics use Mesos' ResourceStatistics field names as keys, so every producer (isolators,

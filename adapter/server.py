@@ -54,6 +54,7 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         default_runtime=config.default_runtime,
         termination_retention=config.termination_retention,
         sandbox_root=sandbox_root,
+        allow_privileged=config.allow_privileged,
     )
     await core.recover()
     server = grpc.aio.server()

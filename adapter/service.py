@@ -216,6 +216,7 @@ def to_runtime(fingerprint: Fingerprint, is_default: bool) -> pb.RuntimeInfo:
         healthy=fingerprint.healthy,
         message=fingerprint.message,
         is_default=is_default,
+        confinement=fingerprint.confinement,
         capabilities=pb.Capabilities(
             images=caps.images,
             live_update=caps.live_update,

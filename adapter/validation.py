@@ -233,6 +233,8 @@ def launch_spec(
         image=image or None,
         labels=labels(dict(request.labels)),
         network=network(request.container.network),
+        privileged=request.privileged,
+        no_new_privileges=request.no_new_privileges,
     )
     return spec, warnings
 
