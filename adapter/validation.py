@@ -161,11 +161,14 @@ def _environment(variables: Sequence[pb.EnvironmentVariable]) -> tuple[tuple[str
     return tuple(result)
 
 
-def command(message: pb.CommandInfo) -> Command:
+def command(message: pb.CommandInfo, *, image_given: bool = False) -> Command:
+    """An empty command is allowed with an image: the image's Entrypoint and Cmd run."""
     shell, argv = message.shell, list(message.argv)
     if shell and argv:
         raise InvalidArgument("command", "give either shell or argv, not both")
-    if not shell.strip() and not argv:
+    if shell and not shell.strip():
+        raise InvalidArgument("command.shell", "is blank")
+    if not shell and not argv and not image_given:
         raise InvalidArgument("command", "is empty: give a shell string or an argv")
     if argv and not argv[0]:
         raise InvalidArgument("command.argv[0]", "is empty")
@@ -226,7 +229,7 @@ def launch_spec(
     parsed, warnings = resources(request.resources)
     spec = LaunchSpec(
         container_id=cid,
-        command=command(request.command),
+        command=command(request.command, image_given=bool(image)),
         resources=parsed,
         runtime=runtime,
         sandbox=sandbox(request.sandbox, default_sandbox),
