@@ -4,8 +4,11 @@ Thin on purpose: parse the arguments, call one or two RPCs, print the answer (cl
 and the generated stubs are imported inside the commands that talk to the service, so `--help`,
 usage errors and `serve` start without paying for them.
 
-Exit status: the workload's own for `run` and `wait` (128+n when killed by signal n), 2 for usage
-errors, 1 for every other error, 130 after Ctrl-C. Errors are one line on stderr, never a traceback.
+Exit status: the workload's own for `run` and `wait` (128+n when killed by signal n); 125, as
+`docker run` uses, for every failure of the CLI, the service or the launch (a bad flag, no service,
+no such container or image, a workload that never started or whose status was lost), so none can
+be mistaken for a workload's own exit 1; 130 after Ctrl-C. Errors are one line on stderr, never a
+traceback. The connection flags and --json are accepted before and after the subcommand.
 """
 
 from __future__ import annotations
@@ -16,34 +19,30 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from adapter import cli_format
+from adapter.cli_client import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CliError,
+    ServiceClient,
+    ServiceCommand,
+    TlsFiles,
+    add_connection_options,
+    add_subcommand,
+)
 
 if TYPE_CHECKING:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
 PROG = "containerizer"
-ENDPOINT_ENV = "CONTAINERIZER_ENDPOINT"
-DEFAULT_ENDPOINT = "unix:///run/containerizer/containerizer.sock"
-DEFAULT_TIMEOUT_SECONDS = 30.0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+DISTRIBUTION = "containerizer-adapter"  # the project name in pyproject.toml
 EXIT_INTERRUPTED = 130
 # How often `run` looks for new output while the workload runs: fast enough to feel live.
 OUTPUT_POLL_SECONDS = 0.05
 OUTPUT_CHUNK_BYTES = 1 << 16
-# After an UNAVAILABLE, how long to check whether the service itself answered (connection is up).
-REACHABILITY_PROBE_SECONDS = 0.5
-
-
-class CliError(Exception):
-    """An error worth one line on stderr; carries the exit status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,88 +52,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
 
 
-def grpc_target(endpoint: str) -> str:
-    """A socket path (absolute or relative), `unix:PATH` or `host:port` -> a grpc target."""
-    if endpoint.startswith(("/", ".")) or ":" not in endpoint:
-        return "unix:" + os.path.abspath(endpoint)
-    return endpoint
+class VersionAction(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"{PROG} {package_version()}")
+        parser.exit()
 
 
-# ---- talking to the service ----
+def package_version() -> str:
+    from importlib import metadata
 
-
-class ServiceClient:
-    """One channel to the service; every failed call becomes a CliError with a readable line."""
-
-    def __init__(self, endpoint: str, timeout: float) -> None:
-        import grpc
-
-        from adapter.api.containerizer.v1 import containerizer_pb2_grpc
-
-        self.target = grpc_target(endpoint)
-        self.timeout = timeout
-        # The service is node-local: an http_proxy in the environment must never be used for it.
-        self.channel = grpc.insecure_channel(self.target, options=[("grpc.enable_http_proxy", 0)])
-        # The generated grpc module is unannotated; newer generators may add annotations.
-        self.stub = containerizer_pb2_grpc.ContainerizerStub(self.channel)  # type: ignore[no-untyped-call, unused-ignore]
-
-    def call(self, method: str, request: Any) -> Any:
-        """A unary RPC bounded by --timeout."""
-        import grpc
-
-        try:
-            return getattr(self.stub, method)(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise self.error_from(exc) from None
-
-    def wait_future(self, container_id: str) -> Any:
-        """Wait without a deadline (a workload may run for days), as a grpc future."""
-        from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-        return self.stub.Wait.future(pb.WaitRequest(container_id=container_id))
-
-    def wait(self, container_id: str) -> pb.Termination:
-        termination: pb.Termination = self.result(self.wait_future(container_id)).termination
-        return termination
-
-    def result(self, future: Any) -> Any:
-        import grpc
-
-        try:
-            return future.result()
-        except grpc.RpcError as exc:
-            raise self.error_from(exc) from None
-
-    def error_from(self, exc: Any) -> CliError:
-        import grpc
-
-        code, details = exc.code(), exc.details() or exc.code().name
-        if code == grpc.StatusCode.UNAVAILABLE and not self.service_is_reachable():
-            return CliError(
-                f"cannot reach the service at {self.target}: is `containerizer serve` running? "
-                f"({code.name}: {details})"
-            )
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return CliError(
-                f"no answer from the service at {self.target} within {self.timeout:g}s "
-                "(raise --timeout if it is busy)"
-            )
-        return CliError(details)
-
-    def service_is_reachable(self) -> bool:
-        """Tells 'no service' from the service's own UNAVAILABLE (e.g. a runtime is down)."""
-        import grpc
-
-        ready = grpc.channel_ready_future(self.channel)
-        try:
-            ready.result(timeout=REACHABILITY_PROBE_SECONDS)
-            return True
-        except grpc.FutureTimeoutError:
-            ready.cancel()
-            return False
-
-    def close(self) -> None:
-        self.channel.close()
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed as a package)"
 
 
 # ---- run: launch, follow the output files, exit like the workload ----
@@ -304,14 +241,27 @@ def command_serve(args: argparse.Namespace) -> int:
     return run_server(args.config)
 
 
-def command_ps(args: argparse.Namespace, client: ServiceClient) -> int:
+def list_containers(client: ServiceClient) -> list[pb.ContainerStatus]:
+    """Every container, page by page: one reply holds only as many as fit its size bound."""
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
-    response = client.call("Containers", pb.ContainersRequest())
+    containers: list[pb.ContainerStatus] = []
+    token = ""
+    while True:
+        page = client.call("Containers", pb.ContainersRequest(page_token=token))
+        containers.extend(page.containers)
+        token = page.next_page_token
+        if not token:
+            return containers
+
+
+def command_ps(args: argparse.Namespace, client: ServiceClient) -> int:
+    containers = list_containers(client)
     if args.json:
-        print(cli_format.to_json(response))
+        # One shape with and without containers: {"containers": [...]}.
+        print(cli_format.containers_json(containers))
     else:
-        print(cli_format.containers_table(response.containers, time.time()))
+        print(cli_format.containers_table(containers, time.time()))
     return 0
 
 
@@ -353,15 +303,22 @@ def command_update(args: argparse.Namespace, client: ServiceClient) -> int:
     if not resources:
         raise CliError("update: give at least one of --cpus, --mem, --pids", EXIT_USAGE)
     request = pb.UpdateRequest(container_id=args.container_id, resources=resources)
-    for warning in client.call("Update", request).warnings:
+    response = client.call("Update", request)
+    for warning in response.warnings:  # e.g. a limit raised to the kernel's minimum
         warn(warning)
+    if args.json:
+        print(cli_format.to_json(response))
     return 0
 
 
 def command_kill(args: argparse.Namespace, client: ServiceClient) -> int:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
-    client.call("Kill", pb.KillRequest(container_id=args.container_id, signal=args.signal))
+    response = client.call(
+        "Kill", pb.KillRequest(container_id=args.container_id, signal=args.signal)
+    )
+    if args.json:
+        print(cli_format.to_json(response))
     return 0
 
 
@@ -390,6 +347,8 @@ def command_runtimes(args: argparse.Namespace, client: ServiceClient) -> int:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
     response = client.call("Runtimes", pb.RuntimesRequest())
+    for entry in response.quarantined:
+        warn(f"damaged record of container {entry.container_id} set aside: {entry.error}")
     print(
         cli_format.to_json(response) if args.json else cli_format.runtimes_table(response.runtimes)
     )
@@ -397,44 +356,6 @@ def command_runtimes(args: argparse.Namespace, client: ServiceClient) -> int:
 
 
 # ---- the parser ----
-
-ServiceCommand = Callable[[argparse.Namespace, ServiceClient], int]
-
-
-def add_connection_options(parser: argparse.ArgumentParser, *, reads: bool, top: bool) -> None:
-    """Accepted before and after the subcommand; a subcommand only overrides what it was given."""
-
-    def default(value: object) -> object:
-        return value if top else argparse.SUPPRESS
-
-    parser.add_argument(
-        "--endpoint",
-        default=default(os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT),
-        help=(
-            f"socket path, unix:PATH or host:port (default: ${ENDPOINT_ENV} or {DEFAULT_ENDPOINT})"
-        ),
-    )
-    parser.add_argument(
-        "--timeout",
-        type=cli_format.positive_float,
-        default=default(DEFAULT_TIMEOUT_SECONDS),
-        help="seconds to wait for each call; not applied to waiting for a container (default 30)",
-    )
-    if reads:
-        parser.add_argument(
-            "--json", action="store_true", default=default(False), help="print JSON"
-        )
-
-
-def add_subcommand(
-    subcommands: Any, name: str, handler: ServiceCommand, help_text: str, *, reads: bool
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subcommands.add_parser(
-        name, help=help_text, description=help_text
-    )
-    add_connection_options(parser, reads=reads, top=False)
-    parser.set_defaults(handler=handler)
-    return parser
 
 
 def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None:
@@ -457,9 +378,7 @@ def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None
 
 
 def add_run_parser(subcommands: Any) -> None:
-    run = add_subcommand(
-        subcommands, "run", command_run, "launch a container and follow it", reads=True
-    )
+    run = add_subcommand(subcommands, "run", command_run, "launch a container and follow it")
     run.add_argument("--runtime", help="runtime from the node's config; default: the default one")
     add_resource_options(run, disk=True)
     run.add_argument("--image", help="image reference; default: the runtime's root filesystem")
@@ -512,24 +431,18 @@ def add_run_parser(subcommands: Any) -> None:
 
 
 def add_container_commands(subcommands: Any) -> None:
-    status = add_subcommand(subcommands, "status", command_status, "show one container", reads=True)
+    status = add_subcommand(subcommands, "status", command_status, "show one container")
     status.add_argument("container_id", metavar="ID")
-    usage = add_subcommand(
-        subcommands, "usage", command_usage, "resource usage of a container", reads=True
-    )
+    usage = add_subcommand(subcommands, "usage", command_usage, "resource usage of a container")
     usage.add_argument("container_id", metavar="ID")
     usage.add_argument("--watch", "-w", action="store_true", help="repeat until Ctrl-C")
     usage.add_argument(
         "--interval", type=cli_format.positive_float, default=2.0, help="seconds (default 2)"
     )
-    update = add_subcommand(
-        subcommands, "update", command_update, "change resource limits, live", reads=False
-    )
+    update = add_subcommand(subcommands, "update", command_update, "change resource limits, live")
     update.add_argument("container_id", metavar="ID")
     add_resource_options(update, disk=False)
-    kill = add_subcommand(
-        subcommands, "kill", command_kill, "send a signal to a container", reads=False
-    )
+    kill = add_subcommand(subcommands, "kill", command_kill, "send a signal to a container")
     kill.add_argument("container_id", metavar="ID")
     kill.add_argument(
         "--signal",
@@ -539,27 +452,24 @@ def add_container_commands(subcommands: Any) -> None:
         help="default TERM",
     )
     destroy = add_subcommand(
-        subcommands, "destroy", command_destroy, "kill and clean up a container", reads=True
+        subcommands, "destroy", command_destroy, "kill and clean up a container"
     )
     destroy.add_argument("container_id", metavar="ID")
-    wait = add_subcommand(
-        subcommands, "wait", command_wait, "wait for a container to end", reads=True
-    )
+    wait = add_subcommand(subcommands, "wait", command_wait, "wait for a container to end")
     wait.add_argument("container_id", metavar="ID")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Run and inspect containers on this node.")
-    add_connection_options(parser, reads=True, top=True)
+    parser.add_argument("--version", action=VersionAction)
+    add_connection_options(parser, top=True)
     subcommands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     serve = subcommands.add_parser("serve", help="run the service", description="run the service")
     serve.add_argument("--config", metavar="FILE", help="agent config (TOML)")
     add_run_parser(subcommands)
-    add_subcommand(subcommands, "ps", command_ps, "list containers", reads=True)
+    add_subcommand(subcommands, "ps", command_ps, "list containers")
     add_container_commands(subcommands)
-    add_subcommand(
-        subcommands, "runtimes", command_runtimes, "runtimes configured on this node", reads=True
-    )
+    add_subcommand(subcommands, "runtimes", command_runtimes, "runtimes configured on this node")
     from adapter.cli_images import add_images_commands  # its own module: the images group
 
     add_images_commands(subcommands)
@@ -572,7 +482,7 @@ def build_parser() -> ArgumentParser:
 def dispatch(args: argparse.Namespace) -> int:
     if args.subcommand == "serve":
         return command_serve(args)
-    client = ServiceClient(args.endpoint, args.timeout)
+    client = ServiceClient(args.endpoint, args.timeout, TlsFiles.from_args(args))
     try:
         handler: ServiceCommand = args.handler
         return handler(args, client)

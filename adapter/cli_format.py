@@ -9,7 +9,9 @@ stays cheap.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import math
 import re
 import signal
 import time
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 
 # Exit status of a workload killed by a signal, as shells report it.
 SIGNAL_EXIT_BASE = 128
+# docker's status for "the workload has no exit status to report": the CLI or the service failed,
+# or the workload never started or was lost. Never confused with a workload's own exit 1.
+EXIT_CLI_FAILURE = 125
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 MIB_PER_UNIT = {
     "": 1.0,  # a plain number is MiB, the unit of Mesos' mem and disk
@@ -103,11 +108,56 @@ def render_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def to_json(message: Any, indent: int | None = 2) -> str:
-    # No protobuf type stubs are installed here; the ignore is harmless once they are.
-    from google.protobuf import json_format  # type: ignore[import-untyped, unused-ignore]
+    return json.dumps(message_fields(message), indent=indent, sort_keys=False)
 
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(as_dict, indent=indent, sort_keys=False)
+
+def message_fields(message: Any) -> dict[str, Any]:
+    """A message as the proto3 JSON mapping writes it (proto field names, enum names), with two
+    differences that make it easier to consume: every field without presence is written, empty
+    or not, so a reply has the same keys whether its list is empty or full; and 64-bit integers
+    are numbers, not the strings the mapping uses for JavaScript's sake."""
+    fields: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if not is_repeated(field) and field.has_presence and not message.HasField(field.name):
+            continue
+        value = getattr(message, field.name)
+        if is_map(field):
+            value_field = field.message_type.fields_by_name["value"]
+            fields[field.name] = {str(k): json_value(value_field, v) for k, v in value.items()}
+        elif is_repeated(field):
+            fields[field.name] = [json_value(field, item) for item in value]
+        else:
+            fields[field.name] = json_value(field, value)
+    return fields
+
+
+def is_repeated(field: Any) -> bool:
+    # protobuf 6 added is_repeated; 7 removed `label`, which is all older versions have.
+    repeated = getattr(field, "is_repeated", None)
+    return bool(field.label == field.LABEL_REPEATED if repeated is None else repeated)
+
+
+def is_map(field: Any) -> bool:
+    return bool(field.message_type is not None and field.message_type.GetOptions().map_entry)
+
+
+def json_value(field: Any, value: Any) -> Any:
+    """One value of `field` as JSON: messages as objects, enums by name, bytes in base64."""
+    if field.cpp_type == field.CPPTYPE_MESSAGE:
+        if field.message_type.full_name.startswith("google.protobuf."):
+            # Well-known types have their own JSON forms (Timestamp as RFC 3339, ...).
+            from google.protobuf import json_format  # type: ignore[import-untyped, unused-ignore]
+
+            return json_format.MessageToDict(value, preserving_proto_field_name=True)
+        return message_fields(value)
+    if field.cpp_type == field.CPPTYPE_ENUM:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    if field.type == field.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def human_bytes(count: float) -> str:
@@ -142,14 +192,14 @@ def signal_name(number: int) -> str:
 
 
 def exit_code_of(termination: pb.Termination) -> int:
-    """The status a shell would report for the workload; 1 when it never ran or was lost."""
+    """The status a shell would report for the workload; 125 when it never ran or was lost."""
     if reason_name(termination) in ("LAUNCH_FAILED", "LOST"):
-        return 1
+        return EXIT_CLI_FAILURE
     if termination.HasField("signal"):
         return SIGNAL_EXIT_BASE + termination.signal
     if termination.HasField("exit_code"):
         return termination.exit_code
-    return 1
+    return EXIT_CLI_FAILURE
 
 
 def reason_name(termination: pb.Termination) -> str:
@@ -163,18 +213,26 @@ def state_name(status: pb.ContainerStatus) -> str:
 
 
 def describe_termination(termination: pb.Termination) -> str:
-    """One line, e.g. 'killed by signal 9 (SIGKILL), LIMITATION_MEMORY (mem): out of memory'."""
+    """What happened, said once. The service's message is that sentence ('exited with code 3',
+    'destroyed: killed by signal 9 (SIGKILL)'); a reason it does not say in words (a limitation,
+    LOST, LAUNCH_FAILED) labels it. From a service that sent no message, one made of the fields."""
+    reason = reason_name(termination)
+    message = termination.message or _outcome(termination, reason)
+    if reason in ("EXITED", "DESTROYED"):
+        return message
+    if termination.limited_resources:
+        reason += f" ({', '.join(termination.limited_resources)})"
+    return f"{reason}: {message}"
+
+
+def _outcome(termination: pb.Termination, reason: str) -> str:
     if termination.HasField("signal"):
         outcome = f"killed by signal {termination.signal} ({signal_name(termination.signal)})"
     elif termination.HasField("exit_code"):
         outcome = f"exited with code {termination.exit_code}"
     else:
         outcome = "no exit status"
-    parts = [outcome, reason_name(termination)]
-    if termination.limited_resources:
-        parts[-1] += f" ({', '.join(termination.limited_resources)})"
-    line = ", ".join(parts)
-    return f"{line}: {termination.message}" if termination.message else line
+    return f"destroyed: {outcome}" if reason == "DESTROYED" else outcome
 
 
 def short_outcome(termination: pb.Termination) -> str:
@@ -212,6 +270,10 @@ def containers_table(containers: Sequence[pb.ContainerStatus], now: float) -> st
             [status.container_id, status.runtime, state_name(status), pid, age_or_exit, image]
         )
     return render_table(["ID", "RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE"], rows)
+
+
+def containers_json(containers: Sequence[pb.ContainerStatus]) -> str:
+    return json.dumps({"containers": [message_fields(status) for status in containers]}, indent=2)
 
 
 def format_time(timestamp: float, now: float) -> str:

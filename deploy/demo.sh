@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the native runtime: start the service with a private state
 # directory and socket, run a workload under cpu and memory limits, show its usage and its
-# termination, stop the service. Leaves nothing behind.
+# termination, make the node's own busybox image and run in it, stop the service. Leaves nothing
+# behind.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 ctz="$repo/.venv/bin/containerizer"
@@ -21,6 +22,10 @@ cleanup() {
   "$ctz" destroy demo >/dev/null 2>&1 || true
   kill -TERM "$service" 2>/dev/null || true
   wait "$service" 2>/dev/null || true
+  # The service leaves its (empty) cgroup root in every hierarchy: remove it, deepest first.
+  for root in /sys/fs/cgroup/containerizer-demo /sys/fs/cgroup/*/containerizer-demo; do
+    if [ -d "$root" ]; then find "$root" -depth -type d -exec rmdir {} \; 2>/dev/null || true; fi
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -48,3 +53,8 @@ set +e
 "$ctz" run --cpus 1 --mem 64M -- sh -c 'echo "hello from $(hostname), pid $$"; exit 3'
 echo "exit code: $?"
 set -e
+echo
+echo "## an image made on this node from busybox-static (no download), and a container in it"
+"$ctz" images import --busybox
+"$ctz" run --image localhost/busybox:latest --user nobody -- \
+  sh -c 'echo "running as $(id -un), with $(ls /bin | wc -l) commands in /bin"'

@@ -20,6 +20,13 @@ LATENCY_KINDS = ("launch", "lifecycle", "teardown")
 PERCENTILES = (50, 95, 99)
 ISOLATION_CHECKS = ("memory", "cpu", "pids")
 ACCOUNTING_CHECKS = ("cpu", "memory")
+# What one runtime can fail to measure, each on its own: `compare` fails when none measured one.
+MEASUREMENTS = (
+    "latency",
+    "density",
+    *(f"isolation.{check}" for check in ISOLATION_CHECKS),
+    *(f"accounting.{check}" for check in ACCOUNTING_CHECKS),
+)
 
 
 def percentile(samples: Sequence[float], rank: float) -> float:
@@ -179,6 +186,18 @@ class RuntimeReport:
     # section (or "section.check") -> why it has no numbers
     errors: dict[str, str] = field(default_factory=dict)
 
+    def measured(self) -> set[str]:
+        """The MEASUREMENTS this runtime has numbers (or a verdict) for: a latency series without
+        one successful run, or a density wave in which no container started, measured nothing."""
+        done = set()
+        if self.latency and any(series.samples for series in self.latency.values()):
+            done.add("latency")
+        if self.density and self.density.launched:
+            done.add("density")
+        done |= {f"isolation.{check}" for check in self.isolation or {}}
+        done |= {f"accounting.{check}" for check in self.accounting or {}}
+        return done
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -214,6 +233,11 @@ class CompareReport:
     host: dict[str, Any] = field(default_factory=dict)
     runtimes: list[RuntimeReport] = field(default_factory=list)
 
+    def unmeasured(self) -> list[str]:
+        """The MEASUREMENTS no runtime produced, in report order: what this run cannot answer."""
+        done = set().union(*(runtime.measured() for runtime in self.runtimes))
+        return [name for name in MEASUREMENTS if name not in done]
+
     def to_dict(self) -> dict[str, Any]:
         settings = self.settings
         return {
@@ -228,6 +252,7 @@ class CompareReport:
             "duration_seconds": round(self.duration_seconds, 3),
             "host": dict(self.host),
             "runtimes": [runtime.to_dict() for runtime in self.runtimes],
+            "unmeasured": self.unmeasured(),
         }
 
 

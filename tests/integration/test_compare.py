@@ -215,3 +215,53 @@ def test_text_report_and_orphans_of_a_dead_run_are_swept(cfs_service: ServicePro
     listed = stub.Containers(pb.ContainersRequest(), timeout=10).containers
     assert orphan not in [status.container_id for status in listed]
     assert cfs_service.leftover_cgroups() == []
+
+
+@pytest.fixture(scope="module")
+def bare_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A node as a newcomer has it: the native runtime and an empty image store."""
+    require_root()
+    require((BIN / "containerizer").exists(), "containerizer not installed")
+    service = ServiceProcess(
+        tmp_path_factory.mktemp("compare-bare"), extra_config="[runtimes.native]"
+    )
+    service.start()
+    yield service
+    with contextlib.suppress(Exception):
+        service.destroy_all()
+    service.stop()
+    service.remove_cgroup_roots()
+
+
+def test_compare_on_a_fresh_node_makes_its_image_and_measures(bare_service: ServiceProcess) -> None:
+    require(Path("/bin/busybox").is_file(), "/bin/busybox missing: apt-get install busybox-static")
+    done = compare(bare_service, "--runtimes=native", "--runs=2", "--density=2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "compare: localhost/busybox:latest is not in the image store: building it from this "
+        "node's busybox and importing it"
+    ) in done.stderr
+    report = json.loads(done.stdout)
+    (native,) = report["runtimes"]
+    assert native["root"] == "image localhost/busybox:latest"
+    assert native["errors"] == {} and report["unmeasured"] == []
+    with grpc.insecure_channel(bare_service.endpoint) as channel:
+        listed = images_pb2_grpc.ImagesStub(channel).List(images_pb2.ListImagesRequest())
+    assert [image.reference for image in listed.images] == ["localhost/busybox:latest"]
+
+
+def test_compare_exits_1_naming_what_no_runtime_measured(bare_service: ServiceProcess) -> None:
+    done = compare(
+        bare_service, "--runtimes=native,docker", "--image=localhost/absent:1", "--runs=3",
+        "--density=2",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "compare: not measured on any runtime: latency, density, isolation.memory, "
+        "isolation.cpu, isolation.pids, accounting.cpu, accounting.memory "
+        "(the report's errors and reasons say why)"
+    )
+    assert "localhost/absent:1" in done.stdout  # each section's error names the missing image
+    assert "building it" not in done.stderr  # a named image is never replaced by ours
+    listed = bare_service.stub().Containers(pb.ContainersRequest(), timeout=10).containers
+    assert [status.container_id for status in listed] == []

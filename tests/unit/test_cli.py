@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -18,13 +19,14 @@ import time
 import types
 from collections.abc import Iterator
 from concurrent import futures
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from adapter import cli
+from adapter import cli, cli_client
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.cli_format import size_mib
@@ -32,6 +34,9 @@ from adapter.cli_format import size_mib
 MIB = 1024 * 1024
 # How long the `exit` workload keeps running after Launch, so `run` has something to follow.
 WORKLOAD_SECONDS = 0.2
+# The CLI's own failures (and a workload that never ran) exit as `docker run` does: never 1 or 2,
+# which a workload may return itself.
+CLI_FAILURE = 125
 
 
 class FakeContainer:
@@ -109,7 +114,7 @@ class FakeContainerizer(pb_grpc.ContainerizerServicer):
                     status=int(container.argv[1]),
                     killed=True,
                     reason=pb.LIMITATION_MEMORY,
-                    message="memory limit exceeded",
+                    message="killed by signal 9 (SIGKILL); memory limit exceeded",
                     limited_resources=["mem"],
                 )
             )
@@ -273,9 +278,9 @@ def test_run_killed_by_signal_exits_128_plus_signal(run_cli: Cli) -> None:
     assert_one_error_line(err, "killed by signal 9 (SIGKILL)", "LIMITATION_MEMORY (mem)")
 
 
-def test_run_launch_failed_exits_1_with_the_message(run_cli: Cli) -> None:
+def test_run_launch_failed_exits_125_with_the_message(run_cli: Cli) -> None:
     code, _, err = run_cli("run", "--", "fail")
-    assert code == 1
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "LAUNCH_FAILED", "exec: no such file")
 
 
@@ -334,10 +339,10 @@ def test_run_ctrl_c_destroys_the_container(
 
 def test_run_needs_exactly_one_command(run_cli: Cli) -> None:
     code, _, err = run_cli("run", "--cpus", "1")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "--shell")
     code, _, err = run_cli("run", "--shell", "true", "--", "true")
-    assert code == 2
+    assert code == CLI_FAILURE
 
 
 # ---- flag validation on the client ----
@@ -354,19 +359,19 @@ def test_size_units(text: str, mib: float) -> None:
 @pytest.mark.parametrize("garbage", ["lots", "12X", "-5M", "0", "1..2G", ""])
 def test_garbage_size_is_a_usage_error_naming_the_flag(run_cli: Cli, garbage: str) -> None:
     code, _, err = run_cli("run", f"--mem={garbage}", "--", "sleep")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "--mem", repr(garbage))
 
 
 def test_env_without_equals_is_a_usage_error_naming_the_flag(run_cli: Cli) -> None:
     code, _, err = run_cli("run", "--env", "NOVALUE", "--", "sleep")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "--env", "NAME=VALUE", "'NOVALUE'")
 
 
 def test_unknown_subcommand_is_a_usage_error(run_cli: Cli) -> None:
     code, _, err = run_cli("frobnicate")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "frobnicate")
 
 
@@ -412,20 +417,62 @@ def test_global_json_flag_before_the_subcommand(run_cli: Cli) -> None:
     assert json.loads(out)["containers"][0]["container_id"] == "a"
 
 
+def test_ps_json_without_containers_has_the_same_shape(run_cli: Cli) -> None:
+    code, out, _ = run_cli("ps", "--json")
+    assert (code, json.loads(out)) == (0, {"containers": []})
+
+
+# Every command, with "{}" where the connection flags go when given after the subcommand.
+EVERY_COMMAND = [
+    ("run", "{}", "--", "true"), ("ps", "{}"), ("status", "c", "{}"), ("usage", "c", "{}"),
+    ("update", "c", "--cpus", "1", "{}"), ("kill", "c", "{}"), ("destroy", "c", "{}"),
+    ("wait", "c", "{}"), ("runtimes", "{}"), ("images", "import", "f.tar", "{}"),
+    ("images", "pull", "r", "{}"), ("images", "ls", "{}"), ("images", "rm", "r", "{}"),
+    ("compare", "{}"),
+]  # fmt: skip
+CONNECTION_FLAGS = ("--json", "--endpoint", "/x.sock", "--timeout", "3")
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda c: "-".join(c[:2]))
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_global_flags_work_before_and_after_every_subcommand(
+    command: tuple[str, ...], place: str
+) -> None:
+    flags = list(CONNECTION_FLAGS)
+    if place == "before":
+        argv = flags + [word for word in command if word != "{}"]
+    else:
+        argv = [part for word in command for part in (flags if word == "{}" else [word])]
+    args = cli.build_parser().parse_args(argv)
+    assert (args.json, args.endpoint, args.timeout) == (True, "/x.sock", 3.0)
+
+
+def test_kill_and_update_print_their_reply_with_json(
+    run_cli: Cli, service: FakeContainerizer
+) -> None:
+    run_cli.launch("k1", "sleep")
+    code, out, err = run_cli("update", "k1", "--mem", "16M", "--json")
+    assert (code, json.loads(out)) == (0, {"warnings": ["mem: raised to the 32 MiB minimum"]})
+    assert err == "warning: mem: raised to the 32 MiB minimum\n"
+    code, out, _ = run_cli("kill", "k1", "--json", "--signal", "KILL")
+    assert (code, json.loads(out)) == (0, {})
+    assert service.kills[-1].signal == 9
+
+
 def test_status(run_cli: Cli) -> None:
     run_cli("run", "--id", "s1", "--mem", "64M", "--cpus", "0.5", "--", "exit", "0")
     code, out, _ = run_cli("status", "s1")
     assert code == 0
     assert "State:" in out and "TERMINATED" in out
     assert "cpus=0.5 mem=64.0 MiB" in out
-    assert "exited with code 0, EXITED" in out
+    assert "Termination: exited with code 0\n" in out
     code, out, _ = run_cli("status", "--json", "s1")
     assert json.loads(out)["termination"]["exit_code"] == 0
 
 
 def test_status_of_unknown_container_is_one_line(run_cli: Cli) -> None:
     code, out, err = run_cli("status", "nope")
-    assert (code, out) == (1, "")
+    assert (code, out) == (CLI_FAILURE, "")
     assert err == "containerizer: container 'nope' not found\n"
 
 
@@ -448,8 +495,9 @@ def test_usage_json(run_cli: Cli) -> None:
     code, out, _ = run_cli("usage", "--json", "u1")
     statistics = json.loads(out)
     assert code == 0
-    assert statistics["mem_rss_bytes"] == str(12 * MIB)  # proto3 JSON: 64-bit ints are strings
-    assert statistics["disk_used_bytes"] == "0"
+    # Numbers, although proto3's JSON mapping writes 64-bit integers as strings.
+    assert statistics["mem_rss_bytes"] == 12 * MIB
+    assert statistics["disk_used_bytes"] == 0
     assert "net_rx_bytes" not in statistics
 
 
@@ -459,7 +507,7 @@ def test_usage_watch_repeats_until_the_container_ends(
     run_cli.launch("u1", "sleep")
     service.usage_answers_before_exit = 3
     code, out, err = run_cli("usage", "u1", "--watch", "--interval", "0.01", "--json")
-    assert code == 1
+    assert code == CLI_FAILURE
     assert [json.loads(line)["processes"] for line in out.splitlines()] == [3, 3]
     assert_one_error_line(err, "has terminated")
 
@@ -492,7 +540,7 @@ def test_update_sends_resources_and_prints_warnings(
 
 def test_update_without_resources_is_a_usage_error(run_cli: Cli) -> None:
     code, _, err = run_cli("update", "u1")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "--cpus")
 
 
@@ -513,7 +561,7 @@ def test_kill_defaults_to_term_and_rejects_unknown_signals(
     assert run_cli("kill", "k1")[0] == 0
     assert service.kills[-1].signal == 15
     code, _, err = run_cli("kill", "k1", "--signal", "BOGUS")
-    assert code == 2
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "--signal", "'BOGUS'")
 
 
@@ -521,14 +569,14 @@ def test_destroy_prints_the_termination(run_cli: Cli) -> None:
     run_cli.launch("d1", "sleep")
     code, out, _ = run_cli("destroy", "d1")
     assert code == 0
-    assert out == "d1: killed by signal 9 (SIGKILL), DESTROYED\n"
+    assert out == "d1: destroyed: killed by signal 9 (SIGKILL)\n"
 
 
 def test_wait_prints_the_termination_and_exits_like_the_workload(run_cli: Cli) -> None:
     run_cli.launch("w1", "exit", "7")
     code, out, _ = run_cli("wait", "w1")
     assert code == 7
-    assert out == "w1: exited with code 7, EXITED\n"
+    assert out == "w1: exited with code 7\n"
     code, out, _ = run_cli("wait", "--json", "w1")
     assert code == 7
     assert json.loads(out)["termination"]["exit_code"] == 7
@@ -539,7 +587,7 @@ def test_wait_for_a_signalled_container(run_cli: Cli) -> None:
     run_cli("kill", "w2", "--signal", "TERM")
     code, out, _ = run_cli("wait", "w2")
     assert code == 128 + 15
-    assert "killed by signal 15 (SIGTERM)" in out
+    assert out == "w2: killed by signal 15 (SIGTERM)\n"
 
 
 # ---- errors ----
@@ -547,7 +595,7 @@ def test_wait_for_a_signalled_container(run_cli: Cli) -> None:
 
 def test_server_side_invalid_argument_is_one_line(run_cli: Cli) -> None:
     code, out, err = run_cli("run", "--id", "bad id", "--", "sleep")
-    assert (code, out) == (1, "")
+    assert (code, out) == (CLI_FAILURE, "")
     assert err == "containerizer: container_id: 'bad id' may only contain letters, digits, _.-\n"
 
 
@@ -558,7 +606,7 @@ def test_unreachable_service_is_one_line(capsys: pytest.CaptureFixture[str]) -> 
     finally:
         shutil.rmtree(socket_dir)
     out, err = capsys.readouterr()
-    assert (code, out) == (1, "")
+    assert (code, out) == (CLI_FAILURE, "")
     assert_one_error_line(err, f"cannot reach the service at unix:{socket_dir}/absent.sock")
     assert "containerizer serve" in err and "Traceback" not in err
 
@@ -566,7 +614,7 @@ def test_unreachable_service_is_one_line(capsys: pytest.CaptureFixture[str]) -> 
 def test_deadline_names_the_timeout_flag(run_cli: Cli) -> None:
     run_cli.launch("slow", "sleep")
     code, _, err = run_cli("--timeout", "0.1", "status", "slow")
-    assert code == 1
+    assert code == CLI_FAILURE
     assert_one_error_line(err, "within 0.1s", "--timeout")
 
 
@@ -575,7 +623,7 @@ def test_endpoint_comes_from_the_environment(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(cli.ENDPOINT_ENV, service.endpoint)
+    monkeypatch.setenv(cli_client.ENDPOINT_ENV, service.endpoint)
     assert cli.main(["runtimes"]) == 0
     assert "native" in capsys.readouterr().out
 
@@ -589,7 +637,7 @@ def test_endpoint_comes_from_the_environment(
     ],
 )
 def test_endpoint_forms(endpoint: str, target: str) -> None:
-    assert cli.grpc_target(endpoint) == target
+    assert cli_client.grpc_target(endpoint) == target
 
 
 def test_serve_runs_the_server_with_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -605,3 +653,42 @@ def test_serve_runs_the_server_with_the_config(monkeypatch: pytest.MonkeyPatch) 
     assert cli.main(["serve", "--config", "/etc/containerizer.toml"]) == 3
     assert cli.main(["serve"]) == 3
     assert calls == ["/etc/containerizer.toml", None]
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"containerizer {metadata.version('containerizer-adapter')}\n"
+
+
+def test_a_workload_exit_1_is_not_a_cli_failure(run_cli: Cli) -> None:
+    assert run_cli("run", "--", "exit", "1")[0] == 1
+    code, _, err = run_cli("run", "--bogus-flag", "--", "exit", "1")
+    assert code == CLI_FAILURE
+    assert_one_error_line(err, "--bogus-flag")
+
+
+@pytest.mark.parametrize("argv", [["images", "import"], ["images", "import", "x.tar", "--busybox"]])
+def test_images_import_takes_a_file_or_busybox(run_cli: Cli, argv: list[str]) -> None:
+    code, _, err = run_cli(*argv)
+    assert code == CLI_FAILURE
+    assert_one_error_line(err, "FILE or --busybox")
+
+
+def test_command_modules_import_no_circle_and_ps_loads_no_compare_code(
+    service: FakeContainerizer,
+) -> None:
+    """cli_images and cli_compare build on cli_client, never on cli; `ps` pays for neither the
+    compare runner nor matplotlib nor the image store."""
+    script = f"""
+import sys
+import adapter.cli_compare, adapter.cli_images
+assert "adapter.cli" not in sys.modules, "a command module imports adapter.cli"
+from adapter import cli
+assert cli.main(["--endpoint", {service.endpoint!r}, "ps"]) == 0
+heavy = ("matplotlib", "psutil", "adapter.compare.runner", "adapter.images.store")
+assert not [name for name in sys.modules if name.startswith(heavy)], sorted(sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr

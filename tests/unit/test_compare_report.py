@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from adapter.compare import charts, report
 from adapter.compare.results import (
+    MEASUREMENTS,
     SECTIONS,
     Accuracy,
     CompareReport,
@@ -188,3 +190,33 @@ def test_no_charts_without_measurements() -> None:
     compare = fake_report()
     compare.runtimes = compare.runtimes[1:]
     assert charts.charts(compare) == []
+
+
+def test_unmeasured_names_what_no_runtime_measured() -> None:
+    compare = fake_report()
+    assert compare.unmeasured() == []
+    native = compare.runtimes[0]
+    native.density = None
+    assert native.isolation is not None
+    del native.isolation["cpu"]
+    assert compare.unmeasured() == ["density", "isolation.cpu"]
+    # measured on any one runtime is enough: the report can still compare something
+    compare.runtimes.append(measured_runtime("containerd"))
+    assert compare.unmeasured() == []
+    assert json.loads(report.render_json(compare))["unmeasured"] == []
+
+
+def test_runs_that_all_failed_measured_nothing() -> None:
+    compare = fake_report()
+    native = compare.runtimes[0]
+    native.latency = {kind: Latencies((), failures=2) for kind in ("launch", "lifecycle")}
+    assert native.density is not None
+    native.density = replace(native.density, launched=0, launch_errors=("Launch: NOT_FOUND",))
+    assert compare.unmeasured() == ["latency", "density"]
+
+
+def test_without_an_available_runtime_nothing_is_measured() -> None:
+    compare = fake_report()
+    compare.runtimes = compare.runtimes[1:]
+    assert compare.unmeasured() == list(MEASUREMENTS)
+    assert MEASUREMENTS[:3] == ("latency", "density", "isolation.memory")
