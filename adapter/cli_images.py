@@ -1,4 +1,4 @@
-"""`containerizer images import FILE | pull REF | ls | rm REF`: the image store's commands.
+"""`containerizer images import FILE|--busybox | pull REF | ls | rm REF`: the image store.
 
 Kept apart from cli.py, which only calls `add_images_commands` to register the group. Import and
 pull stream progress: a bar redrawn in place on stderr when it is a terminal, plain lines (at
@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import IO, Any
 
 from adapter import cli_format
+from adapter.cli_client import EXIT_USAGE, CliError, add_subcommand
 
 BAR_WIDTH = 30
 PLAIN_STEPS = 4  # plain progress lines per transfer: 25%, 50%, 75%, 100%
@@ -61,7 +64,9 @@ def follow_progress(client: Any, stream: Iterable[Any]) -> list[Any]:
         for message in stream:
             if message.HasField("transfer"):
                 transfer = message.transfer
-                display.update(transfer.what, transfer.done_bytes, transfer.total_bytes)
+                unpacking = transfer.phase == transfer.UNPACK
+                what = f"unpacking {transfer.what}" if unpacking else transfer.what
+                display.update(what, transfer.done_bytes, transfer.total_bytes)
             else:
                 images.append(message.image)
     except grpc.RpcError as exc:
@@ -87,12 +92,32 @@ def images_stub(client: Any) -> Any:
     return images_pb2_grpc.ImagesStub(client.channel)  # type: ignore[no-untyped-call, unused-ignore]
 
 
-def command_import(args: argparse.Namespace, client: Any) -> int:
+def import_tarball(client: Any, path: str) -> list[Any]:
     from adapter.api.containerizer.v1 import images_pb2
 
     # The service reads the file itself: same node, so an absolute path is all it needs.
-    request = images_pb2.ImportRequest(path=os.path.abspath(args.file))
-    images = follow_progress(client, images_stub(client).Import(request))
+    request = images_pb2.ImportRequest(path=os.path.abspath(path))
+    return follow_progress(client, images_stub(client).Import(request))
+
+
+def import_busybox(client: Any) -> list[Any]:
+    """Build the node's own busybox image (adapter/images/busybox.py) in a private temporary
+    directory and import it as localhost/busybox:latest."""
+    from adapter.errors import ContainerizerError
+    from adapter.images.busybox import write_busybox_layout
+
+    with tempfile.TemporaryDirectory(prefix="containerizer-busybox-") as scratch:
+        try:
+            tarball = write_busybox_layout(Path(scratch))
+        except ContainerizerError as exc:
+            raise CliError(f"cannot build the busybox image: {exc}") from None
+        return import_tarball(client, str(tarball))
+
+
+def command_import(args: argparse.Namespace, client: Any) -> int:
+    if bool(args.file) == args.busybox:
+        raise CliError("images import: give a tarball FILE or --busybox, not both", EXIT_USAGE)
+    images = import_busybox(client) if args.busybox else import_tarball(client, args.file)
     print_images(args, images, "imported")
     return 0
 
@@ -138,17 +163,15 @@ def command_rm(args: argparse.Namespace, client: Any) -> int:
 
     request = images_pb2.RemoveImageRequest(reference=args.reference)
     try:
-        images_stub(client).Remove(request, timeout=client.timeout)
+        response = images_stub(client).Remove(request, timeout=client.timeout)
     except grpc.RpcError as exc:
         raise client.error_from(exc) from None
-    print(f"removed {args.reference}")
+    print(cli_format.to_json(response) if args.json else f"removed {args.reference}")
     return 0
 
 
 def add_images_commands(subcommands: Any) -> None:
     """Register `images` and its subcommands on the top-level parser."""
-    from adapter.cli import add_subcommand
-
     help_text = "manage the node's image store"
     images = subcommands.add_parser("images", help=help_text, description=help_text)
     group = images.add_subparsers(dest="images_command", metavar="COMMAND", required=True)
@@ -156,14 +179,19 @@ def add_images_commands(subcommands: Any) -> None:
         group,
         "import",
         command_import,
-        "import an OCI-layout or docker-archive tarball",
-        reads=True,
+        "import an OCI-layout or docker-archive tarball, or the node's own busybox image",
     )
-    imported.add_argument("file", metavar="FILE", help="tarball on this node")
+    imported.add_argument("file", metavar="FILE", nargs="?", help="tarball on this node")
+    imported.add_argument(
+        "--busybox",
+        action="store_true",
+        help="build localhost/busybox:latest from this node's /bin/busybox (busybox-static) "
+        "and import it: a small workload image without a download",
+    )
     pulled = add_subcommand(
-        group, "pull", command_pull, "pull HOST[:PORT]/NAME[:TAG] from a registry", reads=True
+        group, "pull", command_pull, "pull HOST[:PORT]/NAME[:TAG] from a registry"
     )
     pulled.add_argument("reference", metavar="REF")
-    add_subcommand(group, "ls", command_ls, "list images", reads=True)
-    removed = add_subcommand(group, "rm", command_rm, "remove an image", reads=False)
+    add_subcommand(group, "ls", command_ls, "list images")
+    removed = add_subcommand(group, "rm", command_rm, "remove an image")
     removed.add_argument("reference", metavar="REF")

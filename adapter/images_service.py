@@ -21,12 +21,14 @@ import grpc
 from adapter import errors
 from adapter.api.containerizer.v1 import images_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2_grpc as pb_grpc
-from adapter.images import Descriptor, Image, ImageStore
+from adapter.images import Descriptor, Image, ImageStore, Progress
+from adapter.images.image import READ, UNPACK
 from adapter.service import mapped_errors, status_for
 
 log = logging.getLogger(__name__)
 MAX_PATH = 4096
 StreamMethod = Callable[..., AsyncIterator[pb.ImageProgress]]
+PHASES = {READ: pb.Transfer.READ, UNPACK: pb.Transfer.UNPACK}
 
 
 def mapped_stream_errors(method: StreamMethod) -> StreamMethod:
@@ -62,7 +64,7 @@ class ImagesService(pb_grpc.ImagesServicer):
 
     @mapped_stream_errors
     async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[pb.ImageProgress]:
-        async def pull(report: Callable[[str, int, int], None]) -> list[Image]:
+        async def pull(report: Progress) -> list[Image]:
             return [await self._store.pull(request.reference, report)]
 
         async for message in with_progress(pull):
@@ -87,13 +89,13 @@ def tarball_path(text: str) -> Path:
 
 
 async def with_progress(
-    work: Callable[[Callable[[str, int, int], None]], Coroutine[Any, Any, list[Image]]],
+    work: Callable[[Progress], Coroutine[Any, Any, list[Image]]],
 ) -> AsyncIterator[pb.ImageProgress]:
     """Run `work(report)`, yielding each progress report as it comes, then the images."""
     updates: asyncio.Queue[pb.ImageProgress] = asyncio.Queue()
 
-    def report(what: str, done: int, total: int) -> None:
-        transfer = pb.Transfer(what=what, done_bytes=done, total_bytes=total)
+    def report(what: str, done: int, total: int, phase: str = READ) -> None:
+        transfer = pb.Transfer(what=what, done_bytes=done, total_bytes=total, phase=PHASES[phase])
         updates.put_nowait(pb.ImageProgress(transfer=transfer))
 
     task = asyncio.create_task(work(report))

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from adapter.errors import InvalidArgument
 
-# (what, done_bytes, total_bytes): what is being transferred (a digest or a file name).
-Progress = Callable[[str, int, int], None]
+# Phases of an import or pull: blobs read into the store, then the image unpacked.
+READ = "read"
+UNPACK = "unpack"
+
+
+class Progress(Protocol):
+    """Reports (what, done_bytes, total_bytes, phase). READ: `what` is the tarball's file name or
+    a blob digest being read. UNPACK: `what` is the image reference, and the bytes count its
+    layer blobs as they are unpacked."""
+
+    def __call__(self, what: str, done: int, total: int, phase: str = READ) -> None: ...
+
 
 OCI_LAYOUT_VERSION = "1.0.0"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -3,20 +3,27 @@ directories of ours, `ingest/` (one private staging directory per import or pull
 (unpacked root filesystems by manifest digest).
 
 Every blob is hashed while it is written to staging and refused when the content does not match
-the digest it claims; only verified blobs are renamed into blobs/. Whatever a crash leaves behind
-(staging directories, half-unpacked rootfs, blobs no manifest references) is owned by the store
-and removed by `collect_garbage`, which the store runs when it opens.
+the digest it claims; only verified blobs are renamed into blobs/. What one import or pull may
+write to staging is bounded (config `images.max_import_bytes`), counted as it is written.
+Whatever a crash leaves behind (staging directories, half-unpacked rootfs, blobs no manifest
+references) is owned by the store and removed by `collect_garbage`, which the store runs when it
+opens - but only when no other store is open on the same directory (`StoreLock`), since then the
+staging directories may be someone's import in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +36,10 @@ DIGEST_PATTERN = re.compile(r"sha256:([0-9a-f]{64})")
 TEMPORARY_PREFIX = ".tmp-"
 # How often (in bytes) a blob copy reports progress: often enough for a smooth bar.
 PROGRESS_STEP = 1 << 20
+
+
+class Cancelled(Exception):
+    """Raised in a worker thread when its caller went away (an import or pull cancelled)."""
 
 
 def digest_hex(digest: str, field: str = "digest") -> str:
@@ -53,11 +64,16 @@ def write_file_durably(path: Path, data: bytes) -> None:
 
 
 class Staging:
-    """One import's or pull's blobs, verified, not yet visible in the store."""
+    """One import's or pull's blobs, verified, not yet visible in the store. `source` (the
+    tarball or the reference) names the import in errors; `stop` cancels a write in progress."""
 
-    def __init__(self, directory: Path, layout: Layout) -> None:
+    def __init__(self, directory: Path, layout: Layout, max_bytes: int, source: str) -> None:
         self.directory = directory
         self.layout = layout
+        self.max_bytes = max_bytes
+        self.source = source
+        self.written_bytes = 0
+        self.stop = threading.Event()
         directory.mkdir(parents=True)
 
     def write(
@@ -72,9 +88,12 @@ class Staging:
         hasher, size, reported = hashlib.sha256(), 0, 0
         with open(temporary, "wb") as out:
             while chunk := source.read(CHUNK):
+                size += len(chunk)
+                self._count(len(chunk))
+                if expected_size is not None and size > expected_size:
+                    break  # a blob longer than its descriptor: refused below, read no further
                 hasher.update(chunk)
                 out.write(chunk)
-                size += len(chunk)
                 if on_bytes is not None and size - reported >= PROGRESS_STEP:
                     on_bytes(size)
                     reported = size
@@ -84,22 +103,32 @@ class Staging:
             on_bytes(size)
         digest = "sha256:" + hasher.hexdigest()
         named = expected_digest or digest
+        if expected_size is not None and size != expected_size:
+            temporary.unlink()
+            found = "more" if size > expected_size else f"{size} bytes"
+            raise InvalidArgument(
+                "image", f"blob {named}: {found} where its descriptor says {expected_size} bytes"
+            )
         if digest != named:
             temporary.unlink()
             raise InvalidArgument(
                 "image", f"blob {named}: content does not match its digest (it hashes to {digest})"
             )
-        if expected_size is not None and size != expected_size:
-            temporary.unlink()
-            raise InvalidArgument(
-                "image", f"blob {named}: {size} bytes where its descriptor says {expected_size}"
-            )
         os.replace(temporary, self.directory / digest_hex(digest))
         return digest, size
 
-    def write_bytes(self, data: bytes, expected_digest: str | None = None) -> tuple[str, int]:
-        import io
+    def _count(self, written: int) -> None:
+        if self.stop.is_set():
+            raise Cancelled(f"{self.source}: cancelled")
+        self.written_bytes += written
+        if self.written_bytes > self.max_bytes:
+            raise InvalidArgument(
+                "image",
+                f"{self.source}: its blobs are more than {self.max_bytes} bytes, this node's "
+                "limit (images.max_import_bytes)",
+            )
 
+    def write_bytes(self, data: bytes, expected_digest: str | None = None) -> tuple[str, int]:
         return self.write(io.BytesIO(data), expected_digest)
 
     def path(self, digest: str) -> Path | None:
@@ -154,11 +183,16 @@ class Layout:
     def blob_path(self, digest: str) -> Path:
         return self.blobs / digest_hex(digest)
 
-    def new_staging(self) -> Staging:
-        return Staging(self.ingest / uuid.uuid4().hex, self)
+    def new_staging(self, max_bytes: int, source: str) -> Staging:
+        return Staging(self.ingest / uuid.uuid4().hex, self, max_bytes, source)
 
     def rootfs_path(self, manifest_digest: str) -> Path:
         return self.rootfs / digest_hex(manifest_digest)
+
+    def temporary_rootfs_path(self, manifest_digest: str) -> Path:
+        """Where a rootfs is unpacked before it is renamed into place (garbage collection
+        leaves these to their unpack while the store is open)."""
+        return self.rootfs / f"{TEMPORARY_PREFIX}{digest_hex(manifest_digest)}-{uuid.uuid4().hex}"
 
     def read_index(self) -> list[dict[str, Any]]:
         """The manifest descriptors of index.json (written only by us, so trusted)."""
@@ -175,11 +209,15 @@ class Layout:
         write_file_durably(self.root / "index.json", json.dumps(index, indent=2).encode())
 
     def collect_garbage(
-        self, referenced_blobs: set[str], referenced_rootfs: set[str], *, including_in_flight: bool
+        self,
+        referenced_blobs: set[str],
+        referenced_rootfs: set[str] | None,
+        *,
+        including_in_flight: bool,
     ) -> None:
-        """Remove blobs and rootfs directories that no manifest in index.json references and,
-        when nothing can be in flight (the store is opening), staging and temporary rootfs
-        directories: what a crash left."""
+        """Remove blobs and rootfs directories that are not referenced (rootfs: all are kept
+        when `referenced_rootfs` is None) and, when nothing can be in flight (the only store
+        open is opening), staging and temporary rootfs directories: what a crash left."""
         if including_in_flight:
             for staging in self.ingest.iterdir():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -187,13 +225,35 @@ class Layout:
             if blob.name not in referenced_blobs:
                 with contextlib.suppress(FileNotFoundError):
                     blob.unlink()
-        for leftover in self.root.glob(f"{TEMPORARY_PREFIX}*"):
+        for leftover in self.root.glob(f"{TEMPORARY_PREFIX}*") if including_in_flight else ():
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
         for rootfs in self.rootfs.iterdir():
-            in_flight = rootfs.name.startswith(TEMPORARY_PREFIX)
-            if rootfs.name not in referenced_rootfs and (including_in_flight or not in_flight):
+            if rootfs.name.startswith(TEMPORARY_PREFIX):
+                if including_in_flight:
+                    remove_tree(rootfs)
+            elif referenced_rootfs is not None and rootfs.name not in referenced_rootfs:
                 remove_tree(rootfs)
+
+
+class StoreLock:
+    """A shared flock on `<root>/lock` held for as long as a store is open, in any process.
+    `alone` says whether the lock could be taken exclusively first: then no other store is open,
+    and what sits in ingest/ and the temporary rootfs directories is a crash's, not in flight."""
+
+    def __init__(self, root: Path) -> None:
+        descriptor = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        weakref.finalize(self, os.close, descriptor)
+        self.descriptor = descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.alone = True
+        except BlockingIOError:
+            self.alone = False
+
+    def share(self) -> None:
+        """From now on other stores may open beside this one."""
+        fcntl.flock(self.descriptor, fcntl.LOCK_SH)
 
 
 def remove_tree(path: Path) -> None:

@@ -141,6 +141,13 @@ def pull_image(reference: Reference, staging: Staging, progress: Progress | None
             chosen = platform_manifest(document, top.digest)
             manifest, manifest_json = client.manifest(chosen.digest, staging)
         config, layers = manifest_parts(manifest_json, manifest.digest)
+        declared = config.size + sum(layer.size for layer in layers)
+        if declared > staging.max_bytes:  # staging counts what it writes; this saves the wait
+            raise InvalidArgument(
+                "image",
+                f"{reference}: its blobs are {declared} bytes, more than {staging.max_bytes}, this "
+                "node's limit (images.max_import_bytes)",
+            )
         client.blob(config, staging, progress)
         config_data = staging.read(config.digest, MAX_JSON_BLOB)
         assert config_data is not None  # just staged

@@ -13,6 +13,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
+from adapter.cli_format import EXIT_CLI_FAILURE
 from tests.conftest import BIN, ServiceProcess, require_root
 from tests.image_fixtures import busybox_docker_tar, busybox_oci_tar  # noqa: F401
 from tests.images import REFERENCE, Entry, tar_bytes, write_oci_layout
@@ -67,6 +68,8 @@ def test_import_ls_rm_both_formats(
         verb, reference, digest = result.stdout.split()
         assert (verb, reference) == ("imported", REFERENCE)
         assert f"{tarball.name}: 100%" in result.stderr  # plain progress lines: not a tty
+        assert f"unpacking {REFERENCE}: 100%" in result.stderr  # then the unpack's
+        assert result.stderr.index(f"{tarball.name}: 100%") < result.stderr.index("unpacking")
         assert "\r" not in result.stderr
         assert listed(images_service) == {REFERENCE: digest}
     table = containerizer(images_service, "images", "ls")
@@ -83,12 +86,12 @@ def test_cli_errors_name_the_reference_or_file(
     busybox_oci_tar: Path,  # noqa: F811
 ) -> None:
     malformed = containerizer(images_service, "images", "rm", "Bad Reference")
-    assert malformed.returncode == 1
+    assert malformed.returncode == EXIT_CLI_FAILURE
     assert "reference: 'Bad Reference' is not a valid image reference" in malformed.stderr
     missing = containerizer(images_service, "images", "rm", "localhost/absent:1")
-    assert missing.returncode == 1 and "localhost/absent:1" in missing.stderr
+    assert missing.returncode == EXIT_CLI_FAILURE and "localhost/absent:1" in missing.stderr
     no_file = containerizer(images_service, "images", "import", str(tmp_path / "none.tar"))
-    assert no_file.returncode == 1 and "none.tar is not a file" in no_file.stderr
+    assert no_file.returncode == EXIT_CLI_FAILURE and "none.tar is not a file" in no_file.stderr
     assert "Traceback" not in malformed.stderr + missing.stderr + no_file.stderr
 
 
@@ -101,9 +104,17 @@ def test_import_streams_progress_then_the_image(
     tarball = write_oci_layout(tmp_path / "streamed.tar", [big_layer], reference)
     messages = list(stub_import(images_stub, tarball))
     transfers = [m.transfer for m in messages if m.HasField("transfer")]
-    assert len(transfers) >= 2  # a report per MiB read and the final one
-    assert [t.done_bytes for t in transfers] == sorted(t.done_bytes for t in transfers)
-    assert transfers[-1].done_bytes == transfers[-1].total_bytes == tarball.stat().st_size
+    phases = [t.phase for t in transfers]
+    assert phases == sorted(phases)  # reading, then unpacking
+    read = [t for t in transfers if t.phase == images_pb2.Transfer.READ]
+    assert len(read) >= 2  # a report per MiB read and the final one
+    assert [t.done_bytes for t in read] == sorted(t.done_bytes for t in read)
+    assert read[-1].done_bytes == read[-1].total_bytes == tarball.stat().st_size
+    unpacked = [t for t in transfers if t.phase == images_pb2.Transfer.UNPACK]
+    assert {t.what for t in unpacked} == {reference} and len(unpacked) >= 3  # 0, each MiB, all
+    assert [t.done_bytes for t in unpacked] == sorted(t.done_bytes for t in unpacked)
+    layer_bytes = messages[-1].image.layers[0].size
+    assert unpacked[-1].done_bytes == unpacked[-1].total_bytes == layer_bytes
     assert messages[-1].image.reference == reference
     assert messages[-1].image.layers[0].size > 0
     images_stub.Remove(images_pb2.RemoveImageRequest(reference=reference), timeout=10)

@@ -28,7 +28,7 @@ async def test_pull_with_progress(tmp_path: Path, local_registry: str) -> None: 
     layer = tar_bytes(busybox_entries())
     manifest_digest = push_image(local_registry, repository, "1", [layer])
     store = ImageStore(tmp_path / "images")
-    reports: list[tuple[str, int, int]] = []
+    reports: list[tuple[str, int, int, str]] = []
     reference = f"{local_registry}/{repository}:1"
     image = await store.pull(reference, lambda *report: reports.append(report))
     assert image.reference == reference
@@ -36,8 +36,10 @@ async def test_pull_with_progress(tmp_path: Path, local_registry: str) -> None: 
     assert store.get(reference) == image
     [layer_blob] = image.layers
     layer_reports = [r for r in reports if r[0] == layer_blob.digest]
-    assert layer_reports[-1] == (layer_blob.digest, layer_blob.size, layer_blob.size)
-    assert all(done <= total for _, done, total in reports)
+    assert layer_reports[-1] == (layer_blob.digest, layer_blob.size, layer_blob.size, "read")
+    assert all(done <= total for _, done, total, _ in reports)
+    # The pull unpacks what it fetched, and says so last.
+    assert reports[-1] == (reference, layer_blob.size, layer_blob.size, "unpack")
     rootfs = await store.rootfs(reference)
     assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
 
@@ -51,10 +53,11 @@ async def test_pull_by_digest_and_again_from_the_store(
     store = ImageStore(tmp_path / "images")
     by_digest = await store.pull(f"{local_registry}/{repository}@{manifest_digest}")
     assert by_digest.manifest.digest == manifest_digest
-    reports: list[tuple[str, int, int]] = []
+    reports: list[tuple[str, int, int, str]] = []
     await store.pull(f"{local_registry}/{repository}:v2", lambda *report: reports.append(report))
-    # Every blob was already in the store: each is reported complete at once, nothing fetched.
-    assert all(done == total for _, done, total in reports)
+    # Every blob was already in the store, and unpacked: each is reported complete at once,
+    # nothing fetched or unpacked again.
+    assert all(done == total and phase == "read" for _, done, total, phase in reports)
     assert len(store.list()) == 2
 
 

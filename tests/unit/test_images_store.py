@@ -1,20 +1,27 @@
 """The image store without a service: import of both tarball formats with verification, list,
-remove with garbage collection, lookups, and cleanup of what a crash leaves."""
+remove with garbage collection, lookups, cleanup of what a crash leaves, the node's limits on
+what one image may cost, and that nothing a running container uses is removed."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import os
+import random
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from adapter.errors import InvalidArgument, NotFound
-from adapter.images import ImageStore
+from adapter.config import ImagesOptions
+from adapter.drivers.lxc.rootfs import BaseRootfs
+from adapter.errors import FailedPrecondition, InvalidArgument, NotFound
+from adapter.images import ImageStore, open_store
 from adapter.images.layout import digest_hex
+from adapter.images.leases import ImageUse
 from tests.image_fixtures import busybox_docker_tar, busybox_oci_tar  # noqa: F401
 from tests.images import (
     BUSYBOX,
@@ -48,13 +55,25 @@ def largest_member(tarball: Path) -> str:
 
 async def test_oci_layout_imports_and_unpacks(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
     store = ImageStore(tmp_path / "images")
-    reports: list[tuple[str, int, int]] = []
-    [image] = await store.import_tarball(busybox_oci_tar, lambda *report: reports.append(report))
+    reports: list[tuple[str, int, int, str]] = []
+
+    def progress(what: str, done: int, total: int, phase: str = "read") -> None:
+        reports.append((what, done, total, phase))
+
+    [image] = await store.import_tarball(busybox_oci_tar, progress)
     assert image.reference == REFERENCE
     assert image.cmd == ("sh",) and ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") in image.env
     assert store.get("localhost/busybox") == image
     size = busybox_oci_tar.stat().st_size
-    assert reports[-1] == (busybox_oci_tar.name, size, size)
+    last_read = reports.index((busybox_oci_tar.name, size, size, "read"))
+    # Then the import unpacks, and says so, counting the layer bytes up to all of them.
+    layers = sum(layer.size for layer in image.layers)
+    unpacking = reports[last_read + 1 :]
+    assert {(what, total, phase) for what, _, total, phase in unpacking} == {
+        (REFERENCE, layers, "unpack")
+    }
+    assert [done for _, done, _, _ in unpacking] == sorted(done for _, done, _, _ in unpacking)
+    assert unpacking[0][1] == 0 and unpacking[-1][1] == layers
     for blob in (image.manifest, image.config, *image.layers):
         stored = store.blob_path(blob.digest).read_bytes()
         assert digest(stored) == blob.digest and len(stored) == blob.size
@@ -215,3 +234,235 @@ async def test_opening_the_store_removes_what_a_crash_left(
     assert not staging.exists() and not half_unpacked.exists()
     assert not orphan.exists() and not unreferenced_rootfs.exists()
     assert reopened.get(REFERENCE) == image
+
+
+MIB = 1 << 20
+
+
+def leftovers(root: Path) -> list[Path]:
+    """What an import left in the store besides its empty layout."""
+    return [
+        *(root / "rootfs").iterdir(),
+        *(root / "ingest").iterdir(),
+        *(root / "blobs" / "sha256").iterdir(),
+    ]
+
+
+async def test_a_compression_bomb_is_refused_while_it_unpacks(tmp_path: Path) -> None:
+    """A few KiB of gzip that would unpack to 48 MiB, under a 4 MiB limit."""
+    bomb = write_oci_layout(
+        tmp_path / "bomb.tar",
+        [tar_bytes([Entry("zeros", data=bytes(48 * MIB))])],
+        "localhost/bomb:1",
+    )
+    assert bomb.stat().st_size < MIB
+    root = tmp_path / "images"
+    store = ImageStore(root, ImagesOptions(max_unpacked_bytes=4 * MIB))
+    with pytest.raises(InvalidArgument) as raised:
+        await store.import_tarball(bomb)
+    message = str(raised.value)
+    assert "localhost/bomb:1 cannot be unpacked" in message and "'zeros'" in message
+    assert f"more than {4 * MIB} bytes" in message and "images.max_unpacked_bytes" in message
+    assert store.list() == [] and leftovers(root) == []
+
+
+async def test_unpacked_bytes_are_counted_across_files_and_layers(tmp_path: Path) -> None:
+    """No single file is over the limit: their sum, counted across the layers, is (the 9th
+    MiB, the fourth file of the second layer)."""
+    layers = [
+        tar_bytes([Entry(f"{layer}-{n}", data=bytes(MIB)) for n in range(5)]) for layer in "ab"
+    ]
+    tarball = write_oci_layout(tmp_path / "many.tar", layers, "localhost/many:1")
+    small = ImageStore(tmp_path / "small", ImagesOptions(max_unpacked_bytes=8 * MIB))
+    with pytest.raises(InvalidArgument, match="'b-3' makes the image unpack to more than"):
+        await small.import_tarball(tarball)
+    assert leftovers(tmp_path / "small") == []
+    roomy = ImageStore(tmp_path / "roomy", ImagesOptions(max_unpacked_bytes=10 * MIB))
+    await roomy.import_tarball(tarball)
+    assert len(list((await roomy.rootfs("localhost/many:1")).iterdir())) == 10
+
+
+async def test_entries_per_image_are_limited(tmp_path: Path) -> None:
+    layer = tar_bytes([Entry(f"f{n}") for n in range(200)])
+    tarball = write_oci_layout(tmp_path / "wide.tar", [layer], "localhost/wide:1")
+    root = tmp_path / "images"
+    store = ImageStore(root, ImagesOptions(max_entries=100))
+    with pytest.raises(InvalidArgument) as raised:
+        await store.import_tarball(tarball)
+    assert "localhost/wide:1 cannot be unpacked" in str(raised.value)
+    assert "more than 100 entries" in str(raised.value) and "images.max_entries" in str(
+        raised.value
+    )
+    assert leftovers(root) == []
+
+
+async def test_the_bytes_an_import_writes_are_limited(tmp_path: Path) -> None:
+    noise = random.Random(7).randbytes(3 * MIB)  # gzip cannot shrink it
+    tarball = write_oci_layout(
+        tmp_path / "big.tar", [tar_bytes([Entry("noise", data=noise)])], "localhost/big:1"
+    )
+    root = tmp_path / "images"
+    store = ImageStore(root, ImagesOptions(max_import_bytes=2 * MIB))
+    with pytest.raises(InvalidArgument) as raised:
+        await store.import_tarball(tarball)
+    assert f"{tarball}: its blobs are more than {2 * MIB} bytes" in str(raised.value)
+    assert "images.max_import_bytes" in str(raised.value)
+    assert leftovers(root) == []
+
+
+async def test_a_cancelled_import_leaves_nothing(tmp_path: Path) -> None:
+    tarball = write_oci_layout(
+        tmp_path / "slow.tar", [tar_bytes([Entry("zeros", data=bytes(64 * MIB))])], "localhost/s:1"
+    )
+    root = tmp_path / "images"
+    store = ImageStore(root)
+    unpacking = asyncio.Event()
+
+    def progress(what: str, done: int, total: int, phase: str = "read") -> None:
+        if phase == "unpack":
+            unpacking.set()
+
+    task = asyncio.create_task(store.import_tarball(tarball, progress))
+    await unpacking.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.list() == [] and leftovers(root) == []
+
+
+async def test_an_image_in_use_is_not_removed(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
+    running = {
+        "web-1": ImageUse("localhost/busybox", launching=False),
+        "db-2": ImageUse(REFERENCE, launching=True),
+        "other": ImageUse("localhost/else:1", launching=False),
+    }
+    store = ImageStore(tmp_path / "images", containers=lambda: running)
+    [image] = await store.import_tarball(busybox_oci_tar)
+    rootfs = await store.rootfs(REFERENCE)
+    assert store.users(REFERENCE) == ["db-2", "web-1"]
+    with pytest.raises(FailedPrecondition) as raised:
+        store.remove(REFERENCE)
+    assert "in use by 2 container(s)" in str(raised.value) and "db-2, web-1" in str(raised.value)
+    assert store.get(REFERENCE) == image and (rootfs / "bin" / "busybox").is_file()
+    running.clear()
+    store.remove(REFERENCE)
+    assert not rootfs.exists()
+
+
+async def test_a_reference_moved_to_another_image_keeps_what_containers_run_on(
+    tmp_path: Path,
+    busybox_oci_tar: Path,  # noqa: F811
+) -> None:
+    """A container keeps the manifest it launched with, across a re-import of its reference
+    and a restart of the store, until it is gone."""
+    running = {"web-1": ImageUse(REFERENCE, launching=False)}
+    root = tmp_path / "images"
+    store = ImageStore(root, containers=lambda: running)
+    await store.import_tarball(busybox_oci_tar)
+    old_rootfs = await store.rootfs(REFERENCE)
+    newer = write_oci_layout(tmp_path / "newer.tar", [tar_bytes([Entry("v2", data=b"2")])])
+    [replacement] = await store.import_tarball(newer)
+    assert store.list() == [replacement]
+    assert (old_rootfs / "bin" / "busybox").is_file()
+    del store
+    reopened = ImageStore(root, containers=lambda: running)  # collects a crash's garbage
+    assert (old_rootfs / "bin" / "busybox").is_file()
+    assert reopened.users(REFERENCE) == []  # web-1 runs on the old manifest, not this one
+    running.clear()
+    reopened.remove(REFERENCE)
+    assert not old_rootfs.exists() and leftovers(root) == []
+
+
+def in_flight(store: ImageStore) -> list[Path]:
+    """A staging directory and a temporary rootfs, as an import of `store` has them."""
+    staging = store.layout.new_staging(MIB, "in flight").directory
+    unpacking = store.layout.temporary_rootfs_path("sha256:" + "a" * 64)
+    (unpacking / "bin").mkdir(parents=True)
+    return [staging, unpacking]
+
+
+def test_opening_a_second_store_leaves_imports_in_flight_alone(tmp_path: Path) -> None:
+    first = ImageStore(tmp_path / "images")
+    work = in_flight(first)
+    ImageStore(tmp_path / "images")
+    assert all(path.exists() for path in work)
+    del first  # now the only store open is the next one: what is left is a crash's
+    ImageStore(tmp_path / "images")
+    assert not any(path.exists() for path in work)
+
+
+async def test_lxc_rootfs_uses_the_process_store(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
+    store = open_store(tmp_path / "state" / "images")
+    await store.import_tarball(busybox_oci_tar)
+    work = in_flight(store)
+    given = BaseRootfs(tmp_path / "state", images=store)
+    assert await given.image(REFERENCE) == await store.rootfs(REFERENCE)
+    found = BaseRootfs(tmp_path / "state")  # as the LXC driver builds it
+    assert await found.image(REFERENCE) == await store.rootfs(REFERENCE)
+    assert all(path.exists() for path in work)
+
+
+async def test_a_launching_container_keeps_every_manifest_its_reference_had(
+    tmp_path: Path,
+    busybox_oci_tar: Path,  # noqa: F811
+) -> None:
+    """While a container launches, its runtime may look its reference up at any moment: each
+    manifest the reference names meanwhile is kept for it; once it runs, no new one is."""
+    running = {"web-1": ImageUse(REFERENCE, launching=True)}
+    store = ImageStore(tmp_path / "images", containers=lambda: running)
+    versions = [busybox_oci_tar] + [
+        write_oci_layout(tmp_path / f"v{n}.tar", [tar_bytes([Entry(f"v{n}", data=b"x")])])
+        for n in (2, 3)
+    ]
+    rootfs = []
+    for number, tarball in enumerate(versions):
+        if number == 2:
+            running["web-1"] = ImageUse(REFERENCE, launching=False)  # it runs now
+        await store.import_tarball(tarball)
+        rootfs.append(await store.rootfs(REFERENCE))
+    assert [path.exists() for path in rootfs] == [True, True, True]
+    assert store.users(REFERENCE) == []  # v3 came after web-1 was running
+    running.clear()
+    store.remove(REFERENCE)
+    assert not any(path.exists() for path in rootfs)
+
+
+def test_the_images_limits_are_validated_at_load() -> None:
+    from adapter.config import parse_config
+    from adapter.errors import ConfigError
+
+    assert parse_config({}).images == ImagesOptions(8 << 30, 8 << 30, 1_000_000)
+    table = {"max_import_bytes": 1, "max_unpacked_bytes": 2, "max_entries": 3}
+    assert parse_config({"images": table}).images == ImagesOptions(1, 2, 3)
+    for key, value, expected in [
+        ("max_entries", 0, "images.max_entries: expected an integer > 0, got 0"),
+        ("max_unpacked_bytes", "8G", "images.max_unpacked_bytes: expected an integer > 0"),
+        ("max_import_bytes", True, "images.max_import_bytes: expected an integer > 0"),
+        ("max_layers", 3, "images.max_layers: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            parse_config({"images": {key: value}})
+    with pytest.raises(ConfigError, match="images: expected a table"):
+        parse_config({"images": 5})
+
+
+async def test_a_store_without_the_rootfs_unpacks_it_at_first_use(
+    tmp_path: Path,
+    busybox_oci_tar: Path,  # noqa: F811
+) -> None:
+    """Images imported before imports unpacked (or whose rootfs was lost) still run."""
+    store = ImageStore(tmp_path / "images", ImagesOptions(max_entries=10))
+    with pytest.raises(InvalidArgument, match=r"images\.max_entries"):
+        await store.import_tarball(busybox_oci_tar)
+    store.options = ImagesOptions()
+    [image] = await store.import_tarball(busybox_oci_tar)
+    rootfs = store.layout.rootfs_path(image.manifest.digest)
+    shutil.rmtree(rootfs)
+    store.options = ImagesOptions(max_entries=10)
+    with pytest.raises(InvalidArgument) as raised:
+        await store.rootfs(REFERENCE)
+    assert raised.value.field == "container.image" and "images.max_entries" in str(raised.value)
+    assert not rootfs.exists() and not list((tmp_path / "images" / "rootfs").iterdir())
+    store.options = ImagesOptions()
+    assert await store.rootfs(REFERENCE) == rootfs
+    assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()

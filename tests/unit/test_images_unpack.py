@@ -1,6 +1,8 @@
 """Unpacking layers: whiteouts, links, ownership, and every way a layer could write outside its
-rootfs, each refused with nothing written outside (checked on a canary directory next to the
-store) and nothing left of the half-unpacked rootfs."""
+rootfs or change what lies outside, each refused or made harmless with nothing changed outside
+(checked on a canary directory next to the store: content, links, mode, owner) and nothing left
+of a half-unpacked rootfs. Images are unpacked when they are imported, so a refusal is the
+import's."""
 
 from __future__ import annotations
 
@@ -27,10 +29,27 @@ def canary(tmp_path: Path) -> Path:
     return directory
 
 
-def canary_state(canary: Path) -> list[tuple[str, int, bytes]]:
+def canary_state(canary: Path) -> list[tuple[str, int, int, int, int, bytes]]:
     return sorted(
-        (path.name, path.lstat().st_nlink, path.read_bytes() if path.is_file() else b"")
-        for path in canary.rglob("*")
+        (
+            path.name,
+            path.lstat().st_nlink,
+            path.lstat().st_mode,
+            path.lstat().st_uid,
+            path.lstat().st_gid,
+            path.read_bytes() if path.is_file() else b"",
+        )
+        for path in [canary, *canary.rglob("*")]
+    )
+
+
+def store_is_empty(root: Path) -> bool:
+    """Nothing of a refused image: no index entry, rootfs, staging directory or blob."""
+    return (
+        ImageStore(root).list() == []
+        and not list((root / "rootfs").iterdir())
+        and not list((root / "ingest").iterdir())
+        and not list((root / "blobs" / "sha256").iterdir())
     )
 
 
@@ -112,12 +131,12 @@ async def test_hostile_layers_are_refused(tmp_path: Path, canary: Path, case: st
     before = canary_state(canary)
     with pytest.raises(InvalidArgument) as raised:
         await unpack(tmp_path, layers)
-    assert raised.value.field == "container.image"
+    assert raised.value.field == "image"
     assert REFERENCE in str(raised.value) and "layer sha256:" in str(raised.value)
     assert REFUSAL[case] in str(raised.value)
     assert canary_state(canary) == before
     assert not (canary / "pwned").exists()
-    assert not list((tmp_path / "store" / "rootfs").iterdir())  # the half rootfs is gone
+    assert store_is_empty(tmp_path / "store")  # the half rootfs is gone, and the image
 
 
 async def test_a_file_replaces_a_hostile_symlink_instead_of_writing_through_it(
@@ -197,7 +216,93 @@ async def test_a_layer_that_differs_from_its_diff_id_is_refused(tmp_path: Path) 
     wrong = digest(b"something else")
     tarball = write_oci_layout(tmp_path / "image.tar", [layer], REFERENCE, diff_ids=[wrong])
     store = ImageStore(tmp_path / "store")
-    await store.import_tarball(tarball)
     with pytest.raises(InvalidArgument, match=wrong):
-        await store.rootfs(REFERENCE)
-    assert not list((tmp_path / "store" / "rootfs").iterdir())
+        await store.import_tarball(tarball)
+    assert store_is_empty(tmp_path / "store")
+
+
+# Layers that name a host file through a symlink and then set metadata or remove through it:
+# each is unpacked (or refused) without the host file changing mode, owner, content or links.
+# `{secret}` is the canary file's absolute path, `../../../canary` climbs to it from a rootfs.
+THROUGH_SYMLINK_LAYERS = {
+    "hardlink-to-absolute-symlink": [
+        [
+            Entry("s", "symlink", link="{secret}"),
+            Entry("h", "hardlink", link="s", mode=0o4777, uid=0, gid=0),
+        ]
+    ],
+    "hardlink-to-escaping-relative-symlink": [
+        [
+            Entry("s", "symlink", link="../../../canary/secret"),
+            Entry("h", "hardlink", link="s", mode=0o6777, uid=0, gid=0),
+        ]
+    ],
+    "hardlink-to-symlink-of-a-lower-layer": [
+        [Entry("etc", "dir", mode=0o755), Entry("etc/s", "symlink", link="{secret}")],
+        [Entry("h", "hardlink", link="etc/s", mode=0o4777, uid=0, gid=0)],
+    ],
+    "symlink-entry-with-a-mode": [[Entry("s", "symlink", link="{secret}", mode=0o4777)]],
+    "directory-over-a-symlink": [
+        [Entry("d", "symlink", link="{canary}")],
+        [Entry("d", "dir", mode=0o777, uid=0, gid=0)],
+    ],
+    "fifo-over-a-symlink": [
+        [Entry("f", "symlink", link="{secret}")],
+        [Entry("f", "fifo", mode=0o4777, uid=0, gid=0)],
+    ],
+    "whiteout-of-a-symlink": [[Entry("s", "symlink", link="{secret}")], [Entry(".wh.s")]],
+}
+
+
+def with_canary(layers: list[list[Entry]], canary: Path) -> list[list[Entry]]:
+    def fill(text: str) -> str:
+        return text.replace("{secret}", str(canary / "secret")).replace("{canary}", str(canary))
+
+    return [
+        [Entry(fill(e.name), e.kind, e.data, e.mode, fill(e.link), e.uid, e.gid) for e in layer]
+        for layer in layers
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(THROUGH_SYMLINK_LAYERS))
+async def test_metadata_never_follows_a_symlink_out_of_the_rootfs(
+    tmp_path: Path, canary: Path, case: str
+) -> None:
+    (canary / "secret").chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(canary / "secret", 4321, 4321)  # so that a chown through the link would show
+        os.chown(canary, 4321, 4321)
+    before = canary_state(canary)
+    rootfs = await unpack(tmp_path, with_canary(THROUGH_SYMLINK_LAYERS[case], canary))
+    assert canary_state(canary) == before
+    assert (canary / "secret").read_bytes() == SECRET
+    for path in rootfs.rglob("*"):  # what is a link stays a link, nothing followed it
+        assert path.is_symlink() or os.path.realpath(path).startswith(str(rootfs))
+
+
+async def test_a_hardlink_to_a_symlink_links_the_symlink_itself(
+    tmp_path: Path, canary: Path
+) -> None:
+    layer = [
+        Entry("s", "symlink", link=str(canary / "secret")),
+        Entry("h", "hardlink", link="s", mode=0o4777),
+    ]
+    rootfs = await unpack(tmp_path, [layer])
+    assert (rootfs / "h").is_symlink() and os.readlink(rootfs / "h") == str(canary / "secret")
+    assert (rootfs / "h").lstat().st_ino == (rootfs / "s").lstat().st_ino
+    assert (canary / "secret").stat().st_nlink == 1
+
+
+@pytest.mark.parametrize(
+    "marker", [".wh.secret", ".wh..wh..opq"], ids=["whiteout", "opaque-marker"]
+)
+@pytest.mark.parametrize("link", ["{canary}", "../../../canary"], ids=["absolute", "relative"])
+async def test_whiteouts_do_not_go_through_a_symlink(
+    tmp_path: Path, canary: Path, marker: str, link: str
+) -> None:
+    layers = [[Entry("d", "symlink", link=link)], [Entry(f"d/{marker}")]]
+    before = canary_state(canary)
+    with pytest.raises(InvalidArgument, match="goes through"):
+        await unpack(tmp_path, with_canary(layers, canary))
+    assert canary_state(canary) == before
+    assert store_is_empty(tmp_path / "store")

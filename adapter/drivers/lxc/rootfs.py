@@ -19,8 +19,12 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapter.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from adapter.images import ImageStore
 
 BUSYBOX = Path("/bin/busybox")
 COMPLETE_MARKER = ".containerizer-base-complete"
@@ -98,11 +102,16 @@ def remove_stale_builds(bases_dir: Path) -> None:
 
 class BaseRootfs:
     """The read-only lower layers: the busybox base (built once per process, under a lock)
-    and image rootfs from the image store."""
+    and image rootfs from the image store.
 
-    def __init__(self, state_dir: Path) -> None:
+    `images` is the service's one store; without it, the process's store for
+    `<state_dir>/images` (`open_store`), never a store of our own: opening a store collects
+    garbage, and a second one could take another import's or unpack's work for garbage."""
+
+    def __init__(self, state_dir: Path, images: ImageStore | None = None) -> None:
         self._bases_dir = state_dir / "lxc" / "bases"
         self._images_dir = state_dir / "images"
+        self._images = images
         self._lock = asyncio.Lock()
         self._busybox: Path | None = None
 
@@ -114,12 +123,13 @@ class BaseRootfs:
             return self._busybox
 
     async def image(self, reference: str) -> Path:
-        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md). Imported at
-        call time: a node without images never loads the store."""
-        from adapter.images.store import ImageStore
+        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md). Opened at
+        first use: a node without images never loads the store."""
+        if self._images is None:
+            from adapter.images import open_store
 
-        store = ImageStore(self._images_dir)
-        rootfs: Path = await store.rootfs(reference)
+            self._images = open_store(self._images_dir)
+        rootfs: Path = await self._images.rootfs(reference)
         return rootfs
 
     async def lower(self, image: str | None) -> Path:
