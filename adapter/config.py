@@ -105,6 +105,19 @@ NETWORK_KEYS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
 
 
 @dataclass(frozen=True)
+class ImagesOptions:
+    """The [images] table: what one image may cost this node, counted while it is written (an
+    import's or pull's blob bytes; an unpack's file bytes and entries), never from headers."""
+
+    max_import_bytes: int = 8 << 30
+    max_unpacked_bytes: int = 8 << 30
+    max_entries: int = 1_000_000
+
+
+IMAGES_KEYS = ("max_import_bytes", "max_unpacked_bytes", "max_entries")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     version: int = CONFIG_VERSION
     default_runtime: str = "native"
@@ -115,11 +128,17 @@ class AgentConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     socket: Path = Path(DEFAULT_SOCKET)
     listen: str | None = None
+    # Mutual TLS of the `listen` address: the service's certificate and key, and the CA whose
+    # client certificates it accepts. Required with `listen`; the Unix socket does not use them.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     termination_retention: float = 3600.0
     # Whether a launch may ask for `privileged` (no confinement); refused unless set.
     allow_privileged: bool = False
     runtimes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"native": {}})
     network: NetworkOptions = field(default_factory=NetworkOptions)
+    images: ImagesOptions = field(default_factory=ImagesOptions)
     source: Path | None = None
 
 
@@ -144,10 +163,14 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "state_dir": (str, lambda v: v.startswith("/"), "an absolute path"),
     "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
     "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
+    "tls_cert": (str, lambda v: v.startswith("/"), "an absolute path to a PEM certificate"),
+    "tls_key": (str, lambda v: v.startswith("/"), "an absolute path to a PEM private key"),
+    "tls_client_ca": (str, lambda v: v.startswith("/"), "an absolute path to a PEM CA bundle"),
     "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
     "allow_privileged": (bool, lambda v: True, "true or false"),
     "runtimes": (dict, lambda v: True, "a table of runtime tables"),
     "network": (dict, lambda v: True, "a table (see NETWORK_KEYS)"),
+    "images": (dict, lambda v: True, f"a table of {list(IMAGES_KEYS)}"),
 }
 
 
@@ -178,6 +201,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
             f"{where}: default_runtime: {default_runtime!r} has no [runtimes.{default_runtime}]"
             f" table; configured: {sorted(runtimes)}"
         )
+    _check_listener_tls(where, raw)
     defaults = AgentConfig()
     return AgentConfig(
         default_runtime=default_runtime,
@@ -188,12 +212,34 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         state_dir=Path(raw.get("state_dir", DEFAULT_STATE_DIR)),
         socket=Path(raw.get("socket", DEFAULT_SOCKET)),
         listen=raw.get("listen"),
+        tls_cert=_optional_path(raw.get("tls_cert")),
+        tls_key=_optional_path(raw.get("tls_key")),
+        tls_client_ca=_optional_path(raw.get("tls_client_ca")),
         termination_retention=float(raw.get("termination_retention", 3600.0)),
         allow_privileged=raw.get("allow_privileged", False),
         runtimes=runtimes,
         network=_parse_network(where, raw["network"]) if "network" in raw else NetworkOptions(),
+        images=_parse_images(where, raw.get("images", {})),
         source=source,
     )
+
+
+TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _check_listener_tls(where: str, raw: dict[str, Any]) -> None:
+    """A TCP listener is reachable by every local user (and maybe the network), and the API
+    launches root containers: it needs client certificates, never plain TCP."""
+    missing = [key for key in TLS_KEYS if key not in raw]
+    if "listen" in raw and missing:
+        raise ConfigError(
+            f"{where}: listen: a TCP listener needs mutual TLS; set {', '.join(TLS_KEYS)}"
+            f" (missing: {', '.join(missing)})"
+        )
 
 
 def _parse_network(where: str, table: dict[str, Any]) -> NetworkOptions:
@@ -212,6 +258,15 @@ def _parse_network(where: str, table: dict[str, Any]) -> NetworkOptions:
     if options.default_mode == "host" and not options.allow_host:
         raise ConfigError(f"{where}: network.default_mode: 'host' needs network.allow_host = true")
     return options
+
+
+def _parse_images(where: str, table: dict[str, Any]) -> ImagesOptions:
+    for key, value in table.items():
+        if key not in IMAGES_KEYS:
+            raise ConfigError(f"{where}: images.{key}: unknown key; known: {list(IMAGES_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63:
+            raise ConfigError(f"{where}: images.{key}: expected an integer > 0, got {value!r}")
+    return ImagesOptions(**table)
 
 
 def _check_top_level(where: str, key: str, value: Any) -> None:

@@ -452,9 +452,16 @@ def containers(call: Call) -> None:
     from adapter import mesos_translate
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
-    request = pb.ContainersRequest()
-    response = call.service.call("Containers", request, pb.ContainersResponse, CALL_TIMEOUT_SECONDS)
-    reply = mesos_translate.containers(response.containers)
+    statuses: list[pb.ContainerStatus] = []
+    token = ""
+    while True:  # page by page: one reply holds only as many as fit its size bound
+        request = pb.ContainersRequest(page_token=token)
+        page = call.service.call("Containers", request, pb.ContainersResponse, CALL_TIMEOUT_SECONDS)
+        statuses.extend(page.containers)
+        token = page.next_page_token
+        if not token:
+            break
+    reply = mesos_translate.containers(statuses)
     write_frame(call.stdout, reply.SerializeToString())
 
 
@@ -464,7 +471,9 @@ def recover(call: Call) -> None:
     No stdin, no stdout, as the protocol says; the agent calls `containers` next."""
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
-    request = pb.ContainersRequest()
+    # One container is enough to prove the service answers from its recovered state; the list
+    # itself, however long, is what `containers` pages through next.
+    request = pb.ContainersRequest(page_size=1)
     call.service.call(
         "Containers", request, pb.ContainersResponse, RECOVER_TIMEOUT_SECONDS, wait_for_ready=True
     )

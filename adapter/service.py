@@ -61,19 +61,39 @@ def mapped_errors(
     return wrapper
 
 
+# A Containers reply stays this far under gRPC's default 4 MiB receive limit, whatever the
+# number of containers: a status is at most ~70 KiB (labels are bounded at Launch).
+MAX_PAGE_BYTES = 1024 * 1024
+
+
 class ContainerizerService(pb_grpc.ContainerizerServicer):
-    def __init__(self, core: Containerizer, sandbox_root: Path) -> None:
+    def __init__(
+        self, core: Containerizer, sandbox_root: Path, *, state_dir: Path | None = None
+    ) -> None:
         self._core = core
         self._sandbox_root = sandbox_root
+        self._state_dir = state_dir
 
     @mapped_errors
     async def Launch(self, request: pb.LaunchRequest, context: Any) -> pb.LaunchResponse:
         cid = validation.container_id(request.container_id)
+        in_use = [
+            r.spec.sandbox
+            for r in self._core.containers()
+            if r.state is not State.TERMINATED and r.container_id != cid
+        ]
         spec, warnings = validation.launch_spec(
             request,
             default_runtime=self._core.default_runtime,
             default_sandbox=str(self._sandbox_root / cid),
+            state_dir=str(self._state_dir) if self._state_dir else None,
+            sandboxes_in_use=in_use,
         )
+        if cid in self._core.quarantined_ids():
+            # Its processes may still run: reusing the id would take over their cgroups.
+            raise errors.AlreadyExists(
+                f"container {cid!r} has a damaged record set aside in quarantine (see `runtimes`)"
+            )
         record = await self._core.launch(spec, warnings)
         return pb.LaunchResponse(status=to_status(record), warnings=list(record.warnings))
 
@@ -116,13 +136,28 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
     async def Containers(
         self, request: pb.ContainersRequest, context: Any
     ) -> pb.ContainersResponse:
-        return pb.ContainersResponse(containers=[to_status(r) for r in self._core.containers()])
+        if request.page_size < 0:
+            raise errors.InvalidArgument("page_size", f"must be >= 0, got {request.page_size}")
+        after = request.page_token
+        if after:
+            validation.container_id(after, "page_token")
+        records = sorted(
+            (r for r in self._core.containers() if r.container_id > after),
+            key=lambda r: r.container_id,
+        )
+        return containers_page(records, request.page_size or len(records))
 
     @mapped_errors
     async def Runtimes(self, request: pb.RuntimesRequest, context: Any) -> pb.RuntimesResponse:
         fingerprints = await self._core.runtimes()
         return pb.RuntimesResponse(
-            runtimes=[to_runtime(f, f.name == self._core.default_runtime) for f in fingerprints]
+            runtimes=[to_runtime(f, f.name == self._core.default_runtime) for f in fingerprints],
+            quarantined=[
+                pb.QuarantinedRecord(
+                    container_id=q.container_id, error=q.error, quarantined_at=q.quarantined_at
+                )
+                for q in self._core.quarantined()
+            ],
         )
 
     async def Events(self, request: pb.EventsRequest, context: Any) -> AsyncIterator[pb.Event]:
@@ -137,6 +172,23 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
 
 
 # ---- domain -> API ----
+
+
+def containers_page(records: list[ContainerRecord], page_size: int) -> pb.ContainersResponse:
+    """The first records (in id order) that fit both the page size and MAX_PAGE_BYTES; the
+    token names the last one sent, so the next page starts after it even if containers come
+    and go in between."""
+    reply = pb.ContainersResponse()
+    size = 0
+    for record in records[:page_size]:
+        status = to_status(record)
+        size += status.ByteSize() + 8  # the field's tag and length
+        if reply.containers and size > MAX_PAGE_BYTES:
+            break
+        reply.containers.append(status)
+    if len(reply.containers) < len(records):
+        reply.next_page_token = reply.containers[-1].container_id
+    return reply
 
 
 def to_termination(termination: Termination) -> pb.Termination:

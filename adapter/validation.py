@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.errors import InvalidArgument
 from adapter.model import (
+    MIB,
     MIN_MEM_MIB,
     NETWORK_MODES,
     Command,
@@ -29,8 +30,29 @@ MAX_PORT = 65535
 MAX_PORT_MAPPINGS = 1024
 RUNTIME_KINDS = {"native", "containerd", "lxc", "libvirt", "docker"}
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
-MAX_TEXT = 64 * 1024  # a label value, an env value, a path: generous, but bounded
+MAX_TEXT = 64 * 1024  # an env value, a path: generous, but bounded
 MAX_COMMAND = 1024 * 1024
+# What the kernel accepts, so a request is refused here rather than wrapped or failed inside it:
+# cpu.shares = 1024 x cpus tops out at 262144; mem and disk stay exact in a double and far below
+# memory.limit_in_bytes' ceiling; tc's token bucket keeps its rate in 32-bit bytes per second.
+MAX_CPUS = 256
+MAX_SIZE_MIB = 2**53 // MIB
+MAX_BANDWIDTH_MBIT = 34_359
+RESOURCE_BOUNDS: dict[str, tuple[float, str]] = {
+    "cpus": (MAX_CPUS, "cores (cpu.shares = 1024 x cpus may not pass the kernel's 262144)"),
+    "mem": (MAX_SIZE_MIB, "MiB (2^53 bytes)"),
+    "disk": (MAX_SIZE_MIB, "MiB (2^53 bytes)"),
+    "network_bandwidth": (MAX_BANDWIDTH_MBIT, "Mbit/s (tc's 32-bit rate in bytes per second)"),
+}
+# Labels travel in every status and listing: bounded so a page of containers stays small.
+MAX_LABEL_KEY_BYTES = 256
+MAX_LABEL_VALUE_BYTES = 16 * 1024
+MAX_LABELS_BYTES = 64 * 1024
+# execve(2): one argument or "NAME=VALUE" string is at most MAX_ARG_STRLEN bytes with its NUL;
+# all of them, with a pointer each, must fit ARG_MAX. A quarter of ARG_MAX (at least 64 KiB) is
+# kept for the supervisor's own arguments and environment and the image's variables.
+MAX_ARG_STRLEN = 32 * 4096
+ARG_POINTER_BYTES = 8
 
 
 def container_id(value: str, field: str = "container_id") -> str:
@@ -77,6 +99,11 @@ def resources(
         if not math.isfinite(value) or value < 0:
             raise InvalidArgument(f"{field}[{name}]", f"must be a finite number >= 0, got {value}")
         values[name] = value
+    for name, (bound, unit) in RESOURCE_BOUNDS.items():
+        if values.get(name, 0) > bound:
+            raise InvalidArgument(
+                f"{field}[{name}]", f"must be at most {bound:g} {unit}, got {values[name]:g}"
+            )
     warnings: list[str] = []
     for positive in ("cpus", "network_bandwidth"):
         if positive in values and values[positive] == 0:
@@ -181,16 +208,48 @@ def command(message: pb.CommandInfo, *, image_given: bool = False) -> Command:
     working_dir = _text(message.working_dir, "command.working_dir")
     if working_dir and not working_dir.startswith("/"):
         raise InvalidArgument("command.working_dir", f"{working_dir!r} is not an absolute path")
+    environment = _environment(message.environment)
+    exec_size(["/bin/sh", "-c", shell] if shell else argv, environment)
     return Command(
         shell=shell if shell else None,
         argv=tuple(argv),
-        environment=_environment(message.environment),
+        environment=environment,
         user=user or None,
         working_dir=working_dir or None,
     )
 
 
-def sandbox(value: str, default: str) -> str:
+def exec_size(argv: Sequence[str], environment: Sequence[tuple[str, str]]) -> None:
+    """Refuse what execve would refuse (E2BIG) before anything is created."""
+    named = [(f"command.argv[{i}]", arg) for i, arg in enumerate(argv)]
+    named += [(f"command.environment[{i}]", f"{k}={v}") for i, (k, v) in enumerate(environment)]
+    total = 0
+    for where, text in named:
+        size = len(text.encode()) + 1
+        if size > MAX_ARG_STRLEN:
+            raise InvalidArgument(
+                where,
+                f"is {size - 1} bytes; the kernel takes at most {MAX_ARG_STRLEN - 1} bytes per"
+                " argument or NAME=VALUE variable (MAX_ARG_STRLEN)",
+            )
+        total += size + ARG_POINTER_BYTES
+    arg_max = os.sysconf("SC_ARG_MAX")
+    budget = arg_max - max(arg_max // 4, 64 * 1024)
+    if total > budget:
+        raise InvalidArgument(
+            "command",
+            f"argv and environment take {total} bytes; at most {budget} fit this node's"
+            f" ARG_MAX of {arg_max} bytes with room for the supervisor",
+        )
+
+
+def sandbox(
+    value: str, default: str, *, state_dir: str | None = None, taken: Iterable[str] = ()
+) -> str:
+    """The caller's sandbox directory, or the default. A caller-named one may not lie in the
+    state directory (which holds other containers' sandboxes and our records) nor overlap a
+    sandbox in use: the service removes only what it created, but must not write into or hand
+    out another container's files either."""
     if not value:
         return default
     _text(value, "sandbox", 4096)
@@ -199,19 +258,56 @@ def sandbox(value: str, default: str) -> str:
     normalized = os.path.normpath(value)
     if normalized == "/" or ".." in value.split("/"):
         raise InvalidArgument("sandbox", f"{value!r} is not a usable sandbox directory")
+    candidates = {normalized, os.path.realpath(normalized)}
+    if state_dir is not None:
+        for state in {os.path.normpath(state_dir), os.path.realpath(state_dir)}:
+            if any(_overlap(candidate, state) for candidate in candidates):
+                raise InvalidArgument(
+                    "sandbox", f"{normalized!r} overlaps the service's state directory {state}"
+                )
+    for other in taken:
+        if any(_overlap(candidate, other) for candidate in candidates):
+            raise InvalidArgument(
+                "sandbox", f"{normalized!r} overlaps the sandbox {other} of a running container"
+            )
     return normalized
 
 
+def _overlap(path: str, other: str) -> bool:
+    """Whether one of two normalized absolute paths is the other or lies inside it."""
+    return path == other or path.startswith(other.rstrip("/") + "/") or other.startswith(path + "/")
+
+
 def labels(values: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    total = 0
     for key, value in values.items():
-        if not key or len(key) > 256 or any(not (c.isprintable()) for c in key):
+        if not key or any(not (c.isprintable()) for c in key):
             raise InvalidArgument("labels", f"label key {key[:64]!r} is empty or not printable")
+        key_bytes, value_bytes = len(key.encode()), len(value.encode())
+        if key_bytes > MAX_LABEL_KEY_BYTES:
+            raise InvalidArgument(
+                "labels", f"label key {key[:64]!r}... is over {MAX_LABEL_KEY_BYTES} bytes"
+            )
         _text(value, f"labels[{key}]")
+        if value_bytes > MAX_LABEL_VALUE_BYTES:
+            raise InvalidArgument(
+                f"labels[{key}]", f"is {value_bytes} bytes, over {MAX_LABEL_VALUE_BYTES} bytes"
+            )
+        total += key_bytes + value_bytes
+    if total > MAX_LABELS_BYTES:
+        raise InvalidArgument(
+            "labels", f"keys and values take {total} bytes, over {MAX_LABELS_BYTES} bytes"
+        )
     return tuple(sorted(values.items()))
 
 
 def launch_spec(
-    request: pb.LaunchRequest, *, default_runtime: str, default_sandbox: str
+    request: pb.LaunchRequest,
+    *,
+    default_runtime: str,
+    default_sandbox: str,
+    state_dir: str | None = None,
+    sandboxes_in_use: Iterable[str] = (),
 ) -> tuple[LaunchSpec, tuple[str, ...]]:
     """Validate a LaunchRequest completely; return the spec and the warnings to report.
 
@@ -232,7 +328,9 @@ def launch_spec(
         command=command(request.command, image_given=bool(image)),
         resources=parsed,
         runtime=runtime,
-        sandbox=sandbox(request.sandbox, default_sandbox),
+        sandbox=sandbox(
+            request.sandbox, default_sandbox, state_dir=state_dir, taken=sandboxes_in_use
+        ),
         image=image or None,
         labels=labels(dict(request.labels)),
         network=network(request.container.network),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +23,12 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.conftest import ServiceProcess
 from tests.integration.api import destroy, launch, scalar, usage, wait
+from tests.integration.test_mesos_ecp import Agent
+from tests.integration.tls import make_certificates
 
 pytestmark = pytest.mark.integration
+
+CLI = str(Path(sys.executable).parent / "containerizer")
 
 
 def test_exit_codes_and_output(service: ServiceProcess, container_id: str) -> None:
@@ -294,13 +302,19 @@ def test_events_stream_lifecycle(service: ServiceProcess, container_id: str) -> 
 
 
 def test_tcp_listen_address(tmp_path: Path) -> None:
+    """The TCP listener answers a client with a certificate of the configured CA (mutual TLS:
+    test_security_edge.py shows who it refuses)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    service = ServiceProcess(tmp_path, extra_config=f'listen = "127.0.0.1:{port}"')
+    certificates = make_certificates(tmp_path / "tls")
+    address = f"127.0.0.1:{port}"
+    service = ServiceProcess(tmp_path, extra_config=certificates.service_config(address))
     service.start()
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = certificates.channel(
+            address, cert=certificates.client_cert, key=certificates.client_key
+        )
         runtimes = pb_grpc.ContainerizerStub(channel).Runtimes(pb.RuntimesRequest(), timeout=10)
         assert [r.name for r in runtimes.runtimes] == ["native"]
         channel.close()
@@ -320,3 +334,158 @@ def test_no_thread_per_container(service: ServiceProcess, container_id: str) -> 
     for cid in ids:
         destroy(stub, cid)
     assert threads < 30
+
+
+# ---- input the kernel or the wire cannot take ----
+
+HUGE = 1e30
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "bound"),
+    [
+        ("mem", HUGE, "at most 8.58993e+09 MiB"),
+        ("cpus", HUGE, "at most 256 cores"),
+        ("cpus", 257, "at most 256 cores"),
+        ("disk", HUGE, "at most 8.58993e+09 MiB"),
+        ("pids", 4_194_305, "1..4194304"),
+        ("network_bandwidth", HUGE, "at most 34359 Mbit/s"),
+    ],
+)
+def test_resources_beyond_what_the_kernel_takes_are_invalid(
+    service: ServiceProcess, container_id: str, name: str, value: float, bound: str
+) -> None:
+    """mem = 1e30 used to be accepted and the kernel wrapped it to a 0-byte limit."""
+    stub = service.stub()
+    with pytest.raises(grpc.RpcError) as error:
+        launch(stub, container_id, "sleep 30", **{name: value})
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        error.value.details().startswith(f"resources[{name}]: ") and bound in error.value.details()
+    )
+    assert not [p for p in service.leftover_cgroups() if p.name == container_id]
+
+
+@pytest.mark.parametrize("name", ["mem", "cpus"])
+def test_update_beyond_what_the_kernel_takes_is_invalid(
+    service: ServiceProcess, container_id: str, name: str
+) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "sleep 300", mem=64, cpus=0.5)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Update(
+            pb.UpdateRequest(container_id=container_id, resources=[scalar(name, HUGE)]), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"resources[{name}]: must be at most")
+    assert usage(stub, container_id).mem_limit_bytes == 64 * 1024 * 1024
+    destroy(stub, container_id)
+
+
+def test_argv_and_environment_beyond_exec_limits_are_invalid(
+    service: ServiceProcess, container_id: str
+) -> None:
+    """4,000 x 1 KiB of environment used to come back INTERNAL (E2BIG from exec)."""
+    stub = service.stub()
+    variables = [pb.EnvironmentVariable(name=f"V{n}", value="x" * 1000) for n in range(3000)]
+    cases = [
+        (pb.CommandInfo(shell="true", environment=variables), "command: argv and environment"),
+        (pb.CommandInfo(argv=["/bin/echo", "y" * 200_000]), "command.argv[1]: is 200000 bytes"),
+    ]
+    for command, message in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Launch(pb.LaunchRequest(container_id=container_id, command=command), timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(message)
+    assert not (service.state_dir / "sandboxes" / container_id).exists()
+
+
+def test_update_below_the_minimum_says_so(service: ServiceProcess, container_id: str) -> None:
+    stub = service.stub()
+    launch(stub, container_id, "sleep 300", mem=64)
+    reply = stub.Update(
+        pb.UpdateRequest(container_id=container_id, resources=[scalar("mem", 16)]), timeout=10
+    )
+    assert list(reply.warnings) == ["mem raised from 16 MiB to the minimum of 32 MiB"]
+    assert usage(stub, container_id).mem_limit_bytes == 32 * 1024 * 1024
+    cli = subprocess.run(
+        [CLI, "--endpoint", service.endpoint, "update", container_id, "--mem", "16M"],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0
+    assert "warning: mem raised from 16 MiB to the minimum of 32 MiB" in cli.stderr
+    destroy(stub, container_id)
+
+
+# ---- listing any number of containers ----
+
+
+def test_oversized_labels_are_invalid(service: ServiceProcess, container_id: str) -> None:
+    """~3.3 MB of labels per container used to be accepted, and two made listing fail."""
+    stub = service.stub()
+    cases = [
+        ({f"k{n}": "v" * 1000 for n in range(3300)}, "labels: keys and values take"),
+        ({"big": "v" * 20_000}, "labels[big]: is 20000 bytes, over 16384 bytes"),
+        ({"k" * 300: "v"}, "labels: label key"),
+    ]
+    for labels, message in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Launch(
+                pb.LaunchRequest(
+                    container_id=container_id, command=pb.CommandInfo(shell="true"), labels=labels
+                ),
+                timeout=30,
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(message)
+
+
+LABELS_PER_CONTAINER = {f"label{n}": "v" * 15_000 for n in range(4)}  # ~60 KB, within bounds
+LISTED = 72  # ~4.3 MB of statuses: more than one gRPC message may carry
+
+
+def test_listing_pages_past_the_message_limit(fresh_service: ServiceProcess) -> None:
+    stub = fresh_service.stub()
+    ids = [f"listed-{n:03}" for n in range(LISTED)]
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda cid: _launch_labelled(stub, cid), ids))
+        pages = [stub.Containers(pb.ContainersRequest(), timeout=30)]  # as older clients ask
+        while pages[-1].next_page_token:
+            request = pb.ContainersRequest(page_token=pages[-1].next_page_token)
+            pages.append(stub.Containers(request, timeout=30))
+        assert len(pages) > 1 and all(page.ByteSize() < 2 * 1024 * 1024 for page in pages)
+        assert [s.container_id for page in pages for s in page.containers] == ids
+        counted = stub.Containers(pb.ContainersRequest(page_size=5), timeout=30)
+        assert [s.container_id for s in counted.containers] == ids[:5]
+        assert counted.next_page_token == ids[4]
+        ps = subprocess.run(
+            [CLI, "--endpoint", fresh_service.endpoint, "ps", "--json"],
+            capture_output=True,
+            text=True,
+        )
+        assert ps.returncode == 0, ps.stderr
+        assert [c["container_id"] for c in json.loads(ps.stdout)["containers"]] == ids
+        agent = Agent(fresh_service.endpoint)
+        assert agent.containers() == ids
+        assert agent.run("recover").returncode == 0
+    finally:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda cid: _destroy_if_known(stub, cid), ids))
+
+
+def _destroy_if_known(stub: pb_grpc.ContainerizerStub, container_id: str) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        destroy(stub, container_id)
+
+
+def _launch_labelled(stub: pb_grpc.ContainerizerStub, container_id: str) -> None:
+    stub.Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(shell="sleep 300"),
+            labels=LABELS_PER_CONTAINER,
+        ),
+        timeout=30,
+    )

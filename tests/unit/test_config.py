@@ -26,6 +26,8 @@ def test_full_config_is_typed(tmp_path: Path) -> None:
             'version = 1\ndefault_runtime = "native"\nisolators = ["cgroups/cpu", "posix/mem"]\n'
             'cgroups_root = "ctz"\ncgroups_enable_cfs = true\nstate_dir = "/tmp/x"\n'
             'socket = "/tmp/x.sock"\nlisten = "127.0.0.1:7070"\ntermination_retention = 5\n'
+            'tls_cert = "/etc/c/server.pem"\ntls_key = "/etc/c/server.key"\n'
+            'tls_client_ca = "/etc/c/ca.pem"\n'
             '[runtimes.native]\nsupervisor = "/usr/bin/sup"\n',
         )
     )
@@ -34,6 +36,8 @@ def test_full_config_is_typed(tmp_path: Path) -> None:
     assert config.state_dir == Path("/tmp/x")
     assert config.termination_retention == 5.0
     assert config.runtimes["native"]["supervisor"] == "/usr/bin/sup"
+    assert config.listen == "127.0.0.1:7070"
+    assert config.tls_client_ca == Path("/etc/c/ca.pem")
 
 
 @pytest.mark.parametrize(
@@ -47,6 +51,7 @@ def test_full_config_is_typed(tmp_path: Path) -> None:
         ('cgroups_root = "../etc"', "cgroups_root: expected a single cgroup directory name"),
         ('state_dir = "relative"', "state_dir: expected an absolute path"),
         ('listen = "nowhere"', "listen: expected HOST:PORT"),
+        ('tls_cert = "server.pem"', "tls_cert: expected an absolute path"),
         ("termination_retention = true", "termination_retention: expected seconds"),
         ('default_runtime = "kvm"', "default_runtime: expected one of"),
         ("[runtimes.warp]", "runtimes.warp: unknown runtime"),
@@ -75,3 +80,21 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "config").gl
 def test_every_example_config_loads(example: Path) -> None:
     config = load_config(example)
     assert config.default_runtime in config.runtimes
+
+
+@pytest.mark.parametrize(
+    ("tls", "missing"),
+    [
+        ("", "tls_cert, tls_key, tls_client_ca"),
+        ('tls_cert = "/c.pem"\ntls_key = "/c.key"\n', "tls_client_ca"),
+    ],
+)
+def test_listen_without_client_certificates_is_refused(
+    tmp_path: Path, tls: str, missing: str
+) -> None:
+    """The API launches root containers: a TCP listener without mutual TLS is never started."""
+    path = write(tmp_path, f'version = 1\nlisten = "127.0.0.1:7070"\n{tls}')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "listen: a TCP listener needs mutual TLS" in str(error.value)
+    assert f"missing: {missing}" in str(error.value)

@@ -1,7 +1,15 @@
+import contextlib
+import json
+import os
+import sqlite3
+import stat
 from pathlib import Path
 
+import pytest
+
+from adapter.errors import FailedPrecondition
 from adapter.model import Command, LaunchSpec, Reason, Resources, State, Termination
-from adapter.state import ContainerRecord, StateStore
+from adapter.state import ContainerRecord, StateStore, database_is_empty
 
 
 def record(cid: str) -> ContainerRecord:
@@ -39,3 +47,101 @@ def test_wal_and_full_sync_are_on(tmp_path: Path) -> None:
     assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     store.close()
+
+
+def _raw_rows(path: Path, rows: list[tuple[object, object]]) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executemany("INSERT INTO containers (container_id, record) VALUES (?, ?)", rows)
+        db.commit()
+
+
+def test_damaged_records_are_quarantined_and_the_rest_load(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    good = record("good")
+    store.put(good)
+    store.close()
+    wrong_handle = json.loads(record("handle").to_json())
+    wrong_handle["handle"] = [1, 2]
+    garbled = json.loads(record("garbled").to_json())
+    garbled["spec"]["command"]["argv"] = "echo hi"
+    renamed = record("other").to_json()
+    _raw_rows(
+        path,
+        [
+            ("json", '{"spec": {'),
+            ("handle", json.dumps(wrong_handle)),
+            ("garbled", json.dumps(garbled)),
+            ("renamed", renamed),
+            ("blob", b"\x00\xff"),
+        ],
+    )
+    reopened = StateStore(path)
+    assert reopened.load_all() == [good]
+    errors = {entry.container_id: entry.error for entry in reopened.quarantined()}
+    assert errors == {
+        "json": errors["json"],
+        "handle": "handle: expected dict, got list",
+        "garbled": "spec.command.argv: expected list, got str",
+        "renamed": "spec.container_id 'other' is not the row's id",
+        "blob": errors["blob"],
+    }
+    assert errors["json"].startswith("not valid JSON") and errors["blob"].startswith("not valid")
+    assert reopened.load_all() == [good]  # set aside once: the next start finds only the good
+    assert len(reopened.quarantined()) == 5
+    reopened.close()
+
+
+def test_a_record_from_before_sandbox_ownership_owns_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    old = json.loads(record("old").to_json())
+    del old["sandbox_owned"]
+    _raw_rows(path, [("old", json.dumps(old))])
+    store = StateStore(path)
+    store.put(record("new").evolve(sandbox_owned=True))
+    loaded = {r.container_id: r.sandbox_owned for r in store.load_all()}
+    assert loaded == {"old": False, "new": True}
+    store.close()
+
+
+def test_database_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old_umask = os.umask(0o022)
+    try:
+        store = StateStore(path)
+        store.put(record("a"))
+        modes = {s: stat.S_IMODE(os.stat(f"{path}{s}").st_mode) for s in ("", "-wal", "-shm")}
+        assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        store.close()
+        path.chmod(0o644)  # as an older version left it
+        StateStore(path).close()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_an_unreadable_database_is_one_clear_error(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    for n in range(40):
+        store.put(record(f"c{n}").evolve(warnings=("w" * 4000,)))
+    store.close()
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        path.write_bytes(b"garbage " * 64 + path.read_bytes()[512:])
+    with pytest.raises(FailedPrecondition) as error:
+        StateStore(path)
+    assert str(error.value).startswith(f"state database {path} is damaged (")
+    assert "\n" not in str(error.value)
+
+
+def test_an_empty_database_is_told_apart(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    assert database_is_empty(path)
+    path.write_bytes(b"")
+    assert database_is_empty(path)
+    StateStore(path).put(record("a"))
+    assert not database_is_empty(path)

@@ -1,4 +1,6 @@
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +136,113 @@ def test_signal_numbers() -> None:
     assert validation.signal_number(9) == 9
     with pytest.raises(InvalidArgument, match="signal"):
         validation.signal_number(65)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("cpus", 256.5, "must be at most 256 cores"),
+        ("mem", 1e30, "must be at most 8.58993e+09 MiB (2^53 bytes)"),
+        ("disk", 2.0**33 + 1, "must be at most 8.58993e+09 MiB (2^53 bytes)"),
+        ("network_bandwidth", 40_000, "must be at most 34359 Mbit/s"),
+        ("pids", 4_194_305, "must be an integer in 1..4194304"),
+    ],
+)
+def test_resources_are_bounded_by_what_the_kernel_takes(
+    name: str, value: float, message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        validation.resources([scalar(name, value)])
+    assert error.value.field == f"resources[{name}]"
+    assert message in str(error.value)
+
+
+def test_largest_accepted_resources() -> None:
+    parsed, _ = validation.resources(
+        [scalar("cpus", 256), scalar("mem", 2.0**33), scalar("pids", 4_194_304)]
+    )
+    assert parsed.cpus == 256 and parsed.mem_bytes == 2**53 and parsed.pids == 4_194_304
+
+
+@pytest.mark.parametrize(
+    ("labels", "field", "message"),
+    [
+        ({"k" * 257: "v"}, "labels", "is over 256 bytes"),
+        ({"é" * 129: "v"}, "labels", "is over 256 bytes"),  # bytes, not characters
+        ({"k": "v" * 16385}, "labels[k]", "is 16385 bytes, over 16384 bytes"),
+        ({f"k{n}": "v" * 16000 for n in range(5)}, "labels", "over 65536 bytes"),
+    ],
+)
+def test_labels_are_bounded(labels: dict[str, str], field: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        spec(request(labels=labels))
+    assert error.value.field == field
+    assert message in str(error.value)
+
+
+def test_labels_up_to_the_bounds_are_accepted() -> None:
+    labels = {f"k{n}": "v" * 16000 for n in range(4)}
+    assert dict(spec(request(labels=labels))[0].labels) == labels
+
+
+def test_argv_and_environment_must_fit_exec() -> None:
+    room = os.sysconf("SC_ARG_MAX")
+    with pytest.raises(InvalidArgument) as error:
+        spec(request(command=pb.CommandInfo(argv=["/bin/echo", "y" * validation.MAX_ARG_STRLEN])))
+    assert error.value.field == "command.argv[1]"
+    with pytest.raises(InvalidArgument) as error:
+        spec(request(command=pb.CommandInfo(shell="x" * validation.MAX_ARG_STRLEN)))
+    assert error.value.field == "command.argv[2]"  # /bin/sh -c SHELL
+    variables = [
+        pb.EnvironmentVariable(name=f"V{n}", value="x" * 1024) for n in range(room // 1024)
+    ]
+    with pytest.raises(InvalidArgument) as error:
+        spec(request(command=pb.CommandInfo(shell="true", environment=variables)))
+    assert error.value.field == "command"
+    assert f"ARG_MAX of {room} bytes" in str(error.value)
+    fits = variables[: room // 2048]
+    assert len(
+        spec(request(command=pb.CommandInfo(shell="true", environment=fits)))[0].command.environment
+    ) == len(fits)
+
+
+def launched_in(state_dir: str, sandbox: str, taken: tuple[str, ...] = ()) -> str:
+    return validation.launch_spec(
+        request(sandbox=sandbox),
+        default_runtime="native",
+        default_sandbox=f"{state_dir}/sandboxes/c1",
+        state_dir=state_dir,
+        sandboxes_in_use=taken,
+    )[0].sandbox
+
+
+@pytest.mark.parametrize(
+    "sandbox",
+    [
+        "/var/lib/ctz",
+        "/var/lib/ctz/sandboxes/other",
+        "/var/lib/ctz/sandboxes",
+        "/var/lib/ctz/native/x",
+        "/var/lib",  # would hold the state directory
+        "/srv/a",  # a running container's
+        "/srv/a/inner",
+        "/srv",
+    ],
+)
+def test_caller_sandbox_may_not_overlap_state_or_another_sandbox(sandbox: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        launched_in("/var/lib/ctz", sandbox, taken=("/srv/a",))
+    assert error.value.field == "sandbox"
+
+
+def test_caller_sandbox_through_a_symlink_into_the_state_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "sandboxes" / "a").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(state / "sandboxes" / "a")
+    with pytest.raises(InvalidArgument, match="overlaps the service's state directory"):
+        launched_in(str(state), str(tmp_path / "link"))
+
+
+def test_caller_sandboxes_beside_others_are_fine() -> None:
+    assert launched_in("/var/lib/ctz", "/srv/ab", taken=("/srv/a",)) == "/srv/ab"
+    assert launched_in("/var/lib/ctz", "", taken=("/srv/a",)) == "/var/lib/ctz/sandboxes/c1"
