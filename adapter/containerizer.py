@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapter.drivers.base import Checkpointed, Driver
@@ -35,7 +36,7 @@ from adapter.model import (
     Statistics,
     Termination,
 )
-from adapter.state import ContainerRecord, StateStore
+from adapter.state import ContainerRecord, QuarantinedRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ LIMITATION_REASONS = {
     "pids": Reason.LIMITATION_PIDS,
     "disk": Reason.LIMITATION_DISK,
 }
+# Limits whose enforcement ends the container (the kernel's OOM kill, the disk isolator); a
+# pids limit only refuses forks, so the container's end has another cause.
+KILLING_LIMITATIONS = (Reason.LIMITATION_MEMORY, Reason.LIMITATION_DISK)
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,15 @@ class Containerizer:
         existing = self._containers.get(spec.container_id)
         if existing is not None and existing.record.state is not State.TERMINATED:
             raise AlreadyExists(f"container {spec.container_id!r} already exists")
+        if spec.resources.disk_mib is not None:
+            warnings = (*warnings, _disk_not_enforced(spec))
         record = ContainerRecord(
             spec=spec,
             state=State.LAUNCHING,
             launched_at=time.time(),
             handle={},
             warnings=warnings,
+            sandbox_owned=self._is_default_sandbox(spec),
         )
         container = Container(record)
         self._containers[spec.container_id] = container
@@ -159,19 +166,8 @@ class Containerizer:
         self._terminate(container, termination)
 
     def _termination(self, container: Container, exit_: Exit) -> Termination:
-        if exit_.lost:
-            reason = Reason.LOST
-        elif exit_.limitation is not None:
-            reason = LIMITATION_REASONS.get(exit_.limitation, Reason.EXITED)
-        elif container.destroy_requested:
-            reason = Reason.DESTROYED
-        else:
-            reason = Reason.EXITED
-        limited = (exit_.limitation,) if exit_.limitation else ()
-        killed = container.destroy_requested or reason in (
-            Reason.LIMITATION_MEMORY,
-            Reason.LIMITATION_DISK,
-        )
+        reason = _reason(exit_, destroy_requested=container.destroy_requested)
+        killed = container.destroy_requested or reason in KILLING_LIMITATIONS
         return Termination(
             reason=reason,
             exit_code=exit_.exit_code,
@@ -179,7 +175,7 @@ class Containerizer:
             status=exit_.status,
             killed=killed,
             message=_termination_message(reason, exit_),
-            limited_resources=limited,
+            limited_resources=(exit_.limitation,) if exit_.limitation else (),
             finished_at=time.time(),
         )
 
@@ -236,7 +232,8 @@ class Containerizer:
         return [container.record for container in self._containers.values()]
 
     async def runtimes(self) -> list[Fingerprint]:
-        return list(await asyncio.gather(*(d.fingerprint() for d in self.drivers.values())))
+        fingerprints = await asyncio.gather(*(d.fingerprint() for d in self.drivers.values()))
+        return [_with_disk_note(fingerprint) for fingerprint in fingerprints]
 
     async def events(self, container_id: str | None = None) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
@@ -254,7 +251,8 @@ class Containerizer:
     async def recover(self) -> None:
         """Rebuild the registry from checkpoints, re-attach drivers, and resume watching."""
         records = self._store.load_all()
-        known_ids = {record.container_id for record in records}
+        # A quarantined (unreadable) record's container is still known: its processes stay.
+        known_ids = {record.container_id for record in records} | set(self.quarantined_ids())
         for record in records:
             container = Container(record)
             self._containers[record.container_id] = container
@@ -295,8 +293,24 @@ class Containerizer:
             return
         container.destroy_requested = record.state is State.DESTROYING
         if container.destroy_requested:
-            await driver.destroy(record.container_id)
-        container.watcher = asyncio.create_task(self._watch(container, driver))
+            container.watcher = asyncio.create_task(self._finish_destroy(container, driver))
+        else:
+            container.watcher = asyncio.create_task(self._watch(container, driver))
+
+    async def _finish_destroy(self, container: Container, driver: Driver) -> None:
+        """A Destroy the restart interrupted, in a live Destroy's order: the watcher waits on the
+        exit before the kill, so it sees the container's own exit rather than a driver that has
+        already dropped its record (which read as "lost" and ended a destroyed container LOST)."""
+        watcher = asyncio.create_task(self._watch(container, driver))
+        await asyncio.sleep(0)  # one loop turn: the watcher is now inside driver.wait
+        async with container.lock:
+            try:
+                await driver.destroy(container.record.container_id)
+            except Exception:
+                log.exception(
+                    "destroy of %s after the restart failed", container.record.container_id
+                )
+        await watcher
 
     async def close(self) -> None:
         """Stop watching; containers keep running and are recovered at the next start."""
@@ -346,9 +360,21 @@ class Containerizer:
     def _forget(self, container_id: str) -> None:
         self._store.delete(container_id)
         container = self._containers.pop(container_id, None)
-        sandbox = Path(container.record.spec.sandbox) if container else None
-        if self.sandbox_root is not None and sandbox and sandbox.parent == self.sandbox_root:
-            shutil.rmtree(sandbox, ignore_errors=True)
+        if container is not None and container.record.sandbox_owned:
+            shutil.rmtree(container.record.spec.sandbox, ignore_errors=True)
+
+    def _is_default_sandbox(self, spec: LaunchSpec) -> bool:
+        """The service makes (and may remove) only the default sandbox; a caller-named one may
+        not lie under the state directory (validation), so it can never be this path."""
+        default = self.sandbox_root / spec.container_id if self.sandbox_root else None
+        return default is not None and Path(spec.sandbox) == default
+
+    def quarantined(self) -> list[QuarantinedRecord]:
+        """Records found damaged at start, set aside with the reason."""
+        return self._store.quarantined()
+
+    def quarantined_ids(self) -> list[str]:
+        return [entry.container_id for entry in self._store.quarantined()]
 
     def _publish(self, event: Event) -> None:
         for queue in self._subscribers:
@@ -376,18 +402,58 @@ def _make_sandbox(path: str) -> None:
         raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
 
 
+def _disk_not_enforced(spec: LaunchSpec) -> str:
+    """The Launch warning for a disk request: accepted (Mesos agents always send disk) but not
+    enforced by any runtime until a disk isolator exists."""
+    return (
+        f"disk: {spec.resources.disk_mib:g} MiB requested, but disk is not enforced on this node"
+        f" (runtime {spec.runtime!r} has no disk isolator): the container may write more"
+    )
+
+
+def _with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
+    if fingerprint.capabilities.disk_enforced:
+        return fingerprint
+    note = "disk: not enforced"
+    message = f"{fingerprint.message}; {note}" if fingerprint.message else note
+    return replace(fingerprint, message=message)
+
+
+def _reason(exit_: Exit, *, destroy_requested: bool) -> Reason:
+    """Why the container ended. A limit that kills (memory, disk) was the cause even when a
+    Destroy followed; otherwise a requested destroy is: it ends DESTROYED even if the runtime
+    lost track of the exit (a restart in the middle of the destroy) or a pids limit had refused
+    some forks (that kills nothing)."""
+    limitation = LIMITATION_REASONS.get(exit_.limitation or "")
+    if limitation is not None and limitation in KILLING_LIMITATIONS and not exit_.lost:
+        return limitation
+    if destroy_requested:
+        return Reason.DESTROYED
+    if exit_.lost:
+        return Reason.LOST
+    return limitation or Reason.EXITED
+
+
 def _termination_message(reason: Reason, exit_: Exit) -> str:
-    if exit_.limitation_message:
-        return exit_.limitation_message
-    if exit_.message:
-        return exit_.message
-    if exit_.signal is not None:
-        how = f"killed by signal {exit_.signal}"
+    """What happened, said once: the one sentence every client shows as it is."""
+    if exit_.lost:
+        outcome = exit_.message or "exit status unknown"
+    elif exit_.signal is not None:
+        outcome = f"killed by signal {exit_.signal} ({_signal_name(exit_.signal)})"
     else:
-        how = f"exited with code {exit_.exit_code}"
+        outcome = f"exited with code {exit_.exit_code}"
     if reason is Reason.DESTROYED:
-        return f"destroyed ({how})"
-    return how
+        outcome = f"destroyed: {outcome}"
+    if exit_.limitation_message:
+        outcome += f"; {exit_.limitation_message}"
+    return outcome
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
 
 
 def default_sandbox_root(state_dir: Path) -> Path:

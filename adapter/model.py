@@ -210,6 +210,8 @@ class Capabilities:
     pid_namespace: bool = False
     recover: bool = False
     network_isolation: bool = False
+    # A disk request is enforced (a disk isolator); no runtime does it yet, and `runtimes` says so.
+    disk_enforced: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import grpc
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from tests.cgroup_roots import remove_cgroup_trees
 
 BIN = Path(sys.executable).parent
 
@@ -56,9 +57,7 @@ def private_service(extra_config: str = "") -> Iterator[Service]:
             _destroy_all(service)
             process.terminate()
             process.wait(timeout=30)
-            for root in Path("/sys/fs/cgroup").glob(f"*/{cgroups_root}"):
-                with contextlib.suppress(OSError):
-                    root.rmdir()
+            remove_cgroup_trees(cgroups_root, f"{cgroups_root}.*")
 
 
 def _wait_until_serving(service: Service) -> None:

@@ -19,6 +19,12 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from tests.cgroup_roots import (
+    RUN_ID,
+    remove_cgroup_trees,
+    run_cgroup_roots,
+    run_scoped_name,
+)
 
 # Fixtures several test modules share, registered once here rather than imported by each.
 pytest_plugins = ["tests.integration.cgroup_helpers"]
@@ -39,6 +45,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.longrepr = f"skipped in CI, where nothing may be missing: {report.longrepr}"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every fixture removes the cgroups it made: a cgroup root this run left fails the run.
+    Only this run's roots count (their names carry RUN_ID), so a concurrent run's are not ours
+    to judge. The xdist controller checks once every worker has finished."""
+    if hasattr(session.config, "workerinput"):
+        return
+    left = run_cgroup_roots()
+    if not left:
+        return
+    names = sorted({root.name for root in left})
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"\nFAILED: this run (id {RUN_ID}) left cgroup roots behind, now removed:"
+            f" {', '.join(names)}",
+            red=True,
+        )
+    remove_cgroup_trees(*names)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def require(condition: bool, reason: str) -> None:
     if not condition:
         pytest.skip(reason)
@@ -56,7 +84,7 @@ class ServiceProcess:
         self.state_dir = workdir / "state"
         self.socket = workdir / "containerizer.sock"
         self.endpoint = f"unix:{self.socket}"
-        self.cgroups_root = f"ctz-test-{uuid.uuid4().hex[:10]}"
+        self.cgroups_root = run_scoped_name()
         self.config_path = workdir / "containerizer.toml"
         self.log_path = workdir / "service.log"
         self.config_path.write_text(
@@ -126,10 +154,11 @@ class ServiceProcess:
     def leftover_cgroups(self) -> list[Path]:
         return [p for p in CGROUP_MOUNT.glob(f"*/{self.cgroups_root}/*") if p.is_dir()]
 
-    def remove_cgroup_roots(self) -> None:
-        for root in CGROUP_MOUNT.glob(f"*/{self.cgroups_root}"):
-            with contextlib.suppress(OSError):
-                root.rmdir()
+    def remove_cgroup_roots(self) -> list[Path]:
+        """Once the service is stopped: its cgroup root and the roots named after it (libvirt's
+        `<root>.partition`, LXC's `<root>.lxc-monitor.<id>`), with all below them, in every
+        hierarchy. Returns what could not be removed (the end-of-run check reports it too)."""
+        return remove_cgroup_trees(self.cgroups_root, f"{self.cgroups_root}.*")
 
 
 @pytest.fixture(scope="session")

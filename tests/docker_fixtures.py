@@ -31,6 +31,7 @@ import docker
 import pytest
 
 from adapter.drivers.docker.handle import LABEL_CONTAINER_ID
+from tests.cgroup_roots import remove_cgroup_trees, run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.image_fixtures import free_loopback_port, registry_answers
 
@@ -77,6 +78,9 @@ class PrivateDockerd:
         self.log_path = workdir / "dockerd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.storage_driver = ""
+        # Its own containers (the registry, image builds) go below a cgroup of this run, not
+        # dockerd's default /docker: stop() removes it.
+        self.cgroup_parent = run_scoped_name("ctz-dockerd")
 
     def start(self) -> None:
         """overlay2 where the filesystem allows it, else vfs (slow but works everywhere)."""
@@ -97,6 +101,7 @@ class PrivateDockerd:
             f"--host={self.endpoint}",
             f"--storage-driver={storage_driver}",
             "--exec-opt=native.cgroupdriver=cgroupfs",
+            f"--cgroup-parent=/{self.cgroup_parent}",
             "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
             "--userland-proxy=false",
         ]  # fmt: skip
@@ -131,6 +136,7 @@ class PrivateDockerd:
                 self.process.wait()
         for mount_point in mounts_under(self.workdir):
             subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        remove_cgroup_trees(self.cgroup_parent)
 
     def our_containers(self) -> list[Any]:
         client = self.client()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 
@@ -40,3 +44,25 @@ def destroy(stub: pb_grpc.ContainerizerStub, container_id: str) -> pb.Terminatio
 
 def usage(stub: pb_grpc.ContainerizerStub, container_id: str) -> pb.ResourceStatistics:
     return stub.Usage(pb.UsageRequest(container_id=container_id), timeout=10).statistics
+
+
+def serve_expecting_refusal(config_path: Path, timeout: float = 30) -> str:
+    """Run `containerizer serve` that should refuse to start; return what it printed. One that
+    starts instead is stopped and fails the test (it would otherwise run on)."""
+    binary = Path(sys.executable).parent / "containerizer"
+    process = subprocess.Popen(
+        [str(binary), "serve", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(
+            f"the service started instead of refusing:\n{output.decode()}"
+        ) from None
+    assert process.returncode != 0, output.decode()
+    return output.decode()

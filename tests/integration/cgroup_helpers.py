@@ -4,7 +4,6 @@ the cgroups before it runs (the launcher's job in the real driver)."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,18 +12,19 @@ import pytest
 from isolators.cgroups import files
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.registry import ContainerCgroups
+from tests.cgroup_roots import remove_cgroup_trees, run_scoped_name
 
 
 @pytest.fixture
 async def cgroups_root() -> AsyncIterator[str]:
-    root = f"ctz-test-{uuid.uuid4().hex[:12]}"
+    root = run_scoped_name()
     yield root
     hierarchies = Hierarchies.discover(root)
     cgroups = ContainerCgroups(hierarchies)
     for container_id in cgroups.container_ids():
         await cgroups.destroy(container_id)
-    for mount in set(hierarchies.mounts.values()):
-        await files.remove(mount / root)
+    left = await asyncio.to_thread(remove_cgroup_trees, root)
+    assert left == [], f"cgroups left behind: {left}"
 
 
 async def start(cgroup_procs: list[str], script: str) -> asyncio.subprocess.Process:

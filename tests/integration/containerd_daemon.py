@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from tests.cgroup_roots import remove_cgroup_trees
+
 DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.cri",
     "io.containerd.snapshotter.v1.aufs",
@@ -62,8 +64,10 @@ def private_config(default: str, workdir: Path) -> str:
 
 
 class ContainerdDaemon:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, launcher: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        # A command that runs containerd (its last arguments) in a changed view of the host.
+        self.launcher = launcher
         self.socket = workdir / "containerd.sock"
         self.address = str(self.socket)
         self.log_path = workdir / "containerd.log"
@@ -77,7 +81,7 @@ class ContainerdDaemon:
         config.write_text(private_config(default, self.workdir))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["containerd", "--config", str(config)],
+                [*self.launcher, "containerd", "--config", str(config)],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
@@ -120,6 +124,8 @@ class ContainerdDaemon:
         for lease in self.lines("leases", "ls", "-q", namespace=namespace):
             self.ctr("leases", "rm", "--sync", lease, namespace=namespace, check=False)
         self.ctr("namespaces", "remove", namespace, check=False)
+        # `ctr run` puts a task at runc's default /<namespace>/<id>: the parent stays behind.
+        remove_cgroup_trees(namespace)
 
     def stop(self) -> None:
         """Terminate, then kill; then kill the shims it left and undo its mounts."""

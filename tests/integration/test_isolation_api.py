@@ -94,7 +94,9 @@ def test_fork_bomb_is_contained(service: ServiceProcess, container_id: str) -> N
         time.sleep(0.1)
     assert int(cgroup_file(service, "pids", container_id, "pids.current")) <= 50
     termination = destroy(stub, container_id)
-    assert termination.reason == pb.LIMITATION_PIDS
+    # Refused forks kill nothing: it ended because it was destroyed, the limit is noted.
+    assert termination.reason == pb.DESTROYED
+    assert "Task limit reached: pids.max 50" in termination.message
     assert list(termination.limited_resources) == ["pids"]
     assert not [p for p in service.leftover_cgroups() if p.name == container_id]
 

@@ -10,7 +10,6 @@ import ipaddress
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from isolators.network.veth import host_veth_name
+from tests.cgroup_roots import run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.images import REFERENCE, busybox_oci_layout
 from tests.integration.api import destroy, scalar, usage, wait
@@ -62,7 +62,7 @@ class NetworkNode:
         require_lxc()
         self.daemon = daemon
         self.bridge, self.subnet = network_config()
-        self.namespace = f"ctz-{uuid.uuid4().hex[:10]}"
+        self.namespace = run_scoped_name("ctz")
         network = f'[network]\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
         runtimes = containerd_config(daemon, self.namespace) + "[runtimes.lxc]\n"
         self.service = ServiceProcess(workdir, extra_config=network + runtimes)

@@ -23,6 +23,7 @@ import pytest
 from adapter import processes
 from adapter.drivers.native import supervisor
 from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
+from tests.cgroup_roots import run_scoped_name
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +219,7 @@ async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box)
 async def test_workload_joins_cgroups_before_exec(box: Box) -> None:
     if not (PIDS_CGROUP / "cgroup.procs").exists():
         pytest.skip("needs the cgroup v1 pids controller at /sys/fs/cgroup/pids")
-    cgroup = PIDS_CGROUP / f"ctz-test-{uuid.uuid4().hex[:12]}"
+    cgroup = PIDS_CGROUP / run_scoped_name()
     cgroup.mkdir()
     try:
         status = await box.run(

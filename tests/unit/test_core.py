@@ -36,6 +36,10 @@ class FakeDriver:
         self.updated: list[Resources] = []
         self.recovered: list[tuple[list[Checkpointed], set[str]]] = []
         self.fail_launch = False
+        # How destroy's kill ends a container (a test may note a limit the container had hit).
+        self.kill_exit = Exit(signal=9)
+        # Like the native runtime: once destroyed, a container is no longer known to wait.
+        self.forgets_destroyed = False
 
     async def fingerprint(self) -> Fingerprint:
         return Fingerprint(self.name, "1", True)
@@ -61,7 +65,9 @@ class FakeDriver:
         self.destroyed.append(container_id)
         future = self.exits.get(container_id)
         if future is not None and not future.done():
-            future.set_result(Exit(signal=9))
+            future.set_result(self.kill_exit)
+        if self.forgets_destroyed:
+            self.exits.pop(container_id, None)
 
     async def update(self, container_id: str, resources: Resources) -> None:
         self.updated.append(resources)
@@ -119,7 +125,8 @@ async def test_signal_and_limitation_policy(core, tmp_path: Path) -> None:  # ty
     termination = await containerizer.wait("oom")
     assert termination.reason is Reason.LIMITATION_MEMORY
     assert termination.killed and termination.limited_resources == ("mem",)
-    assert termination.status == 9 and termination.message == "limit 64 MiB"
+    assert termination.status == 9
+    assert termination.message == "killed by signal 9 (SIGKILL); limit 64 MiB"
 
 
 async def test_destroy_reports_destroyed_then_acknowledges(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -305,3 +312,126 @@ async def test_unusable_sandbox_fails_the_launch_cleanly(core, tmp_path: Path) -
     termination = await containerizer.wait("nosb")
     assert termination.reason is Reason.LAUNCH_FAILED and "Not a directory" in termination.message
     assert "nosb" not in driver.exits  # never reached the runtime
+
+
+def store_destroying(store_path: Path, tmp_path: Path, *ids: str) -> None:
+    """Records as a crash between the DESTROYING checkpoint and the kill leaves them."""
+    store = StateStore(store_path)
+    for cid in ids:
+        store.put(
+            ContainerRecord(
+                spec=make_spec(cid, tmp_path),
+                state=State.DESTROYING,
+                launched_at=0.5,
+                handle={"fake": cid},
+            )
+        )
+    store.close()
+
+
+async def test_a_destroy_interrupted_by_a_restart_ends_destroyed(tmp_path: Path) -> None:
+    """The restart finishes the destroy in a live one's order: the watcher waits before the
+    kill, so a runtime that drops its record on destroy still reports the container's exit."""
+    store_path = tmp_path / "state.db"
+    store_destroying(store_path, tmp_path, "d1", "d2", "d3")
+    driver = FakeDriver()
+    driver.forgets_destroyed = True
+    containerizer = Containerizer(
+        {"native": driver}, StateStore(store_path), default_runtime="native"
+    )
+    await containerizer.recover()
+    for cid in ("d1", "d2", "d3"):
+        termination = await asyncio.wait_for(containerizer.wait(cid), 5)
+        assert termination.reason is Reason.DESTROYED, termination.message
+        assert (termination.signal, termination.killed) == (9, True)
+        assert termination.message == "destroyed: killed by signal 9 (SIGKILL)"
+    assert sorted(set(driver.destroyed)) == ["d1", "d2", "d3"]
+    await containerizer.close()
+
+
+async def test_a_requested_destroy_whose_exit_was_lost_ends_destroyed(tmp_path: Path) -> None:
+    """The runtime has no exit to report for it (the service died while it was being killed):
+    the destroy was still requested, so it ends DESTROYED, not LOST."""
+    store_path = tmp_path / "state.db"
+    store_destroying(store_path, tmp_path, "gone")
+    driver = FakeDriver()
+    containerizer = Containerizer(
+        {"native": driver}, StateStore(store_path), default_runtime="native"
+    )
+    await containerizer.recover()
+    driver.finish("gone", Exit(lost=True, message="no exit status was recorded"))
+    termination = await asyncio.wait_for(containerizer.wait("gone"), 5)
+    assert termination.reason is Reason.DESTROYED and termination.killed
+    assert termination.message == "destroyed: no exit status was recorded"
+    await containerizer.close()
+
+
+async def test_a_destroy_after_a_pids_limit_is_destroyed_with_the_limit_noted(
+    core, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    driver.kill_exit = Exit(
+        signal=9, limitation="pids", limitation_message="Task limit reached: pids.max 8"
+    )
+    await containerizer.launch(make_spec("forks", tmp_path))
+    termination = await containerizer.destroy("forks")
+    assert termination.reason is Reason.DESTROYED and termination.killed
+    assert termination.limited_resources == ("pids",)
+    assert termination.message == (
+        "destroyed: killed by signal 9 (SIGKILL); Task limit reached: pids.max 8"
+    )
+
+
+async def test_a_pids_limit_without_a_destroy_stays_the_reason(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    await containerizer.launch(make_spec("bomb", tmp_path))
+    driver.finish("bomb", Exit(exit_code=2, limitation="pids", limitation_message="Task limit"))
+    termination = await containerizer.wait("bomb")
+    assert termination.reason is Reason.LIMITATION_PIDS and not termination.killed
+    assert termination.message == "exited with code 2; Task limit"
+
+
+async def test_an_oom_kill_before_the_destroy_stays_a_memory_limitation(
+    core, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    driver.kill_exit = Exit(signal=9, limitation="mem", limitation_message="Memory limit exceeded")
+    await containerizer.launch(make_spec("oom-then-destroy", tmp_path))
+    termination = await containerizer.destroy("oom-then-destroy")
+    assert termination.reason is Reason.LIMITATION_MEMORY and termination.killed
+    assert termination.message == "killed by signal 9 (SIGKILL); Memory limit exceeded"
+
+
+async def test_the_message_says_what_happened_once(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    for cid in ("code", "term", "destroyed"):
+        await containerizer.launch(make_spec(cid, tmp_path))
+    driver.finish("code", Exit(exit_code=3))
+    await containerizer.kill("term", 15)
+    messages = {
+        "code": (await containerizer.wait("code")).message,
+        "term": (await containerizer.wait("term")).message,
+        "destroyed": (await containerizer.destroy("destroyed")).message,
+    }
+    assert messages == {
+        "code": "exited with code 3",
+        "term": "killed by signal 15 (SIGTERM)",
+        "destroyed": "destroyed: killed by signal 9 (SIGKILL)",
+    }
+
+
+async def test_a_disk_request_is_accepted_with_a_warning_it_is_not_enforced(
+    core, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    containerizer, _ = core
+    spec = make_spec("disk", tmp_path)
+    with_disk = LaunchSpec(**{**spec.__dict__, "resources": Resources(disk_mib=1)})
+    record = await containerizer.launch(with_disk, warnings=("mem raised",))
+    assert record.state is State.RUNNING
+    assert record.warnings[0] == "mem raised"
+    assert any("disk is not enforced" in w and "1 MiB" in w for w in record.warnings)
+    plain = await containerizer.launch(make_spec("no-disk", tmp_path))
+    assert not any("disk" in w for w in plain.warnings)
+    (fingerprint,) = await containerizer.runtimes()
+    assert fingerprint.message.endswith("disk: not enforced")
+    assert not fingerprint.capabilities.disk_enforced
