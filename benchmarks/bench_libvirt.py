@@ -36,7 +36,7 @@ from adapter.drivers.libvirt.initramfs import (
     write_container_initramfs,
 )
 from tests.conftest import ServiceProcess
-from tests.integration.libvirtd import PrivateLibvirtd
+from tests.integration.libvirtd import PrivateLibvirtd, libvirt_service
 
 DEFAULT_KERNEL = "/var/lib/containerizer/libvirt/kernel/vmlinuz"
 MEMORY_MIB = 256
@@ -155,15 +155,21 @@ def compare(
     return {"samples": samples, "outcomes": outcomes, "loads": loads}
 
 
-def _service(directory: Path, daemon: PrivateLibvirtd, kernel: Path, extra: str) -> ServiceProcess:
-    directory.mkdir()
-    return ServiceProcess(
-        directory,
-        extra_config=(
-            f'default_runtime = "libvirt"\n[runtimes.libvirt]\nuri = "{daemon.uri}"\n'
-            f'kernel = "{kernel}"\nvirt_type = "qemu"\n{extra}'
+def _services(scratch: Path, daemon: PrivateLibvirtd, kernel: Path) -> dict[str, ServiceProcess]:
+    """The two services measured, registered with the (started) daemon, which removes their
+    cgroups when it stops, or the next run does if this one is killed."""
+    return {
+        "service": libvirt_service(daemon, scratch / "service", "qemu", "", kernel),
+        # libvirt's microvm: its defaults already give TCG a PIT, PIC and RTC; the guest
+        # kernel still needs the timer flags.
+        "service_microvm": libvirt_service(
+            daemon,
+            scratch / "service-microvm",
+            "qemu",
+            f'machine = "microvm"\nkernel_args = "{MICROVM_TIMER_ARGS.strip()}"\n',
+            kernel,
         ),
-    )
+    }
 
 
 def main() -> int:
@@ -175,19 +181,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-libvirt-") as temporary:
         scratch = Path(temporary)
         daemon = PrivateLibvirtd(scratch / "libvirtd")
-        services = {
-            "service": _service(scratch / "service", daemon, kernel, ""),
-            # libvirt's microvm: its defaults already give TCG a PIT, PIC and RTC; the guest
-            # kernel still needs the timer flags.
-            "service_microvm": _service(
-                scratch / "service-microvm",
-                daemon,
-                kernel,
-                f'machine = "microvm"\nkernel_args = "{MICROVM_TIMER_ARGS.strip()}"\n',
-            ),
-        }
+        services: dict[str, ServiceProcess] = {}
         try:
             daemon.start()
+            services = _services(scratch, daemon, kernel)
             for service in services.values():
                 service.start()
             base = asyncio.run(
@@ -202,6 +199,8 @@ def main() -> int:
             for service in services.values():
                 service.stop()
             daemon.stop()
+            for service in services.values():
+                service.remove_cgroup_roots()  # the root and libvirt's `<root>.partition`
     samples = result["samples"]
     print(
         json.dumps(

@@ -92,11 +92,41 @@ def write(path: Path, value: str | int) -> None:
 
 
 def create(cgroup: Path) -> None:
-    """Create the cgroup directory and missing parents; an existing one is reused."""
+    """Create the cgroup directory and missing parents; an existing one is reused. In a v1
+    cpuset hierarchy each level gets its parent's CPUs and memory nodes (see inherit_cpuset)."""
     try:
         cgroup.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CgroupFileError(f"cannot create cgroup {cgroup}: {exc.strerror}") from exc
+    inherit_cpuset(cgroup)
+
+
+CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
+
+
+def inherit_cpuset(cgroup: Path) -> None:
+    """Give `cgroup` and its ancestors below the mount their parent's cpuset.cpus and
+    cpuset.mems where those are empty, top-down; nothing outside a v1 cpuset hierarchy.
+
+    A new v1 cpuset cgroup starts with both empty unless its parent's cgroup.clone_children is
+    1 (it is 0 on a fresh host), and no task can join an empty cpuset: the kernel answers
+    ENOSPC. runc and libvirt fill their own groups the same way. Values already set are kept."""
+    chain: list[Path] = []
+    level = cgroup
+    # v1 only: a v2 cpuset with empty values inherits its parent's, and has no clone_children.
+    while (level / "cgroup.clone_children").exists() and (level.parent / CPUSET_FILES[0]).exists():
+        chain.append(level)
+        level = level.parent
+    for directory in reversed(chain):
+        for name in CPUSET_FILES:
+            try:
+                if read_text(directory / name).strip():
+                    continue
+                value = read_text(directory.parent / name).strip()
+            except FileNotFoundError:
+                return  # not a cpuset hierarchy, or removed meanwhile
+            if value:
+                write(directory / name, value)
 
 
 async def remove(cgroup: Path, attempts: int = 20, delay: float = 0.01) -> None:

@@ -21,7 +21,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.conftest import ServiceProcess, require
 from tests.integration.api import destroy
-from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
+from tests.integration.libvirtd import PrivateLibvirtd, libvirt_service, libvirtd
 
 __all__ = ["libvirtd"]  # the shared session fixture, used by name
 pytestmark = pytest.mark.integration
@@ -79,8 +79,8 @@ def disk_service(tmp_path: Path, libvirtd: PrivateLibvirtd) -> Iterator[ServiceP
     for tool in ("mke2fs", "qemu-img", "genisoimage"):
         require(shutil.which(tool) is not None, f"disk-image mode test needs {tool}")
     base = build_base_disk(tmp_path)
-    extra = libvirt_config(libvirtd) + f'disk_images = {{ tiny = "{base}" }}\n'
-    service = ServiceProcess(tmp_path, extra_config=extra)
+    extra = f'disk_images = {{ tiny = "{base}" }}\n'
+    service = libvirt_service(libvirtd, tmp_path, extra_config=extra)
     service.base_disk = base  # type: ignore[attr-defined]
     service.start()
     yield service
@@ -123,6 +123,19 @@ def test_unknown_disk_image_is_refused_naming_the_field(disk_service: ServicePro
     assert "container.image" in (raised.value.details() or "")
     assert "tiny" in (raised.value.details() or "")  # the names that do exist
     assert not (disk_service.state_dir / "libvirt" / "run" / "no-such-disk").exists()
+
+
+def test_an_image_launch_without_a_command_is_refused_naming_the_field(
+    disk_service: ServiceProcess,
+) -> None:
+    """A disk image has no Entrypoint or Cmd: with no command there is nothing to run."""
+    request = pb.LaunchRequest(container_id="no-command", container=pb.ContainerInfo(image="tiny"))
+    with pytest.raises(grpc.RpcError) as raised:
+        disk_service.stub().Launch(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert details.startswith("command: ") and "no image command" in details, details
+    assert not (disk_service.state_dir / "libvirt" / "run" / "no-command").exists()
 
 
 def test_disk_guest_runs_its_own_init_on_an_overlay_and_survives_a_crash(

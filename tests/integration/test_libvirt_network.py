@@ -24,7 +24,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from isolators.network.veth import host_veth_name
 from tests.conftest import ServiceProcess
 from tests.integration.api import destroy, scalar, usage
-from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
+from tests.integration.libvirtd import PrivateLibvirtd, libvirt_service, libvirtd
 from tests.integration.test_network import launch, network_config, node_state
 
 __all__ = ["libvirtd"]  # the shared session fixture, used by name
@@ -37,12 +37,9 @@ def bridged_vm_service(tmp_path: Path, libvirtd: PrivateLibvirtd) -> Iterator[Se
     """A libvirt service with a [network] table (host mode allowed by the node, so that the
     refusal tested here is the VM's own) on a bridge and subnet of its own."""
     bridge, subnet = network_config()
-    extra = (
-        libvirt_config(libvirtd)
-        + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nallow_host = true\n'
-    )
+    extra = f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nallow_host = true\n'
     before = node_state(bridge)
-    service = ServiceProcess(tmp_path, extra_config=extra)
+    service = libvirt_service(libvirtd, tmp_path, extra_config=extra)
     service.bridge, service.subnet = bridge, subnet  # type: ignore[attr-defined]
     service.start()
     yield service

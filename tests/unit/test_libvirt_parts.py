@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapter.drivers.libvirt import kvm
+from adapter.drivers.libvirt.confinement import security_models, vm_confinement
 from adapter.drivers.libvirt.domain import (
     DomainSpec,
     Metadata,
@@ -163,20 +165,101 @@ def test_options_refuse_unknown_virt_types(tmp_path: Path) -> None:
     assert options.kernel == tmp_path / "libvirt" / "kernel" / "vmlinuz"
 
 
-async def test_virt_type_from_config_or_cache_without_probing(tmp_path: Path) -> None:
+async def _no_probe() -> Path:
+    raise AssertionError("a KVM probe ran")
+
+
+async def test_virt_type_from_config_or_a_remembered_verdict_without_probing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"kernel")
-    missing = tmp_path / "no-initramfs"  # a probe would need it: proves none runs
-    choice = await kvm.choose_virt_type(
-        "qemu", kernel=kernel, base_initramfs=missing, cache=tmp_path / "c.json", timeout=1
-    )
-    assert choice == kvm.VirtChoice("qemu", "set in the config")
-    cache = tmp_path / "cache.json"
-    key = kvm._cache_key(kernel, kvm.shutil.which(kvm.QEMU_BINARY) or kvm.QEMU_BINARY)
-    cache.write_text(json.dumps({"key": key, "virt_type": "kvm", "reason": "booted"}))
-    choice = await kvm.choose_virt_type(
-        "auto", kernel=kernel, base_initramfs=missing, cache=cache, timeout=1
-    )
-    assert choice.virt_type == "kvm" and "cached" in choice.reason
-    os.utime(kernel, (0, 0))  # another kernel: the cached answer no longer applies
-    assert kvm._cache_key(kernel, "qemu") != key
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    qemu = {"version": "QEMU emulator version 7.2.22"}
+
+    async def version(binary: str) -> str:
+        return qemu["version"]
+
+    monkeypatch.setattr(kvm, "KVM_DEVICE", device)
+    monkeypatch.setattr(kvm, "qemu_version", version)
+    cache = tmp_path / "virt-type.json"
+
+    async def choose(configured: str) -> kvm.VirtChoice:
+        return await kvm.choose_virt_type(
+            configured, kernel=kernel, base_initramfs=_no_probe, cache=cache, timeout=1
+        )
+
+    assert await choose("qemu") == kvm.VirtChoice("qemu", "set in the config")
+    key = await kvm.probe_key(kernel)
+    kvm.write_verdict(cache, key, kvm.VirtChoice("kvm", "a KVM guest booted"))
+    remembered = await choose("auto")
+    assert remembered == kvm.VirtChoice("kvm", "a KVM guest booted (cached probe)")
+    # Each thing the verdict depends on, changed, makes the remembered one not apply.
+    for change in (
+        lambda: os.utime(device, ns=(0, 1)),  # /dev/kvm made anew (module reloaded)
+        lambda: qemu.update(version="QEMU emulator version 8.2.0"),
+        lambda: os.utime(kernel, ns=(0, 1)),  # another guest kernel
+    ):
+        change()
+        changed = await kvm.probe_key(kernel)
+        assert changed != key and kvm.read_verdict(cache, changed) is None
+        key = changed
+
+
+async def test_the_kvm_probe_runs_in_the_background_once_per_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    release = asyncio.Event()
+    probes: list[Path] = []
+
+    async def slow_probe(kernel: Path, initramfs: Path, timeout: float) -> kvm.VirtChoice:
+        probes.append(initramfs)
+        await release.wait()
+        return kvm.VirtChoice("qemu", "TCG software emulation: KVM hangs")
+
+    async def version(binary: str) -> str:
+        return "QEMU emulator version 7.2.22"
+
+    async def initramfs() -> Path:
+        return tmp_path / "initrd"
+
+    monkeypatch.setattr(kvm, "probe", slow_probe)
+    monkeypatch.setattr(kvm, "qemu_version", version)
+
+    def chooser() -> kvm.VirtTypeChooser:
+        return kvm.VirtTypeChooser(
+            "auto", kernel=kernel, base_initramfs=initramfs, cache=tmp_path / "v.json", timeout=5
+        )
+
+    first = chooser()
+    first.start()
+    for _ in range(100):
+        if probes:
+            break
+        await asyncio.sleep(0.01)
+    assert probes and first.current() is None  # deciding: answered at once, not waited for
+    waiting = asyncio.create_task(first.choice())
+    release.set()
+    assert (await waiting).virt_type == "qemu"
+    assert first.current() == await waiting
+    second = chooser()  # the next start of the service
+    assert (await second.choice()).reason.endswith("(cached probe)")
+    assert len(probes) == 1
+
+
+def test_confinement_names_libvirts_security_drivers_and_qemus_user() -> None:
+    capabilities = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>apparmor</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+64055:+994</baselabel>
+        <baselabel type='qemu'>+64055:+994</baselabel></secmodel>
+    </host></capabilities>"""
+    assert security_models(capabilities, "kvm") == ["apparmor", "dac +64055:+994"]
+    line = vm_confinement(capabilities, "qemu", "/containerizer")
+    assert "virtual machine (qemu)" in line and "apparmor, dac +64055:+994" in line
+    assert "/containerizer" in line
+    assert security_models("not xml", "kvm") == []

@@ -16,6 +16,8 @@ import psutil
 from adapter.drivers.libvirt import domain
 from adapter.drivers.libvirt.handle import GuestHandle
 from adapter.errors import FailedPrecondition
+from isolators.cgroups import files
+from isolators.cgroups.errors import CgroupFileError
 from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,14 @@ def partition_dirs(partition: str) -> list[Path]:
 
 
 def ensure_partition(partition: str) -> None:
+    """Create the partition in every hierarchy. A v1 cpuset partition gets its parent's CPUs
+    and memory nodes (files.create): libvirt copies the partition's into the domain's group,
+    and QEMU cannot join an empty cpuset (ENOSPC)."""
     for directory in partition_dirs(partition):
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FailedPrecondition(f"libvirt: cannot create {directory}: {exc}") from exc
+            files.create(directory)
+        except CgroupFileError as exc:
+            raise FailedPrecondition(f"libvirt: resource partition {partition}: {exc}") from exc
 
 
 def remove_partition(partition: str) -> None:

@@ -9,7 +9,7 @@ Two kinds of guest, both booted directly with the configured kernel and our init
   cloud-init user-data on a config drive. The container ends when the guest powers off (exit
   0, or the code the guest writes to the status port) or is killed.
 
-Network (issue 10): with the node's isolator deciding (a [network] table, or a mode asked for),
+Network: with the node's isolator deciding (a [network] table, or a mode asked for),
 mode bridge is a virtio NIC whose tap libvirt puts on the isolator's bridge under the
 isolator's link name, so forwards, tc shaping, counters and sweeps work as for a veth; the
 address reaches the guest as `ip=ADDR::GW:MASK::eth0:off` on the kernel command line (and as
@@ -19,9 +19,10 @@ Launch builds the container's initrd (initramfs.py), the domain XML (domain.py) 
 the resource partition `/<cgroups_root>`, so QEMU lands in cgroups the shared accounting reader
 can read; the real directories are taken from QEMU's /proc/<pid>/cgroup and kept in the handle.
 The end of a guest arrives as a libvirt lifecycle event through libvirt's asyncio event-loop
-integration (libvirtaio); its exit status is what the guest wrote to a serial port, a file QEMU
-writes, so it survives a crash of this service. Every libvirt call that talks to the daemon runs
-in a worker thread: they block.
+integration (connection.py); its exit status is what the guest wrote to a serial port, a file
+QEMU writes, so it survives a crash of this service. A domain libvirt refuses to start fails the
+launch at once with libvirt's message (nothing of it is left to wait for). Whether guests run
+under KVM or TCG is decided in the background at start (kvm.py) and remembered.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ import logging
 import math
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
-import libvirtaio  # type: ignore[import-untyped]
 
 from adapter.config import AgentConfig
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.libvirt import cgroups, disk, domain, kvm
+from adapter.drivers.libvirt.confinement import vm_confinement
+from adapter.drivers.libvirt.connection import Connection, connection_failed
 from adapter.drivers.libvirt.handle import GuestHandle
 from adapter.drivers.libvirt.initramfs import (
     STATUS_PORT,
@@ -67,31 +68,7 @@ from isolators.network.model import Attachment
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
-STOP_TIMEOUT = 30.0
-RECONNECT_INTERVAL = 1.0
-_event_loop: list[asyncio.AbstractEventLoop] = []  # libvirt takes one event loop per process
-
-
-def _register_event_loop() -> None:
-    """libvirt dispatches events (and keepalives) through one event loop per process: ours."""
-    loop = asyncio.get_running_loop()
-    if not _event_loop:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        _event_loop.append(loop)
-    elif _event_loop[0] is not loop:
-        raise Unavailable("libvirt's event loop is bound to another asyncio loop")
-
-
-def _libvirt_error(exc: Exception, code: int) -> bool:
-    return isinstance(exc, libvirt.libvirtError) and exc.get_error_code() == code
-
-
-def _destroy_quietly(dom: Any) -> None:
-    """Pull the plug on a domain whose guest has powered off; it may be gone already."""
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.destroy()
 
 
 class LibvirtDriver:
@@ -105,87 +82,15 @@ class LibvirtDriver:
         self._partition = "/" + config.cgroups_root.strip("/")
         self._guests = Guests()
         self._network = RuntimeNetwork(config)
-        self._conn: Any = None
-        self._connect_lock = asyncio.Lock()
+        self._libvirt = Connection(self._options.uri, self._guests)
         self._partition_lock = asyncio.Lock()
-        self._choice: kvm.VirtChoice | None = None
-        self._choice_lock = asyncio.Lock()
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    # ---- connection and events ----
-
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        """A blocking libvirt call in a worker thread, its errors as ours."""
-        try:
-            return await asyncio.to_thread(function, *args)
-        except libvirt.libvirtError as exc:
-            raise Unavailable(f"libvirt at {self._options.uri}: {exc.get_error_message()}") from exc
-
-    async def _connection(self) -> Any:
-        async with self._connect_lock:
-            if self._conn is None:
-                _register_event_loop()
-                conn = await self._call(libvirt.open, self._options.uri)
-                await self._call(
-                    conn.domainEventRegisterAny,
-                    None,
-                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                    self._on_lifecycle,
-                    None,
-                )
-                await self._call(conn.registerCloseCallback, self._on_close, None)
-                await self._call(conn.setKeepAlive, 5, 3)
-                self._conn = conn
-                await self._resync()
-            return self._conn
-
-    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
-        guest = self._guests.by_domain(dom.name())
-        if guest is None:
-            return
-        loop = asyncio.get_running_loop()
-        if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
-            guest.powered_off = True
-            # The guest powered itself off (after reporting its exit over serial): nothing of
-            # it is left to wait for. libvirt stops QEMU on its own too (on_poweroff destroy),
-            # as fast (measured: ~0.2 s either way, its poll for the exited process); this
-            # makes the end independent of the domain's on_poweroff.
-            loop.run_in_executor(None, _destroy_quietly, dom)
-        elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            loop.call_soon(guest.resolve, "stopped")
-
-    def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
-        """libvirtd went away: reconnect, then look for guests that stopped meanwhile."""
-        self._conn = None
-        if not self._closed and (self._reconnect_task is None or self._reconnect_task.done()):
-            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        while not self._closed:
-            try:
-                await self._connection()
-                return
-            except ContainerizerError as exc:
-                log.warning("libvirt: reconnect failed: %s", exc)
-                await asyncio.sleep(RECONNECT_INTERVAL)
-
-    async def _resync(self) -> None:
-        """Resolve every watched guest whose domain is gone (stopped while nobody listened)."""
-        for _, guest in self._guests.items():
-            if guest.stopped.done():
-                continue
-            try:
-                dom = await asyncio.to_thread(
-                    self._conn.lookupByUUIDString, guest.handle.domain_uuid
-                )
-                active = await asyncio.to_thread(dom.isActive)
-            except libvirt.libvirtError as exc:
-                if not _libvirt_error(exc, libvirt.VIR_ERR_NO_DOMAIN):
-                    raise Unavailable(f"libvirt: {exc.get_error_message()}") from exc
-                active = False
-            if not active:
-                guest.resolve("stopped")
+        self._virt = kvm.VirtTypeChooser(
+            self._options.virt_type,
+            kernel=self._options.kernel,
+            base_initramfs=self._base_initramfs,
+            cache=self._base_dir / "virt-type.json",
+            timeout=self._options.kvm_probe_timeout,
+        )
 
     # ---- configuration checks ----
 
@@ -195,25 +100,20 @@ class LibvirtDriver:
             self._base_dir / "initramfs", self._options.busybox, modules, virtio=virtio
         )
 
+    def _check_kernel(self) -> None:
+        if not self._options.kernel.is_file():
+            raise FailedPrecondition(
+                f"libvirt: guest kernel {self._options.kernel} is missing; run"
+                f" deploy/vm-kernel.sh {self._options.kernel.parent}"
+            )
+
     async def _virt_choice(self) -> kvm.VirtChoice:
-        async with self._choice_lock:
-            if self._choice is None:
-                if not self._options.kernel.is_file():
-                    raise FailedPrecondition(
-                        f"libvirt: guest kernel {self._options.kernel} is missing; run"
-                        f" deploy/vm-kernel.sh {self._options.kernel.parent}"
-                    )
-                self._choice = await kvm.choose_virt_type(
-                    self._options.virt_type,
-                    kernel=self._options.kernel,
-                    base_initramfs=await self._base_initramfs(),
-                    cache=self._base_dir / "virt-type.json",
-                    timeout=self._options.kvm_probe_timeout,
-                )
-                log.info("libvirt: domain type %s (%s)", *self._choice.__dict__.values())
-            return self._choice
+        """The domain type; waits for the KVM probe if it is still running."""
+        self._check_kernel()
+        return await self._virt.choice()
 
     async def fingerprint(self) -> Fingerprint:
+        """Answers at once: a KVM probe still running is reported, not waited for."""
         capabilities = Capabilities(
             images=bool(self._options.disk_images),
             live_update=True,
@@ -222,18 +122,27 @@ class LibvirtDriver:
             network_isolation=True,
         )
         try:
-            conn = await asyncio.wait_for(self._connection(), 15)
-            choice = await self._virt_choice()
-            libvirt_version = await self._call(conn.getLibVersion)
-            qemu_version = await self._call(conn.getVersion)
-        except (ContainerizerError, TimeoutError) as exc:
-            return Fingerprint(self.name, "", False, str(exc) or "timed out", capabilities)
+            conn = await self._libvirt.get()
+            self._check_kernel()
+            choice = self._virt.current()
+            libvirt_version = await self._libvirt.call(conn.getLibVersion)
+            qemu_version = await self._libvirt.call(conn.getVersion)
+            host_capabilities = await self._libvirt.call(conn.getCapabilities)
+        except ContainerizerError as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
         version = _version(libvirt_version)
-        message = (
-            f"virt_type={choice.virt_type} ({choice.reason}); libvirt {version},"
-            f" qemu {_version(qemu_version)}; {self._options.uri}"
+        if choice is None:
+            virt = (
+                "virt_type=deciding (a KVM probe is booting a guest, up to"
+                f" {self._virt.probe_timeout:g}s; launches wait for it)"
+            )
+        else:
+            virt = f"virt_type={choice.virt_type} ({choice.reason})"
+        message = f"{virt}; libvirt {version}, qemu {_version(qemu_version)}; {self._options.uri}"
+        confinement = vm_confinement(
+            host_capabilities, choice.virt_type if choice else "kvm or qemu", self._partition
         )
-        return Fingerprint(self.name, version, True, message, capabilities)
+        return Fingerprint(self.name, version, True, message, capabilities, confinement)
 
     # ---- lifecycle ----
 
@@ -256,16 +165,12 @@ class LibvirtDriver:
 
     async def launch(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
-        conn = await self._connection()
-        choice = await self._virt_choice()
-        memory, vcpus, warnings = self._shape(spec)
         # Everything a request can get wrong is refused before anything exists.
-        base_disk = (
-            None
-            if spec.image is None
-            else disk.resolve_image(self._options.disk_images, spec.image)
-        )
+        memory, vcpus, warnings = self._shape(spec)
+        base_disk = self._base_disk(spec)
         bridged = self._bridged(spec)
+        conn = await self._libvirt.get()
+        choice = await self._virt_choice()
         run_dir = self._run_root / cid
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, mode=0o700)
@@ -289,23 +194,54 @@ class LibvirtDriver:
                     )
             address = _guest_address(attachment)
             xml = await self._prepare(spec, handle, guest, base_disk, address)
-            async with self._partition_lock:
-                cgroups.ensure_partition(self._partition)
-                await self._call(conn.createXML, xml, 0)
+            await self._start_domain(conn, xml)
             guest.handle = cgroups.attach_qemu(handle)
             if address is not None:
                 with network_errors():
                     await self._network.isolator.link_created(cid)
         except ContainerizerError as exc:
-            await self.destroy(cid)
+            await self._undo_launch(cid)
             if isinstance(exc, Unavailable | FailedPrecondition | InvalidArgument):
                 raise
             raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
         except BaseException:
-            await self.destroy(cid)
+            await self._undo_launch(cid)
             raise
         ip_address = address.address if address is not None else ""
         return Launched(guest.handle.to_json(), guest.handle.qemu_pid, warnings, ip_address)
+
+    def _base_disk(self, spec: LaunchSpec) -> Path | None:
+        """The configured base disk an image launch boots, or None for a command guest."""
+        if spec.image is None:
+            return None
+        if not spec.command.resolved_argv():
+            raise InvalidArgument(
+                "command",
+                f"is empty: the libvirt runtime has no image command to run (disk image"
+                f" {spec.image!r} boots its own init, and the command reaches it as user-data);"
+                " give a shell string or an argv",
+            )
+        return disk.resolve_image(self._options.disk_images, spec.image)
+
+    async def _start_domain(self, conn: Any, xml: str) -> None:
+        """Start the transient domain in our resource partition. libvirt's refusal (a cgroup
+        it cannot write, QEMU failing to start) is the launch's failure, with its message."""
+        async with self._partition_lock:
+            cgroups.ensure_partition(self._partition)
+            try:
+                await asyncio.to_thread(conn.createXML, xml, 0)
+            except libvirt.libvirtError as exc:
+                message = f"libvirt at {self._options.uri}: {exc.get_error_message()}"
+                if connection_failed(exc):
+                    raise Unavailable(message) from exc
+                raise LaunchFailed(message) from exc
+
+    async def _undo_launch(self, container_id: str) -> None:
+        """Remove what a failed launch made; the launch's own error is the one to report."""
+        try:
+            await self.destroy(container_id)
+        except ContainerizerError as exc:
+            log.warning("libvirt: cleanup after the failed launch of %s: %s", container_id, exc)
 
     def _bridged(self, spec: LaunchSpec) -> bool:
         """Whether the guest gets a NIC on the bridge. A VM cannot share the host's network
@@ -424,8 +360,9 @@ class LibvirtDriver:
         guest.kill_signal = signal
         await self._stop_domain(guest.handle.domain_name, graceful=signal == 15)
 
-    async def _stop_domain(self, name: str, *, graceful: bool) -> None:
-        conn = await self._connection()
+    async def _stop_domain(self, name: str, *, graceful: bool) -> bool:
+        """Shut down or pull the plug; False when there was no running domain to stop."""
+        conn = await self._libvirt.get()
         try:
             dom = await asyncio.to_thread(conn.lookupByName, name)
             if graceful:
@@ -437,6 +374,8 @@ class LibvirtDriver:
             gone = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
             if exc.get_error_code() not in gone:
                 raise Unavailable(f"libvirt: {name}: {exc.get_error_message()}") from exc
+            return False
+        return True
 
     async def destroy(self, container_id: str) -> None:
         guest = self._guests.get(container_id)
@@ -444,10 +383,11 @@ class LibvirtDriver:
         if guest is not None:
             if not guest.stopped.done():
                 guest.kill_signal = 9
+                # virDomainDestroy returns once QEMU is gone, so its status file is final:
+                # settle now rather than wait for the STOPPED event, which a domain that never
+                # started (a failed launch) does not send.
                 await self._stop_domain(name, graceful=False)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(guest.stopped), STOP_TIMEOUT)
-                guest.resolve("was destroyed")  # no event (e.g. never started): settle it
+                guest.resolve("was destroyed")
         elif await self._owned_domain(name):
             await self._stop_domain(name, graceful=False)
         run_dir = self._run_root / container_id
@@ -460,7 +400,7 @@ class LibvirtDriver:
 
     async def _owned_domain(self, name: str) -> bool:
         """Whether a running domain of that name is ours (libvirtd may be shared)."""
-        conn = await self._connection()
+        conn = await self._libvirt.get()
         try:
             dom = await asyncio.to_thread(conn.lookupByName, name)
             text = await asyncio.to_thread(
@@ -485,10 +425,12 @@ class LibvirtDriver:
         await self._network.update(container_id, resources)
         if resources.cpus is None:
             return
-        conn = await self._connection()
-        dom = await self._call(conn.lookupByUUIDString, guest.handle.domain_uuid)
+        conn = await self._libvirt.get()
+        dom = await self._libvirt.call(conn.lookupByUUIDString, guest.handle.domain_uuid)
         shares = {"cpu_shares": cpu_shares(resources.cpus)}
-        await self._call(dom.setSchedulerParametersFlags, shares, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        await self._libvirt.call(
+            dom.setSchedulerParametersFlags, shares, libvirt.VIR_DOMAIN_AFFECT_LIVE
+        )
 
     async def usage(self, container_id: str) -> Statistics:
         """The domain's cgroups through the shared reader, completed by libvirt: CPU time of
@@ -497,7 +439,7 @@ class LibvirtDriver:
         if guest is None:
             raise NotFound(f"libvirt runtime: no guest {container_id!r}")
         statistics = read_statistics(Path(d) for d in guest.handle.cgroup_dirs)
-        conn = await self._connection()
+        conn = await self._libvirt.get()
         try:
             dom = await asyncio.to_thread(conn.lookupByUUIDString, guest.handle.domain_uuid)
             cpu = (await asyncio.to_thread(dom.getCPUStats, True))[0]
@@ -517,6 +459,8 @@ class LibvirtDriver:
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
         loop = asyncio.get_running_loop()
+        if self._options.kernel.is_file():
+            self._virt.start()  # in the background: the service's start does not wait for it
         for entry in checkpointed:
             if not entry.handle:
                 continue
@@ -527,11 +471,11 @@ class LibvirtDriver:
             )
         await self._network.recover(known_ids)  # forwards back; orphan attachments removed
         try:
-            await self._connection()  # resyncs: guests that ended while we were down resolve
+            await self._libvirt.get()  # resyncs: guests that ended while we were down resolve
             await self._remove_orphan_domains(known_ids)
         except Unavailable as exc:
             log.warning("libvirt: not reachable at recovery, will retry: %s", exc)
-            self._reconnect_task = loop.create_task(self._reconnect())
+            self._libvirt.reconnect_in_background()
         if self._run_root.is_dir():
             for run_dir in self._run_root.iterdir():
                 if run_dir.name not in known_ids:
@@ -540,8 +484,8 @@ class LibvirtDriver:
         await self._release_partition()
 
     async def _remove_orphan_domains(self, known_ids: set[str]) -> None:
-        conn = await self._connection()
-        for dom in await self._call(conn.listAllDomains, 0):
+        conn = await self._libvirt.get()
+        for dom in await self._libvirt.call(conn.listAllDomains, 0):
             if not dom.name().startswith(domain.DOMAIN_PREFIX):
                 continue
             try:
@@ -557,16 +501,10 @@ class LibvirtDriver:
                     await asyncio.to_thread(dom.destroy)
 
     async def close(self) -> None:
-        self._closed = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
+        await self._libvirt.close()
+        await self._virt.close()
         self._guests.clear()
         await self._network.close()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                await asyncio.to_thread(conn.unregisterCloseCallback)
-                await asyncio.to_thread(conn.close)
 
 
 def _guest_command(spec: LaunchSpec) -> GuestCommand:
