@@ -38,14 +38,17 @@ class Child:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def start(cls, argv: list[str], errors_log: Path | None = None) -> Child:
-        """Spawn `argv` in a new session, stdout a pipe, stderr appended to `errors_log` (or
-        discarded)."""
+    def start(
+        cls, argv: list[str], errors_log: Path | None = None, *, stdin: int | None = None
+    ) -> Child:
+        """Spawn `argv` in a new session, stdin `stdin` (a file descriptor; /dev/null when
+        None), stdout a pipe, stderr appended to `errors_log` (or discarded)."""
         with contextlib.ExitStack() as stack:
             errors = stack.enter_context(errors_log.open("ab")) if errors_log else None
             try:
                 process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                    stdout=subprocess.PIPE,
                     stderr=errors if errors else subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
             except OSError as exc:

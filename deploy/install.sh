@@ -10,8 +10,10 @@ cd "$repo"
 
 debian_packages=(
   gcc make libc6-dev            # builds containerizer-supervisor (libc.a: its static twin)
+  libseccomp2                   # compiles the seccomp filter the supervisor loads (ctypes)
   python3 python3-venv python3-dev
   util-linux iproute2 procps    # unshare, ip, ps: used by tests and benchmarks
+  openssl                       # tests make the TCP listener's TLS certificates
   busybox-static                # the test image's userland, LXC's default rootfs
   strace                        # tests destroy of a ptraced member
   lxc                           # the lxc runtime

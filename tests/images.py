@@ -11,7 +11,6 @@ client for the OCI distribution API (monolithic blob upload, manifest PUT).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import io
@@ -22,17 +21,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-BUSYBOX = Path("/bin/busybox")
-REFERENCE = "localhost/busybox:latest"
-FIXED_MTIME = 1_700_000_000  # a fixed, plausible time; 0 upsets some tools
+# The image itself is built by the package (the node makes the same one for `compare`); the
+# tests add a fixed, smaller applet list and the writers for hostile images.
+from adapter.images.busybox import BUSYBOX_BINARY as BUSYBOX
+from adapter.images.busybox import (
+    EMPTY_DIRECTORIES,
+    FIXED_MTIME,
+    GROUP,
+    PASSWD,
+    REFERENCE,
+    image_config,
+    oci_image_blobs,
+    oci_layout_tar,
+    write_busybox_layout,
+)
+from adapter.images.busybox import gzip_fixed as gzip_bytes  # noqa: F401 - for layer writers
+
 APPLETS = (
     "sh", "echo", "cat", "sleep", "true", "false", "ls", "head", "tail", "hostname", "id", "env",
     "dd", "mkdir", "httpd", "nc", "ps", "kill", "rm", "cp", "mv", "grep", "wc", "test", "printf",
     "touch", "uname", "whoami", "pwd", "stat", "seq", "yes", "mount", "readlink", "ln", "chmod",
 )  # fmt: skip
-EMPTY_DIRECTORIES = ("dev", "proc", "sys", "root", "etc", "var", "home")
-PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-GROUP = b"root:x:0:\nnogroup:x:65534:\n"
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -81,14 +90,6 @@ def tar_bytes(entries: Iterable[Entry]) -> bytes:
     return buffer.getvalue()
 
 
-def gzip_bytes(data: bytes) -> bytes:
-    """gzip with no file name and mtime 0 in the header: the same input gives the same bytes."""
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="", compresslevel=6) as out:
-        out.write(data)
-    return buffer.getvalue()
-
-
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -103,38 +104,6 @@ def busybox_entries() -> list[Entry]:
     entries += [Entry("tmp", "dir", mode=0o1777)]
     entries += [Entry("etc/passwd", data=PASSWD), Entry("etc/group", data=GROUP)]
     return entries
-
-
-def image_config(layers: Sequence[bytes], diff_ids: Sequence[str] | None = None) -> bytes:
-    """The image config; `diff_ids` overrides the layers' real ones (to test verification)."""
-    config = {
-        "architecture": GOARCH,
-        "os": "linux",
-        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": list(diff_ids or [digest(layer) for layer in layers]),
-        },
-    }
-    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-
-
-def oci_image_blobs(
-    layers: Sequence[bytes], diff_ids: Sequence[str] | None = None
-) -> tuple[bytes, bytes, list[bytes]]:
-    """(manifest, config, compressed layers) of an image made of uncompressed `layers`."""
-    compressed = [gzip_bytes(layer) for layer in layers]
-    config = image_config(layers, diff_ids)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
-        "layers": [
-            {"mediaType": OCI_LAYER_GZIP, "digest": digest(blob), "size": len(blob)}
-            for blob in compressed
-        ],
-    }
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), config, compressed
 
 
 def write_tarball(path: Path, files: Sequence[tuple[str, bytes]]) -> Path:
@@ -154,22 +123,8 @@ def write_oci_layout(
     diff_ids: Sequence[str] | None = None,
 ) -> Path:
     """An OCI image-layout tarball of one image; `layers` are uncompressed layer tars."""
-    manifest, config, compressed = oci_image_blobs(layers, diff_ids)
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": digest(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": reference},
-            }
-        ],
-    }
-    blobs = {digest(blob): blob for blob in (manifest, config, *compressed)}
-    files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", _json(index))]
-    files += [(f"blobs/sha256/{d.removeprefix('sha256:')}", blob) for d, blob in blobs.items()]
-    return write_tarball(path, files)
+    path.write_bytes(oci_layout_tar(layers, reference, diff_ids))
+    return path
 
 
 def write_docker_archive(path: Path, layers: Sequence[bytes], reference: str = REFERENCE) -> Path:
@@ -184,7 +139,7 @@ def write_docker_archive(path: Path, layers: Sequence[bytes], reference: str = R
 
 
 def busybox_oci_layout(dest_dir: Path) -> Path:
-    return write_oci_layout(dest_dir / "busybox-oci.tar", [tar_bytes(busybox_entries())])
+    return write_busybox_layout(dest_dir, applets=APPLETS)
 
 
 def busybox_docker_archive(dest_dir: Path) -> Path:
@@ -249,3 +204,191 @@ def _request(
     response = connection.getresponse()
     response.read()
     return response.status, dict(response.getheaders())
+
+
+# ---- confinement probes: a setuid-root binary, a syscall prober, an image's own command ----
+
+SYSCALL_PROBE = "/bin/syscall-probe"
+# The same binary, setuid root (mode 04755). Not a busybox copy: busybox drops a setuid bit at
+# once unless /etc/busybox.conf grants the applet, and with that file its shell crashes for every
+# non-root user.
+SETUID_PROBE = "/bin/setuid-probe"
+IMAGE_ENTRYPOINT = ("/bin/echo", "from-entrypoint")
+IMAGE_CMD = ("from-cmd",)
+CONFINEMENT_APPLETS = ("unshare", "awk", "mkdir", "grep", "id", "sh", "cat", "tr", "ls")
+SYSCALL_PROBE_SOURCE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* One attempt per name, each in a child of its own (a granted unshare would change the rest). */
+static long attempt(const char *name) {
+    if (!strcmp(name, "keyctl")) return syscall(SYS_keyctl, 1L, 0L); /* JOIN_SESSION_KEYRING */
+    if (!strcmp(name, "unshare-user")) return syscall(SYS_unshare, (long)CLONE_NEWUSER);
+    if (!strcmp(name, "unshare-mount")) return syscall(SYS_unshare, (long)CLONE_NEWNS);
+    if (!strcmp(name, "mount")) return syscall(SYS_mount, "none", "/tmp", "tmpfs", 0L, NULL);
+    errno = EINVAL;
+    return -1;
+}
+
+/* `root-shell SCRIPT`: what a setuid-root binary gives an attacker, a shell that is root through
+   and through (real ids too), or, when the bit was ignored, the caller's own shell. */
+static int root_shell(const char *script) {
+    if (setresgid(0, 0, 0) != 0 || setresuid(0, 0, 0) != 0) perror("setuid-probe: setresuid");
+    execl("/bin/sh", "sh", "-c", script, (char *)NULL);
+    perror("setuid-probe: exec /bin/sh");
+    return 127;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "root-shell")) return root_shell(argv[2]);
+    for (int i = 1; i < argc; i++) {
+        int status = 0;
+        pid_t child = fork();
+        if (child == 0) _exit(attempt(argv[i]) < 0 ? errno : 0);
+        waitpid(child, &status, 0);
+        int error = WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
+        printf("%s: %s\n", argv[i], error ? strerror(error) : "allowed");
+    }
+    return 0;
+}
+"""
+
+
+def build_syscall_probe(dest_dir: Path) -> Path:
+    """The probe, static (gcc and libc6-dev): `syscall-probe NAME...` prints `NAME: allowed` or
+    `NAME: <strerror>` for keyctl, unshare-user, unshare-mount and mount; `syscall-probe
+    root-shell SCRIPT` takes uid 0 if it can and runs SCRIPT with /bin/sh."""
+    import subprocess
+
+    source = dest_dir / "syscall-probe.c"
+    source.write_text(SYSCALL_PROBE_SOURCE)
+    binary = dest_dir / "syscall-probe"
+    subprocess.run(
+        ["gcc", "-static", "-O1", "-o", str(binary), str(source)], check=True, capture_output=True
+    )
+    return binary
+
+
+def confinement_entries(probe: Path) -> list[Entry]:
+    """The busybox image plus the probe, and a setuid-root copy of it."""
+    entries = busybox_entries()
+    present = {entry.name for entry in entries}
+    entries += [
+        Entry(f"bin/{applet}", "symlink", link="busybox")
+        for applet in CONFINEMENT_APPLETS
+        if f"bin/{applet}" not in present
+    ]
+    entries += [
+        Entry(SYSCALL_PROBE.lstrip("/"), data=probe.read_bytes(), mode=0o755),
+        Entry(SETUID_PROBE.lstrip("/"), data=probe.read_bytes(), mode=0o4755),
+    ]
+    return entries
+
+
+def write_commanded_oci_layout(path: Path, layers: Sequence[bytes], reference: str) -> Path:
+    """An OCI image-layout tarball (uncompressed layers) whose config has IMAGE_ENTRYPOINT and
+    IMAGE_CMD: what runs when a launch gives no command."""
+    config = json.dumps(
+        {
+            "architecture": GOARCH,
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Entrypoint": list(IMAGE_ENTRYPOINT),
+                "Cmd": list(IMAGE_CMD),
+            },
+            "rootfs": {"type": "layers", "diff_ids": [digest(layer) for layer in layers]},
+        },
+        sort_keys=True,
+    ).encode()
+    layer_type = "application/vnd.oci.image.layer.v1.tar"
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": layer_type, "digest": digest(layer), "size": len(layer)}
+                for layer in layers
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest(manifest),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": reference},
+            }
+        ],
+    }
+    blobs = {digest(blob): blob for blob in (manifest, config, *layers)}
+    files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
+    files.append(("index.json", json.dumps(index, sort_keys=True).encode()))
+    files += [(f"blobs/sha256/{d.removeprefix('sha256:')}", blob) for d, blob in blobs.items()]
+    return write_tarball(path, files)
+
+
+# ---- native and LXC confinement: a setuid-root shell, an image with its own settings ----
+
+ROOT_SHELL_REFERENCE = "localhost/busybox-root-shell:latest"
+ROOT_SHELL_BUSYBOX = "/suid/busybox"  # named busybox, so `/suid/busybox ash` is its ash applet
+SETTINGS_REFERENCE = "localhost/busybox-settings:latest"
+
+
+def root_shell_layout(dest_dir: Path) -> Path:
+    """The busybox image plus a setuid-root copy of busybox that keeps root for its `ash`
+    applet (busybox drops the bit for any applet /etc/busybox.conf does not grant it): the
+    classic way back to root for a workload run as another user."""
+    entries = [*busybox_entries(), Entry("suid", "dir", mode=0o755)]
+    entries += [
+        Entry(ROOT_SHELL_BUSYBOX.lstrip("/"), data=BUSYBOX.read_bytes(), mode=0o4755),
+        Entry("etc/busybox.conf", data=b"[SUID]\nash = ssx 0.0\n"),
+    ]
+    tarball = dest_dir / "busybox-root-shell.tar"
+    return write_oci_layout(tarball, [tar_bytes(entries)], ROOT_SHELL_REFERENCE)
+
+
+def settings_image_layout(dest_dir: Path, settings: dict[str, object]) -> Path:
+    """The busybox image (plus an empty /srv) whose config's `config` object is `settings`
+    (Env, Entrypoint, Cmd, WorkingDir, User): what a runtime merges with a request."""
+    layer = tar_bytes([*busybox_entries(), Entry("srv", "dir", mode=0o755)])
+    config = _json(
+        {
+            "architecture": GOARCH,
+            "os": "linux",
+            "config": settings,
+            "rootfs": {"type": "layers", "diff_ids": [digest(layer)]},
+        }
+    )
+    layer_type = "application/vnd.oci.image.layer.v1.tar"
+    manifest = _json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
+            "layers": [{"mediaType": layer_type, "digest": digest(layer), "size": len(layer)}],
+        }
+    )
+    entry = {"mediaType": OCI_MANIFEST, "digest": digest(manifest), "size": len(manifest)}
+    entry["annotations"] = {"org.opencontainers.image.ref.name": SETTINGS_REFERENCE}
+    files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
+    files.append(("index.json", _json({"schemaVersion": 2, "manifests": [entry]})))
+    files += [
+        (f"blobs/sha256/{digest(blob).removeprefix('sha256:')}", blob)
+        for blob in (manifest, config, layer)
+    ]
+    return write_tarball(dest_dir / "busybox-settings.tar", files)

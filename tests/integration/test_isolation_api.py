@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -126,16 +127,30 @@ def test_destroy_with_stopped_or_traced_member(
     stub = service.stub()
     if member == "stopped":
         shell = "sleep 300 & kill -STOP $!; sleep 300"
-    else:
-        shell = "sleep 300 & strace -p $! -o /dev/null & sleep 300"
+    else:  # traced from the host: a confined workload may not ptrace (seccomp, no SYS_PTRACE)
+        shell = "sleep 301 & sleep 300"
     launch(stub, container_id, shell)
     time.sleep(0.5)
     members = cgroup_file(service, "pids", container_id, "cgroup.procs").split()
+    tracer = None
+    if member == "traced":
+        tracee = next(
+            p for p in members if Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x00301\x00"
+        )
+        tracer = subprocess.Popen(
+            ["strace", "-p", tracee, "-o", "/dev/null"], stderr=subprocess.DEVNULL
+        )
+        time.sleep(0.5)
     statuses = [Path(f"/proc/{pid}/status").read_text() for pid in members]
-    if member == "stopped":
-        assert any("State:\tT (stopped)" in status for status in statuses)
-    else:
-        assert any("TracerPid:\t0\n" not in status for status in statuses)
-    termination = destroy(stub, container_id)
+    try:
+        if member == "stopped":
+            assert any("State:\tT (stopped)" in status for status in statuses)
+        else:
+            assert any("TracerPid:\t0\n" not in status for status in statuses)
+        termination = destroy(stub, container_id)
+    finally:
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
     assert termination.reason == pb.DESTROYED
     assert not [p for p in service.leftover_cgroups() if p.name == container_id]

@@ -21,8 +21,16 @@ import psutil
 import pytest
 
 from adapter import processes
+from adapter.confinement import Confinement
 from adapter.drivers.native import supervisor
-from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
+from adapter.drivers.native.supervisor import (
+    Enforcement,
+    ExitStatus,
+    LaunchConfig,
+    SpawnError,
+    SupervisorHandle,
+)
+from adapter.seccomp import build_program
 from tests.cgroup_roots import run_scoped_name
 
 pytestmark = pytest.mark.integration
@@ -47,12 +55,19 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def enforcement() -> Enforcement:
+    """The default confinement, as the native runtime gives a launch without an image."""
+    return Enforcement.of(Confinement(), build_program().bpf, own_root=False)
+
+
 @dataclasses.dataclass
 class Box:
     """Where one supervised workload keeps its files."""
 
     binary: str
     root: Path
+    enforcement: Enforcement
 
     @property
     def status_file(self) -> Path:
@@ -66,14 +81,21 @@ class Box:
     def stderr(self) -> Path:
         return self.root / "stderr"
 
+    def config(self, argv: list[str], **options: object) -> LaunchConfig:
+        return LaunchConfig(
+            status_file=str(self.status_file),
+            sandbox=str(self.root),
+            argv=argv,
+            enforcement=self.enforcement,
+            **options,  # type: ignore[arg-type]
+        )
+
     async def spawn(self, argv: list[str], **options: object) -> SupervisorHandle:
+        timeout = options.pop("handshake_timeout", supervisor.HANDSHAKE_TIMEOUT_S)
         return await supervisor.spawn(
             self.binary,
-            status_file=str(self.status_file),
-            stdout=str(self.stdout),
-            stderr=str(self.stderr),
-            argv=argv,
-            **options,  # type: ignore[arg-type]
+            self.config(argv, **options),
+            handshake_timeout=timeout,  # type: ignore[arg-type]
         )
 
     async def run(self, argv: list[str], **options: object) -> ExitStatus | None:
@@ -82,8 +104,8 @@ class Box:
 
 
 @pytest.fixture
-def box(binary: str, tmp_path: Path) -> Box:
-    return Box(binary, tmp_path)
+def box(binary: str, tmp_path: Path, enforcement: Enforcement) -> Box:
+    return Box(binary, tmp_path, enforcement)
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -146,11 +168,10 @@ async def test_missing_binary_is_an_exec_error_without_status(box: Box) -> None:
 
 def test_missing_binary_handshake_line(box: Box) -> None:
     result = subprocess.run(
-        [box.binary, "--status-file", str(box.status_file), "--stdout", str(box.stdout),
-         "--stderr", str(box.stderr), "--", "/nonexistent/workload"],
-        capture_output=True, text=True, check=False,
+        [box.binary, *supervisor.CONFIG_ARGUMENTS],
+        input=box.config(["/nonexistent/workload"]).encode(), capture_output=True, check=False,
     )  # fmt: skip
-    assert result.stdout == "error exec: No such file or directory\n"
+    assert result.stdout == b"error exec: No such file or directory\n"
     assert result.returncode != 0
     assert not box.status_file.exists()
 
@@ -181,20 +202,17 @@ async def test_other_launch_errors_name_their_step(
 async def test_status_directory_that_does_not_exist_fails_before_launch(box: Box) -> None:
     marker = box.root / "ran"
     with pytest.raises(SpawnError) as caught:
-        await supervisor.spawn(
-            box.binary, status_file=str(box.root / "missing" / "status"), stdout=str(box.stdout),
-            stderr=str(box.stderr), argv=["touch", str(marker)],
-        )  # fmt: skip
+        config = dataclasses.replace(
+            box.config(["touch", str(marker)]), status_file=str(box.root / "missing" / "status")
+        )
+        await supervisor.spawn(box.binary, config)
     assert caught.value.step == "status-file"
     assert not marker.exists()
 
 
 async def test_supervisor_binary_that_cannot_run_is_a_spawn_error(box: Box) -> None:
     with pytest.raises(SpawnError, match="cannot run"):
-        await supervisor.spawn(
-            str(box.root / "nope"), status_file=str(box.status_file), stdout=str(box.stdout),
-            stderr=str(box.stderr), argv=["true"],
-        )  # fmt: skip
+        await supervisor.spawn(str(box.root / "nope"), box.config(["true"]))
 
 
 async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box) -> None:
@@ -202,10 +220,7 @@ async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box)
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
     with pytest.raises(SpawnError) as caught:
-        await supervisor.spawn(
-            str(fake), status_file=str(box.status_file), stdout=str(box.stdout),
-            stderr=str(box.stderr), argv=["true"], handshake_timeout=0.3,
-        )  # fmt: skip
+        await supervisor.spawn(str(fake), box.config(["true"]), handshake_timeout=0.3)
     assert caught.value.step == "handshake"
     leftovers = [
         p for p in psutil.process_iter(["cmdline"]) if str(fake) in (p.info["cmdline"] or [])
@@ -345,15 +360,21 @@ async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
     helper.write_text(
         textwrap.dedent(
             """
-            import asyncio, json, sys
+            import asyncio, json, os, sys
+            from adapter.confinement import Confinement
             from adapter.drivers.native import supervisor
+            from adapter.seccomp import build_program
 
             async def main() -> None:
                 binary, status_file, log = sys.argv[1:]
-                handle = await supervisor.spawn(
-                    binary, status_file=status_file, stdout=log, stderr=log,
-                    argv=["sh", "-c", "sleep 0.5; exit 7"],
+                enforcement = supervisor.Enforcement.of(
+                    Confinement(), build_program().bpf, own_root=False
                 )
+                config = supervisor.LaunchConfig(
+                    status_file=status_file, sandbox=os.path.dirname(log),
+                    argv=["sh", "-c", "sleep 0.5; exit 7"], enforcement=enforcement,
+                )
+                handle = await supervisor.spawn(binary, config)
                 print(json.dumps(handle.to_json()), flush=True)
                 await asyncio.sleep(3600)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapter.drivers.lxc.config import LxcConfig, fstab_escape
-from adapter.drivers.lxc.driver import _parse_handshake, cgroup_keys
+from adapter.drivers.lxc.driver import cgroup_keys
 from adapter.drivers.lxc.handle import LxcHandle
 from adapter.drivers.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
 from adapter.errors import InvalidArgument
@@ -67,14 +67,6 @@ def test_cgroup_keys_on_v2() -> None:
         "lxc.cgroup2.memory.max": str(64 * MIB),
         "lxc.cgroup2.memory.low": str(64 * MIB),
     }
-
-
-def test_handshake_lines() -> None:
-    assert _parse_handshake(b"ok 2 1000 999\n") == (1000, 999)
-    assert _parse_handshake(b"error exec: No such file or directory\n") == (
-        "exec: No such file or directory"
-    )
-    assert "unexpected" in str(_parse_handshake(b"garbage"))
 
 
 def test_handle_round_trip_and_refusal() -> None:

@@ -1,4 +1,4 @@
-"""The supervisor module's pure parts: status files, handles, handshake lines, the command line,
+"""The supervisor module's pure parts: status files, handles, handshake lines, the configuration,
 locating the binary, and the start-time guard (against this test's own process)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from adapter import processes
 from adapter.drivers.native import supervisor
 from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
-from adapter.errors import FailedPrecondition, LaunchFailed
+from adapter.errors import FailedPrecondition, InvalidArgument, LaunchFailed
 
 
 def write(path: Path, text: str | bytes) -> str:
@@ -118,12 +118,12 @@ def test_handle_from_json_with_a_missing_key_names_it() -> None:
 
 
 def test_ok_handshake_gives_pids_and_start_times() -> None:
-    assert supervisor._parse_handshake(b"ok 4242 777 770\n", "/bin/true") == (4242, 777, 770)
+    assert supervisor.parse_handshake(b"ok 4242 777 770\n", "/bin/true") == (4242, 777, 770)
 
 
 def test_error_handshake_gives_step_and_reason() -> None:
     with pytest.raises(SpawnError) as caught:
-        supervisor._parse_handshake(b"error exec: No such file or directory\n", "/nope")
+        supervisor.parse_handshake(b"error exec: No such file or directory\n", "/nope")
     assert caught.value.step == "exec"
     assert caught.value.reason == "No such file or directory"
     assert "'/nope'" in str(caught.value)
@@ -133,17 +133,17 @@ def test_error_handshake_gives_step_and_reason() -> None:
 @pytest.mark.parametrize("line", [b"ok\n", b"ok 1 2\n", b"ok a b c\n", b"hello\n", b"ok -1 2 3\n"])
 def test_unexpected_handshake_is_a_handshake_error(line: bytes) -> None:
     with pytest.raises(SpawnError) as caught:
-        supervisor._parse_handshake(line, "/bin/true")
+        supervisor.parse_handshake(line, "/bin/true")
     assert caught.value.step == "handshake"
 
 
-def test_command_line_carries_every_option(tmp_path: Path) -> None:
-    command = supervisor._command_line(
-        "/bin/sup",
+def test_configuration_carries_every_option(tmp_path: Path) -> None:
+    enforcement = supervisor.Enforcement(privileged=True)
+    config = supervisor.LaunchConfig(
         status_file=str(tmp_path / "status"),
-        stdout="out",
-        stderr=str(tmp_path / "err"),
+        sandbox="box",
         argv=["sh", "-c", "--env"],
+        enforcement=enforcement,
         env=[("A", "1"), ("B", "x=y")],
         cgroup_procs=["/cg/a/cgroup.procs", "/cg/b/cgroup.procs"],
         cwd="/srv",
@@ -151,35 +151,44 @@ def test_command_line_carries_every_option(tmp_path: Path) -> None:
         hostname="c1",
         namespaces=False,
     )
-    assert command == [
-        "/bin/sup",
-        "--status-file", str(tmp_path / "status"),
-        "--stdout", os.path.abspath("out"),
-        "--stderr", str(tmp_path / "err"),
-        "--cgroup-procs", "/cg/a/cgroup.procs",
-        "--cgroup-procs", "/cg/b/cgroup.procs",
-        "--cwd", "/srv",
-        "--user", "nobody",
-        "--hostname", "c1",
-        "--env", "A=1",
-        "--env", "B=x=y",
-        "--no-namespaces",
-        "--", "sh", "-c", "--env",
+    assert config.encode().split(b"\0")[:-1] == [
+        word.encode()
+        for word in [
+            "--env", "A=1",
+            "--env", "B=x=y",
+            "--status-file", str(tmp_path / "status"),
+            "--sandbox", os.path.abspath("box"),
+            "--cwd", "/srv",
+            "--user", "nobody",
+            "--hostname", "c1",
+            "--cgroup-procs", "/cg/a/cgroup.procs",
+            "--cgroup-procs", "/cg/b/cgroup.procs",
+            "--no-namespaces",
+            "--privileged",
+            "--", "sh", "-c", "--env",
+        ]
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("argv", "env", "field"),
-    [([], [], "argv"), (["true"], [("A=B", "1")], "env"), (["true"], [("", "1")], "env")],
+    [
+        ([], [], "command"),
+        (["true"], [("A=B", "1")], "environment"),
+        (["true"], [("", "1")], "environment"),
+        (["tr\0ue"], [], "argv"),
+        (["true"], [("A", "1\0")], "environment"),
+    ],
 )
-def test_command_line_rejects_what_the_supervisor_would_misread(
+def test_configuration_rejects_what_the_supervisor_would_misread(
     argv: list[str], env: list[tuple[str, str]], field: str
 ) -> None:
-    with pytest.raises(ValueError, match=field):
-        supervisor._command_line(
-            "/bin/sup", status_file="s", stdout="o", stderr="e", argv=argv, env=env,
-            cgroup_procs=[], cwd=None, user=None, hostname=None, namespaces=True,
-        )  # fmt: skip
+    config = supervisor.LaunchConfig(
+        status_file="s", sandbox="o", argv=argv, env=env,
+        enforcement=supervisor.Enforcement(privileged=True),
+    )  # fmt: skip
+    with pytest.raises(InvalidArgument, match=field):
+        config.encode()
 
 
 def make_executable(path: Path) -> Path:

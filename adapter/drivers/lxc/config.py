@@ -9,15 +9,24 @@ carriage return or a NUL. Paths inside `lxc.mount.entry` (fstab syntax, split on
 are octal-escaped the way LXC's getmntent-style parser decodes them.
 
 What never enters this file at all: the command, its arguments, environment variables and
-labels. They go to lxc-start as argv (see driver.py), where there is no syntax to break.
+labels. They go to the container's init (our supervisor) through lxc-start's stdin (see
+driver.py), where there is no syntax to break and no command line to read them from.
+
+Also here: the cgroup keys for a container's limits and the keys that put it on the network
+isolator's namespace.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapter.errors import InvalidArgument
+from isolators.base import Limits
+from isolators.cgroups.cpu import cfs_quota_us, cpu_shares, cpu_weight
+from isolators.cgroups.mem import memory_limit_bytes
+from isolators.network.model import Attachment
 
 # Keys are ours, never derived from input; the pattern catches a programming mistake.
 _KEY = re.compile(r"lxc(\.[a-z0-9_]+)+")
@@ -68,3 +77,44 @@ class LxcConfig:
 
     def render(self) -> str:
         return "".join(f"{key} = {value}\n" for key, value in self.entries)
+
+
+def cgroup_keys(limits: Limits, *, version: int, enable_cfs: bool) -> list[tuple[str, str]]:
+    """LXC cgroup keys for `limits`, with the isolators' arithmetic (cpu.py, mem.py, pids.py)."""
+    keys: list[tuple[str, str]] = []
+    if version == 1:
+        if limits.cpus is not None:
+            keys.append(("lxc.cgroup.cpu.shares", str(cpu_shares(limits.cpus))))
+            if enable_cfs:
+                keys.append(("lxc.cgroup.cpu.cfs_period_us", "100000"))
+                keys.append(("lxc.cgroup.cpu.cfs_quota_us", str(cfs_quota_us(limits.cpus))))
+        if limits.mem_bytes is not None:
+            limit = str(memory_limit_bytes(limits.mem_bytes))
+            keys.append(("lxc.cgroup.memory.limit_in_bytes", limit))
+            keys.append(("lxc.cgroup.memory.soft_limit_in_bytes", limit))
+        if limits.pids is not None:
+            keys.append(("lxc.cgroup.pids.max", str(limits.pids)))
+        return keys
+    if limits.cpus is not None:
+        keys.append(("lxc.cgroup2.cpu.weight", str(cpu_weight(cpu_shares(limits.cpus)))))
+        quota = str(cfs_quota_us(limits.cpus)) if enable_cfs else "max"
+        keys.append(("lxc.cgroup2.cpu.max", f"{quota} 100000"))
+    if limits.mem_bytes is not None:
+        limit = str(memory_limit_bytes(limits.mem_bytes))
+        keys += [("lxc.cgroup2.memory.max", limit), ("lxc.cgroup2.memory.low", limit)]
+    if limits.pids is not None:
+        keys.append(("lxc.cgroup2.pids.max", str(limits.pids)))
+    return keys
+
+
+def set_isolator_network(
+    config: LxcConfig, network: Attachment, etc_files: dict[str, Path]
+) -> None:
+    """Join the isolator's namespace (type none: LXC makes no network of its own), or the
+    host's for mode host; bind its /etc files read-only (they live in the service's state)."""
+    config.set("lxc.net.0.type", "none")
+    if network.netns_path is None:
+        return
+    config.set("lxc.namespace.share.net", network.netns_path, field="container.network")
+    for target, source in etc_files.items():
+        config.mount(str(source), target.lstrip("/"), "bind,ro,create=file", field="network")

@@ -20,8 +20,18 @@ outlives a `kill -9` of the service, and the file outlives the container.
            └─ supervisor's init (nested pid ns)   <- kill() signals go here, forwarded
                 └─ workload (stdout/stderr -> the sandbox, bound at /mnt/mesos/sandbox)
 
-The handshake line of the supervisor (its stdout is lxc-start's, `lxc.console.path = none`)
-tells us when the workload has exec'd, or why it could not.
+The supervisor's configuration (adapter/drivers/native/supervisor.py builds it, as for the
+native runtime) goes through lxc-start's stdin, which `lxc-start -F` hands to the container's
+init: the command, its environment and the user are on no command line. The handshake line of
+the supervisor (its stdout is lxc-start's, `lxc.console.path = none`) tells us when the workload
+has exec'd, or why it could not.
+
+Confinement is the supervisor's too, as for the native runtime (adapter/confinement.py): the
+bounding set of its init and the workload cut to the default capabilities, the seccomp filter,
+no_new_privs for non-root users, masked and read-only kernel paths in the nested /proc it
+mounts. LXC itself gives the cgroup namespace and its read-only cgroupfs (`cgroup:ro:force`:
+without `force` LXC leaves that to an init that holds CAP_SYS_ADMIN, as ours does), a
+read-only /sys, and a minimal /dev (lxc.autodev).
 
 Cgroups: `lxc.cgroup.dir.container = <cgroups_root>/<id>` puts the container exactly where the
 shared accounting reader and the isolators look; limits are lxc.cgroup.* (v1) / lxc.cgroup2.*
@@ -53,8 +63,9 @@ from typing import Any
 
 from adapter.children import Child as Monitor
 from adapter.config import AgentConfig
+from adapter.confinement import Confinement
 from adapter.drivers.base import Checkpointed, Launched
-from adapter.drivers.lxc.config import LxcConfig
+from adapter.drivers.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
 from adapter.drivers.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
 from adapter.drivers.lxc.rootfs import (
     RUN_TARGET,
@@ -62,7 +73,9 @@ from adapter.drivers.lxc.rootfs import (
     SUPERVISOR_TARGET,
     BaseRootfs,
 )
+from adapter.drivers.native import supervisor as protocol
 from adapter.errors import ConfigError, FailedPrecondition, LaunchFailed, NotFound
+from adapter.images import Image, ImageStore, open_store
 from adapter.model import (
     MIB,
     MIN_MEM_MIB,
@@ -75,13 +88,15 @@ from adapter.model import (
 )
 from adapter.network import RuntimeNetwork
 from adapter.processes import ProcessRef, read_status, start_time, supervised_exit
+from adapter.seccomp import build_program
+from adapter.workload import Workload, merge
 from isolators.base import Isolator, Limitation, Limits
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
-from isolators.cgroups.cpu import CpuIsolator, cfs_quota_us, cpu_shares, cpu_weight
+from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.errors import CgroupError
 from isolators.cgroups.hierarchy import Hierarchies
-from isolators.cgroups.mem import MemIsolator, memory_limit_bytes
+from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.network.model import Attachment
 from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups, limitation_at_exit
@@ -94,6 +109,10 @@ EXIT_AFTER_KILL_TIMEOUT_S = 10.0
 NETWORK_TYPES = ("empty", "none", "veth")
 SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
+# /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
+# `force` LXC would leave the cgroupfs to an init holding CAP_SYS_ADMIN, as ours does.
+CONFINED_MOUNTS = "proc:mixed sys:ro cgroup:ro:force"
+PRIVILEGED_MOUNTS = "proc:rw sys:rw cgroup:rw:force"
 
 
 def _limits(resources: Resources) -> Limits:
@@ -103,59 +122,6 @@ def _limits(resources: Resources) -> Limits:
         mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
         pids=resources.pids,
     )
-
-
-def cgroup_keys(limits: Limits, *, version: int, enable_cfs: bool) -> list[tuple[str, str]]:
-    """LXC cgroup keys for `limits`, with the isolators' arithmetic (cpu.py, mem.py, pids.py)."""
-    keys: list[tuple[str, str]] = []
-    if version == 1:
-        if limits.cpus is not None:
-            keys.append(("lxc.cgroup.cpu.shares", str(cpu_shares(limits.cpus))))
-            if enable_cfs:
-                keys.append(("lxc.cgroup.cpu.cfs_period_us", "100000"))
-                keys.append(("lxc.cgroup.cpu.cfs_quota_us", str(cfs_quota_us(limits.cpus))))
-        if limits.mem_bytes is not None:
-            limit = str(memory_limit_bytes(limits.mem_bytes))
-            keys.append(("lxc.cgroup.memory.limit_in_bytes", limit))
-            keys.append(("lxc.cgroup.memory.soft_limit_in_bytes", limit))
-        if limits.pids is not None:
-            keys.append(("lxc.cgroup.pids.max", str(limits.pids)))
-        return keys
-    if limits.cpus is not None:
-        keys.append(("lxc.cgroup2.cpu.weight", str(cpu_weight(cpu_shares(limits.cpus)))))
-        quota = str(cfs_quota_us(limits.cpus)) if enable_cfs else "max"
-        keys.append(("lxc.cgroup2.cpu.max", f"{quota} 100000"))
-    if limits.mem_bytes is not None:
-        limit = str(memory_limit_bytes(limits.mem_bytes))
-        keys += [("lxc.cgroup2.memory.max", limit), ("lxc.cgroup2.memory.low", limit)]
-    if limits.pids is not None:
-        keys.append(("lxc.cgroup2.pids.max", str(limits.pids)))
-    return keys
-
-
-def set_isolator_network(
-    config: LxcConfig, network: Attachment, etc_files: dict[str, Path]
-) -> None:
-    """Join the isolator's namespace (type none: LXC makes no network of its own), or the
-    host's for mode host; bind its /etc files read-only (they live in the service's state)."""
-    config.set("lxc.net.0.type", "none")
-    if network.netns_path is None:
-        return
-    config.set("lxc.namespace.share.net", network.netns_path, field="container.network")
-    for target, source in etc_files.items():
-        config.mount(str(source), target.lstrip("/"), "bind,ro,create=file", field="network")
-
-
-def _parse_handshake(line: bytes) -> tuple[int, int] | str:
-    """(workload init start time, supervisor start time) from `ok <pid> <start> <start>`,
-    else the reason the supervisor gave (`error <step>: <reason>`) or a description."""
-    text = line.decode("utf-8", "replace").strip()
-    words = text.split()
-    if len(words) == 4 and words[0] == "ok" and all(word.isdigit() for word in words[1:]):
-        return int(words[2]), int(words[3])
-    if text.startswith("error "):
-        return text[len("error ") :]
-    return f"unexpected supervisor handshake {text[:200]!r}"
 
 
 @dataclass
@@ -203,6 +169,9 @@ class LxcDriver:
             self._isolators.append(PidsIsolator(self._hierarchies))
         self._containers: dict[str, _Container] = {}
         self._starting: dict[str, Monitor] = {}
+        self._state_dir = config.state_dir
+        self._images: ImageStore | None = None  # opened at the first image launch
+        self._seccomp_bpf: bytes | None = None  # compiled at the first launch
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -225,6 +194,18 @@ class LxcDriver:
             f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
         )
 
+    def _seccomp(self) -> bytes:
+        if self._seccomp_bpf is None:
+            self._seccomp_bpf = build_program().bpf
+        return self._seccomp_bpf
+
+    def _image(self, reference: str | None) -> Image | None:
+        if reference is None:
+            return None
+        if self._images is None:
+            self._images = open_store(self._state_dir / "images")
+        return self._images.get(reference)
+
     async def fingerprint(self) -> Fingerprint:
         capabilities = Capabilities(
             images=True,
@@ -236,12 +217,14 @@ class LxcDriver:
         )
         try:
             supervisor = self._supervisor()
+            self._seccomp()
             version = await self._lxc_version()
         except (FailedPrecondition, OSError) as exc:
             return Fingerprint(self.name, "", False, str(exc), capabilities)
         network = "the node's [network]" if self._node_network.chooses_all else self._network
         message = f"lxcpath {self._lxcpath}; network {network}; supervisor {supervisor}"
-        return Fingerprint(self.name, version, True, message, capabilities)
+        summary = Confinement().summary()
+        return Fingerprint(self.name, version, True, message, capabilities, confinement=summary)
 
     async def _lxc_version(self) -> str:
         if shutil.which("lxc-start") is None:
@@ -265,7 +248,7 @@ class LxcDriver:
         config = LxcConfig()
         config.set("lxc.uts.name", cid[:63], field="container_id")
         config.set("lxc.rootfs.path", f"overlay:{lower}:{directory / 'delta0'}", field="image")
-        config.set("lxc.mount.auto", "proc:mixed sys:ro")
+        config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
         config.set("lxc.autodev", 1)
         config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
         config.set("lxc.tty.max", 0)
@@ -299,20 +282,23 @@ class LxcDriver:
     def _monitor_cgroup(self, container_id: str) -> str:
         return f"{self._cgroups_root}.lxc-monitor.{container_id}"
 
-    def _supervisor_argv(self, spec: LaunchSpec) -> list[str]:
-        """The container's init command, handed to lxc-start as argv: nothing here is parsed
-        by LXC, so the command, its environment and the user need no escaping."""
-        command = spec.command
-        argv = ["/" + SUPERVISOR_TARGET, "--status-file", f"/{RUN_TARGET}/status"]
-        argv += ["--stdout", f"{SANDBOX_IN_CONTAINER}/stdout"]
-        argv += ["--stderr", f"{SANDBOX_IN_CONTAINER}/stderr"]
-        argv += ["--cwd", command.working_dir or SANDBOX_IN_CONTAINER]
-        argv += ["--hostname", spec.container_id[:63]]
-        if command.user is not None:
-            argv += ["--user", command.user]
-        for key, value in (*command.environment, ("MESOS_SANDBOX", SANDBOX_IN_CONTAINER)):
-            argv += ["--env", f"{key}={value}"]
-        return [*argv, "--", *command.resolved_argv()]
+    def _launch_config(self, spec: LaunchSpec, workload: Workload) -> protocol.LaunchConfig:
+        """The supervisor's configuration, in the container's paths: it runs as the init."""
+        policy = Confinement(spec.privileged, spec.no_new_privileges)
+        # LXC's cgroup:ro mounts the hierarchies read-only on a writable tmpfs: that too.
+        enforcement = protocol.Enforcement.of(
+            policy, self._seccomp(), own_root=True, readonly_paths=("/sys/fs/cgroup",)
+        )
+        return protocol.LaunchConfig(
+            status_file=f"/{RUN_TARGET}/status",
+            sandbox=SANDBOX_IN_CONTAINER,
+            argv=workload.argv,
+            enforcement=enforcement,
+            env=workload.environment,
+            cwd=workload.working_dir,
+            user=workload.user,
+            hostname=spec.container_id[:63],
+        )
 
     async def launch(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
@@ -320,14 +306,22 @@ class LxcDriver:
         directory = self._container_dir(cid)
         await self._remove_leftovers(cid)
         try:
+            # The sandbox as the container sees it, with or without an image: its own root.
+            workload = merge(
+                spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER
+            )
+            payload = self._launch_config(spec, workload).encode()
             network = await self._prepare_network(spec)
             lower = await self._rootfs.lower(spec.image)
             config = self._config(spec, lower, supervisor, network)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
-            process = self._start_monitor(cid, self._supervisor_argv(spec))
-            handle = await self._handshake(cid, process)
+            process, config_fd = self._start_monitor(cid)
+            handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
+        except protocol.SpawnError as exc:
+            await self.destroy(cid)
+            raise protocol.launch_error(cid, exc) from exc
         except BaseException:
             await self.destroy(cid)
             raise
@@ -343,24 +337,31 @@ class LxcDriver:
             return None
         return await self._node_network.prepare(spec)
 
-    def _start_monitor(self, cid: str, argv: list[str]) -> Monitor:
-        command = ["lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *argv]
-        monitor = Monitor.start(command, self._container_dir(cid) / "lxc-start.log")
+    def _start_monitor(self, cid: str) -> tuple[Monitor, int]:
+        """lxc-start, the supervisor as the init; its config pipe's write end to feed."""
+        init = ["/" + SUPERVISOR_TARGET, *protocol.CONFIG_ARGUMENTS]
+        command = ["lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *init]
+        log_file = self._container_dir(cid) / "lxc-start.log"
+        monitor, config_fd = protocol.start_configured(command, log_file)
         self._starting[cid] = monitor
-        return monitor
+        return monitor, config_fd
 
-    async def _handshake(self, cid: str, process: Monitor) -> LxcHandle:
-        """Read the supervisor's handshake and find the container's processes on the host."""
+    async def _handshake(
+        self, cid: str, process: Monitor, config_fd: int, payload: bytes, workload: str
+    ) -> LxcHandle:
+        """Feed the supervisor its configuration, read its handshake and find the container's
+        processes on the host."""
         try:
-            line = await asyncio.wait_for(process.readline(), HANDSHAKE_TIMEOUT_S)
+            line = await asyncio.wait_for(
+                protocol.handshake(process, config_fd, payload), HANDSHAKE_TIMEOUT_S
+            )
         except TimeoutError:
             raise LaunchFailed(
                 f"lxc: {cid!r} did not start within {HANDSHAKE_TIMEOUT_S} s"
             ) from None
-        parsed = _parse_handshake(line) if line else self._lxc_errors(cid)
-        if isinstance(parsed, str):
-            raise LaunchFailed(f"lxc: launch of {cid!r} failed: {parsed}")
-        workload_init_start, init_start = parsed
+        if not line:
+            raise LaunchFailed(f"lxc: launch of {cid!r} failed: {self._lxc_errors(cid)}")
+        _, workload_init_start, init_start = protocol.parse_handshake(line, workload)
         monitor_start = start_time(process.pid) or 0
         procs = self._hierarchies.container_dirs(cid)[0] / "cgroup.procs"
         init, workload_init = find_container_processes(

@@ -9,6 +9,11 @@ freezer (and the pid namespace: when init dies the kernel kills the rest).
 Network: the shared network isolator prepares the container's namespace (mode none or bridge)
 first, so a bad request fails before anything else exists; the supervisor's child joins it
 (--netns) before its other namespaces. Host mode passes no --netns.
+
+Confinement (adapter/confinement.py) is the supervisor's: the default capabilities, the seccomp
+filter (compiled once per driver by adapter/seccomp.py), no_new_privs for non-root users; with
+an image also masked and read-only kernel paths, a read-only /sys and a cgroup namespace with a
+read-only cgroupfs. A launch without an image keeps the host's filesystem, as in Mesos 0.18.
 """
 
 from __future__ import annotations
@@ -17,18 +22,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapter.config import AgentConfig
+from adapter.confinement import Confinement
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.native import supervisor
-from adapter.errors import (
-    FailedPrecondition,
-    LaunchFailed,
-    NotFound,
-)
+from adapter.errors import FailedPrecondition, NotFound
 from adapter.images import open_store
 from adapter.model import (
     MIB,
@@ -42,6 +43,8 @@ from adapter.model import (
 )
 from adapter.network import network_config, network_errors, network_request
 from adapter.processes import supervised_exit
+from adapter.seccomp import build_program
+from adapter.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from isolators.base import Isolator, Limitation, Limits
 from isolators.cgroups.isolator import CgroupIsolator
 from isolators.network.isolator import NetworkIsolator, shared_isolator
@@ -54,8 +57,6 @@ from isolators.registry import (
 )
 
 log = logging.getLogger(__name__)
-# Mesos' convention: the sandbox appears here inside a container with its own root filesystem.
-SANDBOX_IN_CONTAINER = "/mnt/mesos/sandbox"
 EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
@@ -66,14 +67,6 @@ def _limits(resources: Resources) -> Limits:
         mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
         pids=resources.pids,
     )
-
-
-@dataclass(frozen=True)
-class _WorkloadView:
-    environment: list[tuple[str, str]]
-    working_dir: str
-    user: str | None
-    filesystem: supervisor.Filesystem | None = None
 
 
 class _Running:
@@ -107,9 +100,15 @@ class NativeDriver:
         self._running: dict[str, _Running] = {}
         self._network: NetworkIsolator = shared_isolator(network_config(config))
         self._images = open_store(config.state_dir / "images")
+        self._seccomp_bpf: bytes | None = None  # compiled at the first launch that needs it
 
     def _binary(self) -> str:
         return supervisor.find_supervisor(self._configured_binary)
+
+    def _seccomp(self) -> bytes:
+        if self._seccomp_bpf is None:
+            self._seccomp_bpf = build_program().bpf
+        return self._seccomp_bpf
 
     async def fingerprint(self) -> Fingerprint:
         capabilities = Capabilities(
@@ -122,11 +121,13 @@ class NativeDriver:
         )
         try:
             binary = self._binary()
+            self._seccomp()
         except FailedPrecondition as exc:
             return Fingerprint(self.name, "", False, str(exc), capabilities)
         isolators = ", ".join(i.name for i in self._isolators) or "none"
+        message = f"isolators: {isolators}; supervisor: {binary}"
         return Fingerprint(
-            self.name, "1", True, f"isolators: {isolators}; supervisor: {binary}", capabilities
+            self.name, "1", True, message, capabilities, confinement=Confinement().summary()
         )
 
     async def launch(self, spec: LaunchSpec) -> Launched:
@@ -134,32 +135,37 @@ class NativeDriver:
         binary = self._binary()
         run_dir = self._run_dir / cid
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, mode=0o700)  # root's only: its files are ours
         try:
             with network_errors():
                 network = await self._network.prepare(cid, network_request(spec))
-            view = await self._workload_view(spec, run_dir)
+            workload, filesystem = await self._workload(spec, run_dir)
+            policy = Confinement(spec.privileged, spec.no_new_privileges)
+            own_root = filesystem is not None
+            enforcement = supervisor.Enforcement.of(
+                policy, self._seccomp(), own_root=own_root, cgroup_namespace=own_root
+            )
             prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
-            handle = await supervisor.spawn(
-                binary,
+            config = supervisor.LaunchConfig(
                 status_file=str(run_dir / "status"),
-                stdout=str(Path(spec.sandbox) / "stdout"),
-                stderr=str(Path(spec.sandbox) / "stderr"),
-                argv=spec.command.resolved_argv(),
-                env=view.environment,
+                sandbox=spec.sandbox,
+                argv=workload.argv,
+                enforcement=enforcement,
+                env=workload.environment,
                 cgroup_procs=prepared.cgroup_procs,
-                cwd=view.working_dir,
-                user=view.user,
+                cwd=workload.working_dir,
+                user=workload.user,
                 hostname=cid[:63],
                 namespaces=self._namespaces,
                 netns=network.netns_path,
-                filesystem=view.filesystem,
+                filesystem=filesystem,
             )
+            handle = await supervisor.spawn(binary, config)
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
         except supervisor.SpawnError as exc:
             await self.destroy(cid)
-            raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
+            raise supervisor.launch_error(cid, exc) from exc
         except BaseException:
             await self.destroy(cid)
             raise
@@ -168,19 +174,17 @@ class NativeDriver:
             handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
         )
 
-    async def _workload_view(self, spec: LaunchSpec, run_dir: Path) -> _WorkloadView:
-        """Files, environment, working directory and user as the workload will see them: the
-        host's, or an image's (its rootfs, its env and defaults under the request's)."""
-        request_env = list(spec.command.environment)
+    async def _workload(
+        self, spec: LaunchSpec, run_dir: Path
+    ) -> tuple[Workload, supervisor.Filesystem | None]:
+        """What runs, and the files it sees: the host's, or an overlay of the image's rootfs
+        with the sandbox and the network's /etc files bound in."""
         if spec.image is None:
-            return _WorkloadView(
-                environment=[*request_env, ("MESOS_SANDBOX", spec.sandbox)],
-                working_dir=spec.command.working_dir or spec.sandbox,
-                user=spec.command.user,
-            )
+            return merge(spec.command, None, host_sandbox=spec.sandbox), None
         if not self._namespaces:
             raise FailedPrecondition("native runtime: images need namespaces = true")
         image = self._images.get(spec.image)
+        workload = merge(spec.command, image, host_sandbox=spec.sandbox)
         lower = await self._images.rootfs(spec.image)
         rootfs_dir = run_dir / "rootfs"
         for part in ("upper", "work", "merged"):
@@ -189,19 +193,13 @@ class NativeDriver:
         # host's network); the isolator owns and removes the files.
         etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
         etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
-        overridden = {name for name, _ in request_env}
-        image_env = [(k, v) for k, v in image.env if k not in overridden]
-        return _WorkloadView(
-            environment=[*image_env, *request_env, ("MESOS_SANDBOX", SANDBOX_IN_CONTAINER)],
-            working_dir=spec.command.working_dir or image.working_dir or SANDBOX_IN_CONTAINER,
-            user=spec.command.user or image.user or None,
-            filesystem=supervisor.Filesystem(
-                str(lower),
-                str(rootfs_dir),
-                binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
-                read_only_binds=etc_binds,
-            ),
+        filesystem = supervisor.Filesystem(
+            str(lower),
+            str(rootfs_dir),
+            binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
+            read_only_binds=etc_binds,
         )
+        return workload, filesystem
 
     def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
         running = _Running(handle, asyncio.create_task(supervisor.wait_exit(handle)))
