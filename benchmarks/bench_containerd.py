@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from benchmarks.common import Service, private_service, ratio, summary_ms
+from tests.cgroup_roots import remove_cgroup_trees
 from tests.images import REFERENCE, busybox_oci_layout
 from tests.integration.containerd_daemon import (
     ContainerdDaemon,
@@ -121,6 +122,7 @@ def main() -> int:
         result = measure(daemon, workdir, args.runs, args.parallel)
     finally:
         daemon.stop()
+        remove_cgroup_trees(CTR_NAMESPACE)  # `ctr run` tasks live at /<namespace>/<id>
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=2))
     return 0

@@ -215,7 +215,7 @@ SYSCALL_PROBE = "/bin/syscall-probe"
 SETUID_PROBE = "/bin/setuid-probe"
 IMAGE_ENTRYPOINT = ("/bin/echo", "from-entrypoint")
 IMAGE_CMD = ("from-cmd",)
-CONFINEMENT_APPLETS = ("unshare", "awk", "mkdir", "grep", "id", "sh", "cat", "tr", "ls")
+CONFINEMENT_APPLETS = ("unshare", "awk", "sed", "mkdir", "grep", "id", "sh", "cat", "tr", "ls")
 SYSCALL_PROBE_SOURCE = r"""
 #define _GNU_SOURCE
 #include <errno.h>

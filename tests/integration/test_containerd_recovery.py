@@ -14,6 +14,7 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.drivers.containerd.handle import CONTAINER_LABEL
+from tests.cgroup_roots import run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.images import REFERENCE, busybox_oci_layout
 from tests.integration.api import scalar, usage, wait
@@ -42,7 +43,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdD
 def crashing_service(
     tmp_path: Path, containerd: ContainerdDaemon
 ) -> Iterator[tuple[ServiceProcess, str]]:
-    namespace = f"ctz-{uuid.uuid4().hex[:10]}"
+    namespace = run_scoped_name("ctz")
     service = ServiceProcess(tmp_path, containerd_config(containerd, namespace))
     service.start()
     assert import_image(service.endpoint, busybox_oci_layout(tmp_path)) == [REFERENCE]

@@ -3,14 +3,24 @@ mapping, and the stub build's import rewriting. No daemon."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from adapter.confinement import (
+    ALL_CAPABILITIES,
+    DEFAULT_CAPABILITIES,
+    MASKED_PATHS,
+    READONLY_PATHS,
+    held_capabilities,
+    oci_seccomp_profile,
+)
 from adapter.drivers.containerd import spec as oci
 from adapter.drivers.containerd.client import ContainerdClient
 from adapter.drivers.containerd.content import chain_ids
@@ -120,7 +130,8 @@ def test_runtime_spec_carries_the_request() -> None:
     assert process["cwd"] == "/srv" and process["user"] == {"uid": 65534, "gid": 65534}
     linux = document["linux"]
     assert linux["cgroupsPath"] == "/containerizer/web-1"
-    assert {n["type"] for n in linux["namespaces"]} == {"pid", "ipc", "uts", "mount", "network"}
+    namespaces = {n["type"] for n in linux["namespaces"]}
+    assert namespaces == {"pid", "ipc", "uts", "mount", "network", "cgroup"}
     resources = linux["resources"]
     assert resources["cpu"] == {"shares": cpu_shares(0.5), "quota": 50_000, "period": 100_000}
     assert resources["memory"] == {"limit": 32 * 1024 * 1024, "reservation": 32 * 1024 * 1024}
@@ -210,3 +221,90 @@ def test_stub_build_maps_go_import_paths_under_our_package() -> None:
     ]
     with pytest.raises(SystemExit):
         build_containerd.staged_path("github.com/unknown/thing.proto")
+
+
+# ---- confinement in the OCI spec ----
+
+
+def _confined(
+    user: tuple[int, int] = (0, 0), held: tuple[str, ...] | None = None, **flags: bool
+) -> dict[str, Any]:
+    spec = dataclasses.replace(_launch_spec(), **flags)
+    return oci.runtime_spec(
+        spec, _image(), cgroups_root="ctz", enable_cfs=False, user=user, held=held
+    )
+
+
+def _mount_at(document: dict[str, Any], destination: str) -> dict[str, Any]:
+    (mount,) = [m for m in document["mounts"] if m["destination"] == destination]
+    return mount  # type: ignore[no-any-return]
+
+
+def test_root_holds_the_default_set_and_everything_else_is_confined() -> None:
+    document = _confined()
+    process, linux = document["process"], document["linux"]
+    default = list(DEFAULT_CAPABILITIES)
+    assert process["capabilities"] == {
+        "bounding": default,
+        "effective": default,
+        "permitted": default,
+        "inheritable": default,
+    }  # and no ambient set
+    assert process["noNewPrivileges"] is False  # root: only on request, as Docker
+    assert linux["seccomp"] == oci_seccomp_profile()
+    assert linux["maskedPaths"] == list(MASKED_PATHS)
+    assert linux["readonlyPaths"] == list(READONLY_PATHS)
+    assert {"type": "cgroup"} in linux["namespaces"]
+    assert linux["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
+    assert "devices" not in linux  # /dev holds the runtime's default devices only
+    assert _mount_at(document, "/sys")["options"] == ["nosuid", "noexec", "nodev", "ro"]
+    assert _mount_at(document, "/sys/fs/cgroup") == {
+        "destination": "/sys/fs/cgroup",
+        "type": "cgroup",
+        "source": "cgroup",
+        "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+    }
+    assert _mount_at(document, "/dev")["type"] == "tmpfs"
+
+
+def test_any_other_user_holds_nothing_and_gets_no_new_privs() -> None:
+    process = _confined(user=(65534, 65534))["process"]
+    assert process["capabilities"] == {
+        "bounding": list(DEFAULT_CAPABILITIES),
+        "effective": [],
+        "permitted": [],
+        "inheritable": [],
+    }
+    assert process["noNewPrivileges"] is True
+    assert _confined(no_new_privileges=True)["process"]["noNewPrivileges"] is True
+
+
+def test_privileged_turns_the_confinement_off_within_what_the_node_holds() -> None:
+    held = tuple(name for name in ALL_CAPABILITIES if name != "CAP_SYS_RESOURCE")
+    document = _confined(privileged=True, held=held)
+    linux = document["linux"]
+    assert document["process"]["capabilities"]["effective"] == list(held)
+    assert document["process"]["capabilities"]["bounding"] == list(held)
+    assert "seccomp" not in linux and linux["maskedPaths"] == linux["readonlyPaths"] == []
+    assert linux["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+    assert "rw" in _mount_at(document, "/sys")["options"]
+    assert "rw" in _mount_at(document, "/sys/fs/cgroup")["options"]
+    assert document["process"]["noNewPrivileges"] is False
+
+
+def test_held_capabilities_come_from_the_bounding_set() -> None:
+    status = "Name:\tx\nCapBnd:\t000001fffeffffff\n"
+    held = held_capabilities(status)
+    assert "CAP_SYS_RESOURCE" not in held and "CAP_SYS_ADMIN" in held and len(held) == 40
+    assert held_capabilities("Name:\tx\n") == ALL_CAPABILITIES
+
+
+def test_an_empty_command_runs_the_images_entrypoint_and_cmd() -> None:
+    spec = dataclasses.replace(_launch_spec(), command=Command())
+    image = dataclasses.replace(_image(), entrypoint=("/bin/app",), cmd=("serve", "-v"))
+    document = oci.runtime_spec(spec, image, cgroups_root="ctz", enable_cfs=False, user=(0, 0))
+    assert document["process"]["args"] == ["/bin/app", "serve", "-v"]
+    bare = dataclasses.replace(image, entrypoint=(), cmd=())
+    with pytest.raises(InvalidArgument) as refused:
+        oci.runtime_spec(spec, bare, cgroups_root="ctz", enable_cfs=False, user=(0, 0))
+    assert refused.value.field == "command"

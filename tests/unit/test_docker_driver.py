@@ -3,6 +3,7 @@ references, names and cgroup paths, config errors, and an unreachable daemon."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,25 @@ import docker
 import pytest
 
 from adapter.config import AgentConfig, NetworkOptions, parse_config
+from adapter.confinement import (
+    ALL_CAPABILITIES,
+    DEFAULT_CAPABILITIES,
+    MASKED_PATHS,
+    READONLY_PATHS,
+    oci_seccomp_profile,
+)
 from adapter.drivers.docker.client import DockerEngine
-from adapter.drivers.docker.driver import DockerDriver, exit_from_inspect, resource_fields
+from adapter.drivers.docker.confinement import (
+    NodeCapabilities,
+    confinement_fields,
+    is_root_user,
+)
+from adapter.drivers.docker.driver import (
+    DockerDriver,
+    DockerImage,
+    exit_from_inspect,
+    resource_fields,
+)
 from adapter.drivers.docker.handle import (
     LABEL_CONTAINER_ID,
     LABEL_OWNER,
@@ -113,7 +131,9 @@ def spec(**overrides: Any) -> LaunchSpec:
 
 
 def test_container_config(tmp_path: Path) -> None:
-    config = driver(tmp_path)._container_config(spec(), "busybox", PreparedNetwork("none"))
+    config = driver(tmp_path)._container_config(
+        spec(), DockerImage("busybox"), PreparedNetwork("none")
+    )
     assert (config["entrypoint"], config["command"]) == (["/bin/sh"], ["-c", "echo hi"])
     assert config["environment"] == ["A=b=c", "MESOS_SANDBOX=/mnt/mesos/sandbox"]
     assert config["working_dir"] == "/mnt/mesos/sandbox"
@@ -134,7 +154,7 @@ def test_container_config(tmp_path: Path) -> None:
 def test_argv_keeps_its_words(tmp_path: Path) -> None:
     command = Command(argv=("/bin/echo", "a b", "$HOME"), working_dir="/tmp")
     config = driver(tmp_path)._container_config(
-        spec(command=command), "busybox", PreparedNetwork("none")
+        spec(command=command), DockerImage("busybox"), PreparedNetwork("none")
     )
     assert (config["entrypoint"], config["command"]) == (["/bin/echo"], ["a b", "$HOME"])
     assert config["working_dir"] == "/tmp"
@@ -159,7 +179,9 @@ def test_network_modes(tmp_path: Path) -> None:
 def test_bridge_workload_joins_its_sandbox_with_our_etc_files(tmp_path: Path) -> None:
     hosts = {"Type": "bind", "Source": "/s/hosts", "Target": "/etc/hosts", "ReadOnly": True}
     network = PreparedNetwork("container:0123abc", (hosts,), "10.9.0.2", "0123abc")
-    host = driver(tmp_path)._container_config(spec(), "busybox", network)["host_config"]
+    host = driver(tmp_path)._container_config(spec(), DockerImage("busybox"), network)[
+        "host_config"
+    ]
     assert host["NetworkMode"] == "container:0123abc"
     assert host["Mounts"][1:] == [hosts]
     assert "PortBindings" not in host  # forwards are the isolator's nftables rules
@@ -215,15 +237,17 @@ class FakeImages:
 
     where = "/run/fake-docker.sock"
 
-    def __init__(self, present: set[str]) -> None:
+    def __init__(self, present: set[str], config: dict[str, Any] | None = None) -> None:
         self.present = present
+        self.config = {"Cmd": ["sh"]} if config is None else config
         self.pulled: list[str] = []
 
-    async def has_image(self, reference: str) -> bool:
-        return reference in self.present
+    async def image_config(self, reference: str) -> dict[str, Any] | None:
+        return self.config if reference in self.present else None
 
     async def pull(self, reference: str, error: type[Exception]) -> None:
         self.pulled.append(reference)
+        self.present.add(reference)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +264,7 @@ async def test_missing_images_come_from_the_configured_registry(
 ) -> None:
     subject = driver(tmp_path, registry="127.0.0.1:5000")
     subject._engine = FakeImages(set())  # type: ignore[assignment]
-    assert await subject._ensure_image(reference) == pulled
+    assert await subject._ensure_image(reference) == DockerImage(pulled, {"Cmd": ["sh"]})
     assert subject._engine.pulled == [pulled]  # type: ignore[attr-defined]
 
 
@@ -249,7 +273,7 @@ async def test_present_images_are_not_pulled_and_other_registries_are_refused(
 ) -> None:
     subject = driver(tmp_path, registry="127.0.0.1:5000")
     subject._engine = FakeImages({"local:1"})  # type: ignore[assignment]
-    assert await subject._ensure_image("local:1") == "local:1"
+    assert (await subject._ensure_image("local:1")).reference == "local:1"
     with pytest.raises(NotFound, match="only from the configured registry"):
         await subject._ensure_image("quay.io/app:1")
     unconfigured = driver(tmp_path)
@@ -326,3 +350,117 @@ async def test_a_start_that_happened_counts_even_when_dockerd_says_it_failed() -
     engine._client = RacyStartApi("0001-01-01T00:00:00Z")
     with pytest.raises(LaunchFailed, match="already running"):
         await engine.start("c1", LaunchFailed)  # never started: the failure stands
+
+
+# ---- confinement and the image's command ----
+
+
+def host_config(tmp_path: Path, image: DockerImage | None = None, **overrides: Any) -> Any:
+    image = image or DockerImage("busybox")
+    config = driver(tmp_path)._container_config(spec(**overrides), image, PreparedNetwork("none"))
+    return config["host_config"]
+
+
+def seccomp_option(host: dict[str, Any]) -> dict[str, Any] | None:
+    for option in host.get("SecurityOpt", []):
+        if option.startswith("seccomp="):
+            profile: dict[str, Any] = json.loads(option.removeprefix("seccomp="))
+            return profile
+    return None
+
+
+def test_dockers_defaults_stay_on_and_the_capability_set_is_ours(tmp_path: Path) -> None:
+    host = host_config(tmp_path)
+    assert host["Privileged"] is False and host["CgroupnsMode"] == "private"
+    assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == list(DEFAULT_CAPABILITIES)
+    assert seccomp_option(host) == oci_seccomp_profile()
+    assert host["MaskedPaths"] == list(MASKED_PATHS)
+    assert host["ReadonlyPaths"] == list(READONLY_PATHS)
+    assert "no-new-privileges:true" not in host["SecurityOpt"]  # root, as under Docker
+    text = json.dumps(host)
+    assert "unconfined" not in text and "UsernsMode" not in host and "Devices" not in host
+
+
+@pytest.mark.parametrize(
+    ("request_user", "image_user", "no_new_privileges", "expected"),
+    [
+        (None, "", False, False),
+        ("root", "", False, False),
+        ("0:0", "nobody", False, False),  # the request's user wins over the image's
+        ("nobody", "", False, True),
+        ("65534", "", False, True),
+        (None, "app", False, True),  # the image's USER
+        (None, "", True, True),  # asked for as root
+    ],
+)
+def test_no_new_privileges_for_every_user_but_root_and_on_request(
+    tmp_path: Path,
+    request_user: str | None,
+    image_user: str,
+    no_new_privileges: bool,
+    expected: bool,
+) -> None:
+    host = host_config(
+        tmp_path,
+        DockerImage("busybox", {"User": image_user}),
+        command=Command(shell="id", user=request_user),
+        no_new_privileges=no_new_privileges,
+    )
+    assert ("no-new-privileges:true" in host["SecurityOpt"]) is expected
+
+
+def test_privileged_is_dockers_privileged_and_only_on_request() -> None:
+    host = confinement_fields(spec(privileged=True), "", NodeCapabilities())
+    assert host["Privileged"] is True
+    assert "CapAdd" not in host and "CapDrop" not in host and "SecurityOpt" not in host
+    assert "MaskedPaths" not in host and "ReadonlyPaths" not in host
+    asked = confinement_fields(spec(privileged=True, no_new_privileges=True), "")
+    assert asked["SecurityOpt"] == ["no-new-privileges:true"]
+    assert NodeCapabilities().warnings(spec(privileged=True)) == ()
+
+
+def test_privileged_on_a_node_without_every_capability_gets_what_it_holds() -> None:
+    """Docker's Privileged would ask runc for capabilities the node cannot grant."""
+    held = tuple(name for name in ALL_CAPABILITIES if name != "CAP_SYS_RESOURCE")
+    node = NodeCapabilities(held, complete=False)
+    host = confinement_fields(spec(privileged=True), "", node)
+    assert host["Privileged"] is False
+    assert (host["CapAdd"], host["CapDrop"]) == (["ALL"], ["CAP_SYS_RESOURCE"])
+    assert host["SecurityOpt"] == ["seccomp=unconfined", "apparmor=unconfined"]
+    assert host["MaskedPaths"] == host["ReadonlyPaths"] == []
+    assert host["DeviceCgroupRules"] == ["a *:* rwm"]
+    assert "CAP_SYS_RESOURCE" in node.warnings(spec(privileged=True))[0]
+    default = confinement_fields(spec(), "", node)
+    assert default["CapAdd"] == list(DEFAULT_CAPABILITIES)  # all within what it holds
+    assert node.warnings(spec()) == ()
+
+
+def test_root_user_names() -> None:
+    assert all(is_root_user(user) for user in ("", "0", "root", "root:staff", "0:5"))
+    assert not any(is_root_user(user) for user in ("nobody", "1000", "app:root", "00x"))
+
+
+def test_an_empty_command_leaves_the_images_entrypoint_cmd_and_working_dir(
+    tmp_path: Path,
+) -> None:
+    image = DockerImage("app", {"Entrypoint": ["/bin/app"], "Cmd": ["serve"], "WorkingDir": "/a"})
+    config = driver(tmp_path)._container_config(
+        spec(command=Command()), image, PreparedNetwork("none")
+    )
+    assert config["entrypoint"] is None and config["command"] is None
+    assert config["working_dir"] == "/a"
+    asked = Command(argv=("/bin/true",), working_dir="/b")
+    config = driver(tmp_path)._container_config(spec(command=asked), image, PreparedNetwork("none"))
+    assert (config["entrypoint"], config["command"], config["working_dir"]) == (
+        ["/bin/true"],
+        None,
+        "/b",
+    )
+
+
+async def test_an_empty_command_needs_an_image_with_one(tmp_path: Path) -> None:
+    subject = driver(tmp_path)
+    subject._engine = FakeImages({"bare:1"}, {"Env": ["PATH=/bin"]})  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as refused:
+        await subject.launch(spec(command=Command(), image="bare:1"))
+    assert refused.value.field == "command" and "bare:1" in str(refused.value)

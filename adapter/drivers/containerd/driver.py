@@ -35,6 +35,7 @@ from adapter.api.containerd.services.leases.v1 import leases_pb2
 from adapter.api.containerd.services.snapshots.v1 import snapshots_pb2
 from adapter.api.containerd.services.tasks.v1 import tasks_pb2
 from adapter.config import AgentConfig
+from adapter.confinement import Confinement, held_capabilities
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.containerd import spec as oci
 from adapter.drivers.containerd.client import ContainerdClient
@@ -55,6 +56,7 @@ from adapter.images import open_store
 from adapter.images.image import Image
 from adapter.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
 from adapter.network import RuntimeNetwork
+from adapter.workload import Workload, merge
 from isolators.cgroups.mem import MemIsolator
 from isolators.registry import container_cgroups
 
@@ -105,6 +107,7 @@ class ContainerdDriver:
         )
         # Only its check() is used: the OOM counter of the container's memory cgroup.
         self._oom_counter = MemIsolator(self._cgroups.hierarchies)
+        self._held_capabilities = held_capabilities()
         self._store = open_store(config.state_dir / "images")
         self._client_instance: ContainerdClient | None = None
         self._loader: ImageLoader | None = None
@@ -153,7 +156,14 @@ class ContainerdDriver:
             f" runtime {self._runtime}{f' ({binary})' if binary else ''},"
             f" snapshotter {self._snapshotter}"
         )
-        return Fingerprint(self.name, reply.version, True, message, capabilities)
+        return Fingerprint(
+            self.name,
+            reply.version,
+            True,
+            message,
+            capabilities,
+            confinement=Confinement().summary(),
+        )
 
     def _binary_path(self) -> str | None:
         if self._runtime_binary is None:
@@ -176,7 +186,9 @@ class ContainerdDriver:
                 " localhost/busybox:latest",
             )
         image = self._store.get(spec.image, "container.image")
-        user = await self._user(spec, image)
+        # Fails here, before containerd holds anything, on an empty command and bare image.
+        workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+        user = await self._user(workload, image)
         if self._network.chooses(spec):  # bad network input fails before containerd sees it
             self._network.check(spec)
         handle = self._handle(spec.container_id)
@@ -209,8 +221,8 @@ class ContainerdDriver:
             attachment.address or "",
         )
 
-    async def _user(self, spec: LaunchSpec, image: Image) -> tuple[int, int]:
-        user = spec.command.user or image.user or "0"
+    async def _user(self, workload: Workload, image: Image) -> tuple[int, int]:
+        user = workload.user or "0"
         if not oci.needs_user_tables(user):
             return oci.resolve_user(user, "", "")
         rootfs = await self._store.rootfs(image.reference)
@@ -256,6 +268,7 @@ class ContainerdDriver:
             enable_cfs=self._enable_cfs,
             user=user,
             network=network.oci,
+            held=self._held_capabilities,
         )
         runtime = containers_pb2.Container.Runtime(name=self._runtime)
         binary = self._binary_path()

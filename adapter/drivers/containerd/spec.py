@@ -3,8 +3,16 @@
 It is built as data and serialised with json, never pasted together. Limits use the same Mesos
 arithmetic as the native isolators (imported from isolators/cgroups), and linux.cgroupsPath puts
 the container at `/<cgroups_root>/<container_id>` in every controller, where the shared accounting
-reader finds it. The defaults (mounts, capabilities, masked paths) are containerd's own defaults
-for a non-privileged container.
+reader finds it. What runs (argv, environment, working directory, user) is the one image/request
+merge (adapter/workload.py); this module only resolves the user against the image's tables.
+
+Confinement is adapter/confinement.py's policy, translated for runc and crun: the default
+capability set (held only by uid 0; any other uid starts with none, as under Docker), the seccomp
+allow-list, no_new_privs for non-root users and on request, masked and read-only kernel paths, a
+cgroup namespace whose cgroupfs is mounted read-only, /sys read-only, a /dev tmpfs holding only
+the runtime's default devices, and a device cgroup that denies everything else. `privileged`
+turns these off: every capability, no filter, nothing masked, /sys and cgroupfs writable and the
+device cgroup open.
 
 Network: the network isolator made the container's namespace before the spec is written; the
 spec joins it by path (`linux.namespaces` network entry with `path`), or has no network entry
@@ -15,35 +23,25 @@ files live in the service's state, and a writable bind would let the container g
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapter.confinement import Confinement, oci_seccomp_profile
 from adapter.errors import InvalidArgument
 from adapter.images.image import Image
 from adapter.model import LaunchSpec, Resources
+from adapter.workload import SANDBOX_IN_CONTAINER, merge
 from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
 from isolators.cgroups.mem import memory_limit_bytes
 
 OCI_VERSION = "1.0.2-dev"
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
-SANDBOX_PATH = "/mnt/mesos/sandbox"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CAPABILITIES = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
-]  # fmt: skip
-MASKED_PATHS = [
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-    "/proc/scsi",
-]  # fmt: skip
-READONLY_PATHS = [
-    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-]  # fmt: skip
-NAMESPACES = ("pid", "ipc", "uts", "mount")
+SANDBOX_PATH = SANDBOX_IN_CONTAINER
+NAMESPACES = ("pid", "ipc", "uts", "mount", "cgroup")
+SYSTEM_MOUNT_OPTIONS = ("nosuid", "noexec", "nodev")
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,12 @@ def _mount(destination: str, kind: str, source: str, options: list[str]) -> dict
     return {"destination": destination, "type": kind, "source": source, "options": options}
 
 
-def default_mounts(sandbox: str) -> list[dict[str, Any]]:
+def default_mounts(sandbox: str, *, privileged: bool = False) -> list[dict[str, Any]]:
+    """/proc, a /dev tmpfs (runc and crun create only their default devices in it), /sys and
+    cgroupfs read-only unless privileged, and the sandbox."""
+    access = "rw" if privileged else "ro"
     return [
-        _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
+        _mount("/proc", "proc", "proc", [*SYSTEM_MOUNT_OPTIONS]),
         _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
         _mount(
             "/dev/pts",
@@ -82,13 +83,42 @@ def default_mounts(sandbox: str) -> list[dict[str, Any]]:
             ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
         ),
         _mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777"]),
-        _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
-        _mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
-        _mount(
-            "/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "relatime", "ro"]
-        ),
+        _mount("/dev/mqueue", "mqueue", "mqueue", [*SYSTEM_MOUNT_OPTIONS]),
+        _mount("/sys", "sysfs", "sysfs", [*SYSTEM_MOUNT_OPTIONS, access]),
+        _mount("/sys/fs/cgroup", "cgroup", "cgroup", [*SYSTEM_MOUNT_OPTIONS, "relatime", access]),
         _mount(SANDBOX_PATH, "bind", sandbox, ["rbind", "rw"]),
     ]
+
+
+def process_capabilities(
+    confinement: Confinement, uid: int, held: Collection[str] | None = None
+) -> dict[str, list[str]]:
+    """The bounding set always; effective, permitted and inheritable only for uid 0, as Docker
+    does: a non-root user holds nothing, not even an inheritable set that a binary with
+    inheritable file capabilities could turn into permitted ones. No ambient set, so nothing
+    survives a non-root user's execve. Only capabilities in `held` (None: all) are named: a
+    privileged container gets everything the node has (confinement.held_capabilities)."""
+    bounding = [name for name in confinement.capabilities if held is None or name in held]
+    given = bounding if uid == 0 else []
+    return {
+        "bounding": bounding,
+        "effective": list(given),
+        "permitted": list(given),
+        "inheritable": list(given),
+    }
+
+
+def linux_confinement(confinement: Confinement) -> dict[str, Any]:
+    """The `linux` keys that confine: seccomp, masked and read-only paths, the device cgroup."""
+    devices = [{"allow": confinement.privileged, "access": "rwm"}]
+    result: dict[str, Any] = {
+        "maskedPaths": list(confinement.masked_paths),
+        "readonlyPaths": list(confinement.readonly_paths),
+        "resources": {"devices": devices},
+    }
+    if confinement.seccomp:
+        result["seccomp"] = oci_seccomp_profile()
+    return result
 
 
 def linux_resources(resources: Resources, *, enable_cfs: bool) -> dict[str, Any]:
@@ -105,15 +135,6 @@ def linux_resources(resources: Resources, *, enable_cfs: bool) -> dict[str, Any]
     if resources.pids is not None:
         result["pids"] = {"limit": resources.pids}
     return result
-
-
-def environment(spec: LaunchSpec, image: Image) -> list[str]:
-    """The image's env, then the request's (which wins), then MESOS_SANDBOX; PATH if none."""
-    merged = dict(image.env)
-    merged.update(spec.command.environment)
-    merged["MESOS_SANDBOX"] = SANDBOX_PATH
-    merged.setdefault("PATH", DEFAULT_PATH)
-    return [f"{name}={value}" for name, value in merged.items()]
 
 
 def _lookup(table: str, name: str, field: str) -> tuple[int, int]:
@@ -158,34 +179,33 @@ def runtime_spec(
     enable_cfs: bool,
     user: tuple[int, int],
     network: Network | None = None,
+    held: Collection[str] | None = None,
 ) -> dict[str, Any]:
+    """The config.json for `spec` in `image`, run as the resolved `user` (uid, gid), naming
+    only capabilities in `held` (see process_capabilities)."""
     network = network or Network()
-    capabilities = {kind: CAPABILITIES for kind in ("bounding", "effective", "permitted")}
+    workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+    confinement = Confinement(spec.privileged, spec.no_new_privileges)
+    linux = linux_confinement(confinement)
+    linux["resources"].update(linux_resources(spec.resources, enable_cfs=enable_cfs))
+    linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
+    linux["namespaces"] = [{"type": kind} for kind in NAMESPACES] + network.namespace()
     return {
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,
             "user": {"uid": user[0], "gid": user[1]},
-            "args": spec.command.resolved_argv(),
-            "env": environment(spec, image),
-            "cwd": spec.command.working_dir or image.working_dir or SANDBOX_PATH,
-            "capabilities": capabilities,
+            "args": list(workload.argv),
+            "env": workload.environment_lines(),
+            "cwd": workload.working_dir,
+            "capabilities": process_capabilities(confinement, user[0], held),
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
+            "noNewPrivileges": confinement.no_new_privs_for(user[0] == 0),
         },
         "root": {"path": "rootfs"},
         "hostname": spec.container_id[:63],
-        "mounts": default_mounts(spec.sandbox) + network.mounts(),
-        "linux": {
-            "resources": {
-                "devices": [{"allow": False, "access": "rwm"}],
-                **linux_resources(spec.resources, enable_cfs=enable_cfs),
-            },
-            "cgroupsPath": f"/{cgroups_root}/{spec.container_id}",
-            "namespaces": [{"type": kind} for kind in NAMESPACES] + network.namespace(),
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS,
-        },
+        "mounts": default_mounts(spec.sandbox, privileged=spec.privileged) + network.mounts(),
+        "linux": linux,
     }
 
 

@@ -158,12 +158,15 @@ class DockerEngine:
         what = f"inspect container {container}"
         return cast(Inspect, await self.call(what, lambda api: api.inspect_container(container)))
 
-    async def has_image(self, reference: str) -> bool:
+    async def image_config(self, reference: str) -> dict[str, Any] | None:
+        """The image's own Config (Entrypoint, Cmd, User, WorkingDir, ...), or None when the
+        daemon does not have the image."""
+        what = f"inspect image {reference}"
         try:
-            await self.call(f"inspect image {reference}", lambda api: api.inspect_image(reference))
+            inspect = await self.call(what, lambda api: api.inspect_image(reference))
         except NotFound:
-            return False
-        return True
+            return None
+        return cast(dict[str, Any], inspect.get("Config") or {})
 
     async def pull(self, reference: str, error: type[ContainerizerError]) -> None:
         """Pull and read the progress stream to its end: Docker reports most pull failures as

@@ -19,6 +19,9 @@ Choices, and why:
   signal number) is reported as signal n, like every other runtime; a workload that literally
   exits 137 is indistinguishable, exactly as it is in a shell's `$?`.
 - OOM: Docker's State.OOMKilled (the cgroup's OOM event) is Mesos' memory limitation.
+- Confinement: confinement.py translates adapter/confinement.py's policy into HostConfig.
+- Command: an empty request command sets neither Entrypoint nor Cmd, so Docker runs the image's;
+  the working directory is the request's, else the image's, else the sandbox (adapter/workload).
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ import docker.errors  # type: ignore[import-untyped]
 import docker.utils  # type: ignore[import-untyped]
 
 from adapter.config import AgentConfig
+from adapter.confinement import Confinement
 from adapter.drivers.base import Checkpointed, Launched
 from adapter.drivers.docker import handle as names
 from adapter.drivers.docker.client import DockerEngine, ExitFollower, Inspect
+from adapter.drivers.docker.confinement import NodeCapabilities, confinement_fields
 from adapter.drivers.docker.handle import DockerHandle
 from adapter.drivers.docker.network import DockerNetwork, PreparedNetwork
 from adapter.errors import (
@@ -93,6 +98,17 @@ class _Tracked:
     handle: DockerHandle
     died: asyncio.Event = field(default_factory=asyncio.Event)
     pid: int = 0  # the init's host pid at launch; 0 after a recovery (nobody asks then)
+
+
+@dataclass(frozen=True)
+class DockerImage:
+    """An image the daemon has: the reference to create from, and its own Config."""
+
+    reference: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def has_command(self) -> bool:
+        return bool(self.config.get("Entrypoint") or self.config.get("Cmd"))
 
 
 def exit_from_inspect(inspect: Inspect) -> Exit:
@@ -158,6 +174,7 @@ class DockerDriver:
         self._cgroups_root = check_root(config.cgroups_root)
         self._hierarchy_override = config.cgroups_hierarchy
         self._enable_cfs = config.cgroups_enable_cfs
+        self._node_capabilities = NodeCapabilities.of_this_node()
         self._network = DockerNetwork(config, self._engine, self._owner, self._cgroups_root)
         self._hierarchies: Hierarchies | None = None
         self._tracked: dict[str, _Tracked] = {}
@@ -182,7 +199,14 @@ class DockerDriver:
         )
         if driver != "cgroupfs":
             message += " (usage needs cgroupfs: containers are placed by CgroupParent)"
-        return Fingerprint(self.name, str(version.get("Version", "")), True, message, CAPABILITIES)
+        return Fingerprint(
+            self.name,
+            str(version.get("Version", "")),
+            True,
+            message,
+            CAPABILITIES,
+            confinement=Confinement().summary(),
+        )
 
     # ---- launch ----
 
@@ -192,6 +216,12 @@ class DockerDriver:
             raise InvalidArgument("container.image", "the docker runtime needs an image to run")
         mode = self._network.mode(spec)  # bad network input fails before dockerd sees it
         image = await self._ensure_image(spec.image)
+        if not spec.command.resolved_argv() and not image.has_command():
+            raise InvalidArgument(
+                "command",
+                f"is empty and image {spec.image!r} has no Entrypoint or Cmd:"
+                " give a shell string or an argv",
+            )
         await self._follower.start()
         self._finished.pop(cid, None)
         try:
@@ -200,7 +230,7 @@ class DockerDriver:
                 sandbox_image = image
                 if self._sandbox_image is not None:
                     sandbox_image = await self._ensure_image(self._sandbox_image)
-                network = await self._network.prepare_bridge(spec, sandbox_image)
+                network = await self._network.prepare_bridge(spec, sandbox_image.reference)
             tracked = await self._create_and_start(spec, image, network)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -208,11 +238,14 @@ class DockerDriver:
             self._finished.pop(cid, None)
             raise
         return Launched(
-            handle=tracked.handle.to_json(), pid=tracked.pid, ip_address=network.address
+            handle=tracked.handle.to_json(),
+            pid=tracked.pid,
+            warnings=self._node_capabilities.warnings(spec),
+            ip_address=network.address,
         )
 
     async def _create_and_start(
-        self, spec: LaunchSpec, image: str, network: PreparedNetwork
+        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
     ) -> _Tracked:
         cid = spec.container_id
         name = names.container_name(self._owner, cid)
@@ -223,7 +256,8 @@ class DockerDriver:
             await self._remove(name, cid, copy_logs=False)
             docker_id = await self._engine.create(name, config, LaunchFailed)
         parent = names.cgroup_parent(self._cgroups_root, cid)
-        handle = DockerHandle(docker_id, name, f"{parent}/{docker_id}", image, network.sandbox_id)
+        cgroup = f"{parent}/{docker_id}"
+        handle = DockerHandle(docker_id, name, cgroup, image.reference, network.sandbox_id)
         tracked = _Tracked(handle)
         self._tracked[cid] = tracked
         await self._engine.start(docker_id, LaunchFailed)
@@ -235,11 +269,12 @@ class DockerDriver:
         return tracked
 
     def _container_config(
-        self, spec: LaunchSpec, image: str, network: PreparedNetwork
+        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
     ) -> dict[str, Any]:
         """create_container keyword arguments; host_config is Engine API JSON (data, never text:
         the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
         argv = spec.command.resolved_argv()
+        working_dir = spec.command.working_dir or image.config.get("WorkingDir")
         labels = dict(spec.labels)
         labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
         host_config: dict[str, Any] = {
@@ -252,26 +287,31 @@ class DockerDriver:
             "NetworkMode": network.network_mode,
             "Init": True,
             "LogConfig": {"Type": "json-file", "Config": {}},
+            **confinement_fields(
+                spec, str(image.config.get("User") or ""), self._node_capabilities
+            ),
         }
         environment = [f"{key}={value}" for key, value in spec.command.environment]
         environment.append(f"MESOS_SANDBOX={names.SANDBOX_MOUNT}")
         return {
-            "image": image,
-            "entrypoint": argv[:1],
-            "command": argv[1:],
+            "image": image.reference,
+            # None, not []: an empty Entrypoint would drop the image's own.
+            "entrypoint": argv[:1] or None,
+            "command": argv[1:] or None,
             "environment": environment,
             "user": spec.command.user,
-            "working_dir": spec.command.working_dir or names.SANDBOX_MOUNT,
+            "working_dir": working_dir or names.SANDBOX_MOUNT,
             "labels": labels,
             "detach": True,
             "host_config": host_config,
         }
 
-    async def _ensure_image(self, reference: str) -> str:
+    async def _ensure_image(self, reference: str) -> DockerImage:
         """The reference to create from: as given when Docker has it, else pulled from the
         configured registry (an unqualified name is looked up there). Never another registry."""
-        if await self._engine.has_image(reference):
-            return reference
+        config = await self._engine.image_config(reference)
+        if config is not None:
+            return DockerImage(reference, config)
         try:
             repository, tag = docker.utils.parse_repository_tag(reference)
             index, remote = docker.auth.resolve_repository_name(repository)
@@ -290,9 +330,11 @@ class DockerDriver:
             )
         separator = "@" if "@" in reference else ":"
         pulled = f"{self._registry}/{remote}" + (f"{separator}{tag}" if tag else ":latest")
-        if not await self._engine.has_image(pulled):
+        config = await self._engine.image_config(pulled)
+        if config is None:
             await self._engine.pull(pulled, LaunchFailed)
-        return pulled
+            config = await self._engine.image_config(pulled)
+        return DockerImage(pulled, config or {})
 
     # ---- exit ----
 
