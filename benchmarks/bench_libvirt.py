@@ -29,8 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.drivers.libvirt.driver import KERNEL_CMDLINE
-from adapter.drivers.libvirt.initramfs import (
+from adapter.runtimes.libvirt.driver import KERNEL_CMDLINE
+from adapter.runtimes.libvirt.initramfs import (
     GuestCommand,
     base_initramfs,
     write_container_initramfs,

@@ -30,7 +30,7 @@ from typing import Any
 import docker
 import pytest
 
-from adapter.drivers.docker.handle import LABEL_CONTAINER_ID
+from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID
 from tests.cgroup_roots import remove_cgroup_trees, run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.image_fixtures import free_loopback_port, registry_answers

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.errors import FailedPrecondition
+from adapter.core.errors import FailedPrecondition
 from adapter.images.image import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,

@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 
 # Phases of an import or pull: blobs read into the store, then the image unpacked.
 READ = "read"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.images.image import (
     DOCKER_LAYER_GZIP,
     INDEX_TYPES,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.images.image import OCI_LAYOUT_VERSION
 
 CHUNK = 1 << 20

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 
 DEFAULT_DOMAIN = "docker.io"
 DEFAULT_TAG = "latest"

@@ -15,7 +15,7 @@ import ipaddress
 import urllib.parse
 from typing import Any
 
-from adapter.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from adapter.images.image import (
     DOCKER_LIST,
     DOCKER_MANIFEST,

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapter.config import ImagesOptions
-from adapter.errors import FailedPrecondition, InvalidArgument, NotFound
+from adapter.core.config import ImagesOptions
+from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from adapter.images.image import (
     MAX_JSON_BLOB,
     READ,

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.images.image import GZIP_LAYER_TYPES, Descriptor
 from adapter.images.layout import CHUNK, Cancelled
 

@@ -21,8 +21,8 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
-from adapter.compare.results import SECTIONS
-from adapter.compare.session import OWNER_LABEL
+from adapter.clients.compare.results import SECTIONS
+from adapter.clients.compare.session import OWNER_LABEL
 from tests.conftest import BIN, ServiceProcess, require, require_root
 from tests.image_fixtures import busybox_oci_tar  # noqa: F401
 

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.confinement import (
+from adapter.core.confinement import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     MASKED_PATHS,

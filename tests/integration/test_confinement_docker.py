@@ -23,14 +23,14 @@ import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.confinement import (
+from adapter.core.confinement import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     READONLY_PATHS,
     Confinement,
     capability_mask,
 )
-from adapter.drivers.docker.confinement import NodeCapabilities
+from adapter.runtimes.docker.confinement import NodeCapabilities
 from tests.conftest import ServiceProcess, require
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     BUSYBOX,

@@ -22,9 +22,14 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
-from adapter.confinement import DEFAULT_CAPABILITIES, MASKED_PATHS, Confinement, capability_mask
-from adapter.drivers.native import supervisor
-from adapter.seccomp import build_program
+from adapter.core.confinement import (
+    DEFAULT_CAPABILITIES,
+    MASKED_PATHS,
+    Confinement,
+    capability_mask,
+)
+from adapter.supervisor import client as supervisor
+from adapter.supervisor.seccomp import build_program
 from tests.conftest import ServiceProcess, require_root
 from tests.images import (
     REFERENCE,

@@ -18,8 +18,8 @@ import pytest
 from adapter.api.containerd.cgroups.v1 import metrics_pb2
 from adapter.api.containerd.services.tasks.v1 import tasks_pb2
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.drivers.containerd.client import ContainerdClient
-from adapter.drivers.containerd.driver import CGROUPS_V1_METRICS_TYPE_URL
+from adapter.runtimes.containerd.client import ContainerdClient
+from adapter.runtimes.containerd.driver import CGROUPS_V1_METRICS_TYPE_URL
 from tests.cgroup_roots import run_scoped_name
 from tests.conftest import CGROUP_MOUNT, ServiceProcess, require, require_root
 from tests.images import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.drivers.containerd.handle import CONTAINER_LABEL
+from adapter.runtimes.containerd.handle import CONTAINER_LABEL
 from tests.cgroup_roots import run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.images import REFERENCE, busybox_oci_layout

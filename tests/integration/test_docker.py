@@ -17,7 +17,7 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from adapter.drivers.docker.handle import LABEL_CONTAINER_ID
+from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID
 from tests.conftest import CGROUP_MOUNT, ServiceProcess
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     PrivateDockerd,

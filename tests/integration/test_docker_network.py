@@ -22,7 +22,7 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from adapter.drivers.docker.handle import LABEL_CONTAINER_ID, LABEL_OWNER, LABEL_ROLE, ROLE_SANDBOX
+from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID, LABEL_OWNER, LABEL_ROLE, ROLE_SANDBOX
 from isolators.network.veth import host_veth_name
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     PrivateDockerd,

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.drivers.docker.handle import LABEL_CONTAINER_ID, LABEL_OWNER
+from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID, LABEL_OWNER
 from tests.conftest import ServiceProcess, require_root
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     PrivateDockerd,

@@ -13,7 +13,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
-from adapter.cli_format import EXIT_CLI_FAILURE
+from adapter.clients.cli.format import EXIT_CLI_FAILURE
 from tests.conftest import BIN, ServiceProcess, require_root
 from tests.image_fixtures import busybox_docker_tar, busybox_oci_tar  # noqa: F401
 from tests.images import REFERENCE, Entry, tar_bytes, write_oci_layout

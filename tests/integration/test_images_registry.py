@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
-from adapter.errors import NotFound, Unavailable
+from adapter.core.errors import NotFound, Unavailable
 from adapter.images import ImageStore
 from tests.conftest import ServiceProcess
 from tests.image_fixtures import free_loopback_port, local_registry  # noqa: F401

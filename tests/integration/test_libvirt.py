@@ -24,7 +24,7 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from adapter.drivers.libvirt import cgroups
+from adapter.runtimes.libvirt import cgroups
 from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
 from tests.cgroup_roots import hierarchy_mounts, remove_cgroup_trees, run_scoped_name
 from tests.conftest import BIN, REPO, ServiceProcess, require, require_root
@@ -156,7 +156,7 @@ def test_hostile_ids_labels_and_environment(
 ) -> None:
     import libvirt
 
-    from adapter.drivers.libvirt.domain import METADATA_NAMESPACE, parse_metadata
+    from adapter.runtimes.libvirt.domain import METADATA_NAMESPACE, parse_metadata
 
     container_id = f"x.-_{os.getpid()}-{time.time_ns() % 10**6}-"  # every character ids allow
     stub = vm_service.stub()

@@ -34,7 +34,9 @@ from tests.unit.test_mesos_translate import (
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(sys.executable).parent / "containerizer-mesos"
-PROGRAM = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "adapter.mesos_ecp"]
+PROGRAM = (
+    [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "adapter.clients.mesos.program"]
+)
 MIB = 1024 * 1024
 
 

@@ -1,5 +1,5 @@
 """containerizer-supervisor for real: built from source once per session (per xdist worker), run
-as root with namespaces and cgroup v1, driven through adapter.drivers.native.supervisor."""
+as root with namespaces and cgroup v1, driven through adapter.supervisor.client."""
 
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from adapter import processes
-from adapter.confinement import Confinement
-from adapter.drivers.native import supervisor
-from adapter.drivers.native.supervisor import (
+from adapter.core.confinement import Confinement
+from adapter.supervisor import client as supervisor
+from adapter.supervisor import processes
+from adapter.supervisor.client import (
     Enforcement,
     ExitStatus,
     LaunchConfig,
     SpawnError,
     SupervisorHandle,
 )
-from adapter.seccomp import build_program
+from adapter.supervisor.seccomp import build_program
 from tests.cgroup_roots import run_scoped_name
 
 pytestmark = pytest.mark.integration
@@ -361,9 +361,9 @@ async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
         textwrap.dedent(
             """
             import asyncio, json, os, sys
-            from adapter.confinement import Confinement
-            from adapter.drivers.native import supervisor
-            from adapter.seccomp import build_program
+            from adapter.core.confinement import Confinement
+            from adapter.supervisor import client as supervisor
+            from adapter.supervisor.seccomp import build_program
 
             async def main() -> None:
                 binary, status_file, log = sys.argv[1:]

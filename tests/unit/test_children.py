@@ -1,6 +1,7 @@
-"""The long-lived child wrapper (adapter/children.py: LXC monitors, supervisors) against real
-processes: the handshake line, the exit status through the pidfd, shared and cancelled waits,
-kill, reaping; and the LXC container-directory removal for small and large trees."""
+"""The long-lived child wrapper (adapter/supervisor/children.py: LXC monitors, supervisors)
+against real processes: the handshake line, the exit status through the pidfd, shared and
+cancelled waits, kill, reaping; and the LXC container-directory removal for small and large
+trees."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from adapter.children import Child as Monitor
-from adapter.drivers.lxc.driver import SMALL_TREE_ENTRIES, _remove_tree
+from adapter.runtimes.lxc.driver import SMALL_TREE_ENTRIES, _remove_tree
+from adapter.supervisor.children import Child as Monitor
 
 
 def _is_zombie_or_gone(pid: int) -> bool:

@@ -26,10 +26,11 @@ from typing import Any
 import grpc
 import pytest
 
-from adapter import cli, cli_client
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
-from adapter.cli_format import size_mib
+from adapter.clients.cli import client as cli_client
+from adapter.clients.cli import main as cli
+from adapter.clients.cli.format import size_mib
 
 MIB = 1024 * 1024
 # How long the `exit` workload keeps running after Launch, so `run` has something to follow.
@@ -647,9 +648,9 @@ def test_serve_runs_the_server_with_the_config(monkeypatch: pytest.MonkeyPatch) 
         calls.append(config_path)
         return 3
 
-    fake_server = types.ModuleType("adapter.server")
+    fake_server = types.ModuleType("adapter.server.serve")
     fake_server.run_server = run_server  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "adapter.server", fake_server)
+    monkeypatch.setitem(sys.modules, "adapter.server.serve", fake_server)
     assert cli.main(["serve", "--config", "/etc/containerizer.toml"]) == 3
     assert cli.main(["serve"]) == 3
     assert calls == ["/etc/containerizer.toml", None]
@@ -681,11 +682,11 @@ def test_command_modules_import_no_circle_and_ps_loads_no_compare_code(
     compare runner nor matplotlib nor the image store."""
     script = f"""
 import sys
-import adapter.cli_compare, adapter.cli_images
-assert "adapter.cli" not in sys.modules, "a command module imports adapter.cli"
-from adapter import cli
+import adapter.clients.cli.compare, adapter.clients.cli.images
+assert "adapter.clients.cli.main" not in sys.modules, "a command module imports cli.main"
+from adapter.clients.cli import main as cli
 assert cli.main(["--endpoint", {service.endpoint!r}, "ps"]) == 0
-heavy = ("matplotlib", "psutil", "adapter.compare.runner", "adapter.images.store")
+heavy = ("matplotlib", "psutil", "adapter.clients.compare.runner", "adapter.images.store")
 assert not [name for name in sys.modules if name.startswith(heavy)], sorted(sys.modules)
 """
     done = subprocess.run(

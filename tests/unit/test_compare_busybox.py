@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from adapter.compare.workloads import DEFAULT_IMAGE
-from adapter.errors import FailedPrecondition
+from adapter.clients.compare.workloads import DEFAULT_IMAGE
+from adapter.core.errors import FailedPrecondition
 from adapter.images import busybox
 from tests.images import APPLETS, busybox_entries, tar_bytes
 

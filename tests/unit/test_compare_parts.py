@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.cli_compare import runtime_names
-from adapter.compare import host
-from adapter.compare.probes import children_cpu_seconds, cpu_limit_check
-from adapter.compare.progress import Progress
-from adapter.compare.results import Accuracy, Latencies, Verdict, percentile
-from adapter.compare.runner import discover
-from adapter.compare.session import ServiceCalls, owner_is_alive, owner_token
+from adapter.clients.cli.compare import runtime_names
+from adapter.clients.compare import host
+from adapter.clients.compare.probes import children_cpu_seconds, cpu_limit_check
+from adapter.clients.compare.progress import Progress
+from adapter.clients.compare.results import Accuracy, Latencies, Verdict, percentile
+from adapter.clients.compare.runner import discover
+from adapter.clients.compare.session import ServiceCalls, owner_is_alive, owner_token
 
 # ---- percentiles ----
 

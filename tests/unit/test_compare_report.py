@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from adapter.compare import charts, report
-from adapter.compare.results import (
+from adapter.clients.compare import charts, report
+from adapter.clients.compare.results import (
     MEASUREMENTS,
     SECTIONS,
     Accuracy,

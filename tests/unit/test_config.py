@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from adapter.config import AgentConfig, load_config
-from adapter.errors import ConfigError
+from adapter.core.config import AgentConfig, load_config
+from adapter.core.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from adapter.confinement import (
+from adapter.core.confinement import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     MASKED_PATHS,
@@ -21,17 +21,7 @@ from adapter.confinement import (
     held_capabilities,
     oci_seccomp_profile,
 )
-from adapter.drivers.containerd import spec as oci
-from adapter.drivers.containerd.client import ContainerdClient
-from adapter.drivers.containerd.content import chain_ids
-from adapter.drivers.containerd.driver import exit_from_status
-from adapter.drivers.containerd.handle import (
-    CONTAINERD_ID,
-    CONTAINERD_ID_MAX,
-    ContainerdHandle,
-    containerd_id,
-)
-from adapter.errors import (
+from adapter.core.errors import (
     AlreadyExists,
     ContainerizerError,
     FailedPrecondition,
@@ -39,8 +29,18 @@ from adapter.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.model import Command, LaunchSpec, Resources
 from adapter.images.image import Descriptor, Image
-from adapter.model import Command, LaunchSpec, Resources
+from adapter.runtimes.containerd import spec as oci
+from adapter.runtimes.containerd.client import ContainerdClient
+from adapter.runtimes.containerd.content import chain_ids
+from adapter.runtimes.containerd.driver import exit_from_status
+from adapter.runtimes.containerd.handle import (
+    CONTAINERD_ID,
+    CONTAINERD_ID_MAX,
+    ContainerdHandle,
+    containerd_id,
+)
 from isolators.cgroups.cpu import cpu_shares
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "protos"))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adapter.containerizer import Containerizer
-from adapter.drivers.base import Checkpointed, Launched
-from adapter.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
-from adapter.model import (
+from adapter.core.containerizer import Containerizer
+from adapter.core.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
+from adapter.core.model import (
     Command,
     Exit,
     Fingerprint,
@@ -22,7 +21,8 @@ from adapter.model import (
     Statistics,
     Termination,
 )
-from adapter.state import ContainerRecord, StateStore
+from adapter.core.state import ContainerRecord, StateStore
+from adapter.runtimes.base import Checkpointed, Launched
 
 
 class FakeDriver:

@@ -10,27 +10,36 @@ from typing import Any
 import docker
 import pytest
 
-from adapter.config import AgentConfig, NetworkOptions, parse_config
-from adapter.confinement import (
+from adapter.core.config import AgentConfig, NetworkOptions, parse_config
+from adapter.core.confinement import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     MASKED_PATHS,
     READONLY_PATHS,
     oci_seccomp_profile,
 )
-from adapter.drivers.docker.client import DockerEngine
-from adapter.drivers.docker.confinement import (
+from adapter.core.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
+from adapter.core.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
+from adapter.runtimes.docker.client import DockerEngine
+from adapter.runtimes.docker.confinement import (
     NodeCapabilities,
     confinement_fields,
     is_root_user,
 )
-from adapter.drivers.docker.driver import (
+from adapter.runtimes.docker.driver import (
     DockerDriver,
     DockerImage,
     exit_from_inspect,
     resource_fields,
 )
-from adapter.drivers.docker.handle import (
+from adapter.runtimes.docker.handle import (
     LABEL_CONTAINER_ID,
     LABEL_OWNER,
     LABEL_ROLE,
@@ -41,16 +50,7 @@ from adapter.drivers.docker.handle import (
     container_name,
     sandbox_name,
 )
-from adapter.drivers.docker.network import PreparedNetwork
-from adapter.errors import (
-    ConfigError,
-    FailedPrecondition,
-    InvalidArgument,
-    LaunchFailed,
-    NotFound,
-    Unavailable,
-)
-from adapter.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
+from adapter.runtimes.docker.network import PreparedNetwork
 from isolators.cgroups.hierarchy import Hierarchies
 
 MIB = 1024 * 1024

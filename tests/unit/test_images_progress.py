@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from adapter.cli_images import ProgressDisplay
+from adapter.clients.cli.images import ProgressDisplay
 
 MIB = 1 << 20
 

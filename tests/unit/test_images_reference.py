@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.images.reference import canonical, parse_reference
 
 

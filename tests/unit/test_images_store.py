@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter.config import ImagesOptions
-from adapter.drivers.lxc.rootfs import BaseRootfs
-from adapter.errors import FailedPrecondition, InvalidArgument, NotFound
+from adapter.core.config import ImagesOptions
+from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from adapter.images import ImageStore, open_store
 from adapter.images.layout import digest_hex
 from adapter.images.leases import ImageUse
+from adapter.runtimes.lxc.rootfs import BaseRootfs
 from tests.image_fixtures import busybox_docker_tar, busybox_oci_tar  # noqa: F401
 from tests.images import (
     BUSYBOX,
@@ -428,8 +428,8 @@ async def test_a_launching_container_keeps_every_manifest_its_reference_had(
 
 
 def test_the_images_limits_are_validated_at_load() -> None:
-    from adapter.config import parse_config
-    from adapter.errors import ConfigError
+    from adapter.core.config import parse_config
+    from adapter.core.errors import ConfigError
 
     assert parse_config({}).images == ImagesOptions(8 << 30, 8 << 30, 1_000_000)
     table = {"max_import_bytes": 1, "max_unpacked_bytes": 2, "max_entries": 3}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.images import ImageStore
 from tests.images import Entry, digest, tar_bytes, write_oci_layout
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from adapter.drivers.libvirt import disk
-from adapter.drivers.libvirt.domain import BridgeInterface, Disk, domain_xml
-from adapter.drivers.libvirt.handle import GuestHandle
-from adapter.drivers.libvirt.options import LibvirtOptions
-from adapter.drivers.libvirt.state import Guest
-from adapter.errors import ConfigError, FailedPrecondition, InvalidArgument
-from adapter.model import Exit
+from adapter.core.errors import ConfigError, FailedPrecondition, InvalidArgument
+from adapter.core.model import Exit
+from adapter.runtimes.libvirt import disk
+from adapter.runtimes.libvirt.domain import BridgeInterface, Disk, domain_xml
+from adapter.runtimes.libvirt.handle import GuestHandle
+from adapter.runtimes.libvirt.options import LibvirtOptions
+from adapter.runtimes.libvirt.state import Guest
 from tests.unit.test_libvirt_parts import HOSTILE, _spec
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from adapter.drivers.libvirt import kvm
-from adapter.drivers.libvirt.confinement import security_models, vm_confinement
-from adapter.drivers.libvirt.domain import (
+from adapter.core.errors import ConfigError, InvalidArgument
+from adapter.runtimes.libvirt import kvm
+from adapter.runtimes.libvirt.confinement import security_models, vm_confinement
+from adapter.runtimes.libvirt.domain import (
     DomainSpec,
     Metadata,
     SerialFiles,
@@ -21,9 +22,8 @@ from adapter.drivers.libvirt.domain import (
     parse_metadata,
     qemu_cgroup_dirs,
 )
-from adapter.drivers.libvirt.handle import GuestHandle, read_exit_code
-from adapter.drivers.libvirt.initramfs import GuestCommand, command_archive
-from adapter.errors import ConfigError, InvalidArgument
+from adapter.runtimes.libvirt.handle import GuestHandle, read_exit_code
+from adapter.runtimes.libvirt.initramfs import GuestCommand, command_archive
 
 HOSTILE = "<a>&amp; \"q\" 'q' ]]> <!-- x --> </domain>\n<devices><disk/></devices> \\"
 
@@ -156,7 +156,7 @@ def test_domain_cgroups_are_read_above_the_emulator_thread_group() -> None:
 
 
 def test_options_refuse_unknown_virt_types(tmp_path: Path) -> None:
-    from adapter.drivers.libvirt.driver import LibvirtOptions
+    from adapter.runtimes.libvirt.driver import LibvirtOptions
 
     with pytest.raises(ConfigError, match="virt_type"):
         LibvirtOptions.parse({"virt_type": "xen"}, tmp_path)

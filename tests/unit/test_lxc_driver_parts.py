@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter.drivers.lxc.config import LxcConfig, fstab_escape
-from adapter.drivers.lxc.driver import cgroup_keys
-from adapter.drivers.lxc.handle import LxcHandle
-from adapter.drivers.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
-from adapter.errors import InvalidArgument
-from adapter.processes import ProcessRef, read_status
+from adapter.core.errors import InvalidArgument
+from adapter.runtimes.lxc.config import LxcConfig, fstab_escape
+from adapter.runtimes.lxc.driver import cgroup_keys
+from adapter.runtimes.lxc.handle import LxcHandle
+from adapter.runtimes.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
+from adapter.supervisor.processes import ProcessRef, read_status
 from isolators.base import Limits
 
 MIB = 1024 * 1024

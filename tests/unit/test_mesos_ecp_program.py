@@ -33,7 +33,9 @@ from tests.unit.test_mesos_translate import (
 )
 
 SCRIPT = Path(sys.executable).parent / "containerizer-mesos"
-PROGRAM = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "adapter.mesos_ecp"]
+PROGRAM = (
+    [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "adapter.clients.mesos.program"]
+)
 
 
 class FakeService(pb_grpc.ContainerizerServicer):

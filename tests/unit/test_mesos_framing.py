@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from adapter import mesos_ecp
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
+from adapter.clients.mesos import program as mesos_ecp
 from tests.unit.test_mesos_translate import command_task_launch, shell_command
 
 

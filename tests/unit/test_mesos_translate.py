@@ -1,4 +1,5 @@
-"""adapter/mesos_translate.py on its own: Mesos ECP messages in, containerizer.v1 messages out.
+"""adapter/clients/mesos/translate.py on its own: Mesos ECP messages in, containerizer.v1 messages
+out.
 
 The builders at the top write messages the way a Mesos 0.2x agent does (executor_info always,
 task resources already folded into the executor's); the other test modules import them.
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from adapter import mesos_translate as translate
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
+from adapter.clients.mesos import translate as translate
 
 SANDBOX = "/var/lib/mesos/slaves/S1/frameworks/F1/executors/E1/runs/C1"
 

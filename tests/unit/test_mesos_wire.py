@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from google.protobuf import unknown_fields
 
-from adapter import mesos_ecp
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
+from adapter.clients.mesos import program as mesos_ecp
 
 # Every field of containerizer.v1.ResourceStatistics, each with a value that is distinct and
 # does not survive a wrong wire type or number (large integers, non-integral doubles).

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from adapter import validation
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.config import parse_config
-from adapter.errors import ConfigError, InvalidArgument
+from adapter.core.config import parse_config
+from adapter.core.errors import ConfigError, InvalidArgument
+from adapter.server import validation
 from isolators.network import ports, state
 from isolators.network.ipam import AddressPool
 from isolators.network.isolator import NetworkIsolator

@@ -1,6 +1,6 @@
 """How the containerd and LXC drivers attach to the network isolator's namespace, without a
 runtime: the OCI spec's network entry and bind mounts, the LXC keys, and when the isolator
-decides at all (adapter/network.py)."""
+decides at all (adapter/core/network.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from adapter.config import parse_config
-from adapter.drivers.containerd import spec as oci
-from adapter.drivers.lxc.config import LxcConfig
-from adapter.drivers.lxc.driver import set_isolator_network
-from adapter.errors import FailedPrecondition, InvalidArgument
+from adapter.core.config import parse_config
+from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.core.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
+from adapter.core.network import RuntimeNetwork
 from adapter.images.image import Descriptor, Image
-from adapter.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
-from adapter.network import RuntimeNetwork
+from adapter.runtimes.containerd import spec as oci
+from adapter.runtimes.lxc.config import LxcConfig
+from adapter.runtimes.lxc.driver import set_isolator_network
 from isolators.network.model import Attachment
 
 NETNS = "/run/netns/ctz0.web-1"

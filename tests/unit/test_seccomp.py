@@ -11,8 +11,8 @@ from functools import cache
 
 import pytest
 
-from adapter import seccomp
-from adapter.confinement import CLONE_NAMESPACE_FLAGS
+from adapter.core.confinement import CLONE_NAMESPACE_FLAGS
+from adapter.supervisor import seccomp
 from tests.conftest import require
 
 AUDIT_ARCH_X86_64 = 0xC000003E

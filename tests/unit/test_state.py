@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from adapter.errors import FailedPrecondition
-from adapter.model import Command, LaunchSpec, Reason, Resources, State, Termination
-from adapter.state import ContainerRecord, StateStore, database_is_empty
+from adapter.core.errors import FailedPrecondition
+from adapter.core.model import Command, LaunchSpec, Reason, Resources, State, Termination
+from adapter.core.state import ContainerRecord, StateStore, database_is_empty
 
 
 def record(cid: str) -> ContainerRecord:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from adapter import processes
-from adapter.drivers.native import supervisor
-from adapter.drivers.native.supervisor import ExitStatus, SpawnError, SupervisorHandle
-from adapter.errors import FailedPrecondition, InvalidArgument, LaunchFailed
+from adapter.core.errors import FailedPrecondition, InvalidArgument, LaunchFailed
+from adapter.supervisor import client as supervisor
+from adapter.supervisor import processes
+from adapter.supervisor.client import ExitStatus, SpawnError, SupervisorHandle
 
 
 def write(path: Path, text: str | bytes) -> str:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from adapter import validation
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.errors import InvalidArgument
+from adapter.core.errors import InvalidArgument
+from adapter.server import validation
 
 
 def scalar(name: str, value: float) -> pb.Resource:

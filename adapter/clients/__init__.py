@@ -1,0 +1,1 @@
+"""Programs that talk to the service: the CLI, the Mesos ECP program, compare."""

@@ -1,0 +1,1 @@
+"""The `containerizer` command: one module per command group."""

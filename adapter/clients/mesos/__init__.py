@@ -1,0 +1,1 @@
+"""`containerizer-mesos`, the Mesos External Containerizer Protocol program."""

@@ -1,0 +1,460 @@
+"""The core: container registry, lifecycle state machine, runtime routing, terminations, recovery.
+
+LAUNCHING -> RUNNING -> (DESTROYING) -> TERMINATED. Every transition is checkpointed before it is
+acknowledged. A watcher task per running container awaits the driver's `wait`, turns the raw Exit
+into a Termination (the policy lives here, once), checkpoints it, lets the driver clean up, and
+only then wakes waiters, so a Wait that returns means nothing of the container is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from adapter.core.errors import (
+    AlreadyExists,
+    ContainerizerError,
+    FailedPrecondition,
+    LaunchFailed,
+    NotFound,
+)
+from adapter.core.model import (
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Reason,
+    Resources,
+    State,
+    Statistics,
+    Termination,
+)
+from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
+from adapter.runtimes.base import Checkpointed, Driver
+
+log = logging.getLogger(__name__)
+
+LIMITATION_REASONS = {
+    "mem": Reason.LIMITATION_MEMORY,
+    "pids": Reason.LIMITATION_PIDS,
+    "disk": Reason.LIMITATION_DISK,
+}
+# Limits whose enforcement ends the container (the kernel's OOM kill, the disk isolator); a
+# pids limit only refuses forks, so the container's end has another cause.
+KILLING_LIMITATIONS = (Reason.LIMITATION_MEMORY, Reason.LIMITATION_DISK)
+
+
+@dataclass(frozen=True)
+class Event:
+    timestamp: float
+    container_id: str
+    state: State
+    termination: Termination | None = None
+
+
+@dataclass
+class Container:
+    record: ContainerRecord
+    terminated: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    destroy_requested: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+
+class Containerizer:
+    def __init__(
+        self,
+        drivers: dict[str, Driver],
+        store: StateStore,
+        *,
+        default_runtime: str,
+        termination_retention: float = 3600.0,
+        sandbox_root: Path | None = None,
+        allow_privileged: bool = False,
+    ) -> None:
+        self.drivers = drivers
+        self.allow_privileged = allow_privileged
+        self.default_runtime = default_runtime
+        # Sandboxes we created (under this root) are ours to remove once the record goes;
+        # a sandbox the caller named is the caller's data and is never deleted.
+        self.sandbox_root = sandbox_root
+        self._store = store
+        self._retention = termination_retention
+        self._containers: dict[str, Container] = {}
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._pruner: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----
+
+    async def launch(self, spec: LaunchSpec, warnings: tuple[str, ...] = ()) -> ContainerRecord:
+        driver = self._driver(spec.runtime)
+        if spec.privileged and not self.allow_privileged:
+            raise FailedPrecondition(
+                "privileged: this node does not allow privileged containers"
+                " (set allow_privileged = true in its config to permit them)"
+            )
+        existing = self._containers.get(spec.container_id)
+        if existing is not None and existing.record.state is not State.TERMINATED:
+            raise AlreadyExists(f"container {spec.container_id!r} already exists")
+        if spec.resources.disk_mib is not None:
+            warnings = (*warnings, _disk_not_enforced(spec))
+        record = ContainerRecord(
+            spec=spec,
+            state=State.LAUNCHING,
+            launched_at=time.time(),
+            handle={},
+            warnings=warnings,
+            sandbox_owned=self._is_default_sandbox(spec),
+        )
+        container = Container(record)
+        self._containers[spec.container_id] = container
+        async with container.lock:
+            self._checkpoint(container, record)
+            try:
+                _make_sandbox(spec.sandbox)
+                launched = await driver.launch(spec)
+            except ContainerizerError as exc:
+                await self._fail_launch(container, driver, str(exc))
+                raise
+            except Exception as exc:
+                log.exception("launch of %s failed", spec.container_id)
+                await self._fail_launch(container, driver, f"internal error: {exc}")
+                raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
+            running = record.evolve(
+                state=State.RUNNING,
+                handle=launched.handle,
+                pid=launched.pid,
+                warnings=warnings + launched.warnings,
+                ip_address=launched.ip_address,
+            )
+            self._checkpoint(container, running)
+            container.watcher = asyncio.create_task(self._watch(container, driver))
+        return running
+
+    async def _fail_launch(self, container: Container, driver: Driver, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await driver.destroy(container.record.container_id)
+        termination = Termination(
+            reason=Reason.LAUNCH_FAILED, message=message, finished_at=time.time()
+        )
+        self._terminate(container, termination)
+
+    async def _watch(self, container: Container, driver: Driver) -> None:
+        container_id = container.record.container_id
+        try:
+            exit_ = await driver.wait(container_id)
+        except Exception as exc:  # a driver fault must not leave waiters hanging forever
+            log.exception("wait on %s failed", container_id)
+            exit_ = Exit(lost=True, message=f"wait failed: {exc}")
+        termination = self._termination(container, exit_)
+        # Checkpoint the status first: a crash during cleanup must not lose it.
+        self._checkpoint(container, container.record.evolve(termination=termination))
+        # Under the container's lock: a Destroy in flight is itself calling driver.destroy, and
+        # two concurrent deletes of one container race inside some runtimes (containerd's shim
+        # closes under the second one).
+        async with container.lock:
+            try:
+                await driver.destroy(container_id)
+            except Exception:
+                log.exception("cleanup of %s failed; recovery will retry", container_id)
+        self._terminate(container, termination)
+
+    def _termination(self, container: Container, exit_: Exit) -> Termination:
+        reason = _reason(exit_, destroy_requested=container.destroy_requested)
+        killed = container.destroy_requested or reason in KILLING_LIMITATIONS
+        return Termination(
+            reason=reason,
+            exit_code=exit_.exit_code,
+            signal=exit_.signal,
+            status=exit_.status,
+            killed=killed,
+            message=_termination_message(reason, exit_),
+            limited_resources=(exit_.limitation,) if exit_.limitation else (),
+            finished_at=time.time(),
+        )
+
+    def _terminate(self, container: Container, termination: Termination) -> None:
+        record = container.record.evolve(state=State.TERMINATED, termination=termination, pid=0)
+        self._checkpoint(container, record)
+        container.terminated.set()
+
+    async def destroy(self, container_id: str) -> Termination:
+        """Kill and release a running container; for a terminated one, acknowledge it: its
+        record is dropped and its termination returned one last time."""
+        container = self._get(container_id)
+        async with container.lock:
+            record = container.record
+            if record.state is State.TERMINATED:
+                assert record.termination is not None
+                self._forget(container_id)
+                return record.termination
+            container.destroy_requested = True
+            self._checkpoint(container, record.evolve(state=State.DESTROYING))
+            await self._driver(record.spec.runtime).destroy(container_id)
+        return await self.wait(container_id)
+
+    async def wait(self, container_id: str) -> Termination:
+        container = self._get(container_id)
+        await container.terminated.wait()
+        termination = container.record.termination
+        assert termination is not None
+        return termination
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        container = self._running(container_id)
+        await self._driver(container.record.spec.runtime).kill(container_id, signal)
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        container = self._running(container_id)
+        async with container.lock:
+            record = container.record
+            merged = record.spec.resources.merged(resources)
+            await self._driver(record.spec.runtime).update(container_id, merged)
+            spec = LaunchSpec(**{**record.spec.__dict__, "resources": merged})
+            self._checkpoint(container, container.record.evolve(spec=spec), publish=False)
+
+    async def usage(self, container_id: str) -> Statistics:
+        container = self._running(container_id)
+        statistics = await self._driver(container.record.spec.runtime).usage(container_id)
+        statistics.setdefault("timestamp", time.time())
+        return statistics
+
+    def status(self, container_id: str) -> ContainerRecord:
+        return self._get(container_id).record
+
+    def containers(self) -> list[ContainerRecord]:
+        return [container.record for container in self._containers.values()]
+
+    async def runtimes(self) -> list[Fingerprint]:
+        fingerprints = await asyncio.gather(*(d.fingerprint() for d in self.drivers.values()))
+        return [_with_disk_note(fingerprint) for fingerprint in fingerprints]
+
+    async def events(self, container_id: str | None = None) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
+        self._subscribers.add(queue)
+        try:
+            while True:
+                event = await queue.get()
+                if container_id is None or event.container_id == container_id:
+                    yield event
+        finally:
+            self._subscribers.discard(queue)
+
+    # ---- recovery and shutdown ----
+
+    async def recover(self) -> None:
+        """Rebuild the registry from checkpoints, re-attach drivers, and resume watching."""
+        records = self._store.load_all()
+        # A quarantined (unreadable) record's container is still known: its processes stay.
+        known_ids = {record.container_id for record in records} | set(self.quarantined_ids())
+        for record in records:
+            container = Container(record)
+            self._containers[record.container_id] = container
+            if record.state is State.TERMINATED:
+                container.terminated.set()
+        for name, driver in self.drivers.items():
+            alive = [
+                Checkpointed(r.spec, r.handle)
+                for r in records
+                if r.spec.runtime == name and r.state in (State.RUNNING, State.DESTROYING)
+            ]
+            await driver.recover(alive, known_ids)
+        for record in records:
+            await self._resume(self._containers[record.container_id])
+        self._prune()
+        self._pruner = asyncio.create_task(self._prune_periodically())
+        log.info("recovered %d container records", len(records))
+
+    async def _resume(self, container: Container) -> None:
+        record = container.record
+        driver = self.drivers.get(record.spec.runtime)
+        if driver is None:
+            if record.state is not State.TERMINATED:
+                message = f"runtime {record.spec.runtime!r} is no longer configured"
+                self._terminate(
+                    container, Termination(Reason.LOST, message=message, finished_at=time.time())
+                )
+            return
+        if record.state is State.TERMINATED:
+            return  # TERMINATED is checkpointed only after the cleanup ran
+        if record.state is State.LAUNCHING:
+            await self._fail_launch(container, driver, "the service restarted during launch")
+            return
+        if record.termination is not None:  # exit checkpointed, cleanup interrupted
+            with contextlib.suppress(Exception):
+                await driver.destroy(record.container_id)
+            self._terminate(container, record.termination)
+            return
+        container.destroy_requested = record.state is State.DESTROYING
+        if container.destroy_requested:
+            container.watcher = asyncio.create_task(self._finish_destroy(container, driver))
+        else:
+            container.watcher = asyncio.create_task(self._watch(container, driver))
+
+    async def _finish_destroy(self, container: Container, driver: Driver) -> None:
+        """A Destroy the restart interrupted, in a live Destroy's order: the watcher waits on the
+        exit before the kill, so it sees the container's own exit rather than a driver that has
+        already dropped its record (which read as "lost" and ended a destroyed container LOST)."""
+        watcher = asyncio.create_task(self._watch(container, driver))
+        await asyncio.sleep(0)  # one loop turn: the watcher is now inside driver.wait
+        async with container.lock:
+            try:
+                await driver.destroy(container.record.container_id)
+            except Exception:
+                log.exception(
+                    "destroy of %s after the restart failed", container.record.container_id
+                )
+        await watcher
+
+    async def close(self) -> None:
+        """Stop watching; containers keep running and are recovered at the next start."""
+        tasks = [c.watcher for c in self._containers.values() if c.watcher is not None]
+        if self._pruner is not None:
+            tasks.append(self._pruner)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for driver in self.drivers.values():
+            await driver.close()
+        self._store.close()
+
+    # ---- helpers ----
+
+    def _driver(self, runtime: str) -> Driver:
+        try:
+            return self.drivers[runtime]
+        except KeyError:
+            raise FailedPrecondition(
+                f"runtime {runtime!r} is not configured on this node;"
+                f" configured: {sorted(self.drivers)}"
+            ) from None
+
+    def _get(self, container_id: str) -> Container:
+        try:
+            return self._containers[container_id]
+        except KeyError:
+            raise NotFound(f"unknown container {container_id!r}") from None
+
+    def _running(self, container_id: str) -> Container:
+        container = self._get(container_id)
+        if container.record.state is not State.RUNNING:
+            raise FailedPrecondition(
+                f"container {container_id!r} is {container.record.state.value}, not RUNNING"
+            )
+        return container
+
+    def _checkpoint(
+        self, container: Container, record: ContainerRecord, publish: bool = True
+    ) -> None:
+        self._store.put(record)
+        container.record = record
+        if publish:
+            self._publish(Event(time.time(), record.container_id, record.state, record.termination))
+
+    def _forget(self, container_id: str) -> None:
+        self._store.delete(container_id)
+        container = self._containers.pop(container_id, None)
+        if container is not None and container.record.sandbox_owned:
+            shutil.rmtree(container.record.spec.sandbox, ignore_errors=True)
+
+    def _is_default_sandbox(self, spec: LaunchSpec) -> bool:
+        """The service makes (and may remove) only the default sandbox; a caller-named one may
+        not lie under the state directory (validation), so it can never be this path."""
+        default = self.sandbox_root / spec.container_id if self.sandbox_root else None
+        return default is not None and Path(spec.sandbox) == default
+
+    def quarantined(self) -> list[QuarantinedRecord]:
+        """Records found damaged at start, set aside with the reason."""
+        return self._store.quarantined()
+
+    def quarantined_ids(self) -> list[str]:
+        return [entry.container_id for entry in self._store.quarantined()]
+
+    def _publish(self, event: Event) -> None:
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):  # a stalled reader loses events
+                queue.put_nowait(event)
+
+    def _prune(self) -> None:
+        horizon = time.time() - self._retention
+        for container in list(self._containers.values()):
+            termination = container.record.termination
+            terminated = container.record.state is State.TERMINATED
+            if terminated and termination is not None and termination.finished_at < horizon:
+                self._forget(container.record.container_id)
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(self._retention, 60.0)))
+            self._prune()
+
+
+def _make_sandbox(path: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
+
+
+def _disk_not_enforced(spec: LaunchSpec) -> str:
+    """The Launch warning for a disk request: accepted (Mesos agents always send disk) but not
+    enforced by any runtime until a disk isolator exists."""
+    return (
+        f"disk: {spec.resources.disk_mib:g} MiB requested, but disk is not enforced on this node"
+        f" (runtime {spec.runtime!r} has no disk isolator): the container may write more"
+    )
+
+
+def _with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
+    if fingerprint.capabilities.disk_enforced:
+        return fingerprint
+    note = "disk: not enforced"
+    message = f"{fingerprint.message}; {note}" if fingerprint.message else note
+    return replace(fingerprint, message=message)
+
+
+def _reason(exit_: Exit, *, destroy_requested: bool) -> Reason:
+    """Why the container ended. A limit that kills (memory, disk) was the cause even when a
+    Destroy followed; otherwise a requested destroy is: it ends DESTROYED even if the runtime
+    lost track of the exit (a restart in the middle of the destroy) or a pids limit had refused
+    some forks (that kills nothing)."""
+    limitation = LIMITATION_REASONS.get(exit_.limitation or "")
+    if limitation is not None and limitation in KILLING_LIMITATIONS and not exit_.lost:
+        return limitation
+    if destroy_requested:
+        return Reason.DESTROYED
+    if exit_.lost:
+        return Reason.LOST
+    return limitation or Reason.EXITED
+
+
+def _termination_message(reason: Reason, exit_: Exit) -> str:
+    """What happened, said once: the one sentence every client shows as it is."""
+    if exit_.lost:
+        outcome = exit_.message or "exit status unknown"
+    elif exit_.signal is not None:
+        outcome = f"killed by signal {exit_.signal} ({_signal_name(exit_.signal)})"
+    else:
+        outcome = f"exited with code {exit_.exit_code}"
+    if reason is Reason.DESTROYED:
+        outcome = f"destroyed: {outcome}"
+    if exit_.limitation_message:
+        outcome += f"; {exit_.limitation_message}"
+    return outcome
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def default_sandbox_root(state_dir: Path) -> Path:
+    return state_dir / "sandboxes"

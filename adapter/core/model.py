@@ -1,0 +1,238 @@
+"""Plain domain types shared by the core and the drivers. Imports nothing of ours.
+
+Everything here is immutable and JSON-able through `to_json` / `from_json`, because container
+records are checkpointed as JSON by state.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MIB = 1024 * 1024
+MIN_MEM_MIB = 32  # Mesos: the memory hard limit is never below 32 MiB.
+CONTAINER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class State(enum.Enum):
+    LAUNCHING = "LAUNCHING"
+    RUNNING = "RUNNING"
+    DESTROYING = "DESTROYING"
+    TERMINATED = "TERMINATED"
+
+
+class Reason(enum.Enum):
+    EXITED = "EXITED"
+    DESTROYED = "DESTROYED"
+    LIMITATION_MEMORY = "LIMITATION_MEMORY"
+    LIMITATION_PIDS = "LIMITATION_PIDS"
+    LIMITATION_DISK = "LIMITATION_DISK"
+    LAUNCH_FAILED = "LAUNCH_FAILED"
+    LOST = "LOST"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a container may use. None means unlimited / not requested."""
+
+    cpus: float | None = None
+    mem_mib: float | None = None
+    disk_mib: float | None = None
+    pids: int | None = None
+    network_bandwidth: float | None = None  # Mbit/s, shaped on the host side of the veth
+    ports: tuple[tuple[int, int], ...] = ()  # Mesos `ports` ranges (inclusive), forwarded 1:1
+
+    @property
+    def mem_bytes(self) -> int | None:
+        return None if self.mem_mib is None else int(self.mem_mib * MIB)
+
+    def merged(self, other: Resources) -> Resources:
+        """These resources with every value that `other` sets replaced."""
+        return Resources(
+            cpus=other.cpus if other.cpus is not None else self.cpus,
+            mem_mib=other.mem_mib if other.mem_mib is not None else self.mem_mib,
+            disk_mib=other.disk_mib if other.disk_mib is not None else self.disk_mib,
+            pids=other.pids if other.pids is not None else self.pids,
+            network_bandwidth=(
+                other.network_bandwidth
+                if other.network_bandwidth is not None
+                else self.network_bandwidth
+            ),
+            ports=other.ports or self.ports,
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Resources:
+        """Checkpoints written before a field existed lack it: it takes its default."""
+        values = dict(data)
+        values["ports"] = tuple((int(b), int(e)) for b, e in values.get("ports", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Command:
+    """Exactly one of `shell` and `argv` is set."""
+
+    shell: str | None = None
+    argv: tuple[str, ...] = ()
+    environment: tuple[tuple[str, str], ...] = ()
+    user: str | None = None
+    working_dir: str | None = None
+
+    def resolved_argv(self) -> list[str]:
+        return ["/bin/sh", "-c", self.shell] if self.shell is not None else list(self.argv)
+
+
+NETWORK_MODES = ("none", "host", "bridge")
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"  # "tcp" or "udp"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The network a launch asks for; mode "" means the node's default (config [network])."""
+
+    mode: str = ""
+    port_mappings: tuple[PortMapping, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> NetworkSettings:
+        if not data:
+            return cls()
+        mappings = tuple(PortMapping(**mapping) for mapping in data.get("port_mappings", ()))
+        return cls(mode=data.get("mode", ""), port_mappings=mappings)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    container_id: str
+    command: Command
+    resources: Resources
+    runtime: str
+    sandbox: str
+    image: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    # The default confinement's explicit opt-out (node-allowed) and its no_new_privs request.
+    privileged: bool = False
+    no_new_privileges: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LaunchSpec:
+        command = data["command"]
+        return cls(
+            container_id=data["container_id"],
+            command=Command(
+                shell=command["shell"],
+                argv=tuple(command["argv"]),
+                environment=tuple((k, v) for k, v in command["environment"]),
+                user=command["user"],
+                working_dir=command["working_dir"],
+            ),
+            resources=Resources.from_json(data["resources"]),
+            runtime=data["runtime"],
+            sandbox=data["sandbox"],
+            image=data["image"],
+            labels=tuple((k, v) for k, v in data["labels"]),
+            network=NetworkSettings.from_json(data.get("network")),
+            privileged=bool(data.get("privileged", False)),
+            no_new_privileges=bool(data.get("no_new_privileges", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a container's init process ended, as a driver saw it (no policy applied yet)."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    # A limit the runtime or an isolator saw being hit, e.g. "mem" for an OOM kill.
+    limitation: str | None = None
+    limitation_message: str = ""
+    # No status was recorded: the processes vanished while nobody watched.
+    lost: bool = False
+    message: str = ""
+
+    @property
+    def status(self) -> int:
+        """The waitpid-style status word: exit code << 8, or the signal number."""
+        if self.signal is not None:
+            return self.signal & 0x7F
+        return (self.exit_code or 0) << 8
+
+
+@dataclass(frozen=True)
+class Termination:
+    reason: Reason
+    exit_code: int | None = None
+    signal: int | None = None
+    status: int = 0
+    killed: bool = False
+    message: str = ""
+    limited_resources: tuple[str, ...] = ()
+    finished_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reason"] = self.reason.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Termination:
+        return cls(
+            reason=Reason(data["reason"]),
+            exit_code=data["exit_code"],
+            signal=data["signal"],
+            status=data["status"],
+            killed=data["killed"],
+            message=data["message"],
+            limited_resources=tuple(data["limited_resources"]),
+            finished_at=data["finished_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    images: bool = False
+    live_update: bool = False
+    oom_detection: bool = False
+    pid_namespace: bool = False
+    recover: bool = False
+    network_isolation: bool = False
+    # A disk request is enforced (a disk isolator); no runtime does it yet, and `runtimes` says so.
+    disk_enforced: bool = False
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    name: str
+    version: str
+    healthy: bool
+    message: str = ""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    # What a workload gets by default here (adapter/core/confinement.py's summary, as enforced).
+    confinement: str = ""
+
+
+# Statistics use Mesos' ResourceStatistics field names as keys, so every producer (isolators,
+# drivers) can fill the part it knows and the core converts once.
+Statistics = dict[str, float | int]
+
+
+def is_valid_container_id(value: str) -> bool:
+    return CONTAINER_ID_PATTERN.fullmatch(value) is not None
+
+
+def is_finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0

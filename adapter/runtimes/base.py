@@ -1,0 +1,72 @@
+"""The Driver protocol: one implementation per runtime, small and async.
+
+A driver owns only the translation to its runtime. Validation, bookkeeping, checkpointing and the
+lifecycle state machine live once, in core/containerizer.py. Methods raise adapter.core.errors
+classes only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from adapter.core.model import Exit, Fingerprint, LaunchSpec, Resources, Statistics
+
+# What a driver needs to find a container again after a restart of the service. It is
+# checkpointed by the core as JSON, so it holds only JSON types.
+Handle = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """A container the core had checkpointed for this driver and has not seen terminate."""
+
+    spec: LaunchSpec
+    handle: Handle
+
+
+@dataclass(frozen=True)
+class Launched:
+    handle: Handle
+    pid: int  # host pid of the container's init process; 0 when the runtime hides it
+    warnings: tuple[str, ...] = ()
+    ip_address: str = ""  # the container's own address (bridge networking); "" if none
+
+
+class Driver(Protocol):
+    name: str
+
+    async def fingerprint(self) -> Fingerprint:
+        """Version, health and capabilities; never raises."""
+        ...
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        """Start the container and return once its workload runs. On failure everything created
+        for it is released before raising LaunchFailed (or a more specific error)."""
+        ...
+
+    async def wait(self, container_id: str) -> Exit:
+        """Resolve once the container's init process has ended. Safe to call repeatedly."""
+        ...
+
+    async def kill(self, container_id: str, signal: int) -> None: ...
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill every process of the container and release all it holds. Idempotent: destroying
+        an exited or half-launched container cleans what remains."""
+        ...
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        """Apply the complete new resources (the old ones merged with the change)."""
+        ...
+
+    async def usage(self, container_id: str) -> Statistics: ...
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        """Re-attach to `checkpointed` (so wait/usage/destroy work again) and remove what this
+        runtime holds that `known_ids` (every checkpointed id, of every runtime) does not name."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; running containers keep running."""
+        ...

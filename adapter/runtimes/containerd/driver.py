@@ -1,0 +1,565 @@
+"""The containerd runtime ("containerd"): OCI and Docker images run by containerd's runc shim.
+
+Launch: a lease (so nothing is collected while we build), the image loaded from our store and
+unpacked to snapshots (content.py), an active snapshot for the container, a container record with
+the OCI spec (spec.py), and a task whose stdout/stderr the shim appends straight to the sandbox
+files. The shim, not this service, reaps the workload and keeps its exit status until the task is
+deleted, so a container survives a restart of the service and one that exited meanwhile still
+reports its status: the task is deleted only by destroy, after the core has checkpointed the exit.
+
+Network: the node's shared network isolator (adapter/core/network.py) makes the container's
+namespace (mode none or bridge: veth on our bridge, address, port forwards, rate) before the
+container record exists, and the OCI spec joins it by path; mode host leaves the network entry out.
+A launch that names no mode on a node without a [network] table keeps what runc gives: a fresh
+namespace with only loopback, nothing of the isolator's. Destroy releases the network last,
+whatever containerd answered, so a container never holds an address it no longer uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2, empty_pb2  # type: ignore[import-untyped, unused-ignore]
+
+from adapter.api.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1_metrics
+from adapter.api.containerd.runc.options import oci_pb2
+from adapter.api.containerd.services.containers.v1 import containers_pb2
+from adapter.api.containerd.services.images.v1 import images_pb2
+from adapter.api.containerd.services.leases.v1 import leases_pb2
+from adapter.api.containerd.services.snapshots.v1 import snapshots_pb2
+from adapter.api.containerd.services.tasks.v1 import tasks_pb2
+from adapter.core.config import AgentConfig
+from adapter.core.confinement import Confinement, held_capabilities
+from adapter.core.errors import (
+    AlreadyExists,
+    ConfigError,
+    ContainerizerError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
+from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.network import RuntimeNetwork
+from adapter.core.workload import Workload, merge
+from adapter.images import open_store
+from adapter.images.image import Image
+from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.containerd import spec as oci
+from adapter.runtimes.containerd.client import ContainerdClient
+from adapter.runtimes.containerd.content import ImageLoader
+from adapter.runtimes.containerd.handle import CONTAINER_LABEL, CONTAINERD_ID, ContainerdHandle
+from adapter.runtimes.containerd.state import ContainerdState
+from isolators.cgroups.mem import MemIsolator
+from isolators.registry import container_cgroups
+
+log = logging.getLogger(__name__)
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULTS = {
+    "address": DEFAULT_ADDRESS,
+    "namespace": "containerizer",
+    "runtime": "io.containerd.runc.v2",
+    "snapshotter": "overlayfs",
+}
+RUNC_OPTIONS_TYPE_URL = oci_pb2.Options.DESCRIPTOR.full_name
+CGROUPS_V1_METRICS_TYPE_URL = cgroups_v1_metrics.Metrics.DESCRIPTOR.full_name
+FINGERPRINT_TIMEOUT = 3.0
+EXIT_AFTER_KILL_TIMEOUT = 30.0
+RECONNECT_DELAY = 1.0
+DELETE_ATTEMPTS = 3
+DELETE_RETRY_DELAY = 0.2
+SIGKILL = 9
+# The shim reports a death by signal N as 128 + N (the shell's convention); so does this driver.
+SIGNAL_EXIT_BASE = 128
+
+
+def exit_from_status(status: int) -> Exit:
+    if SIGNAL_EXIT_BASE < status <= SIGNAL_EXIT_BASE + 64:
+        return Exit(signal=status - SIGNAL_EXIT_BASE)
+    return Exit(exit_code=status)
+
+
+class ContainerdDriver:
+    name = "containerd"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        settings = {**DEFAULTS, **options}
+        self._address: str = settings["address"]
+        self._namespace: str = settings["namespace"]
+        self._runtime: str = settings["runtime"]
+        self._snapshotter: str = settings["snapshotter"]
+        self._runtime_binary: str | None = settings.get("runtime_binary")
+        where = f"{config.source or '<config>'}: runtimes.containerd"
+        for key in ("namespace", "snapshotter"):
+            if not CONTAINERD_ID.fullmatch(settings[key]):
+                raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a containerd name")
+        self._cgroups_root = config.cgroups_root
+        self._enable_cfs = config.cgroups_enable_cfs
+        self._cgroups = container_cgroups(
+            cgroups_root=config.cgroups_root, hierarchy_override=config.cgroups_hierarchy
+        )
+        # Only its check() is used: the OOM counter of the container's memory cgroup.
+        self._oom_counter = MemIsolator(self._cgroups.hierarchies)
+        self._held_capabilities = held_capabilities()
+        self._store = open_store(config.state_dir / "images")
+        self._client_instance: ContainerdClient | None = None
+        self._loader: ImageLoader | None = None
+        self._state = ContainerdState()
+        self._network = RuntimeNetwork(config)
+
+    @property
+    def _client(self) -> ContainerdClient:
+        """Created on first use, inside the event loop that will use it."""
+        if self._client_instance is None:
+            self._client_instance = ContainerdClient(self._address, self._namespace)
+            self._loader = ImageLoader(self._client_instance, self._store.blob_path)
+        return self._client_instance
+
+    def _handle(self, container_id: str) -> ContainerdHandle:
+        handle = self._state.handles.get(container_id)
+        if handle is None:
+            handle = ContainerdHandle.for_container(
+                container_id, self._namespace, self._snapshotter
+            )
+        return handle
+
+    # ---- fingerprint ----
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(
+            images=True,
+            live_update=True,
+            oom_detection=True,
+            pid_namespace=True,
+            recover=True,
+            network_isolation=True,
+        )
+        try:
+            binary = self._binary_path()
+            reply = await self._client.call(
+                self._client.version.Version,
+                empty_pb2.Empty(),
+                "version",
+                timeout=FINGERPRINT_TIMEOUT,
+            )
+        except ContainerizerError as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
+        message = (
+            f"containerd {reply.version} at {self._address}, namespace {self._namespace},"
+            f" runtime {self._runtime}{f' ({binary})' if binary else ''},"
+            f" snapshotter {self._snapshotter}"
+        )
+        return Fingerprint(
+            self.name,
+            reply.version,
+            True,
+            message,
+            capabilities,
+            confinement=Confinement().summary(),
+        )
+
+    def _binary_path(self) -> str | None:
+        if self._runtime_binary is None:
+            return None
+        found = shutil.which(self._runtime_binary)
+        if found is None:
+            raise FailedPrecondition(
+                f"runtimes.containerd.runtime_binary: {self._runtime_binary!r} is not installed"
+                " (Debian packages runc, crun)"
+            )
+        return found
+
+    # ---- launch ----
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        if not spec.image:
+            raise InvalidArgument(
+                "container.image",
+                "the containerd runtime runs images: name an imported image, e.g."
+                " localhost/busybox:latest",
+            )
+        image = self._store.get(spec.image, "container.image")
+        # Fails here, before containerd holds anything, on an empty command and bare image.
+        workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+        user = await self._user(workload, image)
+        if self._network.chooses(spec):  # bad network input fails before containerd sees it
+            self._network.check(spec)
+        handle = self._handle(spec.container_id)
+        self._state.forget_exit(spec.container_id)
+        self._state.clear_oom(handle.containerd_id)
+        await self._create_lease(handle)
+        self._state.handles[spec.container_id] = handle
+        try:
+            network = await self._prepare_network(spec)
+            mounts = await self._prepare_rootfs(handle, image)
+            await self._create_container(handle, spec, image, user, network)
+            pid = await self._start_task(handle, spec, mounts)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self.destroy(spec.container_id)
+            self._state.handles.pop(spec.container_id, None)
+            if type(exc) is ContainerizerError:  # a runtime failure with no better class
+                raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
+            raise
+        self._state.subscribe(self._client, self._end_after_oom)
+        return Launched(handle=handle.to_json(), pid=pid, ip_address=network.address)
+
+    async def _prepare_network(self, spec: LaunchSpec) -> _PreparedNetwork:
+        if not self._network.chooses(spec):
+            return _PreparedNetwork(oci.Network(), "")
+        attachment = await self._network.prepare(spec)
+        etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
+        return _PreparedNetwork(
+            oci.Network(attachment.netns_path, attachment.mode == "host", etc_files),
+            attachment.address or "",
+        )
+
+    async def _user(self, workload: Workload, image: Image) -> tuple[int, int]:
+        user = workload.user or "0"
+        if not oci.needs_user_tables(user):
+            return oci.resolve_user(user, "", "")
+        rootfs = await self._store.rootfs(image.reference)
+        tables = [_read_text(rootfs / "etc" / name) for name in ("passwd", "group")]
+        return oci.resolve_user(user, *tables)
+
+    async def _create_lease(self, handle: ContainerdHandle) -> None:
+        request = leases_pb2.CreateRequest(
+            id=handle.lease_id, labels={CONTAINER_LABEL: handle.container_id}
+        )
+        try:
+            await self._client.call(self._client.leases.Create, request, "create lease")
+        except AlreadyExists:
+            # A leftover of a launch or destroy that did not finish: clear it and retry.
+            await self.destroy(handle.container_id)
+            await self._client.call(self._client.leases.Create, request, "create lease")
+
+    async def _prepare_rootfs(self, handle: ContainerdHandle, image: Image) -> Any:
+        assert self._loader is not None
+        top = await self._loader.ensure_unpacked(image, handle.snapshotter, handle.lease_id)
+        prepared = await self._client.call(
+            self._client.snapshots.Prepare,
+            snapshots_pb2.PrepareSnapshotRequest(
+                snapshotter=handle.snapshotter, key=handle.snapshot_key, parent=top
+            ),
+            f"prepare snapshot {handle.snapshot_key}",
+            lease=handle.lease_id,
+        )
+        return prepared.mounts
+
+    async def _create_container(
+        self,
+        handle: ContainerdHandle,
+        spec: LaunchSpec,
+        image: Image,
+        user: tuple[int, int],
+        network: _PreparedNetwork,
+    ) -> None:
+        document = oci.runtime_spec(
+            spec,
+            image,
+            cgroups_root=self._cgroups_root,
+            enable_cfs=self._enable_cfs,
+            user=user,
+            network=network.oci,
+            held=self._held_capabilities,
+        )
+        runtime = containers_pb2.Container.Runtime(name=self._runtime)
+        binary = self._binary_path()
+        if binary is not None:
+            options = oci_pb2.Options(binary_name=binary)
+            runtime.options.CopyFrom(
+                any_pb2.Any(type_url=RUNC_OPTIONS_TYPE_URL, value=options.SerializeToString())
+            )
+        container = containers_pb2.Container(
+            id=handle.containerd_id,
+            labels={CONTAINER_LABEL: handle.container_id},
+            image=image.reference,
+            runtime=runtime,
+            spec=any_pb2.Any(type_url=oci.SPEC_TYPE_URL, value=oci.encode(document)),
+            snapshotter=handle.snapshotter,
+            snapshot_key=handle.snapshot_key,
+        )
+        await self._client.call(
+            self._client.containers.Create,
+            containers_pb2.CreateContainerRequest(container=container),
+            f"create container {handle.containerd_id}",
+            lease=handle.lease_id,
+        )
+
+    async def _start_task(self, handle: ContainerdHandle, spec: LaunchSpec, mounts: Any) -> int:
+        """stdout/stderr are plain paths of regular files: the shim opens them for append
+        itself, so the output keeps flowing while this service is down."""
+        outputs = [Path(spec.sandbox) / name for name in ("stdout", "stderr")]
+        for output in outputs:
+            output.touch()
+        await self._client.call(
+            self._client.tasks.Create,
+            tasks_pb2.CreateTaskRequest(
+                container_id=handle.containerd_id,
+                rootfs=mounts,
+                stdout=str(outputs[0]),
+                stderr=str(outputs[1]),
+            ),
+            f"create task {handle.containerd_id}",
+        )
+        reply = await self._client.call(
+            self._client.tasks.Start,
+            tasks_pb2.StartRequest(container_id=handle.containerd_id),
+            f"start task {handle.containerd_id}",
+        )
+        return int(reply.pid)
+
+    # ---- wait, kill ----
+
+    async def wait(self, container_id: str) -> Exit:
+        handle = self._state.handles.get(container_id)
+        if handle is None:  # destroyed already: the exit destroy saw, if any
+            return self._state.exit_of(container_id) or Exit(
+                lost=True, message="the containerd runtime has no record of it"
+            )
+        while True:
+            try:
+                reply = await self._client.call(
+                    self._client.tasks.Wait,
+                    tasks_pb2.WaitRequest(container_id=handle.containerd_id),
+                    f"wait for task {handle.containerd_id}",
+                    timeout=None,
+                )
+                break
+            except NotFound:
+                return self._state.exit_of(container_id) or Exit(
+                    lost=True, message="containerd has no task for it any more"
+                )
+            except Unavailable as exc:  # containerd restarts; its shims keep the container
+                log.warning("%s; retrying the wait for %s", exc, container_id)
+                await asyncio.sleep(RECONNECT_DELAY)
+        exit_ = self._with_limitation(handle, exit_from_status(reply.exit_status))
+        self._state.remember_exit(container_id, exit_)
+        return exit_
+
+    def _with_limitation(self, handle: ContainerdHandle, exit_: Exit) -> Exit:
+        """An OOM kill, from the events stream or the cgroup's oom_kill counter (which also
+        counts the ones that happened while the service was down)."""
+        limitation = None
+        with contextlib.suppress(OSError):
+            limitation = self._oom_counter.check(handle.container_id)
+        if limitation is None and self._state.oom_killed(handle.containerd_id):
+            message = "Memory limit exceeded: containerd reported an OOM kill"
+            return Exit(exit_.exit_code, exit_.signal, "mem", message)
+        if limitation is None:
+            return exit_
+        return Exit(exit_.exit_code, exit_.signal, limitation.resource, limitation.message)
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        handle = self._known(container_id)
+        await self._client.call(
+            self._client.tasks.Kill,
+            tasks_pb2.KillRequest(container_id=handle.containerd_id, signal=signal),
+            f"kill task {handle.containerd_id}",
+        )
+
+    async def _end_after_oom(self, containerd_id: str) -> None:
+        """The OOM killer may have hit a child, not the init: end the whole container."""
+        with contextlib.suppress(ContainerizerError):
+            await self._client.call(
+                self._client.tasks.Kill,
+                tasks_pb2.KillRequest(container_id=containerd_id, signal=SIGKILL, all=True),
+                f"kill task {containerd_id} after an OOM kill",
+            )
+
+    def _known(self, container_id: str) -> ContainerdHandle:
+        handle = self._state.handles.get(container_id)
+        if handle is None:
+            raise NotFound(f"containerd runtime: no running container {container_id!r}")
+        return handle
+
+    # ---- destroy ----
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill every process, record the exit, then delete task, container, snapshot, lease;
+        each step tolerates what an earlier, interrupted destroy already removed."""
+        try:
+            await self._destroy_in_containerd(self._handle(container_id))
+        finally:
+            await self._network.cleanup(container_id)
+
+    async def _destroy_in_containerd(self, handle: ContainerdHandle) -> None:
+        client = self._client
+        await self._kill_and_reap(handle)
+        ctr_id = handle.containerd_id
+        steps: list[tuple[Any, Any, str]] = [
+            (client.tasks.Delete, tasks_pb2.DeleteTaskRequest(container_id=ctr_id), "task"),
+            (
+                client.containers.Delete,
+                containers_pb2.DeleteContainerRequest(id=ctr_id),
+                "container",
+            ),
+            (
+                client.snapshots.Remove,
+                snapshots_pb2.RemoveSnapshotRequest(
+                    snapshotter=handle.snapshotter, key=handle.snapshot_key
+                ),
+                "snapshot",
+            ),
+            (client.leases.Delete, leases_pb2.DeleteRequest(id=handle.lease_id), "lease"),
+        ]
+        for method, request, what in steps:
+            await self._delete(method, request, f"delete {what} {ctr_id}")
+        self._state.clear_oom(handle.containerd_id)
+        self._state.handles.pop(handle.container_id, None)
+
+    async def _delete(self, method: Any, request: Any, what: str) -> None:
+        """One step of destroy; NotFound means an earlier destroy did it. An error containerd
+        gives no class is retried: the shim can exit while containerd deletes its task
+        ("ttrpc: closed", containerd/containerd#8981), and a second Delete completes it."""
+        for attempt in range(1, DELETE_ATTEMPTS + 1):
+            try:
+                await self._client.call(method, request, what)
+                return
+            except NotFound:
+                return
+            except ContainerizerError as exc:
+                if type(exc) is not ContainerizerError or attempt == DELETE_ATTEMPTS:
+                    raise
+                log.warning("%s; retrying", exc)
+                await asyncio.sleep(DELETE_RETRY_DELAY)
+
+    async def _kill_and_reap(self, handle: ContainerdHandle) -> None:
+        """SIGKILL to all of the task's processes, and its exit status remembered for wait()."""
+        client = self._client
+        task_id = handle.containerd_id
+        try:
+            await client.call(
+                client.tasks.Kill,
+                tasks_pb2.KillRequest(container_id=task_id, signal=SIGKILL, all=True),
+                f"kill task {task_id}",
+            )
+        except NotFound:
+            return  # no task: nothing runs
+        except FailedPrecondition:
+            pass  # already stopped
+        try:
+            reply = await client.call(
+                client.tasks.Wait,
+                tasks_pb2.WaitRequest(container_id=task_id),
+                f"wait for task {task_id}",
+                timeout=EXIT_AFTER_KILL_TIMEOUT,
+            )
+        except NotFound:
+            return
+        exit_ = self._with_limitation(handle, exit_from_status(reply.exit_status))
+        self._state.remember_exit(handle.container_id, exit_)
+
+    # ---- update, usage ----
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        handle = self._known(container_id)
+        document = oci.linux_resources(resources, enable_cfs=self._enable_cfs)
+        await self._client.call(
+            self._client.tasks.Update,
+            tasks_pb2.UpdateTaskRequest(
+                container_id=handle.containerd_id,
+                resources=any_pb2.Any(type_url=oci.RESOURCES_TYPE_URL, value=oci.encode(document)),
+            ),
+            f"update task {handle.containerd_id}",
+        )
+        await self._network.update(container_id, resources)
+
+    async def usage(self, container_id: str) -> Statistics:
+        """The shared accounting reader on the cgroups runc made at linux.cgroupsPath."""
+        self._known(container_id)
+        if not self._cgroups.dirs(container_id):
+            raise NotFound(f"containerd runtime: {container_id!r} has no cgroup (not running)")
+        statistics = self._cgroups.statistics(container_id)
+        statistics.update(await self._network.usage(container_id))
+        return statistics
+
+    async def metrics(self, container_id: str) -> cgroups_v1_metrics.Metrics:
+        """containerd's own view (tasks.Metrics), decoded by type URL: used to cross-check."""
+        handle = self._known(container_id)
+        reply = await self._client.call(
+            self._client.tasks.Metrics,
+            tasks_pb2.MetricsRequest(filters=[f'id=="{handle.containerd_id}"']),
+            f"metrics of {handle.containerd_id}",
+        )
+        for metric in reply.metrics:
+            if metric.data.type_url == CGROUPS_V1_METRICS_TYPE_URL:
+                metrics: cgroups_v1_metrics.Metrics = cgroups_v1_metrics.Metrics.FromString(
+                    metric.data.value
+                )
+                return metrics
+        raise NotFound(f"containerd has no cgroup v1 metrics for {container_id!r}")
+
+    # ---- recovery ----
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._network.recover(known_ids)  # needs no containerd: runs even if it is down
+        for entry in checkpointed:
+            cid = entry.spec.container_id
+            if entry.handle:
+                self._state.handles[cid] = ContainerdHandle.from_json(cid, entry.handle)
+            else:
+                self._state.handles[cid] = self._handle(cid)
+        try:
+            await self._remove_orphans(known_ids)
+            await self._remove_images_not_in_store()
+        except Unavailable as exc:
+            # The other runtimes must keep working; fingerprint reports containerd unhealthy.
+            log.warning("containerd recovery skipped: %s", exc)
+            return
+        self._state.subscribe(self._client, self._end_after_oom)
+
+    async def _remove_orphans(self, known_ids: set[str]) -> None:
+        """Containers and leases in our namespace that no checkpoint knows."""
+        client = self._client
+        listed = await client.call(
+            client.containers.List, containers_pb2.ListContainersRequest(), "list containers"
+        )
+        leases = await client.call(client.leases.List, leases_pb2.ListRequest(), "list leases")
+        owners = [c.labels.get(CONTAINER_LABEL, "") for c in listed.containers]
+        owners += [lease.labels.get(CONTAINER_LABEL, "") for lease in leases.leases]
+        for owner in dict.fromkeys(owners):
+            if owner and owner not in known_ids:
+                log.info("containerd: removing orphan container %s", owner)
+                await self.destroy(owner)
+
+    async def _remove_images_not_in_store(self) -> None:
+        """The containerd image records we made own their content and snapshots; an image
+        removed from our store goes, and containerd's garbage collector takes the rest."""
+        stored = {image.reference for image in self._store.list()}
+        client = self._client
+        listed = await client.call(client.images.List, images_pb2.ListImagesRequest(), "images")
+        for image in listed.images:
+            if image.name not in stored:
+                with contextlib.suppress(NotFound):
+                    await client.call(
+                        client.images.Delete,
+                        images_pb2.DeleteImageRequest(name=image.name),
+                        f"delete image {image.name}",
+                    )
+
+    async def close(self) -> None:
+        await self._state.close()
+        await self._network.close()
+        if self._client_instance is not None:
+            await self._client_instance.close()
+
+
+@dataclass(frozen=True)
+class _PreparedNetwork:
+    oci: oci.Network
+    address: str  # "" without an address of its own
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

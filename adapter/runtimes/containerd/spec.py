@@ -1,0 +1,213 @@
+"""The OCI runtime spec (config.json) of a container, built from a LaunchSpec and its image.
+
+It is built as data and serialised with json, never pasted together. Limits use the same Mesos
+arithmetic as the native isolators (imported from isolators/cgroups), and linux.cgroupsPath puts
+the container at `/<cgroups_root>/<container_id>` in every controller, where the shared accounting
+reader finds it. What runs (argv, environment, working directory, user) is the one image/request
+merge (adapter/core/workload.py); this module only resolves the user against the image's tables.
+
+Confinement is adapter/core/confinement.py's policy, translated for runc and crun: the default
+capability set (held only by uid 0; any other uid starts with none, as under Docker), the seccomp
+allow-list, no_new_privs for non-root users and on request, masked and read-only kernel paths, a
+cgroup namespace whose cgroupfs is mounted read-only, /sys read-only, a /dev tmpfs holding only
+the runtime's default devices, and a device cgroup that denies everything else. `privileged`
+turns these off: every capability, no filter, nothing masked, /sys and cgroupfs writable and the
+device cgroup open.
+
+Network: the network isolator made the container's namespace before the spec is written; the
+spec joins it by path (`linux.namespaces` network entry with `path`), or has no network entry
+for the host's network. Its /etc/hosts and /etc/resolv.conf are bind-mounted read-only: the
+files live in the service's state, and a writable bind would let the container grow them there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapter.core.confinement import Confinement, oci_seccomp_profile
+from adapter.core.errors import InvalidArgument
+from adapter.core.model import LaunchSpec, Resources
+from adapter.core.workload import SANDBOX_IN_CONTAINER, merge
+from adapter.images.image import Image
+from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
+from isolators.cgroups.mem import memory_limit_bytes
+
+OCI_VERSION = "1.0.2-dev"
+SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+SANDBOX_PATH = SANDBOX_IN_CONTAINER
+NAMESPACES = ("pid", "ipc", "uts", "mount", "cgroup")
+SYSTEM_MOUNT_OPTIONS = ("nosuid", "noexec", "nodev")
+
+
+@dataclass(frozen=True)
+class Network:
+    """How the container gets its network. `netns_path`: join the isolator's namespace; None and
+    `host`: the host's namespace; neither: a fresh one from runc with only loopback."""
+
+    netns_path: str | None = None
+    host: bool = False
+    etc_files: dict[str, Path] = field(default_factory=dict)  # path in the container -> file
+
+    def namespace(self) -> list[dict[str, str]]:
+        if self.netns_path is not None:
+            return [{"type": "network", "path": self.netns_path}]
+        return [] if self.host else [{"type": "network"}]
+
+    def mounts(self) -> list[dict[str, Any]]:
+        return [
+            _mount(target, "bind", str(source), ["rbind", "ro", "nosuid", "nodev", "noexec"])
+            for target, source in sorted(self.etc_files.items())
+        ]
+
+
+def _mount(destination: str, kind: str, source: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "type": kind, "source": source, "options": options}
+
+
+def default_mounts(sandbox: str, *, privileged: bool = False) -> list[dict[str, Any]]:
+    """/proc, a /dev tmpfs (runc and crun create only their default devices in it), /sys and
+    cgroupfs read-only unless privileged, and the sandbox."""
+    access = "rw" if privileged else "ro"
+    return [
+        _mount("/proc", "proc", "proc", [*SYSTEM_MOUNT_OPTIONS]),
+        _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        _mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        ),
+        _mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777"]),
+        _mount("/dev/mqueue", "mqueue", "mqueue", [*SYSTEM_MOUNT_OPTIONS]),
+        _mount("/sys", "sysfs", "sysfs", [*SYSTEM_MOUNT_OPTIONS, access]),
+        _mount("/sys/fs/cgroup", "cgroup", "cgroup", [*SYSTEM_MOUNT_OPTIONS, "relatime", access]),
+        _mount(SANDBOX_PATH, "bind", sandbox, ["rbind", "rw"]),
+    ]
+
+
+def process_capabilities(
+    confinement: Confinement, uid: int, held: Collection[str] | None = None
+) -> dict[str, list[str]]:
+    """The bounding set always; effective, permitted and inheritable only for uid 0, as Docker
+    does: a non-root user holds nothing, not even an inheritable set that a binary with
+    inheritable file capabilities could turn into permitted ones. No ambient set, so nothing
+    survives a non-root user's execve. Only capabilities in `held` (None: all) are named: a
+    privileged container gets everything the node has (confinement.held_capabilities)."""
+    bounding = [name for name in confinement.capabilities if held is None or name in held]
+    given = bounding if uid == 0 else []
+    return {
+        "bounding": bounding,
+        "effective": list(given),
+        "permitted": list(given),
+        "inheritable": list(given),
+    }
+
+
+def linux_confinement(confinement: Confinement) -> dict[str, Any]:
+    """The `linux` keys that confine: seccomp, masked and read-only paths, the device cgroup."""
+    devices = [{"allow": confinement.privileged, "access": "rwm"}]
+    result: dict[str, Any] = {
+        "maskedPaths": list(confinement.masked_paths),
+        "readonlyPaths": list(confinement.readonly_paths),
+        "resources": {"devices": devices},
+    }
+    if confinement.seccomp:
+        result["seccomp"] = oci_seccomp_profile()
+    return result
+
+
+def linux_resources(resources: Resources, *, enable_cfs: bool) -> dict[str, Any]:
+    """linux.resources with Mesos' arithmetic; what is not requested is left unlimited."""
+    result: dict[str, Any] = {}
+    if resources.cpus is not None:
+        cpu: dict[str, Any] = {"shares": cpu_shares(resources.cpus)}
+        if enable_cfs:
+            cpu.update(quota=cfs_quota_us(resources.cpus), period=CFS_PERIOD_US)
+        result["cpu"] = cpu
+    if resources.mem_bytes is not None:
+        limit = memory_limit_bytes(resources.mem_bytes)
+        result["memory"] = {"limit": limit, "reservation": limit}
+    if resources.pids is not None:
+        result["pids"] = {"limit": resources.pids}
+    return result
+
+
+def _lookup(table: str, name: str, field: str) -> tuple[int, int]:
+    """uid and gid (or gid twice) of `name` in passwd/group text."""
+    for line in table.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 3 and parts[0] == name and parts[2].isdigit():
+            gid = parts[3] if len(parts) > 3 and parts[3].isdigit() else parts[2]
+            return int(parts[2]), int(gid)
+    raise InvalidArgument(field, f"{name!r} is not in the image's /etc/passwd or /etc/group")
+
+
+def resolve_user(user: str, passwd: str, group: str) -> tuple[int, int]:
+    """`name`, `uid`, `name:group` or `uid:gid`, as Docker reads the image's USER, resolved
+    against the image's /etc/passwd and /etc/group texts."""
+    field = "command.user"
+    name, _, group_name = user.partition(":")
+    if name.isdigit():
+        uid, gid = int(name), 0
+        for line in passwd.splitlines():  # a numeric user still gets its primary group
+            parts = line.split(":")
+            if len(parts) > 3 and parts[2] == name and parts[3].isdigit():
+                gid = int(parts[3])
+    else:
+        uid, gid = _lookup(passwd, name, field)
+    if group_name:
+        gid = int(group_name) if group_name.isdigit() else _lookup(group, group_name, field)[0]
+    return uid, gid
+
+
+def needs_user_tables(user: str) -> bool:
+    """Whether resolving `user` needs the image's passwd/group (numeric ids do not)."""
+    name, _, group_name = user.partition(":")
+    return not (name.isdigit() and (not group_name or group_name.isdigit()))
+
+
+def runtime_spec(
+    spec: LaunchSpec,
+    image: Image,
+    *,
+    cgroups_root: str,
+    enable_cfs: bool,
+    user: tuple[int, int],
+    network: Network | None = None,
+    held: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """The config.json for `spec` in `image`, run as the resolved `user` (uid, gid), naming
+    only capabilities in `held` (see process_capabilities)."""
+    network = network or Network()
+    workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+    confinement = Confinement(spec.privileged, spec.no_new_privileges)
+    linux = linux_confinement(confinement)
+    linux["resources"].update(linux_resources(spec.resources, enable_cfs=enable_cfs))
+    linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
+    linux["namespaces"] = [{"type": kind} for kind in NAMESPACES] + network.namespace()
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {"uid": user[0], "gid": user[1]},
+            "args": list(workload.argv),
+            "env": workload.environment_lines(),
+            "cwd": workload.working_dir,
+            "capabilities": process_capabilities(confinement, user[0], held),
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": confinement.no_new_privs_for(user[0] == 0),
+        },
+        "root": {"path": "rootfs"},
+        "hostname": spec.container_id[:63],
+        "mounts": default_mounts(spec.sandbox, privileged=spec.privileged) + network.mounts(),
+        "linux": linux,
+    }
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -1,0 +1,526 @@
+"""The docker runtime ("docker"; Mesos' DockerContainerizer): containers on Docker Engine.
+
+Translation only: a LaunchSpec becomes an Engine API container (limits by the Mesos arithmetic of
+isolators/cgroups, `CgroupParent` under our cgroups_root so accounting is the one cgroup reader,
+the sandbox bind-mounted at /mnt/mesos/sandbox, Docker's init as pid 1); Docker's inspect state
+becomes an Exit. client.py owns the API calls, handle.py names and paths, network.py the network:
+the node's network isolator, joined through a sandbox container in bridge mode; Docker's own
+`none` (the default without a [network] table) and `host` need no sandbox.
+
+Choices, and why:
+- Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
+  container is removed, so destroy copies both streams into the sandbox files just before it
+  removes the container. Nothing is lost across our crashes (the container, and so its log,
+  stays until a destroy has copied it), and no thread or connection is held per container. The
+  cost: the sandbox files fill at exit; while it runs, `docker logs` shows the output.
+- Signals: Docker reports a container whose init died of signal n as exit code 128+n (so does
+  the shell, and so does Docker's init, tini, for its child). With `Init` set the workload is not
+  pid 1, so it dies of signals the way it would under our native runtime, and 128+n (n a valid
+  signal number) is reported as signal n, like every other runtime; a workload that literally
+  exits 137 is indistinguishable, exactly as it is in a shell's `$?`.
+- OOM: Docker's State.OOMKilled (the cgroup's OOM event) is Mesos' memory limitation.
+- Confinement: confinement.py translates adapter/core/confinement.py's policy into HostConfig.
+- Command: an empty request command sets neither Entrypoint nor Cmd, so Docker runs the image's;
+  the working directory is the request's, else the image's, else the sandbox
+  (adapter/core/workload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import signal as signals
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker.auth  # type: ignore[import-untyped]
+import docker.errors  # type: ignore[import-untyped]
+import docker.utils  # type: ignore[import-untyped]
+
+from adapter.core.config import AgentConfig
+from adapter.core.confinement import Confinement
+from adapter.core.errors import (
+    AlreadyExists,
+    ConfigError,
+    ContainerizerError,
+    FailedPrecondition,
+    InvalidArgument,
+    LaunchFailed,
+    NotFound,
+    Unavailable,
+)
+from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.docker import handle as names
+from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
+from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fields
+from adapter.runtimes.docker.handle import DockerHandle
+from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
+from isolators.cgroups.hierarchy import Hierarchies, check_root
+from isolators.cgroups.mem import memory_limit_bytes
+from isolators.registry import container_cgroups
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
+ENDPOINT = re.compile(r"unix:///\S+|tcp://[A-Za-z0-9.\-]+:\d{1,5}")
+REGISTRY = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?")
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# Docker's reference grammar: [registry[:port]/]path[:tag][@sha256:digest]
+IMAGE_REFERENCE = re.compile(
+    rf"(?:[A-Za-z0-9.\-]+(?::\d{{1,5}})?/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+    r"(?::\w[\w.\-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
+STOP_TIMEOUT_SECONDS = 30.0
+FINISHED_KEPT = 4096  # exits kept after destroy for a wait() that comes later
+SIGNAL_MAX = int(signals.SIGRTMAX)
+CAPABILITIES = Capabilities(
+    images=True,
+    live_update=True,
+    oom_detection=True,
+    pid_namespace=True,
+    recover=True,
+    network_isolation=True,
+)
+
+
+@dataclass
+class _Tracked:
+    """A container this driver watches; `died` is set on each `die` event (or stream gap)."""
+
+    handle: DockerHandle
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    pid: int = 0  # the init's host pid at launch; 0 after a recovery (nobody asks then)
+
+
+@dataclass(frozen=True)
+class DockerImage:
+    """An image the daemon has: the reference to create from, and its own Config."""
+
+    reference: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def has_command(self) -> bool:
+        return bool(self.config.get("Entrypoint") or self.config.get("Cmd"))
+
+
+def exit_from_inspect(inspect: Inspect) -> Exit:
+    """Docker's final state of a container -> our Exit (see the module docstring for 128+n)."""
+    state = inspect["State"]
+    code = int(state.get("ExitCode", 0))
+    signal = code - 128 if 128 < code <= 128 + SIGNAL_MAX else None
+    limitation, limitation_message = None, ""
+    if state.get("OOMKilled"):
+        limit = inspect.get("HostConfig", {}).get("Memory") or "unknown"
+        limitation = "mem"
+        limitation_message = f"Memory limit exceeded: limit {limit} bytes (Docker: OOMKilled)"
+    return Exit(
+        exit_code=None if signal is not None else code,
+        signal=signal,
+        limitation=limitation,
+        limitation_message=limitation_message,
+        message=str(state.get("Error") or ""),
+    )
+
+
+def has_ended(inspect: Inspect) -> bool:
+    return inspect["State"].get("Status") in ("exited", "dead")
+
+
+def resource_fields(resources: Resources, *, enable_cfs: bool) -> dict[str, int]:
+    """Our resources as Engine API HostConfig/update fields, by the isolators' arithmetic."""
+    fields: dict[str, int] = {}
+    if resources.cpus is not None:
+        fields["CpuShares"] = cpu_shares(resources.cpus)
+        if enable_cfs:
+            fields["CpuPeriod"] = CFS_PERIOD_US
+            fields["CpuQuota"] = cfs_quota_us(resources.cpus)
+    if resources.mem_bytes is not None:
+        limit = memory_limit_bytes(resources.mem_bytes)
+        # Swap equal to memory: the limit is hard, as the native runtime's is.
+        fields.update(Memory=limit, MemorySwap=limit, MemoryReservation=limit)
+    if resources.pids is not None:
+        fields["PidsLimit"] = resources.pids
+    return fields
+
+
+class DockerDriver:
+    name = "docker"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        where = f"{config.source or '<config>'}: runtimes.docker"
+        endpoint = str(options.get("endpoint", DEFAULT_ENDPOINT))
+        if ENDPOINT.fullmatch(endpoint) is None:
+            raise ConfigError(
+                f"{where}.endpoint: expected unix:///PATH or tcp://HOST:PORT, got {endpoint!r}"
+            )
+        registry = options.get("registry")
+        if registry is not None and REGISTRY.fullmatch(registry) is None:
+            raise ConfigError(f"{where}.registry: expected HOST[:PORT], got {registry!r}")
+        self._registry: str | None = registry
+        sandbox_image = options.get("sandbox_image")
+        if sandbox_image is not None and not _is_image_reference(sandbox_image):
+            raise ConfigError(f"{where}.sandbox_image: not an image reference: {sandbox_image!r}")
+        self._sandbox_image: str | None = sandbox_image
+        self._engine = DockerEngine(endpoint)
+        self._owner = str(config.state_dir)
+        self._cgroups_root = check_root(config.cgroups_root)
+        self._hierarchy_override = config.cgroups_hierarchy
+        self._enable_cfs = config.cgroups_enable_cfs
+        self._node_capabilities = NodeCapabilities.of_this_node()
+        self._network = DockerNetwork(config, self._engine, self._owner, self._cgroups_root)
+        self._hierarchies: Hierarchies | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished: OrderedDict[str, Exit] = OrderedDict()
+        self._destroying: dict[str, asyncio.Future[None]] = {}
+        self._follower = ExitFollower(
+            self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
+        )
+
+    # ---- fingerprint ----
+
+    async def fingerprint(self) -> Fingerprint:
+        try:
+            version = await self._engine.version()
+            info = await self._engine.info()
+        except ContainerizerError as exc:
+            return Fingerprint(self.name, "", False, str(exc), CAPABILITIES)
+        driver = info.get("CgroupDriver", "unknown")
+        message = (
+            f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')}) at"
+            f" {self._engine.where}; cgroup driver {driver}"
+        )
+        if driver != "cgroupfs":
+            message += " (usage needs cgroupfs: containers are placed by CgroupParent)"
+        return Fingerprint(
+            self.name,
+            str(version.get("Version", "")),
+            True,
+            message,
+            CAPABILITIES,
+            confinement=Confinement().summary(),
+        )
+
+    # ---- launch ----
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        if not spec.image:
+            raise InvalidArgument("container.image", "the docker runtime needs an image to run")
+        mode = self._network.mode(spec)  # bad network input fails before dockerd sees it
+        image = await self._ensure_image(spec.image)
+        if not spec.command.resolved_argv() and not image.has_command():
+            raise InvalidArgument(
+                "command",
+                f"is empty and image {spec.image!r} has no Entrypoint or Cmd:"
+                " give a shell string or an argv",
+            )
+        await self._follower.start()
+        self._finished.pop(cid, None)
+        try:
+            network = PreparedNetwork(mode)
+            if mode == "bridge":
+                sandbox_image = image
+                if self._sandbox_image is not None:
+                    sandbox_image = await self._ensure_image(self._sandbox_image)
+                network = await self._network.prepare_bridge(spec, sandbox_image.reference)
+            tracked = await self._create_and_start(spec, image, network)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(cid)
+            self._finished.pop(cid, None)
+            raise
+        return Launched(
+            handle=tracked.handle.to_json(),
+            pid=tracked.pid,
+            warnings=self._node_capabilities.warnings(spec),
+            ip_address=network.address,
+        )
+
+    async def _create_and_start(
+        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
+    ) -> _Tracked:
+        cid = spec.container_id
+        name = names.container_name(self._owner, cid)
+        config = self._container_config(spec, image, network)
+        try:
+            docker_id = await self._engine.create(name, config, LaunchFailed)
+        except AlreadyExists:  # a leftover of an interrupted launch or cleanup: ours by name
+            await self._remove(name, cid, copy_logs=False)
+            docker_id = await self._engine.create(name, config, LaunchFailed)
+        parent = names.cgroup_parent(self._cgroups_root, cid)
+        cgroup = f"{parent}/{docker_id}"
+        handle = DockerHandle(docker_id, name, cgroup, image.reference, network.sandbox_id)
+        tracked = _Tracked(handle)
+        self._tracked[cid] = tracked
+        await self._engine.start(docker_id, LaunchFailed)
+        inspect = await self._engine.inspect(docker_id)
+        tracked.pid = int(inspect["State"].get("Pid") or 0)
+        reported = names.cgroup_of_process(tracked.pid) if tracked.pid else None
+        if reported is not None and reported != handle.cgroup:
+            tracked.handle = dataclasses.replace(handle, cgroup=reported)
+        return tracked
+
+    def _container_config(
+        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
+    ) -> dict[str, Any]:
+        """create_container keyword arguments; host_config is Engine API JSON (data, never text:
+        the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
+        argv = spec.command.resolved_argv()
+        working_dir = spec.command.working_dir or image.config.get("WorkingDir")
+        labels = dict(spec.labels)
+        labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
+        host_config: dict[str, Any] = {
+            **resource_fields(spec.resources, enable_cfs=self._enable_cfs),
+            "CgroupParent": names.cgroup_parent(self._cgroups_root, spec.container_id),
+            "Mounts": [
+                {"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT},
+                *network.etc_mounts,
+            ],
+            "NetworkMode": network.network_mode,
+            "Init": True,
+            "LogConfig": {"Type": "json-file", "Config": {}},
+            **confinement_fields(
+                spec, str(image.config.get("User") or ""), self._node_capabilities
+            ),
+        }
+        environment = [f"{key}={value}" for key, value in spec.command.environment]
+        environment.append(f"MESOS_SANDBOX={names.SANDBOX_MOUNT}")
+        return {
+            "image": image.reference,
+            # None, not []: an empty Entrypoint would drop the image's own.
+            "entrypoint": argv[:1] or None,
+            "command": argv[1:] or None,
+            "environment": environment,
+            "user": spec.command.user,
+            "working_dir": working_dir or names.SANDBOX_MOUNT,
+            "labels": labels,
+            "detach": True,
+            "host_config": host_config,
+        }
+
+    async def _ensure_image(self, reference: str) -> DockerImage:
+        """The reference to create from: as given when Docker has it, else pulled from the
+        configured registry (an unqualified name is looked up there). Never another registry."""
+        config = await self._engine.image_config(reference)
+        if config is not None:
+            return DockerImage(reference, config)
+        try:
+            repository, tag = docker.utils.parse_repository_tag(reference)
+            index, remote = docker.auth.resolve_repository_name(repository)
+        except docker.errors.DockerException as exc:
+            raise InvalidArgument("container.image", f"{reference!r}: {exc}") from exc
+        if self._registry is None:
+            raise NotFound(
+                f"image {reference!r} is not in the docker daemon at {self._engine.where}, and no"
+                " runtimes.docker.registry is configured to pull it from"
+            )
+        qualified = repository.split("/", 1)[0] == index
+        if qualified and index != self._registry:
+            raise NotFound(
+                f"image {reference!r} is not in the docker daemon, and images are pulled only from"
+                f" the configured registry {self._registry!r}"
+            )
+        separator = "@" if "@" in reference else ":"
+        pulled = f"{self._registry}/{remote}" + (f"{separator}{tag}" if tag else ":latest")
+        config = await self._engine.image_config(pulled)
+        if config is None:
+            await self._engine.pull(pulled, LaunchFailed)
+            config = await self._engine.image_config(pulled)
+        return DockerImage(pulled, config or {})
+
+    # ---- exit ----
+
+    def _on_exit_event(self, container_id: str | None) -> None:
+        if container_id is None:
+            for tracked in self._tracked.values():
+                tracked.died.set()
+        elif container_id in self._tracked:
+            self._tracked[container_id].died.set()
+
+    async def wait(self, container_id: str) -> Exit:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            return self._finished.get(container_id) or Exit(
+                lost=True, message="the docker runtime has no record of this container"
+            )
+        backoff = 0.5
+        while True:
+            tracked.died.clear()
+            try:
+                await self._follower.start()
+                inspect = await self._engine.inspect(tracked.handle.docker_id)
+            except NotFound:
+                return self._finished.get(container_id) or Exit(
+                    lost=True,
+                    message=f"docker container {tracked.handle.docker_id[:12]} is gone",
+                )
+            except Unavailable as exc:  # dockerd restarting: keep waiting, slowly
+                log.warning("wait on %s: %s", container_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if has_ended(inspect):
+                return exit_from_inspect(inspect)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tracked.died.wait(), WAIT_POLL_SECONDS)
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        with contextlib.suppress(FailedPrecondition):  # already exited: wait() reports it
+            await self._engine.kill(tracked.handle.docker_id, signal)
+
+    # ---- destroy ----
+
+    async def destroy(self, container_id: str) -> None:
+        """Concurrent destroys of one container (the API's and the exit watcher's) share one
+        run: Docker refuses a second removal while one is in progress."""
+        running = self._destroying.get(container_id)
+        if running is None:
+            running = asyncio.ensure_future(self._destroy(container_id))
+            self._destroying[container_id] = running
+            running.add_done_callback(lambda _: self._destroying.pop(container_id, None))
+        await asyncio.shield(running)
+
+    async def _destroy(self, container_id: str) -> None:
+        tracked = self._tracked.get(container_id)
+        target = (
+            tracked.handle.docker_id if tracked else names.container_name(self._owner, container_id)
+        )
+        exit_ = await self._remove(target, container_id, copy_logs=True)
+        # The workload is gone: its network may go (the sandbox first, then the isolator's part).
+        await self._network.release(container_id, tracked.handle.sandbox_id if tracked else "")
+        if exit_ is not None:
+            self._finished[container_id] = exit_
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+        self._tracked.pop(container_id, None)
+        if tracked is not None:
+            tracked.died.set()
+        await self._remove_parent_cgroups(container_id)
+
+    async def _remove(self, target: str, container_id: str, *, copy_logs: bool) -> Exit | None:
+        """Kill (SIGKILL, as Mesos destroys), copy the output, remove. Returns the container's
+        exit, or None when there was no container of ours to remove."""
+        try:
+            inspect = await self._engine.inspect(target)
+        except NotFound:
+            return None
+        labels = inspect.get("Config", {}).get("Labels") or {}
+        if labels.get(names.LABEL_OWNER) != self._owner:
+            raise FailedPrecondition(f"docker container {target!r} is not ours; not removing it")
+        docker_id = str(inspect["Id"])
+        if not has_ended(inspect):
+            with contextlib.suppress(FailedPrecondition):
+                await self._engine.kill(docker_id, int(signals.SIGKILL))
+            await self._engine.wait_stopped(docker_id, STOP_TIMEOUT_SECONDS)
+            inspect = await self._engine.inspect(docker_id)
+        if copy_logs:
+            sandbox = _sandbox_of(inspect)
+            if sandbox is not None and sandbox.is_dir():
+                await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
+        with contextlib.suppress(NotFound):
+            await self._engine.remove(docker_id)
+        return exit_from_inspect(inspect)
+
+    async def _remove_parent_cgroups(self, container_id: str) -> None:
+        """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
+        for _ in range(50):
+            if not names.remove_parent_cgroups(self._cgroups_root, container_id):
+                return
+            await asyncio.sleep(0.02)
+        log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)
+
+    # ---- update and usage ----
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        fields = resource_fields(resources, enable_cfs=self._enable_cfs)
+        if fields:
+            for warning in await self._engine.update(tracked.handle.docker_id, fields):
+                log.warning("docker update of %s: %s", container_id, warning)
+        await self._network.update(container_id, resources)
+
+    async def usage(self, container_id: str) -> Statistics:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        if self._hierarchies is None:
+            self._hierarchies = container_cgroups(
+                cgroups_root=self._cgroups_root, hierarchy_override=self._hierarchy_override
+            ).hierarchies
+        statistics = read_statistics(names.cgroup_dirs(self._hierarchies, tracked.handle.cgroup))
+        statistics.update(await self._network.usage(container_id))
+        return statistics
+
+    # ---- recovery ----
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._network.recover(known_ids)  # needs no dockerd: runs even if it is down
+        for entry in checkpointed:
+            if entry.handle:
+                handle = DockerHandle.from_json(entry.handle)
+                self._tracked[entry.spec.container_id] = _Tracked(handle)
+        try:
+            await self._follower.start()
+            containers = await self._engine.owned_containers(f"{names.LABEL_OWNER}={self._owner}")
+        except Unavailable as exc:
+            log.warning("docker: cannot recover now (%s); waits retry until dockerd is back", exc)
+            return
+        for container in containers:
+            await self._recover_container(container, known_ids)
+
+    async def _recover_container(self, container: dict[str, Any], known_ids: set[str]) -> None:
+        """Keep a workload or sandbox that a checkpointed handle names; leave a known id's
+        leftovers to the core's destroy; remove the rest: containers of ids no checkpoint
+        knows, and a workload or sandbox of a known id that is not the one its handle names
+        (a sandbox whose workload was never created is removed by that destroy)."""
+        labels = container.get("Labels") or {}
+        cid = labels.get(names.LABEL_CONTAINER_ID, "")
+        docker_id = str(container["Id"])
+        tracked = self._tracked.get(cid)
+        if tracked is not None and docker_id in (
+            tracked.handle.docker_id,
+            tracked.handle.sandbox_id,
+        ):
+            return  # re-attached
+        if tracked is None and cid in known_ids:
+            return  # a terminated or half-launched record: the core destroys it
+        log.info("docker: removing orphan container %s (%s)", docker_id[:12], cid)
+        with contextlib.suppress(ContainerizerError):
+            if labels.get(names.LABEL_ROLE) == names.ROLE_SANDBOX:
+                await self._network.remove_sandbox(docker_id)
+            else:
+                await self._remove(docker_id, cid, copy_logs=False)
+            if cid and cid not in known_ids:
+                await self._remove_parent_cgroups(cid)
+
+    async def close(self) -> None:
+        self._follower.stop()
+        await self._engine.close()
+        await self._network.close()
+
+
+def _is_image_reference(reference: str) -> bool:
+    return IMAGE_REFERENCE.fullmatch(reference) is not None
+
+
+def _sandbox_of(inspect: Inspect) -> Path | None:
+    """The host directory mounted at /mnt/mesos/sandbox: the container says where its output
+    goes, so destroy needs nothing but the container, even after our restart."""
+    for mount in inspect.get("Mounts") or []:
+        if mount.get("Destination") == names.SANDBOX_MOUNT and mount.get("Source"):
+            return Path(mount["Source"])
+    return None

@@ -1,0 +1,586 @@
+"""The LXC runtime ("lxc"): LXC 5 containers under a private lxcpath in our state directory.
+
+Tools, not bindings: each container is run by `lxc-start -F` (foreground), spawned directly
+from the event loop (adapter/supervisor/children.py: vfork + exec, its exit seen through a pidfd).
+Debian's python3-lxc exists only for the system Python, a pip binding
+needs lxc-dev and a compiler, and either one forks inside our process from a library that is
+not fork-safe under asyncio; the monitor process `lxc-start -F` is what LXC forks anyway, so
+spawning it ourselves costs one exec (a few ms) and leaves no LXC code in the service. Every
+other lxc-* call is off the hot path (`lxc-stop -k` only for orphans and stuck containers).
+
+Exit status. `lxc-execute` reports a signal death as 128+n (its init.lxc cannot tell them
+apart) and `lxc-start` does not report the status at all. So the container's init is our own
+containerizer-supervisor, a static build bind-mounted read-only into the container: it forks
+the workload under a nested signal-forwarding init, waits for it, and writes the exact status
+(`exited N` / `signaled N`) to a status file in the container's directory on the host. It
+outlives a `kill -9` of the service, and the file outlives the container.
+
+    lxc-start -F (monitor, host)
+      └─ supervisor (pid 1 of the container)      -> <lxcpath>/<id>/run/status
+           └─ supervisor's init (nested pid ns)   <- kill() signals go here, forwarded
+                └─ workload (stdout/stderr -> the sandbox, bound at /mnt/mesos/sandbox)
+
+The supervisor's configuration (adapter/supervisor/client.py builds it, as for the
+native runtime) goes through lxc-start's stdin, which `lxc-start -F` hands to the container's
+init: the command, its environment and the user are on no command line. The handshake line of
+the supervisor (its stdout is lxc-start's, `lxc.console.path = none`) tells us when the workload
+has exec'd, or why it could not.
+
+Confinement is the supervisor's too, as for the native runtime (adapter/core/confinement.py): the
+bounding set of its init and the workload cut to the default capabilities, the seccomp filter,
+no_new_privs for non-root users, masked and read-only kernel paths in the nested /proc it
+mounts. LXC itself gives the cgroup namespace and its read-only cgroupfs (`cgroup:ro:force`:
+without `force` LXC leaves that to an init that holds CAP_SYS_ADMIN, as ours does), a
+read-only /sys, and a minimal /dev (lxc.autodev).
+
+Cgroups: `lxc.cgroup.dir.container = <cgroups_root>/<id>` puts the container exactly where the
+shared accounting reader and the isolators look; limits are lxc.cgroup.* (v1) / lxc.cgroup2.*
+(v2) keys computed by the isolators' own Mesos arithmetic, and live updates go through the
+isolators' update(). The monitor gets a cgroup of its own, `<cgroups_root>.lxc-monitor.<id>`,
+at the hierarchy root (LXC removes it when the monitor ends).
+
+Network: when the node has a [network] table or the request names a mode or port mappings, the
+node's shared network isolator (adapter/core/network.py) makes the container's namespace first (mode
+none or bridge: veth on our bridge, address, port forwards, rate) and the container joins it with
+`lxc.net.0.type = none` + `lxc.namespace.share.net = <path>`: LXC then creates no network of its
+own, and refuses to start if the path is gone rather than fall back to the host's. Mode host is
+`lxc.net.0.type = none` alone. Its /etc/hosts and /etc/resolv.conf are read-only bind mounts of
+the isolator's files. Otherwise `runtimes.lxc.network` applies as before (LXC's own `empty`
+namespace by default, or `veth` onto an operator's bridge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapter.core.config import AgentConfig
+from adapter.core.confinement import Confinement
+from adapter.core.errors import ConfigError, FailedPrecondition, LaunchFailed, NotFound
+from adapter.core.model import (
+    MIB,
+    MIN_MEM_MIB,
+    Capabilities,
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
+from adapter.core.network import RuntimeNetwork
+from adapter.core.workload import Workload, merge
+from adapter.images import Image, ImageStore, open_store
+from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
+from adapter.runtimes.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
+from adapter.runtimes.lxc.rootfs import (
+    RUN_TARGET,
+    SANDBOX_TARGET,
+    SUPERVISOR_TARGET,
+    BaseRootfs,
+)
+from adapter.supervisor import client as protocol
+from adapter.supervisor.children import Child as Monitor
+from adapter.supervisor.processes import ProcessRef, read_status, start_time, supervised_exit
+from adapter.supervisor.seccomp import build_program
+from isolators.base import Isolator, Limitation, Limits
+from isolators.cgroups import files
+from isolators.cgroups.accounting import read_statistics
+from isolators.cgroups.cpu import CpuIsolator
+from isolators.cgroups.errors import CgroupError
+from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.mem import MemIsolator
+from isolators.cgroups.pids import PidsIsolator
+from isolators.network.model import Attachment
+from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups, limitation_at_exit
+
+log = logging.getLogger(__name__)
+
+STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
+HANDSHAKE_TIMEOUT_S = 15.0
+EXIT_AFTER_KILL_TIMEOUT_S = 10.0
+NETWORK_TYPES = ("empty", "none", "veth")
+SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
+SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
+# /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
+# `force` LXC would leave the cgroupfs to an init holding CAP_SYS_ADMIN, as ours does.
+CONFINED_MOUNTS = "proc:mixed sys:ro cgroup:ro:force"
+PRIVILEGED_MOUNTS = "proc:rw sys:rw cgroup:rw:force"
+
+
+def _limits(resources: Resources) -> Limits:
+    mem = resources.mem_mib
+    return Limits(
+        cpus=resources.cpus,
+        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
+        pids=resources.pids,
+    )
+
+
+@dataclass
+class _Container:
+    """One container this driver watches."""
+
+    handle: LxcHandle
+    monitor_process: Monitor | None  # None after a restart: not our child
+    exit_task: asyncio.Task[None]
+    watch_task: asyncio.Task[None] | None = None
+    limitation: Limitation | None = None
+
+
+class LxcDriver:
+    name = "lxc"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        self._lxcpath = config.state_dir / "lxc" / "containers"
+        self._rootfs = BaseRootfs(config.state_dir)
+        self._configured_supervisor: str | None = options.get("supervisor")
+        self._network = options.get("network", "empty")
+        self._network_link = options.get("network_link")
+        where = f"{config.source or '<config>'}: runtimes.lxc"
+        if self._network not in NETWORK_TYPES:
+            raise ConfigError(f"{where}.network: expected one of {NETWORK_TYPES}")
+        if (self._network == "veth") != (self._network_link is not None):
+            raise ConfigError(f"{where}.network_link: required with (and only with) 'veth'")
+        if "network" in options and config.network.enabled:
+            raise ConfigError(
+                f"{where}.network: the node's [network] table chooses the containers' network;"
+                " remove this key"
+            )
+        self._node_network = RuntimeNetwork(config)
+        self._cgroups_root = config.cgroups_root
+        self._enable_cfs = config.cgroups_enable_cfs
+        override = Path(config.cgroups_hierarchy) if config.cgroups_hierarchy else None
+        self._hierarchies = Hierarchies.discover(config.cgroups_root, override=override)
+        self._cgroups = ContainerCgroups(self._hierarchies)
+        self._mem = MemIsolator(self._hierarchies) if self._hierarchies.has("memory") else None
+        self._isolators: list[Isolator] = [
+            CpuIsolator(self._hierarchies, enable_cfs=self._enable_cfs)
+        ]
+        self._isolators += [self._mem] if self._mem else []
+        if self._hierarchies.has("pids"):
+            self._isolators.append(PidsIsolator(self._hierarchies))
+        self._containers: dict[str, _Container] = {}
+        self._starting: dict[str, Monitor] = {}
+        self._state_dir = config.state_dir
+        self._images: ImageStore | None = None  # opened at the first image launch
+        self._seccomp_bpf: bytes | None = None  # compiled at the first launch
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def _supervisor(self) -> str:
+        """The static supervisor: the container's rootfs has no libc of ours to load a dynamic
+        one. Configured path, else beside our Python (where the install step builds it)."""
+        candidates = (
+            [self._configured_supervisor]
+            if self._configured_supervisor
+            else [
+                os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME),
+                shutil.which(STATIC_SUPERVISOR_NAME) or "",
+            ]
+        )
+        for candidate in candidates:
+            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        raise FailedPrecondition(
+            f"lxc: static supervisor not found (looked at {[c for c in candidates if c]}); build"
+            f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
+        )
+
+    def _seccomp(self) -> bytes:
+        if self._seccomp_bpf is None:
+            self._seccomp_bpf = build_program().bpf
+        return self._seccomp_bpf
+
+    def _image(self, reference: str | None) -> Image | None:
+        if reference is None:
+            return None
+        if self._images is None:
+            self._images = open_store(self._state_dir / "images")
+        return self._images.get(reference)
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(
+            images=True,
+            live_update=True,
+            oom_detection=self._mem is not None,
+            pid_namespace=True,
+            recover=True,
+            network_isolation=True,
+        )
+        try:
+            supervisor = self._supervisor()
+            self._seccomp()
+            version = await self._lxc_version()
+        except (FailedPrecondition, OSError) as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
+        network = "the node's [network]" if self._node_network.chooses_all else self._network
+        message = f"lxcpath {self._lxcpath}; network {network}; supervisor {supervisor}"
+        summary = Confinement().summary()
+        return Fingerprint(self.name, version, True, message, capabilities, confinement=summary)
+
+    async def _lxc_version(self) -> str:
+        if shutil.which("lxc-start") is None:
+            raise FailedPrecondition("lxc-start not found on PATH: install Debian's lxc")
+        process = await asyncio.create_subprocess_exec(
+            "lxc-start", "--version", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        return out.decode(errors="replace").strip()
+
+    # ---- launch ----------------------------------------------------------------------------
+
+    def _container_dir(self, container_id: str) -> Path:
+        return self._lxcpath / container_id
+
+    def _config(
+        self, spec: LaunchSpec, lower: Path, supervisor: str, network: Attachment | None
+    ) -> LxcConfig:
+        cid, directory = spec.container_id, self._container_dir(spec.container_id)
+        config = LxcConfig()
+        config.set("lxc.uts.name", cid[:63], field="container_id")
+        config.set("lxc.rootfs.path", f"overlay:{lower}:{directory / 'delta0'}", field="image")
+        config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
+        config.set("lxc.autodev", 1)
+        config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
+        config.set("lxc.tty.max", 0)
+        config.set("lxc.pty.max", 0)
+        config.set("lxc.apparmor.profile", "unconfined")  # the supervisor mounts a nested /proc
+        config.set("lxc.log.file", str(directory / "lxc.log"), field="container_id")
+        config.set("lxc.log.level", "WARN")
+        config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
+        config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
+        self._set_network(config, cid, network)
+        limits = _limits(spec.resources)
+        version = self._hierarchies.version
+        for key, value in cgroup_keys(limits, version=version, enable_cfs=self._enable_cfs):
+            config.set(key, value, field="resources")
+        config.mount(supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", field="supervisor")
+        config.mount(str(directory / "run"), RUN_TARGET, "bind,create=dir", field="container_id")
+        config.mount(spec.sandbox, SANDBOX_TARGET, "bind,create=dir", field="sandbox")
+        return config
+
+    def _set_network(self, config: LxcConfig, cid: str, network: Attachment | None) -> None:
+        """The isolator's namespace (or the host's) when it made one; else the runtime's own."""
+        if network is None:
+            config.set("lxc.net.0.type", self._network)
+            if self._network == "veth":
+                link = str(self._network_link)
+                config.set("lxc.net.0.link", link, field="runtimes.lxc.network_link")
+                config.set("lxc.net.0.flags", "up")
+            return
+        set_isolator_network(config, network, self._node_network.etc_files(cid, cid[:63]))
+
+    def _monitor_cgroup(self, container_id: str) -> str:
+        return f"{self._cgroups_root}.lxc-monitor.{container_id}"
+
+    def _launch_config(self, spec: LaunchSpec, workload: Workload) -> protocol.LaunchConfig:
+        """The supervisor's configuration, in the container's paths: it runs as the init."""
+        policy = Confinement(spec.privileged, spec.no_new_privileges)
+        # LXC's cgroup:ro mounts the hierarchies read-only on a writable tmpfs: that too.
+        enforcement = protocol.Enforcement.of(
+            policy, self._seccomp(), own_root=True, readonly_paths=("/sys/fs/cgroup",)
+        )
+        return protocol.LaunchConfig(
+            status_file=f"/{RUN_TARGET}/status",
+            sandbox=SANDBOX_IN_CONTAINER,
+            argv=workload.argv,
+            enforcement=enforcement,
+            env=workload.environment,
+            cwd=workload.working_dir,
+            user=workload.user,
+            hostname=spec.container_id[:63],
+        )
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        supervisor = self._supervisor()
+        directory = self._container_dir(cid)
+        await self._remove_leftovers(cid)
+        try:
+            # The sandbox as the container sees it, with or without an image: its own root.
+            workload = merge(
+                spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER
+            )
+            payload = self._launch_config(spec, workload).encode()
+            network = await self._prepare_network(spec)
+            lower = await self._rootfs.lower(spec.image)
+            config = self._config(spec, lower, supervisor, network)
+            (directory / "delta0").mkdir(parents=True)
+            (directory / "run").mkdir()
+            (directory / "config").write_text(config.render())
+            process, config_fd = self._start_monitor(cid)
+            handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
+        except protocol.SpawnError as exc:
+            await self.destroy(cid)
+            raise protocol.launch_error(cid, exc) from exc
+        except BaseException:
+            await self.destroy(cid)
+            raise
+        self._attach(handle, self._starting.pop(cid, None))
+        address = network.address if network is not None else None
+        return Launched(
+            handle=handle.to_json(), pid=handle.workload_init.pid, ip_address=address or ""
+        )
+
+    async def _prepare_network(self, spec: LaunchSpec) -> Attachment | None:
+        """The isolator's attachment, or None when LXC's own network applies (see above)."""
+        if not self._node_network.chooses(spec):
+            return None
+        return await self._node_network.prepare(spec)
+
+    def _start_monitor(self, cid: str) -> tuple[Monitor, int]:
+        """lxc-start, the supervisor as the init; its config pipe's write end to feed."""
+        init = ["/" + SUPERVISOR_TARGET, *protocol.CONFIG_ARGUMENTS]
+        command = ["lxc-start", "-F", "-P", str(self._lxcpath), "-n", cid, "--", *init]
+        log_file = self._container_dir(cid) / "lxc-start.log"
+        monitor, config_fd = protocol.start_configured(command, log_file)
+        self._starting[cid] = monitor
+        return monitor, config_fd
+
+    async def _handshake(
+        self, cid: str, process: Monitor, config_fd: int, payload: bytes, workload: str
+    ) -> LxcHandle:
+        """Feed the supervisor its configuration, read its handshake and find the container's
+        processes on the host."""
+        try:
+            line = await asyncio.wait_for(
+                protocol.handshake(process, config_fd, payload), HANDSHAKE_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise LaunchFailed(
+                f"lxc: {cid!r} did not start within {HANDSHAKE_TIMEOUT_S} s"
+            ) from None
+        if not line:
+            raise LaunchFailed(f"lxc: launch of {cid!r} failed: {self._lxc_errors(cid)}")
+        _, workload_init_start, init_start = protocol.parse_handshake(line, workload)
+        monitor_start = start_time(process.pid) or 0
+        procs = self._hierarchies.container_dirs(cid)[0] / "cgroup.procs"
+        init, workload_init = find_container_processes(
+            procs, process.pid, init_start, workload_init_start
+        )
+        # A workload that already ended took its processes along: pid 0 records "gone".
+        init = init or ProcessRef(0, init_start)
+        mounts = {c: m for c, m in self._hierarchies.mounts.items() if c in ACCOUNTED_CONTROLLERS}
+        if self._hierarchies.version == 2:
+            mounts = {"": next(iter(self._hierarchies.mounts.values()))}
+        dirs = cgroup_dirs_of(init.pid, mounts) if init.pid else ()
+        return LxcHandle(
+            name=cid,
+            lxcpath=str(self._lxcpath),
+            monitor=ProcessRef(process.pid, monitor_start),
+            init=init,
+            workload_init=workload_init or ProcessRef(0, workload_init_start),
+            status_file=str(self._container_dir(cid) / "run" / "status"),
+            cgroup_dirs=dirs or tuple(str(d) for d in self._hierarchies.container_dirs(cid)),
+        )
+
+    def _lxc_errors(self, cid: str) -> str:
+        """Why lxc-start ended without a handshake: the ERROR lines it logged."""
+        directory = self._container_dir(cid)
+        lines: list[str] = []
+        for name in ("lxc-start.log", "lxc.log"):
+            with contextlib.suppress(OSError):
+                text = (directory / name).read_text()
+                lines += [line for line in text.splitlines() if "ERROR" in line]
+        return "; ".join(lines[-3:]) or "lxc-start exited before the container started"
+
+    # ---- watching --------------------------------------------------------------------------
+
+    def _attach(self, handle: LxcHandle, process: Monitor | None) -> None:
+        container = _Container(handle, process, asyncio.create_task(handle.init.wait()))
+        if self._mem is not None and handle.init.is_alive():
+            container.watch_task = asyncio.create_task(self._watch_memory(container))
+        self._containers[handle.name] = container
+
+    async def _watch_memory(self, container: _Container) -> None:
+        """Mesos semantics: a container that hits its memory limit is ended, with the reason."""
+        assert self._mem is not None
+        cid = container.handle.name
+        try:
+            limitation = await self._mem.watch(cid)
+        except (OSError, CgroupError):
+            return  # the cgroup went away: the container has ended
+        container.limitation = limitation
+        log.info("%s hit a limit: %s", cid, limitation.message)
+        container.handle.workload_init.send(9)
+
+    async def wait(self, container_id: str) -> Exit:
+        container = self._containers.get(container_id)
+        if container is None:
+            return Exit(lost=True, message="the lxc runtime has no record of this container")
+        await asyncio.shield(container.exit_task)
+        limitation = container.limitation or limitation_at_exit(self._isolators, container_id)
+        status = read_status(Path(container.handle.status_file))
+        return supervised_exit(
+            status, limitation, "the container's init ended without recording a status"
+        )
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        container = self._containers.get(container_id)
+        if container is None:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        container.handle.workload_init.send(signal)
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        if container_id not in self._containers:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        limits = _limits(resources)
+        for isolator in self._isolators:
+            await isolator.update(container_id, limits)
+        await self._node_network.update(container_id, resources)
+
+    async def usage(self, container_id: str) -> Statistics:
+        container = self._containers.get(container_id)
+        if container is None:
+            statistics = self._cgroups.statistics(container_id)
+        else:
+            dirs = (Path(d) for d in container.handle.cgroup_dirs if Path(d).is_dir())
+            statistics = read_statistics(dirs)
+        statistics.update(await self._node_network.usage(container_id))
+        return statistics
+
+    # ---- destroy and recovery --------------------------------------------------------------
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill the workload (the supervisor records the SIGKILL), let LXC tear the container
+        down, then remove whatever is left: processes, cgroups, the container directory."""
+        container = self._containers.get(container_id)
+        process = self._starting.pop(container_id, None)
+        if container is not None:
+            container.handle.workload_init.send(9)
+            await _wait_for(asyncio.shield(container.exit_task))
+            process = process or container.monitor_process
+        if container is not None and container.handle.init.is_alive():
+            await self._cgroups.destroy(container_id)  # the supervisor itself is stuck
+        await self._stop_monitor(container_id, container, process)
+        if container is not None:
+            if container.watch_task is not None:
+                container.watch_task.cancel()
+            if container.exit_task.done():
+                self._containers.pop(container_id, None)
+        await self._remove_container(container_id)
+
+    async def _stop_monitor(
+        self,
+        container_id: str,
+        container: _Container | None,
+        process: Monitor | None,
+    ) -> None:
+        """Wait for LXC's monitor to finish its teardown; force it if it does not."""
+        if process is not None:
+            finished = await _wait_for(process.wait())
+        elif container is not None:
+            finished = await _wait_for(container.handle.monitor.wait())
+        else:  # nothing of ours watches it: only a container directory says it may exist
+            finished = not self._container_dir(container_id).is_dir()
+        if finished:
+            return
+        await self._lxc_tool("lxc-stop", "-k", "-n", container_id)
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+        elif container is not None:
+            container.handle.monitor.send(9)
+
+    async def _remove_leftovers(self, container_id: str) -> None:
+        """What a previous container of this id left. The full removal costs about a
+        millisecond on every launch, so it runs only when something is there: the container's
+        directory is created before any resource of it but its network attachment (and
+        removed after all of them), so with no directory and no cgroup only the network can
+        be left."""
+        if self._container_dir(container_id).exists() or self._cgroups.dirs(container_id):
+            await self._remove_container(container_id)
+        else:
+            await self._node_network.cleanup(container_id)
+
+    async def _remove_container(self, container_id: str) -> None:
+        """Remove the container's cgroups (LXC does so at a clean stop; not after a kill -9 of
+        its monitor), its monitor cgroup and its directory (config, overlay, status)."""
+        if self._cgroups.dirs(container_id):
+            await self._cgroups.destroy(container_id)
+        for isolator in self._isolators:
+            await isolator.cleanup(container_id)
+        for cgroup in self._cgroups.dirs(container_id):
+            await files.remove(cgroup)
+        for mount in set(self._hierarchies.mounts.values()):
+            await files.remove(mount / self._monitor_cgroup(container_id))
+        await self._node_network.cleanup(container_id)  # its processes are gone: links first
+        await _remove_tree(self._container_dir(container_id))
+
+    async def _lxc_tool(self, tool: str, *args: str) -> None:
+        with contextlib.suppress(OSError):
+            process = await asyncio.create_subprocess_exec(
+                tool, "-P", str(self._lxcpath), *args, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            await _wait_for(process.wait())
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        await self._node_network.recover(known_ids)
+        for entry in checkpointed:
+            if not entry.handle:
+                continue
+            try:
+                handle = LxcHandle.from_json(entry.handle)
+            except ValueError:
+                log.exception("lxc: cannot re-attach %s", entry.spec.container_id)
+                continue
+            self._attach(handle, None)
+        if not self._lxcpath.is_dir():
+            return
+        for directory in sorted(self._lxcpath.iterdir()):
+            if directory.name not in known_ids:
+                log.info("lxc: removing unknown container %s", directory)
+                await self._lxc_tool("lxc-stop", "-k", "-n", directory.name)
+                await self._remove_container(directory.name)
+
+    async def close(self) -> None:
+        for container in self._containers.values():
+            container.exit_task.cancel()
+            if container.monitor_process is not None:
+                container.monitor_process.close()
+            if container.watch_task is not None:
+                container.watch_task.cancel()
+        self._containers.clear()
+        await self._node_network.close()
+
+
+def _is_small_tree(directory: Path, limit: int = SMALL_TREE_ENTRIES) -> bool:
+    """True if `directory` holds at most `limit` entries in all (stops counting beyond)."""
+    count = 0
+    for _, subdirs, names in os.walk(directory):
+        count += len(subdirs) + len(names)
+        if count > limit:
+            return False
+    return True
+
+
+async def _remove_tree(directory: Path) -> None:
+    """Remove a container directory. What LXC leaves there is a handful of entries (config,
+    logs, the status file, an empty overlay): removed in place, that is a fraction of the
+    thread hop a removal in a worker thread costs on every exit. A workload that filled its
+    overlay gets the thread, so a big tree never blocks the event loop."""
+    if not directory.exists():
+        return
+    if _is_small_tree(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+
+
+async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:
+    """True if `awaitable` finished within `timeout`."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        return False
+    return True

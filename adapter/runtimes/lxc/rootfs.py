@@ -1,0 +1,136 @@
+"""Root filesystems for LXC containers: a shared read-only base, one writable overlay each.
+
+Without an image a container gets a minimal busybox system built here once from the host's
+static busybox (Debian's busybox-static): /bin/busybox, a symlink per applet, /etc/passwd and
+/etc/group with root and nobody, and the mount points the driver binds into every container.
+With an image the base is the image store's cached, read-only unpacked rootfs.
+
+Either way the base is never written: LXC mounts `overlay:<base>:<container dir>/delta0` inside
+the container's own mount namespace, so the container's writes land in its directory under the
+lxcpath and leave with it, and nothing is mounted on the host that a crash could leave behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapter.core.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from adapter.images import ImageStore
+
+BUSYBOX = Path("/bin/busybox")
+COMPLETE_MARKER = ".containerizer-base-complete"
+# Where the driver binds things into every container (relative to its root).
+SUPERVISOR_TARGET = ".containerizer/supervisor"
+RUN_TARGET = ".containerizer/run"
+SANDBOX_TARGET = "mnt/mesos/sandbox"
+
+_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+_GROUP = "root:x:0:\nnogroup:x:65534:\n"
+_DIRECTORIES = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "root",
+                "tmp", "run", "var", "mnt/mesos/sandbox", ".containerizer/run")  # fmt: skip
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as binary:
+        return hashlib.file_digest(binary, "sha256").hexdigest()[:16]
+
+
+def _applets(busybox: Path) -> list[str]:
+    """Applet paths relative to / (`bin/sh`, `usr/bin/awk`, ...) from `busybox --list-full`."""
+    listing = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True, timeout=30
+    )
+    return [line.strip().lstrip("/") for line in listing.stdout.splitlines() if line.strip()]
+
+
+def _populate(root: Path, busybox: Path) -> None:
+    for directory in _DIRECTORIES:
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    shutil.copy2(busybox, root / "bin/busybox")
+    for applet in _applets(busybox):
+        link = root / applet
+        if applet != "bin/busybox" and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (root / "etc/passwd").write_text(_PASSWD)
+    (root / "etc/group").write_text(_GROUP)
+    (root / SUPERVISOR_TARGET).touch()  # bind-mount target: a file
+    (root / COMPLETE_MARKER).touch()
+
+
+def build_busybox_base(bases_dir: Path, busybox: Path = BUSYBOX) -> Path:
+    """The busybox base for this busybox binary, built once (named after its digest so an
+    upgraded busybox gets a new base). Built aside and renamed into place, so a crash mid-build
+    leaves a `.build-*` directory (removed by `remove_stale_builds`), never a half base."""
+    if not busybox.is_file():
+        raise FailedPrecondition(
+            f"{busybox} not found: install Debian's busybox-static for the LXC default rootfs"
+        )
+    base = bases_dir / f"busybox-{_digest(busybox)}"
+    if (base / COMPLETE_MARKER).is_file():
+        return base
+    bases_dir.mkdir(parents=True, exist_ok=True)
+    building = bases_dir / f".build-{uuid.uuid4().hex}"
+    try:
+        _populate(building, busybox)
+        try:
+            os.rename(building, base)
+        except OSError:
+            if not (base / COMPLETE_MARKER).is_file():  # not a concurrent builder's base
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return base
+
+
+def remove_stale_builds(bases_dir: Path) -> None:
+    """Remove what an interrupted `build_busybox_base` left."""
+    if bases_dir.is_dir():
+        for entry in bases_dir.glob(".build-*"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+class BaseRootfs:
+    """The read-only lower layers: the busybox base (built once per process, under a lock)
+    and image rootfs from the image store.
+
+    `images` is the service's one store; without it, the process's store for
+    `<state_dir>/images` (`open_store`), never a store of our own: opening a store collects
+    garbage, and a second one could take another import's or unpack's work for garbage."""
+
+    def __init__(self, state_dir: Path, images: ImageStore | None = None) -> None:
+        self._bases_dir = state_dir / "lxc" / "bases"
+        self._images_dir = state_dir / "images"
+        self._images = images
+        self._lock = asyncio.Lock()
+        self._busybox: Path | None = None
+
+    async def busybox(self) -> Path:
+        async with self._lock:
+            if self._busybox is None:
+                remove_stale_builds(self._bases_dir)
+                self._busybox = await asyncio.to_thread(build_busybox_base, self._bases_dir)
+            return self._busybox
+
+    async def image(self, reference: str) -> Path:
+        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md). Opened at
+        first use: a node without images never loads the store."""
+        if self._images is None:
+            from adapter.images import open_store
+
+            self._images = open_store(self._images_dir)
+        rootfs: Path = await self._images.rootfs(reference)
+        return rootfs
+
+    async def lower(self, image: str | None) -> Path:
+        return await (self.image(image) if image else self.busybox())

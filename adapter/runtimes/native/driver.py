@@ -1,0 +1,307 @@
+"""The native runtime ("native"; Mesos' MesosContainerizer): our isolators plus a supervisor.
+
+Launch: every isolator prepares (cgroups created, limits written), then the C supervisor forks
+the workload, which joins the cgroups and new pid/mount/uts/ipc namespaces before its first
+instruction. The supervisor, not this service, reaps the workload and records its status
+durably, so an exit while the service is down is not lost. Destroy kills through the cgroup
+freezer (and the pid namespace: when init dies the kernel kills the rest).
+
+Network: the shared network isolator prepares the container's namespace (mode none or bridge)
+first, so a bad request fails before anything else exists; the supervisor's child joins it
+(--netns) before its other namespaces. Host mode passes no --netns.
+
+Confinement (adapter/core/confinement.py) is the supervisor's: the default capabilities, the seccomp
+filter (compiled once per driver by adapter/supervisor/seccomp.py), no_new_privs for non-root users;
+with an image also masked and read-only kernel paths, a read-only /sys and a cgroup namespace with a
+read-only cgroupfs. A launch without an image keeps the host's filesystem, as in Mesos 0.18.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from adapter.core.config import AgentConfig
+from adapter.core.confinement import Confinement
+from adapter.core.errors import FailedPrecondition, NotFound
+from adapter.core.model import (
+    MIB,
+    MIN_MEM_MIB,
+    Capabilities,
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
+from adapter.core.network import network_config, network_errors, network_request
+from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
+from adapter.images import open_store
+from adapter.runtimes.base import Checkpointed, Launched
+from adapter.supervisor import client as supervisor
+from adapter.supervisor.processes import supervised_exit
+from adapter.supervisor.seccomp import build_program
+from isolators.base import Isolator, Limitation, Limits
+from isolators.cgroups.isolator import CgroupIsolator
+from isolators.network.isolator import NetworkIsolator, shared_isolator
+from isolators.registry import (
+    ContainerCgroups,
+    build_isolators,
+    container_cgroups,
+    limitation_at_exit,
+    prepare_isolators,
+)
+
+log = logging.getLogger(__name__)
+EXIT_AFTER_KILL_TIMEOUT = 30.0
+
+
+def _limits(resources: Resources) -> Limits:
+    mem = resources.mem_mib
+    return Limits(
+        cpus=resources.cpus,
+        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
+        pids=resources.pids,
+    )
+
+
+class _Running:
+    """One container this driver watches: its supervisor, exit and limitation tasks."""
+
+    def __init__(self, handle: supervisor.SupervisorHandle, exit_task: asyncio.Task[Any]) -> None:
+        self.handle = handle
+        self.exit_task = exit_task
+        self.limitation: Limitation | None = None
+        self.watch_task: asyncio.Task[None] | None = None
+
+
+class NativeDriver:
+    name = "native"
+
+    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+        self._configured_binary = options.get("supervisor")
+        self._namespaces = bool(options.get("namespaces", True))
+        self._run_dir = config.state_dir / "native"
+        names = list(config.isolators)
+        kwargs: dict[str, Any] = {
+            "cgroups_root": config.cgroups_root,
+            "hierarchy_override": config.cgroups_hierarchy,
+        }
+        self._isolators: list[Isolator] = build_isolators(
+            names, enable_cfs=config.cgroups_enable_cfs, **kwargs
+        )
+        self._cgroups: ContainerCgroups | None = (
+            container_cgroups(**kwargs) if any(n.startswith("cgroups/") for n in names) else None
+        )
+        self._running: dict[str, _Running] = {}
+        self._network: NetworkIsolator = shared_isolator(network_config(config))
+        self._images = open_store(config.state_dir / "images")
+        self._seccomp_bpf: bytes | None = None  # compiled at the first launch that needs it
+
+    def _binary(self) -> str:
+        return supervisor.find_supervisor(self._configured_binary)
+
+    def _seccomp(self) -> bytes:
+        if self._seccomp_bpf is None:
+            self._seccomp_bpf = build_program().bpf
+        return self._seccomp_bpf
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(
+            live_update=self._cgroups is not None,
+            oom_detection=any(i.name == "cgroups/mem" for i in self._isolators),
+            pid_namespace=self._namespaces,
+            recover=True,
+            images=self._namespaces,
+            network_isolation=True,
+        )
+        try:
+            binary = self._binary()
+            self._seccomp()
+        except FailedPrecondition as exc:
+            return Fingerprint(self.name, "", False, str(exc), capabilities)
+        isolators = ", ".join(i.name for i in self._isolators) or "none"
+        message = f"isolators: {isolators}; supervisor: {binary}"
+        return Fingerprint(
+            self.name, "1", True, message, capabilities, confinement=Confinement().summary()
+        )
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        cid = spec.container_id
+        binary = self._binary()
+        run_dir = self._run_dir / cid
+        shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
+        run_dir.mkdir(parents=True, mode=0o700)  # root's only: its files are ours
+        try:
+            with network_errors():
+                network = await self._network.prepare(cid, network_request(spec))
+            workload, filesystem = await self._workload(spec, run_dir)
+            policy = Confinement(spec.privileged, spec.no_new_privileges)
+            own_root = filesystem is not None
+            enforcement = supervisor.Enforcement.of(
+                policy, self._seccomp(), own_root=own_root, cgroup_namespace=own_root
+            )
+            prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
+            config = supervisor.LaunchConfig(
+                status_file=str(run_dir / "status"),
+                sandbox=spec.sandbox,
+                argv=workload.argv,
+                enforcement=enforcement,
+                env=workload.environment,
+                cgroup_procs=prepared.cgroup_procs,
+                cwd=workload.working_dir,
+                user=workload.user,
+                hostname=cid[:63],
+                namespaces=self._namespaces,
+                netns=network.netns_path,
+                filesystem=filesystem,
+            )
+            handle = await supervisor.spawn(binary, config)
+            for isolator in self._isolators:
+                await isolator.isolate(cid, handle.child_pid)
+        except supervisor.SpawnError as exc:
+            await self.destroy(cid)
+            raise supervisor.launch_error(cid, exc) from exc
+        except BaseException:
+            await self.destroy(cid)
+            raise
+        self._attach(cid, handle)
+        return Launched(
+            handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
+        )
+
+    async def _workload(
+        self, spec: LaunchSpec, run_dir: Path
+    ) -> tuple[Workload, supervisor.Filesystem | None]:
+        """What runs, and the files it sees: the host's, or an overlay of the image's rootfs
+        with the sandbox and the network's /etc files bound in."""
+        if spec.image is None:
+            return merge(spec.command, None, host_sandbox=spec.sandbox), None
+        if not self._namespaces:
+            raise FailedPrecondition("native runtime: images need namespaces = true")
+        image = self._images.get(spec.image)
+        workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+        lower = await self._images.rootfs(spec.image)
+        rootfs_dir = run_dir / "rootfs"
+        for part in ("upper", "work", "merged"):
+            (rootfs_dir / part).mkdir(parents=True)
+        # With a network of its own, the container's /etc/hosts and resolv.conf (none for the
+        # host's network); the isolator owns and removes the files.
+        etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
+        etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
+        filesystem = supervisor.Filesystem(
+            str(lower),
+            str(rootfs_dir),
+            binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
+            read_only_binds=etc_binds,
+        )
+        return workload, filesystem
+
+    def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
+        running = _Running(handle, asyncio.create_task(supervisor.wait_exit(handle)))
+        running.watch_task = asyncio.create_task(self._watch_limits(cid, running))
+        self._running[cid] = running
+
+    async def _watch_limits(self, cid: str, running: _Running) -> None:
+        """Mesos semantics: a container that hits a limit is ended, with the limitation."""
+        watches = [asyncio.create_task(i.watch(cid)) for i in self._isolators]
+        try:
+            done, _ = await asyncio.wait(
+                [*watches, running.exit_task], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not running.exit_task and not task.exception():
+                    running.limitation = task.result()
+                    log.info("%s hit a limit: %s", cid, running.limitation.message)
+                    await self._kill_all(cid)
+                    break
+        finally:
+            for task in watches:
+                task.cancel()
+
+    async def wait(self, container_id: str) -> Exit:
+        running = self._running.get(container_id)
+        if running is None:
+            return Exit(lost=True, message="the native runtime has no record of this container")
+        status = await asyncio.shield(running.exit_task)
+        limitation = running.limitation or limitation_at_exit(self._isolators, container_id)
+        return supervised_exit(
+            status, limitation, "the supervisor ended without recording an exit status"
+        )
+
+    async def kill(self, container_id: str, signal: int) -> None:
+        running = self._running.get(container_id)
+        if running is None:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        supervisor.kill(running.handle, signal)
+
+    async def _kill_all(self, container_id: str) -> None:
+        if self._cgroups is not None:
+            await self._cgroups.destroy(container_id)
+        running = self._running.get(container_id)
+        if running is not None:
+            supervisor.kill(running.handle, 9)  # pid namespace: the kernel kills the rest
+
+    async def destroy(self, container_id: str) -> None:
+        await self._kill_all(container_id)
+        running = self._running.get(container_id)
+        if running is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(running.exit_task), EXIT_AFTER_KILL_TIMEOUT)
+            if running.watch_task is not None:
+                running.watch_task.cancel()
+            if running.exit_task.done():
+                self._running.pop(container_id, None)
+        for isolator in reversed(self._isolators):
+            await isolator.cleanup(container_id)
+        with network_errors():
+            await self._network.cleanup(container_id)
+        shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
+
+    async def update(self, container_id: str, resources: Resources) -> None:
+        if container_id not in self._running:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        limits = _limits(resources)
+        for isolator in self._isolators:
+            await isolator.update(container_id, limits)
+        with network_errors():
+            await self._network.update(container_id, resources.network_bandwidth)
+
+    async def usage(self, container_id: str) -> Statistics:
+        # One pass over the container's cgroup directories for every cgroup isolator: reading
+        # once per isolator probed each directory for every controller's files and re-counted
+        # cgroup.procs and tasks each time.
+        statistics = self._cgroups.statistics(container_id) if self._cgroups else {}
+        for isolator in self._isolators:
+            if not isinstance(isolator, CgroupIsolator):
+                statistics.update(await isolator.usage(container_id))
+        with network_errors():
+            statistics.update(await self._network.usage(container_id))
+        return statistics
+
+    async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
+        for isolator in self._isolators:
+            await isolator.recover(known_ids)
+        with network_errors():
+            await self._network.recover(known_ids)
+        for entry in checkpointed:
+            if entry.handle:
+                handle = supervisor.SupervisorHandle.from_json(entry.handle)
+                self._attach(entry.spec.container_id, handle)
+        if self._run_dir.is_dir():
+            for run_dir in self._run_dir.iterdir():
+                if run_dir.name not in known_ids:
+                    log.info("native: removing orphan run directory %s", run_dir)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def close(self) -> None:
+        for running in self._running.values():
+            running.exit_task.cancel()
+            if running.watch_task is not None:
+                running.watch_task.cancel()
+        self._running.clear()
+        await self._network.close()

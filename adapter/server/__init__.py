@@ -1,0 +1,1 @@
+"""The gRPC front: serve (wiring), one servicer per API, the service-edge validation."""

@@ -1,0 +1,137 @@
+"""The Images gRPC servicer: a thin façade over adapter/images/store.py.
+
+Unary RPCs map errors with containers.py's `mapped_errors`; the two streaming ones (Import, Pull)
+map them the same way, by class through STATUS_BY_ERROR, in `mapped_stream_errors`. Progress comes
+from the store on the event loop thread and is passed on through a queue, so a slow client slows
+the stream, never the import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from adapter.api.containerizer.v1 import images_pb2 as pb
+from adapter.api.containerizer.v1 import images_pb2_grpc as pb_grpc
+from adapter.core import errors
+from adapter.images import Descriptor, Image, ImageStore, Progress
+from adapter.images.image import READ, UNPACK
+from adapter.server.containers import mapped_errors, status_for
+
+log = logging.getLogger(__name__)
+MAX_PATH = 4096
+StreamMethod = Callable[..., AsyncIterator[pb.ImageProgress]]
+PHASES = {READ: pb.Transfer.READ, UNPACK: pb.Transfer.UNPACK}
+
+
+def mapped_stream_errors(method: StreamMethod) -> StreamMethod:
+    """`mapped_errors` for server-streaming RPCs."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ImageProgress]:
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except errors.ContainerizerError as exc:
+            await context.abort(status_for(exc), str(exc))
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    return wrapper
+
+
+class ImagesService(pb_grpc.ImagesServicer):
+    def __init__(self, store: ImageStore) -> None:
+        self._store = store
+
+    @mapped_stream_errors
+    async def Import(
+        self, request: pb.ImportRequest, context: Any
+    ) -> AsyncIterator[pb.ImageProgress]:
+        path = tarball_path(request.path)
+        async for message in with_progress(lambda report: self._store.import_tarball(path, report)):
+            yield message
+
+    @mapped_stream_errors
+    async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[pb.ImageProgress]:
+        async def pull(report: Progress) -> list[Image]:
+            return [await self._store.pull(request.reference, report)]
+
+        async for message in with_progress(pull):
+            yield message
+
+    @mapped_errors
+    async def List(self, request: pb.ListImagesRequest, context: Any) -> pb.ListImagesResponse:
+        return pb.ListImagesResponse(images=[to_image(image) for image in self._store.list()])
+
+    @mapped_errors
+    async def Remove(self, request: pb.RemoveImageRequest, context: Any) -> pb.RemoveImageResponse:
+        self._store.remove(request.reference, field="reference")
+        return pb.RemoveImageResponse()
+
+
+def tarball_path(text: str) -> Path:
+    if not text or "\x00" in text or len(text) > MAX_PATH:
+        raise errors.InvalidArgument("path", "must be a non-empty path without NUL bytes")
+    if not text.startswith("/"):
+        raise errors.InvalidArgument("path", f"{text!r} must be absolute (the service's cwd is /)")
+    return Path(text)
+
+
+async def with_progress(
+    work: Callable[[Progress], Coroutine[Any, Any, list[Image]]],
+) -> AsyncIterator[pb.ImageProgress]:
+    """Run `work(report)`, yielding each progress report as it comes, then the images."""
+    updates: asyncio.Queue[pb.ImageProgress] = asyncio.Queue()
+
+    def report(what: str, done: int, total: int, phase: str = READ) -> None:
+        transfer = pb.Transfer(what=what, done_bytes=done, total_bytes=total, phase=PHASES[phase])
+        updates.put_nowait(pb.ImageProgress(transfer=transfer))
+
+    task = asyncio.create_task(work(report))
+    try:
+        while not task.done() or not updates.empty():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        for image in task.result():
+            yield pb.ImageProgress(image=to_image(image))
+    finally:
+        if not task.done():
+            task.cancel()  # the client went away; the staging area is discarded by the store
+            with contextlib.suppress(asyncio.CancelledError, errors.ContainerizerError):
+                await task
+
+
+def to_descriptor(descriptor: Descriptor) -> pb.Descriptor:
+    return pb.Descriptor(
+        media_type=descriptor.media_type, digest=descriptor.digest, size=descriptor.size
+    )
+
+
+def to_image(image: Image) -> pb.Image:
+    return pb.Image(
+        reference=image.reference,
+        manifest=to_descriptor(image.manifest),
+        config=to_descriptor(image.config),
+        layers=[to_descriptor(layer) for layer in image.layers],
+        entrypoint=list(image.entrypoint),
+        cmd=list(image.cmd),
+        env=[f"{name}={value}" for name, value in image.env],
+        working_dir=image.working_dir,
+        user=image.user,
+        size=image.size,
+    )

@@ -1,0 +1,191 @@
+"""gRPC server wiring: config, drivers, state, recovery, socket, health, reflection, signals.
+
+SIGTERM/SIGINT stop the service cleanly and leave running containers running: they are
+re-attached at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
+from adapter.core.config import AgentConfig, load_config
+from adapter.core.containerizer import Containerizer, default_sandbox_root
+from adapter.core.errors import ConfigError, ContainerizerError, Unavailable
+from adapter.core.model import State
+from adapter.core.state import StateStore, database_is_empty
+from adapter.core.state_dir import (
+    StateDirLock,
+    lock_state_dir,
+    make_private_directory,
+    refuse_start_without_records,
+)
+from adapter.images import open_store
+from adapter.images.leases import ImageUse
+from adapter.runtimes import build_driver
+from adapter.server.containers import ContainerizerService
+from adapter.server.images import ImagesService
+
+log = logging.getLogger("containerizer")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Containerizer"].full_name
+IMAGES_SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["Images"].full_name
+
+
+def _bind_unix_socket(server: grpc.aio.Server, socket_path: Path) -> str:
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()  # a stale socket from a crashed run
+    address = f"unix:{socket_path}"
+    server.add_insecure_port(address)
+    return address
+
+
+def _bind_tls_listener(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials
+) -> None:
+    try:
+        server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc says only "failed to bind"
+        raise Unavailable(
+            f"listen: cannot listen on {address} (the port is in use, or tls_cert and tls_key"
+            " do not belong together)"
+        ) from exc
+
+
+def _claim_state_dir(config: AgentConfig, sandbox_root: Path) -> tuple[StateDirLock, StateStore]:
+    """Private modes, this process's lock, then the store: refused over lost records."""
+    make_private_directory(config.state_dir)
+    make_private_directory(sandbox_root)
+    lock = lock_state_dir(config.state_dir)
+    try:
+        database = config.state_dir / "state.db"
+        refuse_start_without_records(
+            database,
+            database_is_empty(database),
+            state_dir=config.state_dir,
+            cgroups_root=config.cgroups_root,
+            cgroups_hierarchy=config.cgroups_hierarchy,
+        )
+        return lock, StateStore(database)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _listener_credentials(config: AgentConfig) -> grpc.ServerCredentials:
+    """Mutual TLS for the TCP listener: only clients with a certificate of tls_client_ca."""
+    pem: dict[str, bytes] = {}
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        path: Path | None = getattr(config, key)
+        where = f"{config.source or '<config>'}: {key}"
+        if path is None:
+            raise ConfigError(f"{where}: required with listen (mutual TLS)")
+        try:
+            pem[key] = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        if b"-----BEGIN " not in pem[key]:
+            raise ConfigError(f"{where}: {path} is not a PEM file")
+    return grpc.ssl_server_credentials(
+        [(pem["tls_key"], pem["tls_cert"])],
+        root_certificates=pem["tls_client_ca"],
+        require_client_auth=True,
+    )
+
+
+def _container_images(core: Containerizer) -> dict[str, ImageUse]:
+    """Which image each container that is not TERMINATED named: the image store keeps what
+    they run on."""
+    return {
+        record.container_id: ImageUse(record.spec.image, record.state is State.LAUNCHING)
+        for record in core.containers()
+        if record.spec.image and record.state is not State.TERMINATED
+    }
+
+
+async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None:
+    credentials = _listener_credentials(config) if config.listen else None
+    sandbox_root = default_sandbox_root(config.state_dir)
+    # Held until the process ends: the lock is what keeps a second service off these records.
+    lock, store = _claim_state_dir(config, sandbox_root)
+    # Before the drivers, which open the same store: it is built with the node's limits.
+    images = open_store(config.state_dir / "images", config.images)
+    drivers = {name: build_driver(name, opts, config) for name, opts in config.runtimes.items()}
+    core = Containerizer(
+        drivers,
+        store,
+        default_runtime=config.default_runtime,
+        termination_retention=config.termination_retention,
+        sandbox_root=sandbox_root,
+        allow_privileged=config.allow_privileged,
+    )
+    await core.recover()
+    images.containers = functools.partial(_container_images, core)
+    server = grpc.aio.server()
+    pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
+        ContainerizerService(core, sandbox_root, state_dir=config.state_dir), server
+    )
+    images_pb2_grpc.add_ImagesServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
+        ImagesService(images), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, IMAGES_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    old_umask = os.umask(0o177)  # the socket is created 0600: root's API only
+    try:
+        address = _bind_unix_socket(server, config.socket)
+        if config.listen and credentials is not None:
+            _bind_tls_listener(server, config.listen, credentials)
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(config.socket, 0o600)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s%s", address, f" and {config.listen}" if config.listen else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping; running containers keep running")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    await core.close()
+    with contextlib.suppress(FileNotFoundError):
+        config.socket.unlink()
+    lock.close()
+
+
+def run_server(config_path: str | None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("CONTAINERIZER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(config_path)
+        asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"containerizer: {exc}", file=sys.stderr)
+        return 2
+    except (ContainerizerError, OSError) as exc:
+        print(f"containerizer: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
