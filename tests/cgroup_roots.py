@@ -37,9 +37,21 @@ def hierarchy_mounts() -> list[Path]:
     return list(mounts.values())
 
 
-def run_cgroup_roots() -> list[Path]:
-    """The top-level cgroups this run created that still exist, in every hierarchy."""
-    return [p for mount in hierarchy_mounts() for p in mount.glob(f"*-{RUN_ID}-*") if p.is_dir()]
+def run_cgroup_roots(run_id: str = RUN_ID) -> list[Path]:
+    """The top-level cgroups a run (this one by default) created that still exist, in every
+    hierarchy."""
+    return [p for mount in hierarchy_mounts() for p in mount.glob(f"*-{run_id}-*") if p.is_dir()]
+
+
+def tree_pids(*patterns: str) -> set[int]:
+    """The processes in the top-level cgroups matching `patterns` or below them, in every
+    hierarchy."""
+    tops = [p for mount in hierarchy_mounts() for pattern in patterns for p in mount.glob(pattern)]
+    pids: set[int] = set()
+    for cgroup in (Path(d) for top in tops for d, _, _ in os.walk(top)):
+        with contextlib.suppress(OSError):
+            pids.update(files.read_pids(cgroup))
+    return pids
 
 
 def remove_cgroup_trees(*patterns: str, timeout: float = 10.0) -> list[Path]:
@@ -65,6 +77,10 @@ def _thaw_and_kill(cgroup: Path) -> None:
     for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
         with contextlib.suppress(OSError):
             (cgroup / name).write_text(thawed)
+    # v2 (Linux 5.14+) kills the whole tree at once, a task forking meanwhile included; v1
+    # has no such file, so the caller's loop kills again whatever was forked between reads.
+    with contextlib.suppress(OSError):
+        (cgroup / "cgroup.kill").write_text("1")
     with contextlib.suppress(OSError):
         for pid in files.read_pids(cgroup):
             with contextlib.suppress(ProcessLookupError):

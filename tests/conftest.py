@@ -25,6 +25,7 @@ from tests.cgroup_roots import (
     run_cgroup_roots,
     run_scoped_name,
 )
+from tests.run_records import RunRecord, sweep_dead_runs
 
 # Fixtures several test modules share, registered once here rather than imported by each.
 pytest_plugins = ["tests.integration.cgroup_helpers"]
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI") == "true"
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
+RUN_RECORD = pytest.StashKey[RunRecord]()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -45,26 +47,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.longrepr = f"skipped in CI, where nothing may be missing: {report.longrepr}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The session (the xdist controller, before it starts any worker) first ends and removes
+    what runs killed halfway left, then records itself with a lock held while it lives, so that
+    the next run does the same for it (tests/run_records.py)."""
+    if hasattr(session.config, "workerinput") or os.geteuid() != 0:
+        return  # without root a run can leave no daemon, mount or cgroup
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for swept in sweep_dead_runs():
+        if reporter is not None:
+            reporter.write_line(f"swept {swept.summary()}", yellow=True)
+    basetemp = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    session.config.stash[RUN_RECORD] = RunRecord([basetemp])
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every fixture removes the cgroups it made: a cgroup root this run left fails the run.
     Only this run's roots count (their names carry RUN_ID), so a concurrent run's are not ours
-    to judge. The xdist controller checks once every worker has finished."""
+    to judge. The xdist controller checks once every worker has finished, then drops the
+    run's record."""
     if hasattr(session.config, "workerinput"):
         return
     left = run_cgroup_roots()
-    if not left:
-        return
-    names = sorted({root.name for root in left})
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"\nFAILED: this run (id {RUN_ID}) left cgroup roots behind, now removed:"
-            f" {', '.join(names)}",
-            red=True,
-        )
-    remove_cgroup_trees(*names)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if left:
+        names = sorted({root.name for root in left})
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"\nFAILED: this run (id {RUN_ID}) left cgroup roots behind, now removed:"
+                f" {', '.join(names)}",
+                red=True,
+            )
+        remove_cgroup_trees(*names)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    with contextlib.suppress(KeyError):
+        session.config.stash[RUN_RECORD].release()
 
 
 def require(condition: bool, reason: str) -> None:

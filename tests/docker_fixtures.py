@@ -34,6 +34,7 @@ from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID
 from tests.cgroup_roots import remove_cgroup_trees, run_scoped_name
 from tests.conftest import ServiceProcess, require, require_root
 from tests.image_fixtures import free_loopback_port, registry_answers
+from tests.run_records import run_scoped_tempdir, unmount_below
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -134,8 +135,7 @@ class PrivateDockerd:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        for mount_point in mounts_under(self.workdir):
-            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        unmount_below(self.workdir)
         remove_cgroup_trees(self.cgroup_parent)
 
     def our_containers(self) -> list[Any]:
@@ -157,20 +157,12 @@ def accepts_connections(path: Path) -> bool:
     return True
 
 
-def mounts_under(directory: Path) -> list[Path]:
-    """Mount points below `directory`, deepest first."""
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = Path(line.split()[4])
-        if point.is_relative_to(directory):
-            points.append(point)
-    return sorted(points, key=lambda p: len(p.parts), reverse=True)
-
-
 @contextlib.contextmanager
 def private_dockerd() -> Iterator[PrivateDockerd]:
     """A started private dockerd, stopped and removed at exit (also used by the benchmark)."""
-    workdir = Path(tempfile.mkdtemp(prefix="ctz-dockerd-", dir="/tmp"))  # short socket paths
+    # Named with the run id (and in /tmp, for short socket paths): should this run be killed
+    # halfway, the next one finds the directory, its mounts and the daemons naming it.
+    workdir = run_scoped_tempdir("ctz-dockerd")
     daemon = PrivateDockerd(workdir)
     try:
         daemon.start()

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from tests.cgroup_roots import remove_cgroup_trees
+from tests.run_records import unmount_below
 
 DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.cri",
@@ -137,7 +138,7 @@ class ContainerdDaemon:
                 self.process.kill()
                 self.process.wait()
         self._kill_shims()
-        self._unmount_below(self.workdir)
+        unmount_below(self.workdir)
 
     def _kill_shims(self) -> None:
         """Shims of this daemon carry its socket path in their command line."""
@@ -152,13 +153,6 @@ class ContainerdDaemon:
                     and (self.address.encode() in argv)
                 ):
                     os.kill(int(proc.name), signal.SIGKILL)
-
-    @staticmethod
-    def _unmount_below(directory: Path) -> None:
-        prefix = str(directory.resolve()) + "/"
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        for mount in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
-            subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
 
 
 class SharedDaemon:

@@ -25,41 +25,34 @@ and virtlogd), then kills it, then removes the cgroups of the services that used
 `<cgroups_root>.partition` groups).
 
 A run killed halfway (kill -9 of pytest or a benchmark) leaves all of that behind: the daemons
-and their QEMUs run on (they have a session of their own), and so do the services. So each run
-keeps a record in REGISTRY: a lock file it holds (flock) for as long as it lives, beside a JSON
-file naming its work directory and its services' configs and cgroup roots. `start()` first
-sweeps the records whose lock nobody holds: their runs are dead, and what they name is ended and
-removed. A concurrent run holds its lock, so its daemon and guests are never touched.
+and their QEMUs run on (they have a session of their own), and so do the services. So `start()`
+first sweeps what dead runs left, then records this daemon's work directory as its run's
+(tests/run_records.py, the mechanism every test session uses): libvirtd and virtlogd name that
+directory on their command lines, QEMU runs below them, and the services' cgroups carry the run
+id. A benchmark, which is no pytest session, is covered the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from tests.cgroup_roots import remove_cgroup_trees
 from tests.conftest import ServiceProcess, require, require_root
+from tests.run_records import RunRecord, sweep_dead_runs
 
 KERNEL = Path(
     os.environ.get("CONTAINERIZER_VM_KERNEL", "/var/lib/containerizer/libvirt/kernel/vmlinuz")
-)
-# Where runs record their daemons and services; /run is emptied by a reboot, as are cgroups.
-REGISTRY = Path(
-    os.environ.get("CONTAINERIZER_TEST_LIBVIRT_REGISTRY", "/run/containerizer-tests/libvirt")
 )
 
 # PR_SET_CHILD_SUBREAPER, then run argv and reap every child (ours and orphans) as it exits.
@@ -129,98 +122,6 @@ def missing_components() -> list[str]:
     return [*missing, "libvirt-python"]
 
 
-class RunRecord:
-    """This run's entry in REGISTRY: `<id>.lock`, flocked while the run lives, and `<id>.json`
-    with the daemon's work directory and the services using it."""
-
-    def __init__(self, workdir: Path, registry: Path = REGISTRY) -> None:
-        registry.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path = registry / f"{name}.json"
-        self.lock_path = registry / f"{name}.lock"
-        self._data: dict[str, Any] = {"workdir": str(workdir), "services": []}
-        self._write()
-        # Locked under a temporary name, then renamed: a sweeper never sees it unlocked.
-        partial = registry / f".{name}.lock"
-        self._lock = os.open(partial, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        partial.rename(self.lock_path)
-
-    def add_service(self, service: ServiceProcess) -> None:
-        entry = {"config": str(service.config_path), "cgroups_root": service.cgroups_root}
-        self._data["services"].append(entry)
-        self._write()
-
-    def cgroups_roots(self) -> list[str]:
-        return [entry["cgroups_root"] for entry in self._data["services"]]
-
-    def _write(self) -> None:
-        partial = self.path.with_suffix(".tmp")
-        partial.write_text(json.dumps(self._data))
-        partial.replace(self.path)
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.lock_path.unlink(missing_ok=True)
-        os.close(self._lock)
-
-
-def sweep_stale_runs(registry: Path = REGISTRY) -> list[str]:
-    """End and remove what runs that died halfway left (their locks are free): their services,
-    their daemons with every QEMU below them, and their services' cgroups. Returns the records
-    swept."""
-    swept: list[str] = []
-    for lock_path in sorted(registry.glob("*.lock")):
-        try:
-            descriptor = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue  # swept by a concurrent sweeper
-        try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its run is alive
-            record = lock_path.with_suffix(".json")
-            try:
-                data = json.loads(record.read_text())
-            except (OSError, ValueError):
-                data = {}
-            _end_run(data)
-            record.unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)
-            swept.append(record.name)
-        finally:
-            os.close(descriptor)
-    return swept
-
-
-def _end_run(data: dict[str, Any]) -> None:
-    services = [entry for entry in data.get("services", []) if isinstance(entry, dict)]
-    marks = [["--config", str(entry.get("config"))] for entry in services]
-    workdir = data.get("workdir")
-    if workdir:
-        marks += [["-f", f"{workdir}/libvirtd.conf"], ["-p", f"{workdir}/virtlogd.pid"]]
-    doomed: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if any(_has_pair(cmdline, mark) for mark in marks):
-            with contextlib.suppress(psutil.Error):
-                for member in [process, *process.children(recursive=True)]:
-                    doomed[member.pid] = member  # QEMU is below the daemon's child reaper
-    for process in doomed.values():
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(list(doomed.values()), timeout=10)
-    for entry in services:
-        root = str(entry.get("cgroups_root", ""))
-        if root.startswith("ctz-"):  # never a glob that could match someone else's
-            remove_cgroup_trees(root, f"{root}.*")
-
-
-def _has_pair(cmdline: list[str], pair: list[str]) -> bool:
-    return any(cmdline[i : i + 2] == pair for i in range(len(cmdline) - 1))
-
-
 class PrivateLibvirtd:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -229,18 +130,18 @@ class PrivateLibvirtd:
         self.log_path = workdir / "libvirtd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.record: RunRecord | None = None
+        self.cgroups_roots: list[str] = []
 
     def register(self, service: ServiceProcess) -> ServiceProcess:
-        """Note a service that uses this daemon, so its cgroups go when the daemon stops, or
-        when the next run sweeps after this one was killed."""
-        assert self.record is not None, "start the daemon before its services"
-        self.record.add_service(service)
+        """Note a service that uses this daemon, so its cgroups (libvirt's partitions among
+        them) go when the daemon stops."""
+        self.cgroups_roots.append(service.cgroups_root)
         return service
 
     def start(self, timeout: float = 60.0) -> None:
-        sweep_stale_runs()
-        self.record = RunRecord(self.workdir)
+        sweep_dead_runs()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.record = RunRecord([self.workdir])
         (self.workdir / "sock").mkdir(exist_ok=True)
         (self.workdir / "libvirtd.conf").write_text(
             LIBVIRTD_CONF.format(sock_dir=self.socket.parent, log=self.log_path)
@@ -320,9 +221,10 @@ class PrivateLibvirtd:
                 process.kill()
         psutil.wait_procs(below, timeout=10)
         self.process = None
+        for root in self.cgroups_roots:
+            remove_cgroup_trees(root, f"{root}.*")  # libvirt's <root>.partition groups
+        self.cgroups_roots.clear()
         if self.record is not None:
-            for root in self.record.cgroups_roots():
-                remove_cgroup_trees(root, f"{root}.*")  # libvirt's <root>.partition groups
             self.record.release()
             self.record = None
 

@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +30,8 @@ from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
 from tests.cgroup_roots import hierarchy_mounts, remove_cgroup_trees, run_scoped_name
 from tests.conftest import BIN, REPO, ServiceProcess, require, require_root
 from tests.integration.api import destroy, scalar, wait
-from tests.integration.libvirtd import (
-    KERNEL,
-    PrivateLibvirtd,
-    libvirt_service,
-    libvirtd,
-    sweep_stale_runs,
-)
+from tests.integration.libvirtd import KERNEL, PrivateLibvirtd, libvirt_service, libvirtd
+from tests.run_records import sweep_dead_runs
 
 __all__ = ["libvirtd"]  # the shared session fixture, used by name
 
@@ -390,10 +386,17 @@ def _cgroups_named(root: str) -> list[Path]:
 def test_what_a_run_killed_halfway_left_is_swept_by_the_next(
     libvirtd: PrivateLibvirtd, tmp_path: Path
 ) -> None:
+    previous_run = uuid.uuid4().hex[:8]  # a run of its own, as a killed earlier run would be
     with (tmp_path / "previous.err").open("wb") as errors:
         previous = subprocess.Popen(
             [sys.executable, "-c", PREVIOUS_RUN, str(tmp_path)],
             cwd=REPO,
+            # A registry of its own: a concurrent run's sweep must not take the record first.
+            env={
+                **os.environ,
+                "CTZ_TEST_RUN_ID": previous_run,
+                "CONTAINERIZER_TEST_RUN_REGISTRY": str(tmp_path / "runs"),
+            },
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=errors,
@@ -414,9 +417,9 @@ def test_what_a_run_killed_halfway_left_is_swept_by_the_next(
     pids = [left["qemu"], left["daemon"], left["service"]]
     assert all(_alive(pid) for pid in pids) and _cgroups_named(left["cgroups_root"])
 
-    swept = sweep_stale_runs()
+    swept = sweep_dead_runs(tmp_path / "runs")
 
-    assert any(name.startswith(f"{previous.pid}-") for name in swept), swept
+    assert previous_run in [run.run_id for run in swept], swept
     assert not [pid for pid in pids if _alive(pid)]
     assert _cgroups_named(left["cgroups_root"]) == []
     assert libvirtd.record is not None and libvirtd.record.lock_path.exists()  # ours: alive

@@ -12,7 +12,6 @@ import random
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from isolators.network.netns import netns_name, netns_path, netns_prefix
 from tests.conftest import ServiceProcess, require, require_root
 from tests.integration.api import destroy, scalar, usage, wait
+from tests.run_records import run_scoped_bridge
 
 pytestmark = pytest.mark.integration
 BUSYBOX = "/bin/busybox"
@@ -31,7 +31,7 @@ BUSYBOX = "/bin/busybox"
 
 def network_config() -> tuple[str, str]:
     """A bridge name and a /24 that no other worker (nor the host) uses."""
-    bridge = f"ctz-{uuid.uuid4().hex[:8]}"
+    bridge = run_scoped_bridge()  # named with the run id: a killed run's bridge is swept
     used = _host_networks()
     while True:
         subnet = ipaddress.IPv4Network(

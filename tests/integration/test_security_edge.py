@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.conftest import ServiceProcess, require, require_root
 from tests.integration.api import destroy, launch, serve_expecting_refusal
 from tests.integration.tls import Certificates, make_certificates
+from tests.run_records import run_scoped_tempdir
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,7 @@ def open_workdir() -> Iterator[Path]:
     modes under test), removed afterwards."""
     require_root()
     require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
-    workdir = Path(tempfile.mkdtemp(prefix="ctz-edge-"))
+    workdir = run_scoped_tempdir("ctz-edge")  # named with the run id: swept if it is killed
     workdir.chmod(0o755)
     yield workdir
     shutil.rmtree(workdir, ignore_errors=True)
