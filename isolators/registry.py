@@ -44,18 +44,21 @@ def build_isolators(
     cgroups_root: str = "containerizer",
     enable_cfs: bool = False,
     hierarchy_override: str | None = None,
+    hierarchies: Hierarchies | None = None,
 ) -> list[Isolator]:
     """Isolators in the given order, plus cgroups/freezer last on v1 when any cgroups/* is
     used (the destroyer needs a freezer cgroup; last so recover() of the others can still
-    freeze orphans before the freezer removes its own cgroups)."""
+    freeze orphans before the freezer removes its own cgroups). `hierarchies`: the ones a
+    caller already discovered (else discovered here from cgroups_root and the override)."""
     unknown = [name for name in names if name not in ISOLATOR_NAMES]
     if unknown:
         raise ValueError(
             f"unknown isolator(s) {', '.join(map(repr, unknown))}; "
             f"known: {', '.join(ISOLATOR_NAMES)}"
         )
-    hierarchies = None
-    if any(name.startswith("cgroups/") for name in names):
+    if not any(name.startswith("cgroups/") for name in names):
+        hierarchies = None
+    elif hierarchies is None:
         hierarchies = _hierarchies(cgroups_root, hierarchy_override)
     isolators: list[Isolator] = []
     for name in dict.fromkeys(names):

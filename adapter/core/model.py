@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MIB = 1024 * 1024
-MIN_MEM_MIB = 32  # Mesos: the memory hard limit is never below 32 MiB.
 CONTAINER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 

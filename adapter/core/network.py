@@ -1,9 +1,10 @@
 """The node's network isolator as every driver uses it.
 
-There is one NetworkIsolator per process (isolators/network: `shared_isolator`): one bridge, one
-IPAM and one port table for all runtimes. `RuntimeNetwork` is a driver's view of it, holding what
-each driver would otherwise repeat: the config and request translation, the mapping of the
-isolator's errors to ours (by class), and whether the isolator decides a launch's network at all.
+There is one NetworkIsolator per service: one bridge, one IPAM and one port table for all
+runtimes. `RuntimeNetwork` wraps it for the runtimes, holding what each driver would otherwise
+repeat: the config and request translation, the mapping of the isolator's errors to ours (by
+class), and whether the isolator decides a launch's network at all. The service builds one
+(adapter/core/services.py) and hands the same to every runtime.
 
 How each runtime joins `Attachment.netns_path` stays in its driver (the supervisor's --netns, the
 OCI spec's namespace path, lxc.namespace.share.net); mode "host" has no path.
@@ -19,7 +20,7 @@ from adapter.core.config import AgentConfig
 from adapter.core.errors import ConfigError, FailedPrecondition, InvalidArgument, LaunchFailed
 from adapter.core.model import LaunchSpec, Resources, Statistics
 from isolators.network import model as network_model
-from isolators.network.isolator import NetworkIsolator, shared_isolator
+from isolators.network.isolator import NetworkIsolator
 from isolators.network.model import Attachment
 
 
@@ -67,11 +68,11 @@ def network_request(spec: LaunchSpec) -> network_model.NetworkRequest:
 
 
 class RuntimeNetwork:
-    """One driver's handle on the shared isolator; every method raises adapter.core.errors only."""
+    """The node's isolator as runtimes use it; every method raises adapter.core.errors only."""
 
     def __init__(self, config: AgentConfig) -> None:
         self._node_chooses = config.network.enabled
-        self.isolator: NetworkIsolator = shared_isolator(network_config(config))
+        self.isolator = NetworkIsolator(network_config(config))
 
     @property
     def chooses_all(self) -> bool:

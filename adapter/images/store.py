@@ -54,23 +54,12 @@ from adapter.images.registry import pull_image
 from adapter.images.unpack import UnpackBudget, UnpackLimits, apply_layer
 
 T = TypeVar("T")
-_STORES: dict[Path, ImageStore] = {}
-
-
-def open_store(root: Path, options: ImagesOptions | None = None) -> ImageStore:
-    """The one store of this process for `root`: the server and every driver share it, so
-    their unpacks and removals see each other. `options` (the server's, from the config)
-    replace the defaults of a store a driver opened first."""
-    key = root.resolve()
-    store = _STORES.get(key)
-    if store is None:
-        store = _STORES[key] = ImageStore(key, options)
-    elif options is not None:
-        store.options = options
-    return store
 
 
 class ImageStore:
+    """One per service (adapter/core/services.py builds it): the server and every runtime
+    share it, so their unpacks and removals see each other."""
+
     def __init__(
         self,
         root: Path,

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adapter.core.config import AgentConfig
-from adapter.runtimes.base import Driver
+if TYPE_CHECKING:  # importing the services would load every one of them with base.py
+    from adapter.core.services import Services
+    from adapter.runtimes.base import Driver
 
 
-def build_driver(name: str, options: dict[str, Any], config: AgentConfig) -> Driver:
-    """Instantiate the driver for a configured runtime. Imports are lazy so a node pays only for
-    the runtimes it uses."""
+def build_driver(name: str, options: dict[str, Any], services: Services) -> Driver:
+    """Instantiate the driver for a configured runtime with its own table (`options`) and the
+    service's shared services. Imports are lazy so a node pays only for the runtimes it uses."""
     if name == "native":
         from adapter.runtimes.native.driver import NativeDriver
 
-        return NativeDriver(config, options)
+        return NativeDriver(options, services)
     if name == "lxc":
         from adapter.runtimes.lxc.driver import LxcDriver
 
-        return LxcDriver(config, options)
+        return LxcDriver(options, services)
     if name == "docker":
         from adapter.runtimes.docker.driver import DockerDriver
 
-        return DockerDriver(config, options)
+        return DockerDriver(options, services)
     if name == "containerd":
         from adapter.runtimes.containerd.driver import ContainerdDriver
 
-        return ContainerdDriver(config, options)
+        return ContainerdDriver(options, services)
     if name == "libvirt":
         from adapter.runtimes.libvirt.driver import LibvirtDriver
 
-        return LibvirtDriver(config, options)
+        return LibvirtDriver(options, services)
     raise ValueError(f"no driver for runtime {name!r}")

@@ -1,4 +1,5 @@
-"""gRPC server wiring: config, drivers, state, recovery, socket, health, reflection, signals.
+"""gRPC server wiring, the service's composition root: config, state, the shared services
+(built once, adapter/core/services.py), drivers, recovery, socket, health, reflection, signals.
 
 SIGTERM/SIGINT stop the service cleanly and leave running containers running: they are
 re-attached at the next start.
@@ -26,6 +27,7 @@ from adapter.core.config import AgentConfig, load_config
 from adapter.core.containerizer import Containerizer, default_sandbox_root
 from adapter.core.errors import ConfigError, ContainerizerError, Unavailable
 from adapter.core.model import State
+from adapter.core.services import build_services
 from adapter.core.state import StateStore, database_is_empty
 from adapter.core.state_dir import (
     StateDirLock,
@@ -33,11 +35,11 @@ from adapter.core.state_dir import (
     make_private_directory,
     refuse_start_without_records,
 )
-from adapter.images import open_store
 from adapter.images.leases import ImageUse
 from adapter.runtimes import build_driver
 from adapter.server.containers import ContainerizerService
 from adapter.server.images import ImagesService
+from adapter.server.mesos import start_ecp_endpoint
 
 log = logging.getLogger("containerizer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Containerizer"].full_name
@@ -121,9 +123,9 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     sandbox_root = default_sandbox_root(config.state_dir)
     # Held until the process ends: the lock is what keeps a second service off these records.
     lock, store = _claim_state_dir(config, sandbox_root)
-    # Before the drivers, which open the same store: it is built with the node's limits.
-    images = open_store(config.state_dir / "images", config.images)
-    drivers = {name: build_driver(name, opts, config) for name, opts in config.runtimes.items()}
+    # Once, after the lock: every runtime and the Images API get the same store, isolator, ...
+    services = build_services(config)
+    drivers = {name: build_driver(name, opts, services) for name, opts in config.runtimes.items()}
     core = Containerizer(
         drivers,
         store,
@@ -133,13 +135,14 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         allow_privileged=config.allow_privileged,
     )
     await core.recover()
-    images.containers = functools.partial(_container_images, core)
+    services.images.containers = functools.partial(_container_images, core)
     server = grpc.aio.server()
+    containers_service = ContainerizerService(core, sandbox_root, state_dir=config.state_dir)
     pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
-        ContainerizerService(core, sandbox_root, state_dir=config.state_dir), server
+        containers_service, server
     )
     images_pb2_grpc.add_ImagesServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
-        ImagesService(images), server
+        ImagesService(services.images), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -155,6 +158,8 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     finally:
         os.umask(old_umask)
     os.chmod(config.socket, 0o600)
+    # containerizer-mesos's socket: the same servicer, for a program that cannot afford grpc.
+    ecp_endpoint = await start_ecp_endpoint(containers_service, config.socket)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s%s", address, f" and {config.listen}" if config.listen else "")
@@ -167,6 +172,7 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     await stop.wait()
     log.info("stopping; running containers keep running")
     await health_servicer.enter_graceful_shutdown()
+    await ecp_endpoint.close()
     await server.stop(grace=2)
     await core.close()
     with contextlib.suppress(FileNotFoundError):

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.core.errors import InvalidArgument
+from adapter.core.limits import memory_floor
 from adapter.core.model import (
     MIB,
-    MIN_MEM_MIB,
     NETWORK_MODES,
     Command,
     LaunchSpec,
@@ -112,9 +112,10 @@ def resources(
     if pids is not None and (pids != int(pids) or not 1 <= pids <= MAX_PIDS):
         raise InvalidArgument(f"{field}[pids]", f"must be an integer in 1..{MAX_PIDS}, got {pids}")
     mem = values.get("mem")
-    if mem is not None and mem < MIN_MEM_MIB:
-        warnings.append(f"mem raised from {mem:g} MiB to the minimum of {MIN_MEM_MIB} MiB")
-        mem = float(MIN_MEM_MIB)
+    if mem is not None and (floor := memory_floor(mem)) != mem:
+        # The record and the reply say what is enforced (adapter/core/limits.py's floor).
+        warnings.append(f"mem raised from {mem:g} MiB to the minimum of {floor:g} MiB")
+        mem = floor
     parsed = Resources(
         cpus=values.get("cpus"),
         mem_mib=mem,

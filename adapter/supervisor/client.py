@@ -362,36 +362,59 @@ async def _wait_foreign(handle: SupervisorHandle) -> None:
     await ProcessRef(handle.supervisor_pid, handle.supervisor_start_time).wait()
 
 
-# The supervisors this process spawned and has not yet waited for, by (pid, start time). Being
-# our children, they must be reaped by us. The registry is module-level because "our children"
-# is a fact about the process, not an object.
-_children: dict[tuple[int, int], Child] = {}
+class Supervisors:
+    """The supervisors this service spawned and has not yet waited for, by (pid, start time).
 
-
-async def spawn(
-    binary: str, config: LaunchConfig, *, handshake_timeout: float = HANDSHAKE_TIMEOUT_S
-) -> SupervisorHandle:
-    """Start a supervisor for `config` and return once the workload has exec'd.
-
-    Raises SpawnError naming the failed step; by then the supervisor has been reaped and no
-    status file was written. The supervisor runs in its own session, so it outlives us.
+    Being our children, they must be reaped by us, through the Child that started them; a
+    supervisor spawned before a restart is not our child and is waited for by pid and start
+    time. One registry per service (adapter/core/services.py), shared by whatever spawns.
     """
-    payload = config.encode()
-    try:
-        process, config_fd = start_configured([binary, *CONFIG_ARGUMENTS])
-    except LaunchFailed as exc:
-        raise SpawnError(str(exc), step="supervisor") from exc
-    child_pid, child_start, supervisor_start = await _read_handshake(
-        process, config_fd, payload, config.argv[0], handshake_timeout
-    )
-    _children[(process.pid, supervisor_start)] = process
-    return SupervisorHandle(
-        supervisor_pid=process.pid,
-        supervisor_start_time=supervisor_start,
-        child_pid=child_pid,
-        child_start_time=child_start,
-        status_file=os.path.abspath(config.status_file),
-    )
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, int], Child] = {}
+
+    async def spawn(
+        self,
+        binary: str,
+        config: LaunchConfig,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    ) -> SupervisorHandle:
+        """Start a supervisor for `config` and return once the workload has exec'd.
+
+        Raises SpawnError naming the failed step; by then the supervisor has been reaped and no
+        status file was written. The supervisor runs in its own session, so it outlives us.
+        """
+        payload = config.encode()
+        try:
+            process, config_fd = start_configured([binary, *CONFIG_ARGUMENTS])
+        except LaunchFailed as exc:
+            raise SpawnError(str(exc), step="supervisor") from exc
+        child_pid, child_start, supervisor_start = await _read_handshake(
+            process, config_fd, payload, config.argv[0], handshake_timeout
+        )
+        self._children[(process.pid, supervisor_start)] = process
+        return SupervisorHandle(
+            supervisor_pid=process.pid,
+            supervisor_start_time=supervisor_start,
+            child_pid=child_pid,
+            child_start_time=child_start,
+            status_file=os.path.abspath(config.status_file),
+        )
+
+    async def wait_exit(self, handle: SupervisorHandle) -> ExitStatus | None:
+        """Resolve once the handle's supervisor has exited, whether or not it is our child, and
+        return what it recorded; None means it recorded nothing (the caller reports LOST)."""
+        key = (handle.supervisor_pid, handle.supervisor_start_time)
+        process = self._children.get(key)
+        if process is not None:
+            code = await process.wait()
+            self._children.pop(key, None)
+            if code != 0:
+                log.warning("supervisor %d exited with status %d", handle.supervisor_pid, code)
+        else:
+            await _wait_foreign(handle)
+        return read_status(handle.status_file)
 
 
 async def _read_handshake(
@@ -426,18 +449,3 @@ async def _read_handshake(
         raise
     process.close_stdout()  # the supervisor writes nothing after the handshake
     return parsed
-
-
-async def wait_exit(handle: SupervisorHandle) -> ExitStatus | None:
-    """Resolve once the handle's supervisor has exited, whether or not it is our child, and
-    return what it recorded; None means it recorded nothing (the caller reports LOST)."""
-    key = (handle.supervisor_pid, handle.supervisor_start_time)
-    process = _children.get(key)
-    if process is not None:
-        code = await process.wait()
-        _children.pop(key, None)
-        if code != 0:
-            log.warning("supervisor %d exited with status %d", handle.supervisor_pid, code)
-    else:
-        await _wait_foreign(handle)
-    return read_status(handle.status_file)

@@ -1,4 +1,7 @@
-"""cgroups/mem: hard and soft memory limits (Mesos arithmetic) and OOM notification.
+"""cgroups/mem: hard and soft memory limits and OOM notification.
+
+The limit is written as given: Mesos' 32 MiB floor is the caller's policy (the adapter's core
+applies it once, for every runtime), not a rule of the kernel.
 
 v1 announces an OOM through an eventfd registered in cgroup.event_control against
 memory.oom_control; the fd is added to the event loop with add_reader (no thread, no poll).
@@ -20,13 +23,7 @@ from isolators.cgroups.errors import CgroupFileError
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.isolator import CgroupIsolator
 
-MIN_MEMORY_BYTES = 32 * 1024 * 1024
 V2_POLL_INTERVAL = 0.1
-
-
-def memory_limit_bytes(mem_bytes: int) -> int:
-    """Mesos: the hard (and soft) limit is the requested memory, at least 32 MiB."""
-    return max(mem_bytes, MIN_MEMORY_BYTES)
 
 
 @dataclass
@@ -60,7 +57,7 @@ class MemIsolator(CgroupIsolator):
 
     async def apply(self, container_id: str, limits: Limits, *, initial: bool) -> None:
         if limits.mem_bytes is not None:
-            self._write_limit(self._cgroup(container_id), memory_limit_bytes(limits.mem_bytes))
+            self._write_limit(self._cgroup(container_id), limits.mem_bytes)
         if initial and self.hierarchies.version == 1:
             self._register_oom(container_id)
 

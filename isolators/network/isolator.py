@@ -13,8 +13,8 @@
                                          namespaces and bridge ports no checkpoint names
     close()                              service stop: the bridge goes if no container uses it
 
-Every runtime uses the same instance (`shared_isolator`): one bridge, one IPAM, one port table
-per node. How a runtime attaches (see the report of issue 10 / DESIGN.md):
+Every runtime of a service uses the same instance (the service builds one and hands it to
+each): one bridge, one IPAM, one port table per node. How a runtime attaches (DESIGN.md):
   native      --netns attachment.netns_path for the supervisor (setns before the other unshares)
   containerd  OCI spec linux.namespaces += {type: network, path: attachment.netns_path}
   LXC         lxc.net.0.type = none + lxc.namespace.share.net = attachment.netns_path
@@ -346,8 +346,8 @@ class NetworkIsolator:
 
     async def recover(self, known_ids: set[str]) -> None:
         """Reload the checkpoint; remove the attachments of containers nobody knows, then every
-        namespace and bridge port of ours that no attachment names. Once per process: all the
-        drivers share this instance and pass the same ids."""
+        namespace and bridge port of ours that no attachment names. Once per instance: all the
+        runtimes of a service share it and pass the same ids."""
         async with self._lock:
             if self._recovered:
                 return
@@ -460,14 +460,3 @@ def _is_loopback_nameserver(line: str) -> bool:
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(words[1]).is_loopback
     return False
-
-
-_shared: dict[Path, NetworkIsolator] = {}
-
-
-def shared_isolator(config: NetworkConfig) -> NetworkIsolator:
-    """The one isolator of this process for `config`'s state: every driver gets the same."""
-    key = config.state_dir / "network" / config.bridge
-    if key not in _shared:
-        _shared[key] = NetworkIsolator(config)
-    return _shared[key]

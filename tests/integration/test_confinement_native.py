@@ -413,12 +413,13 @@ async def test_200000_arguments_reach_the_supervisor_without_crashing_it(tmp_pat
     require_root()
     binary = supervisor.find_supervisor(None)
     config = direct_config(tmp_path, ["true", *["x"] * 200_000])
+    supervisors = supervisor.Supervisors()
     try:
-        handle = await supervisor.spawn(binary, config)
+        handle = await supervisors.spawn(binary, config)
     except supervisor.SpawnError as error:  # execve's own limit: a clear error, not SIGSEGV
         assert (error.step, error.reason) == ("exec", "Argument list too long"), error
         return
-    status = await supervisor.wait_exit(handle)
+    status = await supervisors.wait_exit(handle)
     assert status is not None and status.exit_code == 0
 
 
@@ -427,5 +428,5 @@ async def test_a_configuration_past_the_bound_is_refused(tmp_path: Path) -> None
     binary = supervisor.find_supervisor(None)
     config = direct_config(tmp_path, ["true", "x" * (17 << 20)])
     with pytest.raises(supervisor.SpawnError) as refused:
-        await supervisor.spawn(binary, config)
+        await supervisor.Supervisors().spawn(binary, config)
     assert refused.value.step == "args" and "larger than 16 MiB" in refused.value.reason

@@ -68,6 +68,8 @@ class Box:
     binary: str
     root: Path
     enforcement: Enforcement
+    # The registry a service keeps of the supervisors it spawned (and must reap).
+    supervisors: supervisor.Supervisors = dataclasses.field(default_factory=supervisor.Supervisors)
 
     @property
     def status_file(self) -> Path:
@@ -92,7 +94,7 @@ class Box:
 
     async def spawn(self, argv: list[str], **options: object) -> SupervisorHandle:
         timeout = options.pop("handshake_timeout", supervisor.HANDSHAKE_TIMEOUT_S)
-        return await supervisor.spawn(
+        return await self.supervisors.spawn(
             self.binary,
             self.config(argv, **options),
             handshake_timeout=timeout,  # type: ignore[arg-type]
@@ -100,7 +102,7 @@ class Box:
 
     async def run(self, argv: list[str], **options: object) -> ExitStatus | None:
         handle = await self.spawn(argv, **options)
-        return await supervisor.wait_exit(handle)
+        return await self.supervisors.wait_exit(handle)
 
 
 @pytest.fixture
@@ -131,7 +133,7 @@ async def test_kill_through_the_handle_is_recorded_as_signal_9(box: Box) -> None
     handle = await box.spawn(["sleep", "30"])
     assert supervisor.is_alive(handle)
     supervisor.kill(handle, signal.SIGKILL)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and (status.exit_code, status.signal) == (None, 9)
     assert not supervisor.is_alive(handle)
 
@@ -151,7 +153,7 @@ async def test_namespace_init_receives_only_signals_it_handles(box: Box) -> None
     )
     await wait_until(lambda: box.stdout.exists() and "ready" in box.stdout.read_text())
     supervisor.kill(handle, signal.SIGTERM)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and status.exit_code == 42
 
 
@@ -205,14 +207,14 @@ async def test_status_directory_that_does_not_exist_fails_before_launch(box: Box
         config = dataclasses.replace(
             box.config(["touch", str(marker)]), status_file=str(box.root / "missing" / "status")
         )
-        await supervisor.spawn(box.binary, config)
+        await box.supervisors.spawn(box.binary, config)
     assert caught.value.step == "status-file"
     assert not marker.exists()
 
 
 async def test_supervisor_binary_that_cannot_run_is_a_spawn_error(box: Box) -> None:
     with pytest.raises(SpawnError, match="cannot run"):
-        await supervisor.spawn(str(box.root / "nope"), box.config(["true"]))
+        await box.supervisors.spawn(str(box.root / "nope"), box.config(["true"]))
 
 
 async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box) -> None:
@@ -220,7 +222,7 @@ async def test_silent_supervisor_is_killed_after_the_handshake_timeout(box: Box)
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
     with pytest.raises(SpawnError) as caught:
-        await supervisor.spawn(str(fake), box.config(["true"]), handshake_timeout=0.3)
+        await box.supervisors.spawn(str(fake), box.config(["true"]), handshake_timeout=0.3)
     assert caught.value.step == "handshake"
     leftovers = [
         p for p in psutil.process_iter(["cmdline"]) if str(fake) in (p.info["cmdline"] or [])
@@ -271,7 +273,7 @@ async def test_workload_runs_under_our_init_in_its_own_pid_namespace(box: Box) -
 async def test_init_forwards_sigterm_to_a_workload_without_handlers(box: Box) -> None:
     handle = await box.spawn(["sleep", "100"])
     supervisor.kill(handle, signal.SIGTERM)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and (status.exit_code, status.signal) == (None, signal.SIGTERM)
 
 
@@ -300,7 +302,7 @@ async def test_double_forked_daemon_dies_with_the_init(box: Box) -> None:
 
     handle = await box.spawn(["sh", "-c", f"(setsid sleep {marker} &) ; sleep 0.3"])
     await wait_until(lambda: len(daemons()) == 1)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and status.exit_code == 0
     assert daemons() == []
 
@@ -374,7 +376,7 @@ async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
                     status_file=status_file, sandbox=os.path.dirname(log),
                     argv=["sh", "-c", "sleep 0.5; exit 7"], enforcement=enforcement,
                 )
-                handle = await supervisor.spawn(binary, config)
+                handle = await supervisor.Supervisors().spawn(binary, config)
                 print(json.dumps(handle.to_json()), flush=True)
                 await asyncio.sleep(3600)
 
@@ -397,7 +399,7 @@ async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
             spawner.stdout.close()
     handle = SupervisorHandle.from_json(json.loads(line))
     assert supervisor.is_alive(handle), "the supervisor died with its spawner"
-    status = await asyncio.wait_for(supervisor.wait_exit(handle), 10)
+    status = await asyncio.wait_for(box.supervisors.wait_exit(handle), 10)
     assert status is not None and status.exit_code == 7
 
 
@@ -408,14 +410,14 @@ async def test_supervisor_ignores_term_int_and_hup(box: Box) -> None:
     await asyncio.sleep(0.1)
     assert supervisor.is_alive(handle)
     supervisor.kill(handle, signal.SIGKILL)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and status.signal == 9
 
 
 async def test_supervisor_killed_records_nothing(box: Box) -> None:
     handle = await box.spawn(["sleep", "30"])
     os.kill(handle.supervisor_pid, signal.SIGKILL)
-    assert await supervisor.wait_exit(handle) is None  # the caller reports LOST
+    assert await box.supervisors.wait_exit(handle) is None  # the caller reports LOST
     supervisor.kill(handle, signal.SIGKILL)  # the orphaned workload is still ours to end
 
     def workload_gone() -> bool:
@@ -434,17 +436,17 @@ async def test_pid_reuse_guard(box: Box) -> None:
     )
     assert not supervisor.is_alive(stale)
     supervisor.kill(stale, signal.SIGKILL)  # must not hit the live workload
-    assert await asyncio.wait_for(supervisor.wait_exit(stale), 2) is None
+    assert await asyncio.wait_for(box.supervisors.wait_exit(stale), 2) is None
     assert supervisor.is_alive(handle)
     assert processes.start_time(handle.child_pid) == handle.child_start_time
     supervisor.kill(handle, signal.SIGKILL)
-    status = await supervisor.wait_exit(handle)
+    status = await box.supervisors.wait_exit(handle)
     assert status is not None and status.signal == 9
 
 
 async def test_waited_supervisor_leaves_no_zombie(box: Box) -> None:
     handle = await box.spawn(["true"])
-    await supervisor.wait_exit(handle)
+    await box.supervisors.wait_exit(handle)
     assert processes.start_time(handle.supervisor_pid) != handle.supervisor_start_time
 
 
@@ -459,4 +461,4 @@ async def test_supervisor_rss_is_under_3_mib(box: Box) -> None:
         assert rss_kib < 3 * 1024
     finally:
         supervisor.kill(handle, signal.SIGKILL)
-        await supervisor.wait_exit(handle)
+        await box.supervisors.wait_exit(handle)

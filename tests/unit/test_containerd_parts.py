@@ -29,6 +29,7 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.limits import Limits
 from adapter.core.model import Command, LaunchSpec, Resources
 from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import spec as oci
@@ -112,11 +113,12 @@ def _launch_spec(**resources: float) -> LaunchSpec:
 
 def test_runtime_spec_carries_the_request() -> None:
     image = _image(env=(("PATH", "/bin"), ("HOME", "/root")), working_dir="/srv")
+    spec = _launch_spec(cpus=0.5, mem_mib=16, pids=7)
     document = oci.runtime_spec(
-        _launch_spec(cpus=0.5, mem_mib=16, pids=7),
+        spec,
         image,
         cgroups_root="containerizer",
-        enable_cfs=True,
+        limits=Limits.of(spec.resources, enable_cfs=True),
         user=(65534, 65534),
     )
     process = document["process"]
@@ -149,8 +151,9 @@ def test_runtime_spec_carries_the_request() -> None:
 
 
 def test_unrequested_resources_stay_unlimited_and_cfs_is_optional() -> None:
-    assert oci.linux_resources(Resources(), enable_cfs=True) == {}
-    assert oci.linux_resources(Resources(cpus=0.001), enable_cfs=False) == {"cpu": {"shares": 2}}
+    assert oci.linux_resources(Limits.of(Resources(), enable_cfs=True)) == {}
+    no_cfs = Limits.of(Resources(cpus=0.001), enable_cfs=False)
+    assert oci.linux_resources(no_cfs) == {"cpu": {"shares": 2}}
 
 
 PASSWD = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1001::/:\n"
@@ -231,7 +234,7 @@ def _confined(
 ) -> dict[str, Any]:
     spec = dataclasses.replace(_launch_spec(), **flags)
     return oci.runtime_spec(
-        spec, _image(), cgroups_root="ctz", enable_cfs=False, user=user, held=held
+        spec, _image(), cgroups_root="ctz", limits=Limits(), user=user, held=held
     )
 
 
@@ -302,9 +305,9 @@ def test_held_capabilities_come_from_the_bounding_set() -> None:
 def test_an_empty_command_runs_the_images_entrypoint_and_cmd() -> None:
     spec = dataclasses.replace(_launch_spec(), command=Command())
     image = dataclasses.replace(_image(), entrypoint=("/bin/app",), cmd=("serve", "-v"))
-    document = oci.runtime_spec(spec, image, cgroups_root="ctz", enable_cfs=False, user=(0, 0))
+    document = oci.runtime_spec(spec, image, cgroups_root="ctz", limits=Limits(), user=(0, 0))
     assert document["process"]["args"] == ["/bin/app", "serve", "-v"]
     bare = dataclasses.replace(image, entrypoint=(), cmd=())
     with pytest.raises(InvalidArgument) as refused:
-        oci.runtime_spec(spec, bare, cgroups_root="ctz", enable_cfs=False, user=(0, 0))
+        oci.runtime_spec(spec, bare, cgroups_root="ctz", limits=Limits(), user=(0, 0))
     assert refused.value.field == "command"

@@ -10,7 +10,7 @@ from typing import Any
 import docker
 import pytest
 
-from adapter.core.config import AgentConfig, NetworkOptions, parse_config
+from adapter.core.config import NetworkOptions, parse_config
 from adapter.core.confinement import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
@@ -26,6 +26,7 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.limits import Limits
 from adapter.core.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
 from adapter.runtimes.docker.client import DockerEngine
 from adapter.runtimes.docker.confinement import (
@@ -52,6 +53,7 @@ from adapter.runtimes.docker.handle import (
 )
 from adapter.runtimes.docker.network import PreparedNetwork
 from isolators.cgroups.hierarchy import Hierarchies
+from tests.services import node_services
 
 MIB = 1024 * 1024
 
@@ -89,16 +91,16 @@ def test_daemon_error_becomes_the_message() -> None:
 
 def test_limits_use_the_mesos_arithmetic() -> None:
     resources = Resources(cpus=0.25, mem_mib=10, pids=20)
-    assert resource_fields(resources, enable_cfs=False) == {
+    assert resource_fields(Limits.of(resources, enable_cfs=False)) == {
         "CpuShares": 256,
         "Memory": 32 * MIB,  # the 32 MiB floor
         "MemorySwap": 32 * MIB,
         "MemoryReservation": 32 * MIB,
         "PidsLimit": 20,
     }
-    with_cfs = resource_fields(Resources(cpus=0.005), enable_cfs=True)
+    with_cfs = resource_fields(Limits.of(Resources(cpus=0.005), enable_cfs=True))
     assert with_cfs == {"CpuShares": 5, "CpuPeriod": 100_000, "CpuQuota": 1_000}
-    assert resource_fields(Resources(), enable_cfs=True) == {}
+    assert resource_fields(Limits.of(Resources(), enable_cfs=True)) == {}
 
 
 def driver(
@@ -107,13 +109,10 @@ def driver(
     network = NetworkOptions(allow_host=allow_host)
     if bridge:
         network = NetworkOptions(enabled=True, default_mode="bridge", allow_host=allow_host)
-    config = AgentConfig(
-        state_dir=tmp_path,
-        cgroups_root="ctz",
-        network=network,
-        runtimes={"docker": options},
+    services = node_services(
+        tmp_path, cgroups_root="ctz", network=network, runtimes={"docker": options}
     )
-    return DockerDriver(config, options)
+    return DockerDriver(options, services)
 
 
 def spec(**overrides: Any) -> LaunchSpec:

@@ -18,7 +18,7 @@ import pytest
 
 from adapter.core.config import ImagesOptions
 from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from adapter.images import ImageStore, open_store
+from adapter.images import ImageStore
 from adapter.images.layout import digest_hex
 from adapter.images.leases import ImageUse
 from adapter.runtimes.lxc.rootfs import BaseRootfs
@@ -34,6 +34,7 @@ from tests.images import (
     write_docker_archive,
     write_oci_layout,
 )
+from tests.services import node_services
 
 
 def tampered_copy(source: Path, dest: Path, member_name: str) -> Path:
@@ -391,15 +392,13 @@ def test_opening_a_second_store_leaves_imports_in_flight_alone(tmp_path: Path) -
     assert not any(path.exists() for path in work)
 
 
-async def test_lxc_rootfs_uses_the_process_store(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
-    store = open_store(tmp_path / "state" / "images")
+async def test_lxc_rootfs_uses_the_services_store(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
+    store = node_services(tmp_path / "state").images  # as serve builds it
     await store.import_tarball(busybox_oci_tar)
     work = in_flight(store)
-    given = BaseRootfs(tmp_path / "state", images=store)
-    assert await given.image(REFERENCE) == await store.rootfs(REFERENCE)
-    found = BaseRootfs(tmp_path / "state")  # as the LXC driver builds it
-    assert await found.image(REFERENCE) == await store.rootfs(REFERENCE)
-    assert all(path.exists() for path in work)
+    rootfs = BaseRootfs(tmp_path / "state", store)  # as the LXC driver builds it
+    assert await rootfs.image(REFERENCE) == await store.rootfs(REFERENCE)
+    assert all(path.exists() for path in work)  # no second store collected them
 
 
 async def test_a_launching_container_keeps_every_manifest_its_reference_had(

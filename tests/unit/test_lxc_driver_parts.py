@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from adapter.core.errors import InvalidArgument
+from adapter.core.limits import Limits
+from adapter.core.model import Resources
 from adapter.runtimes.lxc.config import LxcConfig, fstab_escape
 from adapter.runtimes.lxc.driver import cgroup_keys
 from adapter.runtimes.lxc.handle import LxcHandle
 from adapter.runtimes.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
 from adapter.supervisor.processes import ProcessRef, read_status
-from isolators.base import Limits
 
 MIB = 1024 * 1024
 
@@ -45,9 +46,8 @@ def test_mount_entries_escape_whitespace_and_backslashes() -> None:
 
 
 def test_cgroup_keys_use_the_isolators_arithmetic_on_v1() -> None:
-    keys = dict(
-        cgroup_keys(Limits(cpus=0.5, mem_bytes=10 * MIB, pids=7), version=1, enable_cfs=True)
-    )
+    limits = Limits.of(Resources(cpus=0.5, mem_mib=10, pids=7), enable_cfs=True)
+    keys = dict(cgroup_keys(limits, version=1))
     assert keys == {
         "lxc.cgroup.cpu.shares": "512",
         "lxc.cgroup.cpu.cfs_period_us": "100000",
@@ -56,11 +56,11 @@ def test_cgroup_keys_use_the_isolators_arithmetic_on_v1() -> None:
         "lxc.cgroup.memory.soft_limit_in_bytes": str(32 * MIB),
         "lxc.cgroup.pids.max": "7",
     }
-    assert cgroup_keys(Limits(), version=1, enable_cfs=True) == []
+    assert cgroup_keys(Limits.of(Resources(), enable_cfs=True), version=1) == []
 
 
 def test_cgroup_keys_on_v2() -> None:
-    keys = dict(cgroup_keys(Limits(cpus=1, mem_bytes=64 * MIB), version=2, enable_cfs=False))
+    keys = dict(cgroup_keys(Limits.of(Resources(cpus=1, mem_mib=64), enable_cfs=False), version=2))
     assert keys == {
         "lxc.cgroup2.cpu.weight": "39",
         "lxc.cgroup2.cpu.max": "max 100000",

@@ -10,6 +10,7 @@ import pytest
 
 from adapter.core.config import parse_config
 from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.core.limits import Limits
 from adapter.core.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
 from adapter.core.network import RuntimeNetwork
 from adapter.images.image import Descriptor, Image
@@ -38,7 +39,7 @@ def _document(network: oci.Network) -> dict[str, object]:
     blob = Descriptor("application/octet-stream", "sha256:" + "0" * 64, 1)
     image = Image("localhost/busybox:latest", blob, blob, (blob,), (), ("sh",), (), "", "")
     return oci.runtime_spec(
-        _spec(), image, cgroups_root="ctz", enable_cfs=False, user=(0, 0), network=network
+        _spec(), image, cgroups_root="ctz", limits=Limits(), user=(0, 0), network=network
     )
 
 

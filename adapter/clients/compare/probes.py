@@ -1,8 +1,9 @@
 """Isolation and accounting probes: each launches one workload, decides from what the API
 reports, and removes its container whatever happens.
 
-The expected numbers come from the isolators' own arithmetic (Mesos': memory hard limit at least
-32 MiB, CFS quota = period x cpus), so a runtime is held to exactly what the native one applies.
+The expected numbers come from the one Mesos arithmetic every runtime applies (memory hard limit
+at least 32 MiB, CFS quota = period x cpus: adapter/core/limits.py), so a runtime is held to
+exactly what it was asked to enforce.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from adapter.clients.compare.workloads import (
     PIDS_LIMIT,
     TIMED_BUSY_LOOP,
 )
+from adapter.core.limits import memory_floor
 from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us
-from isolators.cgroups.mem import memory_limit_bytes
 
 if TYPE_CHECKING:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
@@ -69,7 +70,7 @@ def children_cpu_seconds(times_output: str) -> float | None:
 
 
 def check_memory_limit(session: RuntimeSession) -> LimitCheck:
-    limit = memory_limit_bytes(MEMORY_LIMIT_MIB * MIB)
+    limit = int(memory_floor(MEMORY_LIMIT_MIB) * MIB)
     container_id = session.launch(MEMORY_HOG).container_id
     try:
         termination = session.wait(container_id, timeout=OOM_DEADLINE_SECONDS)

@@ -34,7 +34,6 @@ from adapter.api.containerd.services.images.v1 import images_pb2
 from adapter.api.containerd.services.leases.v1 import leases_pb2
 from adapter.api.containerd.services.snapshots.v1 import snapshots_pb2
 from adapter.api.containerd.services.tasks.v1 import tasks_pb2
-from adapter.core.config import AgentConfig
 from adapter.core.confinement import Confinement, held_capabilities
 from adapter.core.errors import (
     AlreadyExists,
@@ -47,9 +46,8 @@ from adapter.core.errors import (
     Unavailable,
 )
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
-from adapter.core.network import RuntimeNetwork
+from adapter.core.services import Services
 from adapter.core.workload import Workload, merge
-from adapter.images import open_store
 from adapter.images.image import Image
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.containerd import spec as oci
@@ -58,7 +56,6 @@ from adapter.runtimes.containerd.content import ImageLoader
 from adapter.runtimes.containerd.handle import CONTAINER_LABEL, CONTAINERD_ID, ContainerdHandle
 from adapter.runtimes.containerd.state import ContainerdState
 from isolators.cgroups.mem import MemIsolator
-from isolators.registry import container_cgroups
 
 log = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -89,30 +86,28 @@ def exit_from_status(status: int) -> Exit:
 class ContainerdDriver:
     name = "containerd"
 
-    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], services: Services) -> None:
         settings = {**DEFAULTS, **options}
         self._address: str = settings["address"]
         self._namespace: str = settings["namespace"]
         self._runtime: str = settings["runtime"]
         self._snapshotter: str = settings["snapshotter"]
         self._runtime_binary: str | None = settings.get("runtime_binary")
-        where = f"{config.source or '<config>'}: runtimes.containerd"
+        where = services.node.where(self.name)
         for key in ("namespace", "snapshotter"):
             if not CONTAINERD_ID.fullmatch(settings[key]):
                 raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a containerd name")
-        self._cgroups_root = config.cgroups_root
-        self._enable_cfs = config.cgroups_enable_cfs
-        self._cgroups = container_cgroups(
-            cgroups_root=config.cgroups_root, hierarchy_override=config.cgroups_hierarchy
-        )
+        self._node = services.node
+        self._cgroups_root = services.node.cgroups_root
+        self._cgroups = services.cgroups
         # Only its check() is used: the OOM counter of the container's memory cgroup.
         self._oom_counter = MemIsolator(self._cgroups.hierarchies)
         self._held_capabilities = held_capabilities()
-        self._store = open_store(config.state_dir / "images")
+        self._store = services.images
         self._client_instance: ContainerdClient | None = None
         self._loader: ImageLoader | None = None
         self._state = ContainerdState()
-        self._network = RuntimeNetwork(config)
+        self._network = services.network
 
     @property
     def _client(self) -> ContainerdClient:
@@ -265,7 +260,7 @@ class ContainerdDriver:
             spec,
             image,
             cgroups_root=self._cgroups_root,
-            enable_cfs=self._enable_cfs,
+            limits=self._node.limits(spec.resources),
             user=user,
             network=network.oci,
             held=self._held_capabilities,
@@ -461,7 +456,7 @@ class ContainerdDriver:
 
     async def update(self, container_id: str, resources: Resources) -> None:
         handle = self._known(container_id)
-        document = oci.linux_resources(resources, enable_cfs=self._enable_cfs)
+        document = oci.linux_resources(self._node.limits(resources))
         await self._client.call(
             self._client.tasks.Update,
             tasks_pb2.UpdateTaskRequest(

@@ -1,7 +1,7 @@
 """The OCI runtime spec (config.json) of a container, built from a LaunchSpec and its image.
 
-It is built as data and serialised with json, never pasted together. Limits use the same Mesos
-arithmetic as the native isolators (imported from isolators/cgroups), and linux.cgroupsPath puts
+It is built as data and serialised with json, never pasted together. Limits are the one value
+every runtime translates (adapter/core/limits.py), and linux.cgroupsPath puts
 the container at `/<cgroups_root>/<container_id>` in every controller, where the shared accounting
 reader finds it. What runs (argv, environment, working directory, user) is the one image/request
 merge (adapter/core/workload.py); this module only resolves the user against the image's tables.
@@ -30,11 +30,10 @@ from typing import Any
 
 from adapter.core.confinement import Confinement, oci_seccomp_profile
 from adapter.core.errors import InvalidArgument
-from adapter.core.model import LaunchSpec, Resources
+from adapter.core.limits import Limits
+from adapter.core.model import LaunchSpec
 from adapter.core.workload import SANDBOX_IN_CONTAINER, merge
 from adapter.images.image import Image
-from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
-from isolators.cgroups.mem import memory_limit_bytes
 
 OCI_VERSION = "1.0.2-dev"
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
@@ -121,19 +120,18 @@ def linux_confinement(confinement: Confinement) -> dict[str, Any]:
     return result
 
 
-def linux_resources(resources: Resources, *, enable_cfs: bool) -> dict[str, Any]:
-    """linux.resources with Mesos' arithmetic; what is not requested is left unlimited."""
+def linux_resources(limits: Limits) -> dict[str, Any]:
+    """linux.resources of `limits`; what is not requested is left unlimited."""
     result: dict[str, Any] = {}
-    if resources.cpus is not None:
-        cpu: dict[str, Any] = {"shares": cpu_shares(resources.cpus)}
-        if enable_cfs:
-            cpu.update(quota=cfs_quota_us(resources.cpus), period=CFS_PERIOD_US)
+    if limits.cpu_shares is not None:
+        cpu: dict[str, Any] = {"shares": limits.cpu_shares}
+        if limits.cfs_quota_us is not None:
+            cpu.update(quota=limits.cfs_quota_us, period=limits.cfs_period_us)
         result["cpu"] = cpu
-    if resources.mem_bytes is not None:
-        limit = memory_limit_bytes(resources.mem_bytes)
-        result["memory"] = {"limit": limit, "reservation": limit}
-    if resources.pids is not None:
-        result["pids"] = {"limit": resources.pids}
+    if limits.mem_bytes is not None:
+        result["memory"] = {"limit": limits.mem_bytes, "reservation": limits.mem_bytes}
+    if limits.pids is not None:
+        result["pids"] = {"limit": limits.pids}
     return result
 
 
@@ -176,7 +174,7 @@ def runtime_spec(
     image: Image,
     *,
     cgroups_root: str,
-    enable_cfs: bool,
+    limits: Limits,
     user: tuple[int, int],
     network: Network | None = None,
     held: Collection[str] | None = None,
@@ -187,7 +185,7 @@ def runtime_spec(
     workload = merge(spec.command, image, host_sandbox=spec.sandbox)
     confinement = Confinement(spec.privileged, spec.no_new_privileges)
     linux = linux_confinement(confinement)
-    linux["resources"].update(linux_resources(spec.resources, enable_cfs=enable_cfs))
+    linux["resources"].update(linux_resources(limits))
     linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
     linux["namespaces"] = [{"type": kind} for kind in NAMESPACES] + network.namespace()
     return {

@@ -1,11 +1,11 @@
 """The docker runtime ("docker"; Mesos' DockerContainerizer): containers on Docker Engine.
 
-Translation only: a LaunchSpec becomes an Engine API container (limits by the Mesos arithmetic of
-isolators/cgroups, `CgroupParent` under our cgroups_root so accounting is the one cgroup reader,
-the sandbox bind-mounted at /mnt/mesos/sandbox, Docker's init as pid 1); Docker's inspect state
-becomes an Exit. client.py owns the API calls, handle.py names and paths, network.py the network:
-the node's network isolator, joined through a sandbox container in bridge mode; Docker's own
-`none` (the default without a [network] table) and `host` need no sandbox.
+Translation only: a LaunchSpec becomes an Engine API container (the one Limits value of
+adapter/core/limits.py, `CgroupParent` under our cgroups_root so accounting is the one cgroup
+reader, the sandbox bind-mounted at /mnt/mesos/sandbox, Docker's init as pid 1); Docker's inspect
+state becomes an Exit. client.py owns the API calls, handle.py names and paths, network.py the
+network: the node's network isolator, joined through a sandbox container in bridge mode; Docker's
+own `none` (the default without a [network] table) and `host` need no sandbox.
 
 Choices, and why:
 - Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
@@ -42,7 +42,6 @@ import docker.auth  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
 import docker.utils  # type: ignore[import-untyped]
 
-from adapter.core.config import AgentConfig
 from adapter.core.confinement import Confinement
 from adapter.core.errors import (
     AlreadyExists,
@@ -54,7 +53,9 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.limits import Limits
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
@@ -62,10 +63,7 @@ from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fi
 from adapter.runtimes.docker.handle import DockerHandle
 from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
 from isolators.cgroups.accounting import read_statistics
-from isolators.cgroups.cpu import CFS_PERIOD_US, cfs_quota_us, cpu_shares
-from isolators.cgroups.hierarchy import Hierarchies, check_root
-from isolators.cgroups.mem import memory_limit_bytes
-from isolators.registry import container_cgroups
+from isolators.cgroups.hierarchy import check_root
 
 log = logging.getLogger(__name__)
 
@@ -135,28 +133,28 @@ def has_ended(inspect: Inspect) -> bool:
     return inspect["State"].get("Status") in ("exited", "dead")
 
 
-def resource_fields(resources: Resources, *, enable_cfs: bool) -> dict[str, int]:
-    """Our resources as Engine API HostConfig/update fields, by the isolators' arithmetic."""
+def resource_fields(limits: Limits) -> dict[str, int]:
+    """`limits` as Engine API HostConfig/update fields."""
     fields: dict[str, int] = {}
-    if resources.cpus is not None:
-        fields["CpuShares"] = cpu_shares(resources.cpus)
-        if enable_cfs:
-            fields["CpuPeriod"] = CFS_PERIOD_US
-            fields["CpuQuota"] = cfs_quota_us(resources.cpus)
-    if resources.mem_bytes is not None:
-        limit = memory_limit_bytes(resources.mem_bytes)
+    if limits.cpu_shares is not None:
+        fields["CpuShares"] = limits.cpu_shares
+    if limits.cfs_quota_us is not None:
+        fields["CpuPeriod"] = limits.cfs_period_us
+        fields["CpuQuota"] = limits.cfs_quota_us
+    if limits.mem_bytes is not None:
+        limit = limits.mem_bytes
         # Swap equal to memory: the limit is hard, as the native runtime's is.
         fields.update(Memory=limit, MemorySwap=limit, MemoryReservation=limit)
-    if resources.pids is not None:
-        fields["PidsLimit"] = resources.pids
+    if limits.pids is not None:
+        fields["PidsLimit"] = limits.pids
     return fields
 
 
 class DockerDriver:
     name = "docker"
 
-    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
-        where = f"{config.source or '<config>'}: runtimes.docker"
+    def __init__(self, options: dict[str, Any], services: Services) -> None:
+        where = services.node.where(self.name)
         endpoint = str(options.get("endpoint", DEFAULT_ENDPOINT))
         if ENDPOINT.fullmatch(endpoint) is None:
             raise ConfigError(
@@ -171,13 +169,14 @@ class DockerDriver:
             raise ConfigError(f"{where}.sandbox_image: not an image reference: {sandbox_image!r}")
         self._sandbox_image: str | None = sandbox_image
         self._engine = DockerEngine(endpoint)
-        self._owner = str(config.state_dir)
-        self._cgroups_root = check_root(config.cgroups_root)
-        self._hierarchy_override = config.cgroups_hierarchy
-        self._enable_cfs = config.cgroups_enable_cfs
+        self._owner = str(services.node.state_dir)
+        self._cgroups_root = check_root(services.node.cgroups_root)
+        self._node = services.node
+        self._services = services  # its cgroups are discovered at the first usage
         self._node_capabilities = NodeCapabilities.of_this_node()
-        self._network = DockerNetwork(config, self._engine, self._owner, self._cgroups_root)
-        self._hierarchies: Hierarchies | None = None
+        self._network = DockerNetwork(
+            services.network, self._engine, self._owner, self._cgroups_root
+        )
         self._tracked: dict[str, _Tracked] = {}
         self._finished: OrderedDict[str, Exit] = OrderedDict()
         self._destroying: dict[str, asyncio.Future[None]] = {}
@@ -279,7 +278,7 @@ class DockerDriver:
         labels = dict(spec.labels)
         labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
         host_config: dict[str, Any] = {
-            **resource_fields(spec.resources, enable_cfs=self._enable_cfs),
+            **resource_fields(self._node.limits(spec.resources)),
             "CgroupParent": names.cgroup_parent(self._cgroups_root, spec.container_id),
             "Mounts": [
                 {"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT},
@@ -447,7 +446,7 @@ class DockerDriver:
         tracked = self._tracked.get(container_id)
         if tracked is None:
             raise NotFound(f"docker runtime: no running container {container_id!r}")
-        fields = resource_fields(resources, enable_cfs=self._enable_cfs)
+        fields = resource_fields(self._node.limits(resources))
         if fields:
             for warning in await self._engine.update(tracked.handle.docker_id, fields):
                 log.warning("docker update of %s: %s", container_id, warning)
@@ -457,11 +456,8 @@ class DockerDriver:
         tracked = self._tracked.get(container_id)
         if tracked is None:
             raise NotFound(f"docker runtime: no running container {container_id!r}")
-        if self._hierarchies is None:
-            self._hierarchies = container_cgroups(
-                cgroups_root=self._cgroups_root, hierarchy_override=self._hierarchy_override
-            ).hierarchies
-        statistics = read_statistics(names.cgroup_dirs(self._hierarchies, tracked.handle.cgroup))
+        hierarchies = self._services.cgroups.hierarchies
+        statistics = read_statistics(names.cgroup_dirs(hierarchies, tracked.handle.cgroup))
         statistics.update(await self._network.usage(container_id))
         return statistics
 

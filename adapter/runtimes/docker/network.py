@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.core.config import AgentConfig
 from adapter.core.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
 from adapter.core.model import LaunchSpec, Resources, Statistics
 from adapter.core.network import RuntimeNetwork, network_errors, network_request
@@ -63,8 +62,10 @@ class DockerNetwork:
     """The docker driver's network: one sandbox per bridge-mode container, and the shared
     isolator (through RuntimeNetwork). Raises adapter.core.errors only."""
 
-    def __init__(self, config: AgentConfig, engine: DockerEngine, owner: str, root: str) -> None:
-        self._network = RuntimeNetwork(config)
+    def __init__(
+        self, network: RuntimeNetwork, engine: DockerEngine, owner: str, root: str
+    ) -> None:
+        self._network = network
         self._engine = engine
         self._owner = owner
         self._cgroups_root = root

@@ -16,6 +16,7 @@ import libvirt  # type: ignore[import-untyped]
 import libvirtaio  # type: ignore[import-untyped]
 
 from adapter.core.errors import ContainerizerError, Unavailable
+from adapter.core.services import EventLoopBinding
 from adapter.runtimes.libvirt.state import Guests
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,11 @@ CONNECT_TIMEOUT = 15.0
 # Errors that say the connection to libvirtd failed, as opposed to the daemon refusing a request.
 _CONNECTION_ERRORS = ("VIR_ERR_NO_CONNECT", "VIR_ERR_RPC", "VIR_ERR_AUTH_FAILED")
 _CONNECTION_DOMAINS = ("VIR_FROM_RPC", "VIR_FROM_REMOTE")
-_event_loop: list[asyncio.AbstractEventLoop] = []  # libvirt takes one event loop per process
 
 
-def _register_event_loop() -> None:
+def _register_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     """libvirt dispatches events (and keepalives) through one event loop per process: ours."""
-    loop = asyncio.get_running_loop()
-    if not _event_loop:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        _event_loop.append(loop)
-    elif _event_loop[0] is not loop:
-        raise Unavailable("libvirt's event loop is bound to another asyncio loop")
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
 
 
 def libvirt_error(exc: Exception, code: int) -> bool:
@@ -59,11 +54,13 @@ def _destroy_quietly(dom: Any) -> None:
 
 
 class Connection:
-    """One libvirtd connection for one driver; `get()` opens it when there is none."""
+    """One libvirtd connection for one driver; `get()` opens it when there is none. `events` is
+    the service's record of the loop libvirt's events go through (adapter/core/services.py)."""
 
-    def __init__(self, uri: str, guests: Guests) -> None:
+    def __init__(self, uri: str, guests: Guests, events: EventLoopBinding) -> None:
         self.uri = uri
         self._guests = guests
+        self._events = events
         self._conn: Any = None
         self._connect_lock = asyncio.Lock()
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -88,7 +85,7 @@ class Connection:
     async def _open(self) -> Any:
         async with self._connect_lock:
             if self._conn is None:
-                _register_event_loop()
+                self._events.bind(_register_event_loop)
                 conn = await self.call(libvirt.open, self.uri)
                 await self.call(
                     conn.domainEventRegisterAny,

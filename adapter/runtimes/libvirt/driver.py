@@ -38,7 +38,6 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
 
-from adapter.core.config import AgentConfig
 from adapter.core.errors import (
     ContainerizerError,
     FailedPrecondition,
@@ -47,8 +46,10 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.limits import CPU_SHARES_PER_CPU
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
-from adapter.core.network import RuntimeNetwork, network_errors, network_request
+from adapter.core.network import network_errors, network_request
+from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.libvirt import cgroups, disk, domain, kvm
 from adapter.runtimes.libvirt.confinement import vm_confinement
@@ -63,7 +64,6 @@ from adapter.runtimes.libvirt.initramfs import (
 from adapter.runtimes.libvirt.options import MIN_GUEST_MEMORY_MIB, LibvirtOptions
 from adapter.runtimes.libvirt.state import Guest, Guests
 from isolators.cgroups.accounting import read_statistics
-from isolators.cgroups.cpu import cpu_shares
 from isolators.network.model import Attachment
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,17 @@ KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 class LibvirtDriver:
     name = "libvirt"
 
-    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
-        self._options = LibvirtOptions.parse(options, config.state_dir)
-        self._owner = str(config.state_dir)
-        self._base_dir = config.state_dir / "libvirt"
+    def __init__(self, options: dict[str, Any], services: Services) -> None:
+        node = services.node
+        self._options = LibvirtOptions.parse(options, node.state_dir)
+        self._owner = str(node.state_dir)
+        self._base_dir = node.state_dir / "libvirt"
         self._run_root = self._base_dir / "run"
-        self._partition = "/" + config.cgroups_root.strip("/")
+        self._partition = "/" + node.cgroups_root.strip("/")
+        self._node = node
         self._guests = Guests()
-        self._network = RuntimeNetwork(config)
-        self._libvirt = Connection(self._options.uri, self._guests)
+        self._network = services.network
+        self._libvirt = Connection(self._options.uri, self._guests, services.libvirt_events)
         self._partition_lock = asyncio.Lock()
         self._virt = kvm.VirtTypeChooser(
             self._options.virt_type,
@@ -295,7 +297,7 @@ class LibvirtDriver:
                 machine=self._options.machine,
                 memory_mib=guest.memory_mib,
                 vcpus=guest.vcpus,
-                cpu_shares=cpu_shares(spec.resources.cpus or 1.0),
+                cpu_shares=self._node.limits(spec.resources).cpu_shares or CPU_SHARES_PER_CPU,
                 partition=self._partition,
                 kernel=str(self._options.kernel.resolve()),
                 initrd=str(initrd),
@@ -427,7 +429,7 @@ class LibvirtDriver:
             return
         conn = await self._libvirt.get()
         dom = await self._libvirt.call(conn.lookupByUUIDString, guest.handle.domain_uuid)
-        shares = {"cpu_shares": cpu_shares(resources.cpus)}
+        shares = {"cpu_shares": self._node.limits(resources).cpu_shares}
         await self._libvirt.call(
             dom.setSchedulerParametersFlags, shares, libvirt.VIR_DOMAIN_AFFECT_LIVE
         )

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter.core.errors import InvalidArgument
-from isolators.base import Limits
-from isolators.cgroups.cpu import cfs_quota_us, cpu_shares, cpu_weight
-from isolators.cgroups.mem import memory_limit_bytes
+from adapter.core.limits import Limits
+from isolators.cgroups.cpu import cpu_weight
 from isolators.network.model import Attachment
 
 # Keys are ours, never derived from input; the pattern catches a programming mistake.
@@ -79,28 +78,29 @@ class LxcConfig:
         return "".join(f"{key} = {value}\n" for key, value in self.entries)
 
 
-def cgroup_keys(limits: Limits, *, version: int, enable_cfs: bool) -> list[tuple[str, str]]:
-    """LXC cgroup keys for `limits`, with the isolators' arithmetic (cpu.py, mem.py, pids.py)."""
+def cgroup_keys(limits: Limits, *, version: int) -> list[tuple[str, str]]:
+    """LXC cgroup keys for `limits` (the cgroup files the isolators would write)."""
     keys: list[tuple[str, str]] = []
+    period = str(limits.cfs_period_us)
     if version == 1:
-        if limits.cpus is not None:
-            keys.append(("lxc.cgroup.cpu.shares", str(cpu_shares(limits.cpus))))
-            if enable_cfs:
-                keys.append(("lxc.cgroup.cpu.cfs_period_us", "100000"))
-                keys.append(("lxc.cgroup.cpu.cfs_quota_us", str(cfs_quota_us(limits.cpus))))
+        if limits.cpu_shares is not None:
+            keys.append(("lxc.cgroup.cpu.shares", str(limits.cpu_shares)))
+        if limits.cfs_quota_us is not None:
+            keys.append(("lxc.cgroup.cpu.cfs_period_us", period))
+            keys.append(("lxc.cgroup.cpu.cfs_quota_us", str(limits.cfs_quota_us)))
         if limits.mem_bytes is not None:
-            limit = str(memory_limit_bytes(limits.mem_bytes))
+            limit = str(limits.mem_bytes)
             keys.append(("lxc.cgroup.memory.limit_in_bytes", limit))
             keys.append(("lxc.cgroup.memory.soft_limit_in_bytes", limit))
         if limits.pids is not None:
             keys.append(("lxc.cgroup.pids.max", str(limits.pids)))
         return keys
-    if limits.cpus is not None:
-        keys.append(("lxc.cgroup2.cpu.weight", str(cpu_weight(cpu_shares(limits.cpus)))))
-        quota = str(cfs_quota_us(limits.cpus)) if enable_cfs else "max"
-        keys.append(("lxc.cgroup2.cpu.max", f"{quota} 100000"))
+    if limits.cpu_shares is not None:
+        keys.append(("lxc.cgroup2.cpu.weight", str(cpu_weight(limits.cpu_shares))))
+        quota = "max" if limits.cfs_quota_us is None else str(limits.cfs_quota_us)
+        keys.append(("lxc.cgroup2.cpu.max", f"{quota} {period}"))
     if limits.mem_bytes is not None:
-        limit = str(memory_limit_bytes(limits.mem_bytes))
+        limit = str(limits.mem_bytes)
         keys += [("lxc.cgroup2.memory.max", limit), ("lxc.cgroup2.memory.low", limit)]
     if limits.pids is not None:
         keys.append(("lxc.cgroup2.pids.max", str(limits.pids)))

@@ -35,9 +35,9 @@ read-only /sys, and a minimal /dev (lxc.autodev).
 
 Cgroups: `lxc.cgroup.dir.container = <cgroups_root>/<id>` puts the container exactly where the
 shared accounting reader and the isolators look; limits are lxc.cgroup.* (v1) / lxc.cgroup2.*
-(v2) keys computed by the isolators' own Mesos arithmetic, and live updates go through the
-isolators' update(). The monitor gets a cgroup of its own, `<cgroups_root>.lxc-monitor.<id>`,
-at the hierarchy root (LXC removes it when the monitor ends).
+(v2) keys translated from the one Limits value (adapter/core/limits.py), and live updates go
+through the isolators' update(). The monitor gets a cgroup of its own,
+`<cgroups_root>.lxc-monitor.<id>`, at the hierarchy root (LXC removes it when the monitor ends).
 
 Network: when the node has a [network] table or the request names a mode or port mappings, the
 node's shared network isolator (adapter/core/network.py) makes the container's namespace first (mode
@@ -61,12 +61,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.core.config import AgentConfig
 from adapter.core.confinement import Confinement
 from adapter.core.errors import ConfigError, FailedPrecondition, LaunchFailed, NotFound
 from adapter.core.model import (
-    MIB,
-    MIN_MEM_MIB,
     Capabilities,
     Exit,
     Fingerprint,
@@ -74,9 +71,9 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
-from adapter.core.network import RuntimeNetwork
+from adapter.core.services import Services
 from adapter.core.workload import Workload, merge
-from adapter.images import Image, ImageStore, open_store
+from adapter.images import Image
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
 from adapter.runtimes.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
@@ -89,13 +86,11 @@ from adapter.runtimes.lxc.rootfs import (
 from adapter.supervisor import client as protocol
 from adapter.supervisor.children import Child as Monitor
 from adapter.supervisor.processes import ProcessRef, read_status, start_time, supervised_exit
-from adapter.supervisor.seccomp import build_program
-from isolators.base import Isolator, Limitation, Limits
+from isolators.base import Isolator, Limitation
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.errors import CgroupError
-from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.network.model import Attachment
@@ -115,15 +110,6 @@ CONFINED_MOUNTS = "proc:mixed sys:ro cgroup:ro:force"
 PRIVILEGED_MOUNTS = "proc:rw sys:rw cgroup:rw:force"
 
 
-def _limits(resources: Resources) -> Limits:
-    mem = resources.mem_mib
-    return Limits(
-        cpus=resources.cpus,
-        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
-        pids=resources.pids,
-    )
-
-
 @dataclass
 class _Container:
     """One container this driver watches."""
@@ -138,40 +124,39 @@ class _Container:
 class LxcDriver:
     name = "lxc"
 
-    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
-        self._lxcpath = config.state_dir / "lxc" / "containers"
-        self._rootfs = BaseRootfs(config.state_dir)
+    def __init__(self, options: dict[str, Any], services: Services) -> None:
+        node = services.node
+        self._lxcpath = node.state_dir / "lxc" / "containers"
+        self._rootfs = BaseRootfs(node.state_dir, services.images)
         self._configured_supervisor: str | None = options.get("supervisor")
         self._network = options.get("network", "empty")
         self._network_link = options.get("network_link")
-        where = f"{config.source or '<config>'}: runtimes.lxc"
+        where = node.where(self.name)
         if self._network not in NETWORK_TYPES:
             raise ConfigError(f"{where}.network: expected one of {NETWORK_TYPES}")
         if (self._network == "veth") != (self._network_link is not None):
             raise ConfigError(f"{where}.network_link: required with (and only with) 'veth'")
-        if "network" in options and config.network.enabled:
+        self._node_network = services.network
+        if "network" in options and self._node_network.chooses_all:
             raise ConfigError(
                 f"{where}.network: the node's [network] table chooses the containers' network;"
                 " remove this key"
             )
-        self._node_network = RuntimeNetwork(config)
-        self._cgroups_root = config.cgroups_root
-        self._enable_cfs = config.cgroups_enable_cfs
-        override = Path(config.cgroups_hierarchy) if config.cgroups_hierarchy else None
-        self._hierarchies = Hierarchies.discover(config.cgroups_root, override=override)
-        self._cgroups = ContainerCgroups(self._hierarchies)
+        self._node = node
+        self._cgroups_root = node.cgroups_root
+        self._cgroups: ContainerCgroups = services.cgroups
+        self._hierarchies = self._cgroups.hierarchies
         self._mem = MemIsolator(self._hierarchies) if self._hierarchies.has("memory") else None
         self._isolators: list[Isolator] = [
-            CpuIsolator(self._hierarchies, enable_cfs=self._enable_cfs)
+            CpuIsolator(self._hierarchies, enable_cfs=node.enable_cfs)
         ]
         self._isolators += [self._mem] if self._mem else []
         if self._hierarchies.has("pids"):
             self._isolators.append(PidsIsolator(self._hierarchies))
         self._containers: dict[str, _Container] = {}
         self._starting: dict[str, Monitor] = {}
-        self._state_dir = config.state_dir
-        self._images: ImageStore | None = None  # opened at the first image launch
-        self._seccomp_bpf: bytes | None = None  # compiled at the first launch
+        self._images = services.images
+        self._seccomp_filter = services.seccomp
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -195,16 +180,10 @@ class LxcDriver:
         )
 
     def _seccomp(self) -> bytes:
-        if self._seccomp_bpf is None:
-            self._seccomp_bpf = build_program().bpf
-        return self._seccomp_bpf
+        return self._seccomp_filter.bpf()
 
     def _image(self, reference: str | None) -> Image | None:
-        if reference is None:
-            return None
-        if self._images is None:
-            self._images = open_store(self._state_dir / "images")
-        return self._images.get(reference)
+        return None if reference is None else self._images.get(reference)
 
     async def fingerprint(self) -> Fingerprint:
         capabilities = Capabilities(
@@ -259,9 +238,8 @@ class LxcDriver:
         config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
         config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
         self._set_network(config, cid, network)
-        limits = _limits(spec.resources)
-        version = self._hierarchies.version
-        for key, value in cgroup_keys(limits, version=version, enable_cfs=self._enable_cfs):
+        limits = self._node.limits(spec.resources)
+        for key, value in cgroup_keys(limits, version=self._hierarchies.version):
             config.set(key, value, field="resources")
         config.mount(supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", field="supervisor")
         config.mount(str(directory / "run"), RUN_TARGET, "bind,create=dir", field="container_id")
@@ -433,7 +411,7 @@ class LxcDriver:
     async def update(self, container_id: str, resources: Resources) -> None:
         if container_id not in self._containers:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
-        limits = _limits(resources)
+        limits = self._node.limits(resources).for_isolators()
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
         await self._node_network.update(container_id, resources)

@@ -101,16 +101,14 @@ def remove_stale_builds(bases_dir: Path) -> None:
 
 
 class BaseRootfs:
-    """The read-only lower layers: the busybox base (built once per process, under a lock)
+    """The read-only lower layers: the busybox base (built once per driver, under a lock)
     and image rootfs from the image store.
 
-    `images` is the service's one store; without it, the process's store for
-    `<state_dir>/images` (`open_store`), never a store of our own: opening a store collects
+    `images` is the service's one store, never a store of our own: opening a store collects
     garbage, and a second one could take another import's or unpack's work for garbage."""
 
-    def __init__(self, state_dir: Path, images: ImageStore | None = None) -> None:
+    def __init__(self, state_dir: Path, images: ImageStore) -> None:
         self._bases_dir = state_dir / "lxc" / "bases"
-        self._images_dir = state_dir / "images"
         self._images = images
         self._lock = asyncio.Lock()
         self._busybox: Path | None = None
@@ -123,12 +121,7 @@ class BaseRootfs:
             return self._busybox
 
     async def image(self, reference: str) -> Path:
-        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md). Opened at
-        first use: a node without images never loads the store."""
-        if self._images is None:
-            from adapter.images import open_store
-
-            self._images = open_store(self._images_dir)
+        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md)."""
         rootfs: Path = await self._images.rootfs(reference)
         return rootfs
 

@@ -11,7 +11,7 @@ first, so a bad request fails before anything else exists; the supervisor's chil
 (--netns) before its other namespaces. Host mode passes no --netns.
 
 Confinement (adapter/core/confinement.py) is the supervisor's: the default capabilities, the seccomp
-filter (compiled once per driver by adapter/supervisor/seccomp.py), no_new_privs for non-root users;
+filter (compiled once per service: adapter/supervisor/seccomp.py), no_new_privs for non-root users;
 with an image also masked and read-only kernel paths, a read-only /sys and a cgroup namespace with a
 read-only cgroupfs. A launch without an image keeps the host's filesystem, as in Mesos 0.18.
 """
@@ -25,12 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapter.core.config import AgentConfig
 from adapter.core.confinement import Confinement
 from adapter.core.errors import FailedPrecondition, NotFound
 from adapter.core.model import (
-    MIB,
-    MIN_MEM_MIB,
     Capabilities,
     Exit,
     Fingerprint,
@@ -38,35 +35,24 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
-from adapter.core.network import network_config, network_errors, network_request
+from adapter.core.network import network_errors, network_request
+from adapter.core.services import Services
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
-from adapter.images import open_store
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.supervisor import client as supervisor
 from adapter.supervisor.processes import supervised_exit
-from adapter.supervisor.seccomp import build_program
-from isolators.base import Isolator, Limitation, Limits
+from isolators.base import Isolator, Limitation
 from isolators.cgroups.isolator import CgroupIsolator
-from isolators.network.isolator import NetworkIsolator, shared_isolator
+from isolators.network.isolator import NetworkIsolator
 from isolators.registry import (
     ContainerCgroups,
     build_isolators,
-    container_cgroups,
     limitation_at_exit,
     prepare_isolators,
 )
 
 log = logging.getLogger(__name__)
 EXIT_AFTER_KILL_TIMEOUT = 30.0
-
-
-def _limits(resources: Resources) -> Limits:
-    mem = resources.mem_mib
-    return Limits(
-        cpus=resources.cpus,
-        mem_bytes=None if mem is None else int(max(mem, MIN_MEM_MIB) * MIB),
-        pids=resources.pids,
-    )
 
 
 class _Running:
@@ -82,33 +68,32 @@ class _Running:
 class NativeDriver:
     name = "native"
 
-    def __init__(self, config: AgentConfig, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], services: Services) -> None:
+        node = services.node
         self._configured_binary = options.get("supervisor")
         self._namespaces = bool(options.get("namespaces", True))
-        self._run_dir = config.state_dir / "native"
-        names = list(config.isolators)
-        kwargs: dict[str, Any] = {
-            "cgroups_root": config.cgroups_root,
-            "hierarchy_override": config.cgroups_hierarchy,
-        }
-        self._isolators: list[Isolator] = build_isolators(
-            names, enable_cfs=config.cgroups_enable_cfs, **kwargs
-        )
+        self._run_dir = node.state_dir / "native"
+        self._node = node
+        names = list(node.isolators)
         self._cgroups: ContainerCgroups | None = (
-            container_cgroups(**kwargs) if any(n.startswith("cgroups/") for n in names) else None
+            services.cgroups if any(n.startswith("cgroups/") for n in names) else None
+        )
+        self._isolators: list[Isolator] = build_isolators(
+            names,
+            enable_cfs=node.enable_cfs,
+            hierarchies=self._cgroups.hierarchies if self._cgroups else None,
         )
         self._running: dict[str, _Running] = {}
-        self._network: NetworkIsolator = shared_isolator(network_config(config))
-        self._images = open_store(config.state_dir / "images")
-        self._seccomp_bpf: bytes | None = None  # compiled at the first launch that needs it
+        self._network: NetworkIsolator = services.network.isolator
+        self._images = services.images
+        self._supervisors = services.supervisors
+        self._seccomp_filter = services.seccomp
 
     def _binary(self) -> str:
         return supervisor.find_supervisor(self._configured_binary)
 
     def _seccomp(self) -> bytes:
-        if self._seccomp_bpf is None:
-            self._seccomp_bpf = build_program().bpf
-        return self._seccomp_bpf
+        return self._seccomp_filter.bpf()
 
     async def fingerprint(self) -> Fingerprint:
         capabilities = Capabilities(
@@ -145,7 +130,8 @@ class NativeDriver:
             enforcement = supervisor.Enforcement.of(
                 policy, self._seccomp(), own_root=own_root, cgroup_namespace=own_root
             )
-            prepared = await prepare_isolators(self._isolators, cid, _limits(spec.resources))
+            limits = self._node.limits(spec.resources).for_isolators()
+            prepared = await prepare_isolators(self._isolators, cid, limits)
             config = supervisor.LaunchConfig(
                 status_file=str(run_dir / "status"),
                 sandbox=spec.sandbox,
@@ -160,7 +146,7 @@ class NativeDriver:
                 netns=network.netns_path,
                 filesystem=filesystem,
             )
-            handle = await supervisor.spawn(binary, config)
+            handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
         except supervisor.SpawnError as exc:
@@ -202,7 +188,7 @@ class NativeDriver:
         return workload, filesystem
 
     def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
-        running = _Running(handle, asyncio.create_task(supervisor.wait_exit(handle)))
+        running = _Running(handle, asyncio.create_task(self._supervisors.wait_exit(handle)))
         running.watch_task = asyncio.create_task(self._watch_limits(cid, running))
         self._running[cid] = running
 
@@ -265,7 +251,7 @@ class NativeDriver:
     async def update(self, container_id: str, resources: Resources) -> None:
         if container_id not in self._running:
             raise NotFound(f"native runtime: no running container {container_id!r}")
-        limits = _limits(resources)
+        limits = self._node.limits(resources).for_isolators()
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
         with network_errors():

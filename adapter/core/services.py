@@ -1,0 +1,124 @@
+"""What one service shares between its runtimes and servicers, built once by `serve` (the
+composition root) and passed in: nothing is found through a module-level cache.
+
+    node            the node settings a runtime needs (each runtime also gets its own table)
+    images          the image store of <state_dir>/images: one per service, so the imports,
+                    unpacks, removals and garbage collection of the Images API and of every
+                    runtime see each other (a second store could take another's work in flight
+                    for a crash's garbage)
+    network         the node's network isolator (one bridge, one IPAM, one port table), as the
+                    runtimes use it (adapter/core/network.py)
+    cgroups         the cgroup hierarchies under cgroups_root, discovered at first use
+    supervisors     the supervisors this service spawned, which it must reap
+    seccomp         the supervisor's seccomp program, compiled at first use: the same for every
+                    workload the native and LXC runtimes start
+    libvirt_events  which asyncio loop libvirt's event implementation is bound to
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapter.core.config import AgentConfig
+from adapter.core.errors import Unavailable
+from adapter.core.limits import Limits
+from adapter.core.model import Resources
+from adapter.core.network import RuntimeNetwork
+from adapter.images.store import ImageStore
+from adapter.supervisor.client import Supervisors
+from adapter.supervisor.seccomp import build_program
+from isolators.registry import ContainerCgroups, container_cgroups
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The node-level settings runtimes need, rather than the whole AgentConfig."""
+
+    state_dir: Path
+    cgroups_root: str
+    cgroups_hierarchy: str | None  # a directory laid out like /sys/fs/cgroup, else the mounts
+    enable_cfs: bool
+    isolators: tuple[str, ...]  # the native runtime's
+    source: str  # the config file, for error messages
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> NodeSettings:
+        return cls(
+            state_dir=config.state_dir,
+            cgroups_root=config.cgroups_root,
+            cgroups_hierarchy=config.cgroups_hierarchy,
+            enable_cfs=config.cgroups_enable_cfs,
+            isolators=config.isolators,
+            source=str(config.source) if config.source else "<config>",
+        )
+
+    def where(self, runtime: str) -> str:
+        """Where a runtime's table is, for a ConfigError: `<file>: runtimes.<name>`."""
+        return f"{self.source}: runtimes.{runtime}"
+
+    def limits(self, resources: Resources) -> Limits:
+        """The Mesos arithmetic of `resources` on this node (adapter/core/limits.py)."""
+        return Limits.of(resources, enable_cfs=self.enable_cfs)
+
+
+class SeccompFilter:
+    """The default seccomp allow-list as BPF, compiled once it is first needed; a failure (no
+    libseccomp) is raised each time it is asked for, so a fingerprint can report it."""
+
+    def __init__(self) -> None:
+        self._bpf: bytes | None = None
+
+    def bpf(self) -> bytes:
+        if self._bpf is None:
+            self._bpf = build_program().bpf
+        return self._bpf
+
+
+class EventLoopBinding:
+    """libvirt dispatches its events through one event implementation per process (it ignores a
+    second registration), so the process truly has one binding: the asyncio loop it was given.
+    The service owns this record of it, and refuses a connection from any other loop."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, register: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+        """Register the running loop with `register` the first time; later, check it is the
+        same loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            register(loop)
+            self._loop = loop
+        elif self._loop is not loop:
+            raise Unavailable("libvirt's event loop is bound to another asyncio loop")
+
+
+@dataclass
+class Services:
+    node: NodeSettings
+    images: ImageStore
+    network: RuntimeNetwork
+    supervisors: Supervisors = field(default_factory=Supervisors)
+    seccomp: SeccompFilter = field(default_factory=SeccompFilter)
+    libvirt_events: EventLoopBinding = field(default_factory=EventLoopBinding)
+
+    @functools.cached_property
+    def cgroups(self) -> ContainerCgroups:
+        """Discovered at first use: a node whose runtimes use no cgroup never needs a mount.
+        Raises the isolators' HierarchyError when there is none."""
+        return container_cgroups(
+            cgroups_root=self.node.cgroups_root, hierarchy_override=self.node.cgroups_hierarchy
+        )
+
+
+def build_services(config: AgentConfig) -> Services:
+    """The services of a service with `config`, after its state directory is claimed."""
+    return Services(
+        node=NodeSettings.of(config),
+        images=ImageStore(config.state_dir / "images", config.images),
+        network=RuntimeNetwork(config),
+    )
