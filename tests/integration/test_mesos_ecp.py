@@ -9,6 +9,7 @@ for the test that kills it.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
+from adapter.clients.mesos.program import ecp_socket_path
 from tests.unit.test_mesos_translate import (
     command_task_launch,
     executor_launch,
@@ -244,6 +246,62 @@ def test_recover_after_a_service_restart_then_wait(
     gate.touch()
     termination = agent.wait(container_id)
     assert (termination.killed, termination.status) == (False, 7 << 8)
+
+
+def test_a_pending_wait_rides_out_a_service_restart(
+    fresh_service: Service, container_id: str, tmp_path: Path, sandbox: str
+) -> None:
+    agent = Agent(fresh_service.endpoint)
+    gate = tmp_path / "go"
+    script = f"while [ ! -e {gate} ]; do sleep 0.1; done; exit 7"
+    agent.launch(command_task_launch(container_id, shell_command(script), directory=sandbox))
+    env = {**os.environ, "CONTAINERIZER_ENDPOINT": agent.endpoint}
+    with subprocess.Popen(
+        [*PROGRAM, "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as waiting:
+        assert waiting.stdin is not None
+        waiting.stdin.write(frame(with_id(ecp.Wait(), container_id)))
+        waiting.stdin.flush()  # and keep it open, as the agent does
+        time.sleep(0.5)  # let the wait be pending in the service
+        fresh_service.restart()  # kill -9 and start again: the wait's connection is gone
+        gate.touch()
+        out, err = waiting.communicate(timeout=90)
+        assert waiting.returncode == 0, err
+    termination = ecp.Termination.FromString(unframe(out))
+    assert (termination.killed, termination.status) == (False, 7 << 8)
+
+
+# Runs the program as uid 65534 once Python and the program are loaded (the interpreter itself
+# lives where that user may not read).
+AS_NOBODY = (
+    "import os, sys\n"
+    "from adapter.clients.mesos import program\n"
+    "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+    "program.main()\n"
+)
+
+
+def test_the_ecp_socket_is_root_only(agent: Agent, container_id: str, sandbox: str) -> None:
+    path = Path(ecp_socket_path(agent.endpoint))
+    status = path.stat()
+    assert stat.S_ISSOCK(status.st_mode)
+    assert (stat.S_IMODE(status.st_mode), status.st_uid) == (0o600, 0)
+    launch = command_task_launch(container_id, shell_command("sleep 300"), directory=sandbox)
+    result = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, "launch"],
+        input=frame(launch),
+        capture_output=True,
+        env={**os.environ, "CONTAINERIZER_ENDPOINT": agent.endpoint},
+        timeout=60,
+    )
+    assert_one_line_failure(result)
+    assert result.returncode == 1
+    assert b"Permission denied" in result.stderr
+    assert not known_to_service(agent.endpoint, container_id)
 
 
 BAD_LAUNCHES = {

@@ -1,10 +1,12 @@
 """containerizer-mesos as the agent runs it — one subprocess per call, framed bytes in and out —
-against a fake containerizer.v1 service served in-process over a real gRPC unix socket, so the
-proto round trip is exercised and every request the program sent can be inspected. The real
-service is driven by tests/integration/test_mesos_ecp.py."""
+against the service's real ECP socket (adapter/server/mesos.py) in front of a fake
+containerizer.v1 servicer, so the whole path from the agent's bytes to the API requests is
+exercised and every request can be inspected. The real service is driven by
+tests/integration/test_mesos_ecp.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import struct
@@ -14,7 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
+from adapter.clients.mesos.program import ecp_socket_path
+from adapter.server.mesos import EcpEndpoint
 from tests.unit.test_mesos_translate import (
     command_task_launch,
     executor_launch,
@@ -38,8 +40,8 @@ PROGRAM = (
 )
 
 
-class FakeService(pb_grpc.ContainerizerServicer):
-    """Answers like the service would, and records every request."""
+class FakeService:
+    """Answers like the service's servicer would, and records every request."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, Any]] = []
@@ -49,10 +51,12 @@ class FakeService(pb_grpc.ContainerizerServicer):
     def methods(self) -> list[str]:
         return [name for name, _ in self.requests]
 
-    def Launch(self, request: pb.LaunchRequest, context: Any) -> pb.LaunchResponse:
+    async def Launch(self, request: pb.LaunchRequest, context: Any) -> pb.LaunchResponse:
         self.requests.append(("Launch", request))
         if request.container_id == "duplicate":
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, "container duplicate already exists")
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, "container duplicate already exists"
+            )
         status = pb.ContainerStatus(container_id=request.container_id, state=pb.RUNNING)
         if request.container_id == "fails":
             status.state = pb.TERMINATED
@@ -60,33 +64,37 @@ class FakeService(pb_grpc.ContainerizerServicer):
             status.termination.message = "exec: no such file"
         return pb.LaunchResponse(status=status, warnings=["mem raised to 32 MiB"])
 
-    def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
+    async def Update(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateResponse:
         self.requests.append(("Update", request))
         return pb.UpdateResponse()
 
-    def Usage(self, request: pb.UsageRequest, context: Any) -> pb.UsageResponse:
+    async def Usage(self, request: pb.UsageRequest, context: Any) -> pb.UsageResponse:
         self.requests.append(("Usage", request))
         if request.container_id == "missing":
-            context.abort(grpc.StatusCode.NOT_FOUND, "container 'missing' not found")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "container 'missing' not found")
         statistics = pb.ResourceStatistics(
             cpus_limit=0.5, mem_limit_bytes=64 << 20, mem_rss_bytes=1 << 20, processes=3
         )
         return pb.UsageResponse(statistics=statistics)
 
-    def Wait(self, request: pb.WaitRequest, context: Any) -> pb.WaitResponse:
+    async def Wait(self, request: pb.WaitRequest, context: Any) -> pb.WaitResponse:
         self.requests.append(("Wait", request))
-        self.release_wait.wait(30)
+        deadline = time.monotonic() + 30
+        while not self.release_wait.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if request.container_id == "sleeper":
             termination = pb.Termination(signal=9, status=9, killed=True, reason=pb.DESTROYED)
         else:
             termination = pb.Termination(exit_code=3, status=768, reason=pb.EXITED)
         return pb.WaitResponse(termination=termination)
 
-    def Destroy(self, request: pb.DestroyRequest, context: Any) -> pb.DestroyResponse:
+    async def Destroy(self, request: pb.DestroyRequest, context: Any) -> pb.DestroyResponse:
         self.requests.append(("Destroy", request))
         return pb.DestroyResponse()
 
-    def Containers(self, request: pb.ContainersRequest, context: Any) -> pb.ContainersResponse:
+    async def Containers(
+        self, request: pb.ContainersRequest, context: Any
+    ) -> pb.ContainersResponse:
         self.requests.append(("Containers", request))
         return pb.ContainersResponse(
             containers=[
@@ -98,18 +106,34 @@ class FakeService(pb_grpc.ContainerizerServicer):
 
 
 class Served:
+    """The ECP socket of a service whose API socket would be `socket`, on a loop of its own."""
+
     def __init__(self, socket: Path) -> None:
         self.socket = socket
         self.endpoint = f"unix:{socket}"
         self.fake = FakeService()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_ContainerizerServicer_to_server(self.fake, self.server)
-        self.server.add_insecure_port(self.endpoint)
-        self.server.start()
+        self.ecp = EcpEndpoint(self.fake, Path(ecp_socket_path(str(socket))))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._on_loop(self.ecp.start())
+        self.serving = True
+
+    def _on_loop(self, work: Any) -> None:
+        asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=30)
+
+    def go_away(self) -> None:
+        """What a stopping service does: pending calls are abandoned, the socket removed."""
+        if self.serving:
+            self.serving = False
+            self._on_loop(self.ecp.close())
 
     def stop(self) -> None:
         self.fake.release_wait.set()
-        self.server.stop(grace=None).wait()
+        self.go_away()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
 
 
 @pytest.fixture
@@ -238,7 +262,7 @@ def test_wait_survives_a_service_restart(socket_dir: Path) -> None:
     deadline = time.monotonic() + 20
     while "Wait" not in first.fake.methods() and time.monotonic() < deadline:
         time.sleep(0.02)
-    first.server.stop(grace=None).wait()  # the service goes away mid-wait
+    first.go_away()  # the service goes away mid-wait
     second = Served(socket_dir / "fake.sock")
     try:
         out, err = process.communicate(timeout=30)
@@ -247,6 +271,7 @@ def test_wait_survives_a_service_restart(socket_dir: Path) -> None:
         assert ecp.Termination.FromString(unframe(out)).status == 768
         assert second.fake.methods() == ["Wait"]
     finally:
+        first.stop()
         second.stop()
 
 
@@ -313,3 +338,28 @@ def test_endpoint_flag_is_used_without_the_environment_variable(served: Served) 
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def imported_modules(argv: list[str], **kwargs: Any) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv], capture_output=True, timeout=60, **kwargs
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.decode().splitlines()
+    return {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
+
+
+def test_the_program_imports_the_standard_library_only(served: Served) -> None:
+    # The agent starts it for every call and polls usage for every container: grpc, protobuf
+    # or any other part of the package would multiply what each call costs.
+    program = [str(SCRIPT)] if SCRIPT.exists() else ["-m", "adapter.clients.mesos.program"]
+    usage = ecp.Usage()
+    usage.container_id.value = "c1"
+    env = {**os.environ, "CONTAINERIZER_ENDPOINT": served.endpoint}
+    loaded = imported_modules([*program, "usage"], input=frame(usage), env=env)
+    at_start = imported_modules(["-c", "pass"])
+    ours = {"adapter", "adapter.clients", "adapter.clients.mesos", "adapter.clients.mesos.program"}
+    added = loaded - at_start - ours
+    assert ours <= loaded
+    assert {name for name in added if name.split(".")[0] not in sys.stdlib_module_names} == set()
+    assert served.fake.methods() == ["Usage"]

@@ -1,34 +1,36 @@
-"""containerizer-mesos in-process: framing, arguments, endpoints, and every bad input refused
-before the service is contacted (no service exists here: constructing one fails the test)."""
+"""containerizer-mesos in-process: framing, arguments, endpoints, and every bad input the program
+can see refused before the service is contacted (no service exists here: an exchange with one
+fails the test). What only decoding can find is refused by the service: test_mesos_endpoint.py."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
+import socket
 import struct
+import tempfile
+import threading
+from collections.abc import Iterator
 
 import pytest
 
-from adapter.api.mesos import containerizer_pb2 as ecp
-from adapter.api.mesos import mesos_pb2 as mesos
 from adapter.clients.mesos import program as mesos_ecp
-from tests.unit.test_mesos_translate import command_task_launch, shell_command
 
 
 def frame(payload: bytes) -> bytes:
     return struct.pack("=I", len(payload)) + payload
 
 
-class NoService:
-    """Stands in for mesos_ecp.Service: bad input must never reach the service."""
-
-    def __init__(self, endpoint: str) -> None:
-        raise AssertionError(f"the service was contacted at {endpoint}")
+def no_exchange(path: str, request: bytes, timeout: float | None) -> tuple[int, bytes, bytes]:
+    """Stands in for mesos_ecp.exchange: bad input must never reach the service."""
+    raise AssertionError(f"the service was contacted at {path}")
 
 
 @pytest.fixture
 def no_service(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mesos_ecp, "Service", NoService)
+    monkeypatch.setattr(mesos_ecp, "exchange", no_exchange)
 
 
 def run(
@@ -43,10 +45,8 @@ def run(
 
 
 def test_frame_is_native_uint32_length_then_payload() -> None:
-    out = io.BytesIO()
-    mesos_ecp.write_frame(out, b"abc")
-    assert out.getvalue() == struct.pack("=I", 3) + b"abc"
-    assert mesos_ecp.FRAME_HEADER.size == 4
+    assert mesos_ecp.frame(b"abc") == struct.pack("=I", 3) + b"abc"
+    assert mesos_ecp.FRAME_HEADER_BYTES == 4
 
 
 def test_read_frame_reads_exactly_one_frame() -> None:
@@ -122,16 +122,26 @@ def test_endpoint_after_the_command_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "target"),
+    ("endpoint", "ecp_socket"),
     [
-        ("/run/c.sock", "unix:/run/c.sock"),
-        ("unix:/run/c.sock", "unix:/run/c.sock"),
-        ("unix:///run/c.sock", "unix:///run/c.sock"),
-        ("localhost:7070", "localhost:7070"),
+        ("/run/c.sock", "/run/c.mesos.sock"),
+        ("unix:/run/c.sock", "/run/c.mesos.sock"),
+        ("unix:///run/c.sock", "/run/c.mesos.sock"),
+        ("/run/api", "/run/api.mesos.sock"),
+        ("unix:/run/c.mesos.sock", "/run/c.mesos.sock"),
+        ("c.sock", f"{os.getcwd()}/c.mesos.sock"),
     ],
 )
-def test_endpoint_forms(endpoint: str, target: str) -> None:
-    assert mesos_ecp.grpc_target(endpoint) == target
+def test_endpoint_forms_name_the_ecp_socket_beside_the_api_socket(
+    endpoint: str, ecp_socket: str
+) -> None:
+    assert mesos_ecp.ecp_socket_path(endpoint) == ecp_socket
+
+
+def test_a_tcp_endpoint_is_bad_input() -> None:
+    with pytest.raises(mesos_ecp.EcpError, match="host:port is not supported") as caught:
+        mesos_ecp.ecp_socket_path("localhost:7070")
+    assert caught.value.exit_code == mesos_ecp.EXIT_BAD_INPUT
 
 
 def test_help_goes_to_stdout_and_exits_zero() -> None:
@@ -142,10 +152,6 @@ def test_help_goes_to_stdout_and_exits_zero() -> None:
 # ---- bad input end to end (in-process): one line, exit 2, nothing sent ----
 
 
-def launch_bytes(launch: ecp.Launch) -> bytes:
-    return frame(launch.SerializeToString())
-
-
 BAD_INPUTS = {
     "truncated header": (["launch"], b"\x01\x00", "truncated frame"),
     "length beyond the bytes": (
@@ -154,25 +160,15 @@ BAD_INPUTS = {
         "announces 4096",
     ),
     "over 64 MiB": (["usage"], struct.pack("=I", 2**31), "exceeds the limit"),
-    "garbage in a frame": (["wait"], frame(b"\xff\xfe\xfd\xfc"), "cannot decode"),
     "garbage, no frame": (
         ["destroy"],
         b"\x00garbage\x00garbage",
         "exceeds the limit|cannot decode",
     ),
-    "no container id": (
-        ["launch"],
-        launch_bytes(command_task_launch("", shell_command("true"))),
-        "no container_id",
-    ),
-    "no command": (
-        ["launch"],
-        launch_bytes(command_task_launch("abc", mesos.CommandInfo())),
-        "has no command",
-    ),
     "unknown command": (["frobnicate"], b"", "unknown command 'frobnicate'"),
     "no command word": ([], b"", "no command given"),
     "empty stdin": (["wait"], b"", "no input"),
+    "a TCP endpoint": (["--endpoint", "10.0.0.1:7070", "usage"], frame(b""), "host:port"),
 }
 
 
@@ -189,13 +185,71 @@ def test_bad_input_is_one_line_exit_2_and_nothing_sent(case: str) -> None:
 
 
 def test_an_internal_fault_is_still_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(call: mesos_ecp.Call) -> None:
+    def broken(path: str, request: bytes, timeout: float | None) -> tuple[int, bytes, bytes]:
         raise RuntimeError("something\nmultiline")
 
-    monkeypatch.setitem(mesos_ecp.COMMANDS, "containers", broken)
+    monkeypatch.setattr(mesos_ecp, "exchange", broken)
     code, _, err = run(["containers"], b"")
     assert code == mesos_ecp.EXIT_FAILURE
     assert (
         err
         == "containerizer-mesos: containers: internal error: RuntimeError: something multiline\n"
     )
+
+
+# ---- the exchange with the service's ECP socket ----
+
+
+@pytest.fixture
+def ecp_socket() -> Iterator[tuple[str, socket.socket]]:
+    directory = tempfile.mkdtemp(prefix="ecp-", dir="/tmp")  # short: sun_path is 108 bytes
+    path = os.path.join(directory, "c.mesos.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    yield path, listener
+    listener.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def answer_once(listener: socket.socket, reply: bytes, read: int) -> threading.Thread:
+    """A service that reads `read` bytes of the request, sends `reply` and closes."""
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(read)
+            connection.sendall(reply)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+def test_an_answer_is_complete_even_when_the_service_resets_after_it(
+    ecp_socket: tuple[str, socket.socket],
+) -> None:
+    # A service that closes with part of the request unread resets the connection after its
+    # answer (Linux): what was answered still counts.
+    path, listener = ecp_socket
+    thread = answer_once(listener, b"2 9 3\nrefused\n\nabc", read=5)
+    assert mesos_ecp.exchange(path, b"x" * 100_000, timeout=10) == (2, b"refused\n\n", b"abc")
+    thread.join()
+
+
+def test_a_service_that_leaves_mid_answer_is_unreachable(
+    ecp_socket: tuple[str, socket.socket],
+) -> None:
+    path, listener = ecp_socket
+    thread = answer_once(listener, b"0 0 10\nabc", read=100)
+    with pytest.raises(mesos_ecp.ServiceUnreachable, match="left before answering"):
+        mesos_ecp.exchange(path, b"wait\n", timeout=10)
+    thread.join()
+
+
+def test_a_service_that_does_not_answer_in_time_is_one_failure(
+    ecp_socket: tuple[str, socket.socket],
+) -> None:
+    path, _ = ecp_socket  # listening, never accepting: the call queues and nobody answers
+    with pytest.raises(mesos_ecp.EcpError, match=r"no answer from the service at .* in 0.2 s"):
+        mesos_ecp.exchange(path, b"usage\n", timeout=0.2)

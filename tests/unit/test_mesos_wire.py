@@ -1,6 +1,6 @@
 """Wire compatibility: our containerizer.v1 messages and our Mesos description agree byte for byte.
 
-`usage` forwards the service's ResourceStatistics bytes as a mesos.ResourceStatistics, and the
+`usage` answers with the service's ResourceStatistics bytes as a mesos.ResourceStatistics, and the
 service's Value/Resource are Mesos-shaped: these tests prove the numbers and types line up by
 serializing one and parsing it as the other, field by field.
 """
@@ -13,7 +13,7 @@ from google.protobuf import unknown_fields
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
-from adapter.clients.mesos import program as mesos_ecp
+from adapter.clients.mesos import translate
 
 # Every field of containerizer.v1.ResourceStatistics, each with a value that is distinct and
 # does not survive a wrong wire type or number (large integers, non-integral doubles).
@@ -130,64 +130,27 @@ def test_launch_from_the_mesos_documentation_hexdump_parses() -> None:
     assert launch.container_id.value == "435253ab-d246-47be-a350-35420465d868"
 
 
-# ---- the protobuf-free `usage` path agrees with protobuf ----
+# ---- the statistics the service's ECP socket sends back for `usage` ----
 
 
-def usage_bytes(container_id: str) -> bytes:
-    usage = ecp.Usage()
-    usage.container_id.value = container_id
-    return usage.SerializeToString()
-
-
-@pytest.mark.parametrize("cid", ["c", "4ed6a2d1-2f1b-4d5e-9c3a-1f2e3d4c5b6a", "x" * 300, "ünïcode"])
-def test_usage_request_bytes_equal_protobufs(cid: str) -> None:
-    expected = pb.UsageRequest(container_id=cid).SerializeToString()
-    assert mesos_ecp.usage_request_bytes(usage_bytes(cid)) == expected
-
-
-def test_usage_from_a_newer_agent_with_unknown_fields_still_decodes() -> None:
-    payload = usage_bytes("c1") + b"\x9a\x06\x03abc" + b"\x90\x06\x01" + b"\x1d\x00\x00\x80\x3f"
-    assert (
-        mesos_ecp.usage_request_bytes(payload)
-        == pb.UsageRequest(container_id="c1").SerializeToString()
-    )
-
-
-@pytest.mark.parametrize(
-    ("payload", "message"),
-    [
-        (b"", "no container_id"),
-        (b"\x0a\x00", "no container_id"),
-        (b"\x0a\x05\x0a\x03ab", "past the end"),
-        (b"\xff\xff\xff\xff", "cannot decode"),
-        (b"\x0b\x0c", "wire type 3"),
-        (b"\x08\x01", "not length-delimited"),
-        (b"\x0a\x03\x0a\x01\xff", "cannot decode"),
-    ],
-)
-def test_bad_usage_bytes_are_refused(payload: bytes, message: str) -> None:
-    with pytest.raises(mesos_ecp.EcpError, match=message) as caught:
-        mesos_ecp.usage_request_bytes(payload)
-    assert caught.value.exit_code == mesos_ecp.EXIT_BAD_INPUT
-
-
-def test_statistics_from_usage_response_are_the_statistics_bytes() -> None:
+def test_usage_statistics_are_the_statistics_bytes() -> None:
     statistics = pb.ResourceStatistics(**STATISTICS)
-    response = pb.UsageResponse(statistics=statistics).SerializeToString()
-    assert mesos_ecp.statistics_from_usage_response(response) == statistics.SerializeToString()
+    payload = translate.usage_statistics(statistics, now=1.0)
+    assert payload == statistics.SerializeToString()
+    assert mesos.ResourceStatistics.FromString(payload).timestamp == STATISTICS["timestamp"]
 
 
 def test_statistics_without_timestamp_get_one() -> None:
-    response = pb.UsageResponse(statistics=pb.ResourceStatistics(cpus_limit=0.5, mem_limit_bytes=0))
-    payload = mesos_ecp.statistics_from_usage_response(response.SerializeToString(), now=1234.5)
-    theirs = mesos.ResourceStatistics.FromString(payload)
+    statistics = pb.ResourceStatistics(cpus_limit=0.5, mem_limit_bytes=0)
+    theirs = mesos.ResourceStatistics.FromString(translate.usage_statistics(statistics, 1234.5))
     assert theirs.IsInitialized()
     assert (theirs.timestamp, theirs.cpus_limit) == (1234.5, 0.5)
     assert theirs.HasField("mem_limit_bytes") and theirs.mem_limit_bytes == 0
+    assert statistics.timestamp == 0  # the service's own message is left as it was
 
 
-def test_an_empty_usage_response_still_gives_valid_statistics() -> None:
+def test_empty_statistics_still_give_valid_mesos_statistics() -> None:
     theirs = mesos.ResourceStatistics.FromString(
-        mesos_ecp.statistics_from_usage_response(b"", now=1.0)
+        translate.usage_statistics(pb.ResourceStatistics(), now=1.0)
     )
     assert theirs.IsInitialized() and theirs.timestamp == 1.0

@@ -1,8 +1,8 @@
 """Mesos External Containerizer Protocol messages <-> our containerizer.v1 API messages.
 
-Pure functions, no grpc and no I/O, so every rule here is unit-tested on its own and the
-`containerizer-mesos` program (program.py) stays a thin pipe: read a frame, translate, call,
-translate back, write a frame.
+Pure functions, no grpc and no I/O, so every rule here is unit-tested on its own. The service's
+ECP socket (adapter/server/mesos.py) uses them; the `containerizer-mesos` program (program.py)
+never imports them: it is a pipe of the standard library to that socket.
 
 The rules follow what a Mesos 0.19-0.27 agent sends and expects:
 
@@ -81,6 +81,8 @@ def container_id(message: ecp.Launch | ecp.Update | ecp.Wait | ecp.Destroy | ecp
     value: str = message.container_id.value
     if not value:
         raise BadMessage(f"{message.DESCRIPTOR.full_name} has no container_id.value")
+    if not isinstance(value, str):  # proto2 hands a string that is not UTF-8 over as bytes
+        raise BadMessage(f"{message.DESCRIPTOR.full_name}: container_id.value is not UTF-8")
     return value
 
 
@@ -248,6 +250,20 @@ def update_request(update: ecp.Update, *, ports: bool = True) -> Translated:
 
 
 # ---- replies ----
+
+
+def usage_statistics(statistics: pb.ResourceStatistics, now: float) -> bytes:
+    """Our statistics as a mesos.ResourceStatistics: the same bytes, as the fields line up
+    number for number, with a timestamp (`now`) when ours has none: proto3 leaves a zero out,
+    and Mesos requires the field."""
+    if statistics.timestamp:
+        payload: bytes = statistics.SerializeToString()
+        return payload
+    stamped = pb.ResourceStatistics()
+    stamped.CopyFrom(statistics)
+    stamped.timestamp = now
+    payload = stamped.SerializeToString()
+    return payload
 
 
 def termination(ours: pb.Termination) -> ecp.Termination:
