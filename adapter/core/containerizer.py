@@ -1,9 +1,14 @@
 """The core: container registry, lifecycle state machine, runtime routing, terminations, recovery.
 
 LAUNCHING -> RUNNING -> (DESTROYING) -> TERMINATED. Every transition is checkpointed before it is
-acknowledged. A watcher task per running container awaits the driver's `wait`, turns the raw Exit
-into a Termination (the policy lives here, once), checkpoints it, lets the driver clean up, and
+acknowledged. A watcher task per running container awaits the runtime's `wait`, turns the raw Exit
+into a Termination (the policy lives here, once), checkpoints it, lets the runtime clean up, and
 only then wakes waiters, so a Wait that returns means nothing of the container is left.
+
+Destroy is Mesos' order, here and nowhere else: kill every process (`kill_all`), wait for the exit
+(the watcher), then `cleanup`. A runtime's record of a container so outlives its exit until the
+cleanup, and no runtime keeps exits for a `wait` that comes after. A failed launch is rolled back
+once, here: `kill_all` and `cleanup` of whatever the runtime had made.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from adapter.core.model import (
     Termination,
 )
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
-from adapter.runtimes.base import Checkpointed, Driver
+from adapter.runtimes.base import Checkpointed, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ LIMITATION_REASONS = {
 # Limits whose enforcement ends the container (the kernel's OOM kill, the disk isolator); a
 # pids limit only refuses forks, so the container's end has another cause.
 KILLING_LIMITATIONS = (Reason.LIMITATION_MEMORY, Reason.LIMITATION_DISK)
+# How long the exit may take to show after kill_all; then the container is recorded as killed
+# with its exit unknown, and cleaned up anyway.
+EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +72,15 @@ class Container:
     terminated: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroy_requested: bool = False
+    # Set once kill_all returned: from then on the exit has EXIT_AFTER_KILL_TIMEOUT to show.
+    killed: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
 
 
 class Containerizer:
     def __init__(
         self,
-        drivers: dict[str, Driver],
+        drivers: dict[str, Runtime],
         store: StateStore,
         *,
         default_runtime: str,
@@ -118,7 +128,7 @@ class Containerizer:
             self._checkpoint(container, record)
             try:
                 _make_sandbox(spec.sandbox)
-                launched = await driver.launch(spec)
+                launched = await driver.start(spec)
             except ContainerizerError as exc:
                 await self._fail_launch(container, driver, str(exc))
                 raise
@@ -137,33 +147,61 @@ class Containerizer:
             container.watcher = asyncio.create_task(self._watch(container, driver))
         return running
 
-    async def _fail_launch(self, container: Container, driver: Driver, message: str) -> None:
-        with contextlib.suppress(Exception):
-            await driver.destroy(container.record.container_id)
+    async def _fail_launch(self, container: Container, driver: Runtime, message: str) -> None:
+        """The one rollback of a launch: whatever the runtime made is killed and released."""
+        container_id = container.record.container_id
+        for step in (driver.kill_all, driver.cleanup):  # cleanup even if the kill failed
+            try:
+                await step(container_id)
+            except Exception:
+                log.exception(
+                    "%s after the failed launch of %s failed", step.__name__, container_id
+                )
         termination = Termination(
             reason=Reason.LAUNCH_FAILED, message=message, finished_at=time.time()
         )
         self._terminate(container, termination)
 
-    async def _watch(self, container: Container, driver: Driver) -> None:
+    async def _watch(self, container: Container, driver: Runtime) -> None:
         container_id = container.record.container_id
-        try:
-            exit_ = await driver.wait(container_id)
-        except Exception as exc:  # a driver fault must not leave waiters hanging forever
-            log.exception("wait on %s failed", container_id)
-            exit_ = Exit(lost=True, message=f"wait failed: {exc}")
+        exit_ = await self._exit(container, driver)
         termination = self._termination(container, exit_)
         # Checkpoint the status first: a crash during cleanup must not lose it.
         self._checkpoint(container, container.record.evolve(termination=termination))
-        # Under the container's lock: a Destroy in flight is itself calling driver.destroy, and
-        # two concurrent deletes of one container race inside some runtimes (containerd's shim
-        # closes under the second one).
+        # Under the container's lock: a Destroy in flight may still be in kill_all, and a
+        # runtime's removal must not run beside its own kill (containerd's shim closes under it).
         async with container.lock:
             try:
-                await driver.destroy(container_id)
+                await driver.cleanup(container_id)
             except Exception:
-                log.exception("cleanup of %s failed; recovery will retry", container_id)
+                log.exception("cleanup of %s failed", container_id)
         self._terminate(container, termination)
+
+    async def _exit(self, container: Container, driver: Runtime) -> Exit:
+        """The runtime's exit of the container; after kill_all it gets EXIT_AFTER_KILL_TIMEOUT,
+        then the exit is unknown (and the container, killed, is cleaned up anyway)."""
+        container_id = container.record.container_id
+        wait = asyncio.ensure_future(driver.wait(container_id))
+        killed = asyncio.ensure_future(container.killed.wait())
+        try:
+            await asyncio.wait((wait, killed), return_when=asyncio.FIRST_COMPLETED)
+            if not wait.done():
+                await asyncio.wait((wait,), timeout=EXIT_AFTER_KILL_TIMEOUT)
+            if not wait.done():
+                log.warning(
+                    "%s: no exit %g s after the kill", container_id, EXIT_AFTER_KILL_TIMEOUT
+                )
+                return Exit(
+                    lost=True,
+                    message=f"no exit reported within {EXIT_AFTER_KILL_TIMEOUT:g} s of the kill",
+                )
+            if wait.exception() is not None:  # a runtime fault must not leave waiters hanging
+                log.error("wait on %s failed", container_id, exc_info=wait.exception())
+                return Exit(lost=True, message=f"wait failed: {wait.exception()}")
+            return wait.result()
+        finally:
+            wait.cancel()
+            killed.cancel()
 
     def _termination(self, container: Container, exit_: Exit) -> Termination:
         reason = _reason(exit_, destroy_requested=container.destroy_requested)
@@ -196,7 +234,8 @@ class Containerizer:
                 return record.termination
             container.destroy_requested = True
             self._checkpoint(container, record.evolve(state=State.DESTROYING))
-            await self._driver(record.spec.runtime).destroy(container_id)
+            await self._driver(record.spec.runtime).kill_all(container_id)
+            container.killed.set()
         return await self.wait(container_id)
 
     async def wait(self, container_id: str) -> Termination:
@@ -208,7 +247,7 @@ class Containerizer:
 
     async def kill(self, container_id: str, signal: int) -> None:
         container = self._running(container_id)
-        await self._driver(container.record.spec.runtime).kill(container_id, signal)
+        await self._driver(container.record.spec.runtime).signal(container_id, signal)
 
     async def update(self, container_id: str, resources: Resources) -> None:
         container = self._running(container_id)
@@ -287,8 +326,10 @@ class Containerizer:
             await self._fail_launch(container, driver, "the service restarted during launch")
             return
         if record.termination is not None:  # exit checkpointed, cleanup interrupted
-            with contextlib.suppress(Exception):
-                await driver.destroy(record.container_id)
+            try:
+                await driver.cleanup(record.container_id)
+            except Exception:
+                log.exception("cleanup of %s after the restart failed", record.container_id)
             self._terminate(container, record.termination)
             return
         container.destroy_requested = record.state is State.DESTROYING
@@ -297,19 +338,19 @@ class Containerizer:
         else:
             container.watcher = asyncio.create_task(self._watch(container, driver))
 
-    async def _finish_destroy(self, container: Container, driver: Driver) -> None:
-        """A Destroy the restart interrupted, in a live Destroy's order: the watcher waits on the
-        exit before the kill, so it sees the container's own exit rather than a driver that has
-        already dropped its record (which read as "lost" and ended a destroyed container LOST)."""
+    async def _finish_destroy(self, container: Container, driver: Runtime) -> None:
+        """A Destroy the restart interrupted, in a live Destroy's order: the watcher is waiting
+        on the exit before kill_all, so it sees the container's own exit."""
         watcher = asyncio.create_task(self._watch(container, driver))
-        await asyncio.sleep(0)  # one loop turn: the watcher is now inside driver.wait
+        await asyncio.sleep(0)  # one loop turn: the watcher is now inside the runtime's wait
         async with container.lock:
             try:
-                await driver.destroy(container.record.container_id)
+                await driver.kill_all(container.record.container_id)
             except Exception:
                 log.exception(
                     "destroy of %s after the restart failed", container.record.container_id
                 )
+            container.killed.set()
         await watcher
 
     async def close(self) -> None:
@@ -326,7 +367,7 @@ class Containerizer:
 
     # ---- helpers ----
 
-    def _driver(self, runtime: str) -> Driver:
+    def _driver(self, runtime: str) -> Runtime:
         try:
             return self.drivers[runtime]
         except KeyError:

@@ -1,4 +1,4 @@
-"""The Driver protocol: one implementation per runtime, small and async.
+"""The Runtime protocol (also named Driver): one implementation per runtime, small and async.
 
 A driver owns only the translation to its runtime. Validation, bookkeeping, checkpointing and the
 lifecycle state machine live once, in core/containerizer.py. Methods raise adapter.core.errors
@@ -33,27 +33,37 @@ class Launched:
     ip_address: str = ""  # the container's own address (bridge networking); "" if none
 
 
-class Driver(Protocol):
+class Runtime(Protocol):
+    """Destroy is the core's, in Mesos' order: kill_all, then wait for the exit, then cleanup.
+    So a runtime keeps a container's record until cleanup, and needs no cache of exits."""
+
     name: str
 
     async def fingerprint(self) -> Fingerprint:
         """Version, health and capabilities; never raises."""
         ...
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
-        """Start the container and return once its workload runs. On failure everything created
-        for it is released before raising LaunchFailed (or a more specific error)."""
+    async def start(self, spec: LaunchSpec) -> Launched:
+        """Start the container and return once its workload runs. A failure raises (LaunchFailed
+        or a more specific error) and leaves the release of what was made to the core, which
+        then calls kill_all and cleanup."""
         ...
 
     async def wait(self, container_id: str) -> Exit:
         """Resolve once the container's init process has ended. Safe to call repeatedly."""
         ...
 
-    async def kill(self, container_id: str, signal: int) -> None: ...
+    async def signal(self, container_id: str, signal: int) -> None: ...
 
-    async def destroy(self, container_id: str) -> None:
-        """Kill every process of the container and release all it holds. Idempotent: destroying
-        an exited or half-launched container cleans what remains."""
+    async def kill_all(self, container_id: str) -> None:
+        """Kill every process of the container. Idempotent; a container that has ended, was
+        only half started or is unknown is no error."""
+        ...
+
+    async def cleanup(self, container_id: str) -> None:
+        """Release everything the container holds and forget it. Idempotent, tolerates a
+        half-started container; called only after wait resolved, after a failed start, or when
+        the exit did not come within the core's bound after kill_all."""
         ...
 
     async def update(self, container_id: str, resources: Resources) -> None:
@@ -63,10 +73,14 @@ class Driver(Protocol):
     async def usage(self, container_id: str) -> Statistics: ...
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
-        """Re-attach to `checkpointed` (so wait/usage/destroy work again) and remove what this
-        runtime holds that `known_ids` (every checkpointed id, of every runtime) does not name."""
+        """Re-attach to `checkpointed` (so wait/usage/kill_all/cleanup work again) and remove
+        what this runtime holds that `known_ids` (every checkpointed id, of every runtime) does
+        not name."""
         ...
 
     async def close(self) -> None:
         """Release connections; running containers keep running."""
         ...
+
+
+Driver = Runtime  # the name the registry and the services use

@@ -1,4 +1,4 @@
-"""The lifecycle state machine, termination policy and recovery, against a fake driver."""
+"""The lifecycle state machine, termination policy and recovery, against a fake runtime."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adapter.core import containerizer as core_module
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
 from adapter.core.model import (
@@ -26,25 +27,29 @@ from adapter.runtimes.base import Checkpointed, Launched
 
 
 class FakeDriver:
-    """Containers 'run' until the test finishes them or destroy kills them."""
+    """Containers 'run' until the test finishes them or kill_all kills them."""
 
     name = "native"
 
     def __init__(self) -> None:
         self.exits: dict[str, asyncio.Future[Exit]] = {}
-        self.destroyed: list[str] = []
+        self.destroyed: list[str] = []  # cleaned up
+        self.killed_all: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (verb, container id), in order
         self.updated: list[Resources] = []
         self.recovered: list[tuple[list[Checkpointed], set[str]]] = []
         self.fail_launch = False
-        # How destroy's kill ends a container (a test may note a limit the container had hit).
-        self.kill_exit = Exit(signal=9)
-        # Like the native runtime: once destroyed, a container is no longer known to wait.
+        # How kill_all ends a container (a test may note a limit the container had hit); None:
+        # the kill leaves no exit to report.
+        self.kill_exit: Exit | None = Exit(signal=9)
+        # Like every runtime: once cleaned up, a container is no longer known to wait.
         self.forgets_destroyed = False
 
     async def fingerprint(self) -> Fingerprint:
         return Fingerprint(self.name, "1", True)
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def start(self, spec: LaunchSpec) -> Launched:
+        self.calls.append(("start", spec.container_id))
         if self.fail_launch:
             raise LaunchFailed("no such binary")
         self.exits[spec.container_id] = asyncio.get_running_loop().create_future()
@@ -56,16 +61,23 @@ class FakeDriver:
     async def wait(self, container_id: str) -> Exit:
         if container_id not in self.exits:
             return Exit(lost=True, message="unknown")
-        return await self.exits[container_id]
+        exit_ = await self.exits[container_id]
+        self.calls.append(("exit", container_id))
+        return exit_
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         self.finish(container_id, Exit(signal=signal))
 
-    async def destroy(self, container_id: str) -> None:
-        self.destroyed.append(container_id)
+    async def kill_all(self, container_id: str) -> None:
+        self.calls.append(("kill_all", container_id))
+        self.killed_all.append(container_id)
         future = self.exits.get(container_id)
-        if future is not None and not future.done():
+        if future is not None and not future.done() and self.kill_exit is not None:
             future.set_result(self.kill_exit)
+
+    async def cleanup(self, container_id: str) -> None:
+        self.calls.append(("cleanup", container_id))
+        self.destroyed.append(container_id)
         if self.forgets_destroyed:
             self.exits.pop(container_id, None)
 
@@ -297,6 +309,7 @@ async def test_recovery_finishes_a_cleanup_the_crash_interrupted(tmp_path: Path)
     await containerizer.recover()
     assert await asyncio.wait_for(containerizer.wait("mid-cleanup"), 5) == recorded
     assert driver.destroyed == ["mid-cleanup"]
+    assert driver.killed_all == []  # its exit is known: nothing to kill, cleanup only
     assert containerizer.status("mid-cleanup").state is State.TERMINATED
     await containerizer.close()
 
@@ -435,3 +448,37 @@ async def test_a_disk_request_is_accepted_with_a_warning_it_is_not_enforced(
     (fingerprint,) = await containerizer.runtimes()
     assert fingerprint.message.endswith("disk: not enforced")
     assert not fingerprint.capabilities.disk_enforced
+
+
+async def test_a_failed_launch_is_rolled_back_once(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    driver.fail_launch = True
+    with pytest.raises(LaunchFailed):
+        await containerizer.launch(make_spec("once", tmp_path))
+    assert driver.calls == [("start", "once"), ("kill_all", "once"), ("cleanup", "once")]
+
+
+async def test_destroy_kills_then_waits_for_the_exit_then_cleans_up(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Mesos' order: the runtime still knows the container when its exit is reported, because
+    cleanup (which forgets it) comes only after."""
+    containerizer, driver = core
+    driver.forgets_destroyed = True
+    await containerizer.launch(make_spec("order", tmp_path))
+    termination = await containerizer.destroy("order")
+    assert (termination.reason, termination.signal) == (Reason.DESTROYED, 9)
+    verbs = [verb for verb, cid in driver.calls if cid == "order"]
+    assert verbs == ["start", "kill_all", "exit", "cleanup"]
+
+
+async def test_an_exit_that_never_comes_after_the_kill_is_recorded_and_cleaned_up(
+    core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    containerizer, driver = core
+    monkeypatch.setattr(core_module, "EXIT_AFTER_KILL_TIMEOUT", 0.05)
+    driver.kill_exit = None  # the runtime cannot report an exit
+    await containerizer.launch(make_spec("stuck", tmp_path))
+    termination = await asyncio.wait_for(containerizer.destroy("stuck"), 5)
+    assert termination.reason is Reason.DESTROYED and termination.killed
+    assert termination.message == "destroyed: no exit reported within 0.05 s of the kill"
+    assert driver.destroyed == ["stuck"]
+    assert containerizer.status("stuck").state is State.TERMINATED

@@ -461,5 +461,5 @@ async def test_an_empty_command_needs_an_image_with_one(tmp_path: Path) -> None:
     subject = driver(tmp_path)
     subject._engine = FakeImages({"bare:1"}, {"Env": ["PATH=/bin"]})  # type: ignore[assignment]
     with pytest.raises(InvalidArgument) as refused:
-        await subject.launch(spec(command=Command(), image="bare:1"))
+        await subject.start(spec(command=Command(), image="bare:1"))
     assert refused.value.field == "command" and "bare:1" in str(refused.value)

@@ -5,13 +5,13 @@ unpacked to snapshots (content.py), an active snapshot for the container, a cont
 the OCI spec (spec.py), and a task whose stdout/stderr the shim appends straight to the sandbox
 files. The shim, not this service, reaps the workload and keeps its exit status until the task is
 deleted, so a container survives a restart of the service and one that exited meanwhile still
-reports its status: the task is deleted only by destroy, after the core has checkpointed the exit.
+reports its status: the task is deleted only by cleanup, after the core has checkpointed the exit.
 
 Network: the node's shared network isolator (adapter/core/network.py) makes the container's
 namespace (mode none or bridge: veth on our bridge, address, port forwards, rate) before the
 container record exists, and the OCI spec joins it by path; mode host leaves the network entry out.
 A launch that names no mode on a node without a [network] table keeps what runc gives: a fresh
-namespace with only loopback, nothing of the isolator's. Destroy releases the network last,
+namespace with only loopback, nothing of the isolator's. Cleanup releases the network last,
 whatever containerd answered, so a container never holds an address it no longer uses.
 """
 
@@ -173,7 +173,7 @@ class ContainerdDriver:
 
     # ---- launch ----
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def start(self, spec: LaunchSpec) -> Launched:
         if not spec.image:
             raise InvalidArgument(
                 "container.image",
@@ -187,7 +187,6 @@ class ContainerdDriver:
         if self._network.chooses(spec):  # bad network input fails before containerd sees it
             self._network.check(spec)
         handle = self._handle(spec.container_id)
-        self._state.forget_exit(spec.container_id)
         self._state.clear_oom(handle.containerd_id)
         await self._create_lease(handle)
         self._state.handles[spec.container_id] = handle
@@ -196,10 +195,7 @@ class ContainerdDriver:
             mounts = await self._prepare_rootfs(handle, image)
             await self._create_container(handle, spec, image, user, network)
             pid = await self._start_task(handle, spec, mounts)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await self.destroy(spec.container_id)
-            self._state.handles.pop(spec.container_id, None)
+        except ContainerizerError as exc:
             if type(exc) is ContainerizerError:  # a runtime failure with no better class
                 raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
             raise
@@ -232,7 +228,8 @@ class ContainerdDriver:
             await self._client.call(self._client.leases.Create, request, "create lease")
         except AlreadyExists:
             # A leftover of a launch or destroy that did not finish: clear it and retry.
-            await self.destroy(handle.container_id)
+            await self.kill_all(handle.container_id)
+            await self.cleanup(handle.container_id)
             await self._client.call(self._client.leases.Create, request, "create lease")
 
     async def _prepare_rootfs(self, handle: ContainerdHandle, image: Image) -> Any:
@@ -315,10 +312,8 @@ class ContainerdDriver:
 
     async def wait(self, container_id: str) -> Exit:
         handle = self._state.handles.get(container_id)
-        if handle is None:  # destroyed already: the exit destroy saw, if any
-            return self._state.exit_of(container_id) or Exit(
-                lost=True, message="the containerd runtime has no record of it"
-            )
+        if handle is None:
+            return Exit(lost=True, message="the containerd runtime has no record of it")
         while True:
             try:
                 reply = await self._client.call(
@@ -329,15 +324,11 @@ class ContainerdDriver:
                 )
                 break
             except NotFound:
-                return self._state.exit_of(container_id) or Exit(
-                    lost=True, message="containerd has no task for it any more"
-                )
+                return Exit(lost=True, message="containerd has no task for it any more")
             except Unavailable as exc:  # containerd restarts; its shims keep the container
                 log.warning("%s; retrying the wait for %s", exc, container_id)
                 await asyncio.sleep(RECONNECT_DELAY)
-        exit_ = self._with_limitation(handle, exit_from_status(reply.exit_status))
-        self._state.remember_exit(container_id, exit_)
-        return exit_
+        return self._with_limitation(handle, exit_from_status(reply.exit_status))
 
     def _with_limitation(self, handle: ContainerdHandle, exit_: Exit) -> Exit:
         """An OOM kill, from the events stream or the cgroup's oom_kill counter (which also
@@ -352,7 +343,7 @@ class ContainerdDriver:
             return exit_
         return Exit(exit_.exit_code, exit_.signal, limitation.resource, limitation.message)
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         handle = self._known(container_id)
         await self._client.call(
             self._client.tasks.Kill,
@@ -375,19 +366,29 @@ class ContainerdDriver:
             raise NotFound(f"containerd runtime: no running container {container_id!r}")
         return handle
 
-    # ---- destroy ----
+    # ---- kill_all, cleanup ----
 
-    async def destroy(self, container_id: str) -> None:
-        """Kill every process, record the exit, then delete task, container, snapshot, lease;
-        each step tolerates what an earlier, interrupted destroy already removed."""
+    async def kill_all(self, container_id: str) -> None:
+        """SIGKILL to every process of the task; no task, or a stopped one, is no error."""
+        task_id = self._handle(container_id).containerd_id
+        with contextlib.suppress(NotFound, FailedPrecondition):
+            await self._client.call(
+                self._client.tasks.Kill,
+                tasks_pb2.KillRequest(container_id=task_id, signal=SIGKILL, all=True),
+                f"kill task {task_id}",
+            )
+
+    async def cleanup(self, container_id: str) -> None:
+        """Delete task, container, snapshot, lease; each step tolerates what an earlier,
+        interrupted cleanup already removed."""
         try:
-            await self._destroy_in_containerd(self._handle(container_id))
+            await self._delete_in_containerd(self._handle(container_id))
         finally:
             await self._network.cleanup(container_id)
 
-    async def _destroy_in_containerd(self, handle: ContainerdHandle) -> None:
+    async def _delete_in_containerd(self, handle: ContainerdHandle) -> None:
         client = self._client
-        await self._kill_and_reap(handle)
+        await self._stopped(handle)
         ctr_id = handle.containerd_id
         steps: list[tuple[Any, Any, str]] = [
             (client.tasks.Delete, tasks_pb2.DeleteTaskRequest(container_id=ctr_id), "task"),
@@ -411,7 +412,7 @@ class ContainerdDriver:
         self._state.handles.pop(handle.container_id, None)
 
     async def _delete(self, method: Any, request: Any, what: str) -> None:
-        """One step of destroy; NotFound means an earlier destroy did it. An error containerd
+        """One step of cleanup; NotFound means an earlier cleanup did it. An error containerd
         gives no class is retried: the shim can exit while containerd deletes its task
         ("ttrpc: closed", containerd/containerd#8981), and a second Delete completes it."""
         for attempt in range(1, DELETE_ATTEMPTS + 1):
@@ -426,31 +427,18 @@ class ContainerdDriver:
                 log.warning("%s; retrying", exc)
                 await asyncio.sleep(DELETE_RETRY_DELAY)
 
-    async def _kill_and_reap(self, handle: ContainerdHandle) -> None:
-        """SIGKILL to all of the task's processes, and its exit status remembered for wait()."""
-        client = self._client
+    async def _stopped(self, handle: ContainerdHandle) -> None:
+        """containerd deletes only a stopped task: a half-started one is killed and reaped
+        first (a task whose exit the core has seen answers at once)."""
+        await self.kill_all(handle.container_id)
         task_id = handle.containerd_id
-        try:
-            await client.call(
-                client.tasks.Kill,
-                tasks_pb2.KillRequest(container_id=task_id, signal=SIGKILL, all=True),
-                f"kill task {task_id}",
-            )
-        except NotFound:
-            return  # no task: nothing runs
-        except FailedPrecondition:
-            pass  # already stopped
-        try:
-            reply = await client.call(
-                client.tasks.Wait,
+        with contextlib.suppress(NotFound):
+            await self._client.call(
+                self._client.tasks.Wait,
                 tasks_pb2.WaitRequest(container_id=task_id),
                 f"wait for task {task_id}",
                 timeout=EXIT_AFTER_KILL_TIMEOUT,
             )
-        except NotFound:
-            return
-        exit_ = self._with_limitation(handle, exit_from_status(reply.exit_status))
-        self._state.remember_exit(handle.container_id, exit_)
 
     # ---- update, usage ----
 
@@ -523,7 +511,8 @@ class ContainerdDriver:
         for owner in dict.fromkeys(owners):
             if owner and owner not in known_ids:
                 log.info("containerd: removing orphan container %s", owner)
-                await self.destroy(owner)
+                await self.kill_all(owner)
+                await self.cleanup(owner)
 
     async def _remove_images_not_in_store(self) -> None:
         """The containerd image records we made own their content and snapshots; an image

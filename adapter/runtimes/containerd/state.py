@@ -1,5 +1,5 @@
-"""In-memory state of the containerd driver: the containers it knows, the exits it has seen, and
-the OOM kills containerd announced on its events stream.
+"""In-memory state of the containerd driver: the containers it knows and the OOM kills containerd
+announced on its events stream.
 
 The events stream is one Subscribe per driver, filtered to our namespace and the `/tasks/oom`
 topic, reconnected when containerd restarts. An OOM can also happen while we are not subscribed
@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from adapter.api.containerd.events import task_pb2
 from adapter.api.containerd.services.events.v1 import events_pb2
-from adapter.core.model import Exit
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.handle import ContainerdHandle
 
@@ -27,30 +25,14 @@ OOM_TOPIC = "/tasks/oom"
 # containerd marshals events with its own type URLs, without `type.googleapis.com/`: compare the
 # URL to the message's full name and decode the bytes, as Any.Unpack would refuse it.
 OOM_TYPE_URL = task_pb2.TaskOOM.DESCRIPTOR.full_name
-EXITS_KEPT = 4096
 RESUBSCRIBE_DELAY = 1.0
 
 
 class ContainerdState:
     def __init__(self) -> None:
         self.handles: dict[str, ContainerdHandle] = {}
-        # Exits the driver saw itself (destroy waits for the exit before deleting the task), so
-        # a wait() that comes later still has the status after the task is gone.
-        self._exits: OrderedDict[str, Exit] = OrderedDict()
         self._oom_killed: set[str] = set()  # containerd ids
         self._subscriber: asyncio.Task[None] | None = None
-
-    def remember_exit(self, container_id: str, exit_: Exit) -> None:
-        self._exits[container_id] = exit_
-        while len(self._exits) > EXITS_KEPT:
-            self._exits.popitem(last=False)
-
-    def exit_of(self, container_id: str) -> Exit | None:
-        return self._exits.get(container_id)
-
-    def forget_exit(self, container_id: str) -> None:
-        """A new launch under the same id must not inherit the old container's exit."""
-        self._exits.pop(container_id, None)
 
     def oom_killed(self, containerd_id: str) -> bool:
         return containerd_id in self._oom_killed

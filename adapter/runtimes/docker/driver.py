@@ -9,9 +9,9 @@ own `none` (the default without a [network] table) and `host` need no sandbox.
 
 Choices, and why:
 - Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
-  container is removed, so destroy copies both streams into the sandbox files just before it
+  container is removed, so cleanup copies both streams into the sandbox files just before it
   removes the container. Nothing is lost across our crashes (the container, and so its log,
-  stays until a destroy has copied it), and no thread or connection is held per container. The
+  stays until a cleanup has copied it), and no thread or connection is held per container. The
   cost: the sandbox files fill at exit; while it runs, `docker logs` shows the output.
 - Signals: Docker reports a container whose init died of signal n as exit code 128+n (so does
   the shell, and so does Docker's init, tini, for its child). With `Init` set the workload is not
@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import re
 import signal as signals
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,6 @@ IMAGE_REFERENCE = re.compile(
 )
 WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
 STOP_TIMEOUT_SECONDS = 30.0
-FINISHED_KEPT = 4096  # exits kept after destroy for a wait() that comes later
 SIGNAL_MAX = int(signals.SIGRTMAX)
 CAPABILITIES = Capabilities(
     images=True,
@@ -178,8 +176,6 @@ class DockerDriver:
             services.network, self._engine, self._owner, self._cgroups_root
         )
         self._tracked: dict[str, _Tracked] = {}
-        self._finished: OrderedDict[str, Exit] = OrderedDict()
-        self._destroying: dict[str, asyncio.Future[None]] = {}
         self._follower = ExitFollower(
             self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
         )
@@ -210,8 +206,7 @@ class DockerDriver:
 
     # ---- launch ----
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
-        cid = spec.container_id
+    async def start(self, spec: LaunchSpec) -> Launched:
         if not spec.image:
             raise InvalidArgument("container.image", "the docker runtime needs an image to run")
         mode = self._network.mode(spec)  # bad network input fails before dockerd sees it
@@ -223,20 +218,13 @@ class DockerDriver:
                 " give a shell string or an argv",
             )
         await self._follower.start()
-        self._finished.pop(cid, None)
-        try:
-            network = PreparedNetwork(mode)
-            if mode == "bridge":
-                sandbox_image = image
-                if self._sandbox_image is not None:
-                    sandbox_image = await self._ensure_image(self._sandbox_image)
-                network = await self._network.prepare_bridge(spec, sandbox_image.reference)
-            tracked = await self._create_and_start(spec, image, network)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.destroy(cid)
-            self._finished.pop(cid, None)
-            raise
+        network = PreparedNetwork(mode)
+        if mode == "bridge":
+            sandbox_image = image
+            if self._sandbox_image is not None:
+                sandbox_image = await self._ensure_image(self._sandbox_image)
+            network = await self._network.prepare_bridge(spec, sandbox_image.reference)
+        tracked = await self._create_and_start(spec, image, network)
         return Launched(
             handle=tracked.handle.to_json(),
             pid=tracked.pid,
@@ -348,9 +336,7 @@ class DockerDriver:
     async def wait(self, container_id: str) -> Exit:
         tracked = self._tracked.get(container_id)
         if tracked is None:
-            return self._finished.get(container_id) or Exit(
-                lost=True, message="the docker runtime has no record of this container"
-            )
+            return Exit(lost=True, message="the docker runtime has no record of this container")
         backoff = 0.5
         while True:
             tracked.died.clear()
@@ -358,7 +344,7 @@ class DockerDriver:
                 await self._follower.start()
                 inspect = await self._engine.inspect(tracked.handle.docker_id)
             except NotFound:
-                return self._finished.get(container_id) or Exit(
+                return Exit(
                     lost=True,
                     message=f"docker container {tracked.handle.docker_id[:12]} is gone",
                 )
@@ -372,45 +358,43 @@ class DockerDriver:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(tracked.died.wait(), WAIT_POLL_SECONDS)
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         tracked = self._tracked.get(container_id)
         if tracked is None:
             raise NotFound(f"docker runtime: no running container {container_id!r}")
         with contextlib.suppress(FailedPrecondition):  # already exited: wait() reports it
             await self._engine.kill(tracked.handle.docker_id, signal)
 
-    # ---- destroy ----
+    # ---- kill_all, cleanup ----
 
-    async def destroy(self, container_id: str) -> None:
-        """Concurrent destroys of one container (the API's and the exit watcher's) share one
-        run: Docker refuses a second removal while one is in progress."""
-        running = self._destroying.get(container_id)
-        if running is None:
-            running = asyncio.ensure_future(self._destroy(container_id))
-            self._destroying[container_id] = running
-            running.add_done_callback(lambda _: self._destroying.pop(container_id, None))
-        await asyncio.shield(running)
-
-    async def _destroy(self, container_id: str) -> None:
+    def _target(self, container_id: str) -> str:
+        """The container to act on: by id when tracked, else by its deterministic name."""
         tracked = self._tracked.get(container_id)
-        target = (
+        return (
             tracked.handle.docker_id if tracked else names.container_name(self._owner, container_id)
         )
-        exit_ = await self._remove(target, container_id, copy_logs=True)
+
+    async def kill_all(self, container_id: str) -> None:
+        """SIGKILL (as Mesos destroys) and return once Docker has it stopped, so the wait sees
+        the exit at once rather than at its next poll."""
+        await self._kill(self._target(container_id))
+        tracked = self._tracked.get(container_id)
+        if tracked is not None:
+            tracked.died.set()
+
+    async def cleanup(self, container_id: str) -> None:
+        tracked = self._tracked.get(container_id)
+        await self._remove(self._target(container_id), container_id, copy_logs=True)
         # The workload is gone: its network may go (the sandbox first, then the isolator's part).
         await self._network.release(container_id, tracked.handle.sandbox_id if tracked else "")
-        if exit_ is not None:
-            self._finished[container_id] = exit_
-            while len(self._finished) > FINISHED_KEPT:
-                self._finished.popitem(last=False)
         self._tracked.pop(container_id, None)
         if tracked is not None:
             tracked.died.set()
         await self._remove_parent_cgroups(container_id)
 
-    async def _remove(self, target: str, container_id: str, *, copy_logs: bool) -> Exit | None:
-        """Kill (SIGKILL, as Mesos destroys), copy the output, remove. Returns the container's
-        exit, or None when there was no container of ours to remove."""
+    async def _kill(self, target: str) -> Inspect | None:
+        """Kill a container of ours and wait until it is stopped; its final inspect, or None
+        when there is no such container."""
         try:
             inspect = await self._engine.inspect(target)
         except NotFound:
@@ -418,19 +402,26 @@ class DockerDriver:
         labels = inspect.get("Config", {}).get("Labels") or {}
         if labels.get(names.LABEL_OWNER) != self._owner:
             raise FailedPrecondition(f"docker container {target!r} is not ours; not removing it")
-        docker_id = str(inspect["Id"])
         if not has_ended(inspect):
+            docker_id = str(inspect["Id"])
             with contextlib.suppress(FailedPrecondition):
                 await self._engine.kill(docker_id, int(signals.SIGKILL))
             await self._engine.wait_stopped(docker_id, STOP_TIMEOUT_SECONDS)
             inspect = await self._engine.inspect(docker_id)
+        return inspect
+
+    async def _remove(self, target: str, container_id: str, *, copy_logs: bool) -> None:
+        """Kill (if it still runs), copy the output, remove; no container of ours is no error."""
+        inspect = await self._kill(target)
+        if inspect is None:
+            return
+        docker_id = str(inspect["Id"])
         if copy_logs:
             sandbox = _sandbox_of(inspect)
             if sandbox is not None and sandbox.is_dir():
                 await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
         with contextlib.suppress(NotFound):
             await self._engine.remove(docker_id)
-        return exit_from_inspect(inspect)
 
     async def _remove_parent_cgroups(self, container_id: str) -> None:
         """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
@@ -480,9 +471,9 @@ class DockerDriver:
 
     async def _recover_container(self, container: dict[str, Any], known_ids: set[str]) -> None:
         """Keep a workload or sandbox that a checkpointed handle names; leave a known id's
-        leftovers to the core's destroy; remove the rest: containers of ids no checkpoint
-        knows, and a workload or sandbox of a known id that is not the one its handle names
-        (a sandbox whose workload was never created is removed by that destroy)."""
+        leftovers to the core's kill_all and cleanup; remove the rest: containers of ids no
+        checkpoint knows, and a workload or sandbox of a known id that is not the one its handle
+        names (a sandbox whose workload was never created is removed by that cleanup)."""
         labels = container.get("Labels") or {}
         cid = labels.get(names.LABEL_CONTAINER_ID, "")
         docker_id = str(container["Id"])
@@ -493,7 +484,7 @@ class DockerDriver:
         ):
             return  # re-attached
         if tracked is None and cid in known_ids:
-            return  # a terminated or half-launched record: the core destroys it
+            return  # a terminated or half-launched record: the core cleans it up
         log.info("docker: removing orphan container %s (%s)", docker_id[:12], cid)
         with contextlib.suppress(ContainerizerError):
             if labels.get(names.LABEL_ROLE) == names.ROLE_SANDBOX:
@@ -515,7 +506,7 @@ def _is_image_reference(reference: str) -> bool:
 
 def _sandbox_of(inspect: Inspect) -> Path | None:
     """The host directory mounted at /mnt/mesos/sandbox: the container says where its output
-    goes, so destroy needs nothing but the container, even after our restart."""
+    goes, so cleanup needs nothing but the container, even after our restart."""
     for mount in inspect.get("Mounts") or []:
         if mount.get("Destination") == names.SANDBOX_MOUNT and mount.get("Source"):
             return Path(mount["Source"])

@@ -22,7 +22,7 @@ without a [network] table keeps `none`, as before the isolator existed.
 Ownership: the sandbox carries our labels (owner, container id, role) and a name derived from
 the container's (handle.py), so destroy and recovery find it without any checkpoint; the
 adopted namespace is the isolator's (its bind mount keeps it alive when the sandbox is gone,
-its cleanup and recovery sweep remove it). Destroy removes workload, sandbox, then network.
+its cleanup and recovery sweep remove it). Cleanup removes workload, sandbox, then network.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ class LibvirtDriver:
             warnings.append(f"user {spec.command.user!r} ignored: the guest runs as root")
         return memory, vcpus, tuple(warnings)
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def start(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
         # Everything a request can get wrong is refused before anything exists.
         memory, vcpus, warnings = self._shape(spec)
@@ -202,13 +202,9 @@ class LibvirtDriver:
                 with network_errors():
                     await self._network.isolator.link_created(cid)
         except ContainerizerError as exc:
-            await self._undo_launch(cid)
             if isinstance(exc, Unavailable | FailedPrecondition | InvalidArgument):
                 raise
             raise LaunchFailed(f"launch of {cid!r} failed: {exc}") from exc
-        except BaseException:
-            await self._undo_launch(cid)
-            raise
         ip_address = address.address if address is not None else ""
         return Launched(guest.handle.to_json(), guest.handle.qemu_pid, warnings, ip_address)
 
@@ -237,13 +233,6 @@ class LibvirtDriver:
                 if connection_failed(exc):
                     raise Unavailable(message) from exc
                 raise LaunchFailed(message) from exc
-
-    async def _undo_launch(self, container_id: str) -> None:
-        """Remove what a failed launch made; the launch's own error is the one to report."""
-        try:
-            await self.destroy(container_id)
-        except ContainerizerError as exc:
-            log.warning("libvirt: cleanup after the failed launch of %s: %s", container_id, exc)
 
     def _bridged(self, spec: LaunchSpec) -> bool:
         """Whether the guest gets a NIC on the bridge. A VM cannot share the host's network
@@ -348,7 +337,7 @@ class LibvirtDriver:
             return Exit(lost=True, message="the libvirt runtime has no record of this guest")
         return await asyncio.shield(guest.stopped)
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         """SIGTERM presses the ACPI power button (the guest's init passes it on as SIGTERM);
         SIGKILL pulls the plug. Other signals have no meaning for a virtual machine."""
         guest = self._guests.get(container_id)
@@ -379,7 +368,8 @@ class LibvirtDriver:
             return False
         return True
 
-    async def destroy(self, container_id: str) -> None:
+    async def kill_all(self, container_id: str) -> None:
+        """Pull the plug: the guest is all the container's processes."""
         guest = self._guests.get(container_id)
         name = domain.domain_name(container_id)
         if guest is not None:
@@ -392,6 +382,9 @@ class LibvirtDriver:
                 guest.resolve("was destroyed")
         elif await self._owned_domain(name):
             await self._stop_domain(name, graceful=False)
+
+    async def cleanup(self, container_id: str) -> None:
+        guest = self._guests.get(container_id)
         run_dir = self._run_root / container_id
         if guest is not None:
             run_dir = Path(guest.handle.run_dir)

@@ -278,7 +278,7 @@ class LxcDriver:
             hostname=spec.container_id[:63],
         )
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def start(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
         supervisor = self._supervisor()
         directory = self._container_dir(cid)
@@ -298,11 +298,7 @@ class LxcDriver:
             process, config_fd = self._start_monitor(cid)
             handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
         except protocol.SpawnError as exc:
-            await self.destroy(cid)
             raise protocol.launch_error(cid, exc) from exc
-        except BaseException:
-            await self.destroy(cid)
-            raise
         self._attach(handle, self._starting.pop(cid, None))
         address = network.address if network is not None else None
         return Launched(
@@ -402,7 +398,7 @@ class LxcDriver:
             status, limitation, "the container's init ended without recording a status"
         )
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         container = self._containers.get(container_id)
         if container is None:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
@@ -426,25 +422,32 @@ class LxcDriver:
         statistics.update(await self._node_network.usage(container_id))
         return statistics
 
-    # ---- destroy and recovery --------------------------------------------------------------
+    # ---- kill_all, cleanup, recovery -------------------------------------------------------------
 
-    async def destroy(self, container_id: str) -> None:
-        """Kill the workload (the supervisor records the SIGKILL), let LXC tear the container
-        down, then remove whatever is left: processes, cgroups, the container directory."""
+    async def kill_all(self, container_id: str) -> None:
+        """SIGKILL to the workload, so the supervisor records it; the whole cgroup only if the
+        supervisor itself does not end, or for a container that never got that far."""
         container = self._containers.get(container_id)
+        if container is None:
+            if self._cgroups.dirs(container_id):
+                await self._cgroups.destroy(container_id)
+            return
+        container.handle.workload_init.send(9)
+        await _wait_for(asyncio.shield(container.exit_task))
+        if container.handle.init.is_alive():
+            await self._cgroups.destroy(container_id)  # the supervisor itself is stuck
+
+    async def cleanup(self, container_id: str) -> None:
+        """Let LXC tear the container down, then remove whatever is left: processes, cgroups,
+        the container directory."""
+        container = self._containers.pop(container_id, None)
         process = self._starting.pop(container_id, None)
         if container is not None:
-            container.handle.workload_init.send(9)
-            await _wait_for(asyncio.shield(container.exit_task))
             process = process or container.monitor_process
-        if container is not None and container.handle.init.is_alive():
-            await self._cgroups.destroy(container_id)  # the supervisor itself is stuck
-        await self._stop_monitor(container_id, container, process)
-        if container is not None:
+            container.exit_task.cancel()  # done already, unless the exit never came
             if container.watch_task is not None:
                 container.watch_task.cancel()
-            if container.exit_task.done():
-                self._containers.pop(container_id, None)
+        await self._stop_monitor(container_id, container, process)
         await self._remove_container(container_id)
 
     async def _stop_monitor(

@@ -3,7 +3,7 @@
 Launch: every isolator prepares (cgroups created, limits written), then the C supervisor forks
 the workload, which joins the cgroups and new pid/mount/uts/ipc namespaces before its first
 instruction. The supervisor, not this service, reaps the workload and records its status
-durably, so an exit while the service is down is not lost. Destroy kills through the cgroup
+durably, so an exit while the service is down is not lost. kill_all kills through the cgroup
 freezer (and the pid namespace: when init dies the kernel kills the rest).
 
 Network: the shared network isolator prepares the container's namespace (mode none or bridge)
@@ -19,7 +19,6 @@ read-only cgroupfs. A launch without an image keeps the host's filesystem, as in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -52,7 +51,6 @@ from isolators.registry import (
 )
 
 log = logging.getLogger(__name__)
-EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
 class _Running:
@@ -115,7 +113,7 @@ class NativeDriver:
             self.name, "1", True, message, capabilities, confinement=Confinement().summary()
         )
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    async def start(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
         binary = self._binary()
         run_dir = self._run_dir / cid
@@ -150,11 +148,7 @@ class NativeDriver:
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
         except supervisor.SpawnError as exc:
-            await self.destroy(cid)
             raise supervisor.launch_error(cid, exc) from exc
-        except BaseException:
-            await self.destroy(cid)
-            raise
         self._attach(cid, handle)
         return Launched(
             handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
@@ -203,7 +197,7 @@ class NativeDriver:
                 if task is not running.exit_task and not task.exception():
                     running.limitation = task.result()
                     log.info("%s hit a limit: %s", cid, running.limitation.message)
-                    await self._kill_all(cid)
+                    await self.kill_all(cid)
                     break
         finally:
             for task in watches:
@@ -219,29 +213,25 @@ class NativeDriver:
             status, limitation, "the supervisor ended without recording an exit status"
         )
 
-    async def kill(self, container_id: str, signal: int) -> None:
+    async def signal(self, container_id: str, signal: int) -> None:
         running = self._running.get(container_id)
         if running is None:
             raise NotFound(f"native runtime: no running container {container_id!r}")
         supervisor.kill(running.handle, signal)
 
-    async def _kill_all(self, container_id: str) -> None:
+    async def kill_all(self, container_id: str) -> None:
         if self._cgroups is not None:
             await self._cgroups.destroy(container_id)
         running = self._running.get(container_id)
         if running is not None:
             supervisor.kill(running.handle, 9)  # pid namespace: the kernel kills the rest
 
-    async def destroy(self, container_id: str) -> None:
-        await self._kill_all(container_id)
-        running = self._running.get(container_id)
+    async def cleanup(self, container_id: str) -> None:
+        running = self._running.pop(container_id, None)
         if running is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(running.exit_task), EXIT_AFTER_KILL_TIMEOUT)
+            running.exit_task.cancel()  # done already, unless the exit never came
             if running.watch_task is not None:
                 running.watch_task.cancel()
-            if running.exit_task.done():
-                self._running.pop(container_id, None)
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
         with network_errors():
