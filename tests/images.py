@@ -392,3 +392,41 @@ def settings_image_layout(dest_dir: Path, settings: dict[str, object]) -> Path:
         for blob in (manifest, config, layer)
     ]
     return write_tarball(dest_dir / "busybox-settings.tar", files)
+
+
+# ---- the settings an image runtime must honour, for the OCI store and for Docker's builder ----
+
+# Env, WorkingDir, User, Entrypoint and Cmd of an image; without a command it prints
+# "from-image", "/srv" and 65534 (nobody). A request's own command, variables, working
+# directory and user win over each of them.
+CONTRACT_SETTINGS: dict[str, object] = {
+    "Env": ["PATH=/bin", "GREETING=from-image"],
+    "Entrypoint": ["sh", "-c"],
+    "Cmd": ["echo $GREETING; pwd; id -u"],
+    "WorkingDir": "/srv",
+    "User": "nobody",
+}
+
+
+def settings_dockerfile(settings: dict[str, object]) -> str:
+    """The settings image for Docker's builder, from a context holding `busybox`, `passwd` and
+    `group`: busybox-static with every applet, /etc/passwd and /etc/group, /tmp and /srv, then
+    `settings` (the keys of CONTRACT_SETTINGS) as ENV, WORKDIR, USER, ENTRYPOINT and CMD."""
+    env = settings.get("Env", [])
+    assert isinstance(env, list)
+    lines = [
+        "FROM scratch",
+        "COPY busybox /bin/busybox",
+        "COPY passwd /etc/passwd",
+        "COPY group /etc/group",
+        'RUN ["/bin/busybox", "sh", "-c", "/bin/busybox --install -s /bin'
+        ' && mkdir -m 1777 /tmp && mkdir /srv"]',
+    ]
+    for variable in env:
+        name, _, value = str(variable).partition("=")
+        lines.append(f"ENV {name}={json.dumps(value)}")
+    lines.append(f"WORKDIR {settings['WorkingDir']}")
+    lines.append(f"USER {settings['User']}")
+    lines.append(f"ENTRYPOINT {json.dumps(settings['Entrypoint'])}")
+    lines.append(f"CMD {json.dumps(settings['Cmd'])}")
+    return "\n".join(lines) + "\n"
