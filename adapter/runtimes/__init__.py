@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
+
+from adapter.core.errors import ConfigError
 
 if TYPE_CHECKING:  # importing the services would load every one of them with base.py
     from adapter.core.services import Services
@@ -21,6 +24,7 @@ def build_driver(name: str, options: dict[str, Any], services: Services) -> Driv
 
         return LxcDriver(options, services)
     if name == "docker":
+        _require("docker", "docker", "docker")
         from adapter.runtimes.docker.driver import DockerDriver
 
         return DockerDriver(options, services)
@@ -29,7 +33,17 @@ def build_driver(name: str, options: dict[str, Any], services: Services) -> Driv
 
         return ContainerdDriver(options, services)
     if name == "libvirt":
+        _require("libvirt", "libvirt", "libvirt")
         from adapter.runtimes.libvirt.driver import LibvirtDriver
 
         return LibvirtDriver(options, services)
     raise ValueError(f"no driver for runtime {name!r}")
+
+
+def _require(runtime: str, module: str, extra: str) -> None:
+    """The runtime's Python binding is an optional extra of the package: name it when absent."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"runtimes.{runtime}: needs the Python package {module!r}, not installed:"
+            f" pip install 'containerizer-adapter[{extra}]'"
+        )

@@ -67,13 +67,14 @@ BEHAVIOURS = (
 )  # fmt: skip
 # (runtime, behaviour) -> how that runtime falls short of the contract today: defects, not lacks.
 # Each still runs and must fail (strict), so a fix turns its entry into a failure to remove.
+# RACY_DEFECTS are the same, for a defect that shows only when a race goes one way: they run, and
+# may pass or fail.
 KNOWN_DEFECTS: dict[tuple[str, str], str] = {
     ("containerd", "sigterm"): "the workload is pid 1 of its namespace with no init of ours: it"
     " ignores a SIGTERM it has no handler for",
     ("libvirt", "sigterm"): "the guest's init reports the command's 128+15 as an exit code",
     ("docker", "oom"): "an OOM kill of a process other than init leaves the container running;"
     " only an exit is checked for the limitation",
-    ("lxc", "pids_limit"): "a fork refused at pids.max is not reported as LIMITATION_PIDS",
     ("containerd", "pids_limit"): "only the memory OOM counter is checked at exit, not pids.events",
     ("docker", "pids_limit"): "the limit is set on Docker's own cgroup; ours has pids.max 'max'",
     ("containerd", "missing_binary"): "runc's exec failure comes back INTERNAL",
@@ -81,7 +82,13 @@ KNOWN_DEFECTS: dict[tuple[str, str], str] = {
     ("libvirt", "missing_binary"): "the guest starts; the command ends EXITED 127",
     ("libvirt", "unknown_image"): "an unknown disk image is INVALID_ARGUMENT, not NOT_FOUND",
 }
-assert {b for _, b in LACKS} | {b for _, b in KNOWN_DEFECTS} | set(FINGERPRINT) <= set(BEHAVIOURS)
+RACY_DEFECTS: dict[tuple[str, str], str] = {
+    ("lxc", "pids_limit"): "pids.events is read when the monitor exits, and LXC may have removed"
+    " the container's cgroups by then: the limit is reported only when the read wins",
+}
+assert {b for _, b in LACKS} | {b for _, b in KNOWN_DEFECTS} | {b for _, b in RACY_DEFECTS} | set(
+    FINGERPRINT
+) <= set(BEHAVIOURS)
 
 Test = TypeVar("Test", bound=Callable[..., None])
 
@@ -102,6 +109,9 @@ def _marks(runtime: str, behaviour: str) -> list[pytest.MarkDecorator]:
     if (runtime, behaviour) in KNOWN_DEFECTS:
         reason = f"known defect of {runtime}: {KNOWN_DEFECTS[runtime, behaviour]}"
         return [pytest.mark.xfail(strict=True, reason=reason)]
+    if (runtime, behaviour) in RACY_DEFECTS:
+        reason = f"racy defect of {runtime}: {RACY_DEFECTS[runtime, behaviour]}"
+        return [pytest.mark.xfail(strict=False, reason=reason)]
     return []
 
 

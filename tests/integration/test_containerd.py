@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from adapter.api.containerd.cgroups.v1 import metrics_pb2
+from adapter.api.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1_metrics
 from adapter.api.containerd.services.tasks.v1 import tasks_pb2
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.runtimes.containerd.client import ContainerdClient
-from adapter.runtimes.containerd.driver import CGROUPS_V1_METRICS_TYPE_URL
 from tests.cgroup_roots import run_scoped_name
 from tests.conftest import CGROUP_MOUNT, ServiceProcess, require, require_root
 from tests.images import (
@@ -202,7 +202,7 @@ def containerd_metrics(address: str, namespace: str, container_id: str) -> metri
         finally:
             await client.close()
         (metric,) = reply.metrics
-        assert metric.data.type_url == CGROUPS_V1_METRICS_TYPE_URL
+        assert metric.data.type_url == cgroups_v1_metrics.Metrics.DESCRIPTOR.full_name
         return metrics_pb2.Metrics.FromString(metric.data.value)
 
     return asyncio.run(fetch())

@@ -156,7 +156,9 @@ def write_html(path: Path, report: CompareReport) -> None:
     try:
         drawn = charts(report)
     except ImportError as exc:
-        raise CliError(f"--html needs matplotlib ({exc}): pip install matplotlib") from None
+        raise CliError(
+            f"--html needs matplotlib ({exc}): pip install 'containerizer-adapter[charts]'"
+        ) from None
     page = render_html(report, drawn)
     try:
         path.write_text(page, encoding="utf-8")

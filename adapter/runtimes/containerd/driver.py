@@ -27,7 +27,6 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2  # type: ignore[import-untyped, unused-ignore]
 
-from adapter.api.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1_metrics
 from adapter.api.containerd.runc.options import oci_pb2
 from adapter.api.containerd.services.containers.v1 import containers_pb2
 from adapter.api.containerd.services.images.v1 import images_pb2
@@ -66,7 +65,6 @@ DEFAULTS = {
     "snapshotter": "overlayfs",
 }
 RUNC_OPTIONS_TYPE_URL = oci_pb2.Options.DESCRIPTOR.full_name
-CGROUPS_V1_METRICS_TYPE_URL = cgroups_v1_metrics.Metrics.DESCRIPTOR.full_name
 FINGERPRINT_TIMEOUT = 3.0
 EXIT_AFTER_KILL_TIMEOUT = 30.0
 RECONNECT_DELAY = 1.0
@@ -463,22 +461,6 @@ class ContainerdDriver:
         statistics = self._cgroups.statistics(container_id)
         statistics.update(await self._network.usage(container_id))
         return statistics
-
-    async def metrics(self, container_id: str) -> cgroups_v1_metrics.Metrics:
-        """containerd's own view (tasks.Metrics), decoded by type URL: used to cross-check."""
-        handle = self._known(container_id)
-        reply = await self._client.call(
-            self._client.tasks.Metrics,
-            tasks_pb2.MetricsRequest(filters=[f'id=="{handle.containerd_id}"']),
-            f"metrics of {handle.containerd_id}",
-        )
-        for metric in reply.metrics:
-            if metric.data.type_url == CGROUPS_V1_METRICS_TYPE_URL:
-                metrics: cgroups_v1_metrics.Metrics = cgroups_v1_metrics.Metrics.FromString(
-                    metric.data.value
-                )
-                return metrics
-        raise NotFound(f"containerd has no cgroup v1 metrics for {container_id!r}")
 
     # ---- recovery ----
 
