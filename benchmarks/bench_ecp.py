@@ -42,6 +42,9 @@ from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import private_service
+
 BIN = Path(sys.executable).parent
 ECP = [str(BIN / "containerizer-mesos")]
 CLI = [str(BIN / "containerizer")]
@@ -59,42 +62,14 @@ def child_environment(endpoint: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_service() -> Iterator[str]:
-    """The endpoint of a service: the one named by the environment, or a private one."""
+    """The endpoint of a service: the one named by the environment, or a private one (which
+    removes its state and cgroups when it stops)."""
     existing = os.environ.get("CONTAINERIZER_ENDPOINT")
     if existing:
         yield existing
         return
-    with tempfile.TemporaryDirectory(prefix="bench-ecp-", dir="/tmp") as tmp:
-        socket = Path(tmp) / "containerizer.sock"
-        config = Path(tmp) / "containerizer.toml"
-        config.write_text(
-            f'version = 1\nstate_dir = "{tmp}/state"\nsocket = "{socket}"\n'
-            f'cgroups_root = "bench-ecp-{uuid.uuid4().hex[:8]}"\n'
-        )
-        log = (Path(tmp) / "service.log").open("wb")
-        service = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=log, stderr=log)
-        try:
-            endpoint = f"unix:{socket}"
-            wait_until_serving(endpoint, service)
-            yield endpoint
-        finally:
-            service.terminate()
-            service.wait(timeout=30)
-            log.close()
-
-
-def wait_until_serving(endpoint: str, service: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = pb_grpc.ContainerizerStub(channel)
-        while time.monotonic() < deadline:
-            if service.poll() is not None:
-                raise SystemExit("bench_ecp: the service exited at start")
-            with contextlib.suppress(grpc.RpcError):
-                stub.Containers(pb.ContainersRequest(), timeout=1, wait_for_ready=True)
-                return
-            time.sleep(0.05)
-    raise SystemExit(f"bench_ecp: no service at {endpoint} after 30 s")
+    with private_service() as service:
+        yield service.endpoint
 
 
 def frame(message: Any) -> bytes:
