@@ -40,6 +40,7 @@ from adapter.core.model import (
     Statistics,
     Termination,
 )
+from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
 from adapter.runtimes.base import Checkpointed, Runtime
 
@@ -441,6 +442,7 @@ def _make_sandbox(path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
+    prepare_outputs(path)
 
 
 def _disk_not_enforced(spec: LaunchSpec) -> str:

@@ -65,6 +65,7 @@ class Node:
         user: str = "",
         working_dir: str = "",
         image: str | None = None,
+        sandbox: str = "",
         **resources: float,
     ) -> pb.LaunchRequest:
         variables = [
@@ -84,6 +85,7 @@ class Node:
             container=pb.ContainerInfo(
                 runtime=self.runtime, image=self.image if image is None else image
             ),
+            sandbox=sandbox,
         )
 
     def launch(self, container_id: str, shell: str = "", **options: object) -> pb.LaunchResponse:

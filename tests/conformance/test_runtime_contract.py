@@ -64,6 +64,7 @@ FINGERPRINT = {
 BEHAVIOURS = (
     "exit_codes", "sigterm", "oom", "pids_limit", "update_cpus", "update_memory", "usage",
     "destroy", "recovery", "missing_binary", "unknown_image", "hostile_input", "image_settings",
+    "sandbox_outputs",
 )  # fmt: skip
 # (runtime, behaviour) -> how that runtime falls short of the contract today: defects, not lacks.
 # Each still runs and must fail (strict), so a fix turns its entry into a failure to remove.
@@ -364,6 +365,27 @@ def test_an_unknown_image_fails_the_launch_and_leaves_nothing(
 
 
 HOSTILE_IDS = ["../x", "a/b", "", "x" * 129, "a\x00b", "-x", ".x", "a b", "a\nb", "é"]
+
+
+@contract("sandbox_outputs")
+def test_a_symlinked_output_in_a_reused_sandbox_is_refused(
+    node: Node, container_id: str, tmp_path: Path
+) -> None:
+    """A workload of an earlier launch of this sandbox turned `stdout` into a symlink to a host
+    file: no runtime may open it (a shim or QEMU as root would append to the host file)."""
+    victim = tmp_path / "victim"
+    victim.write_text("host data\n")
+    victim.chmod(0o600)
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "stdout").symlink_to(victim)
+    with pytest.raises(grpc.RpcError) as refused:
+        node.launch(container_id, "echo overwritten", sandbox=str(sandbox))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stdout" in (refused.value.details() or "")
+    assert victim.read_text() == "host data\n"
+    assert victim.stat().st_mode & 0o7777 == 0o600
+    assert node.leftovers(container_id) == []
 
 
 @contract("hostile_input")

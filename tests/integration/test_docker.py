@@ -232,3 +232,25 @@ def test_images_elsewhere_are_not_pulled_and_an_image_is_required(
         launch_docker(stub, f"{container_id}-x", "true", "")
     assert no_image.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "container.image" in (no_image.value.details() or "")
+
+
+def test_a_stdout_the_workload_turned_into_a_symlink_is_not_followed(
+    docker_service: ServiceProcess,
+    dockerd: PrivateDockerd,
+    busybox_image: str,
+    container_id: str,
+    tmp_path: Path,
+) -> None:
+    """Docker's log copy into the sandbox at cleanup must not follow a symlink the workload
+    made there: the host file keeps its content and mode, and the container is still removed."""
+    victim = tmp_path / "victim"
+    victim.write_text("host data\n")
+    victim.chmod(0o600)
+    stub = docker_service.stub()
+    swap = f"echo loud; rm $MESOS_SANDBOX/stdout; ln -s {victim} $MESOS_SANDBOX/stdout"
+    launch_docker(stub, container_id, swap, busybox_image)
+    assert wait(stub, container_id, timeout=120).exit_code == 0
+    assert victim.read_text() == "host data\n"
+    assert victim.stat().st_mode & 0o7777 == 0o600
+    assert docker_container(dockerd, container_id) is None
+    destroy(stub, container_id)

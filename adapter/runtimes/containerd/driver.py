@@ -45,6 +45,7 @@ from adapter.core.errors import (
     Unavailable,
 )
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.sandbox import prepare_outputs
 from adapter.core.services import Services
 from adapter.core.workload import Workload, merge
 from adapter.images.image import Image
@@ -287,8 +288,7 @@ class ContainerdDriver:
         """stdout/stderr are plain paths of regular files: the shim opens them for append
         itself, so the output keeps flowing while this service is down."""
         outputs = [Path(spec.sandbox) / name for name in ("stdout", "stderr")]
-        for output in outputs:
-            output.touch()
+        prepare_outputs(spec.sandbox)  # plain files, not what an earlier workload left there
         await self._client.call(
             self._client.tasks.Create,
             tasks_pb2.CreateTaskRequest(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
+from adapter.core.sandbox import open_output
 from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID
 
 log = logging.getLogger(__name__)
@@ -240,7 +242,9 @@ class DockerEngine:
                 chunks: Iterator[bytes] = api.logs(
                     container, stdout=want_stdout, stderr=not want_stdout, stream=True
                 )
-                with path.open("wb") as sink:
+                # The workload could make these symlinks to host files: never follow them.
+                output = open_output(str(path.parent), path.name, truncate=True)
+                with os.fdopen(output, "wb") as sink:
                     for chunk in chunks:
                         sink.write(chunk)
 

@@ -419,7 +419,10 @@ class DockerDriver:
         if copy_logs:
             sandbox = _sandbox_of(inspect)
             if sandbox is not None and sandbox.is_dir():
-                await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
+                try:
+                    await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
+                except FailedPrecondition as exc:  # the workload made them symlinks: not followed
+                    log.warning("docker: output of %s not copied: %s", container_id, exc)
         with contextlib.suppress(NotFound):
             await self._engine.remove(docker_id)
 

@@ -1,0 +1,51 @@
+"""The sandbox's output files, opened the one safe way: never through a symlink.
+
+A workload can write its sandbox (it is bound into the container), so it can replace `stdout`
+with a symlink to a host file, or a FIFO. Whoever opens these files as root for it (runc's shim,
+QEMU through libvirt, the docker runtime copying logs, the supervisor) must not follow what the
+workload put there. Each file is opened relative to the sandbox directory (itself opened without
+following a symlink), with O_NOFOLLOW, and must be a regular file with one link: a symlink, a
+FIFO, a directory or a hard link to some other file is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from adapter.core.errors import FailedPrecondition
+
+OUTPUTS = ("stdout", "stderr")
+
+
+def open_output(sandbox: str, name: str, *, truncate: bool = False) -> int:
+    """A writable fd of `sandbox/name`, created (0640) when missing; appending unless
+    `truncate`. FailedPrecondition naming the file when it is not a plain file of its own."""
+    where = f"sandbox {sandbox}: {name}"
+    try:
+        directory = os.open(sandbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FailedPrecondition(f"sandbox {sandbox}: {exc.strerror} (not a directory?)") from None
+    # O_NONBLOCK: opening a FIFO for writing fails at once instead of waiting for a reader.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    flags |= os.O_TRUNC if truncate else os.O_APPEND
+    try:
+        fd = os.open(name, flags, 0o640, dir_fd=directory)
+    except OSError as exc:
+        raise FailedPrecondition(f"{where}: {exc.strerror} (a symlink is refused)") from None
+    finally:
+        os.close(directory)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise FailedPrecondition(f"{where}: not a regular file of its own (link count or type)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def prepare_outputs(sandbox: str) -> None:
+    """Create `stdout` and `stderr` in the sandbox, or check the ones there are plain files, so
+    a runtime that opens them by path (a shim, QEMU) opens a file and not what a workload of an
+    earlier launch of this sandbox left there."""
+    for name in OUTPUTS:
+        os.close(open_output(sandbox, name))
