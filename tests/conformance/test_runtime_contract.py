@@ -76,7 +76,6 @@ KNOWN_DEFECTS: dict[tuple[str, str], str] = {
     ("libvirt", "sigterm"): "the guest's init reports the command's 128+15 as an exit code",
     ("docker", "oom"): "an OOM kill of a process other than init leaves the container running;"
     " only an exit is checked for the limitation",
-    ("containerd", "pids_limit"): "only the memory OOM counter is checked at exit, not pids.events",
     ("docker", "pids_limit"): "the limit is set on Docker's own cgroup; ours has pids.max 'max'",
     ("containerd", "missing_binary"): "runc's exec failure comes back INTERNAL",
     ("docker", "missing_binary"): "Docker starts the container; it ends EXITED 127",

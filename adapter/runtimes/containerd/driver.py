@@ -56,6 +56,8 @@ from adapter.runtimes.containerd.content import ImageLoader
 from adapter.runtimes.containerd.handle import CONTAINER_LABEL, CONTAINERD_ID, ContainerdHandle
 from adapter.runtimes.containerd.state import ContainerdState
 from isolators.cgroups.mem import MemIsolator
+from isolators.cgroups.pids import PidsIsolator
+from isolators.registry import limitation_at_exit
 
 log = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -100,7 +102,12 @@ class ContainerdDriver:
         self._cgroups_root = services.node.cgroups_root
         self._cgroups = services.cgroups
         # Only its check() is used: the OOM counter of the container's memory cgroup.
-        self._oom_counter = MemIsolator(self._cgroups.hierarchies)
+        # Limits hit, read from the container's own cgroups when it ends: OOM kills (also the
+        # ones while the service was down) and forks refused at pids.max.
+        self._limit_counters = (
+            MemIsolator(self._cgroups.hierarchies),
+            PidsIsolator(self._cgroups.hierarchies),
+        )
         self._held_capabilities = held_capabilities()
         self._store = services.images
         self._client_instance: ContainerdClient | None = None
@@ -329,11 +336,10 @@ class ContainerdDriver:
         return self._with_limitation(handle, exit_from_status(reply.exit_status))
 
     def _with_limitation(self, handle: ContainerdHandle, exit_: Exit) -> Exit:
-        """An OOM kill, from the events stream or the cgroup's oom_kill counter (which also
-        counts the ones that happened while the service was down)."""
-        limitation = None
-        with contextlib.suppress(OSError):
-            limitation = self._oom_counter.check(handle.container_id)
+        """A limit the container hit: an OOM kill, from the events stream or the cgroup's
+        oom_kill counter (which also counts the ones while the service was down), or forks
+        refused at its pids limit."""
+        limitation = limitation_at_exit(self._limit_counters, handle.container_id)
         if limitation is None and self._state.oom_killed(handle.containerd_id):
             message = "Memory limit exceeded: containerd reported an OOM kill"
             return Exit(exit_.exit_code, exit_.signal, "mem", message)
