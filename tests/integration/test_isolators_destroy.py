@@ -60,7 +60,8 @@ async def test_fork_bomb_is_contained_and_destroyed(cgroups_root: str) -> None:
     launch = await prepare_isolators(isolators, "bomb", Limits(cpus=1, pids=50))
     pids_dir = cgroups.hierarchies.path("pids", "bomb")
     assert (pids_dir / "pids.max").read_text().strip() == "50"
-    process = await start(launch.cgroup_procs, "bomb() { bomb | bomb & }; bomb; sleep 600")
+    # `exec sleep`: a fork of the outer shell itself, refused at the limit, would end it early.
+    process = await start(launch.cgroup_procs, "bomb() { bomb | bomb & }; bomb; exec sleep 600")
     pids_check = next(i for i in isolators if i.name == "cgroups/pids")
     await until(lambda: pids_check.check("bomb") is not None)
     for _ in range(20):
