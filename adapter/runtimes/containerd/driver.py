@@ -45,7 +45,7 @@ from adapter.core.errors import (
     Unavailable,
 )
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
-from adapter.core.sandbox import prepare_outputs
+from adapter.core.sandbox import OUTPUTS
 from adapter.core.services import Services
 from adapter.core.workload import Workload, merge
 from adapter.images.image import Image
@@ -293,9 +293,10 @@ class ContainerdDriver:
 
     async def _start_task(self, handle: ContainerdHandle, spec: LaunchSpec, mounts: Any) -> int:
         """stdout/stderr are plain paths of regular files: the shim opens them for append
-        itself, so the output keeps flowing while this service is down."""
-        outputs = [Path(spec.sandbox) / name for name in ("stdout", "stderr")]
-        prepare_outputs(spec.sandbox)  # plain files, not what an earlier workload left there
+        itself, so the output keeps flowing while this service is down. The core made or
+        checked them just before start (core/sandbox.py): files, not what an earlier
+        workload of this sandbox left there."""
+        outputs = [Path(spec.sandbox) / name for name in OUTPUTS]
         await self._client.call(
             self._client.tasks.Create,
             tasks_pb2.CreateTaskRequest(
