@@ -111,6 +111,89 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Who a workload runs as, resolved to numbers by the service (adapter/core/identity.py),
+    never by a name service inside an image. `home` is the passwd entry's, "" when none."""
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    home: str = ""
+
+
+PROPAGATIONS = ("private", "rslave", "rshared")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path bound into the container (a CRI volume)."""
+
+    host_path: str
+    container_path: str
+    read_only: bool = False
+    propagation: str = "private"  # one of PROPAGATIONS
+
+
+# Namespaces a launch may join instead of creating its own (a pod's), or share with the host.
+NAMESPACE_KINDS = ("net", "ipc", "uts", "pid")
+HOST_NAMESPACE = "host"
+
+
+@dataclass(frozen=True)
+class LinuxOptions:
+    """What a CRI container asks beyond a Mesos launch; the defaults are a plain launch.
+
+    namespaces      kind -> the path of a namespace to join (/proc/PID/ns/KIND of the pod's
+                    holder), or HOST_NAMESPACE; a kind not named gets a namespace of its own
+    group           the primary group (CRI run_as_group), overriding the user's
+    supplementary_groups  added to the user's groups
+    capabilities_add / capabilities_drop  changes to the default set ("ALL" allowed)
+    seccomp         "" the runtime default, "unconfined", or "localhost/<absolute path>"
+    masked_paths / readonly_paths  None: the default confinement's lists
+    etc_files       host files bound read-only at /etc/<name> (the pod's hosts, resolv.conf,
+                    hostname)
+    log_path        the CRI log file (stdout and stderr in the CRI format) instead of the
+                    sandbox's stdout and stderr
+    """
+
+    namespaces: tuple[tuple[str, str], ...] = ()
+    group: int | None = None
+    supplementary_groups: tuple[int, ...] = ()
+    read_only_rootfs: bool = False
+    capabilities_add: tuple[str, ...] = ()
+    capabilities_drop: tuple[str, ...] = ()
+    seccomp: str = ""
+    masked_paths: tuple[str, ...] | None = None
+    readonly_paths: tuple[str, ...] | None = None
+    mounts: tuple[Mount, ...] = ()
+    sysctls: tuple[tuple[str, str], ...] = ()
+    hostname: str = ""
+    etc_files: tuple[tuple[str, str], ...] = ()
+    log_path: str = ""
+
+    def namespace(self, kind: str) -> str | None:
+        """The path (or HOST_NAMESPACE) this launch joins for `kind`; None: its own."""
+        return dict(self.namespaces).get(kind)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> LinuxOptions:
+        if not data:
+            return cls()
+        values = dict(data)
+        for key in ("namespaces", "sysctls", "etc_files"):
+            values[key] = tuple((str(a), str(b)) for a, b in values.get(key, ()))
+        for key in ("supplementary_groups",):
+            values[key] = tuple(int(v) for v in values.get(key, ()))
+        for key in ("capabilities_add", "capabilities_drop"):
+            values[key] = tuple(values.get(key, ()))
+        for key in ("masked_paths", "readonly_paths"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        values["mounts"] = tuple(Mount(**mount) for mount in values.get("mounts", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     container_id: str
     command: Command
@@ -123,6 +206,7 @@ class LaunchSpec:
     # The default confinement's explicit opt-out (node-allowed) and its no_new_privs request.
     privileged: bool = False
     no_new_privileges: bool = False
+    linux: LinuxOptions = field(default_factory=LinuxOptions)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +231,7 @@ class LaunchSpec:
             network=NetworkSettings.from_json(data.get("network")),
             privileged=bool(data.get("privileged", False)),
             no_new_privileges=bool(data.get("no_new_privileges", False)),
+            linux=LinuxOptions.from_json(data.get("linux")),
         )
 
 
