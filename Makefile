@@ -1,7 +1,7 @@
 # The README's commands. `make demo` and `make test` install what a fresh Debian machine lacks.
 PYTEST_WORKERS ?= auto
 
-.PHONY: install protos demo test lint bench clean
+.PHONY: install protos demo test lint bench critest clean
 
 install:
 	deploy/install.sh
@@ -22,6 +22,10 @@ test: install lint
 
 bench: install
 	.venv/bin/python benchmarks/run_all.py
+
+# Kubernetes' CRI judge (cri-tools v1.26.1 critest) against our CRI endpoint.
+critest: install
+	deploy/critest.sh $(CRITEST_ARGS)
 
 clean:
 	rm -rf .venv adapter/api/containerizer adapter/api/mesos adapter/api/containerd build

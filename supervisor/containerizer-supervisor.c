@@ -16,15 +16,40 @@
  * readable by every local user. It is a sequence of NUL-terminated strings, at most
  * CONFIG_MAX_BYTES in all, read to EOF:
  *
- *   --status-file F --sandbox DIR [--cgroup-procs P]... [--cwd DIR] [--user NAME|UID]
- *   [--hostname NAME] [--env K=V]... [--no-namespaces] [--netns PATH]
- *   [--rootfs-lower DIR --rootfs-dir DIR] [--bind SRC --to DST [--read-only]]...
+ *   --status-file F --sandbox DIR [--cgroup-procs P]... [--cwd DIR]
+ *   [--uid N --gid N [--groups N,N,...]] [--hostname NAME] [--env K=V]... [--no-namespaces]
+ *   [--netns PATH] [--ns KIND=PATH|host]... [--sysctl KEY=VALUE]...
+ *   [--rootfs-lower DIR --rootfs-dir DIR [--read-only-root]]
+ *   [--bind SRC --to DST [--read-only] [--propagation rslave|rshared|private]]...
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs]
- *   [--masked-path P]... [--readonly-path P]... [--cgroupns]
+ *   [--masked-path P]... [--readonly-path P]... [--cgroupns] [--log-file PATH]
  *   -- argv...
+ * or, to run one more command in a running container (exec mode, see below):
+ *   --exec-in PID --exec-start-time T [--cgroup-procs P]... [--cwd DIR]
+ *   [--uid N --gid N [--groups N,N,...]] [--env K=V]...
+ *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs] -- argv...
  *
  * --seccomp LEN is followed by LEN raw bytes (not NUL-terminated): a BPF program, an array of
- * struct sock_filter, compiled by the service (adapter/seccomp.py).
+ * struct sock_filter, compiled by the service (adapter/seccomp.py). --seccomp 0 loads no filter
+ * (CRI's "unconfined"); the capabilities are cut all the same.
+ *
+ * --uid N --gid N [--groups N,...]: numbers only, resolved by the service from the right
+ * /etc/passwd and /etc/group (adapter/core/identity.py). No name is ever looked up here: glibc's
+ * name service, called inside an image's root, would dlopen() the image's libnss_*.so while this
+ * process holds every capability. The groups are set exactly (none when the list is empty);
+ * without --uid the workload runs as root with the supervisor's groups.
+ *
+ * --ns KIND=PATH|host, KIND one of ipc, uts, pid: join the namespace bound at PATH (a pod's, e.g.
+ * /proc/PID/ns/KIND of its holder) or stay in the host's, instead of a namespace of the
+ * container's own. The files are opened before any namespace changes (their paths are the
+ * host's), and setns() with the kind's flag refuses a file that is not a namespace of that kind.
+ * The pid namespace is entered by the supervisor before it forks the init, which then is not pid
+ * 1 and reaps orphans as a child subreaper instead. --hostname applies only to a UTS namespace
+ * of the container's own.
+ *
+ * --sysctl KEY=VALUE: written to /proc/sys/KEY (dots as slashes) inside the container's
+ * namespaces, once its /proc is mounted and before any capability is dropped. The service
+ * allows only namespaced keys (adapter/supervisor/client.py).
  *
  * --sandbox DIR: the workload's stdout and stderr are DIR/stdout and DIR/stderr, appended to.
  * DIR is opened with O_NOFOLLOW and the files relative to it with O_NOFOLLOW, so a workload
@@ -42,9 +67,46 @@
  * a fresh /proc, a minimal /dev (null zero full random urandom tty, a private devpts and shm),
  * /sys (read-only unless --privileged) and each --bind SRC --to DST (host path onto a path
  * inside the rootfs; --read-only after one makes it read-only), then pivot_root (Mesos'
- * filesystem/linux isolator). With --cgroupns the child also gets a cgroup namespace (after it
- * joined its cgroups, so they are its root) and /sys/fs/cgroup is a read-only tmpfs holding
- * each of the host's cgroup hierarchies mounted read-only from inside that namespace.
+ * filesystem/linux isolator). --read-only-root remounts the overlay read-only once the binds are
+ * in place (the binds, /dev, /proc and /sys keep their own flags). With --cgroupns the child
+ * also gets a cgroup namespace (after it joined its cgroups, so they are its root) and
+ * /sys/fs/cgroup is a read-only tmpfs holding each of the host's cgroup hierarchies mounted
+ * read-only from inside that namespace.
+ *
+ * Mount propagation: the container's mount namespace is private unless a bind asks for
+ * --propagation rslave or rshared; then it is a slave of the host's (host mounts propagate in,
+ * the container's never out), an rslave bind is a slave of its source and an rshared bind is a
+ * peer of it, so that mounts made in it propagate back out (its source must be a shared mount
+ * on the host, as Kubernetes requires). An rshared source is cloned (open_tree) right after the
+ * mount namespace is created, while the copies of the host's mounts are still peers of theirs:
+ * a bind made after the namespace became a slave would only be a slave. Every other bind is
+ * private.
+ *
+ * --log-file PATH (CRI): instead of the sandbox's files, the workload's stdout and stderr are two
+ * pipes, and the supervisor appends what comes through them to PATH (absolute; the caller makes
+ * its directory) as the kubelet reads it, one record a line:
+ *   <time, RFC 3339 UTC with nanoseconds> <stdout|stderr> <F|P> <content without the newline>
+ * F ends a line; a line longer than 16 KiB is cut into P records and an F for the rest; output
+ * that ends without a newline is flushed as F. The time is when the supervisor read the data.
+ * PATH is opened before the fork as the sandbox's files are (no symlink, a regular file with one
+ * link, 0640). SIGUSR1 makes the supervisor open PATH again (the kubelet renamed the file to
+ * rotate it). When the workload has ended, what the pipes still hold is copied (until a pipe is
+ * empty: orphans sharing a pid namespace may keep one open) before the status is recorded, so
+ * whoever sees the exit finds all the output. Memory: a fixed buffer per stream.
+ *
+ * Exec mode (--exec-in PID, which must come first, with --exec-start-time T): run argv inside the
+ * running container whose init has host pid PID and start time T, confined as its workload (CRI
+ * ExecSync). The configuration comes through --config-fd N with N above 2: stdin, stdout and
+ * stderr are the command's own. The namespaces of PID (ipc, uts, net, pid, cgroup, mnt; those
+ * it shares with us are skipped) are opened first, then PID's start time is checked against T
+ * (a reused pid would have named another process's namespaces), the cgroups joined (host
+ * paths), each namespace entered (mnt last: root and cwd become the container's), and a child
+ * forked (a pid namespace applies to children only) that runs the workload's own steps: --cwd,
+ * bounding set, user, confinement, exec. The supervisor forwards the init's set of signals to
+ * it and exits with its status, 128 + n for signal n. A failure before the exec is told as a
+ * shell tells it: `containerizer-supervisor: <step>: <reason>` on stderr and status 126, or 127
+ * when the command is not found. The command is in the container's cgroups and pid namespace,
+ * so a destroy (the cgroups killed, or the init, whose pid namespace ends with it) ends it too.
  *
  * Confinement, unless --privileged (the kernel's capability rules are what make this work):
  *   - the bounding set is cut to MASK in the container's init (so it holds nothing the workload
@@ -64,9 +126,10 @@
  *   ok <child_host_pid> <child_start_time> <supervisor_start_time>
  * (the child is the container's init with namespaces, the workload itself without)
  *   error <step>: <reason>                       (exit status 1 or 2; no status file is written)
- * Steps a user's request causes: exec (missing or unusable binary), user (unknown user), cwd
- * (missing working directory), sandbox, stdout, stderr. `args` is a configuration the service
- * should never have sent, or one larger than CONFIG_MAX_BYTES.
+ * Steps a user's request causes: exec (missing or unusable binary), user (setgroups, setgid or
+ * setuid refused), cwd (missing working directory), sandbox, stdout, stderr. `args` is a
+ * configuration the service should never have sent, or one larger than CONFIG_MAX_BYTES.
+ * Others name what failed: ipcns, utsns, pidns (a namespace to join), sysctl, bind, rootfs, ...
  * Start times are field 22 of /proc/PID/stat. The supervisor reports them itself because it is the
  * only process that can read them without a race: the workload stays at least a zombie until the
  * supervisor reaps it, and the supervisor may be gone before the service gets to look.
@@ -83,10 +146,14 @@
  * usual termination signals to the workload (pid 2), reaps every orphan, and when the workload
  * ends passes its wait status to the supervisor over a pipe and exits; the kernel then kills
  * every other process of the namespace. A SIGKILL to the init ends the whole container.
+ * In a pod's pid namespace or the host's (--ns pid=) the init is not pid 1: it still forwards
+ * and reaps (as a child subreaper), but its end kills nothing else; the runtime's cgroup kill
+ * ends what the workload left.
+ * With --log-file, SIGUSR1 to the supervisor reopens the log (it is ignored otherwise).
  *
  * Exit status: 0 status recorded; 1 the workload could not be started (error line written);
  * 2 bad configuration or a failure before the fork (error line written); 3 waitpid failed;
- * 4 the status file could not be written.
+ * 4 the status file could not be written. Exec mode: see above.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -96,7 +163,7 @@
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
-#include <pwd.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stddef.h>
@@ -106,9 +173,11 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -128,15 +197,41 @@ struct bind {
     const char *source; /* host path */
     const char *target; /* absolute path inside the rootfs */
     int read_only;
+    unsigned long propagation; /* MS_PRIVATE, MS_SLAVE or MS_SHARED */
+    int tree;                  /* an rshared bind: its source cloned by open_tree, else -1 */
+};
+
+/* The namespaces a container may join (a pod's) or share with the host instead of its own. */
+enum ns_kind { NS_IPC, NS_UTS, NS_PID, NS_KINDS };
+
+static const struct {
+    const char *name;
+    int flag;
+    const char *step;
+} ns_kinds[NS_KINDS] = {
+    {"ipc", CLONE_NEWIPC, "ipcns"}, {"uts", CLONE_NEWUTS, "utsns"}, {"pid", CLONE_NEWPID, "pidns"}};
+
+enum { GIVEN_UID = 1, GIVEN_GID = 2, GIVEN_GROUPS = 4 };
+
+struct ns_choice {
+    const char *path; /* a namespace file to join, or NULL */
+    int host;         /* stay in the supervisor's (the host's) */
 };
 
 struct options {
     const char *status_file;
     const char *sandbox;
     const char *cwd;
-    const char *user;
+    int identity_given; /* GIVEN_*: with --uid and --gid the workload becomes them */
+    uid_t uid;
+    gid_t gid;
+    gid_t *groups; /* --groups, exactly (none for an empty list) */
+    size_t n_groups;
     const char *hostname;
     const char *netns;
+    const char *log_file;        /* CRI log mode: stdout and stderr become records in it */
+    const char *exec_in;         /* exec mode: the host pid of the container's init */
+    const char *exec_start_time; /* and its start time, so that a reused pid is refused */
     const char *rootfs_lower; /* image rootfs (read-only lower layer) or NULL */
     const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
     struct bind *binds;
@@ -147,6 +242,9 @@ struct options {
     char **argv;           /* NULL-terminated */
     char **masked_paths;   /* NULL-terminated */
     char **readonly_paths; /* NULL-terminated */
+    char **sysctls;        /* NULL-terminated KEY=VALUE */
+    struct ns_choice ns[NS_KINDS];
+    int read_only_root;
     /* confinement */
     int privileged;
     int no_new_privs;
@@ -154,14 +252,15 @@ struct options {
     int have_capabilities;
     unsigned long long capabilities;
     int last_capability; /* /proc/sys/kernel/cap_last_cap */
-    struct sock_fprog seccomp;
+    int have_seccomp;
+    struct sock_fprog seccomp; /* no filter (len 0) after --seccomp 0 */
 };
 
 /* What the configuration occupies: freed once the workload runs, so a large argv does not stay
  * in the supervisor's (or the init's) memory for the container's whole life. */
 static struct {
     char *text;
-    void *lists[8];
+    void *lists[16];
     size_t n_lists;
 } config_memory;
 
@@ -189,28 +288,49 @@ static int write_all(int fd, const char *buf, size_t len)
     return 0;
 }
 
+/* Set when the configuration starts with --exec-in: failures are then told as a shell tells
+ * them, to whoever runs the command (exit status 126, or 127 for a command not found). */
+static int exec_mode;
+#define EXEC_CANNOT_RUN 126
+#define EXEC_NOT_FOUND 127
+
+/* Reports a failure before any workload runs and exits with `status`: the handshake line
+ * `error TEXT` on stdout, or in exec mode `containerizer-supervisor: TEXT` on stderr. */
+static void report_failure(const char *text, int status)
+{
+    char line[600];
+    int n = snprintf(line, sizeof line, "%s%s\n", exec_mode ? "containerizer-supervisor: " : "error ",
+                     text);
+    if (n >= (int)sizeof line) {
+        n = (int)sizeof line - 1;
+        line[n - 1] = '\n';
+    }
+    if (n > 0)
+        (void)write_all(exec_mode ? STDERR_FILENO : STDOUT_FILENO, line, (size_t)n);
+    _exit(status);
+}
+
 /* Reports a launch error before any child exists: the handshake line, then a non-zero exit. */
+static void fail_because(const char *step, const char *detail, const char *reason)
+{
+    char text[512];
+    if (detail != NULL)
+        snprintf(text, sizeof text, "%s: %s: %s", step, detail, reason);
+    else
+        snprintf(text, sizeof text, "%s: %s", step, reason);
+    report_failure(text, exec_mode ? EXEC_CANNOT_RUN : 2);
+}
+
 static void fail(const char *step, const char *detail, int err)
 {
-    char line[512];
-    int n;
-    if (detail != NULL)
-        n = snprintf(line, sizeof line, "error %s: %s: %s\n", step, detail, strerror(err));
-    else
-        n = snprintf(line, sizeof line, "error %s: %s\n", step, strerror(err));
-    if (n > 0)
-        (void)write_all(STDOUT_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-    _exit(2);
+    fail_because(step, detail, strerror(err));
 }
 
 static void usage_error(const char *message, const char *arg)
 {
-    char line[512];
-    int n = snprintf(line, sizeof line, "error args: %s%s%.200s\n", message, arg ? " " : "",
-                     arg ? arg : "");
-    if (n > 0)
-        (void)write_all(STDOUT_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-    _exit(2);
+    char text[512];
+    snprintf(text, sizeof text, "args: %s%s%.200s", message, arg ? " " : "", arg ? arg : "");
+    report_failure(text, exec_mode ? EXEC_CANNOT_RUN : 2);
 }
 
 static void *allocate(size_t count, size_t size)
@@ -279,17 +399,19 @@ static char *option_value(struct cursor *at, const char *option)
     return value;
 }
 
-/* --seccomp LEN <bytes>: copied out, so the program is aligned for struct sock_filter. */
+/* --seccomp LEN <bytes>: copied out, so the program is aligned for struct sock_filter.
+ * --seccomp 0: no filter at all. */
 static void take_seccomp(struct cursor *at, struct options *opts, int fill)
 {
     char *end;
     const char *text = option_value(at, "--seccomp");
     unsigned long length = strtoul(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || length == 0 || length % sizeof(struct sock_filter) != 0 ||
+    if (*text == '\0' || *end != '\0' || length % sizeof(struct sock_filter) != 0 ||
         length / sizeof(struct sock_filter) > BPF_MAXINSNS ||
         length > (size_t)(at->end - at->next))
         usage_error("--seccomp needs the length of a BPF program and its bytes, got", text);
-    if (fill) {
+    opts->have_seccomp = 1;
+    if (fill && length > 0) {
         struct sock_filter *program = allocate(1, length);
         memcpy(program, at->next, length);
         config_memory.lists[config_memory.n_lists++] = program;
@@ -299,7 +421,7 @@ static void take_seccomp(struct cursor *at, struct options *opts, int fill)
     at->next += length;
 }
 
-enum list_id { L_ENV, L_CGROUPS, L_BINDS, L_MASKED, L_READONLY, L_COUNT };
+enum list_id { L_ENV, L_CGROUPS, L_BINDS, L_MASKED, L_READONLY, L_SYSCTLS, L_COUNT };
 
 struct lists {
     size_t count[L_COUNT];
@@ -322,9 +444,11 @@ static int take_value(struct options *opts, const char *name, const char *value)
         {"--status-file", offsetof(struct options, status_file)},
         {"--sandbox", offsetof(struct options, sandbox)},
         {"--cwd", offsetof(struct options, cwd)},
-        {"--user", offsetof(struct options, user)},
         {"--hostname", offsetof(struct options, hostname)},
         {"--netns", offsetof(struct options, netns)},
+        {"--log-file", offsetof(struct options, log_file)},
+        {"--exec-in", offsetof(struct options, exec_in)},
+        {"--exec-start-time", offsetof(struct options, exec_start_time)},
         {"--rootfs-lower", offsetof(struct options, rootfs_lower)},
         {"--rootfs-dir", offsetof(struct options, rootfs_dir)},
     };
@@ -346,9 +470,22 @@ static int take_flag(struct options *opts, const char *name)
         opts->no_new_privs = 1;
     else if (strcmp(name, "--cgroupns") == 0)
         opts->cgroupns = 1;
+    else if (strcmp(name, "--read-only-root") == 0)
+        opts->read_only_root = 1;
     else
         return 0;
     return 1;
+}
+
+static unsigned long propagation_of(const char *value)
+{
+    if (strcmp(value, "rslave") == 0)
+        return MS_SLAVE;
+    if (strcmp(value, "rshared") == 0)
+        return MS_SHARED;
+    if (strcmp(value, "private") != 0)
+        usage_error("--propagation needs rslave, rshared or private, got", value);
+    return MS_PRIVATE;
 }
 
 static void take_bind_part(struct options *opts, const char *name, char *value, size_t n_binds,
@@ -362,11 +499,111 @@ static void take_bind_part(struct options *opts, const char *name, char *value, 
             last->read_only = 1;
         return;
     }
+    if (strcmp(name, "--propagation") == 0) {
+        if (fill && (last == NULL || last->target == NULL))
+            usage_error("--propagation must follow a --bind SRC --to DST", NULL);
+        if (fill)
+            last->propagation = propagation_of(value);
+        return;
+    }
     /* --to */
     if (fill && (last == NULL || last->target != NULL || value[0] != '/'))
         usage_error("--to needs an absolute path after a --bind, got", value);
     if (fill)
         last->target = value;
+}
+
+/* A uid or gid: digits only, and never (uid_t)-1, which the kernel reads as "unchanged". */
+static unsigned int parse_id(const char *value, const char *option)
+{
+    char *end;
+    errno = 0;
+    unsigned long id = strtoul(value, &end, 10);
+    if (value[0] < '0' || value[0] > '9' || *end != '\0' || errno != 0 || id >= UINT_MAX)
+        usage_error(option, value);
+    return (unsigned int)id;
+}
+
+/* --groups N,N,...: every gid, exactly; an empty list is no supplementary group at all. */
+static void take_groups(struct options *opts, const char *value, int fill)
+{
+    size_t count = value[0] == '\0' ? 0 : 1;
+    for (const char *c = value; *c != '\0'; c++)
+        count += *c == ',';
+    if (count > NGROUPS_MAX)
+        usage_error("--groups names more groups than the kernel takes:", value);
+    opts->n_groups = count;
+    if (!fill || count == 0)
+        return;
+    char copy[16];
+    opts->groups = allocate(count, sizeof *opts->groups);
+    config_memory.lists[config_memory.n_lists++] = opts->groups;
+    for (size_t i = 0; i < count; i++) {
+        size_t length = strcspn(value, ",");
+        if (length == 0 || length >= sizeof copy)
+            usage_error("--groups needs gids separated by commas, got", value);
+        memcpy(copy, value, length);
+        copy[length] = '\0';
+        opts->groups[i] = parse_id(copy, "--groups needs gids separated by commas, got");
+        value += length + (value[length] == ',');
+    }
+}
+
+/* --ns KIND=PATH|host. */
+static void take_namespace(struct options *opts, const char *value)
+{
+    const char *equals = strchr(value, '=');
+    for (int kind = 0; equals != NULL && kind < NS_KINDS; kind++) {
+        if (strncmp(value, ns_kinds[kind].name, (size_t)(equals - value)) != 0 ||
+            ns_kinds[kind].name[equals - value] != '\0')
+            continue;
+        struct ns_choice *choice = &opts->ns[kind];
+        if (choice->path != NULL || choice->host)
+            usage_error("--ns names a namespace twice:", value);
+        if (strcmp(equals + 1, "host") == 0)
+            choice->host = 1;
+        else if (equals[1] == '/')
+            choice->path = equals + 1;
+        else
+            usage_error("--ns needs an absolute path or host, got", value);
+        return;
+    }
+    usage_error("--ns needs ipc=, uts= or pid= and a path or host, got", value);
+}
+
+/* --sysctl KEY=VALUE: the key becomes a path under /proc/sys, so it may not climb out of it. */
+static void check_sysctl(const char *value)
+{
+    const char *equals = strchr(value, '=');
+    int bad = equals == NULL || equals == value || value[0] == '.' || equals[-1] == '.';
+    for (const char *c = value; !bad && c < equals; c++)
+        bad = *c == '/' || (c[0] == '.' && c[1] == '.');
+    if (bad)
+        usage_error("--sysctl needs KEY=VALUE with a dotted key, got", value);
+}
+
+/* The options of a container's identity, namespaces and kernel settings; 0 if `name` is none. */
+static int take_container_option(struct options *opts, const char *name, char *value,
+                                 size_t *n_sysctls, int fill)
+{
+    if (strcmp(name, "--uid") == 0) {
+        opts->uid = parse_id(value, "--uid needs a number, got");
+        opts->identity_given |= GIVEN_UID;
+    } else if (strcmp(name, "--gid") == 0) {
+        opts->gid = parse_id(value, "--gid needs a number, got");
+        opts->identity_given |= GIVEN_GID;
+    } else if (strcmp(name, "--groups") == 0) {
+        take_groups(opts, value, fill);
+        opts->identity_given |= GIVEN_GROUPS;
+    }
+    else if (strcmp(name, "--ns") == 0)
+        take_namespace(opts, value);
+    else if (strcmp(name, "--sysctl") == 0) {
+        check_sysctl(value);
+        add_to(opts->sysctls, n_sysctls, value, fill);
+    } else
+        return 0;
+    return 1;
 }
 
 /* One pass over the options: counting list lengths (fill = 0), or filling the lists sized by
@@ -388,7 +625,8 @@ static struct cursor walk_options(struct cursor at, struct options *opts, struct
             continue;
         }
         char *value = option_value(&at, name);
-        if (take_value(opts, name, value))
+        if (take_value(opts, name, value) ||
+            take_container_option(opts, name, value, &n[L_SYSCTLS], fill))
             continue;
         if (strcmp(name, "--capabilities") == 0) {
             char *end;
@@ -409,9 +647,9 @@ static struct cursor walk_options(struct cursor at, struct options *opts, struct
             add_to(opts->readonly_paths, &n[L_READONLY], value, fill);
         else if (strcmp(name, "--bind") == 0) {
             if (fill)
-                opts->binds[n[L_BINDS]] = (struct bind){value, NULL, 0};
+                opts->binds[n[L_BINDS]] = (struct bind){value, NULL, 0, MS_PRIVATE, -1};
             n[L_BINDS]++;
-        } else if (strcmp(name, "--to") == 0)
+        } else if (strcmp(name, "--to") == 0 || strcmp(name, "--propagation") == 0)
             take_bind_part(opts, name, value, n[L_BINDS], fill);
         else
             usage_error("unknown option:", name);
@@ -429,9 +667,60 @@ static char **new_list(size_t count)
     return list;
 }
 
+/* Exec mode adds a process to a running container: what made the container (its files, names
+ * and mounts) has no meaning there, and is refused rather than silently ignored. */
+static void check_exec_options(const struct options *opts)
+{
+    const struct {
+        int given;
+        const char *option;
+    } launch_only[] = {
+        {opts->status_file != NULL, "--status-file"},
+        {opts->sandbox != NULL, "--sandbox"},
+        {opts->log_file != NULL, "--log-file"},
+        {opts->hostname != NULL, "--hostname"},
+        {opts->netns != NULL, "--netns"},
+        {opts->rootfs_lower != NULL || opts->rootfs_dir != NULL, "--rootfs-lower"},
+        {opts->n_binds > 0, "--bind"},
+        {opts->masked_paths[0] != NULL, "--masked-path"},
+        {opts->readonly_paths[0] != NULL, "--readonly-path"},
+        {opts->cgroupns, "--cgroupns"},
+        {!opts->namespaces, "--no-namespaces"},
+        {opts->sysctls[0] != NULL, "--sysctl"},
+        {opts->read_only_root, "--read-only-root"},
+    };
+    for (size_t i = 0; i < sizeof launch_only / sizeof launch_only[0]; i++)
+        if (launch_only[i].given)
+            usage_error("not an option of --exec-in:", launch_only[i].option);
+    for (int kind = 0; kind < NS_KINDS; kind++)
+        if (opts->ns[kind].path != NULL || opts->ns[kind].host)
+            usage_error("not an option of --exec-in:", "--ns");
+    if (opts->exec_start_time == NULL)
+        usage_error("--exec-in needs --exec-start-time", NULL);
+}
+
+/* What --uid, --ns, --sysctl and --read-only-root need. */
+static void check_container_options(const struct options *opts)
+{
+    int given = opts->identity_given;
+    if (given != 0 && (given & (GIVEN_UID | GIVEN_GID)) != (GIVEN_UID | GIVEN_GID))
+        usage_error("--uid and --gid go together (and --groups with them)", NULL);
+    int joins = 0;
+    for (int kind = 0; kind < NS_KINDS; kind++)
+        joins |= opts->ns[kind].path != NULL || opts->ns[kind].host;
+    if ((joins || opts->sysctls[0] != NULL) && !opts->namespaces)
+        usage_error("--ns and --sysctl need namespaces", NULL);
+    if (opts->read_only_root && opts->rootfs_lower == NULL)
+        usage_error("--read-only-root needs --rootfs-lower", NULL);
+}
+
 static void check_options(const struct options *opts)
 {
-    if (opts->status_file == NULL || opts->sandbox == NULL)
+    if (exec_mode)
+        check_exec_options(opts);
+    else if (opts->exec_in != NULL || opts->exec_start_time != NULL)
+        usage_error("--exec-in must be the first option, with --exec-start-time", NULL);
+    else if (opts->status_file == NULL || opts->sandbox == NULL)
         usage_error("--status-file and --sandbox are required", NULL);
     for (size_t i = 0; i < opts->n_binds; i++)
         if (opts->binds[i].target == NULL)
@@ -444,8 +733,9 @@ static void check_options(const struct options *opts)
         usage_error("--rootfs-lower, --bind and the confinement's paths need namespaces", NULL);
     if (opts->cgroupns && opts->rootfs_lower == NULL)
         usage_error("--cgroupns needs --rootfs-lower", NULL);
-    if (!opts->privileged && (!opts->have_capabilities || opts->seccomp.filter == NULL))
+    if (!opts->privileged && (!opts->have_capabilities || !opts->have_seccomp))
         usage_error("--capabilities and --seccomp are required unless --privileged", NULL);
+    check_container_options(opts);
     if (opts->argv[0] == NULL)
         usage_error("no command after --", NULL);
 }
@@ -464,6 +754,7 @@ static void parse_config(char *text, size_t size, struct options *opts)
     opts->cgroup_procs = new_list(sizes.count[L_CGROUPS]);
     opts->masked_paths = new_list(sizes.count[L_MASKED]);
     opts->readonly_paths = new_list(sizes.count[L_READONLY]);
+    opts->sysctls = new_list(sizes.count[L_SYSCTLS]);
     opts->binds = allocate(sizes.count[L_BINDS] + 1, sizeof *opts->binds);
     config_memory.lists[config_memory.n_lists++] = opts->binds;
     opts->n_binds = sizes.count[L_BINDS];
@@ -539,12 +830,16 @@ static unsigned long long start_time(pid_t pid)
 /* Tells the supervisor which step failed (through the close-on-exec pipe) and exits. */
 static void child_fail(int errpipe, const char *step, const char *detail, const char *reason)
 {
+    const int err = errno; /* exec's, when step is "exec" */
     char msg[512];
     int n;
     if (detail != NULL)
         n = snprintf(msg, sizeof msg, "%s: %s: %s", step, detail, reason);
     else
         n = snprintf(msg, sizeof msg, "%s: %s", step, reason);
+    if (errpipe < 0) /* exec mode: nobody reads a pipe, the command's caller is told directly */
+        report_failure(msg, strcmp(step, "exec") == 0 && err == ENOENT ? EXEC_NOT_FOUND
+                                                                       : EXEC_CANNOT_RUN);
     if (n > 0)
         (void)write_all(errpipe, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
     _exit(127);
@@ -733,6 +1028,73 @@ static void mount_cgroupfs(int errpipe, const char *root)
                       MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755");
 }
 
+/* --- mount propagation of the binds (see the top of this file) ----------------------------- */
+
+static int binds_propagate(const struct options *opts)
+{
+    for (size_t i = 0; i < opts->n_binds; i++)
+        if (opts->binds[i].propagation != MS_PRIVATE)
+            return 1;
+    return 0;
+}
+
+/* Called right after the mount namespace is made, while the copies of the host's mounts are
+ * still peers of theirs: a clone of each rshared bind's source, a peer of it too. */
+static void clone_shared_sources(int errpipe, const struct options *opts)
+{
+    for (size_t i = 0; i < opts->n_binds; i++) {
+        struct bind *bind = &opts->binds[i];
+        if (bind->propagation != MS_SHARED)
+            continue;
+        bind->tree = open_tree(AT_FDCWD, bind->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |
+                                                           AT_RECURSIVE);
+        if (bind->tree < 0)
+            child_fail(errpipe, "bind", bind->source, strerror(errno));
+    }
+}
+
+/* The container's mounts: private, or slaves of the host's when a bind propagates, so that host
+ * mounts still reach it. Either way nothing the container mounts reaches the host (but through
+ * an rshared bind). */
+static void isolate_mounts(int errpipe, const struct options *opts)
+{
+    unsigned long type = binds_propagate(opts) ? MS_SLAVE : MS_PRIVATE;
+    if (mount(NULL, "/", NULL, MS_REC | type, NULL) < 0)
+        child_fail(errpipe, "mount", type == MS_SLAVE ? "make / a slave" : "make / private",
+                   strerror(errno));
+}
+
+/* An rshared bind: its source's clone moved into place, still a peer of the host's mount. */
+static void attach_tree(int errpipe, const struct bind *bind, char *path)
+{
+    struct stat info;
+    if (stat(bind->source, &info) < 0)
+        child_fail(errpipe, "bind", bind->source, strerror(errno));
+    make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
+    if (move_mount(bind->tree, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        child_fail(errpipe, "bind", path, strerror(errno));
+    close(bind->tree);
+    if (bind->read_only)
+        mount_or_fail(errpipe, NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL);
+}
+
+/* Each --bind under root, then its propagation: rshared a peer of its source, rslave a slave
+ * of it, any other private. */
+static void mount_binds(int errpipe, const char *root, const struct options *opts)
+{
+    char path[PATH_MAX];
+    for (size_t i = 0; i < opts->n_binds; i++) {
+        const struct bind *bind = &opts->binds[i];
+        join_path(errpipe, path, root, bind->target);
+        if (bind->tree >= 0)
+            attach_tree(errpipe, bind, path);
+        else
+            bind_into(errpipe, root, bind->source, bind->target, bind->read_only);
+        if (mount(NULL, path, NULL, MS_REC | bind->propagation, NULL) < 0)
+            child_fail(errpipe, "bind", path, strerror(errno));
+    }
+}
+
 /* Mounts the overlay, /proc, /dev, /sys and the binds under rootfs_dir/merged, then makes it /. */
 static void enter_rootfs(int errpipe, const struct options *opts)
 {
@@ -752,9 +1114,9 @@ static void enter_rootfs(int errpipe, const struct options *opts)
                   (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     if (opts->cgroupns)
         mount_cgroupfs(errpipe, root);
-    for (size_t i = 0; i < opts->n_binds; i++)
-        bind_into(errpipe, root, opts->binds[i].source, opts->binds[i].target,
-                  opts->binds[i].read_only);
+    mount_binds(errpipe, root, opts);
+    if (opts->read_only_root) /* the overlay alone: every mount on it keeps its own flags */
+        mount_or_fail(errpipe, NULL, root, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL);
     /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only ours. */
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
         chdir("/") < 0)
@@ -788,29 +1150,371 @@ static void confine_paths(int errpipe, const struct options *opts)
     }
 }
 
+/* --- namespaces joined (a pod's) or shared with the host ------------------------------------ */
+
+static int namespace_fds[NS_KINDS] = {-1, -1, -1};
+
+/* The supervisor opens the namespaces to join before any namespace changes: the paths are the
+ * host's. */
+static void open_namespaces(const struct options *opts)
+{
+    for (int kind = 0; kind < NS_KINDS; kind++) {
+        const char *path = opts->ns[kind].path;
+        if (path != NULL && (namespace_fds[kind] = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+            fail(ns_kinds[kind].step, path, errno);
+    }
+}
+
+static void close_namespaces(void)
+{
+    for (int kind = 0; kind < NS_KINDS; kind++)
+        if (namespace_fds[kind] >= 0) {
+            close(namespace_fds[kind]);
+            namespace_fds[kind] = -1;
+        }
+}
+
+/* Whether the container has a `kind` namespace of its own (not a pod's, not the host's). */
+static int own_namespace(const struct options *opts, int kind)
+{
+    return opts->ns[kind].path == NULL && !opts->ns[kind].host;
+}
+
+/* The pid namespace the supervisor's children are born in: a new one, a pod's (setns() with
+ * CLONE_NEWPID refuses any other kind of file), or with `host` the supervisor's own. */
+static void choose_pid_namespace(const struct options *opts)
+{
+    const char *path = opts->ns[NS_PID].path;
+    if (!opts->namespaces || opts->ns[NS_PID].host)
+        return;
+    if (path != NULL ? setns(namespace_fds[NS_PID], CLONE_NEWPID) < 0 : unshare(CLONE_NEWPID) < 0)
+        fail("pidns", path, errno);
+}
+
+/* The child joins a pod's ipc and uts namespaces, each setns() checking the file's kind. */
+static void join_namespaces(int errpipe, const struct options *opts)
+{
+    for (int kind = NS_IPC; kind <= NS_UTS; kind++)
+        if (namespace_fds[kind] >= 0 && setns(namespace_fds[kind], ns_kinds[kind].flag) < 0)
+            child_fail(errpipe, ns_kinds[kind].step, opts->ns[kind].path, strerror(errno));
+    close_namespaces();
+}
+
+/* An init that is not pid 1 of a namespace of its own would lose the workload's orphans to the
+ * namespace's pid 1 (a pod's holder, the host's init): as a subreaper it reaps them itself. */
+static void reap_orphans(int errpipe, const struct options *opts)
+{
+    if (!own_namespace(opts, NS_PID) && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        child_fail(errpipe, "init", "child subreaper", strerror(errno));
+}
+
+/* --- kernel settings of the container's namespaces (--sysctl) ------------------------------ */
+
+/* Each KEY=VALUE into /proc/sys/KEY of the container's /proc: what a key there reads and
+ * writes is the opener's namespace (its network, its ipc). Before confine_paths, which makes
+ * /proc/sys read-only. */
+static void write_sysctls(int errpipe, const struct options *opts)
+{
+    char path[PATH_MAX];
+    const size_t prefix = sizeof "/proc/sys/" - 1;
+    for (char **setting = opts->sysctls; *setting != NULL; setting++) {
+        const char *equals = strchr(*setting, '=');
+        int n = snprintf(path, sizeof path, "/proc/sys/%.*s", (int)(equals - *setting), *setting);
+        if (n < 0 || n >= (int)sizeof path)
+            child_fail(errpipe, "sysctl", *setting, "key too long");
+        for (char *c = path + prefix; *c != '\0'; c++)
+            *c = *c == '.' ? '/' : *c;
+        int fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || write_all(fd, equals + 1, strlen(equals + 1)) < 0)
+            child_fail(errpipe, "sysctl", *setting, strerror(errno));
+        close(fd);
+    }
+}
+
 static void enter_namespaces(int errpipe, const struct options *opts)
 {
+    join_namespaces(errpipe, opts);
     /* The cgroup namespace comes after join_cgroups: the container's cgroups are its root. */
-    if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (opts->cgroupns ? CLONE_NEWCGROUP : 0)) <
-        0)
+    int own = CLONE_NEWNS | (own_namespace(opts, NS_UTS) ? CLONE_NEWUTS : 0) |
+              (own_namespace(opts, NS_IPC) ? CLONE_NEWIPC : 0) |
+              (opts->cgroupns ? CLONE_NEWCGROUP : 0);
+    if (unshare(own) < 0)
         child_fail(errpipe, "namespaces", NULL, strerror(errno));
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-        child_fail(errpipe, "mount", "make / private", strerror(errno));
+    clone_shared_sources(errpipe, opts);
+    isolate_mounts(errpipe, opts);
     if (opts->rootfs_lower != NULL)
         enter_rootfs(errpipe, opts);
     else {
-        for (size_t i = 0; i < opts->n_binds; i++)
-            bind_into(errpipe, "", opts->binds[i].source, opts->binds[i].target,
-                      opts->binds[i].read_only);
+        mount_binds(errpipe, "", opts);
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
             child_fail(errpipe, "proc", "/proc", strerror(errno));
     }
+    write_sysctls(errpipe, opts);
     confine_paths(errpipe, opts);
-    if (opts->hostname != NULL) {
+    if (opts->hostname != NULL && own_namespace(opts, NS_UTS)) {
         size_t len = strlen(opts->hostname);
         if (sethostname(opts->hostname, len > HOSTNAME_MAX_LEN ? HOSTNAME_MAX_LEN : len) < 0)
             child_fail(errpipe, "hostname", NULL, strerror(errno));
     }
+}
+
+/* --- CRI log mode (--log-file) ------------------------------------------------------------ */
+
+/* The kubelet reads a container's output from one file of records
+ *     <RFC3339Nano time, UTC> <stdout|stderr> <F|P> <content>\n
+ * F ends a line; P is a piece of a line longer than LOG_LINE_MAX. The workload writes into two
+ * pipes; the supervisor reads them, stamps each read with the time it was read and appends the
+ * records. Each stream has one fixed buffer, so the supervisor's memory never grows with what a
+ * workload writes. */
+#define LOG_LINE_MAX (16u << 10)
+#define LOG_READ_MAX (16u << 10)
+#define LOG_DRAIN_FALLBACK (1u << 20) /* a pipe's size when F_GETPIPE_SZ cannot tell it */
+#define LOG_POLL_FALLBACK_MS 100      /* how often the exit is looked for without a signalfd */
+
+struct log_stream {
+    int fd; /* the pipe's read end, non-blocking; -1 after EOF */
+    const char *name;
+    size_t used;
+    char buffer[LOG_LINE_MAX + LOG_READ_MAX]; /* no more than LOG_LINE_MAX stay between reads */
+};
+
+static struct {
+    int fd;              /* the log file; -1 without --log-file */
+    char path[PATH_MAX]; /* to reopen it: the configuration is freed once the workload runs */
+    int write_ends[2];   /* the workload's stdout and stderr */
+    struct log_stream streams[2];
+} cri_log = {.fd = -1,
+             .write_ends = {-1, -1},
+             .streams = {{.fd = -1, .name = "stdout"}, {.fd = -1, .name = "stderr"}}};
+
+/* The log file, appended to: never through a symlink, never a file linked from elsewhere, as
+ * the sandbox's files. O_NONBLOCK makes a FIFO at the path fail (ENXIO) instead of hanging us;
+ * on a regular file it changes nothing. Returns the fd, or -1 with *reason set. */
+static int open_log_file(const char *path, const char **reason)
+{
+    struct stat info;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        *reason = strerror(errno);
+        return -1;
+    }
+    if (fstat(fd, &info) < 0 || !S_ISREG(info.st_mode) || info.st_nlink != 1) {
+        close(fd);
+        *reason = "not a regular file of its own";
+        return -1;
+    }
+    return fd;
+}
+
+/* Opens the log file and makes the two pipes, in the supervisor before the first fork (so the
+ * path is the host's). Only the read ends are non-blocking: a workload's writes block as usual. */
+static void prepare_cri_log(const char *path)
+{
+    const char *reason;
+    if (path[0] != '/' || strlen(path) >= sizeof cri_log.path)
+        usage_error("--log-file needs an absolute path, got", path);
+    strcpy(cri_log.path, path);
+    cri_log.fd = open_log_file(path, &reason);
+    if (cri_log.fd < 0)
+        fail_because("log-file", path, reason);
+    for (int i = 0; i < 2; i++) {
+        int ends[2];
+        if (pipe2(ends, O_CLOEXEC) < 0 || fcntl(ends[0], F_SETFL, O_NONBLOCK) < 0)
+            fail("pipe", cri_log.streams[i].name, errno);
+        cri_log.streams[i].fd = ends[0];
+        cri_log.write_ends[i] = ends[1];
+    }
+}
+
+/* In the child: stdout and stderr become the pipes' write ends, and nothing else of the log stays
+ * (the init never execs; a read end kept there would spare the writers their SIGPIPE once the
+ * supervisor is gone, and leave them blocked on a full pipe instead). */
+static void attach_log_pipes(int errpipe)
+{
+    for (int i = 0; i < 2; i++) {
+        if (dup2(cri_log.write_ends[i], STDOUT_FILENO + i) < 0)
+            child_fail(errpipe, cri_log.streams[i].name, "log pipe", strerror(errno));
+        close(cri_log.write_ends[i]);
+        close(cri_log.streams[i].fd);
+    }
+    close(cri_log.fd);
+}
+
+/* In the supervisor once the child runs: its copies alone keep the pipes open. */
+static void close_log_write_ends(void)
+{
+    for (int i = 0; i < 2; i++)
+        if (cri_log.write_ends[i] >= 0)
+            close(cri_log.write_ends[i]);
+}
+
+/* Appends all the parts, resuming after a short write. A record the file refuses (a full disk)
+ * is dropped: a workload must not stop because its log cannot be written. */
+static void append_parts(int fd, struct iovec *parts, int count)
+{
+    while (count > 0) {
+        ssize_t n = writev(fd, parts, count);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        for (; count > 0 && (size_t)n >= parts->iov_len; parts++, count--)
+            n -= (ssize_t)parts->iov_len;
+        if (count > 0) {
+            parts->iov_base = (char *)parts->iov_base + n;
+            parts->iov_len -= (size_t)n;
+        }
+    }
+}
+
+static void write_record(const struct log_stream *stream, char tag, const char *content,
+                         size_t length, const struct timespec *when)
+{
+    char prefix[96];
+    struct tm utc;
+    gmtime_r(&when->tv_sec, &utc);
+    size_t n = strftime(prefix, sizeof prefix, "%Y-%m-%dT%H:%M:%S", &utc);
+    int m = snprintf(prefix + n, sizeof prefix - n, ".%09ldZ %s %c ", when->tv_nsec, stream->name,
+                     tag);
+    struct iovec parts[3] = {
+        {prefix, n + (size_t)m}, {(void *)content, length}, {(void *)"\n", 1}};
+    append_parts(cri_log.fd, parts, 3);
+}
+
+/* Turns the buffer into records: each complete line an F, and of a line longer than LOG_LINE_MAX
+ * each first LOG_LINE_MAX bytes a P. What is left is an unfinished line of at most LOG_LINE_MAX
+ * bytes, kept for the next read, or with `at_end` (EOF, the workload ended) written as an F. */
+static void emit_records(struct log_stream *stream, const struct timespec *when, int at_end)
+{
+    size_t start = 0;
+    for (;;) {
+        const char *line = stream->buffer + start;
+        size_t left = stream->used - start;
+        const char *newline = memchr(line, '\n', left);
+        size_t length = newline != NULL ? (size_t)(newline - line) : left;
+        if (length > LOG_LINE_MAX) {
+            write_record(stream, 'P', line, LOG_LINE_MAX, when);
+            start += LOG_LINE_MAX;
+        } else if (newline != NULL) {
+            write_record(stream, 'F', line, length, when);
+            start += length + 1;
+        } else {
+            break;
+        }
+    }
+    if (at_end && start < stream->used) {
+        write_record(stream, 'F', stream->buffer + start, stream->used - start, when);
+        start = stream->used;
+    }
+    memmove(stream->buffer, stream->buffer + start, stream->used - start);
+    stream->used -= start;
+}
+
+/* Reads from the stream's pipe until it is empty or `budget` bytes came, writing the records as
+ * it goes; at EOF the unfinished line is flushed and the pipe closed. */
+static void pump(struct log_stream *stream, size_t budget)
+{
+    while (stream->fd >= 0 && budget > 0) {
+        struct timespec now;
+        size_t room = sizeof stream->buffer - stream->used;
+        ssize_t n = read(stream->fd, stream->buffer + stream->used, room < budget ? room : budget);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return;
+        clock_gettime(CLOCK_REALTIME, &now);
+        if (n <= 0) {
+            emit_records(stream, &now, 1);
+            close(stream->fd);
+            stream->fd = -1;
+            return;
+        }
+        stream->used += (size_t)n;
+        budget -= (size_t)n;
+        emit_records(stream, &now, 0);
+    }
+}
+
+/* Once the workload has ended, the pipes hold the rest of its output. Orphans in a pid namespace
+ * that is not the container's own may keep a write end open and write on, so reading stops when
+ * a pipe is empty or has given as much as it can hold, not at EOF. */
+static void drain_logs(void)
+{
+    for (int i = 0; i < 2; i++) {
+        struct log_stream *stream = &cri_log.streams[i];
+        struct timespec now;
+        if (stream->fd < 0)
+            continue;
+        int capacity = fcntl(stream->fd, F_GETPIPE_SZ);
+        pump(stream, capacity > 0 ? (size_t)capacity : LOG_DRAIN_FALLBACK);
+        clock_gettime(CLOCK_REALTIME, &now);
+        emit_records(stream, &now, 1);
+    }
+}
+
+/* SIGCHLD (the child ended) and SIGUSR1 (reopen the log) as a readable fd for poll. SIGUSR1 was
+ * ignored so far; blocked first, then given back its default, it can no longer kill us. */
+static int log_signals(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGUSR1);
+    if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
+        return -1;
+    (void)signal(SIGUSR1, SIG_DFL);
+    return signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+/* SIGUSR1: the kubelet renamed the log (rotation) and wants a new file at the path. If that
+ * cannot be opened, the records keep going to the old file rather than nowhere. */
+static void take_log_signals(int sigfd)
+{
+    struct signalfd_siginfo info;
+    const char *reason;
+    while (read(sigfd, &info, sizeof info) == (ssize_t)sizeof info) {
+        if (info.ssi_signo != SIGUSR1)
+            continue; /* SIGCHLD: the caller's waitpid looks */
+        int fd = open_log_file(cri_log.path, &reason);
+        if (fd >= 0) {
+            close(cri_log.fd);
+            cri_log.fd = fd;
+        }
+    }
+}
+
+/* Log mode's wait for the child (our init, or the workload without namespaces): copies the
+ * output into the log meanwhile, and after the exit what the pipes still hold, so that the
+ * status, recorded next, is only seen with the whole output already in the log. Returns as
+ * waitpid. */
+static int copy_logs_until_exit(pid_t pid, int *wstatus)
+{
+    int sigfd = log_signals();
+    pid_t reaped;
+    while ((reaped = waitpid(pid, wstatus, WNOHANG)) != pid) {
+        if (reaped < 0 && errno != EINTR)
+            break;
+        struct pollfd watched[3] = {{cri_log.streams[0].fd, POLLIN, 0},
+                                    {cri_log.streams[1].fd, POLLIN, 0},
+                                    {sigfd, POLLIN, 0}};
+        int timeout = sigfd < 0 ? LOG_POLL_FALLBACK_MS : -1;
+        if (poll(watched, 3, timeout) < 0 && errno != EINTR) {
+            /* Cannot watch: keep the status at least. */
+            while ((reaped = waitpid(pid, wstatus, 0)) < 0 && errno == EINTR)
+                ;
+            break;
+        }
+        /* A reopen first: what is read once it was asked for goes to the new file. */
+        if (sigfd >= 0 && (watched[2].revents & POLLIN))
+            take_log_signals(sigfd);
+        for (int i = 0; i < 2; i++)
+            if (watched[i].revents != 0)
+                pump(&cri_log.streams[i], LOG_READ_MAX);
+    }
+    drain_logs();
+    if (sigfd >= 0)
+        close(sigfd);
+    return reaped == pid ? 0 : -1;
 }
 
 /* --- the sandbox's files ------------------------------------------------------------------ */
@@ -844,6 +1548,10 @@ static void open_stdio(const struct options *opts, int errpipe)
     sandbox_fd = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (sandbox_fd < 0 || fstat(sandbox_fd, &sandbox_files[0]) < 0)
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
+    if (opts->log_file != NULL) {
+        attach_log_pipes(errpipe); /* CRI log mode: the supervisor writes the log */
+        return;
+    }
     open_output(errpipe, opts, "stdout", STDOUT_FILENO);
     open_output(errpipe, opts, "stderr", STDERR_FILENO);
 }
@@ -860,48 +1568,37 @@ static int give(int fd, const struct stat *info, uid_t uid, gid_t gid, mode_t mo
 /* The container's user owns its sandbox and what it writes there; other host users read none. */
 static void give_sandbox(int errpipe, const struct options *opts, uid_t uid, gid_t gid)
 {
+    if (sandbox_fd < 0)
+        return; /* exec mode: the container's sandbox was given at its launch */
+    /* In CRI log mode stdout and stderr are pipes, and the log is the supervisor's. */
     if (give(sandbox_fd, &sandbox_files[0], uid, gid, 0750) < 0 ||
-        give(STDOUT_FILENO, &sandbox_files[STDOUT_FILENO], uid, gid, 0640) < 0 ||
-        give(STDERR_FILENO, &sandbox_files[STDERR_FILENO], uid, gid, 0640) < 0)
+        (opts->log_file == NULL &&
+         (give(STDOUT_FILENO, &sandbox_files[STDOUT_FILENO], uid, gid, 0640) < 0 ||
+          give(STDERR_FILENO, &sandbox_files[STDERR_FILENO], uid, gid, 0640) < 0)))
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
 }
 
 /* --- who the workload runs as, and what it may do ----------------------------------------- */
 
-struct identity {
-    uid_t uid;
-    gid_t gid;
-    const char *name; /* for initgroups; NULL: a uid without a passwd entry */
-};
-
-/* --user: a name (its groups from /etc/group) or a uid (its passwd entry if any, else
- * gid = uid and no supplementary groups). */
-static struct identity resolve_user(int errpipe, const char *user)
+/* The workload's uid and gid: --uid and --gid, or root's (the supervisor's own). */
+static uid_t workload_uid(const struct options *opts)
 {
-    char *end;
-    unsigned long numeric;
-    errno = 0;
-    numeric = strtoul(user, &end, 10);
-    int is_numeric = user[0] != '\0' && *end == '\0' && errno == 0 && numeric <= UINT_MAX - 1;
-    errno = 0;
-    struct passwd *pw = is_numeric ? getpwuid((uid_t)numeric) : getpwnam(user);
-    if (pw == NULL && !is_numeric) {
-        int unknown = errno == 0 || errno == ENOENT || errno == ESRCH;
-        child_fail(errpipe, "user", user,
-                   unknown ? "no such user in the passwd database" : strerror(errno));
-    }
-    struct identity who = {pw ? pw->pw_uid : (uid_t)numeric, pw ? pw->pw_gid : (gid_t)numeric,
-                           pw ? pw->pw_name : NULL};
-    return who;
+    return opts->identity_given ? opts->uid : 0;
 }
 
-static void become(int errpipe, const struct identity *who)
+static gid_t workload_gid(const struct options *opts)
 {
-    if (who->name != NULL ? initgroups(who->name, who->gid) < 0 : setgroups(0, NULL) < 0)
+    return opts->identity_given ? opts->gid : 0;
+}
+
+/* --uid, --gid and --groups, numbers only: see the top of this file for why no name. */
+static void become(int errpipe, const struct options *opts)
+{
+    if (setgroups(opts->n_groups, opts->groups) < 0)
         child_fail(errpipe, "user", "setgroups", strerror(errno));
-    if (setgid(who->gid) < 0)
+    if (setgid(opts->gid) < 0)
         child_fail(errpipe, "user", "setgid", strerror(errno));
-    if (setuid(who->uid) < 0)
+    if (setuid(opts->uid) < 0)
         child_fail(errpipe, "user", "setuid", strerror(errno));
 }
 
@@ -942,7 +1639,8 @@ static void confine(int errpipe, const struct options *opts, int as_root)
         child_fail(errpipe, "capabilities", NULL, strerror(errno));
     if ((opts->no_new_privs || !as_root) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         child_fail(errpipe, "no_new_privs", NULL, strerror(errno));
-    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &opts->seccomp, 0, 0) < 0)
+    int filter = opts->seccomp.len > 0; /* --seccomp 0: none */
+    if (filter && prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &opts->seccomp, 0, 0) < 0)
         child_fail(errpipe, "seccomp", NULL, strerror(errno));
     if (as_root && set_capabilities(opts->capabilities, opts->capabilities) < 0)
         child_fail(errpipe, "capabilities", NULL, strerror(errno));
@@ -971,22 +1669,20 @@ static void close_other_fds(int errpipe)
 
 static void exec_workload(const struct options *opts, int errpipe)
 {
-    struct identity who = {0, 0, NULL};
     if (opts->cwd != NULL && chdir(opts->cwd) < 0)
         child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
-    if (opts->user != NULL)
-        who = resolve_user(errpipe, opts->user);
-    give_sandbox(errpipe, opts, who.uid, who.gid);
+    give_sandbox(errpipe, opts, workload_uid(opts), workload_gid(opts));
     if (!opts->privileged && !opts->namespaces)
         drop_bounding_set(errpipe, opts); /* with namespaces the init did, before the fork */
-    if (opts->user != NULL)
-        become(errpipe, &who);
+    if (opts->identity_given)
+        become(errpipe, opts);
     close_other_fds(errpipe);
     reset_signals();
     environ = opts->env; /* execvp searches the workload's PATH, not ours */
-    confine(errpipe, opts, who.uid == 0);
+    confine(errpipe, opts, workload_uid(opts) == 0);
     execvp(opts->argv[0], opts->argv);
-    child_fail(errpipe, "exec", NULL, strerror(errno));
+    /* exec mode names the command (a launch's handshake has it already) */
+    child_fail(errpipe, "exec", errpipe < 0 ? opts->argv[0] : NULL, strerror(errno));
 }
 
 /* --- the container's init (pid 1 of its pid namespace) ----------------------------------- */
@@ -1064,6 +1760,7 @@ static void run_child(const struct options *opts, int errpipe, int statuspipe)
     enter_namespaces(errpipe, opts);
     if (!opts->privileged)
         drop_bounding_set(errpipe, opts); /* the init's too */
+    reap_orphans(errpipe, opts);
     run_init(opts, errpipe, statuspipe);
 }
 
@@ -1115,8 +1812,8 @@ static pid_t launch(const struct options *opts, int statuspipe)
     pid_t pid;
     if (pipe2(errpipe, O_CLOEXEC) < 0)
         fail("pipe", NULL, errno);
-    if (opts->namespaces && unshare(CLONE_NEWPID) < 0)
-        fail("pidns", NULL, errno);
+    open_namespaces(opts);
+    choose_pid_namespace(opts);
     pid = fork();
     if (pid < 0)
         fail("fork", NULL, errno);
@@ -1124,6 +1821,7 @@ static pid_t launch(const struct options *opts, int statuspipe)
         close(errpipe[0]);
         run_child(opts, errpipe[1], statuspipe);
     }
+    close_namespaces();
     close(errpipe[1]);
     while ((n = read(errpipe[0], reason + got, sizeof reason - 1 - got)) != 0) {
         if (n < 0 && errno == EINTR)
@@ -1144,6 +1842,14 @@ static pid_t launch(const struct options *opts, int statuspipe)
     int len = snprintf(line, sizeof line, "error %s\n", reason);
     (void)write_all(STDOUT_FILENO, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
     _exit(1);
+}
+
+static int wait_for_exit(pid_t pid, int *wstatus)
+{
+    while (waitpid(pid, wstatus, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return 0;
 }
 
 /* Writes the status atomically and durably: temp file, fsync, rename, fsync the directory. */
@@ -1189,6 +1895,8 @@ static void load_options(int fd, int devnull, struct options *opts)
 {
     size_t size;
     char *text = read_config(fd, &size);
+    /* Known before parsing, so that even a parse error is told the way of its mode. */
+    exec_mode = size >= sizeof "--exec-in" && memcmp(text, "--exec-in", sizeof "--exec-in") == 0;
     if (fd <= STDERR_FILENO)
         (void)dup2(devnull, fd);
     else
@@ -1202,6 +1910,106 @@ static void load_options(int fd, int devnull, struct options *opts)
     }
 }
 
+/* --- exec mode (--exec-in PID): one more process in a running container ------------------- */
+
+/* The container's namespaces in the order they are joined: mnt last, since it moves our root
+ * and cwd to the container's root. The pid namespace applies to our children: hence a fork. */
+static const struct {
+    const char *name;
+    int type;
+} exec_namespaces[] = {{"ipc", CLONE_NEWIPC}, {"uts", CLONE_NEWUTS},       {"net", CLONE_NEWNET},
+                       {"pid", CLONE_NEWPID}, {"cgroup", CLONE_NEWCGROUP}, {"mnt", CLONE_NEWNS}};
+#define EXEC_NAMESPACES (sizeof exec_namespaces / sizeof exec_namespaces[0])
+
+static unsigned long long exec_number(const char *text, const char *option, unsigned long long max)
+{
+    char *end, message[64];
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (text[0] < '0' || text[0] > '9' || *end != '\0' || errno != 0 || value == 0 || value > max) {
+        snprintf(message, sizeof message, "%s needs a positive number, got", option);
+        usage_error(message, text);
+    }
+    return value;
+}
+
+/* Opens the namespaces of the container's init (fds[i] = -1 for a kind it shares with us:
+ * joining would change nothing, and for mnt would move our root), then checks that pid is still
+ * the process started at `start`: if it is now, it was when the files were opened, so they are
+ * its namespaces and not those of a process that got its pid since. */
+static void open_target_namespaces(pid_t pid, unsigned long long start, int fds[])
+{
+    for (size_t i = 0; i < EXEC_NAMESPACES; i++) {
+        char theirs[64], ours[64];
+        struct stat target, own;
+        snprintf(theirs, sizeof theirs, "/proc/%d/ns/%s", (int)pid, exec_namespaces[i].name);
+        snprintf(ours, sizeof ours, "/proc/self/ns/%s", exec_namespaces[i].name);
+        fds[i] = open(theirs, O_RDONLY | O_CLOEXEC);
+        if (fds[i] < 0 || fstat(fds[i], &target) < 0)
+            fail("namespace", theirs, errno);
+        if (stat(ours, &own) == 0 && own.st_ino == target.st_ino && own.st_dev == target.st_dev) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
+    }
+    if (start_time(pid) != start)
+        fail_because("container", "init", "not running (it ended, or its pid is another's now)");
+}
+
+static void join_target_namespaces(const int fds[])
+{
+    for (size_t i = 0; i < EXEC_NAMESPACES; i++) {
+        if (fds[i] < 0)
+            continue;
+        if (setns(fds[i], exec_namespaces[i].type) < 0)
+            fail("setns", exec_namespaces[i].name, errno);
+        close(fds[i]);
+    }
+    if (chdir("/") < 0) /* the container's root (ours too if it has no mount namespace) */
+        fail("cwd", "/", errno);
+}
+
+/* Runs the command inside the container whose init is --exec-in, in its cgroups and namespaces
+ * and confined as its workload (the same exec_workload), and returns its exit status, 128 + n
+ * for signal n. Its stdin, stdout and stderr are ours. */
+static int run_exec(struct options *opts, int devnull)
+{
+    int fds[EXEC_NAMESPACES], wstatus;
+    pid_t target = (pid_t)exec_number(opts->exec_in, "--exec-in", INT_MAX);
+    open_target_namespaces(target, exec_number(opts->exec_start_time, "--exec-start-time",
+                                               ULLONG_MAX), fds);
+    join_cgroups(-1, opts->cgroup_procs); /* host paths: before the mount namespace changes */
+    /* Until the command's exec, the child holds every capability among the container's
+     * processes: not dumpable, so none of them may open its /proc files (fds, memory). */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        fail("dumpable", NULL, errno);
+    join_target_namespaces(fds);
+    /* It creates no namespace: as a workload without any, it cuts its own bounding set. */
+    opts->namespaces = 0;
+    forward_signals(); /* the init's set: a signal meant for the command reaches it */
+    pid_t pid = fork();
+    if (pid < 0)
+        fail("fork", NULL, errno);
+    if (pid == 0)
+        exec_workload(opts, -1); /* errors straight to stderr: nobody reads a pipe */
+    workload_pid = pid;
+    if (pending_signal != 0)
+        (void)kill(pid, pending_signal);
+    /* Inside the container we keep no more than a root workload gets, like its init. */
+    if (!opts->privileged && set_capabilities(opts->capabilities, 0) < 0) {
+        (void)kill(pid, SIGKILL);
+        fail("capabilities", "exec", errno);
+    }
+    release_config();
+    /* The command's output ends when the command and what it started close it, not with us. */
+    for (int fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++)
+        (void)dup2(devnull, fd);
+    while (waitpid(pid, &wstatus, 0) < 0)
+        if (errno != EINTR)
+            return EXEC_CANNOT_RUN;
+    return WIFSIGNALED(wstatus) ? 128 + WTERMSIG(wstatus) : WEXITSTATUS(wstatus);
+}
+
 int main(int argc, char **argv)
 {
     struct options opts;
@@ -1213,12 +2021,17 @@ int main(int argc, char **argv)
     int devnull = open_devnull();
     ignore_signals();
     load_options(config_fd_of(argc, argv), devnull, &opts);
+    if (exec_mode)
+        return run_exec(&opts, devnull);
     int dirfd = open_status_dir(opts.status_file, base);
+    if (opts.log_file != NULL)
+        prepare_cri_log(opts.log_file);
     int statuspipe[2];
     if (pipe2(statuspipe, O_CLOEXEC) < 0)
         fail("pipe", NULL, errno);
     pid = launch(&opts, statuspipe[1]);
     close(statuspipe[1]);
+    close_log_write_ends();
     release_config();
 
     len = snprintf(line, sizeof line, "ok %d %llu %llu\n", (int)pid, start_time(pid),
@@ -1234,10 +2047,8 @@ int main(int argc, char **argv)
     close(devnull);
     (void)chdir("/");
 
-    while (waitpid(pid, &wstatus, 0) < 0) {
-        if (errno != EINTR)
-            return 3;
-    }
+    if ((cri_log.fd >= 0 ? copy_logs_until_exit(pid, &wstatus) : wait_for_exit(pid, &wstatus)) < 0)
+        return 3;
     clock_gettime(CLOCK_REALTIME, &finished);
     /* With namespaces the child is our init: the workload's own status comes through the pipe.
      * No word there means the init itself was killed (destroy): its status is the answer. */

@@ -28,7 +28,7 @@ from tests.cgroup_roots import (
 from tests.run_records import RunRecord, sweep_dead_runs
 
 # Fixtures several test modules share, registered once here rather than imported by each.
-pytest_plugins = ["tests.integration.cgroup_helpers"]
+pytest_plugins = ["tests.integration.cgroup_helpers", "tests.integration.cri"]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

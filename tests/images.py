@@ -157,9 +157,17 @@ def push_image(address: str, repository: str, tag: str, layers: Sequence[bytes])
     """Push an image of uncompressed `layers` to the registry at `address` (host:port, plain
     HTTP); return the manifest digest."""
     manifest, config, compressed = oci_image_blobs(layers)
+    return push_manifest(address, repository, tag, manifest, [config, *compressed])
+
+
+def push_manifest(
+    address: str, repository: str, tag: str, manifest: bytes, blobs: Sequence[bytes]
+) -> str:
+    """Push the `blobs` an OCI image `manifest` names, then the manifest as `tag`; return the
+    manifest digest."""
     connection = http.client.HTTPConnection(address, timeout=30)
     try:
-        for blob in (config, *compressed):
+        for blob in blobs:
             _upload_blob(connection, repository, blob)
         status, _ = _request(
             connection,

@@ -1,6 +1,7 @@
 """Per-node TOML config -> a typed AgentConfig, validated once at load.
 
-The schema is data (TOP_LEVEL, RUNTIME_KEYS): each key with its type and a check. A bad file is
+The schema is data (TOP_LEVEL, NETWORK_KEYS, IMAGES_KEYS): each key with its type and a check;
+each runtime parses its own table into its Options (adapter/runtimes/registry.py). A bad file is
 refused with the file, the key and what was expected. No file means a working default: the
 native runtime with the cgroup isolators.
 """
@@ -15,45 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.core.errors import ConfigError
-from adapter.core.model import is_valid_container_id
+from adapter.core.errors import ConfigError, InvalidArgument
+from adapter.core.model import NETWORK_MODES, is_valid_container_id
+from adapter.runtimes.native.options import NativeOptions
+from adapter.runtimes.registry import RUNTIMES, RuntimeOptions, parse_options
 
 CONFIG_VERSION = 1
 DEFAULT_SOCKET = "/run/containerizer/containerizer.sock"
 DEFAULT_STATE_DIR = "/var/lib/containerizer"
 KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "posix/mem")
 
-# Per-runtime tables: key -> expected Python type. A runtime is usable once its driver exists.
-RUNTIME_KEYS: dict[str, dict[str, type]] = {
-    "native": {"supervisor": str, "namespaces": bool},
-    "containerd": {
-        "address": str,
-        "namespace": str,
-        "runtime": str,
-        "runtime_binary": str,  # e.g. "crun": the runc shim runs this OCI runtime instead
-        "snapshotter": str,
-    },
-    "lxc": {"supervisor": str, "network": str, "network_link": str},
-    "docker": {
-        "endpoint": str,
-        "registry": str,
-        "sandbox_image": str,  # bridge mode's network sandbox runs `sleep infinity` from it
-    },
-    "libvirt": {
-        "uri": str,  # default qemu:///system
-        "virt_type": str,  # auto (probe) | kvm | qemu (TCG)
-        "kernel": str,  # default <state_dir>/libvirt/kernel/vmlinuz (deploy/vm-kernel.sh)
-        "machine": str,  # QEMU machine type, default "pc"
-        "busybox": str,  # the guest's userland, default /bin/busybox (busybox-static)
-        "kvm_probe_timeout": float,  # seconds a KVM guest may take to boot in the probe
-        "memory_mib": int,  # guest RAM when a launch asks for no mem
-        "disk_images": dict,  # name = "/path/base.qcow2": images a launch may boot (disk mode)
-        "kernel_args": str,  # appended to the guest kernel's command line
-    },
-}
-
-
-NETWORK_MODES = ("none", "host", "bridge")
 # A Linux interface name (IFNAMSIZ - 1), without '.', which separates bridge and container in
 # the names of our network namespaces.
 BRIDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,14}")
@@ -112,9 +84,12 @@ class ImagesOptions:
     max_import_bytes: int = 8 << 30
     max_unpacked_bytes: int = 8 << 30
     max_entries: int = 1_000_000
+    # Registry domain -> the HOST[:PORT] pulled from instead ([images.mirrors], as containerd's
+    # registry mirrors); a loopback mirror is spoken to over plain HTTP.
+    mirrors: tuple[tuple[str, str], ...] = ()
 
 
-IMAGES_KEYS = ("max_import_bytes", "max_unpacked_bytes", "max_entries")
+IMAGES_KEYS = ("max_import_bytes", "max_unpacked_bytes", "max_entries", "mirrors")
 
 
 @dataclass(frozen=True)
@@ -127,6 +102,8 @@ class AgentConfig:
     cgroups_enable_cfs: bool = False
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     socket: Path = Path(DEFAULT_SOCKET)
+    # Kubernetes' CRI (runtime.v1) endpoint; None: cri.sock beside `socket`.
+    cri_socket: Path | None = None
     listen: str | None = None
     # Mutual TLS of the `listen` address: the service's certificate and key, and the CA whose
     # client certificates it accepts. Required with `listen`; the Unix socket does not use them.
@@ -136,7 +113,7 @@ class AgentConfig:
     termination_retention: float = 3600.0
     # Whether a launch may ask for `privileged` (no confinement); refused unless set.
     allow_privileged: bool = False
-    runtimes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"native": {}})
+    runtimes: dict[str, RuntimeOptions] = field(default_factory=lambda: {"native": NativeOptions()})
     network: NetworkOptions = field(default_factory=NetworkOptions)
     images: ImagesOptions = field(default_factory=ImagesOptions)
     source: Path | None = None
@@ -155,13 +132,14 @@ def _isolator_list(value: list[Any]) -> bool:
 _Check = Callable[[Any], bool]
 TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "version": (int, lambda v: v == CONFIG_VERSION, f"the integer {CONFIG_VERSION}"),
-    "default_runtime": (str, lambda v: v in RUNTIME_KEYS, f"one of {sorted(RUNTIME_KEYS)}"),
+    "default_runtime": (str, lambda v: v in RUNTIMES, f"one of {sorted(RUNTIMES)}"),
     "isolators": (list, _isolator_list, f"a list of {list(KNOWN_ISOLATORS)}"),
     "cgroups_root": (str, is_valid_container_id, "a single cgroup directory name"),
     "cgroups_hierarchy": (str, lambda v: v.startswith("/"), "an absolute path"),
     "cgroups_enable_cfs": (bool, lambda v: True, "true or false"),
     "state_dir": (str, lambda v: v.startswith("/"), "an absolute path"),
     "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "cri_socket": (str, lambda v: v.startswith("/"), "an absolute path"),
     "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
     "tls_cert": (str, lambda v: v.startswith("/"), "an absolute path to a PEM certificate"),
     "tls_key": (str, lambda v: v.startswith("/"), "an absolute path to a PEM private key"),
@@ -194,7 +172,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         _check_top_level(where, key, value)
     if raw.get("version", CONFIG_VERSION) != CONFIG_VERSION:
         raise ConfigError(f"{where}: version: expected {CONFIG_VERSION}")
-    runtimes = _parse_runtimes(where, raw.get("runtimes", {"native": {}}))
+    state_dir = Path(raw.get("state_dir", DEFAULT_STATE_DIR))
+    runtimes = _parse_runtimes(where, raw.get("runtimes", {"native": {}}), state_dir)
     default_runtime = raw.get("default_runtime", "native")
     if default_runtime not in runtimes:
         raise ConfigError(
@@ -209,8 +188,9 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         cgroups_root=raw.get("cgroups_root", defaults.cgroups_root),
         cgroups_hierarchy=raw.get("cgroups_hierarchy"),
         cgroups_enable_cfs=raw.get("cgroups_enable_cfs", False),
-        state_dir=Path(raw.get("state_dir", DEFAULT_STATE_DIR)),
+        state_dir=state_dir,
         socket=Path(raw.get("socket", DEFAULT_SOCKET)),
+        cri_socket=_optional_path(raw.get("cri_socket")),
         listen=raw.get("listen"),
         tls_cert=_optional_path(raw.get("tls_cert")),
         tls_key=_optional_path(raw.get("tls_key")),
@@ -261,12 +241,23 @@ def _parse_network(where: str, table: dict[str, Any]) -> NetworkOptions:
 
 
 def _parse_images(where: str, table: dict[str, Any]) -> ImagesOptions:
-    for key, value in table.items():
+    values = dict(table)
+    mirrors = values.pop("mirrors", {})
+    for key, value in values.items():
         if key not in IMAGES_KEYS:
             raise ConfigError(f"{where}: images.{key}: unknown key; known: {list(IMAGES_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63:
             raise ConfigError(f"{where}: images.{key}: expected an integer > 0, got {value!r}")
-    return ImagesOptions(**table)
+    if not isinstance(mirrors, dict):
+        raise ConfigError(f'{where}: images.mirrors: expected a table of REGISTRY = "HOST:PORT"')
+    # Imported here: the image package's store imports this module.
+    from adapter.images.registry import checked_mirrors
+
+    try:
+        checked = checked_mirrors(mirrors)
+    except InvalidArgument as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return ImagesOptions(**values, mirrors=tuple(sorted(checked.items())))
 
 
 def _check_top_level(where: str, key: str, value: Any) -> None:
@@ -279,27 +270,12 @@ def _check_top_level(where: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
 
 
-def _parse_runtimes(where: str, tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _parse_runtimes(
+    where: str, tables: dict[str, Any], state_dir: Path
+) -> dict[str, RuntimeOptions]:
     if not tables:
         raise ConfigError(f"{where}: runtimes: at least one runtime table is required")
-    runtimes: dict[str, dict[str, Any]] = {}
-    for name, table in tables.items():
-        if name not in RUNTIME_KEYS:
-            raise ConfigError(
-                f"{where}: runtimes.{name}: unknown runtime; available: {sorted(RUNTIME_KEYS)}"
-            )
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: runtimes.{name}: expected a table")
-        schema = RUNTIME_KEYS[name]
-        for key, value in table.items():
-            if key not in schema:
-                raise ConfigError(
-                    f"{where}: runtimes.{name}.{key}: unknown key; known keys: {sorted(schema)}"
-                )
-            if not isinstance(value, schema[key]):
-                raise ConfigError(
-                    f"{where}: runtimes.{name}.{key}: expected {schema[key].__name__},"
-                    f" got {value!r}"
-                )
-        runtimes[name] = dict(table)
-    return runtimes
+    return {
+        name: parse_options(name, table, source=where, state_dir=state_dir)
+        for name, table in tables.items()
+    }

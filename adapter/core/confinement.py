@@ -1,4 +1,4 @@
-"""The default confinement of a workload, the same for every runtime. Imports nothing of ours.
+"""The default confinement of a workload, the same for every runtime. Imports only our errors.
 
 A workload is not trusted (DESIGN.md, "Security model"). Unless a launch is `privileged` (and the
 node allows that), every runtime gives it what a production container runtime gives by default:
@@ -7,6 +7,7 @@ node allows that), every runtime gives it what a production container runtime gi
   inheritable capabilities when it runs as root, and none at all as any other user;
 - a seccomp filter that allows only SECCOMP_ALLOWED (everything else fails with EPERM), lets
   `clone` create no namespace, and makes `clone3` fail with ENOSYS so libc falls back to clone;
+  a capability added to the default set adds its syscalls (CAPABILITY_SYSCALLS, Docker's groups);
 - no_new_privs whenever the workload is not root (and on request), so a setuid binary in an
   image gives nothing back;
 - for image root filesystems: MASKED_PATHS hidden, READONLY_PATHS read-only, /sys read-only, a
@@ -18,8 +19,11 @@ the OCI spec for containerd, the Engine API for docker).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from adapter.core.errors import InvalidArgument
 
 # Linux capability numbers (include/uapi/linux/capability.h), by the names OCI and Docker use.
 CAPABILITY_NUMBERS: dict[str, int] = {
@@ -125,7 +129,10 @@ CLONE_NAMESPACE_FLAGS = (
 # settimeofday/clock_settime/clock_adjtime/adjtimex, iopl/ioperm, open_by_handle_at,
 # name_to_handle_at, lookup_dcookie, userfaultfd, syslog, personality, vhangup, uselib,
 # _sysctl, nfsservctl, mbind/set_mempolicy/migrate_pages/move_pages, fanotify_init,
-# sethostname/setdomainname, pidfd_getfd, io_uring_* (a large, often-exploited surface).
+# pidfd_getfd, io_uring_* (a large, often-exploited surface); CAPABILITY_SYSCALLS gives some of
+# them back to a container holding the capability they exist for. sethostname/setdomainname
+# are allowed to all (Docker ties them to CAP_SYS_ADMIN): they change only the container's own
+# UTS namespace, and the kernel asks for CAP_SYS_ADMIN itself, which the default set lacks.
 # `clone` is allowed only without namespace flags; `clone3` answers ENOSYS (its flags live in
 # memory a filter cannot read), so libc falls back to clone.
 _SECCOMP_ALLOWED_TEXT = """
@@ -153,15 +160,64 @@ _SECCOMP_ALLOWED_TEXT = """
     sched_getaffinity sched_getattr sched_getparam sched_getscheduler sched_rr_get_interval
     sched_setaffinity sched_setattr sched_setparam sched_setscheduler sched_yield seccomp select
     semctl semget semop semtimedop sendfile sendmmsg sendmsg sendto set_robust_list
-    set_thread_area set_tid_address setfsgid setfsuid setgid setgroups setitimer setpgid
-    setpriority setregid setresgid setresuid setreuid setrlimit setsid setsockopt setuid
-    setxattr shmat shmctl shmdt shmget shutdown sigaltstack signalfd signalfd4 socket socketpair
-    splice stat statfs statx symlink symlinkat sync sync_file_range syncfs sysinfo tee tgkill time
-    timer_create timer_delete timer_getoverrun timer_gettime timer_settime timerfd_create
-    timerfd_gettime timerfd_settime times tkill truncate umask uname unlink unlinkat utime
-    utimensat utimes vfork wait4 waitid write writev
+    set_thread_area set_tid_address setdomainname setfsgid setfsuid setgid setgroups sethostname
+    setitimer setpgid setpriority setregid setresgid setresuid setreuid setrlimit setsid
+    setsockopt setuid setxattr shmat shmctl shmdt shmget shutdown sigaltstack signalfd signalfd4
+    socket socketpair splice stat statfs statx symlink symlinkat sync sync_file_range syncfs
+    sysinfo tee tgkill time timer_create timer_delete timer_getoverrun timer_gettime
+    timer_settime timerfd_create timerfd_gettime timerfd_settime times tkill truncate umask uname
+    unlink unlinkat utime utimensat utimes vfork wait4 waitid write writev
     """
 SECCOMP_ALLOWED: tuple[str, ...] = tuple(_SECCOMP_ALLOWED_TEXT.split())
+
+# What the allow-list adds for a container that holds a capability (Docker's default profile,
+# whose groups these are): a syscall that exists for that capability is no attack surface worth
+# closing once the capability is granted, and refusing it would break what the capability was
+# asked for (`mount` with CAP_SYS_ADMIN, `strace` with CAP_SYS_PTRACE). CAP_SYS_ADMIN also
+# lifts the clone and clone3 restrictions; pivot_root (not in Docker's profile) joins it for
+# nested container runtimes. Docker leaves adjtimex and clock_adjtime to all (reading the clock
+# state); here they join CAP_SYS_TIME.
+CAPABILITY_SYSCALLS: dict[str, tuple[str, ...]] = {
+    "CAP_SYS_ADMIN": (
+        "bpf", "clone", "clone3", "fanotify_init", "fsconfig", "fsmount", "fsopen", "fspick",
+        "lookup_dcookie", "mount", "mount_setattr", "move_mount", "open_tree", "perf_event_open",
+        "pivot_root", "quotactl", "quotactl_fd", "setns", "syslog", "umount", "umount2",
+        "unshare",
+    ),
+    "CAP_SYS_PTRACE": (
+        "kcmp", "pidfd_getfd", "process_madvise", "process_vm_readv", "process_vm_writev",
+        "ptrace",
+    ),
+    "CAP_SYS_MODULE": ("init_module", "finit_module", "delete_module"),
+    "CAP_SYS_TIME": ("settimeofday", "clock_settime", "adjtimex", "clock_adjtime"),
+    "CAP_SYS_BOOT": ("reboot",),
+    "CAP_SYSLOG": ("syslog",),
+    "CAP_SYS_NICE": (
+        "get_mempolicy", "mbind", "set_mempolicy", "set_mempolicy_home_node", "migrate_pages",
+        "move_pages",
+    ),
+    "CAP_SYS_PACCT": ("acct",),
+    "CAP_SYS_RAWIO": ("iopl", "ioperm"),
+    "CAP_SYS_TTY_CONFIG": ("vhangup",),
+    "CAP_DAC_READ_SEARCH": ("open_by_handle_at",),
+    "CAP_BPF": ("bpf",),
+    "CAP_PERFMON": ("perf_event_open",),
+}  # fmt: skip
+
+
+def capability_name(name: str) -> str:
+    """The kernel's name of a capability as OCI writes it: CRI and Docker users also write
+    `sys_admin` or `SYS_ADMIN`."""
+    upper = name.upper()
+    return upper if upper.startswith("CAP_") else f"CAP_{upper}"
+
+
+def default_allowed(capabilities: Iterable[str]) -> tuple[str, ...]:
+    """SECCOMP_ALLOWED and what CAPABILITY_SYSCALLS adds for `capabilities`, without duplicates,
+    in one order whatever the order of `capabilities` (so equal sets compile once)."""
+    held = {capability_name(name) for name in capabilities}
+    added = (name for cap, names in CAPABILITY_SYSCALLS.items() if cap in held for name in names)
+    return tuple(dict.fromkeys((*SECCOMP_ALLOWED, *added)))
 
 
 @dataclass(frozen=True)
@@ -172,10 +228,20 @@ class Confinement:
     privileged: bool = False
     # Asked for no_new_privs even as root (it is always set for any other user).
     no_new_privileges: bool = False
+    # Changes to the default set (CRI add/drop): names with or without CAP_, or "ALL".
+    added: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return ALL_CAPABILITIES if self.privileged else DEFAULT_CAPABILITIES
+        """The default set with `dropped` removed, then `added` added (Docker's order: drop ALL
+        and add one gives just that one)."""
+        if self.privileged:
+            return ALL_CAPABILITIES
+        dropped = capability_names(self.dropped)
+        kept = tuple(name for name in DEFAULT_CAPABILITIES if name not in dropped)
+        added = capability_names(self.added)
+        return kept + tuple(name for name in ALL_CAPABILITIES if name in added and name not in kept)
 
     @property
     def seccomp(self) -> bool:
@@ -208,6 +274,22 @@ class Confinement:
         )
 
 
+def capability_names(names: tuple[str, ...], field: str = "capabilities") -> frozenset[str]:
+    """Kernel capability names for `names` as a CRI or Docker caller writes them ("NET_ADMIN",
+    "CAP_NET_ADMIN", "ALL"); an unknown one is InvalidArgument naming `field`."""
+    resolved: set[str] = set()
+    for name in names:
+        upper = name.upper()
+        if upper == "ALL":
+            resolved.update(ALL_CAPABILITIES)
+            continue
+        full = upper if upper.startswith("CAP_") else f"CAP_{upper}"
+        if full not in CAPABILITY_NUMBERS:
+            raise InvalidArgument(field, f"unknown capability {name!r}")
+        resolved.add(full)
+    return frozenset(resolved)
+
+
 def capability_mask(names: tuple[str, ...]) -> int:
     """The kernel's bit mask for capability names."""
     mask = 0
@@ -216,31 +298,25 @@ def capability_mask(names: tuple[str, ...]) -> int:
     return mask
 
 
-def oci_seccomp_profile() -> dict[str, Any]:
-    """SECCOMP_ALLOWED as an OCI runtime-spec `linux.seccomp` object (runc compiles it)."""
-    plain = list(SECCOMP_ALLOWED)
+def oci_seccomp_profile(capabilities: Iterable[str] = DEFAULT_CAPABILITIES) -> dict[str, Any]:
+    """default_allowed(capabilities) as an OCI runtime-spec `linux.seccomp` object (runc
+    compiles it), with the clone and clone3 rules unless the capabilities lift them."""
+    plain = list(default_allowed(capabilities))
+    syscalls: list[dict[str, Any]] = [{"names": plain, "action": "SCMP_ACT_ALLOW"}]
+    if "clone" not in plain:
+        no_namespace = {
+            "index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"
+        }  # fmt: skip
+        syscalls.append({"names": ["clone"], "action": "SCMP_ACT_ALLOW", "args": [no_namespace]})
+    if "clone3" not in plain:
+        syscalls.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38})  # ENOSYS
     return {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": 1,  # EPERM
         # x86_64 and i386, as adapter/supervisor/seccomp.py: an x32 syscall is refused as a foreign
         # ABI, and leaving x32 out saves runc about 8 ms of compiling at every launch.
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
-        "syscalls": [
-            {"names": plain, "action": "SCMP_ACT_ALLOW"},
-            {
-                "names": ["clone"],
-                "action": "SCMP_ACT_ALLOW",
-                "args": [
-                    {
-                        "index": 0,
-                        "value": CLONE_NAMESPACE_FLAGS,
-                        "valueTwo": 0,
-                        "op": "SCMP_CMP_MASKED_EQ",
-                    }
-                ],
-            },
-            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},  # ENOSYS
-        ],
+        "syscalls": syscalls,
     }
 
 

@@ -31,6 +31,7 @@ from adapter.core.errors import (
     NotFound,
 )
 from adapter.core.model import (
+    ExecResult,
     Exit,
     Fingerprint,
     LaunchSpec,
@@ -42,7 +43,7 @@ from adapter.core.model import (
 )
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
-from adapter.runtimes.base import Checkpointed, Runtime
+from adapter.runtimes.base import Checkpointed, Executes, ReopensLogs, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,24 @@ class Containerizer:
     async def kill(self, container_id: str, signal: int) -> None:
         container = self._running(container_id)
         await self._driver(container.record.spec.runtime).signal(container_id, signal)
+
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        container = self._running(container_id)
+        runtime = self._driver(container.record.spec.runtime)
+        if not isinstance(runtime, Executes):
+            raise FailedPrecondition(
+                f"runtime {runtime.name!r} cannot run a command in a container"
+            )
+        return await runtime.exec_sync(container_id, argv, timeout)
+
+    async def reopen_log(self, container_id: str) -> None:
+        container = self._running(container_id)
+        runtime = self._driver(container.record.spec.runtime)
+        if not isinstance(runtime, ReopensLogs):
+            raise FailedPrecondition(f"runtime {runtime.name!r} keeps no CRI log to reopen")
+        await runtime.reopen_log(container_id)
 
     async def update(self, container_id: str, resources: Resources) -> None:
         container = self._running(container_id)

@@ -257,6 +257,16 @@ class Exit:
 
 
 @dataclass(frozen=True)
+class ExecResult:
+    """A command run to its end inside a running container (CRI ExecSync)."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
 class Termination:
     reason: Reason
     exit_code: int | None = None

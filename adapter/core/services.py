@@ -10,8 +10,8 @@ composition root) and passed in: nothing is found through a module-level cache.
                     runtimes use it (adapter/core/network.py)
     cgroups         the cgroup hierarchies under cgroups_root, discovered at first use
     supervisors     the supervisors this service spawned, which it must reap
-    seccomp         the supervisor's seccomp program, compiled at first use: the same for every
-                    workload the native and LXC runtimes start
+    seccomp         the supervisor's default seccomp programs, each compiled at first use:
+                    one per capability set the native and LXC runtimes' workloads hold
     libvirt_events  which asyncio loop libvirt's event implementation is bound to
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter.core.config import AgentConfig
+from adapter.core.confinement import DEFAULT_CAPABILITIES, default_allowed
 from adapter.core.errors import Unavailable
 from adapter.core.limits import Limits
 from adapter.core.model import Resources
@@ -66,16 +67,26 @@ class NodeSettings:
 
 
 class SeccompFilter:
-    """The default seccomp allow-list as BPF, compiled once it is first needed; a failure (no
-    libseccomp) is raised each time it is asked for, so a fingerprint can report it."""
+    """The default seccomp allow-list as BPF for a container's capabilities (an added
+    CAP_SYS_ADMIN, CAP_SYS_PTRACE, ... widens it: confinement.default_allowed), compiled once
+    per distinct allow-list when it is first needed. A failure (no libseccomp) is raised each
+    time it is asked for, so a fingerprint can report it. At most MAX_PROGRAMS are kept, the
+    oldest dropped first: capability sets are few in practice, but they are the API's input."""
+
+    MAX_PROGRAMS = 32
 
     def __init__(self) -> None:
-        self._bpf: bytes | None = None
+        self._programs: dict[tuple[str, ...], bytes] = {}
 
-    def bpf(self) -> bytes:
-        if self._bpf is None:
-            self._bpf = build_program().bpf
-        return self._bpf
+    def bpf(self, capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES) -> bytes:
+        allowed = default_allowed(capabilities)
+        program = self._programs.get(allowed)
+        if program is None:
+            program = build_program(allowed).bpf
+            if len(self._programs) >= self.MAX_PROGRAMS:
+                del self._programs[next(iter(self._programs))]
+            self._programs[allowed] = program
+        return program
 
 
 class EventLoopBinding:
@@ -119,6 +130,8 @@ def build_services(config: AgentConfig) -> Services:
     """The services of a service with `config`, after its state directory is claimed."""
     return Services(
         node=NodeSettings.of(config),
-        images=ImageStore(config.state_dir / "images", config.images),
+        images=ImageStore(
+            config.state_dir / "images", config.images, mirrors=dict(config.images.mirrors)
+        ),
         network=RuntimeNetwork(config),
     )

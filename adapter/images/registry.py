@@ -6,6 +6,10 @@ Only the registry named in the reference is contacted, and only it: redirects ar
 registries (localhost, 127.0.0.0/8, ::1) are spoken to over plain HTTP, like Docker's default
 insecure registry; anything else over HTTPS. Token authentication is not supported: a registry
 that asks for it is a FailedPrecondition naming the registry.
+
+A mirror (the store's `mirrors`: registry domain -> host[:port], like containerd's hosts.toml)
+serves a registry's repositories under the same paths: `gcr.io/a/b:1` from a mirror of gcr.io
+is fetched from the mirror and stored as `gcr.io/a/b:1`. Only the mirror is contacted then.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -33,7 +38,7 @@ from adapter.images.image import (
     platform_manifest,
 )
 from adapter.images.layout import Staging, sha256_digest
-from adapter.images.reference import Reference
+from adapter.images.reference import DOMAIN_PATTERN, Reference
 
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 DOCKER_HUB_REGISTRY = "registry-1.docker.io"
@@ -49,16 +54,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class RegistryClient:
-    """One connection to one registry, for one pull."""
+def checked_mirrors(mirrors: Mapping[str, str], field: str = "images.mirrors") -> dict[str, str]:
+    """Registry domain -> mirror host[:port], each checked; InvalidArgument(field) otherwise."""
+    for domain, endpoint in mirrors.items():
+        for what, value in (("registry", domain), ("mirror", endpoint)):
+            if not isinstance(value, str) or not DOMAIN_PATTERN.fullmatch(value):
+                raise InvalidArgument(
+                    field, f"{what} {value!r} of {domain!r} is not HOST[:PORT] (no scheme or path)"
+                )
+    return dict(mirrors)
 
-    def __init__(self, reference: Reference) -> None:
+
+class RegistryClient:
+    """One connection to one registry (or its mirror), for one pull."""
+
+    def __init__(self, reference: Reference, mirrors: Mapping[str, str] | None = None) -> None:
         self.reference = reference
         domain = DOCKER_HUB_REGISTRY if reference.domain == "docker.io" else reference.domain
-        parsed = urllib.parse.urlsplit(f"//{domain}")
-        self.host = parsed.hostname or domain
+        mirror = (mirrors or {}).get(reference.domain)
+        endpoint = mirror or domain
+        parsed = urllib.parse.urlsplit(f"//{endpoint}")
+        self.host = parsed.hostname or endpoint
         self.port = parsed.port
-        self.registry = domain
+        self.registry = f"{mirror} (mirror of {reference.domain})" if mirror else domain
         connection_class = (
             http.client.HTTPConnection if is_loopback(self.host) else http.client.HTTPSConnection
         )
@@ -131,9 +149,14 @@ class RegistryClient:
             raise Unavailable(f"registry {self.registry}: reading {blob.digest}: {exc}") from exc
 
 
-def pull_image(reference: Reference, staging: Staging, progress: Progress | None) -> Image:
+def pull_image(
+    reference: Reference,
+    staging: Staging,
+    progress: Progress | None,
+    mirrors: Mapping[str, str] | None = None,
+) -> Image:
     """Stage the manifest (for this platform), config and layers of `reference`."""
-    client = RegistryClient(reference)
+    client = RegistryClient(reference, mirrors)
     try:
         top, document = client.manifest(reference.digest or str(reference.tag), staging)
         manifest, manifest_json = top, document

@@ -21,7 +21,7 @@ import builtins
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +50,7 @@ from adapter.images.layout import (
 )
 from adapter.images.leases import ContainerImages, Leases
 from adapter.images.reference import canonical, parse_reference
-from adapter.images.registry import pull_image
+from adapter.images.registry import checked_mirrors, pull_image
 from adapter.images.unpack import UnpackBudget, UnpackLimits, apply_layer
 
 T = TypeVar("T")
@@ -65,9 +65,12 @@ class ImageStore:
         root: Path,
         options: ImagesOptions | None = None,
         containers: ContainerImages | None = None,
+        mirrors: Mapping[str, str] | None = None,
     ) -> None:
         self.layout = Layout(root)
         self.options = options or ImagesOptions()
+        # Registry domain -> the host[:port] that serves its repositories (registry.py).
+        self.mirrors = checked_mirrors(mirrors or {})
         # Which image each container that is not TERMINATED named (leases.py); None: nothing
         # runs here that the store must protect (a store used without a service).
         self.containers = containers
@@ -135,7 +138,9 @@ class ImageStore:
         staging = self.layout.new_staging(self.options.max_import_bytes, str(parsed))
         unpacked: dict[str, Path] = {}
         try:
-            image = await _in_thread(staging.stop, pull_image, parsed, staging, report)
+            image = await _in_thread(
+                staging.stop, pull_image, parsed, staging, report, self.mirrors
+            )
             await self._unpack_new([image], staging, report, unpacked)
             self._commit(staging, [image], unpacked)
         finally:
@@ -147,17 +152,22 @@ class ImageStore:
     def remove(self, reference: str, field: str = "container.image") -> None:
         """Forget `reference`; its blobs and rootfs go when no other reference uses them.
         Refused (FailedPrecondition, naming them) while containers run on what would go."""
-        name = self.get(reference, field).reference
+        self.remove_all([reference], field)
+
+    def remove_all(self, references: Iterable[str], field: str = "container.image") -> None:
+        """Forget every one of `references` in one change of the index (the CRI removes an image
+        with all its tags): all go or, while containers run on what would go, none."""
+        names = {self.get(reference, field).reference for reference in references}
         self._refresh_leases()
         entries = self.layout.read_index()
-        removed = [e for e in entries if _entry_name(e) == name]
-        kept = [e for e in entries if _entry_name(e) != name]
+        removed = [e for e in entries if _entry_name(e) in names]
+        kept = [e for e in entries if _entry_name(e) not in names]
         for entry in removed:
             users = self._leases.users(entry["digest"])
             if users and all(other["digest"] != entry["digest"] for other in kept):
                 raise FailedPrecondition(
-                    f"image {name} is in use by {len(users)} container(s) that are not "
-                    f"terminated: {', '.join(users)}; destroy them before removing it"
+                    f"image {_entry_name(entry)} is in use by {len(users)} container(s) that are "
+                    f"not terminated: {', '.join(users)}; destroy them before removing it"
                 )
         self.layout.write_index(kept)
         self._collect_garbage(including_in_flight=False)

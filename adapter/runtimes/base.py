@@ -8,9 +8,9 @@ classes only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from adapter.core.model import Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.model import ExecResult, Exit, Fingerprint, LaunchSpec, Resources, Statistics
 
 # What a driver needs to find a container again after a restart of the service. It is
 # checkpointed by the core as JSON, so it holds only JSON types.
@@ -80,6 +80,27 @@ class Runtime(Protocol):
 
     async def close(self) -> None:
         """Release connections; running containers keep running."""
+        ...
+
+
+# Optional capabilities: a runtime declares one by implementing it; the core checks with
+# isinstance and says clearly which runtime lacks it.
+
+
+@runtime_checkable
+class Executes(Protocol):
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        """Run argv inside the running container (its namespaces, cgroups and confinement) to
+        its end, or until `timeout` seconds pass (then it is killed and timed_out set)."""
+        ...
+
+
+@runtime_checkable
+class ReopensLogs(Protocol):
+    async def reopen_log(self, container_id: str) -> None:
+        """Reopen the container's CRI log file by its path (after the kubelet renamed it)."""
         ...
 
 

@@ -35,8 +35,12 @@ from adapter.core.state_dir import (
     make_private_directory,
     refuse_start_without_records,
 )
+from adapter.cri.api import cri_grpc
+from adapter.cri.images import CriImageService
+from adapter.cri.runtime import CriRuntime, CriRuntimeService
 from adapter.images.leases import ImageUse
-from adapter.runtimes import build_driver
+from adapter.images.store import ImageStore
+from adapter.runtimes.registry import build_driver
 from adapter.server.containers import ContainerizerService
 from adapter.server.images import ImagesService
 from adapter.server.mesos import start_ecp_endpoint
@@ -108,14 +112,38 @@ def _listener_credentials(config: AgentConfig) -> grpc.ServerCredentials:
     )
 
 
-def _container_images(core: Containerizer) -> dict[str, ImageUse]:
-    """Which image each container that is not TERMINATED named: the image store keeps what
-    they run on."""
-    return {
+def _container_images(core: Containerizer, cri_runtime: CriRuntime) -> dict[str, ImageUse]:
+    """Which image each container that is not TERMINATED named, and each CRI container not
+    yet removed: the image store keeps what they run on."""
+    uses = {
         record.container_id: ImageUse(record.spec.image, record.state is State.LAUNCHING)
         for record in core.containers()
         if record.spec.image and record.state is not State.TERMINATED
     }
+    for container in cri_runtime.containers.records.values():
+        uses.setdefault(container.id, ImageUse(container.image_ref, False))
+    return uses
+
+
+async def _start_cri_server(
+    cri_runtime: CriRuntime, images: ImageStore, path: Path
+) -> grpc.aio.Server:
+    """Kubernetes' CRI on its own socket (0600), so that only the CRI's services answer there."""
+    server = grpc.aio.server()
+    cri_grpc.add_RuntimeServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        CriRuntimeService(cri_runtime), server
+    )
+    cri_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        CriImageService(images), server
+    )
+    old_umask = os.umask(0o177)
+    try:
+        _bind_unix_socket(server, path)
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
 
 
 async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None:
@@ -135,7 +163,9 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         allow_privileged=config.allow_privileged,
     )
     await core.recover()
-    services.images.containers = functools.partial(_container_images, core)
+    cri_runtime = CriRuntime(core, services.images, config.state_dir, bridge=config.network.enabled)
+    cri_runtime.recover()
+    services.images.containers = functools.partial(_container_images, core, cri_runtime)
     server = grpc.aio.server()
     containers_service = ContainerizerService(core, sandbox_root, state_dir=config.state_dir)
     pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
@@ -160,6 +190,8 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     os.chmod(config.socket, 0o600)
     # containerizer-mesos's socket: the same servicer, for a program that cannot afford grpc.
     ecp_endpoint = await start_ecp_endpoint(containers_service, config.socket)
+    cri_socket = config.cri_socket or config.socket.parent / "cri.sock"
+    cri_server = await _start_cri_server(cri_runtime, services.images, cri_socket)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s%s", address, f" and {config.listen}" if config.listen else "")
@@ -173,10 +205,12 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     log.info("stopping; running containers keep running")
     await health_servicer.enter_graceful_shutdown()
     await ecp_endpoint.close()
-    await server.stop(grace=2)
+    await asyncio.gather(server.stop(grace=2), cri_server.stop(grace=2))
+    await cri_runtime.close()
     await core.close()
-    with contextlib.suppress(FileNotFoundError):
-        config.socket.unlink()
+    for path in (config.socket, cri_socket):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     lock.close()
 
 

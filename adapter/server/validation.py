@@ -23,12 +23,12 @@ from adapter.core.model import (
     Resources,
     is_valid_container_id,
 )
+from adapter.runtimes.registry import RUNTIMES
 
 SCALAR_RESOURCES = {"cpus", "mem", "disk", "pids", "network_bandwidth"}
 RANGES_RESOURCES = {"ports"}
 MAX_PORT = 65535
 MAX_PORT_MAPPINGS = 1024
-RUNTIME_KINDS = {"native", "containerd", "lxc", "libvirt", "docker"}
 MAX_PIDS = 4_194_304  # the kernel's pid_max ceiling
 MAX_TEXT = 64 * 1024  # an env value, a path: generous, but bounded
 MAX_COMMAND = 1024 * 1024
@@ -316,9 +316,9 @@ def launch_spec(
     node has not configured is FAILED_PRECONDITION, from the core."""
     cid = container_id(request.container_id)
     runtime = request.container.runtime or default_runtime
-    if runtime not in RUNTIME_KINDS:
+    if runtime not in RUNTIMES:
         raise InvalidArgument(
-            "container.runtime", f"unknown runtime {runtime!r}; known: {sorted(RUNTIME_KINDS)}"
+            "container.runtime", f"unknown runtime {runtime!r}; known: {sorted(RUNTIMES)}"
         )
     image = _text(request.container.image, "container.image", 1024)
     if image and any(c.isspace() for c in image):

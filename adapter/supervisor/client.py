@@ -29,7 +29,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from adapter.core.errors import (
     InvalidArgument,
     LaunchFailed,
 )
+from adapter.core.model import HOST_NAMESPACE, PROPAGATIONS, Identity, Mount
 from adapter.supervisor.children import Child
 from adapter.supervisor.processes import ExitStatus, ProcessRef, read_status
 
@@ -54,6 +57,13 @@ CONFIG_ARGUMENTS = ("--config-fd", "0")
 # Steps of a failed launch that the request caused (a binary, user or working directory that is
 # not there; a sandbox the workload tampered with): the caller's to fix, not the node's.
 REQUEST_STEPS = frozenset({"exec", "user", "cwd", "sandbox", "stdout", "stderr"})
+# Namespaces the supervisor joins (--ns) instead of making its own; net goes by `netns`.
+JOINABLE_NAMESPACES = ("ipc", "uts", "pid")
+SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-z0-9_*-]+)+")
+# Sysctls of the ipc namespace (kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*) and of the
+# network namespace (net.*): the only ones a container may set, in namespaces not the host's.
+IPC_SYSCTL = re.compile(r"kernel\.(shm.*|msg.*|sem)|fs\.mqueue\..+")
+NET_SYSCTL = re.compile(r"net\..+")
 
 
 class SpawnError(LaunchFailed):
@@ -118,6 +128,12 @@ def kill(handle: SupervisorHandle, signo: int) -> None:
     ProcessRef(handle.child_pid, handle.child_start_time).send(signo)
 
 
+def reopen_log(handle: SupervisorHandle) -> bool:
+    """Have the supervisor of a launch with `log_file` open a new file at its path (the kubelet
+    renamed the old one: rotation). False if that supervisor is gone."""
+    return ProcessRef(handle.supervisor_pid, handle.supervisor_start_time).send(signal.SIGUSR1)
+
+
 # --- locating the binary --------------------------------------------------------------------------
 
 
@@ -150,22 +166,45 @@ def find_supervisor(configured: str | None) -> str:
 class Filesystem:
     """What the workload sees as its files: by default the host's, else an overlay of a
     read-only image rootfs (rootfs_lower) with upper/ and work/ under rootfs_dir, mounted at
-    rootfs_dir/merged inside the container's mount namespace; plus host paths bound in."""
+    rootfs_dir/merged inside the container's mount namespace (read-only with read_only_root);
+    plus host paths bound in. `mounts` (CRI volumes) may propagate: rslave lets host mounts
+    under the source reach the container, rshared also the container's reach the host."""
 
     rootfs_lower: str | None = None
     rootfs_dir: str | None = None
     binds: tuple[tuple[str, str], ...] = ()  # (host path, absolute path inside)
     read_only_binds: tuple[tuple[str, str], ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    read_only_root: bool = False
 
     def options(self) -> list[str]:
         options = []
         if self.rootfs_lower is not None and self.rootfs_dir is not None:
             options += ["--rootfs-lower", self.rootfs_lower, "--rootfs-dir", self.rootfs_dir]
+            options += ["--read-only-root"] if self.read_only_root else []
+        elif self.read_only_root:
+            raise InvalidArgument("linux.read_only_rootfs", "needs an image")
         for source, target in self.binds:
             options += ["--bind", source, "--to", target]
         for source, target in self.read_only_binds:
             options += ["--bind", source, "--to", target, "--read-only"]
+        for mount in self.mounts:
+            options += _mount_options(mount)
         return options
+
+
+def _mount_options(mount: Mount) -> list[str]:
+    if mount.propagation not in PROPAGATIONS:
+        raise InvalidArgument(
+            "linux.mounts", f"propagation {mount.propagation!r} is not one of {PROPAGATIONS}"
+        )
+    if not os.path.isabs(mount.container_path):
+        raise InvalidArgument("linux.mounts", f"{mount.container_path!r} is not absolute")
+    options = ["--bind", mount.host_path, "--to", mount.container_path]
+    options += ["--read-only"] if mount.read_only else []
+    if mount.propagation != "private":
+        options += ["--propagation", mount.propagation]
+    return options
 
 
 @dataclass(frozen=True)
@@ -176,7 +215,7 @@ class Enforcement:
     privileged: bool = False
     capabilities: int = 0  # the bounding set, and root's effective/permitted/inheritable sets
     no_new_privileges: bool = False  # for root too (always set for any other user)
-    seccomp_bpf: bytes = b""  # adapter/supervisor/seccomp.py's program
+    seccomp_bpf: bytes = b""  # adapter/supervisor/seccomp.py's program; b"": no filter
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
     cgroup_namespace: bool = False  # with a read-only cgroupfs; needs an image rootfs
@@ -222,7 +261,8 @@ class Enforcement:
 class LaunchConfig:
     """One launch, as the supervisor reads it. Paths are the supervisor's view: the host's for
     the native runtime, the container's for LXC (where the supervisor is the container's init).
-    The workload's stdout and stderr are `sandbox`/stdout and `sandbox`/stderr."""
+    The workload's stdout and stderr are `sandbox`/stdout and `sandbox`/stderr, or with
+    `log_file` (CRI) records in that file, which the supervisor writes (reopen_log rotates)."""
 
     status_file: str
     sandbox: str
@@ -231,11 +271,15 @@ class LaunchConfig:
     env: Sequence[tuple[str, str]] = ()
     cgroup_procs: Sequence[str] = ()
     cwd: str | None = None
-    user: str | None = None
-    hostname: str | None = None
+    identity: Identity | None = None  # None: root, with the supervisor's groups
+    hostname: str | None = None  # for a UTS namespace of the container's own only
     namespaces: bool = True
     netns: str | None = None
     filesystem: Filesystem | None = None
+    # (kind, path to join or HOST_NAMESPACE) for ipc, uts and pid: a pod's, or the host's
+    namespaces_joined: tuple[tuple[str, str], ...] = ()
+    sysctls: tuple[tuple[str, str], ...] = ()  # namespaced keys only
+    log_file: str | None = None
 
     def encode(self) -> bytes:
         """The bytes for the supervisor's config pipe: NUL-terminated strings, except the blob
@@ -244,7 +288,7 @@ class LaunchConfig:
         if not self.argv:
             raise InvalidArgument("command", "the workload command is empty")
         parts: list[tuple[str | bytes, str]] = []
-        for key, value in self.env:
+        for key, value in self._environment():
             if not key or "=" in key:
                 raise InvalidArgument("command.environment", f"name {key!r} is empty or has '='")
             parts += [("--env", ""), (f"{key}={value}", "command.environment")]
@@ -252,20 +296,84 @@ class LaunchConfig:
             ("--status-file", os.path.abspath(self.status_file), "status_file"),
             ("--sandbox", os.path.abspath(self.sandbox), "sandbox"),
             ("--cwd", self.cwd, "command.working_dir"),
-            ("--user", self.user, "command.user"),
             ("--hostname", self.hostname, "container_id"),
             ("--netns", self.netns, "network"),
+            ("--log-file", os.path.abspath(self.log_file) if self.log_file else None, "log_path"),
         ]
         options += [("--cgroup-procs", path, "resources") for path in self.cgroup_procs]
         for option, given, field in options:
             if given is not None:
                 parts += [(option, ""), (given, field)]
         parts += [("--no-namespaces", "")] if not self.namespaces else []
+        parts += self._linux_parts()
         if self.filesystem is not None:
             parts += [(option, "container.image") for option in self.filesystem.options()]
         parts += [(part, "confinement") for part in self.enforcement.parts()]
         parts += [("--", ""), *((word, "command.argv") for word in self.argv)]
         return _serialize(parts)
+
+    def _environment(self) -> list[tuple[str, str]]:
+        """The workload's environment, with HOME from the identity when it sets none."""
+        environment = list(self.env)
+        home = self.identity.home if self.identity is not None else ""
+        if home and all(key != "HOME" for key, _ in environment):
+            environment.append(("HOME", home))
+        return environment
+
+    def _linux_parts(self) -> list[tuple[str | bytes, str]]:
+        """--uid --gid --groups, --ns and --sysctl, each checked."""
+        parts: list[tuple[str | bytes, str]] = []
+        if self.identity is not None:
+            ids = self.identity
+            words = ["--uid", str(ids.uid), "--gid", str(ids.gid), "--groups"]
+            parts += [(word, "command.user") for word in words]
+            parts += [(",".join(str(gid) for gid in ids.groups), "command.user")]
+        joined = _checked_namespaces(self.namespaces_joined, self.namespaces)
+        for kind, value in joined.items():
+            parts += [("--ns", ""), (f"{kind}={value}", "linux.namespaces")]
+        host_ipc = not self.namespaces or joined.get("ipc") == HOST_NAMESPACE
+        own_network = self.namespaces and self.netns is not None
+        for key, value in self.sysctls:
+            _check_sysctl(key, host_ipc=host_ipc, own_network=own_network)
+            parts += [("--sysctl", ""), (f"{key}={value}", "linux.sysctls")]
+        return parts
+
+
+def _checked_namespaces(joined: Sequence[tuple[str, str]], namespaces: bool) -> dict[str, str]:
+    """kind -> path or HOST_NAMESPACE, each kind joinable and named once."""
+    field = "linux.namespaces"
+    checked: dict[str, str] = {}
+    for kind, value in joined:
+        if kind not in JOINABLE_NAMESPACES:
+            raise InvalidArgument(field, f"{kind!r} is not one of {JOINABLE_NAMESPACES}")
+        if kind in checked:
+            raise InvalidArgument(field, f"{kind!r} is named twice")
+        if value != HOST_NAMESPACE and not os.path.isabs(value):
+            raise InvalidArgument(field, f"{kind}: {value!r} is neither an absolute path nor host")
+        if not namespaces:
+            raise InvalidArgument(field, f"{kind}: joining needs namespaces")
+        checked[kind] = value
+    return checked
+
+
+def _check_sysctl(key: str, *, host_ipc: bool, own_network: bool) -> None:
+    """Only a namespaced key, and only in a namespace that is not the host's: a write to any
+    other would change the node for every container on it."""
+    field = "linux.sysctls"
+    if SYSCTL_KEY.fullmatch(key) is None or ".." in key:
+        raise InvalidArgument(field, f"{key!r} is not a sysctl name")
+    if IPC_SYSCTL.fullmatch(key):
+        if host_ipc:
+            raise InvalidArgument(field, f"{key!r} would change the host's ipc namespace")
+    elif NET_SYSCTL.fullmatch(key):
+        if not own_network:
+            raise InvalidArgument(field, f"{key!r} would change the host's network namespace")
+    else:
+        raise InvalidArgument(
+            field,
+            f"{key!r} is not namespaced: only kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*"
+            " and net.* may be set",
+        )
 
 
 def _serialize(parts: Sequence[tuple[str | bytes, str]]) -> bytes:

@@ -55,6 +55,7 @@ class Mounts:
 
     v1: dict[str, Path] = field(default_factory=dict)
     v2: Path | None = None
+    every: tuple[Path, ...] = ()  # every cgroup and cgroup2 mount, named hierarchies included
 
 
 def parse_mountinfo(text: str) -> Mounts:
@@ -62,6 +63,7 @@ def parse_mountinfo(text: str) -> Mounts:
     fstype source superopts. The first mount of a controller wins (later ones are binds)."""
     v1: dict[str, Path] = {}
     v2: Path | None = None
+    every: dict[Path, None] = {}
     for line in text.splitlines():
         before, sep, after = line.partition(" - ")
         if not sep:
@@ -71,13 +73,24 @@ def parse_mountinfo(text: str) -> Mounts:
             continue
         mount_point = Path(_unescape(left[4]))
         fstype, super_options = right[0], right[2].split(",")
+        if fstype in ("cgroup", "cgroup2"):
+            every[mount_point] = None
         if fstype == "cgroup2" and v2 is None:
             v2 = mount_point
         elif fstype == "cgroup":
             for option in super_options:
                 if option in KNOWN_CONTROLLERS:
                     v1.setdefault(option, mount_point)
-    return Mounts(v1=v1, v2=v2)
+    return Mounts(v1=v1, v2=v2, every=tuple(every))
+
+
+def cgroup_mount_points(mountinfo: Path = MOUNTINFO) -> tuple[Path, ...]:
+    """Every cgroup and cgroup2 mount, named hierarchies (name=systemd) included, for what
+    a runtime's tool creates in all of them; none when the mount table cannot be read."""
+    try:
+        return parse_mountinfo(mountinfo.read_text()).every
+    except OSError:
+        return ()
 
 
 def mounts_from_directory(base: Path) -> Mounts:
@@ -153,14 +166,15 @@ class Hierarchies:
     def container_dirs(self, container_id: str, controllers: tuple[str, ...] = ()) -> list[Path]:
         """Distinct cgroup directories of the container (co-mounted controllers and v2 share
         one), in a stable order, for the given controllers or all mounted ones."""
+        relative = f"{self.cgroups_root}/{check_component(container_id, 'container id')}"
+        return self.dirs_at(relative, controllers)
+
+    def dirs_at(self, relative: str, controllers: tuple[str, ...] = ()) -> list[Path]:
+        """Distinct directories `relative` (to each mount) names, in a stable order, for the
+        given controllers or all mounted ones."""
         wanted = controllers or tuple(sorted(self.mounts))
-        dirs: list[Path] = []
-        for controller in wanted:
-            if self.has(controller):
-                candidate = self.path(controller, container_id)
-                if candidate not in dirs:
-                    dirs.append(candidate)
-        return dirs
+        dirs = (self.mounts[c] / relative.lstrip("/") for c in wanted if self.has(c))
+        return list(dict.fromkeys(dirs))
 
     def enable_v2_controllers(self, controllers: tuple[str, ...]) -> None:
         """v2 delegation: a child gets a controller's files only once its parent lists the

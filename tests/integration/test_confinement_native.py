@@ -47,6 +47,8 @@ pytestmark = pytest.mark.integration
 DEFAULT_MASK = f"{capability_mask(DEFAULT_CAPABILITIES):016x}"
 HARMLESS_DEVICES = {"null", "zero", "full", "random", "urandom", "tty"}
 ALLOW_PRIVILEGED = "allow_privileged = true\n"
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 IMAGE_SETTINGS = {
     "Env": ["PATH=/bin", "GREETING=from-image"],
     "Entrypoint": ["sh", "-c"],
@@ -308,19 +310,26 @@ class ConfinementChecks:
             destroy(node.service.stub(), container_id)
 
     @pytest.mark.parametrize(
-        ("options", "step", "reason"),
+        ("options", "step", "reason", "code"),
         [
-            ({"argv": ("/no/such/binary",)}, "exec", "No such file or directory"),
-            ({"shell": "true", "user": "no-such-user"}, "user", "no such user"),
-            ({"shell": "true", "workdir": "/no/such/dir"}, "cwd", "No such file or directory"),
+            ({"argv": ("/no/such/binary",)}, "exec", "No such file or directory", PRECONDITION),
+            # resolved by the service from the image's /etc/passwd, before anything starts
+            ({"shell": "true", "user": "no-such-user"}, "command.user", "no such user", INVALID),
+            ({"shell": "true", "workdir": "/no/such/dir"}, "cwd", "No such file", PRECONDITION),
         ],
     )
     def test_a_requests_mistake_is_a_failed_precondition(
-        self, node: Node, container_id: str, options: dict[str, object], step: str, reason: str
+        self,
+        node: Node,
+        container_id: str,
+        options: dict[str, object],
+        step: str,
+        reason: str,
+        code: grpc.StatusCode,
     ) -> None:
         with pytest.raises(grpc.RpcError) as error:
             node.launch(container_id, **options)  # type: ignore[arg-type]
-        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.value.code() == code
         assert f"{step}: " in (error.value.details() or "") and reason in error.value.details()
         status = node.service.stub().Status(pb.StatusRequest(container_id=container_id))
         assert status.termination.reason == pb.LAUNCH_FAILED

@@ -178,13 +178,6 @@ def test_missing_binary_handshake_line(box: Box) -> None:
     assert not box.status_file.exists()
 
 
-async def test_unknown_user_is_a_clear_error(box: Box) -> None:
-    with pytest.raises(SpawnError) as caught:
-        await box.spawn(["true"], user="no-such-user-ctz")
-    assert caught.value.step == "user"
-    assert "no-such-user-ctz" in str(caught.value) and "no such user" in str(caught.value)
-
-
 @pytest.mark.parametrize(
     ("options", "step"),
     [
@@ -327,16 +320,6 @@ async def test_cwd_is_used(box: Box) -> None:
     status = await box.run(["/bin/pwd"], cwd=str(work))
     assert status is not None and status.exit_code == 0
     assert box.stdout.read_text() == f"{work}\n"
-
-
-@pytest.mark.parametrize(("user", "expected"), [("nobody", "65534"), ("12345", "12345 12345")])
-async def test_user_by_name_or_uid(box: Box, user: str, expected: str) -> None:
-    status = await box.run(["sh", "-c", "id -u; id -g; id -G"], user=user)
-    assert status is not None and status.exit_code == 0
-    uid, gid, groups = box.stdout.read_text().splitlines()
-    assert uid == expected.split()[0]
-    if user.isdigit():  # no passwd entry: gid = uid, no supplementary groups
-        assert (gid, groups) == (user, user)
 
 
 async def test_stdout_and_stderr_are_appended(box: Box) -> None:

@@ -4,6 +4,7 @@ import pytest
 
 from adapter.core.config import AgentConfig, load_config
 from adapter.core.errors import ConfigError
+from adapter.runtimes.native.options import NativeOptions
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -16,7 +17,7 @@ def test_no_file_gives_the_native_runtime() -> None:
     config = load_config(None)
     assert config == AgentConfig()
     assert config.default_runtime == "native"
-    assert config.runtimes == {"native": {}}
+    assert config.runtimes == {"native": NativeOptions()}
 
 
 def test_full_config_is_typed(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_full_config_is_typed(tmp_path: Path) -> None:
     assert config.cgroups_enable_cfs is True
     assert config.state_dir == Path("/tmp/x")
     assert config.termination_retention == 5.0
-    assert config.runtimes["native"]["supervisor"] == "/usr/bin/sup"
+    assert config.runtimes["native"] == NativeOptions(supervisor="/usr/bin/sup")
     assert config.listen == "127.0.0.1:7070"
     assert config.tls_client_ca == Path("/etc/c/ca.pem")
 
@@ -57,6 +58,12 @@ def test_full_config_is_typed(tmp_path: Path) -> None:
         ("[runtimes.warp]", "runtimes.warp: unknown runtime"),
         ("[runtimes.native]\nspeed = 1", "runtimes.native.speed: unknown key"),
         ('[runtimes.native]\nnamespaces = "yes"', "runtimes.native.namespaces: expected bool"),
+        ("[runtimes]\nnative = 1", "runtimes.native: expected a table"),
+        ('[runtimes.containerd]\nnamespace = "a b"', "runtimes.containerd.namespace: expected a"),
+        ('[runtimes.lxc]\nnetwork = "veth"', "runtimes.lxc.network_link: required with"),
+        ("[runtimes.libvirt]\nmemory_mib = true", "runtimes.libvirt.memory_mib: expected int"),
+        ("[runtimes.libvirt]\nmemory_mib = 8", "runtimes.libvirt.memory_mib: at least 64"),
+        ('[runtimes.docker]\nendpoint = "/run/d.sock"', "runtimes.docker.endpoint: expected unix"),
         ("version = ", "not valid TOML"),
     ],
 )

@@ -46,13 +46,12 @@ from adapter.runtimes.docker.handle import (
     LABEL_ROLE,
     ROLE_SANDBOX,
     DockerHandle,
-    cgroup_dirs,
-    cgroup_mount_points,
     container_name,
     sandbox_name,
 )
 from adapter.runtimes.docker.network import PreparedNetwork
-from isolators.cgroups.hierarchy import Hierarchies
+from adapter.runtimes.docker.options import DockerOptions
+from adapter.runtimes.registry import parse_options
 from tests.services import node_services
 
 MIB = 1024 * 1024
@@ -109,10 +108,12 @@ def driver(
     network = NetworkOptions(allow_host=allow_host)
     if bridge:
         network = NetworkOptions(enabled=True, default_mode="bridge", allow_host=allow_host)
+    parsed = parse_options("docker", options, source="<config>", state_dir=tmp_path)
+    assert isinstance(parsed, DockerOptions)
     services = node_services(
-        tmp_path, cgroups_root="ctz", network=network, runtimes={"docker": options}
+        tmp_path, cgroups_root="ctz", network=network, runtimes={"docker": parsed}
     )
-    return DockerDriver(options, services)
+    return DockerDriver(parsed, services)
 
 
 def spec(**overrides: Any) -> LaunchSpec:
@@ -226,7 +227,9 @@ def test_config_schema_accepts_the_docker_table() -> None:
         "default_runtime": "docker",
         "runtimes": {"docker": {"endpoint": "unix:///run/d.sock", "registry": "127.0.0.1:5000"}},
     }
-    assert parse_config(raw).runtimes["docker"]["registry"] == "127.0.0.1:5000"
+    assert parse_config(raw).runtimes["docker"] == DockerOptions(
+        endpoint="unix:///run/d.sock", registry="127.0.0.1:5000"
+    )
     with pytest.raises(ConfigError, match=r"runtimes\.docker\.socket"):
         parse_config({"runtimes": {"docker": {"socket": "/x"}}})
 
@@ -298,33 +301,6 @@ def test_handle_round_trip_and_names() -> None:
     name = container_name("/var/lib/containerizer", "web-1")
     assert name.startswith("ctz-") and name.endswith("-web-1")
     assert container_name("/other/state", "web-1") != name
-
-
-def test_cgroup_mount_points_include_named_hierarchies(tmp_path: Path) -> None:
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
-        "40 31 0:37 / /sys/fs/cgroup/sys\\040temd rw - cgroup cgroup rw,name=systemd\n"
-        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
-        "22 1 8:1 / / rw - ext4 /dev/root rw\n"
-    )
-    assert cgroup_mount_points(mountinfo) == [
-        Path("/sys/fs/cgroup/cpu"),
-        Path("/sys/fs/cgroup/sys temd"),
-        Path("/sys/fs/cgroup/unified"),
-    ]
-
-
-def test_cgroup_dirs_per_controller() -> None:
-    mounts = {c: Path(f"/cg/{c}") for c in ("cpu", "cpuacct", "memory", "devices")}
-    hierarchies = Hierarchies(version=1, cgroups_root="ctz", mounts=mounts)
-    assert cgroup_dirs(hierarchies, "/ctz/web-1/abc") == [
-        Path("/cg/cpu/ctz/web-1/abc"),
-        Path("/cg/cpuacct/ctz/web-1/abc"),
-        Path("/cg/memory/ctz/web-1/abc"),
-    ]
-    unified = Hierarchies(version=2, cgroups_root="ctz", mounts=dict.fromkeys(mounts, Path("/u")))
-    assert cgroup_dirs(unified, "/ctz/web-1/abc") == [Path("/u/ctz/web-1/abc")]
 
 
 class RacyStartApi:

@@ -19,16 +19,22 @@ from adapter.runtimes.libvirt.domain import BridgeInterface, Disk, domain_xml
 from adapter.runtimes.libvirt.handle import GuestHandle
 from adapter.runtimes.libvirt.options import LibvirtOptions
 from adapter.runtimes.libvirt.state import Guest
+from adapter.runtimes.registry import parse_options
 from tests.unit.test_libvirt_parts import HOSTILE, _spec
 
 
 def test_disk_images_come_from_the_config_as_absolute_paths(tmp_path: Path) -> None:
-    options = LibvirtOptions.parse({"disk_images": {"web": "/srv/web.qcow2"}}, tmp_path)
+    def parse(table: dict[str, object]) -> LibvirtOptions:
+        options = parse_options("libvirt", table, source="<config>", state_dir=tmp_path)
+        assert isinstance(options, LibvirtOptions)
+        return options
+
+    options = parse({"disk_images": {"web": "/srv/web.qcow2"}})
     assert options.disk_images == {"web": Path("/srv/web.qcow2")}
     with pytest.raises(ConfigError, match=r"disk_images\.web: expected an absolute path"):
-        LibvirtOptions.parse({"disk_images": {"web": "web.qcow2"}}, tmp_path)
+        parse({"disk_images": {"web": "web.qcow2"}})
     with pytest.raises(ConfigError, match="disk_images: expected a table"):
-        LibvirtOptions.parse({"disk_images": "/srv/web.qcow2"}, tmp_path)
+        parse({"disk_images": "/srv/web.qcow2"})
 
 
 def test_an_image_reference_is_a_configured_name_never_a_path(tmp_path: Path) -> None:

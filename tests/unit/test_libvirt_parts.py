@@ -17,13 +17,17 @@ from adapter.runtimes.libvirt.domain import (
     DomainSpec,
     Metadata,
     SerialFiles,
+    domain_cgroup_dirs,
     domain_xml,
     metadata_xml,
     parse_metadata,
-    qemu_cgroup_dirs,
 )
 from adapter.runtimes.libvirt.handle import GuestHandle, read_exit_code
 from adapter.runtimes.libvirt.initramfs import GuestCommand, command_archive
+from adapter.runtimes.libvirt.options import LibvirtOptions
+from adapter.runtimes.registry import parse_options
+from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.locate import dirs_in, parse_proc_cgroup
 
 HOSTILE = "<a>&amp; \"q\" 'q' ]]> <!-- x --> </domain>\n<devices><disk/></devices> \\"
 
@@ -148,19 +152,25 @@ def test_domain_cgroups_are_read_above_the_emulator_thread_group() -> None:
         "0::/ctz.partition/qemu-3-containerizer-a.libvirt-qemu/emulator\n"
     )
     mounts = {"memory": Path("/cg/memory"), "cpu": Path("/cg/cpu"), "pids": Path("/cg/pids")}
-    assert qemu_cgroup_dirs(proc_cgroup, mounts) == [
-        "/cg/pids",
+    v1 = Hierarchies(version=1, cgroups_root="ctz", mounts=mounts)
+    # The directories QEMU itself is in come first: the accounting reader counts processes
+    # in the first that lists any.
+    assert domain_cgroup_dirs(dirs_in(v1, parse_proc_cgroup(proc_cgroup)).values()) == [
         "/cg/memory/ctz.partition/qemu-3-containerizer-a.libvirt-qemu",
+        "/cg/pids",
         "/cg/cpu/ctz.partition/qemu-3-containerizer-a.libvirt-qemu",
+    ]
+    v2 = Hierarchies(version=2, cgroups_root="ctz", mounts=dict.fromkeys(mounts, Path("/u")))
+    assert domain_cgroup_dirs(dirs_in(v2, parse_proc_cgroup(proc_cgroup)).values()) == [
+        "/u/ctz.partition/qemu-3-containerizer-a.libvirt-qemu"
     ]
 
 
 def test_options_refuse_unknown_virt_types(tmp_path: Path) -> None:
-    from adapter.runtimes.libvirt.driver import LibvirtOptions
-
     with pytest.raises(ConfigError, match="virt_type"):
-        LibvirtOptions.parse({"virt_type": "xen"}, tmp_path)
-    options = LibvirtOptions.parse({}, tmp_path)
+        parse_options("libvirt", {"virt_type": "xen"}, source="<config>", state_dir=tmp_path)
+    options = parse_options("libvirt", {}, source="<config>", state_dir=tmp_path)
+    assert isinstance(options, LibvirtOptions)
     assert options.uri == "qemu:///system"
     assert options.kernel == tmp_path / "libvirt" / "kernel" / "vmlinuz"
 

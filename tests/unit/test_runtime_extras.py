@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from adapter.core.errors import ConfigError
-from adapter.runtimes import build_driver
+from adapter.runtimes.registry import build_driver, parse_options
 from tests.services import node_services
 
 
@@ -23,9 +23,10 @@ def test_a_runtime_without_its_binding_names_the_extra(
     def without_binding(name: str, *args: Any) -> Any:
         return None if name == module else real_find_spec(name, *args)
 
+    options = parse_options(runtime, {}, source="<config>", state_dir=tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", without_binding)
     with pytest.raises(ConfigError) as refused:
-        build_driver(runtime, {}, node_services(tmp_path))
+        build_driver(runtime, options, node_services(tmp_path))
     message = str(refused.value)
     assert f"runtimes.{runtime}" in message
     assert f"containerizer-adapter[{runtime}]" in message

@@ -13,7 +13,7 @@ from adapter.core.config import ImagesOptions, parse_config
 from adapter.core.errors import ConfigError, FailedPrecondition, Unavailable
 from adapter.core.model import Resources
 from adapter.core.services import EventLoopBinding, NodeSettings, SeccompFilter
-from adapter.runtimes import build_driver
+from adapter.runtimes.registry import build_driver
 from tests.services import node_services
 
 
@@ -60,9 +60,21 @@ def test_cgroups_are_discovered_once_at_first_use(tmp_path: Path) -> None:
 
 def test_a_runtime_table_error_names_the_config_file(tmp_path: Path) -> None:
     source = tmp_path / "node.toml"
-    services = services_module.build_services(parse_config({"state_dir": str(tmp_path)}, source))
     with pytest.raises(ConfigError, match=rf"{source}: runtimes.lxc.network: expected one of"):
-        build_driver("lxc", {"network": "bogus"}, services)
+        parse_config({"runtimes": {"lxc": {"network": "bogus"}}}, source)
+    # What only the node's services can tell is checked when the driver is built.
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path),
+            "default_runtime": "lxc",
+            "network": {},
+            "runtimes": {"lxc": {"network": "none"}},
+        },
+        source,
+    )
+    services = services_module.build_services(config)
+    with pytest.raises(ConfigError, match=rf"{source}: runtimes.lxc.network: the node's"):
+        build_driver("lxc", config.runtimes["lxc"], services)
 
 
 def test_the_seccomp_program_is_compiled_once_and_a_failure_is_retried(
@@ -73,7 +85,7 @@ def test_the_seccomp_program_is_compiled_once_and_a_failure_is_retried(
     class Program:
         bpf = b"\x06\x00\x00\x00\x00\x00\xff\x7f"
 
-    def build_program() -> Program:
+    def build_program(allowed: tuple[str, ...]) -> Program:
         calls.append(1)
         if len(calls) == 1:
             raise FailedPrecondition("seccomp: libseccomp.so.2 not found")

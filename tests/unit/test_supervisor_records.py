@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapter.core.errors import FailedPrecondition, InvalidArgument, LaunchFailed
+from adapter.core.model import Identity
 from adapter.supervisor import client as supervisor
 from adapter.supervisor import processes
 from adapter.supervisor.client import ExitStatus, SpawnError, SupervisorHandle
@@ -147,7 +148,7 @@ def test_configuration_carries_every_option(tmp_path: Path) -> None:
         env=[("A", "1"), ("B", "x=y")],
         cgroup_procs=["/cg/a/cgroup.procs", "/cg/b/cgroup.procs"],
         cwd="/srv",
-        user="nobody",
+        identity=Identity(65534, 65534, (5, 7), home="/nonexistent"),
         hostname="c1",
         namespaces=False,
     )
@@ -156,14 +157,15 @@ def test_configuration_carries_every_option(tmp_path: Path) -> None:
         for word in [
             "--env", "A=1",
             "--env", "B=x=y",
+            "--env", "HOME=/nonexistent",
             "--status-file", str(tmp_path / "status"),
             "--sandbox", os.path.abspath("box"),
             "--cwd", "/srv",
-            "--user", "nobody",
             "--hostname", "c1",
             "--cgroup-procs", "/cg/a/cgroup.procs",
             "--cgroup-procs", "/cg/b/cgroup.procs",
             "--no-namespaces",
+            "--uid", "65534", "--gid", "65534", "--groups", "5,7",
             "--privileged",
             "--", "sh", "-c", "--env",
         ]

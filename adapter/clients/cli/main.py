@@ -33,6 +33,8 @@ from adapter.clients.cli.client import (
     add_connection_options,
     add_subcommand,
 )
+from adapter.core.model import NETWORK_MODES
+from adapter.runtimes.registry import RUNTIME_NAMES
 
 if TYPE_CHECKING:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
@@ -379,13 +381,17 @@ def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None
 
 def add_run_parser(subcommands: Any) -> None:
     run = add_subcommand(subcommands, "run", command_run, "launch a container and follow it")
-    run.add_argument("--runtime", help="runtime from the node's config; default: the default one")
+    run.add_argument(
+        "--runtime",
+        choices=RUNTIME_NAMES,
+        help="runtime from the node's config; default: the node's default one",
+    )
     add_resource_options(run, disk=True)
     run.add_argument("--image", help="image reference; default: the runtime's root filesystem")
     run.add_argument("--id", help="container id; default: ctr- and 12 random hex digits")
     run.add_argument(
         "--network",
-        choices=("none", "host", "bridge"),
+        choices=NETWORK_MODES,
         help="network mode; default: the node's (config [network])",
     )
     run.add_argument(
@@ -469,7 +475,12 @@ def build_parser() -> ArgumentParser:
     add_run_parser(subcommands)
     add_subcommand(subcommands, "ps", command_ps, "list containers")
     add_container_commands(subcommands)
-    add_subcommand(subcommands, "runtimes", command_runtimes, "runtimes configured on this node")
+    add_subcommand(
+        subcommands,
+        "runtimes",
+        command_runtimes,
+        f"runtimes configured on this node (of {', '.join(RUNTIME_NAMES)})",
+    )
     from adapter.clients.cli.images import add_images_commands  # its own module: the images group
 
     add_images_commands(subcommands)

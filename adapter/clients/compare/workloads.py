@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from adapter.runtimes.registry import RUNTIME_NAMES
+
 if TYPE_CHECKING:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
 MIB = 1024 * 1024
 # Compared unless --runtimes says otherwise: every runtime the service can have a driver for.
-DEFAULT_RUNTIMES = ("native", "containerd", "lxc", "libvirt", "docker")
+DEFAULT_RUNTIMES = RUNTIME_NAMES
 DEFAULT_IMAGE = "localhost/busybox:latest"
 # Long enough to outlive any measurement; short enough that a sleeper orphaned by a killed
 # compare run ends by itself even if nobody sweeps it.

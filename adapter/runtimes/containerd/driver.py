@@ -36,7 +36,6 @@ from adapter.api.containerd.services.tasks.v1 import tasks_pb2
 from adapter.core.confinement import Confinement, held_capabilities
 from adapter.core.errors import (
     AlreadyExists,
-    ConfigError,
     ContainerizerError,
     FailedPrecondition,
     InvalidArgument,
@@ -53,20 +52,14 @@ from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.containerd import spec as oci
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.content import ImageLoader
-from adapter.runtimes.containerd.handle import CONTAINER_LABEL, CONTAINERD_ID, ContainerdHandle
+from adapter.runtimes.containerd.handle import CONTAINER_LABEL, ContainerdHandle
+from adapter.runtimes.containerd.options import ContainerdOptions
 from adapter.runtimes.containerd.state import ContainerdState
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.registry import limitation_at_exit
 
 log = logging.getLogger(__name__)
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULTS = {
-    "address": DEFAULT_ADDRESS,
-    "namespace": "containerizer",
-    "runtime": "io.containerd.runc.v2",
-    "snapshotter": "overlayfs",
-}
 RUNC_OPTIONS_TYPE_URL = oci_pb2.Options.DESCRIPTOR.full_name
 FINGERPRINT_TIMEOUT = 3.0
 EXIT_AFTER_KILL_TIMEOUT = 30.0
@@ -87,17 +80,12 @@ def exit_from_status(status: int) -> Exit:
 class ContainerdDriver:
     name = "containerd"
 
-    def __init__(self, options: dict[str, Any], services: Services) -> None:
-        settings = {**DEFAULTS, **options}
-        self._address: str = settings["address"]
-        self._namespace: str = settings["namespace"]
-        self._runtime: str = settings["runtime"]
-        self._snapshotter: str = settings["snapshotter"]
-        self._runtime_binary: str | None = settings.get("runtime_binary")
-        where = services.node.where(self.name)
-        for key in ("namespace", "snapshotter"):
-            if not CONTAINERD_ID.fullmatch(settings[key]):
-                raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a containerd name")
+    def __init__(self, options: ContainerdOptions, services: Services) -> None:
+        self._address = options.address
+        self._namespace = options.namespace
+        self._runtime = options.runtime
+        self._snapshotter = options.snapshotter
+        self._runtime_binary = options.runtime_binary
         self._node = services.node
         self._cgroups_root = services.node.cgroups_root
         self._cgroups = services.cgroups

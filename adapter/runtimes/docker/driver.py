@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import signal as signals
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,6 @@ import docker.utils  # type: ignore[import-untyped]
 from adapter.core.confinement import Confinement
 from adapter.core.errors import (
     AlreadyExists,
-    ConfigError,
     ContainerizerError,
     FailedPrecondition,
     InvalidArgument,
@@ -61,20 +59,13 @@ from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
 from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fields
 from adapter.runtimes.docker.handle import DockerHandle
 from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
+from adapter.runtimes.docker.options import DockerOptions
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
+from isolators.registry import ACCOUNTED_CONTROLLERS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
-ENDPOINT = re.compile(r"unix:///\S+|tcp://[A-Za-z0-9.\-]+:\d{1,5}")
-REGISTRY = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?")
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-# Docker's reference grammar: [registry[:port]/]path[:tag][@sha256:digest]
-IMAGE_REFERENCE = re.compile(
-    rf"(?:[A-Za-z0-9.\-]+(?::\d{{1,5}})?/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
-    r"(?::\w[\w.\-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
-)
 WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
 STOP_TIMEOUT_SECONDS = 30.0
 SIGNAL_MAX = int(signals.SIGRTMAX)
@@ -151,22 +142,10 @@ def resource_fields(limits: Limits) -> dict[str, int]:
 class DockerDriver:
     name = "docker"
 
-    def __init__(self, options: dict[str, Any], services: Services) -> None:
-        where = services.node.where(self.name)
-        endpoint = str(options.get("endpoint", DEFAULT_ENDPOINT))
-        if ENDPOINT.fullmatch(endpoint) is None:
-            raise ConfigError(
-                f"{where}.endpoint: expected unix:///PATH or tcp://HOST:PORT, got {endpoint!r}"
-            )
-        registry = options.get("registry")
-        if registry is not None and REGISTRY.fullmatch(registry) is None:
-            raise ConfigError(f"{where}.registry: expected HOST[:PORT], got {registry!r}")
-        self._registry: str | None = registry
-        sandbox_image = options.get("sandbox_image")
-        if sandbox_image is not None and not _is_image_reference(sandbox_image):
-            raise ConfigError(f"{where}.sandbox_image: not an image reference: {sandbox_image!r}")
-        self._sandbox_image: str | None = sandbox_image
-        self._engine = DockerEngine(endpoint)
+    def __init__(self, options: DockerOptions, services: Services) -> None:
+        self._registry = options.registry
+        self._sandbox_image = options.sandbox_image
+        self._engine = DockerEngine(options.endpoint)
         self._owner = str(services.node.state_dir)
         self._cgroups_root = check_root(services.node.cgroups_root)
         self._node = services.node
@@ -451,7 +430,8 @@ class DockerDriver:
         if tracked is None:
             raise NotFound(f"docker runtime: no running container {container_id!r}")
         hierarchies = self._services.cgroups.hierarchies
-        statistics = read_statistics(names.cgroup_dirs(hierarchies, tracked.handle.cgroup))
+        dirs = hierarchies.dirs_at(tracked.handle.cgroup, ACCOUNTED_CONTROLLERS)
+        statistics = read_statistics(dirs)
         statistics.update(await self._network.usage(container_id))
         return statistics
 
@@ -501,10 +481,6 @@ class DockerDriver:
         self._follower.stop()
         await self._engine.close()
         await self._network.close()
-
-
-def _is_image_reference(reference: str) -> bool:
-    return IMAGE_REFERENCE.fullmatch(reference) is not None
 
 
 def _sandbox_of(inspect: Inspect) -> Path | None:

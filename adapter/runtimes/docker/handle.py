@@ -18,22 +18,19 @@ when the container stops but leaves `P` in every hierarchy; `remove_parent_cgrou
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from isolators.cgroups.hierarchy import MOUNTINFO, Hierarchies
-from isolators.registry import ACCOUNTED_CONTROLLERS
+from isolators.cgroups.hierarchy import cgroup_mount_points
+from isolators.cgroups.locate import UNIFIED, process_cgroups
 
 LABEL_CONTAINER_ID = "org.containerizer.container-id"
 LABEL_OWNER = "org.containerizer.state-dir"
 LABEL_ROLE = "org.containerizer.role"
 ROLE_SANDBOX = "network-sandbox"  # the value of LABEL_ROLE on a sandbox; workloads have none
 SANDBOX_MOUNT = "/mnt/mesos/sandbox"  # Mesos' DockerContainerizer convention
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -82,51 +79,15 @@ def cgroup_parent(cgroups_root: str, container_id: str) -> str:
 
 
 def cgroup_of_process(pid: int) -> str | None:
-    """The memory (v1) or unified (v2) cgroup path of a process, from /proc/<pid>/cgroup; None
-    once the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return None
-    unified = None
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-        if controllers == "":
-            unified = path
-    return unified
-
-
-def cgroup_dirs(hierarchies: Hierarchies, relative: str) -> list[Path]:
-    """The container's directory in each accounted controller (one on v2), existing or not."""
-    dirs: list[Path] = []
-    for controller in ACCOUNTED_CONTROLLERS:
-        if hierarchies.has(controller):
-            candidate = hierarchies.mounts[controller] / relative.lstrip("/")
-            if candidate not in dirs:
-                dirs.append(candidate)
-    return dirs
-
-
-def cgroup_mount_points(mountinfo: Path = MOUNTINFO) -> list[Path]:
-    """Every cgroup and cgroup2 mount, named hierarchies (name=systemd) included: Docker creates
-    the parent directory in all of them."""
-    points: list[Path] = []
-    with contextlib.suppress(OSError):
-        for line in mountinfo.read_text().splitlines():
-            before, sep, after = line.partition(" - ")
-            fields = before.split()
-            if sep and len(fields) >= 5 and after.split()[:1] in (["cgroup"], ["cgroup2"]):
-                point = Path(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
-                if point not in points:
-                    points.append(point)
-    return points
+    """The memory (v1) or unified (v2) cgroup path of a process; None once it is gone."""
+    paths = process_cgroups(pid)
+    return paths.get("memory", paths.get(UNIFIED))
 
 
 def remove_parent_cgroups(cgroups_root: str, container_id: str) -> list[Path]:
-    """rmdir `<mount>/<cgroups_root>/<container id>` in every hierarchy; return those that
-    remain (still holding a container's leaf, i.e. the container is not gone yet)."""
+    """rmdir `<mount>/<cgroups_root>/<container id>` in every hierarchy, named ones included
+    (Docker creates the parent in all of them); return those that remain (still holding a
+    container's leaf, i.e. the container is not gone yet)."""
     remaining: list[Path] = []
     relative = cgroup_parent(cgroups_root, container_id).lstrip("/")
     for mount in cgroup_mount_points():

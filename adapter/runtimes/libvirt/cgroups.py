@@ -18,7 +18,8 @@ from adapter.runtimes.libvirt import domain
 from adapter.runtimes.libvirt.handle import GuestHandle
 from isolators.cgroups import files
 from isolators.cgroups.errors import CgroupFileError
-from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
+from isolators.cgroups.hierarchy import MOUNTINFO, Hierarchies, parse_mountinfo
+from isolators.cgroups.locate import dirs_in, process_cgroups
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,16 @@ def remove_partition(partition: str) -> None:
             directory.rmdir()
 
 
-def attach_qemu(handle: GuestHandle) -> GuestHandle:
+def attach_qemu(handle: GuestHandle, hierarchies: Hierarchies) -> GuestHandle:
     """The handle completed with QEMU's pid and the domain's real cgroup directories, found by
     the domain UUID on QEMU's command line (libvirt keeps its pid file in its own run dir)."""
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
         if "-uuid" in cmdline and handle.domain_uuid in cmdline:
-            try:
-                cgroup_text = Path(f"/proc/{process.pid}/cgroup").read_text()
-            except OSError:
+            paths = process_cgroups(process.pid)
+            if not paths:  # QEMU ended already
                 break
-            mounts = parse_mountinfo(MOUNTINFO.read_text())
-            controllers = dict(mounts.v1) if mounts.v1 else {"": mounts.v2} if mounts.v2 else {}
-            dirs = tuple(domain.qemu_cgroup_dirs(cgroup_text, controllers))
+            dirs = tuple(domain.domain_cgroup_dirs(dirs_in(hierarchies, paths).values()))
             return GuestHandle(**{**handle.__dict__, "qemu_pid": process.pid, "cgroup_dirs": dirs})
     log.warning("libvirt: QEMU of %s not found; usage will lack cgroup numbers", handle.domain_name)
     return handle

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.core.errors import ConfigError, FailedPrecondition, InvalidArgument, LaunchFailed
+from adapter.core.errors import FailedPrecondition, InvalidArgument, LaunchFailed
 
 QEMU_IMG = "qemu-img"
 ISO_BUILDERS = ("genisoimage", "xorrisofs", "mkisofs")  # same mkisofs command line
@@ -38,20 +38,6 @@ CONFIG_DRIVE_LABEL = "cidata"  # what cloud-init's NoCloud datasource looks for
 OVERLAY_NAME = "disk.qcow2"
 CONFIG_DRIVE_NAME = "cidata.iso"
 FIELD_IMAGE = "container.image"
-
-
-def parse_disk_images(table: Any) -> dict[str, Path]:
-    """`runtimes.libvirt.disk_images`: name -> absolute path of a qcow2 base disk."""
-    if not isinstance(table, dict):
-        raise ConfigError("runtimes.libvirt.disk_images: expected a table of name = path")
-    images: dict[str, Path] = {}
-    for name, path in table.items():
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ConfigError(
-                f"runtimes.libvirt.disk_images.{name}: expected an absolute path, got {path!r}"
-            )
-        images[name] = Path(path)
-    return images
 
 
 def resolve_image(images: dict[str, Path], reference: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ METADATA_PREFIX = "containerizer"
 DOMAIN_PREFIX = "containerizer-"
 
 # Characters XML 1.0 cannot represent (its `Char` production excludes these).
+# The thread groups libvirt makes inside a domain's cgroup (cpu, cpuacct, cpuset).
+THREAD_GROUP = re.compile(r"emulator|vcpu\d+|iothread\d+")
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
@@ -216,21 +219,16 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
-def qemu_cgroup_dirs(proc_cgroup: str, mounts: dict[str, Path]) -> list[str]:
-    """The domain's cgroup directories from the QEMU process's /proc/<pid>/cgroup.
+def domain_cgroup_dirs(qemu_dirs: Iterable[Path]) -> list[str]:
+    """The domain's cgroup directories from those of its QEMU process.
 
     libvirt puts QEMU's main thread in `<domain cgroup>/emulator` (and vCPU threads in
     `vcpu<N>`) in the cpu/cpuacct/cpuset hierarchies, and the whole domain in one cgroup in the
-    others; the accounting reader wants the domain level, which holds all of them."""
-    dirs: list[str] = []
-    for line in proc_cgroup.splitlines():
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(","):
-            mount = mounts.get(controller)
-            if mount is None or not path.startswith("/"):
-                continue
-            domain_path = re.sub(r"/(emulator|vcpu\d+|iothread\d+)$", "", path)
-            directory = str(mount / domain_path.lstrip("/"))
-            if directory not in dirs:
-                dirs.append(directory)
-    return dirs
+    others; the accounting reader wants the domain level, which holds all of them. It counts
+    processes in the first directory that lists any, and a domain-level directory above the
+    thread groups lists none itself: those come after the ones QEMU is in."""
+    dirs = list(qemu_dirs)
+    in_thread_group = [d for d in dirs if THREAD_GROUP.fullmatch(d.name)]
+    holding_qemu = [d for d in dirs if d not in in_thread_group]
+    domain_dirs = [*holding_qemu, *(d.parent for d in in_thread_group)]
+    return list(dict.fromkeys(map(str, domain_dirs)))

@@ -74,9 +74,10 @@ KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 class LibvirtDriver:
     name = "libvirt"
 
-    def __init__(self, options: dict[str, Any], services: Services) -> None:
+    def __init__(self, options: LibvirtOptions, services: Services) -> None:
         node = services.node
-        self._options = LibvirtOptions.parse(options, node.state_dir)
+        self._options = options
+        self._services = services  # its cgroups are discovered at the first launch
         self._owner = str(node.state_dir)
         self._base_dir = node.state_dir / "libvirt"
         self._run_root = self._base_dir / "run"
@@ -197,7 +198,7 @@ class LibvirtDriver:
             address = _guest_address(attachment)
             xml = await self._prepare(spec, handle, guest, base_disk, address)
             await self._start_domain(conn, xml)
-            guest.handle = cgroups.attach_qemu(handle)
+            guest.handle = cgroups.attach_qemu(handle, self._services.cgroups.hierarchies)
             if address is not None:
                 with network_errors():
                     await self._network.isolator.link_created(cid)

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 KVM_DEVICE = Path("/dev/kvm")
-VIRT_TYPES = ("auto", "kvm", "qemu")
 VERSION_TIMEOUT = 10.0
 
 

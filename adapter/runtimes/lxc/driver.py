@@ -63,10 +63,12 @@ from typing import Any
 
 from adapter.core.confinement import Confinement
 from adapter.core.errors import ConfigError, FailedPrecondition, LaunchFailed, NotFound
+from adapter.core.identity import workload_identity
 from adapter.core.model import (
     Capabilities,
     Exit,
     Fingerprint,
+    Identity,
     LaunchSpec,
     Resources,
     Statistics,
@@ -76,7 +78,8 @@ from adapter.core.workload import Workload, merge
 from adapter.images import Image
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
-from adapter.runtimes.lxc.handle import LxcHandle, cgroup_dirs_of, find_container_processes
+from adapter.runtimes.lxc.handle import LxcHandle, find_container_processes
+from adapter.runtimes.lxc.options import LxcOptions
 from adapter.runtimes.lxc.rootfs import (
     RUN_TARGET,
     SANDBOX_TARGET,
@@ -91,6 +94,7 @@ from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.errors import CgroupError
+from isolators.cgroups.locate import cgroup_dirs_of, distinct
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.network.model import Attachment
@@ -101,7 +105,6 @@ log = logging.getLogger(__name__)
 STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
 HANDSHAKE_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_TIMEOUT_S = 10.0
-NETWORK_TYPES = ("empty", "none", "veth")
 SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
 # /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
@@ -124,23 +127,18 @@ class _Container:
 class LxcDriver:
     name = "lxc"
 
-    def __init__(self, options: dict[str, Any], services: Services) -> None:
+    def __init__(self, options: LxcOptions, services: Services) -> None:
         node = services.node
         self._lxcpath = node.state_dir / "lxc" / "containers"
         self._rootfs = BaseRootfs(node.state_dir, services.images)
-        self._configured_supervisor: str | None = options.get("supervisor")
-        self._network = options.get("network", "empty")
-        self._network_link = options.get("network_link")
-        where = node.where(self.name)
-        if self._network not in NETWORK_TYPES:
-            raise ConfigError(f"{where}.network: expected one of {NETWORK_TYPES}")
-        if (self._network == "veth") != (self._network_link is not None):
-            raise ConfigError(f"{where}.network_link: required with (and only with) 'veth'")
+        self._configured_supervisor = options.supervisor
+        self._network = options.network_type
+        self._network_link = options.network_link
         self._node_network = services.network
-        if "network" in options and self._node_network.chooses_all:
+        if options.network is not None and self._node_network.chooses_all:
             raise ConfigError(
-                f"{where}.network: the node's [network] table chooses the containers' network;"
-                " remove this key"
+                f"{node.where(self.name)}.network: the node's [network] table chooses the"
+                " containers' network; remove this key"
             )
         self._node = node
         self._cgroups_root = node.cgroups_root
@@ -260,7 +258,9 @@ class LxcDriver:
     def _monitor_cgroup(self, container_id: str) -> str:
         return f"{self._cgroups_root}.lxc-monitor.{container_id}"
 
-    def _launch_config(self, spec: LaunchSpec, workload: Workload) -> protocol.LaunchConfig:
+    def _launch_config(
+        self, spec: LaunchSpec, workload: Workload, identity: Identity
+    ) -> protocol.LaunchConfig:
         """The supervisor's configuration, in the container's paths: it runs as the init."""
         policy = Confinement(spec.privileged, spec.no_new_privileges)
         # LXC's cgroup:ro mounts the hierarchies read-only on a writable tmpfs: that too.
@@ -274,7 +274,7 @@ class LxcDriver:
             enforcement=enforcement,
             env=workload.environment,
             cwd=workload.working_dir,
-            user=workload.user,
+            identity=identity,
             hostname=spec.container_id[:63],
         )
 
@@ -288,9 +288,11 @@ class LxcDriver:
             workload = merge(
                 spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER
             )
-            payload = self._launch_config(spec, workload).encode()
-            network = await self._prepare_network(spec)
+            # The user is the container root's: the busybox base's or the image's /etc files.
             lower = await self._rootfs.lower(spec.image)
+            identity = await workload_identity(workload.user, spec.linux, lower)
+            payload = self._launch_config(spec, workload, identity).encode()
+            network = await self._prepare_network(spec)
             config = self._config(spec, lower, supervisor, network)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
@@ -343,10 +345,8 @@ class LxcDriver:
         )
         # A workload that already ended took its processes along: pid 0 records "gone".
         init = init or ProcessRef(0, init_start)
-        mounts = {c: m for c, m in self._hierarchies.mounts.items() if c in ACCOUNTED_CONTROLLERS}
-        if self._hierarchies.version == 2:
-            mounts = {"": next(iter(self._hierarchies.mounts.values()))}
-        dirs = cgroup_dirs_of(init.pid, mounts) if init.pid else ()
+        found = cgroup_dirs_of(init.pid, self._hierarchies) if init.pid else {}
+        dirs = distinct(d for c, d in found.items() if c in ACCOUNTED_CONTROLLERS)
         return LxcHandle(
             name=cid,
             lxcpath=str(self._lxcpath),
@@ -354,7 +354,7 @@ class LxcDriver:
             init=init,
             workload_init=workload_init or ProcessRef(0, workload_init_start),
             status_file=str(self._container_dir(cid) / "run" / "status"),
-            cgroup_dirs=dirs or tuple(str(d) for d in self._hierarchies.container_dirs(cid)),
+            cgroup_dirs=tuple(map(str, dirs or self._hierarchies.container_dirs(cid))),
         )
 
     def _lxc_errors(self, cid: str) -> str:

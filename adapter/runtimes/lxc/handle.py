@@ -16,7 +16,6 @@ the supervisor's, read by adapter/supervisor/processes.py like the native driver
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 from dataclasses import dataclass
@@ -99,19 +98,3 @@ def find_container_processes(
 
     init = child(monitor_pid, init_start)
     return init, child(init.pid, workload_init_start) if init else None
-
-
-def cgroup_dirs_of(pid: int, mount_of: dict[str, Path]) -> tuple[str, ...]:
-    """The cgroup directories of `pid` per /proc/PID/cgroup, for the controllers in `mount_of`
-    (controller -> mount point; "" stands for the v2 unified hierarchy)."""
-    dirs: list[str] = []
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                mount = mount_of.get(controller)
-                if mount is not None:
-                    directory = str(mount / path.lstrip("/"))
-                    if directory not in dirs:
-                        dirs.append(directory)
-    return tuple(dirs)

@@ -26,8 +26,10 @@ from typing import Any
 
 from adapter.core.confinement import Confinement
 from adapter.core.errors import FailedPrecondition, NotFound
+from adapter.core.identity import workload_identity
 from adapter.core.model import (
     Capabilities,
+    ExecResult,
     Exit,
     Fingerprint,
     LaunchSpec,
@@ -38,7 +40,10 @@ from adapter.core.network import network_errors, network_request
 from adapter.core.services import Services
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.native import linux
+from adapter.runtimes.native.options import NativeOptions
 from adapter.supervisor import client as supervisor
+from adapter.supervisor.exec import ExecConfig, exec_sync
 from adapter.supervisor.processes import supervised_exit
 from isolators.base import Isolator, Limitation
 from isolators.cgroups.isolator import CgroupIsolator
@@ -56,8 +61,14 @@ log = logging.getLogger(__name__)
 class _Running:
     """One container this driver watches: its supervisor, exit and limitation tasks."""
 
-    def __init__(self, handle: supervisor.SupervisorHandle, exit_task: asyncio.Task[Any]) -> None:
+    def __init__(
+        self,
+        handle: supervisor.SupervisorHandle,
+        exit_task: asyncio.Task[Any],
+        spec: LaunchSpec | None = None,
+    ) -> None:
         self.handle = handle
+        self.spec = spec  # what was launched: an exec runs as its workload
         self.exit_task = exit_task
         self.limitation: Limitation | None = None
         self.watch_task: asyncio.Task[None] | None = None
@@ -66,10 +77,10 @@ class _Running:
 class NativeDriver:
     name = "native"
 
-    def __init__(self, options: dict[str, Any], services: Services) -> None:
+    def __init__(self, options: NativeOptions, services: Services) -> None:
         node = services.node
-        self._configured_binary = options.get("supervisor")
-        self._namespaces = bool(options.get("namespaces", True))
+        self._configured_binary = options.supervisor
+        self._namespaces = options.namespaces
         self._run_dir = node.state_dir / "native"
         self._node = node
         names = list(node.isolators)
@@ -120,13 +131,10 @@ class NativeDriver:
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
         run_dir.mkdir(parents=True, mode=0o700)  # root's only: its files are ours
         try:
-            with network_errors():
-                network = await self._network.prepare(cid, network_request(spec))
+            netns, address = await self._prepare_network(spec)
             workload, filesystem = await self._workload(spec, run_dir)
-            policy = Confinement(spec.privileged, spec.no_new_privileges)
-            own_root = filesystem is not None
-            enforcement = supervisor.Enforcement.of(
-                policy, self._seccomp(), own_root=own_root, cgroup_namespace=own_root
+            enforcement = linux.enforcement(
+                spec, self._seccomp_filter, own_root=filesystem is not None
             )
             limits = self._node.limits(spec.resources).for_isolators()
             prepared = await prepare_isolators(self._isolators, cid, limits)
@@ -138,21 +146,31 @@ class NativeDriver:
                 env=workload.environment,
                 cgroup_procs=prepared.cgroup_procs,
                 cwd=workload.working_dir,
-                user=workload.user,
-                hostname=cid[:63],
+                identity=await workload_identity(
+                    workload.user, spec.linux, filesystem.rootfs_lower if filesystem else None
+                ),
+                hostname=linux.hostname(spec),
                 namespaces=self._namespaces,
-                netns=network.netns_path,
+                netns=netns,
                 filesystem=filesystem,
+                log_file=spec.linux.log_path or None,
             )
             handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
                 await isolator.isolate(cid, handle.child_pid)
         except supervisor.SpawnError as exc:
             raise supervisor.launch_error(cid, exc) from exc
-        self._attach(cid, handle)
-        return Launched(
-            handle=handle.to_json(), pid=handle.child_pid, ip_address=network.address or ""
-        )
+        self._attach(spec, handle)
+        return Launched(handle=handle.to_json(), pid=handle.child_pid, ip_address=address)
+
+    async def _prepare_network(self, spec: LaunchSpec) -> tuple[str | None, str]:
+        """(the network namespace to join or None for the host's, the container's address). A
+        launch that joins a pod's namespace gets no network of its own."""
+        if spec.linux.namespace("net") is not None:
+            return linux.joined_netns(spec), ""
+        with network_errors():
+            network = await self._network.prepare(spec.container_id, network_request(spec))
+        return network.netns_path, network.address or ""
 
     async def _workload(
         self, spec: LaunchSpec, run_dir: Path
@@ -170,9 +188,13 @@ class NativeDriver:
         for part in ("upper", "work", "merged"):
             (rootfs_dir / part).mkdir(parents=True)
         # With a network of its own, the container's /etc/hosts and resolv.conf (none for the
-        # host's network); the isolator owns and removes the files.
-        etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
-        etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
+        # host's network); the isolator owns and removes the files. A pod's container gets the
+        # pod's files instead.
+        if spec.linux.etc_files:
+            etc_binds = spec.linux.etc_files
+        else:
+            etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
+            etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
         filesystem = supervisor.Filesystem(
             str(lower),
             str(rootfs_dir),
@@ -181,8 +203,10 @@ class NativeDriver:
         )
         return workload, filesystem
 
-    def _attach(self, cid: str, handle: supervisor.SupervisorHandle) -> None:
-        running = _Running(handle, asyncio.create_task(self._supervisors.wait_exit(handle)))
+    def _attach(self, spec: LaunchSpec, handle: supervisor.SupervisorHandle) -> None:
+        cid = spec.container_id
+        exit_task = asyncio.create_task(self._supervisors.wait_exit(handle))
+        running = _Running(handle, exit_task, spec)
         running.watch_task = asyncio.create_task(self._watch_limits(cid, running))
         self._running[cid] = running
 
@@ -218,6 +242,41 @@ class NativeDriver:
         if running is None:
             raise NotFound(f"native runtime: no running container {container_id!r}")
         supervisor.kill(running.handle, signal)
+
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        """The command in the container's namespaces and cgroups, as its workload: the same
+        identity, environment and confinement, recomputed from the launch's spec."""
+        running = self._running.get(container_id)
+        if running is None or running.spec is None:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        spec = running.spec
+        image = self._images.get(spec.image) if spec.image else None
+        workload = merge(spec.command, image, host_sandbox=spec.sandbox)
+        rootfs = str(await self._images.rootfs(spec.image)) if spec.image else None
+        config = ExecConfig(
+            target_pid=running.handle.child_pid,
+            target_start_time=running.handle.child_start_time,
+            argv=argv,
+            enforcement=linux.enforcement(spec, self._seccomp_filter, own_root=image is not None),
+            env=workload.environment,
+            cwd=workload.working_dir,
+            identity=await workload_identity(workload.user, spec.linux, rootfs),
+            cgroup_procs=[str(d / "cgroup.procs") for d in self._cgroup_dirs(container_id)],
+        )
+        result = await exec_sync(self._binary(), config, timeout=timeout)
+        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+
+    def _cgroup_dirs(self, container_id: str) -> list[Path]:
+        return self._cgroups.dirs(container_id) if self._cgroups is not None else []
+
+    async def reopen_log(self, container_id: str) -> None:
+        running = self._running.get(container_id)
+        if running is None:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        if not supervisor.reopen_log(running.handle):
+            raise FailedPrecondition(f"native runtime: the supervisor of {container_id!r} is gone")
 
     async def kill_all(self, container_id: str) -> None:
         if self._cgroups is not None:
@@ -267,7 +326,7 @@ class NativeDriver:
         for entry in checkpointed:
             if entry.handle:
                 handle = supervisor.SupervisorHandle.from_json(entry.handle)
-                self._attach(entry.spec.container_id, handle)
+                self._attach(entry.spec, handle)
         if self._run_dir.is_dir():
             for run_dir in self._run_dir.iterdir():
                 if run_dir.name not in known_ids:

@@ -1,0 +1,253 @@
+"""CRI containers: created (a record here only), started (a launch through the core into the
+pod's namespaces), exited (the core's termination, kept here until RemoveContainer).
+
+The core keeps a container from its launch to its destroy; the CRI's container lives longer on
+both sides (created before it starts, kept after it ends), so this module keeps the CRI record
+and a watcher per started container copies the core's termination into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter.core.containerizer import Containerizer
+from adapter.core.errors import ContainerizerError, FailedPrecondition, NotFound
+from adapter.core.model import ExecResult, LaunchSpec, Reason, State, Termination
+from adapter.cri import translate
+from adapter.cri.api import cri
+from adapter.cri.pods import LABEL_POD, LABEL_ROLE, Pods, find, new_id
+from adapter.cri.store import CREATED, EXITED, RUNNING, Container, CriStore
+from adapter.images.store import ImageStore
+
+log = logging.getLogger(__name__)
+
+# A start that fails leaves the container exited, as containerd reports it.
+START_ERROR_EXIT_CODE = 128
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    reference: str  # what the store runs
+    image_id: str  # the config digest, the CRI's image_ref
+
+
+class CriContainers:
+    def __init__(
+        self, core: Containerizer, store: CriStore, pods: Pods, images: ImageStore
+    ) -> None:
+        self.core = core
+        self.store = store
+        self.pods = pods
+        self.images = images
+        self.records: dict[str, Container] = {c.id: c for c in store.load(Container)}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, container_id: str) -> Container:
+        return find(self.records, container_id, "container")
+
+    def of_pod(self, pod_id: str) -> list[Container]:
+        return [c for c in self.records.values() if c.pod_id == pod_id]
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    # ---- lifecycle ----
+
+    def create(self, pod_id: str, config: cri.ContainerConfig) -> Container:
+        translate.check_container_config(config)
+        pod = self.pods.get(pod_id)
+        self.pods.holder_pid(pod)  # the pod must be ready now
+        choice = self._image(config.image.image)
+        directory = pod.pod_config().log_directory
+        log_path = os.path.join(directory, config.log_path) if directory and config.log_path else ""
+        container = Container(
+            id=new_id(),
+            pod_id=pod.id,
+            config=config.SerializeToString(),
+            image_ref=choice.reference,
+            image_id=choice.image_id,
+            created_at=time.time_ns(),
+            log_path=log_path,
+        )
+        self._put(container)
+        return container
+
+    def _image(self, wanted: str) -> ImageChoice:
+        """By reference, or by image id as the kubelet passes it (ImageStatus' id)."""
+        bare = wanted.removeprefix("sha256:")
+        for image in self.images.list():
+            if wanted == image.reference or (
+                len(bare) == 64 and image.config.digest.endswith(bare)
+            ):
+                return ImageChoice(image.reference, image.config.digest)
+        image = self.images.get(wanted, "config.image.image")  # normalised forms, or NotFound
+        return ImageChoice(image.reference, image.config.digest)
+
+    async def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        async with self._lock(container.id):
+            if container.state != CREATED:
+                raise FailedPrecondition(f"container {container.id!r} is not in the created state")
+            try:
+                spec = self._launch_spec(container)
+                await self.core.launch(spec)
+            except ContainerizerError as exc:
+                self._put(
+                    container.evolve(
+                        state=EXITED,
+                        finished_at=time.time_ns(),
+                        exit_code=START_ERROR_EXIT_CODE,
+                        reason="StartError",
+                        message=str(exc),
+                    )
+                )
+                raise
+            self._put(container.evolve(state=RUNNING, started_at=time.time_ns()))
+            self._watch(container.id)
+
+    def _launch_spec(self, container: Container) -> LaunchSpec:
+        pod = self.pods.get(container.pod_id)
+        pod_config = pod.pod_config()
+        config = container.container_config()
+        image = self.images.get(container.image_ref, "config.image.image")
+        security = config.linux.security_context
+        if container.log_path:
+            Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
+        for mount in config.mounts:  # as containerd does: a missing host path is made a directory
+            os.makedirs(mount.host_path, exist_ok=True)
+        sandbox_root = self.core.sandbox_root or self.pods.root
+        return LaunchSpec(
+            container_id=container.id,
+            command=translate.container_command(config, image),
+            resources=translate.container_resources(
+                config.linux.resources, "config.linux.resources"
+            ),
+            runtime=pod.runtime_handler,
+            sandbox=str(sandbox_root / container.id),
+            image=container.image_ref,
+            labels=(
+                (LABEL_ROLE, "container"),
+                (LABEL_POD, pod.id),
+                ("io.kubernetes.pod.name", pod_config.metadata.name),
+                ("io.kubernetes.pod.namespace", pod_config.metadata.namespace),
+                ("io.kubernetes.container.name", config.metadata.name),
+            ),
+            privileged=security.privileged,
+            no_new_privileges=security.no_new_privs,
+            linux=translate.container_options(
+                config,
+                pod_config,
+                holder_pid=self.pods.holder_pid(pod),
+                pod_files=self.pods.files(pod.id),
+                log_path=container.log_path,
+            ),
+        )
+
+    def _watch(self, container_id: str) -> None:
+        self._watchers[container_id] = asyncio.create_task(self._await_exit(container_id))
+
+    async def _await_exit(self, container_id: str) -> None:
+        try:
+            termination = await self.core.wait(container_id)
+        except NotFound:
+            termination = Termination(
+                reason=Reason.LOST,
+                message="the container's record is gone",
+                finished_at=time.time(),
+            )
+        container = self.records.get(container_id)
+        if container is not None and container.state == RUNNING:
+            self._put(exited(container, termination))
+
+    async def stop(self, container_id: str, timeout: int) -> None:
+        """SIGTERM, then after `timeout` seconds SIGKILL of every process (the core's destroy)."""
+        container = self.get(container_id)
+        if container.state != RUNNING:
+            return
+        if timeout > 0:
+            with contextlib.suppress(ContainerizerError):
+                await self.core.kill(container.id, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.core.wait(container.id)), timeout)
+        if self.core.status(container.id).state is not State.TERMINATED:
+            with contextlib.suppress(NotFound):
+                await self.core.destroy(container.id)
+        watcher = self._watchers.pop(container.id, None)
+        if watcher is not None:
+            await watcher
+
+    async def remove(self, container_id: str) -> None:
+        try:
+            container = self.get(container_id)
+        except NotFound:
+            return  # removing what is gone is no error in the CRI
+        await self.stop(container.id, 0)
+        with contextlib.suppress(NotFound):
+            await self.core.destroy(container.id)  # forgets the terminated record
+        self.records.pop(container.id, None)
+        self._locks.pop(container.id, None)
+        self.store.delete(container)
+
+    async def exec_sync(self, container_id: str, argv: list[str], timeout: int) -> ExecResult:
+        container = self.get(container_id)
+        if container.state != RUNNING:
+            raise FailedPrecondition(f"container {container.id!r} is not running")
+        return await self.core.exec_sync(container.id, tuple(argv), float(timeout) or None)
+
+    def recover(self) -> None:
+        """Re-watch started containers; one whose core record is gone or ended gets its exit."""
+        for container in list(self.records.values()):
+            if container.state != RUNNING:
+                continue
+            try:
+                record = self.core.status(container.id)
+            except NotFound:
+                self._put(
+                    exited(
+                        container,
+                        Termination(reason=Reason.LOST, message="lost while the service was down"),
+                    )
+                )
+                continue
+            if record.state is State.TERMINATED and record.termination is not None:
+                self._put(exited(container, record.termination))
+            else:
+                self._watch(container.id)
+
+    async def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._watchers.clear()
+
+    def _put(self, container: Container) -> None:
+        self.records[container.id] = container
+        self.store.put(container)
+
+
+def exited(container: Container, termination: Termination) -> Container:
+    if termination.signal is not None:
+        code = 128 + termination.signal
+    else:
+        code = termination.exit_code if termination.exit_code is not None else 255
+    if termination.reason is Reason.LIMITATION_MEMORY:
+        reason = "OOMKilled"
+    elif code == 0:
+        reason = "Completed"
+    else:
+        reason = "Error"
+    finished = termination.finished_at or time.time()
+    return container.evolve(
+        state=EXITED,
+        finished_at=int(finished * 1_000_000_000),
+        exit_code=code,
+        reason=reason,
+        message=termination.message,
+    )

@@ -1,0 +1,162 @@
+"""A real `containerizer serve` driven through its CRI socket, with the CRI's own stubs.
+
+One service per xdist worker (session scope) with a bridge network, privileged launches allowed
+(some CRI specs need them) and the test busybox image imported through our Images API."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
+from adapter.cri.api import cri, cri_grpc
+from tests.conftest import ServiceProcess, require_root
+from tests.images import REFERENCE, busybox_oci_layout
+from tests.integration.test_network import network_config
+
+TIMEOUT = 60
+
+
+class CriNode:
+    def __init__(self, service: ServiceProcess) -> None:
+        self.service = service
+        self.cri_socket = service.workdir / "cri.sock"
+        self.channel = grpc.insecure_channel(f"unix:{self.cri_socket}")
+        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
+        self.images = cri_grpc.ImageServiceStub(self.channel)
+        self.image = REFERENCE
+        self.log_root = service.workdir / "logs"
+
+    def reconnect(self) -> None:
+        self.channel.close()
+        self.channel = grpc.insecure_channel(f"unix:{self.cri_socket}")
+        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
+        self.images = cri_grpc.ImageServiceStub(self.channel)
+
+    def pod_config(self, name: str = "", **fields: object) -> cri.PodSandboxConfig:
+        name = name or f"pod-{uuid.uuid4().hex[:8]}"
+        config = cri.PodSandboxConfig(
+            metadata=cri.PodSandboxMetadata(name=name, namespace="test", uid=uuid.uuid4().hex),
+            log_directory=str(self.log_root / name),
+            **fields,  # type: ignore[arg-type]
+        )
+        return config
+
+    def run_pod(self, config: cri.PodSandboxConfig | None = None) -> str:
+        config = config or self.pod_config()
+        reply = self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=TIMEOUT)
+        return str(reply.pod_sandbox_id)
+
+    def container_config(
+        self, *command: str, name: str = "", **fields: object
+    ) -> cri.ContainerConfig:
+        name = name or f"c-{uuid.uuid4().hex[:8]}"
+        return cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name),
+            image=cri.ImageSpec(image=self.image),
+            command=list(command),
+            log_path=f"{name}.log",
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def create(self, pod_id: str, config: cri.ContainerConfig) -> str:
+        reply = self.runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config), timeout=TIMEOUT
+        )
+        return str(reply.container_id)
+
+    def start(self, container_id: str) -> None:
+        self.runtime.StartContainer(
+            cri.StartContainerRequest(container_id=container_id), timeout=TIMEOUT
+        )
+
+    def run(self, pod_id: str, config: cri.ContainerConfig) -> str:
+        container_id = self.create(pod_id, config)
+        self.start(container_id)
+        return container_id
+
+    def status(self, container_id: str) -> cri.ContainerStatus:
+        return self.runtime.ContainerStatus(
+            cri.ContainerStatusRequest(container_id=container_id), timeout=TIMEOUT
+        ).status
+
+    def wait_exited(self, container_id: str, timeout: float = 30) -> cri.ContainerStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(container_id)
+            if status.state == cri.CONTAINER_EXITED:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{container_id} did not exit: {status}")
+            time.sleep(0.05)
+
+    def exec_sync(
+        self, container_id: str, *command: str, timeout: int = 10
+    ) -> cri.ExecSyncResponse:
+        return self.runtime.ExecSync(
+            cri.ExecSyncRequest(container_id=container_id, cmd=list(command), timeout=timeout),
+            timeout=timeout + TIMEOUT,
+        )
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.runtime.StopPodSandbox(
+            cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+        )
+        self.runtime.RemovePodSandbox(
+            cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+        )
+
+    def remove_all_pods(self) -> None:
+        for pod in self.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=TIMEOUT).items:
+            with contextlib.suppress(grpc.RpcError):
+                self.remove_pod(pod.id)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def cri_service(workdir: Path) -> ServiceProcess:
+    require_root()
+    bridge, subnet = network_config()
+    return ServiceProcess(
+        workdir,
+        extra_config=(
+            f'cri_socket = "{workdir / "cri.sock"}"\nallow_privileged = true\n'
+            f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
+        ),
+    )
+
+
+def import_busybox(service: ServiceProcess, workdir: Path) -> None:
+    channel = grpc.insecure_channel(service.endpoint)
+    try:
+        stub = images_pb2_grpc.ImagesStub(channel)
+        tarball = busybox_oci_layout(workdir)
+        list(stub.Import(images_pb2.ImportRequest(path=str(tarball)), timeout=120))
+    finally:
+        channel.close()
+
+
+@pytest.fixture(scope="session")
+def cri_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
+    workdir = tmp_path_factory.mktemp("cri")
+    service = cri_service(workdir)
+    service.start()
+    node = CriNode(service)
+    try:
+        import_busybox(service, workdir)
+        yield node
+    finally:
+        with contextlib.suppress(Exception):
+            node.remove_all_pods()
+        node.close()
+        with contextlib.suppress(Exception):
+            service.destroy_all()
+        service.stop()
+        service.remove_cgroup_roots()
