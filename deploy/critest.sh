@@ -64,6 +64,7 @@ allow_privileged = true
 bridge = "ctzcri$(( $$ % 10000 ))"
 subnet = "10.$(( 100 + $$ % 100 )).0.0/16"
 allow_privileged_ports = true
+allow_host = true
 EOF
 .venv/bin/containerizer serve --config "$work/config.toml" >"$work/service.log" 2>&1 &
 service=$!

@@ -232,6 +232,7 @@ struct options {
     const char *log_file;        /* CRI log mode: stdout and stderr become records in it */
     const char *exec_in;         /* exec mode: the host pid of the container's init */
     const char *exec_start_time; /* and its start time, so that a reused pid is refused */
+    const char *exec_report_fd;  /* where a failure before the command's exec is reported */
     const char *rootfs_lower; /* image rootfs (read-only lower layer) or NULL */
     const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
     struct bind *binds;
@@ -296,9 +297,18 @@ static int exec_mode;
 
 /* Reports a failure before any workload runs and exits with `status`: the handshake line
  * `error TEXT` on stdout, or in exec mode `containerizer-supervisor: TEXT` on stderr. */
+/* Exec mode: the caller's pipe that tells a command that never ran (its exec failed, or the
+ * container could not be joined) from a command that ran and exited 126 or 127. */
+static int exec_report_fd = -1;
+
 static void report_failure(const char *text, int status)
 {
     char line[600];
+    if (exec_mode && exec_report_fd >= 0) {
+        int n = snprintf(line, sizeof line, "error %s\n", text);
+        if (n > 0)
+            (void)write_all(exec_report_fd, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    }
     int n = snprintf(line, sizeof line, "%s%s\n", exec_mode ? "containerizer-supervisor: " : "error ",
                      text);
     if (n >= (int)sizeof line) {
@@ -449,6 +459,7 @@ static int take_value(struct options *opts, const char *name, const char *value)
         {"--log-file", offsetof(struct options, log_file)},
         {"--exec-in", offsetof(struct options, exec_in)},
         {"--exec-start-time", offsetof(struct options, exec_start_time)},
+        {"--exec-report-fd", offsetof(struct options, exec_report_fd)},
         {"--rootfs-lower", offsetof(struct options, rootfs_lower)},
         {"--rootfs-dir", offsetof(struct options, rootfs_dir)},
     };
@@ -1125,11 +1136,26 @@ static void enter_rootfs(int errpipe, const struct options *opts)
 
 /* Hides each masked path (a file under /dev/null, a directory under an empty read-only tmpfs)
  * and makes each read-only path read-only; a path this kernel does not have is skipped. */
+/* A mount cannot sit on a symlink: masking one would hide its target instead (in an image
+ * whose applets all link to /bin/busybox, the shell itself). The container's own writable layer
+ * gets an empty file in its place, before anything of the container runs; a read-only root
+ * keeps the link, and its target is masked. */
+static void unlink_masked_symlink(const char *path)
+{
+    struct stat info;
+    if (lstat(path, &info) < 0 || !S_ISLNK(info.st_mode) || unlink(path) < 0)
+        return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0);
+    if (fd >= 0)
+        close(fd);
+}
+
 static void confine_paths(int errpipe, const struct options *opts)
 {
     const unsigned long locked = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC;
     struct stat info;
     for (char **path = opts->masked_paths; *path != NULL; path++) {
+        unlink_masked_symlink(*path);
         if (stat(*path, &info) < 0) {
             if (errno == ENOENT || errno == ENOTDIR)
                 continue;
@@ -1975,6 +2001,13 @@ static void join_target_namespaces(const int fds[])
 static int run_exec(struct options *opts, int devnull)
 {
     int fds[EXEC_NAMESPACES], wstatus;
+    if (opts->exec_report_fd != NULL) {
+        exec_report_fd = (int)exec_number(opts->exec_report_fd, "--exec-report-fd", INT_MAX);
+        /* The command must not inherit it: only we (and our child until its exec) write it. */
+        if (exec_report_fd <= STDERR_FILENO || fcntl(exec_report_fd, F_SETFD, FD_CLOEXEC) < 0)
+            usage_error("--exec-report-fd needs an open descriptor above 2, got",
+                        opts->exec_report_fd);
+    }
     pid_t target = (pid_t)exec_number(opts->exec_in, "--exec-in", INT_MAX);
     open_target_namespaces(target, exec_number(opts->exec_start_time, "--exec-start-time",
                                                ULLONG_MAX), fds);

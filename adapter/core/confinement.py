@@ -19,6 +19,7 @@ the OCI spec for containerd, the Engine API for docker).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -240,7 +241,8 @@ class Confinement:
             return ALL_CAPABILITIES
         dropped = capability_names(self.dropped)
         kept = tuple(name for name in DEFAULT_CAPABILITIES if name not in dropped)
-        added = capability_names(self.added)
+        # Only what this node holds can be added ("ALL" on a node that itself runs confined).
+        added = capability_names(self.added) & frozenset(_node_capabilities())
         return kept + tuple(name for name in ALL_CAPABILITIES if name in added and name not in kept)
 
     @property
@@ -331,6 +333,11 @@ def held_capabilities(status: str | None = None) -> tuple[str, ...]:
             mask = int(line.split()[1], 16)
             return tuple(name for name in ALL_CAPABILITIES if mask >> CAPABILITY_NUMBERS[name] & 1)
     return ALL_CAPABILITIES
+
+
+@functools.cache
+def _node_capabilities() -> tuple[str, ...]:
+    return held_capabilities()
 
 
 def kernel_capabilities(last_cap: str | None = None) -> tuple[str, ...]:

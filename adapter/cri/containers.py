@@ -98,6 +98,7 @@ class CriContainers:
                 raise FailedPrecondition(f"container {container.id!r} is not in the created state")
             try:
                 spec = self._launch_spec(container)
+                log.debug("starting %s as %s", container.id, spec)
                 await self.core.launch(spec)
             except ContainerizerError as exc:
                 self._put(

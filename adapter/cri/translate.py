@@ -276,15 +276,16 @@ def container_namespaces(
     uts = HOST_NAMESPACE if host_network(pod_config) else holder("uts")
     ipc = HOST_NAMESPACE if pod_options.ipc == cri.NODE else holder("ipc")
     namespaces = [("net", network), ("uts", uts), ("ipc", ipc)]
-    pid_mode = own.pid if own.pid != cri.POD or pod_options.pid == cri.POD else pod_options.pid
-    if pod_options.pid == cri.NODE or own.pid == cri.NODE:
-        namespaces.append(("pid", HOST_NAMESPACE))
-    elif pid_mode == cri.POD and pod_options.pid == cri.POD:
-        namespaces.append(("pid", holder("pid")))
-    elif pid_mode == cri.TARGET:
+    # The CRI's default (POD) shares the pod's pid namespace; the kubelet asks CONTAINER for
+    # a namespace of the container's own.
+    if own.pid == cri.TARGET:
         raise InvalidArgument(
             "config.linux.security_context.namespace_options.pid", "TARGET is not supported"
         )
+    if own.pid == cri.NODE or (own.pid == cri.POD and pod_options.pid == cri.NODE):
+        namespaces.append(("pid", HOST_NAMESPACE))
+    elif own.pid == cri.POD and pod_options.pid == cri.POD:
+        namespaces.append(("pid", holder("pid")))
     return tuple(namespaces)
 
 

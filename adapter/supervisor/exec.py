@@ -56,7 +56,7 @@ class ExecConfig:
     identity: Identity | None = None
     cgroup_procs: Sequence[str] = ()  # the container's cgroup.procs files, host paths
 
-    def encode(self) -> bytes:
+    def encode(self, report_fd: int | None = None) -> bytes:
         """The supervisor's configuration: `--exec-in` first (it tells the supervisor's mode
         before anything else is parsed), then the options, `--`, the command. A string with a
         NUL could not be told apart from two: InvalidArgument naming its field."""
@@ -68,6 +68,8 @@ class ExecConfig:
             ("--exec-start-time", ""),
             (str(self.target_start_time), ""),
         ]
+        if report_fd is not None:
+            parts += [("--exec-report-fd", ""), (str(report_fd), "")]
         for path in self.cgroup_procs:
             parts += [("--cgroup-procs", ""), (path, "cgroup_procs")]
         if self.cwd is not None:
@@ -176,28 +178,55 @@ async def exec_sync(
     them too; nothing is left running or unreaped."""
     if timeout is not None and timeout <= 0:
         raise InvalidArgument("timeout", f"must be positive seconds or none, got {timeout}")
-    payload = config.encode()
-    _check_running(config)
-    config_fd = _config_file(payload)
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
     try:
-        running = _ExecRun.start(_command(binary, config_fd), config_fd, stdin)
+        payload = config.encode(report_fd=report_write)
+        _check_running(config)
+        config_fd = _config_file(payload)
+        try:
+            running = _ExecRun.start(_command(binary, config_fd), (config_fd, report_write), stdin)
+        finally:
+            os.close(config_fd)
+    except BaseException:
+        os.close(report_read)
+        raise
     finally:
-        os.close(config_fd)
+        os.close(report_write)  # the supervisor's copy alone keeps it open
     try:
         timed_out = not await running.exited(timeout)
         if timed_out:
             running.kill_group()
             await running.exited(None)
         await running.drain(DRAIN_GRACE_S)
+    except BaseException:
+        os.close(report_read)
+        raise
     finally:
         await running.release()
     code = running.returncode()
+    _raise_if_not_started(report_read, config.argv[0])
     return ExecResult(
         exit_code=TIMED_OUT_EXIT_CODE if timed_out else code,
         stdout=bytes(running.stdout.data),
         stderr=bytes(running.stderr.data),
         timed_out=timed_out,
     )
+
+
+class ExecNotStarted(FailedPrecondition):
+    """The command never ran: its exec failed (not found, not executable) or the container could
+    not be joined. Not an exit code: a command that ran may itself exit 126 or 127."""
+
+
+def _raise_if_not_started(report_fd: int, command: str) -> None:
+    """Read what the supervisor reported (it has exited: the pipe is at EOF) and close it."""
+    try:
+        report = os.read(report_fd, 4096)
+    finally:
+        os.close(report_fd)
+    if report.startswith(b"error "):
+        reason = report[len(b"error ") :].decode("utf-8", "replace").strip()
+        raise ExecNotStarted(f"{command!r} did not run: {reason}")
 
 
 class _Capture:
@@ -253,16 +282,16 @@ class _ExecRun:
         self._feeder = asyncio.ensure_future(self._feed_stdin(data))
 
     @classmethod
-    def start(cls, argv: list[str], config_fd: int, data: bytes) -> _ExecRun:
+    def start(cls, argv: list[str], pass_fds: tuple[int, ...], data: bytes) -> _ExecRun:
         """Spawn `argv` in a new session (its process group is what a timeout kills), with
-        pipes as its stdin, stdout and stderr and `config_fd` passed on."""
+        pipes as its stdin, stdout and stderr and `pass_fds` passed on."""
         stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
         try:
             process = subprocess.Popen(
                 argv, stdin=stdin_read, stdout=stdout_write, stderr=stderr_write,
-                pass_fds=(config_fd,), start_new_session=True,
+                pass_fds=pass_fds, start_new_session=True,
             )  # fmt: skip
         except OSError as exc:
             for fd in (stdin_write, stdout_read, stderr_read):

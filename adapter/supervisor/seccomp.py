@@ -51,6 +51,7 @@ SOCK_FILTER_BYTES = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 MAX_EXPORT_BYTES = 1 << 20  # far above any filter of a few hundred rules
 BPF_MAXINSNS = 4096  # the kernel refuses a longer filter
 MAX_PROFILE_BYTES = 1 << 20
+PATH_MAX = 4096
 
 SCMP_FLTATR_ACT_BADARCH = 2
 SCMP_FLTATR_CTL_OPTIMIZE = 8
@@ -202,8 +203,11 @@ def load_localhost_profile(
     """Read, check and compile the profile at `path`: the node admin's file (CRI's Localhost
     profile), absolute, a regular file of at most MAX_PROFILE_BYTES of JSON. Blocking I/O and
     compiling: a caller on the event loop runs it in a thread."""
-    if not os.path.isabs(path):
-        raise InvalidArgument(field, f"{path!r}: a seccomp profile path must be absolute")
+    if len(path) > PATH_MAX or "\0" in path or not os.path.isabs(path):
+        raise InvalidArgument(
+            field, f"{path[:80]!r}: a seccomp profile path must be absolute, without NUL and at"
+            f" most {PATH_MAX} bytes"
+        )  # fmt: skip
     text = _read_profile(path, field)
     try:
         profile = json.loads(text)
@@ -245,9 +249,10 @@ def _compile(profile: OciProfile, field: str) -> bytes:
         bpf = _export(library, context)
     instructions = len(bpf) // SOCK_FILTER_BYTES
     if instructions > BPF_MAXINSNS:
+        source = f"{profile.origin}: " if profile.origin else ""
         raise InvalidArgument(
-            field, f"the profile compiles to {instructions} BPF instructions; the kernel loads"
-            f" at most {BPF_MAXINSNS}"
+            field, f"{source}the profile compiles to {instructions} BPF instructions; the kernel"
+            f" loads at most {BPF_MAXINSNS}"
         )  # fmt: skip
     return bpf
 

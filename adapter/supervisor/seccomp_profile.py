@@ -109,9 +109,12 @@ class _Where:
         step = f"[{key}]" if isinstance(key, int) else (f".{key}" if self.path else key)
         return _Where(self.field, self.origin, self.path + step)
 
+    def describe(self) -> str:
+        return ": ".join(part for part in (self.origin, self.path) if part)
+
     def error(self, message: str) -> InvalidArgument:
-        parts = [part for part in (self.origin, self.path) if part]
-        return InvalidArgument(self.field, ": ".join([*parts, message]))
+        place = self.describe()
+        return InvalidArgument(self.field, f"{place}: {message}" if place else message)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class SyscallRule:
 
 @dataclass(frozen=True)
 class OciProfile:
+    origin: str  # the file it was read from, if any
     default_action: int
     arches: tuple[int, ...]  # audit tokens besides the native one
     rules: tuple[SyscallRule, ...]
@@ -169,7 +173,7 @@ def parse_oci_profile(
     count = sum(len(rule.names) * len(rule.comparison_sets) for rule in rules)
     if count > MAX_PROFILE_RULES:
         raise root.at("syscalls").error(f"{count} rules, at most {MAX_PROFILE_RULES}")
-    return OciProfile(default_action, _arches(data, root), tuple(rules))
+    return OciProfile(origin, default_action, _arches(data, root), tuple(rules))
 
 
 def _arches(data: Mapping[str, Any], where: _Where) -> tuple[int, ...]:
@@ -198,9 +202,7 @@ def _arches(data: Mapping[str, Any], where: _Where) -> tuple[int, ...]:
 
 def _arch(name: object, where: _Where) -> int | None:
     """An architecture's audit token, None for one that never runs here."""
-    if name in FOREIGN_ARCHES:
-        return None
-    return HOST_ARCHES[_choice(name, HOST_ARCHES.keys() | FOREIGN_ARCHES, where)]
+    return HOST_ARCHES.get(_choice(name, HOST_ARCHES.keys() | FOREIGN_ARCHES, where))
 
 
 def _syscall_rule(entry: object, where: _Where, held: frozenset[str]) -> SyscallRule | None:
@@ -210,15 +212,14 @@ def _syscall_rule(entry: object, where: _Where, held: frozenset[str]) -> Syscall
     action = _action(data, "action", "errnoRet", where)
     comparisons = [_comparison(arg, where.at("args").at(at))
                    for at, arg in enumerate(_list(data, "args", where))]  # fmt: skip
-    applies = _included(data, where, held)  # checked even when the rule is dropped
-    if not applies:
+    if not _included(data, where, held):  # checked above all the same: a mistake is a mistake
         return None
     indexes = [comparison.index for comparison in comparisons]
     if len(set(indexes)) == len(indexes):
         sets: tuple[tuple[Comparison, ...], ...] = (tuple(comparisons),)
     else:
         sets = tuple((comparison,) for comparison in comparisons)
-    return SyscallRule(where.path, names, action, sets)
+    return SyscallRule(where.describe(), names, action, sets)
 
 
 def _syscall_names(data: Mapping[str, Any], where: _Where) -> tuple[str, ...]:
@@ -233,7 +234,7 @@ def _syscall_names(data: Mapping[str, Any], where: _Where) -> tuple[str, ...]:
             raise where.at("names").error("list at least one syscall")
     for name, place in listed:
         if not isinstance(name, str) or not SYSCALL_NAME.fullmatch(name):
-            raise place.error(f"expected a syscall name ([a-z0-9_], 1 to 64), got {name!r}")
+            raise place.error(f"expected a syscall name ([a-z0-9_], 1 to 64), got {_shown(name)}")
     return tuple(dict.fromkeys(name for name, _ in listed))
 
 
@@ -260,7 +261,7 @@ def _condition(
     """For includes: whether all caps are held, the native arch is listed, the kernel is at
     least minKernel; for excludes the same, with any cap held. A missing part says nothing."""
     place = where.at(key)
-    spec = _object(data.get(key, {}), place)
+    spec = _object(data.get(key) or {}, place)
     _known_keys(spec, FILTER_KEYS, place)
     caps = [capability_name(_string_item(cap, place.at("caps").at(at)))
             for at, cap in enumerate(_list(spec, "caps", place))]  # fmt: skip
@@ -281,7 +282,7 @@ def _condition(
 def _kernel_at_least(minimum: str, where: _Where) -> bool:
     wanted = KERNEL_VERSION.match(minimum)
     if wanted is None:
-        raise where.error(f"expected a kernel version like '5.8', got {minimum!r}")
+        raise where.error(f"expected a kernel version like '5.8', got {_shown(minimum)}")
     running = KERNEL_VERSION.match(os.uname().release)
     if running is None:  # a release string without a version: assume a current kernel
         return True
@@ -346,7 +347,7 @@ def _string_item(value: object, where: _Where) -> str:
 
 def _choice(value: object, allowed: Collection[str], where: _Where) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise where.error(f"expected one of {', '.join(sorted(allowed))}; got {value!r}")
+        raise where.error(f"expected one of {', '.join(sorted(allowed))}; got {_shown(value)}")
     return value
 
 
@@ -362,9 +363,15 @@ def _uint(data: Mapping[str, Any], key: str, where: _Where, maximum: int) -> int
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-        raise where.at(key).error(f"expected an integer from 0 to {maximum}, got {value!r}")
+        raise where.at(key).error(f"expected an integer from 0 to {maximum}, got {_shown(value)}")
     return value
 
 
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def _shown(value: object) -> str:
+    """A value from the profile as a message quotes it: a runaway one cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."

@@ -57,11 +57,11 @@ class CriNode:
         self, *command: str, name: str = "", **fields: object
     ) -> cri.ContainerConfig:
         name = name or f"c-{uuid.uuid4().hex[:8]}"
+        fields.setdefault("log_path", f"{name}.log")
         return cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name),
             image=cri.ImageSpec(image=self.image),
             command=list(command),
-            log_path=f"{name}.log",
             **fields,  # type: ignore[arg-type]
         )
 

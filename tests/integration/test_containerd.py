@@ -223,33 +223,6 @@ def test_usage_agrees_with_containerd_metrics(
     stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
 
 
-def test_out_of_memory_is_a_memory_limitation(service: ServiceProcess, container_id: str) -> None:
-    """`tail /dev/zero` grows until the OOM killer takes it; the shell behind it would go on
-    sleeping, but a container that hit its memory limit is ended (Mesos)."""
-    stub = service.stub()
-    launch(stub, container_id, "tail /dev/zero; sleep 600", mem=32)
-    termination = wait(stub, container_id, timeout=120)
-    assert termination.reason == pb.LIMITATION_MEMORY
-    assert list(termination.limited_resources) == ["mem"]
-    assert "Memory limit exceeded" in termination.message
-
-
-def test_destroy_leaves_nothing_in_containerd(
-    runtime: tuple[ServiceProcess, str], containerd: ContainerdDaemon, container_id: str
-) -> None:
-    service, namespace = runtime
-    stub = service.stub()
-    launch(stub, container_id, "sleep 600", mem=64)
-    assert container_id in containerd.lines("containers", "ls", "-q", namespace=namespace)
-    assert container_id in containerd.lines("snapshots", "ls", namespace=namespace)
-    stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
-    assert container_id not in containerd.lines("containers", "ls", "-q", namespace=namespace)
-    assert container_id not in containerd.lines("tasks", "ls", namespace=namespace)
-    assert container_id not in containerd.lines("snapshots", "ls", namespace=namespace)
-    assert container_id not in containerd.lines("leases", "ls", "-q", namespace=namespace)
-    assert not (CGROUP_MOUNT / "memory" / service.cgroups_root / container_id).exists()
-
-
 def test_launch_needs_an_image_that_exists(
     runtime: tuple[ServiceProcess, str], containerd: ContainerdDaemon, container_id: str
 ) -> None:

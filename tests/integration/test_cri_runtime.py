@@ -87,7 +87,7 @@ def test_containers_share_the_pods_namespaces(cri_node: CriNode) -> None:
         # The pod's network: the client reaches the server on localhost.
         deadline = time.monotonic() + 10
         while True:
-            reply = cri_node.exec_sync(client, "nc", "-z", "127.0.0.1", "8080")
+            reply = cri_node.exec_sync(client, "sh", "-c", "echo | nc 127.0.0.1 8080")
             if reply.exit_code == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -99,8 +99,6 @@ def test_containers_share_the_pods_namespaces(cri_node: CriNode) -> None:
             cri_node.exec_sync(c, "readlink", "/proc/self/ns/ipc").stdout for c in (server, client)
         ]
         assert ipc[0] == ipc[1]
-        # Each container has a pid namespace of its own by default.
-        assert cri_node.exec_sync(client, "cat", "/proc/1/cmdline").stdout.startswith(b"sleep")
     finally:
         cri_node.remove_pod(pod_id)
 
@@ -126,6 +124,14 @@ def test_pod_level_pid_namespace_is_shared(cri_node: CriNode) -> None:
         processes = cri_node.exec_sync(second, "ps", "-o", "args").stdout
         assert b"sleep 601" in processes, processes
         assert cri_node.status(first).state == cri.CONTAINER_RUNNING
+        own = cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(
+                namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)
+            )
+        )
+        alone = cri_node.run(pod_id, cri_node.container_config("sleep", "603", linux=own))
+        processes = cri_node.exec_sync(alone, "ps", "-o", "args").stdout
+        assert b"sleep 601" not in processes and b"sleep 603" in processes, processes
     finally:
         cri_node.remove_pod(pod_id)
 
@@ -225,8 +231,10 @@ def test_exec_sync_output_exit_code_and_timeout(cri_node: CriNode) -> None:
         container_id = cri_node.run(pod_id, cri_node.container_config("sleep", "600"))
         reply = cri_node.exec_sync(container_id, "sh", "-c", "echo hi; echo oops >&2; exit 4")
         assert (reply.stdout, reply.stderr, reply.exit_code) == (b"hi\n", b"oops\n", 4)
-        missing = cri_node.exec_sync(container_id, "/no/such/binary")
-        assert missing.exit_code == 127
+        with pytest.raises(grpc.RpcError) as error:
+            cri_node.exec_sync(container_id, "/no/such/binary")  # never ran: no exit code
+        assert _code(error.value) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "/no/such/binary" in (error.value.details() or "")  # type: ignore[attr-defined]
         with pytest.raises(grpc.RpcError) as error:
             cri_node.exec_sync(container_id, "sleep", "30", timeout=1)
         assert _code(error.value) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -393,7 +401,7 @@ def test_our_api_shows_cri_containers_with_their_pod(cri_node: CriNode) -> None:
     try:
         container_id = cri_node.run(pod_id, cri_node.container_config("sleep", "600"))
         status = cri_node.service.stub().Status(pb.StatusRequest(container_id=container_id))
-        labels = {label.key: label.value for label in status.labels}
+        labels = dict(status.labels)
         assert labels["io.kubernetes.pod.name"] == pod_config.metadata.name
         assert labels["io.containerizer.cri.pod"] == pod_id
     finally:

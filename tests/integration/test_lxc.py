@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -164,32 +163,6 @@ def test_limits_in_cgroup_files_and_live_update(
     destroy(stub, container_id)
 
 
-def test_out_of_memory_is_a_memory_limitation(
-    lxc_service: ServiceProcess, container_id: str
-) -> None:
-    stub = lxc_service.stub()
-    launch(stub, container_id, "dd if=/dev/zero of=/dev/null bs=256M count=1; sleep 30", mem=32)
-    termination = wait(stub, container_id)
-    assert termination.reason == pb.LIMITATION_MEMORY
-    assert list(termination.limited_resources) == ["mem"]
-    assert "Memory limit exceeded" in termination.message
-
-
-def test_destroy_leaves_nothing(lxc_service: ServiceProcess, container_id: str) -> None:
-    stub = lxc_service.stub()
-    reply = launch(stub, container_id, "(sleep 1001 &); sleep 1000")
-    assert container_id in lxc_ls(lxc_service)
-    assert monitors(container_id)
-    termination = destroy(stub, container_id)
-    assert termination.reason == pb.DESTROYED and termination.signal == signal.SIGKILL
-    assert container_id not in lxc_ls(lxc_service)
-    assert not (lxcpath(lxc_service) / container_id).exists()  # config, overlay, status
-    assert not [p for p in lxc_service.leftover_cgroups() if p.name == container_id]
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/{lxc_service.cgroups_root}.lxc-monitor.*"))
-    assert not monitors(container_id)
-    assert not psutil.pid_exists(reply.status.pid)
-
-
 def test_nothing_from_the_request_can_add_an_lxc_key(
     lxc_service: ServiceProcess, container_id: str, tmp_path: Path
 ) -> None:
@@ -272,17 +245,3 @@ def test_image_rootfs_through_the_image_store(
     assert not (rootfs / "etc/marker").exists()
     destroy(stub, container_id)
     assert not (lxcpath(lxc_service) / container_id).exists()
-
-
-def test_failed_exec_is_a_launch_failure(lxc_service: ServiceProcess, container_id: str) -> None:
-    stub = lxc_service.stub()
-    with pytest.raises(Exception) as error:
-        stub.Launch(
-            pb.LaunchRequest(
-                container_id=container_id, command=pb.CommandInfo(argv=["/no/such/binary"])
-            ),
-            timeout=30,
-        )
-    assert "exec" in error.value.details()  # type: ignore[attr-defined]
-    assert not (lxcpath(lxc_service) / container_id).exists()
-    assert not monitors(container_id)

@@ -27,6 +27,7 @@ from adapter.supervisor.exec import (
     MAX_OUTPUT_BYTES,
     TIMED_OUT_EXIT_CODE,
     ExecConfig,
+    ExecNotStarted,
     ExecResult,
     exec_process,
     exec_sync,
@@ -322,23 +323,29 @@ async def test_exec_is_confined_as_the_workload(container: Container) -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "code", "reason"),
+    ("command", "reason"),
     [
-        ("/nonexistent/cmd", 127, "No such file or directory"),
-        ("no-such-command-ctz", 127, "No such file or directory"),
-        ("{root}/data", 126, "Permission denied"),  # there, but not executable
+        ("/nonexistent/cmd", "No such file or directory"),
+        ("no-such-command-ctz", "No such file or directory"),
+        ("{root}/data", "Permission denied"),  # there, but not executable
     ],
 )
-async def test_a_command_that_cannot_run_fails_as_in_a_shell(
-    container: Container, command: str, code: int, reason: str
+async def test_a_command_that_cannot_run_is_an_error_not_an_exit_code(
+    container: Container, command: str, reason: str
 ) -> None:
     data = container.box.root / "data"
     data.write_text("not a program\n")
     data.chmod(0o644)
     command = command.format(root=container.box.root)
-    result = await container.exec([command])
-    assert (result.exit_code, result.stdout) == (code, b"")
-    assert result.stderr == f"containerizer-supervisor: exec: {command}: {reason}\n".encode()
+    with pytest.raises(ExecNotStarted, match=f"exec: {re.escape(command)}: {reason}"):
+        await container.exec([command])
+
+
+async def test_a_command_that_exits_127_itself_is_an_exit_code(container: Container) -> None:
+    result = await container.exec(
+        ["/bin/sh", "-c", "echo containerizer-supervisor: x >&2; exit 127"]
+    )
+    assert result.exit_code == 127
 
 
 async def test_exec_past_its_timeout_is_killed(container: Container) -> None:

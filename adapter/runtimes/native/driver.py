@@ -133,7 +133,7 @@ class NativeDriver:
         try:
             netns, address = await self._prepare_network(spec)
             workload, filesystem = await self._workload(spec, run_dir)
-            enforcement = linux.enforcement(
+            enforcement = await linux.enforcement(
                 spec, self._seccomp_filter, own_root=filesystem is not None
             )
             limits = self._node.limits(spec.resources).for_isolators()
@@ -154,6 +154,8 @@ class NativeDriver:
                 netns=netns,
                 filesystem=filesystem,
                 log_file=spec.linux.log_path or None,
+                namespaces_joined=linux.joined_namespaces(spec),
+                sysctls=spec.linux.sysctls,
             )
             handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
@@ -200,6 +202,8 @@ class NativeDriver:
             str(rootfs_dir),
             binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
             read_only_binds=etc_binds,
+            mounts=spec.linux.mounts,
+            read_only_root=spec.linux.read_only_rootfs,
         )
         return workload, filesystem
 
@@ -259,7 +263,9 @@ class NativeDriver:
             target_pid=running.handle.child_pid,
             target_start_time=running.handle.child_start_time,
             argv=argv,
-            enforcement=linux.enforcement(spec, self._seccomp_filter, own_root=image is not None),
+            enforcement=await linux.enforcement(
+                spec, self._seccomp_filter, own_root=image is not None
+            ),
             env=workload.environment,
             cwd=workload.working_dir,
             identity=await workload_identity(workload.user, spec.linux, rootfs),

@@ -4,6 +4,7 @@ joins, the files bound in, its log file."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from adapter.core.confinement import Confinement
@@ -27,22 +28,26 @@ def policy_of(spec: LaunchSpec) -> Confinement:
     )
 
 
-def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: SeccompFilter) -> bytes:
-    """The BPF program for the launch; b"" (no filter) when it asks to be unconfined."""
+async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: SeccompFilter) -> bytes:
+    """The BPF program for the launch; b"" (no filter) when it asks to be unconfined. A node's
+    own profile is compiled off the event loop: libseccomp takes long on large ones."""
     profile = spec.linux.seccomp
     if profile == UNCONFINED:
         return b""
     if profile.startswith(LOCALHOST):
         field = "linux.security_context.seccomp.localhost_ref"
-        return load_localhost_profile(profile[len(LOCALHOST) :], field)
+        path = profile[len(LOCALHOST) :]
+        return await asyncio.to_thread(
+            load_localhost_profile, path, field, capabilities=policy.capabilities
+        )
     return filters.bpf(policy.capabilities)
 
 
-def enforcement(
+async def enforcement(
     spec: LaunchSpec, filters: SeccompFilter, *, own_root: bool
 ) -> supervisor.Enforcement:
     policy = policy_of(spec)
-    bpf = b"" if policy.privileged else seccomp_program(spec, policy, filters)
+    bpf = b"" if policy.privileged else await seccomp_program(spec, policy, filters)
     base = supervisor.Enforcement.of(policy, bpf, own_root=own_root, cgroup_namespace=own_root)
     if policy.privileged or not own_root:
         return base
