@@ -62,7 +62,13 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which(REGISTRY_BINARY)
     require(binary is not None, f"{REGISTRY_BINARY} missing: apt-get install docker-registry")
     assert binary is not None
-    workdir = tmp_path_factory.mktemp("registry")
+    with registry_process(binary, tmp_path_factory.mktemp("registry")) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def registry_process(binary: str, workdir: Path) -> Iterator[str]:
+    """The registry behind `local_registry`, for a caller that is not a test (a benchmark)."""
     address = f"127.0.0.1:{free_loopback_port()}"
     # JSON is YAML: the storage path and address are quoted by the json module, not pasted.
     config = {

@@ -216,7 +216,7 @@ class Containerizer:
             killed=killed,
             message=_termination_message(reason, exit_),
             limited_resources=(exit_.limitation,) if exit_.limitation else (),
-            finished_at=time.time(),
+            finished_at=exit_.finished_at or time.time(),
         )
 
     def _terminate(self, container: Container, termination: Termination) -> None:

@@ -247,6 +247,9 @@ class Exit:
     # No status was recorded: the processes vanished while nobody watched.
     lost: bool = False
     message: str = ""
+    # When it ended (unix time), if the runtime recorded it: an exit while the service was down
+    # is seen only at recovery, which is not when it happened.
+    finished_at: float | None = None
 
     @property
     def status(self) -> int:
@@ -306,6 +309,8 @@ class Capabilities:
     network_isolation: bool = False
     # A disk request is enforced (a disk isolator); no runtime does it yet, and `runtimes` says so.
     disk_enforced: bool = False
+    # Runs CRI containers: joins a pod's namespaces and honours LaunchSpec.linux.
+    pods: bool = False
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,12 @@ class Pods:
                 f"runtime_handler: {handler!r} is not a runtime of this node"
                 f" (configured: {', '.join(sorted(self.runtimes))})"
             )
+        fingerprint = await self.core.drivers[handler].fingerprint()
+        if not fingerprint.capabilities.pods:
+            raise FailedPrecondition(
+                f"runtime_handler: {handler!r} cannot run a pod's containers (join its"
+                " namespaces); `containerizer runtimes` shows which runtimes can (pods)"
+            )
         pod = Pod(
             id=new_id(),
             config=config.SerializeToString(),

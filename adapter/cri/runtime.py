@@ -346,8 +346,10 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         ]
         info = {}
         if request.verbose:
+            # Which runtime handlers (RuntimeClass) can run a pod's containers.
+            handlers = {name: f.capabilities.pods for name, f in sorted(fingerprints.items())}
             info["config"] = json.dumps(
-                {"runtimes": sorted(fingerprints), "podCIDR": self.runtime.pod_cidr}
+                {"runtimeHandlers": handlers, "podCIDR": self.runtime.pod_cidr}
             )
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
 

@@ -277,6 +277,7 @@ def to_runtime(fingerprint: Fingerprint, is_default: bool) -> pb.RuntimeInfo:
             pid_namespace=caps.pid_namespace,
             recover=caps.recover,
             network_isolation=caps.network_isolation,
+            pods=caps.pods,
         ),
     )
 

@@ -168,4 +168,5 @@ def supervised_exit(
         signal=status.signal,
         limitation=limitation.resource if limitation else None,
         limitation_message=limitation.message if limitation else "",
+        finished_at=status.finished_at,
     )

@@ -112,6 +112,7 @@ class NativeDriver:
             recover=True,
             images=self._namespaces,
             network_isolation=True,
+            pods=self._namespaces,
         )
         try:
             binary = self._binary()
