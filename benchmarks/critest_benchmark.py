@@ -17,13 +17,20 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from benchmarks.common import p50_p90_ms
 from tests.image_fixtures import REGISTRY_BINARY, registry_process
 
 SHARED_CRI = Path(__file__).resolve().parent.parent.parent / "shared" / "cri"
 # critest's default container image; its image benchmarks are pointed at the same one.
 IMAGE = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
-SUMMARY_LINE = re.compile(r"^(Ran \d+ of \d+ Specs|SUCCESS!|FAIL!|Test Suite (Passed|Failed))")
+SUMMARY_PATTERNS = (
+    re.compile(r"CRI validation - \d+/\d+ specs"),
+    re.compile(r"^.*\[duration\] \|.*$", re.MULTILINE),
+    re.compile(r"^\s*\[(FAIL|PANICKED|TIMEDOUT)\].*$", re.MULTILINE),
+    re.compile(r"(SUCCESS|FAIL)!.*$", re.MULTILINE),
+)
 CRITEST_SECONDS = 900
 
 
@@ -66,9 +73,16 @@ def mirrors_config(address: str) -> str:
     return f'[images.mirrors]\n"gcr.io" = "{address}"\n"registry.k8s.io" = "{address}"\n'
 
 
+@dataclass(frozen=True)
+class CritestRun:
+    exit_code: int | None  # None: killed at CRITEST_SECONDS
+    summary: list[str]  # ginkgo's report lines worth printing
+    operations: dict[str, dict[str, float]]  # "<benchmark>.<operation>" -> n, p50_ms, p90_ms
+
+
 def run_critest_benchmark(
     tools: CritestTools, cri_socket: Path, workdir: Path, samples: int
-) -> dict[str, object]:
+) -> CritestRun:
     """critest's pod, container and image benchmarks, `samples` each, one at a time."""
     output = workdir / "results"
     output.mkdir(parents=True)  # critest does not make it, and only logs a failed write
@@ -78,17 +92,24 @@ def run_critest_benchmark(
     argv = [str(tools.critest), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint]
     argv += ["--benchmark", "--benchmarking-params-file", str(params)]
     argv += ["--benchmarking-output-dir", str(output), "--ginkgo.no-color"]
-    completed = subprocess.run(
-        argv, capture_output=True, text=True, cwd=workdir, timeout=CRITEST_SECONDS
-    )
-    (workdir / "critest.log").write_text(completed.stdout + completed.stderr)
-    lines = completed.stdout.splitlines()
-    return {
-        "exit_code": completed.returncode,
-        "summary": [line.strip() for line in lines if SUMMARY_LINE.match(line.strip())],
-        "operations": _operations_ms(output),
-        "log": str(workdir / "critest.log"),
-    }
+    argv += ["--log_dir", str(workdir)]  # glog's files, else left in /tmp
+    try:
+        completed = subprocess.run(
+            argv, capture_output=True, text=True, cwd=workdir, timeout=CRITEST_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        return CritestRun(None, [f"killed after {CRITEST_SECONDS} s"], {})
+    output_text = completed.stdout + completed.stderr
+    return CritestRun(completed.returncode, summary_lines(output_text), _operations_ms(output))
+
+
+def summary_lines(output: str) -> list[str]:
+    """What ginkgo's succinct report says of the whole run: specs run, outcome, failures, and
+    the one benchmark that reports in a table rather than a results file."""
+    lines: list[str] = []
+    for pattern in SUMMARY_PATTERNS:
+        lines.extend(match.group(0).strip() for match in pattern.finditer(output))
+    return lines
 
 
 def _params_yaml(samples: int) -> str:
@@ -112,16 +133,12 @@ def _operations_ms(output: Path) -> dict[str, dict[str, float]]:
     for path in sorted(output.glob("*.json")):
         benchmark = path.name.removesuffix("_benchmark_data.json")
         for operation, durations_ns in _durations(json.loads(path.read_text())).items():
-            ordered = sorted(durations_ns)
-            operations[f"{benchmark}.{operation}"] = {
-                "n": len(ordered),
-                "p50_ms": _pick_ms(ordered, 0.5),
-                "p90_ms": _pick_ms(ordered, 0.9),
-            }
+            seconds = [duration / 1e9 for duration in durations_ns]
+            operations[f"{benchmark}.{operation}"] = p50_p90_ms(seconds)
     return operations
 
 
-def _durations(document: dict[str, object]) -> dict[str, list[int]]:
+def _durations(document: dict[str, Any]) -> dict[str, list[int]]:
     """Operation name -> its durations in ns, from one of critest's results files."""
     names = document.get("operationsNames")
     points = document.get("datapoints")
@@ -132,9 +149,3 @@ def _durations(document: dict[str, object]) -> dict[str, list[int]]:
         for name, value in zip(names, point.get("operationsDurationsNs") or [], strict=False):
             durations[str(name)].append(int(value))
     return durations
-
-
-def _pick_ms(ordered: list[int], quantile: float) -> float:
-    if not ordered:
-        return 0.0
-    return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))] / 1e6, 2)

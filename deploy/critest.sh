@@ -41,10 +41,17 @@ http: {addr: $registry}
 EOF
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do
-  curl -sf "http://$registry/v2/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+.venv/bin/python - "$registry" <<'EOF'
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        urllib.request.urlopen(f"http://{sys.argv[1]}/v2/", timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit(f"critest.sh: the registry on {sys.argv[1]} did not answer")
+EOF
 echo "==> pushing critest's images to $registry"
 "$images" --registry "$registry" >"$work/images.log"
 

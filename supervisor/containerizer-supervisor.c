@@ -28,6 +28,8 @@
  *   --exec-in PID --exec-start-time T [--cgroup-procs P]... [--cwd DIR]
  *   [--uid N --gid N [--groups N,N,...]] [--env K=V]...
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs] -- argv...
+ * or, as containerd's logging binary for a task's CRI log (see "log relay mode" below):
+ *   containerizer-supervisor --log-relay LOG --pid-file FILE
  *
  * --seccomp LEN is followed by LEN raw bytes (not NUL-terminated): a BPF program, an array of
  * struct sock_filter, compiled by the service (adapter/seccomp.py). --seccomp 0 loads no filter
@@ -171,6 +173,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -249,6 +252,7 @@ struct options {
     /* confinement */
     int privileged;
     int no_new_privs;
+    int tty; /* exec mode: stdin is a terminal, which becomes the command's controlling one */
     int cgroupns;
     int have_capabilities;
     unsigned long long capabilities;
@@ -483,6 +487,8 @@ static int take_flag(struct options *opts, const char *name)
         opts->cgroupns = 1;
     else if (strcmp(name, "--read-only-root") == 0)
         opts->read_only_root = 1;
+    else if (strcmp(name, "--tty") == 0)
+        opts->tty = 1;
     else
         return 0;
     return 1;
@@ -731,6 +737,8 @@ static void check_options(const struct options *opts)
         check_exec_options(opts);
     else if (opts->exec_in != NULL || opts->exec_start_time != NULL)
         usage_error("--exec-in must be the first option, with --exec-start-time", NULL);
+    else if (opts->tty)
+        usage_error("--tty is an option of --exec-in", NULL);
     else if (opts->status_file == NULL || opts->sandbox == NULL)
         usage_error("--status-file and --sandbox are required", NULL);
     for (size_t i = 0; i < opts->n_binds; i++)
@@ -1494,19 +1502,23 @@ static int log_signals(void)
 
 /* SIGUSR1: the kubelet renamed the log (rotation) and wants a new file at the path. If that
  * cannot be opened, the records keep going to the old file rather than nowhere. */
+static void reopen_log_file(void)
+{
+    const char *reason;
+    int fd = open_log_file(cri_log.path, &reason);
+    if (fd >= 0) {
+        if (cri_log.fd >= 0)
+            close(cri_log.fd);
+        cri_log.fd = fd;
+    }
+}
+
 static void take_log_signals(int sigfd)
 {
     struct signalfd_siginfo info;
-    const char *reason;
-    while (read(sigfd, &info, sizeof info) == (ssize_t)sizeof info) {
-        if (info.ssi_signo != SIGUSR1)
-            continue; /* SIGCHLD: the caller's waitpid looks */
-        int fd = open_log_file(cri_log.path, &reason);
-        if (fd >= 0) {
-            close(cri_log.fd);
-            cri_log.fd = fd;
-        }
-    }
+    while (read(sigfd, &info, sizeof info) == (ssize_t)sizeof info)
+        if (info.ssi_signo == SIGUSR1)
+            reopen_log_file(); /* SIGCHLD: the caller's waitpid looks */
 }
 
 /* Log mode's wait for the child (our init, or the workload without namespaces): copies the
@@ -1541,6 +1553,119 @@ static int copy_logs_until_exit(pid_t pid, int *wstatus)
     if (sigfd >= 0)
         close(sigfd);
     return reaped == pid ? 0 : -1;
+}
+
+/* --- log relay mode (--log-relay): containerd's logging binary --------------------------- */
+
+/* containerd's shim runs a task's logging binary (a task whose stdout is `binary://PATH?QUERY`)
+ * with the task's stdout and stderr as the read ends of two pipes on fds 3 and 4, and fd 5 to
+ * close once it reads them; the query comes as `key value` pairs, in no fixed order. So
+ *   containerizer-supervisor --log-relay LOG --pid-file FILE     (the pairs either way round)
+ * appends both streams to LOG as CRI records, exactly as --log-file does, and SIGUSR1 reopens
+ * LOG. FILE gets `<pid> <start time>` before fd 5 is closed: the relay is the shim's child, not
+ * the service's, and outlives a restart of the service, which finds it there to signal it. The
+ * relay ends at EOF on both pipes, or at the shim's SIGTERM (the task is being deleted) once
+ * what the pipes still hold is written, so a deleted task's log is complete. A LOG that cannot
+ * be opened loses the records until a reopen succeeds: a workload must not die of a broken
+ * pipe because its log cannot be written. */
+#define RELAY_FIRST_STREAM_FD 3
+#define RELAY_READY_FD 5
+
+static int is_log_relay(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--log-relay") == 0)
+            return 1;
+    return 0;
+}
+
+/* The service's file (its own directory, root's only): written whole before the readiness. */
+static void write_relay_pid_file(const char *path)
+{
+    char line[64];
+    int n = snprintf(line, sizeof line, "%d %llu\n", (int)getpid(), start_time(getpid()));
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        fail("pid-file", path, errno);
+    if (write_all(fd, line, (size_t)n) < 0 || close(fd) < 0)
+        fail("pid-file", path, errno);
+}
+
+static void parse_relay_args(int argc, char **argv, const char **log, const char **pid_file)
+{
+    if (argc != 5)
+        usage_error("usage: containerizer-supervisor --log-relay LOG --pid-file FILE", NULL);
+    for (int i = 1; i < argc; i += 2) {
+        if (strcmp(argv[i], "--log-relay") == 0)
+            *log = argv[i + 1];
+        else if (strcmp(argv[i], "--pid-file") == 0)
+            *pid_file = argv[i + 1];
+        else
+            usage_error("log relay: unknown option", argv[i]);
+    }
+    if (*log == NULL || *pid_file == NULL)
+        usage_error("usage: containerizer-supervisor --log-relay LOG --pid-file FILE", NULL);
+    if ((*log)[0] != '/' || strlen(*log) >= sizeof cri_log.path)
+        usage_error("--log-relay needs an absolute path, got", *log);
+}
+
+/* SIGUSR1 (reopen) and SIGTERM (finish) as a readable fd; -1 if that cannot be had. */
+static int relay_signals(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGTERM);
+    if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
+        return -1;
+    return signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+/* Reopens on SIGUSR1; returns 1 once SIGTERM came. */
+static int take_relay_signals(int sigfd)
+{
+    struct signalfd_siginfo info;
+    int finish = 0;
+    while (read(sigfd, &info, sizeof info) == (ssize_t)sizeof info) {
+        if (info.ssi_signo == SIGUSR1)
+            reopen_log_file();
+        else if (info.ssi_signo == SIGTERM)
+            finish = 1;
+    }
+    return finish;
+}
+
+static int run_log_relay(int argc, char **argv)
+{
+    const char *log = NULL, *pid_file = NULL, *reason;
+    parse_relay_args(argc, argv, &log, &pid_file);
+    strcpy(cri_log.path, log);
+    cri_log.fd = open_log_file(log, &reason);
+    for (int i = 0; i < 2; i++) {
+        int fd = RELAY_FIRST_STREAM_FD + i;
+        if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+            fail("log-relay", cri_log.streams[i].name, errno);
+        cri_log.streams[i].fd = fd;
+    }
+    int sigfd = relay_signals();
+    write_relay_pid_file(pid_file);
+    close(RELAY_READY_FD);
+    (void)chdir("/");
+    while (cri_log.streams[0].fd >= 0 || cri_log.streams[1].fd >= 0) {
+        struct pollfd watched[3] = {{cri_log.streams[0].fd, POLLIN, 0},
+                                    {cri_log.streams[1].fd, POLLIN, 0},
+                                    {sigfd, POLLIN, 0}};
+        if (poll(watched, 3, sigfd < 0 ? LOG_POLL_FALLBACK_MS : -1) < 0 && errno != EINTR)
+            break;
+        /* A reopen first: what is read once it was asked for goes to the new file. */
+        if (sigfd >= 0 && (watched[2].revents & POLLIN) && take_relay_signals(sigfd))
+            break;
+        for (int i = 0; i < 2; i++)
+            if (watched[i].revents != 0)
+                pump(&cri_log.streams[i], LOG_READ_MAX);
+    }
+    drain_logs();
+    return 0;
 }
 
 /* --- the sandbox's files ------------------------------------------------------------------ */
@@ -2023,8 +2148,13 @@ static int run_exec(struct options *opts, int devnull)
     pid_t pid = fork();
     if (pid < 0)
         fail("fork", NULL, errno);
-    if (pid == 0)
+    if (pid == 0) {
+        /* A session of its own whose controlling terminal is the caller's pty (job control,
+         * ^C as SIGINT, window size). */
+        if (opts->tty && (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0))
+            child_fail(-1, "tty", "controlling terminal", strerror(errno));
         exec_workload(opts, -1); /* errors straight to stderr: nobody reads a pipe */
+    }
     workload_pid = pid;
     if (pending_signal != 0)
         (void)kill(pid, pending_signal);
@@ -2053,6 +2183,8 @@ int main(int argc, char **argv)
 
     int devnull = open_devnull();
     ignore_signals();
+    if (is_log_relay(argc, argv))
+        return run_log_relay(argc, argv);
     load_options(config_fd_of(argc, argv), devnull, &opts);
     if (exec_mode)
         return run_exec(&opts, devnull);

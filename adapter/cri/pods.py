@@ -10,6 +10,7 @@ recovery); this module owns the pod's record and its files under <state_dir>/cri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
@@ -20,6 +21,7 @@ from typing import TypeVar
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import FailedPrecondition, NotFound
 from adapter.core.model import Command, LaunchSpec, Resources, State
+from adapter.core.state import ContainerRecord
 from adapter.cri import translate
 from adapter.cri.api import cri
 from adapter.cri.store import POD_NOTREADY, POD_READY, Container, CriStore, Pod
@@ -59,6 +61,7 @@ class Pods:
         self.runtimes = runtimes
         self.records: dict[str, Pod] = {pod.id: pod for pod in store.load(Pod)}
         self.locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # pod id -> its holder's end
 
     def lock(self, pod_id: str) -> asyncio.Lock:
         return self.locks.setdefault(pod_id, asyncio.Lock())
@@ -99,14 +102,29 @@ class Pods:
         try:
             record = await self.core.launch(self._holder_spec(pod, config))
         except BaseException:
-            self.records.pop(pod.id, None)
-            self.store.delete(pod)
-            shutil.rmtree(self.root / pod.id, ignore_errors=True)
+            await self._forget_failed_run(pod)
             raise
-        netns = "" if translate.host_network(config) else f"/proc/{record.pid}/ns/net"
-        pod = pod.evolve(ip=record.ip_address, netns=netns)
-        self._put(pod)
+        return self._ready(pod, record)
+
+    async def _forget_failed_run(self, pod: Pod) -> None:
+        """Nothing of a pod whose holder did not start is kept: not even the core's record of
+        the failed launch (and its sandbox), which nobody would ever acknowledge."""
+        with contextlib.suppress(NotFound):
+            if self.core.status(pod.id).state is State.TERMINATED:
+                await self.core.destroy(pod.id)
+        self.records.pop(pod.id, None)
+        self.store.delete(pod)
+        shutil.rmtree(self.root / pod.id, ignore_errors=True)
+
+    def _ready(self, pod: Pod, holder: ContainerRecord) -> Pod:
+        """The running holder's address and namespace recorded, and its end watched. Also at
+        recovery, for a pod whose launch a crash interrupted before this ran."""
+        config = pod.pod_config()
+        netns = "" if translate.host_network(config) else f"/proc/{holder.pid}/ns/net"
+        pod = pod.evolve(ip=holder.ip_address, netns=netns)
         self._add_own_hosts_line(pod, config)
+        self._put(pod)
+        self._watch(pod.id)
         return pod
 
     def _holder_spec(self, pod: Pod, config: cri.PodSandboxConfig) -> LaunchSpec:
@@ -148,9 +166,13 @@ class Pods:
             (directory / "resolv.conf").write_text(resolv)
 
     def _add_own_hosts_line(self, pod: Pod, config: cri.PodSandboxConfig) -> None:
+        """Once: at recovery the line may be there already."""
         if pod.ip and not translate.host_network(config):
-            with open(self.root / pod.id / "hosts", "a") as hosts:
-                hosts.write(f"{pod.ip}\t{translate.pod_hostname(config)}\n")
+            line = f"{pod.ip}\t{translate.pod_hostname(config)}\n"
+            path = self.root / pod.id / "hosts"
+            if line not in path.read_text():
+                with open(path, "a") as hosts:
+                    hosts.write(line)
 
     def holder_pid(self, pod: Pod) -> int:
         """The running holder's pid, whose /proc/PID/ns/* the pod's containers join."""
@@ -177,6 +199,9 @@ class Pods:
         return stopped
 
     async def remove(self, pod: Pod) -> None:
+        watcher = self._watchers.pop(pod.id, None)
+        if watcher is not None:
+            watcher.cancel()
         try:
             self.core.status(pod.id)
             await self.core.destroy(pod.id)  # forgets a terminated record
@@ -188,15 +213,52 @@ class Pods:
         shutil.rmtree(self.root / pod.id, ignore_errors=True)
 
     def recover(self) -> None:
-        """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone)."""
+        """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone); a
+        running one is watched again, and finished if the crash came before `run` did."""
         for pod in list(self.records.values()):
+            if pod.state != POD_READY:
+                continue
             try:
-                running = self.core.status(pod.id).state is State.RUNNING
+                holder: ContainerRecord | None = self.core.status(pod.id)
             except NotFound:
-                running = False
-            if pod.state == POD_READY and not running:
-                log.info("pod %s: its holder is gone: not ready", pod.id)
-                self._put(pod.evolve(state=POD_NOTREADY, netns=""))
+                holder = None
+            if holder is None or holder.state is not State.RUNNING:
+                self._holder_gone(pod.id)
+            elif not pod.netns and not translate.host_network(pod.pod_config()):
+                self._ready(pod, holder)
+            else:
+                self._watch(pod.id)
+        self._remove_orphan_files()
+
+    def _remove_orphan_files(self) -> None:
+        """Pod directories without a record: a crash came between writing them and the record."""
+        if not self.root.is_dir():
+            return
+        for directory in self.root.iterdir():
+            if directory.name not in self.records:
+                log.info("removing the files of an unrecorded pod: %s", directory)
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def _watch(self, pod_id: str) -> None:
+        """A holder that ends on its own (killed, out of memory) takes the pod's namespaces."""
+        self._watchers[pod_id] = asyncio.create_task(self._await_holder_exit(pod_id))
+
+    async def _await_holder_exit(self, pod_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.core.wait(pod_id)
+        self._watchers.pop(pod_id, None)
+        self._holder_gone(pod_id)
+
+    def _holder_gone(self, pod_id: str) -> None:
+        pod = self.records.get(pod_id)
+        if pod is not None and pod.state == POD_READY:
+            log.info("pod %s: its holder is gone: not ready", pod_id)
+            self._put(pod.evolve(state=POD_NOTREADY, netns=""))
+
+    async def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._watchers.clear()
 
     def _put(self, pod: Pod) -> None:
         self.records[pod.id] = pod

@@ -79,6 +79,7 @@ class CriRuntime:
 
     async def close(self) -> None:
         await self.containers.close()
+        await self.pods.close()
         self.store.close()
 
 

@@ -55,6 +55,9 @@ class ExecConfig:
     cwd: str | None = None  # inside the container; its root when None
     identity: Identity | None = None
     cgroup_procs: Sequence[str] = ()  # the container's cgroup.procs files, host paths
+    # The command's stdin, stdout and stderr are a terminal (the slave of the caller's pty),
+    # which becomes its controlling terminal.
+    tty: bool = False
 
     def encode(self, report_fd: int | None = None) -> bytes:
         """The supervisor's configuration: `--exec-in` first (it tells the supervisor's mode
@@ -74,6 +77,8 @@ class ExecConfig:
             parts += [("--cgroup-procs", ""), (path, "cgroup_procs")]
         if self.cwd is not None:
             parts += [("--cwd", ""), (self.cwd, "working_dir")]
+        if self.tty:
+            parts += [("--tty", "")]
         parts += [(part, "identity") for part in _identity_options(self.identity)]
         for key, value in self._environment():
             if not key or "=" in key:
@@ -149,18 +154,24 @@ def _command(binary: str, config_fd: int) -> list[str]:
     return [binary, "--config-fd", str(config_fd)]
 
 
-async def exec_process(binary: str, config: ExecConfig) -> asyncio.subprocess.Process:
+async def exec_process(
+    binary: str, config: ExecConfig, *, terminal: int | None = None
+) -> asyncio.subprocess.Process:
     """The supervisor running `config`, with its stdin, stdout and stderr as pipes (streaming
-    Exec), in a session of its own: os.killpg(process.pid, SIGKILL) ends it and the command.
-    Its `wait()` returns once the pipes are closed too, which a process the command left
-    running in the container may delay: read them as they come."""
+    Exec) — or, with `config.tty`, all three the pty slave `terminal` (the caller keeps the
+    master, and sets the window size on it) — in a session of its own: os.killpg(process.pid,
+    SIGKILL) ends it and the command. Its `wait()` returns once the pipes are closed too, which
+    a process the command left running in the container may delay: read them as they come."""
+    if config.tty != (terminal is not None):
+        raise InvalidArgument("tty", "a terminal goes with tty, and only with it")
     payload = config.encode()
     _check_running(config)
     config_fd = _config_file(payload)
+    stdio: int | None = subprocess.PIPE if terminal is None else terminal
     try:
         return await asyncio.create_subprocess_exec(
             *_command(binary, config_fd),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=stdio, stdout=stdio, stderr=stdio,
             pass_fds=(config_fd,), start_new_session=True,
         )  # fmt: skip
     except OSError as exc:

@@ -203,6 +203,14 @@ def load_localhost_profile(
     """Read, check and compile the profile at `path`: the node admin's file (CRI's Localhost
     profile), absolute, a regular file of at most MAX_PROFILE_BYTES of JSON. Blocking I/O and
     compiling: a caller on the event loop runs it in a thread."""
+    return _compile(read_localhost_profile(path, field, capabilities=capabilities), field)
+
+
+def read_localhost_profile(
+    path: str, field: str, *, capabilities: Collection[str] = DEFAULT_CAPABILITIES
+) -> OciProfile:
+    """Read and check the profile at `path` as load_localhost_profile does, without compiling
+    it: for a runtime that hands the profile on to its own compiler (runc). Blocking I/O."""
     if len(path) > PATH_MAX or "\0" in path or not os.path.isabs(path):
         raise InvalidArgument(
             field, f"{path[:80]!r}: a seccomp profile path must be absolute, without NUL and at"
@@ -213,8 +221,7 @@ def load_localhost_profile(
         profile = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise InvalidArgument(field, f"{path}: not a JSON seccomp profile: {exc}") from exc
-    parsed = parse_oci_profile(profile, field=field, capabilities=capabilities, origin=path)
-    return _compile(parsed, field)
+    return parse_oci_profile(profile, field=field, capabilities=capabilities, origin=path)
 
 
 def _read_profile(path: str, field: str) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
 from isolators.network import netns
+from tests.conftest import BIN
 from tests.integration.cri import TIMEOUT, CriNode, cri_service, import_busybox
 
 pytestmark = pytest.mark.integration
@@ -61,9 +63,11 @@ def come_back(node: CriNode) -> None:
 
 
 def pod_status(node: CriNode, pod_id: str) -> cri.PodSandboxStatus:
-    return node.runtime.PodSandboxStatus(
+    reply = node.runtime.PodSandboxStatus(
         cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
-    ).status
+    )
+    status: cri.PodSandboxStatus = reply.status
+    return status
 
 
 def core_pid(node: CriNode, container_id: str) -> int:
@@ -122,6 +126,19 @@ def assert_nothing_left(node: CriNode, *pids: int) -> None:
         assert not directory.exists() or list(directory.iterdir()) == []
 
 
+def ps_pods(node: CriNode) -> dict[str, str]:
+    """container id -> its POD cell in `containerizer ps`."""
+    listing = subprocess.run(
+        [str(BIN / "containerizer"), "--endpoint", node.service.endpoint, "ps"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    header, *rows = listing.splitlines()
+    return {row.split()[0]: row[header.index("POD") :] for row in rows}
+
+
 def grows(path: Path, timeout: float = 5) -> bool:
     size = path.stat().st_size
     deadline = time.monotonic() + timeout
@@ -168,6 +185,8 @@ def test_running_pod_and_container_come_back_and_go_cleanly(node: CriNode) -> No
     reply = node.exec_sync(container_id, "sh", "-c", "echo still here")
     assert (reply.exit_code, reply.stdout) == (0, b"still here\n")
     assert grows(log_path), "the same file is still written after the restart"
+    pod_name = f"test/{before_pod.metadata.name}"
+    assert ps_pods(node) == {pod_id: f"{pod_name} (sandbox)", container_id: pod_name}
     assert b"tick" in log_path.read_bytes().splitlines()[-1]
     node.runtime.StopContainer(
         cri.StopContainerRequest(container_id=container_id, timeout=2), timeout=TIMEOUT
@@ -233,7 +252,7 @@ def test_pod_whose_holder_died_during_the_outage_is_not_ready(node: CriNode) -> 
         time.sleep(0.1)
     with pytest.raises(grpc.RpcError) as error:  # no new container in a pod without namespaces
         node.create(pod_id, node.container_config("true"))
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     node.runtime.StopContainer(
         cri.StopContainerRequest(container_id=container_id, timeout=2), timeout=TIMEOUT
     )
@@ -243,6 +262,20 @@ def test_pod_whose_holder_died_during_the_outage_is_not_ready(node: CriNode) -> 
     )
     node.remove_pod(pod_id)
     assert_nothing_left(node, *holder_processes)
+
+
+def test_pod_whose_holder_is_killed_while_the_service_runs_is_not_ready(node: CriNode) -> None:
+    pod_id = node.run_pod()
+    try:
+        holder = core_pid(node, pod_id)
+        os.kill(holder, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pod_status(node, pod_id).state != cri.SANDBOX_NOTREADY:
+            assert time.monotonic() < deadline, "the pod is still ready without its holder"
+            time.sleep(0.1)
+    finally:
+        node.remove_pod(pod_id)
+    assert_nothing_left(node)
 
 
 def test_created_container_survives_and_starts_after_the_restart(node: CriNode) -> None:
@@ -279,6 +312,35 @@ def test_crash_during_run_pod_sandbox_leaks_nothing(node: CriNode, delay: float)
     come_back(node)
     listed = node.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=TIMEOUT).items
     assert len(listed) <= 1
+    for pod in listed:
+        node.remove_pod(pod.id)
+    assert_nothing_left(node)
+
+
+@pytest.mark.parametrize("deadline", [0.01, 0.03, 0.06, 0.1])
+def test_run_pod_sandbox_given_up_by_its_caller_leaks_nothing(
+    node: CriNode, deadline: float
+) -> None:
+    """A kubelet's deadline that passes in the middle of the holder's launch: the launch is
+    undone (or, if it finished, the pod is listed and removable), never left launching."""
+    with contextlib.suppress(grpc.RpcError):
+        node.runtime.RunPodSandbox(
+            cri.RunPodSandboxRequest(config=node.pod_config()), timeout=deadline
+        )
+    settled = time.monotonic() + 10
+    while True:
+        states = {
+            status.state
+            for status in node.service.stub()
+            .Containers(pb.ContainersRequest(), timeout=10)
+            .containers
+        }
+        if states <= {pb.RUNNING} or time.monotonic() > settled:
+            break
+        time.sleep(0.1)
+    assert states <= {pb.RUNNING}, "a launch the caller gave up on was left halfway"
+    listed = node.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=TIMEOUT).items
+    assert [pod.state for pod in listed] in ([], [cri.SANDBOX_READY])
     for pod in listed:
         node.remove_pod(pod.id)
     assert_nothing_left(node)

@@ -91,6 +91,7 @@ class FakeContainerizer(pb_grpc.ContainerizerServicer):
             image=request.container.image,
             sandbox=str(sandbox),
             resources=request.resources,
+            labels=request.labels,
         )
         container = FakeContainer(status, argv)
         self.containers[request.container_id] = container
@@ -392,14 +393,31 @@ def test_ps_table_is_aligned(run_cli: Cli) -> None:
     code, out, _ = run_cli("ps")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["ID", "RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE"]
-    for column in ("RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE"):
+    assert header.split() == ["ID", "RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE", "POD"]
+    for column in ("RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE", "POD"):
         start = header.index(column)
         for row in rows:
             assert row[start - 2 : start] == "  " and row[start] != " ", (column, row)
     by_id = {row.split()[0]: row.split() for row in rows}
-    assert by_id["a"] == ["a", "native", "RUNNING", "4242", "1m15s", "-"]
+    assert by_id["a"] == ["a", "native", "RUNNING", "4242", "1m15s", "-", "-"]
     assert by_id["done"][2:5] == ["TERMINATED", "-", "SIGTERM"]
+
+
+def test_ps_shows_the_pod_of_cri_containers_and_marks_its_holder(run_cli: Cli) -> None:
+    pod = ("--label", "io.kubernetes.pod.namespace=shop", "--label", "io.kubernetes.pod.name=web")
+    for container_id, role in (("holder", "sandbox"), ("app", "container")):
+        code, _, err = run_cli(
+            "run", "--detach", "--id", container_id, *pod,
+            "--label", f"io.containerizer.cri.role={role}", "--", "sleep",
+        )  # fmt: skip
+        assert code == 0, err
+    run_cli.launch("plain", "sleep")
+    code, out, _ = run_cli("ps")
+    assert code == 0
+    header, *rows = out.splitlines()
+    start = header.index("POD")
+    pods = {row.split()[0]: row[start:] for row in rows}
+    assert pods == {"holder": "shop/web (sandbox)", "app": "shop/web", "plain": "-"}
 
 
 def test_ps_json(run_cli: Cli) -> None:

@@ -36,6 +36,11 @@ MIB_PER_UNIT = {
     **{unit: 1024.0**2 for unit in ("t", "tb", "tib")},
 }
 SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+# Labels the CRI front end puts on the containers it launches: a pod's holder has the role
+# "sandbox", the pod's containers "container" (adapter/cri/pods.py, containers.py).
+CRI_ROLE_LABEL = "io.containerizer.cri.role"
+POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+POD_NAME_LABEL = "io.kubernetes.pod.name"
 
 
 # ---- flag values: argparse reports each error as "argument --flag: ..." ----
@@ -267,9 +272,29 @@ def containers_table(containers: Sequence[pb.ContainerStatus], now: float) -> st
         pid = str(status.pid) if status.pid else "-"
         image = status.image or "-"
         rows.append(
-            [status.container_id, status.runtime, state_name(status), pid, age_or_exit, image]
+            [
+                status.container_id,
+                status.runtime,
+                state_name(status),
+                pid,
+                age_or_exit,
+                image,
+                pod_cell(status),
+            ]
         )
-    return render_table(["ID", "RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE"], rows)
+    return render_table(["ID", "RUNTIME", "STATE", "PID", "AGE/EXIT", "IMAGE", "POD"], rows)
+
+
+def pod_cell(status: pb.ContainerStatus) -> str:
+    """The POD cell of `ps`: namespace/name of the CRI pod the container belongs to, with
+    "(sandbox)" on the pod's holder; "-" for a container the CRI did not launch. Last in the
+    row, so that its space does not shift the columns a script splits."""
+    labels = status.labels
+    role = labels.get(CRI_ROLE_LABEL)
+    if role is None:
+        return "-"
+    pod = f"{labels.get(POD_NAMESPACE_LABEL, '')}/{labels.get(POD_NAME_LABEL, '')}"
+    return f"{pod} (sandbox)" if role == "sandbox" else pod
 
 
 def containers_json(containers: Sequence[pb.ContainerStatus]) -> str:

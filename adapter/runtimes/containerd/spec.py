@@ -4,7 +4,8 @@ It is built as data and serialised with json, never pasted together. Limits are 
 every runtime translates (adapter/core/limits.py), and linux.cgroupsPath puts
 the container at `/<cgroups_root>/<container_id>` in every controller, where the shared accounting
 reader finds it. What runs (argv, environment, working directory, user) is the one image/request
-merge (adapter/core/workload.py); this module only resolves the user against the image's tables.
+merge (adapter/core/workload.py); who runs it is the service's resolution of the image's
+passwd and group files (adapter/core/identity.py), passed in as numbers.
 
 Confinement is adapter/core/confinement.py's policy, translated for runc and crun: the default
 capability set (held only by uid 0; any other uid starts with none, as under Docker), the seccomp
@@ -18,6 +19,9 @@ Network: the network isolator made the container's namespace before the spec is 
 spec joins it by path (`linux.namespaces` network entry with `path`), or has no network entry
 for the host's network. Its /etc/hosts and /etc/resolv.conf are bind-mounted read-only: the
 files live in the service's state, and a writable bind would let the container grow them there.
+
+A CRI container's LinuxOptions (the pod's namespaces, volumes, read-only root, capability
+changes, seccomp profile, extra masked paths, the pod's /etc files) are translated by linux.py.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.core.confinement import Confinement, oci_seccomp_profile
-from adapter.core.errors import InvalidArgument
+from adapter.core.confinement import Confinement
 from adapter.core.limits import Limits
-from adapter.core.model import LaunchSpec
-from adapter.core.workload import SANDBOX_IN_CONTAINER, merge
+from adapter.core.model import Identity, LaunchSpec
+from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.images.image import Image
+from adapter.runtimes.containerd import linux as pod
 
 OCI_VERSION = "1.0.2-dev"
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
@@ -107,16 +111,18 @@ def process_capabilities(
     }
 
 
-def linux_confinement(confinement: Confinement) -> dict[str, Any]:
+def linux_confinement(
+    spec: LaunchSpec, confinement: Confinement, localhost_seccomp: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The `linux` keys that confine: seccomp, masked and read-only paths, the device cgroup."""
     devices = [{"allow": confinement.privileged, "access": "rwm"}]
     result: dict[str, Any] = {
-        "maskedPaths": list(confinement.masked_paths),
-        "readonlyPaths": list(confinement.readonly_paths),
+        **pod.confined_paths(spec, confinement),
         "resources": {"devices": devices},
     }
-    if confinement.seccomp:
-        result["seccomp"] = oci_seccomp_profile()
+    profile = pod.seccomp(spec, confinement, localhost_seccomp)
+    if profile is not None:
+        result["seccomp"] = profile
     return result
 
 
@@ -135,75 +141,71 @@ def linux_resources(limits: Limits) -> dict[str, Any]:
     return result
 
 
-def _lookup(table: str, name: str, field: str) -> tuple[int, int]:
-    """uid and gid (or gid twice) of `name` in passwd/group text."""
-    for line in table.splitlines():
-        parts = line.split(":")
-        if len(parts) >= 3 and parts[0] == name and parts[2].isdigit():
-            gid = parts[3] if len(parts) > 3 and parts[3].isdigit() else parts[2]
-            return int(parts[2]), int(gid)
-    raise InvalidArgument(field, f"{name!r} is not in the image's /etc/passwd or /etc/group")
-
-
-def resolve_user(user: str, passwd: str, group: str) -> tuple[int, int]:
-    """`name`, `uid`, `name:group` or `uid:gid`, as Docker reads the image's USER, resolved
-    against the image's /etc/passwd and /etc/group texts."""
-    field = "command.user"
-    name, _, group_name = user.partition(":")
-    if name.isdigit():
-        uid, gid = int(name), 0
-        for line in passwd.splitlines():  # a numeric user still gets its primary group
-            parts = line.split(":")
-            if len(parts) > 3 and parts[2] == name and parts[3].isdigit():
-                gid = int(parts[3])
-    else:
-        uid, gid = _lookup(passwd, name, field)
-    if group_name:
-        gid = int(group_name) if group_name.isdigit() else _lookup(group, group_name, field)[0]
-    return uid, gid
-
-
-def needs_user_tables(user: str) -> bool:
-    """Whether resolving `user` needs the image's passwd/group (numeric ids do not)."""
-    name, _, group_name = user.partition(":")
-    return not (name.isdigit() and (not group_name or group_name.isdigit()))
-
-
 def runtime_spec(
     spec: LaunchSpec,
     image: Image,
     *,
     cgroups_root: str,
     limits: Limits,
-    user: tuple[int, int],
+    identity: Identity,
     network: Network | None = None,
     held: Collection[str] | None = None,
+    localhost_seccomp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The config.json for `spec` in `image`, run as the resolved `user` (uid, gid), naming
-    only capabilities in `held` (see process_capabilities)."""
+    """The config.json for `spec` in `image`, run as `identity` (resolved by the service from
+    the image's files), naming only capabilities in `held` (see process_capabilities);
+    `localhost_seccomp` is the node's profile when the launch names one (linux.py)."""
     network = network or Network()
     workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-    confinement = Confinement(spec.privileged, spec.no_new_privileges)
-    linux = linux_confinement(confinement)
+    confinement = pod.policy_of(spec)
+    linux = linux_confinement(spec, confinement, localhost_seccomp)
     linux["resources"].update(linux_resources(limits))
     linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
-    linux["namespaces"] = [{"type": kind} for kind in NAMESPACES] + network.namespace()
-    return {
+    linux["namespaces"] = pod.namespaces(spec.linux, NAMESPACES) + network.namespace()
+    if spec.linux.sysctls:
+        linux["sysctl"] = dict(spec.linux.sysctls)
+    propagation = pod.rootfs_propagation(spec.linux.mounts)
+    if propagation is not None:
+        linux["rootfsPropagation"] = propagation
+    document: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
-        "process": {
-            "terminal": False,
-            "user": {"uid": user[0], "gid": user[1]},
-            "args": list(workload.argv),
-            "env": workload.environment_lines(),
-            "cwd": workload.working_dir,
-            "capabilities": process_capabilities(confinement, user[0], held),
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": confinement.no_new_privs_for(user[0] == 0),
-        },
-        "root": {"path": "rootfs"},
-        "hostname": spec.container_id[:63],
-        "mounts": default_mounts(spec.sandbox, privileged=spec.privileged) + network.mounts(),
+        "process": process_section(workload, identity, confinement, held),
+        "root": {"path": "rootfs", "readonly": spec.linux.read_only_rootfs},
+        "mounts": [
+            *default_mounts(spec.sandbox, privileged=spec.privileged),
+            *network.mounts(),
+            *pod.volume_mounts(spec.linux.mounts),
+        ],
         "linux": linux,
+    }
+    if pod.owns_uts(spec.linux):
+        document["hostname"] = spec.linux.hostname or spec.container_id[:63]
+    return document
+
+
+def process_section(
+    workload: Workload,
+    identity: Identity,
+    confinement: Confinement,
+    held: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """`process`: what runs, as whom, holding what. HOME comes from the user's passwd entry
+    when the environment sets none, as the native runtime's supervisor does."""
+    user: dict[str, Any] = {"uid": identity.uid, "gid": identity.gid}
+    if identity.groups:
+        user["additionalGids"] = list(identity.groups)
+    environment = workload.environment_lines()
+    if identity.home and all(name != "HOME" for name, _ in workload.environment):
+        environment.append(f"HOME={identity.home}")
+    return {
+        "terminal": False,
+        "user": user,
+        "args": list(workload.argv),
+        "env": environment,
+        "cwd": workload.working_dir,
+        "capabilities": process_capabilities(confinement, identity.uid, held),
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": confinement.no_new_privs_for(identity.uid == 0),
     }
 
 

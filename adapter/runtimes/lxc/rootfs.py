@@ -16,12 +16,13 @@ import asyncio
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapter.core.errors import FailedPrecondition
+from adapter.core.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
     from adapter.images import ImageStore
@@ -33,10 +34,46 @@ SUPERVISOR_TARGET = ".containerizer/supervisor"
 RUN_TARGET = ".containerizer/run"
 SANDBOX_TARGET = "mnt/mesos/sandbox"
 
+# As the kernel's bound on symlinks in one path lookup (ELOOP beyond).
+MAX_SYMLINKS = 40
+
 _PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = "root:x:0:\nnogroup:x:65534:\n"
 _DIRECTORIES = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "root",
                 "tmp", "run", "var", "mnt/mesos/sandbox", ".containerizer/run")  # fmt: skip
+
+
+def resolve_in_root(root: Path, path: str, field: str) -> str:
+    """`path` of the container with each symlink the root holds resolved as the container
+    would resolve it, never above `root`: relative to the root, and free of symlinks.
+
+    LXC makes a missing mount point (`create=dir|file`) on the host with mkdir and open, which
+    follow symlinks: a target through an image's `/data -> /etc` would make /etc/... on the
+    host. A target resolved here leads nowhere else. The root is the read-only lower layer (an
+    image's or the busybox base); the container's own layer is empty until it starts."""
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    followed = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            del resolved[-1:]  # `..` of the root is the root, as in the container
+            continue
+        try:
+            info = os.lstat(root.joinpath(*resolved, part))
+        except OSError:  # not there (yet): nothing below it can be a symlink of the image
+            info = None
+        if info is None or not stat.S_ISLNK(info.st_mode):
+            resolved.append(part)
+            continue
+        followed += 1
+        if followed > MAX_SYMLINKS:
+            raise InvalidArgument(field, f"{path!r}: too many symlinks in the image's rootfs")
+        link = os.readlink(root.joinpath(*resolved, part))
+        if link.startswith("/"):
+            resolved = []
+        pending[:0] = [part for part in link.split("/") if part not in ("", ".")]
+    return "/".join(resolved)
 
 
 def _digest(path: Path) -> str:

@@ -1,0 +1,77 @@
+"""CRI logs of containerd containers: containerd's shim starts our supervisor in its log relay
+mode as the task's logging binary, and the relay writes the CRI records.
+
+A task whose stdout is `binary://<path>?<query>` gets a logging binary from its shim: the shim
+runs `<path>` with the query's pairs as arguments, the task's stdout and stderr as pipes on fds
+3 and 4, and waits for fd 5 to close (containerd's runtime v2 logging). The relay
+(`containerizer-supervisor --log-relay LOG --pid-file FILE`) writes the same records as the
+native runtime's supervisor, reopens LOG on SIGUSR1, and ends once the task is deleted, after
+writing what the pipes still held. It is the shim's child: the log keeps flowing while this
+service restarts, and the relay's pid, which ReopenContainerLog needs, is in FILE in the
+container's run directory (rundir.py), with its start time so that a reused pid is never hit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.supervisor.processes import ProcessRef
+
+PID_FILE = "log-relay.pid"
+MAX_PID_FILE_BYTES = 64
+# What the relay opens the log with (the supervisor's open_log_file): never through a symlink,
+# and a FIFO at the path fails at once instead of hanging the open.
+LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def relay_uri(supervisor: str, log_path: str, run_dir: Path) -> str:
+    """The task's stdout (and stderr) URI that starts the relay for `log_path`."""
+    query = urlencode({"--log-relay": log_path, "--pid-file": str(run_dir / PID_FILE)})
+    return f"binary://{quote(supervisor)}?{query}"
+
+
+def check_log_file(log_path: str) -> None:
+    """Create the log as the relay will open it, so that a log that cannot be written fails the
+    launch here, with the reason: the shim cannot tell a relay's failure from its readiness."""
+    field = "linux.log_path"
+    try:
+        fd = os.open(log_path, LOG_FLAGS, 0o640)
+    except OSError as exc:
+        raise InvalidArgument(field, f"{log_path}: cannot open the log: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise InvalidArgument(field, f"{log_path}: not a regular file of its own")
+
+
+def reopen(run_dir: Path, container_id: str) -> None:
+    """SIGUSR1 to the container's relay: it opens a new file at the log's path."""
+    relay = _relay(run_dir / PID_FILE)
+    if relay is None or not relay.send(signal.SIGUSR1):
+        raise FailedPrecondition(
+            f"containerd runtime: {container_id!r} has no running log relay (no CRI log, or"
+            " its task is gone)"
+        )
+
+
+
+def _relay(pid_file: Path) -> ProcessRef | None:
+    """The relay named in its pid file (`<pid> <start time>`), or None when there is none."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        words = os.read(fd, MAX_PID_FILE_BYTES).split()
+    finally:
+        os.close(fd)
+    if len(words) != 2 or not all(word.isdigit() for word in words):
+        return None
+    return ProcessRef(int(words[0]), int(words[1]))
