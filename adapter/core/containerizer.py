@@ -43,7 +43,14 @@ from adapter.core.model import (
 )
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
-from adapter.runtimes.base import Checkpointed, Executes, ReopensLogs, Runtime
+from adapter.runtimes.base import (
+    Checkpointed,
+    ExecSession,
+    Executes,
+    ReopensLogs,
+    Runtime,
+    StreamsExec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,11 @@ class Containerizer:
                 launched = await driver.start(spec)
             except ContainerizerError as exc:
                 await self._fail_launch(container, driver, str(exc))
+                raise
+            except asyncio.CancelledError:
+                # The caller went away (an RPC deadline): a launch left halfway would stay
+                # LAUNCHING, its processes unowned, until the next restart.
+                await self._fail_launch(container, driver, "the launch was cancelled")
                 raise
             except Exception as exc:
                 log.exception("launch of %s failed", spec.container_id)
@@ -261,6 +273,17 @@ class Containerizer:
                 f"runtime {runtime.name!r} cannot run a command in a container"
             )
         return await runtime.exec_sync(container_id, argv, timeout)
+
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        container = self._running(container_id)
+        runtime = self._driver(container.record.spec.runtime)
+        if not isinstance(runtime, StreamsExec):
+            raise FailedPrecondition(
+                f"runtime {runtime.name!r} cannot run an interactive command in a container"
+            )
+        return await runtime.exec_stream(container_id, argv, tty=tty)
 
     async def reopen_log(self, container_id: str) -> None:
         container = self._running(container_id)

@@ -97,6 +97,42 @@ class Executes(Protocol):
         ...
 
 
+class ExecSession(Protocol):
+    """A command running in a container with its input and output open (the streaming Exec).
+    With a terminal, stdout carries everything and stderr is empty."""
+
+    @property
+    def tty(self) -> bool: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+    async def read(self, stream: int = 1) -> bytes:
+        """The next chunk of stdout (1) or stderr (2); b"" at its end."""
+        ...
+
+    def resize(self, columns: int, rows: int) -> None: ...
+
+    async def wait(self) -> int:
+        """The exit code; raises (ExecNotStarted) when the command never ran."""
+        ...
+
+    def kill(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamsExec(Protocol):
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        """Start argv inside the running container, as exec_sync does, with its input and
+        output left open to the caller."""
+        ...
+
+
 @runtime_checkable
 class ReopensLogs(Protocol):
     async def reopen_log(self, container_id: str) -> None:

@@ -155,7 +155,7 @@ def _command(binary: str, config_fd: int) -> list[str]:
 
 
 async def exec_process(
-    binary: str, config: ExecConfig, *, terminal: int | None = None
+    binary: str, config: ExecConfig, *, terminal: int | None = None, report_fd: int | None = None
 ) -> asyncio.subprocess.Process:
     """The supervisor running `config`, with its stdin, stdout and stderr as pipes (streaming
     Exec) — or, with `config.tty`, all three the pty slave `terminal` (the caller keeps the
@@ -164,15 +164,16 @@ async def exec_process(
     a process the command left running in the container may delay: read them as they come."""
     if config.tty != (terminal is not None):
         raise InvalidArgument("tty", "a terminal goes with tty, and only with it")
-    payload = config.encode()
+    payload = config.encode(report_fd=report_fd)
     _check_running(config)
     config_fd = _config_file(payload)
     stdio: int | None = subprocess.PIPE if terminal is None else terminal
+    passed = (config_fd,) if report_fd is None else (config_fd, report_fd)
     try:
         return await asyncio.create_subprocess_exec(
             *_command(binary, config_fd),
             stdin=stdio, stdout=stdio, stderr=stdio,
-            pass_fds=(config_fd,), start_new_session=True,
+            pass_fds=passed, start_new_session=True,
         )  # fmt: skip
     except OSError as exc:
         raise LaunchFailed(f"cannot run {binary}: {exc}") from exc
@@ -215,7 +216,7 @@ async def exec_sync(
     finally:
         await running.release()
     code = running.returncode()
-    _raise_if_not_started(report_read, config.argv[0])
+    raise_if_not_started(report_read, config.argv[0])
     return ExecResult(
         exit_code=TIMED_OUT_EXIT_CODE if timed_out else code,
         stdout=bytes(running.stdout.data),
@@ -229,7 +230,7 @@ class ExecNotStarted(FailedPrecondition):
     not be joined. Not an exit code: a command that ran may itself exit 126 or 127."""
 
 
-def _raise_if_not_started(report_fd: int, command: str) -> None:
+def raise_if_not_started(report_fd: int, command: str) -> None:
     """Read what the supervisor reported (it has exited: the pipe is at EOF) and close it."""
     try:
         report = os.read(report_fd, 4096)

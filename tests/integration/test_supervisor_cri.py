@@ -32,6 +32,7 @@ from adapter.supervisor.exec import (
     exec_process,
     exec_sync,
 )
+from adapter.supervisor.session import ExecSession
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.registry import ContainerCgroups
 from tests.integration import test_supervisor
@@ -429,3 +430,64 @@ def test_exec_config_encodes_exec_in_first_and_only_the_process_confinement(
         ExecConfig(7, 8, ["a\0b"], enforcement).encode()
     with pytest.raises(InvalidArgument, match="envs"):
         ExecConfig(7, 8, ["true"], enforcement, env=[("A=B", "c")]).encode()
+
+
+# ---- the streaming exec (ExecSession) ----
+
+
+async def _read_all(session: ExecSession, stream: int = 1) -> bytes:
+    chunks = []
+    while chunk := await session.read(stream):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_session_pipes_stdin_to_the_command_and_returns_its_code(
+    container: Container,
+) -> None:
+    session = await ExecSession.start(
+        container.box.binary, container.config(["sh", "-c", "cat; echo err >&2; exit 3"])
+    )
+    try:
+        await session.write(b"hello\n")
+        session.close_stdin()
+        stdout, stderr = await asyncio.gather(_read_all(session, 1), _read_all(session, 2))
+        assert (stdout, stderr, await session.wait()) == (b"hello\n", b"err\n", 3)
+    finally:
+        session.close()
+
+
+async def test_session_with_a_terminal_sees_a_tty_of_the_asked_size(container: Container) -> None:
+    config = container.config(["sh", "-c", "read line; stty size; tty -s && echo tty"], tty=True)
+    session = await ExecSession.start(container.box.binary, config)
+    try:
+        session.resize(100, 40)
+        await session.write(b"go\n")
+        output = await _read_all(session)
+        assert b"40 100" in output and b"tty" in output, output
+        assert await session.wait() == 0
+    finally:
+        session.close()
+
+
+async def test_session_of_a_command_that_cannot_run_is_an_error(container: Container) -> None:
+    session = await ExecSession.start(container.box.binary, container.config(["/no/such"]))
+    try:
+        await _read_all(session, 1)
+        await _read_all(session, 2)
+        with pytest.raises(ExecNotStarted, match="/no/such"):
+            await session.wait()
+    finally:
+        session.close()
+
+
+async def test_killed_session_leaves_nothing_running(container: Container) -> None:
+    sleep = unique_sleep()
+    session = await ExecSession.start(container.box.binary, container.config(sleep))
+    try:
+        await wait_until(lambda: processes_with(sleep) != [])
+        session.kill()
+        assert await session.wait() == -9  # the supervisor itself was killed with its group
+        await wait_until(lambda: processes_with(sleep) == [])
+    finally:
+        session.close()

@@ -45,6 +45,7 @@ from adapter.runtimes.native.options import NativeOptions
 from adapter.supervisor import client as supervisor
 from adapter.supervisor.exec import ExecConfig, exec_sync
 from adapter.supervisor.processes import supervised_exit
+from adapter.supervisor.session import ExecSession
 from isolators.base import Isolator, Limitation
 from isolators.cgroups.isolator import CgroupIsolator
 from isolators.network.isolator import NetworkIsolator
@@ -253,6 +254,19 @@ class NativeDriver:
     ) -> ExecResult:
         """The command in the container's namespaces and cgroups, as its workload: the same
         identity, environment and confinement, recomputed from the launch's spec."""
+        config = await self._exec_config(container_id, argv, tty=False)
+        result = await exec_sync(self._binary(), config, timeout=timeout)
+        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        config = await self._exec_config(container_id, argv, tty=tty)
+        return await ExecSession.start(self._binary(), config)
+
+    async def _exec_config(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecConfig:
         running = self._running.get(container_id)
         if running is None or running.spec is None:
             raise NotFound(f"native runtime: no running container {container_id!r}")
@@ -260,7 +274,7 @@ class NativeDriver:
         image = self._images.get(spec.image) if spec.image else None
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
         rootfs = str(await self._images.rootfs(spec.image)) if spec.image else None
-        config = ExecConfig(
+        return ExecConfig(
             target_pid=running.handle.child_pid,
             target_start_time=running.handle.child_start_time,
             argv=argv,
@@ -271,9 +285,8 @@ class NativeDriver:
             cwd=workload.working_dir,
             identity=await workload_identity(workload.user, spec.linux, rootfs),
             cgroup_procs=[str(d / "cgroup.procs") for d in self._cgroup_dirs(container_id)],
+            tty=tty,
         )
-        result = await exec_sync(self._binary(), config, timeout=timeout)
-        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
 
     def _cgroup_dirs(self, container_id: str) -> list[Path]:
         return self._cgroups.dirs(container_id) if self._cgroups is not None else []
