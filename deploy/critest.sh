@@ -4,6 +4,7 @@
 # The registry is the config's mirror of gcr.io and registry.k8s.io: critest's --registry-prefix
 # drops the images' tags and then checks the unprefixed names, so no runtime passes with it.
 #   deploy/critest.sh [critest arguments, e.g. --ginkgo.focus REGEX]
+#   CRITEST_RUNTIMES=lxc deploy/critest.sh --runtime-handler lxc   (pods on another runtime)
 # Binaries: $CRITEST / $CRICTL, else ../shared/cri/bin; the image builder: $CRITEST_IMAGES,
 # else ../shared/cri/critest-images. Everything this makes lives under one temporary
 # directory and is stopped and removed at the end.
@@ -73,6 +74,11 @@ subnet = "10.$(( 100 + $$ % 100 )).0.0/16"
 allow_privileged_ports = true
 allow_host = true
 EOF
+# CRITEST_RUNTIMES="lxc ...": runtime tables to add (with native's, which runs the pods'
+# holders), for critest's --runtime-handler NAME. A table another step wrote is kept.
+for name in ${CRITEST_RUNTIMES:+native $CRITEST_RUNTIMES}; do
+  grep -qx "\[runtimes\.$name\]" "$work/config.toml" || echo "[runtimes.$name]" >>"$work/config.toml"
+done
 .venv/bin/containerizer serve --config "$work/config.toml" >"$work/service.log" 2>&1 &
 service=$!
 pids=("$service" "${pids[@]}")

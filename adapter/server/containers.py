@@ -20,6 +20,7 @@ from adapter.core.containerizer import Containerizer, Event
 from adapter.core.model import Fingerprint, Resources, State, Statistics, Termination
 from adapter.core.state import ContainerRecord
 from adapter.server import validation
+from adapter.server.exec import serve_exec
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,15 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         async for event in self._core.events(cid or None):
             yield to_event(event)
+
+    async def Exec(
+        self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
+    ) -> AsyncIterator[pb.ExecResponse]:
+        try:
+            async for reply in serve_exec(self._core, request_iterator):
+                yield reply
+        except errors.ContainerizerError as exc:
+            await context.abort(status_for(exc), str(exc))
 
 
 # ---- domain -> API ----

@@ -48,9 +48,12 @@ class CriNode:
         )
         return config
 
-    def run_pod(self, config: cri.PodSandboxConfig | None = None) -> str:
+    def run_pod(
+        self, config: cri.PodSandboxConfig | None = None, runtime_handler: str = ""
+    ) -> str:
         config = config or self.pod_config()
-        reply = self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=TIMEOUT)
+        request = cri.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)
+        reply = self.runtime.RunPodSandbox(request, timeout=TIMEOUT)
         return str(reply.pod_sandbox_id)
 
     def container_config(
@@ -121,14 +124,16 @@ class CriNode:
         self.channel.close()
 
 
-def cri_service(workdir: Path) -> ServiceProcess:
+def cri_service(workdir: Path, runtimes: tuple[str, ...] = ()) -> ServiceProcess:
+    """`runtimes`: the runtime tables besides native's (which runs the pods' holders)."""
     require_root()
     bridge, subnet = network_config()
+    tables = "".join(f"[runtimes.{name}]\n" for name in ("native", *runtimes)) if runtimes else ""
     return ServiceProcess(
         workdir,
         extra_config=(
             f'cri_socket = "{workdir / "cri.sock"}"\nallow_privileged = true\n'
-            f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
+            f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n{tables}'
         ),
     )
 

@@ -30,7 +30,7 @@ from adapter.core.errors import (
     Unavailable,
 )
 from adapter.core.limits import Limits
-from adapter.core.model import Command, LaunchSpec, Resources
+from adapter.core.model import Command, Identity, LaunchSpec, Resources
 from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import spec as oci
 from adapter.runtimes.containerd.client import ContainerdClient
@@ -119,7 +119,7 @@ def test_runtime_spec_carries_the_request() -> None:
         image,
         cgroups_root="containerizer",
         limits=Limits.of(spec.resources, enable_cfs=True),
-        user=(65534, 65534),
+        identity=Identity(65534, 65534),
     )
     process = document["process"]
     assert process["args"] == ["/bin/sh", "-c", "echo hi"]
@@ -154,33 +154,6 @@ def test_unrequested_resources_stay_unlimited_and_cfs_is_optional() -> None:
     assert oci.linux_resources(Limits.of(Resources(), enable_cfs=True)) == {}
     no_cfs = Limits.of(Resources(cpus=0.001), enable_cfs=False)
     assert oci.linux_resources(no_cfs) == {"cpu": {"shares": 2}}
-
-
-PASSWD = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1001::/:\n"
-GROUP = "root:x:0:\nnogroup:x:65534:\nstaff:x:50:\n"
-
-
-@pytest.mark.parametrize(
-    ("user", "expected"),
-    [
-        ("0", (0, 0)),
-        ("1000", (1000, 1001)),
-        ("4242", (4242, 0)),
-        ("app", (1000, 1001)),
-        ("app:staff", (1000, 50)),
-        ("nobody:7", (65534, 7)),
-        ("5:6", (5, 6)),
-    ],
-)
-def test_users_resolve_against_the_images_tables(user: str, expected: tuple[int, int]) -> None:
-    assert oci.resolve_user(user, PASSWD, GROUP) == expected
-
-
-def test_unknown_user_names_the_field() -> None:
-    with pytest.raises(InvalidArgument) as unknown:
-        oci.resolve_user("ghost", PASSWD, GROUP)
-    assert unknown.value.field == "command.user" and "ghost" in str(unknown.value)
-    assert not oci.needs_user_tables("5:6") and oci.needs_user_tables("app")
 
 
 @pytest.mark.parametrize(
@@ -229,12 +202,15 @@ def test_stub_build_maps_go_import_paths_under_our_package() -> None:
 # ---- confinement in the OCI spec ----
 
 
+ROOT = Identity()
+
+
 def _confined(
-    user: tuple[int, int] = (0, 0), held: tuple[str, ...] | None = None, **flags: bool
+    user: Identity = ROOT, held: tuple[str, ...] | None = None, **flags: bool
 ) -> dict[str, Any]:
     spec = dataclasses.replace(_launch_spec(), **flags)
     return oci.runtime_spec(
-        spec, _image(), cgroups_root="ctz", limits=Limits(), user=user, held=held
+        spec, _image(), cgroups_root="ctz", limits=Limits(), identity=user, held=held
     )
 
 
@@ -271,7 +247,7 @@ def test_root_holds_the_default_set_and_everything_else_is_confined() -> None:
 
 
 def test_any_other_user_holds_nothing_and_gets_no_new_privs() -> None:
-    process = _confined(user=(65534, 65534))["process"]
+    process = _confined(user=Identity(65534, 65534))["process"]
     assert process["capabilities"] == {
         "bounding": list(DEFAULT_CAPABILITIES),
         "effective": [],
@@ -305,9 +281,11 @@ def test_held_capabilities_come_from_the_bounding_set() -> None:
 def test_an_empty_command_runs_the_images_entrypoint_and_cmd() -> None:
     spec = dataclasses.replace(_launch_spec(), command=Command())
     image = dataclasses.replace(_image(), entrypoint=("/bin/app",), cmd=("serve", "-v"))
-    document = oci.runtime_spec(spec, image, cgroups_root="ctz", limits=Limits(), user=(0, 0))
+    document = oci.runtime_spec(
+        spec, image, cgroups_root="ctz", limits=Limits(), identity=Identity()
+    )
     assert document["process"]["args"] == ["/bin/app", "serve", "-v"]
     bare = dataclasses.replace(image, entrypoint=(), cmd=())
     with pytest.raises(InvalidArgument) as refused:
-        oci.runtime_spec(spec, bare, cgroups_root="ctz", limits=Limits(), user=(0, 0))
+        oci.runtime_spec(spec, bare, cgroups_root="ctz", limits=Limits(), identity=Identity())
     assert refused.value.field == "command"

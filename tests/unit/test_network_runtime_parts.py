@@ -11,7 +11,14 @@ import pytest
 from adapter.core.config import parse_config
 from adapter.core.errors import FailedPrecondition, InvalidArgument
 from adapter.core.limits import Limits
-from adapter.core.model import Command, LaunchSpec, NetworkSettings, PortMapping, Resources
+from adapter.core.model import (
+    Command,
+    Identity,
+    LaunchSpec,
+    NetworkSettings,
+    PortMapping,
+    Resources,
+)
 from adapter.core.network import RuntimeNetwork
 from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import spec as oci
@@ -39,7 +46,7 @@ def _document(network: oci.Network) -> dict[str, object]:
     blob = Descriptor("application/octet-stream", "sha256:" + "0" * 64, 1)
     image = Image("localhost/busybox:latest", blob, blob, (blob,), (), ("sh",), (), "", "")
     return oci.runtime_spec(
-        _spec(), image, cgroups_root="ctz", limits=Limits(), user=(0, 0), network=network
+        _spec(), image, cgroups_root="ctz", limits=Limits(), identity=Identity(), network=network
     )
 
 

@@ -484,6 +484,9 @@ def build_parser() -> ArgumentParser:
     from adapter.clients.cli.images import add_images_commands  # its own module: the images group
 
     add_images_commands(subcommands)
+    from adapter.clients.cli.exec import add_exec_parser  # its own module: exec
+
+    add_exec_parser(subcommands)
     from adapter.clients.cli.compare import (
         add_compare_parser,  # its own module: the compare command
     )

@@ -43,18 +43,35 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
-from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.identity import workload_identity
+from adapter.core.model import (
+    HOST_NAMESPACE,
+    Capabilities,
+    ExecResult,
+    Exit,
+    Fingerprint,
+    Identity,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
 from adapter.core.sandbox import OUTPUTS
 from adapter.core.services import Services
-from adapter.core.workload import Workload, merge
+from adapter.core.workload import merge
 from adapter.images.image import Image
 from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.containerd import exec as execs
+from adapter.runtimes.containerd import linux as pod
+from adapter.runtimes.containerd import logs
 from adapter.runtimes.containerd import spec as oci
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.content import ImageLoader
 from adapter.runtimes.containerd.handle import CONTAINER_LABEL, ContainerdHandle
 from adapter.runtimes.containerd.options import ContainerdOptions
+from adapter.runtimes.containerd.rundir import RunDirectories
+from adapter.runtimes.containerd.seccomp import localhost_profile
 from adapter.runtimes.containerd.state import ContainerdState
+from adapter.supervisor.client import find_supervisor
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.registry import limitation_at_exit
@@ -102,6 +119,7 @@ class ContainerdDriver:
         self._loader: ImageLoader | None = None
         self._state = ContainerdState()
         self._network = services.network
+        self._run_dirs = RunDirectories(services.node.state_dir / "containerd")
 
     @property
     def _client(self) -> ContainerdClient:
@@ -129,6 +147,7 @@ class ContainerdDriver:
             pid_namespace=True,
             recover=True,
             network_isolation=True,
+            pods=True,
         )
         try:
             binary = self._binary_path()
@@ -175,19 +194,25 @@ class ContainerdDriver:
                 " localhost/busybox:latest",
             )
         image = self._store.get(spec.image, "container.image")
-        # Fails here, before containerd holds anything, on an empty command and bare image.
+        # Bad input fails here, before containerd holds anything: an empty command and bare
+        # image, an unknown user, a bad seccomp profile or network request, an unusable log.
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-        user = await self._user(workload, image)
-        if self._network.chooses(spec):  # bad network input fails before containerd sees it
+        rootfs = await self._store.rootfs(image.reference)
+        identity = await workload_identity(workload.user, spec.linux, rootfs)
+        seccomp = await self._localhost_seccomp(spec)
+        if pod.joined_network(spec.linux) is None and self._network.chooses(spec):
             self._network.check(spec)
+        if spec.linux.log_path:
+            logs.check_log_file(spec.linux.log_path)
         handle = self._handle(spec.container_id)
         self._state.clear_oom(handle.containerd_id)
         await self._create_lease(handle)
         self._state.handles[spec.container_id] = handle
+        self._run_dirs.make(spec.container_id)
         try:
             network = await self._prepare_network(spec)
             mounts = await self._prepare_rootfs(handle, image)
-            await self._create_container(handle, spec, image, user, network)
+            await self._create_container(handle, spec, image, (identity, seccomp), network)
             pid = await self._start_task(handle, spec, mounts)
         except ContainerizerError as exc:
             if type(exc) is ContainerizerError:  # a runtime failure with no better class
@@ -196,7 +221,21 @@ class ContainerdDriver:
         self._state.subscribe(self._client, self._end_after_oom)
         return Launched(handle=handle.to_json(), pid=pid, ip_address=network.address)
 
+    async def _localhost_seccomp(self, spec: LaunchSpec) -> dict[str, Any] | None:
+        """The node's profile a launch names, read and checked (None: it names none)."""
+        path = pod.localhost_path(spec)
+        if path is None or spec.privileged:
+            return None
+        return await localhost_profile(path, pod.policy_of(spec).capabilities)
+
     async def _prepare_network(self, spec: LaunchSpec) -> _PreparedNetwork:
+        """The isolator's network, or a pod's (or the host's) joined: the pod's holder has the
+        address, and its /etc files come with the launch."""
+        joined = pod.joined_network(spec.linux)
+        if joined is not None:
+            host = joined == HOST_NAMESPACE
+            etc_files = pod.etc_files(spec.linux)
+            return _PreparedNetwork(oci.Network(None if host else joined, host, etc_files), "")
         if not self._network.chooses(spec):
             return _PreparedNetwork(oci.Network(), "")
         attachment = await self._network.prepare(spec)
@@ -205,14 +244,6 @@ class ContainerdDriver:
             oci.Network(attachment.netns_path, attachment.mode == "host", etc_files),
             attachment.address or "",
         )
-
-    async def _user(self, workload: Workload, image: Image) -> tuple[int, int]:
-        user = workload.user or "0"
-        if not oci.needs_user_tables(user):
-            return oci.resolve_user(user, "", "")
-        rootfs = await self._store.rootfs(image.reference)
-        tables = [_read_text(rootfs / "etc" / name) for name in ("passwd", "group")]
-        return oci.resolve_user(user, *tables)
 
     async def _create_lease(self, handle: ContainerdHandle) -> None:
         request = leases_pb2.CreateRequest(
@@ -244,17 +275,20 @@ class ContainerdDriver:
         handle: ContainerdHandle,
         spec: LaunchSpec,
         image: Image,
-        user: tuple[int, int],
+        process: tuple[Identity, dict[str, Any] | None],
         network: _PreparedNetwork,
     ) -> None:
+        """`process`: who runs it, and the node's seccomp profile if the launch names one."""
+        identity, localhost_seccomp = process
         document = oci.runtime_spec(
             spec,
             image,
             cgroups_root=self._cgroups_root,
             limits=self._node.limits(spec.resources),
-            user=user,
+            identity=identity,
             network=network.oci,
             held=self._held_capabilities,
+            localhost_seccomp=localhost_seccomp,
         )
         runtime = containers_pb2.Container.Runtime(name=self._runtime)
         binary = self._binary_path()
@@ -283,15 +317,23 @@ class ContainerdDriver:
         """stdout/stderr are plain paths of regular files: the shim opens them for append
         itself, so the output keeps flowing while this service is down. The core made or
         checked them just before start (core/sandbox.py): files, not what an earlier
-        workload of this sandbox left there."""
-        outputs = [Path(spec.sandbox) / name for name in OUTPUTS]
+        workload of this sandbox left there. A CRI log goes through our log relay, which
+        the shim runs (logs.py)."""
+        outputs = [str(Path(spec.sandbox) / name) for name in OUTPUTS]
+        if spec.linux.log_path:
+            relay = logs.relay_uri(
+                find_supervisor(None),
+                spec.linux.log_path,
+                self._run_dirs.path(spec.container_id),
+            )
+            outputs = [relay, relay]
         await self._client.call(
             self._client.tasks.Create,
             tasks_pb2.CreateTaskRequest(
                 container_id=handle.containerd_id,
                 rootfs=mounts,
-                stdout=str(outputs[0]),
-                stderr=str(outputs[1]),
+                stdout=outputs[0],
+                stderr=outputs[1],
             ),
             f"create task {handle.containerd_id}",
         )
@@ -353,6 +395,18 @@ class ContainerdDriver:
                 f"kill task {containerd_id} after an OOM kill",
             )
 
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        """One more process of the task, confined as its workload (exec.py)."""
+        handle = self._known(container_id)
+        run_dir = self._run_dirs.path(container_id)
+        return await execs.exec_sync(self._client, handle.containerd_id, run_dir, argv, timeout)
+
+    async def reopen_log(self, container_id: str) -> None:
+        self._known(container_id)
+        logs.reopen(self._run_dirs.path(container_id), container_id)
+
     def _known(self, container_id: str) -> ContainerdHandle:
         handle = self._state.handles.get(container_id)
         if handle is None:
@@ -378,6 +432,8 @@ class ContainerdDriver:
             await self._delete_in_containerd(self._handle(container_id))
         finally:
             await self._network.cleanup(container_id)
+        # After the task's deletion: the shim has then ended the log relay, which writes here.
+        self._run_dirs.remove(container_id)
 
     async def _delete_in_containerd(self, handle: ContainerdHandle) -> None:
         client = self._client
@@ -469,6 +525,7 @@ class ContainerdDriver:
                 self._state.handles[cid] = self._handle(cid)
         try:
             await self._remove_orphans(known_ids)
+            self._run_dirs.remove_orphans(known_ids)
             await self._remove_images_not_in_store()
         except Unavailable as exc:
             # The other runtimes must keep working; fingerprint reports containerd unhealthy.
@@ -517,10 +574,3 @@ class ContainerdDriver:
 class _PreparedNetwork:
     oci: oci.Network
     address: str  # "" without an address of its own
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -161,7 +161,9 @@ class _ExecRun:
         with contextlib.suppress(NotFound, FailedPrecondition):  # it ended meanwhile
             await self._call(
                 self._client.tasks.Kill,
-                tasks_pb2.KillRequest(container_id=self._task, exec_id=self.exec_id, signal=SIGKILL),
+                tasks_pb2.KillRequest(
+                    container_id=self._task, exec_id=self.exec_id, signal=SIGKILL
+                ),
                 "kill exec",
             )
 

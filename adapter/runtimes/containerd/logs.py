@@ -61,7 +61,6 @@ def reopen(run_dir: Path, container_id: str) -> None:
         )
 
 
-
 def _relay(pid_file: Path) -> ProcessRef | None:
     """The relay named in its pid file (`<pid> <start time>`), or None when there is none."""
     try:

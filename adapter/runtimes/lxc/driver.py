@@ -56,6 +56,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ from adapter.core.errors import ConfigError, FailedPrecondition, LaunchFailed, N
 from adapter.core.identity import workload_identity
 from adapter.core.model import (
     Capabilities,
+    ExecResult,
     Exit,
     Fingerprint,
     Identity,
@@ -77,6 +79,7 @@ from adapter.core.services import Services
 from adapter.core.workload import Workload, merge
 from adapter.images import Image
 from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.lxc import linux
 from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
 from adapter.runtimes.lxc.handle import LxcHandle, find_container_processes
 from adapter.runtimes.lxc.options import LxcOptions
@@ -85,15 +88,18 @@ from adapter.runtimes.lxc.rootfs import (
     SANDBOX_TARGET,
     SUPERVISOR_TARGET,
     BaseRootfs,
+    resolve_in_root,
 )
 from adapter.supervisor import client as protocol
 from adapter.supervisor.children import Child as Monitor
+from adapter.supervisor.exec import ExecConfig, exec_sync
 from adapter.supervisor.processes import ProcessRef, read_status, start_time, supervised_exit
 from isolators.base import Isolator, Limitation
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.errors import CgroupError
+from isolators.cgroups.hierarchy import cgroup_mount_points
 from isolators.cgroups.locate import cgroup_dirs_of, distinct
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
@@ -118,6 +124,7 @@ class _Container:
     """One container this driver watches."""
 
     handle: LxcHandle
+    spec: LaunchSpec  # what was launched: an exec runs as its workload
     monitor_process: Monitor | None  # None after a restart: not our child
     exit_task: asyncio.Task[None]
     watch_task: asyncio.Task[None] | None = None
@@ -144,6 +151,7 @@ class LxcDriver:
         self._cgroups_root = node.cgroups_root
         self._cgroups: ContainerCgroups = services.cgroups
         self._hierarchies = self._cgroups.hierarchies
+        self._cgroup_mounts = cgroup_mount_points() or tuple(set(self._hierarchies.mounts.values()))
         self._mem = MemIsolator(self._hierarchies) if self._hierarchies.has("memory") else None
         self._isolators: list[Isolator] = [
             CpuIsolator(self._hierarchies, enable_cfs=node.enable_cfs)
@@ -191,6 +199,7 @@ class LxcDriver:
             pid_namespace=True,
             recover=True,
             network_isolation=True,
+            pods=True,
         )
         try:
             supervisor = self._supervisor()
@@ -219,11 +228,15 @@ class LxcDriver:
         return self._lxcpath / container_id
 
     def _config(
-        self, spec: LaunchSpec, lower: Path, supervisor: str, network: Attachment | None
-    ) -> LxcConfig:
+        self, spec: LaunchSpec, lower: Path, supervisor: str
+    ) -> tuple[LxcConfig, linux.ContainerView]:
+        """The container's config, its network aside (that comes once the request is checked);
+        what the supervisor needs to know of it."""
         cid, directory = spec.container_id, self._container_dir(spec.container_id)
         config = LxcConfig()
-        config.set("lxc.uts.name", cid[:63], field="container_id")
+        hostname = linux.hostname(spec)
+        if hostname is not None:  # LXC sets it in a UTS namespace of its own only
+            config.set("lxc.uts.name", hostname, field="linux.hostname")
         config.set("lxc.rootfs.path", f"overlay:{lower}:{directory / 'delta0'}", field="image")
         config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
         config.set("lxc.autodev", 1)
@@ -235,47 +248,54 @@ class LxcDriver:
         config.set("lxc.log.level", "WARN")
         config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
         config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
-        self._set_network(config, cid, network)
         limits = self._node.limits(spec.resources)
         for key, value in cgroup_keys(limits, version=self._hierarchies.version):
             config.set(key, value, field="resources")
-        config.mount(supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", field="supervisor")
-        config.mount(str(directory / "run"), RUN_TARGET, "bind,create=dir", field="container_id")
-        config.mount(spec.sandbox, SANDBOX_TARGET, "bind,create=dir", field="sandbox")
-        return config
+        own_mounts = (
+            (supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", "supervisor"),
+            (str(directory / "run"), RUN_TARGET, "bind,create=dir", "container_id"),
+            (spec.sandbox, SANDBOX_TARGET, "bind,create=dir", "sandbox"),
+        )
+        for source, target, options, field in own_mounts:
+            config.mount(source, resolve_in_root(lower, target, field), options, field=field)
+        return config, linux.set_linux_options(config, spec, lower)
 
-    def _set_network(self, config: LxcConfig, cid: str, network: Attachment | None) -> None:
-        """The isolator's namespace (or the host's) when it made one; else the runtime's own."""
-        if network is None:
+    def _set_network(self, config: LxcConfig, spec: LaunchSpec, network: Attachment | None) -> None:
+        """A pod's (or the host's) namespace when the launch joins one (linux.py shares it);
+        the isolator's (or the host's) when it made one; else the runtime's own."""
+        cid = spec.container_id
+        if linux.joins_network(spec):
+            config.set("lxc.net.0.type", "none")
+        elif network is not None:
+            set_isolator_network(config, network, self._node_network.etc_files(cid, cid[:63]))
+        else:
             config.set("lxc.net.0.type", self._network)
             if self._network == "veth":
                 link = str(self._network_link)
                 config.set("lxc.net.0.link", link, field="runtimes.lxc.network_link")
                 config.set("lxc.net.0.flags", "up")
-            return
-        set_isolator_network(config, network, self._node_network.etc_files(cid, cid[:63]))
 
     def _monitor_cgroup(self, container_id: str) -> str:
         return f"{self._cgroups_root}.lxc-monitor.{container_id}"
 
-    def _launch_config(
-        self, spec: LaunchSpec, workload: Workload, identity: Identity
+    async def _launch_config(
+        self, spec: LaunchSpec, workload: Workload, identity: Identity, view: linux.ContainerView
     ) -> protocol.LaunchConfig:
         """The supervisor's configuration, in the container's paths: it runs as the init."""
-        policy = Confinement(spec.privileged, spec.no_new_privileges)
-        # LXC's cgroup:ro mounts the hierarchies read-only on a writable tmpfs: that too.
-        enforcement = protocol.Enforcement.of(
-            policy, self._seccomp(), own_root=True, readonly_paths=("/sys/fs/cgroup",)
-        )
+        mounts = view.slave_mounts
         return protocol.LaunchConfig(
             status_file=f"/{RUN_TARGET}/status",
             sandbox=SANDBOX_IN_CONTAINER,
             argv=workload.argv,
-            enforcement=enforcement,
+            enforcement=await linux.enforcement(spec, self._seccomp_filter),
             env=workload.environment,
             cwd=workload.working_dir,
             identity=identity,
-            hostname=spec.container_id[:63],
+            hostname=linux.hostname(spec),
+            filesystem=protocol.Filesystem(mounts=mounts) if mounts else None,
+            log_file=view.log_file,
+            namespaces_joined=linux.supervisor_namespaces(spec),
+            sysctls=spec.linux.sysctls,
         )
 
     async def start(self, spec: LaunchSpec) -> Launched:
@@ -291,9 +311,10 @@ class LxcDriver:
             # The user is the container root's: the busybox base's or the image's /etc files.
             lower = await self._rootfs.lower(spec.image)
             identity = await workload_identity(workload.user, spec.linux, lower)
-            payload = self._launch_config(spec, workload, identity).encode()
+            config, view = self._config(spec, lower, supervisor)
+            payload = (await self._launch_config(spec, workload, identity, view)).encode()
             network = await self._prepare_network(spec)
-            config = self._config(spec, lower, supervisor, network)
+            self._set_network(config, spec, network)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
@@ -301,15 +322,16 @@ class LxcDriver:
             handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
         except protocol.SpawnError as exc:
             raise protocol.launch_error(cid, exc) from exc
-        self._attach(handle, self._starting.pop(cid, None))
+        self._attach(handle, spec, self._starting.pop(cid, None))
         address = network.address if network is not None else None
         return Launched(
             handle=handle.to_json(), pid=handle.workload_init.pid, ip_address=address or ""
         )
 
     async def _prepare_network(self, spec: LaunchSpec) -> Attachment | None:
-        """The isolator's attachment, or None when LXC's own network applies (see above)."""
-        if not self._node_network.chooses(spec):
+        """The isolator's attachment, or None when LXC's own network applies (see above) or
+        the launch joins a pod's namespace."""
+        if linux.joins_network(spec) or not self._node_network.chooses(spec):
             return None
         return await self._node_network.prepare(spec)
 
@@ -369,8 +391,8 @@ class LxcDriver:
 
     # ---- watching --------------------------------------------------------------------------
 
-    def _attach(self, handle: LxcHandle, process: Monitor | None) -> None:
-        container = _Container(handle, process, asyncio.create_task(handle.init.wait()))
+    def _attach(self, handle: LxcHandle, spec: LaunchSpec, process: Monitor | None) -> None:
+        container = _Container(handle, spec, process, asyncio.create_task(handle.init.wait()))
         if self._mem is not None and handle.init.is_alive():
             container.watch_task = asyncio.create_task(self._watch_memory(container))
         self._containers[handle.name] = container
@@ -404,6 +426,39 @@ class LxcDriver:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
         container.handle.workload_init.send(signal)
 
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        """The command in the container's namespaces and cgroups, as its workload: the same
+        identity, environment and confinement, recomputed from the launch's spec. The
+        supervisor that joins it runs on the host, so its static build serves here too."""
+        container = self._containers.get(container_id)
+        if container is None:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        spec, handle = container.spec, container.handle
+        workload = merge(spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER)
+        lower = await self._rootfs.lower(spec.image)
+        config = ExecConfig(
+            target_pid=handle.workload_init.pid,
+            target_start_time=handle.workload_init.start_time,
+            argv=argv,
+            enforcement=await linux.enforcement(spec, self._seccomp_filter),
+            env=workload.environment,
+            cwd=workload.working_dir,
+            identity=await workload_identity(workload.user, spec.linux, lower),
+            cgroup_procs=[str(Path(d) / "cgroup.procs") for d in handle.cgroup_dirs],
+        )
+        result = await exec_sync(self._supervisor(), config, timeout=timeout)
+        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+
+    async def reopen_log(self, container_id: str) -> None:
+        """SIGUSR1 to the supervisor (the container's init): it reopens the CRI log by path."""
+        container = self._containers.get(container_id)
+        if container is None:
+            raise NotFound(f"lxc runtime: no running container {container_id!r}")
+        if not container.handle.init.send(signal.SIGUSR1):
+            raise FailedPrecondition(f"lxc runtime: the supervisor of {container_id!r} is gone")
+
     async def update(self, container_id: str, resources: Resources) -> None:
         if container_id not in self._containers:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
@@ -426,16 +481,19 @@ class LxcDriver:
 
     async def kill_all(self, container_id: str) -> None:
         """SIGKILL to the workload, so the supervisor records it; the whole cgroup only if the
-        supervisor itself does not end, or for a container that never got that far."""
+        supervisor itself does not end, or for a container that never got that far. In a
+        pid namespace not its own (a pod's) the workload's init is not its namespace's pid 1,
+        whose end would take the rest along: the cgroup's kill ends what it leaves."""
         container = self._containers.get(container_id)
         if container is None:
             if self._cgroups.dirs(container_id):
                 await self._cgroups.destroy(container_id)
             return
-        container.handle.workload_init.send(9)
+        container.handle.workload_init.send(signal.SIGKILL)
         await _wait_for(asyncio.shield(container.exit_task))
-        if container.handle.init.is_alive():
-            await self._cgroups.destroy(container_id)  # the supervisor itself is stuck
+        stuck = container.handle.init.is_alive()  # the supervisor itself
+        if stuck or not linux.own_pid_namespace(container.spec):
+            await self._cgroups.destroy(container_id)
 
     async def cleanup(self, container_id: str) -> None:
         """Let LXC tear the container down, then remove whatever is left: processes, cgroups,
@@ -485,15 +543,19 @@ class LxcDriver:
 
     async def _remove_container(self, container_id: str) -> None:
         """Remove the container's cgroups (LXC does so at a clean stop; not after a kill -9 of
-        its monitor), its monitor cgroup and its directory (config, overlay, status)."""
+        its monitor, nor where its teardown met processes a kill had not ended yet), its
+        monitor cgroup and its directory (config, overlay, status)."""
         if self._cgroups.dirs(container_id):
             await self._cgroups.destroy(container_id)
         for isolator in self._isolators:
             await isolator.cleanup(container_id)
         for cgroup in self._cgroups.dirs(container_id):
             await files.remove(cgroup)
-        for mount in set(self._hierarchies.mounts.values()):
-            await files.remove(mount / self._monitor_cgroup(container_id))
+        # LXC makes both in every hierarchy, the named and unified ones too.
+        names = (f"{self._cgroups_root}/{container_id}", self._monitor_cgroup(container_id))
+        for mount in self._cgroup_mounts:
+            for name in names:
+                await files.remove(mount / name)
         await self._node_network.cleanup(container_id)  # its processes are gone: links first
         await _remove_tree(self._container_dir(container_id))
 
@@ -515,7 +577,7 @@ class LxcDriver:
             except ValueError:
                 log.exception("lxc: cannot re-attach %s", entry.spec.container_id)
                 continue
-            self._attach(handle, None)
+            self._attach(handle, entry.spec, None)
         if not self._lxcpath.is_dir():
             return
         for directory in sorted(self._lxcpath.iterdir()):

@@ -1,0 +1,321 @@
+"""CRI pods whose containers run on the LXC runtime (runtime_handler "lxc"), against a real
+service: the pod's holder is a native container, its containers are LXC containers that join the
+holder's namespaces and honour the CRI's security context, volumes, logs and ExecSync."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.core.errors import InvalidArgument
+from adapter.cri.api import cri
+from adapter.runtimes.lxc.rootfs import resolve_in_root
+from tests.integration.cri import TIMEOUT, CriNode, cri_service, import_busybox
+from tests.integration.test_cri_runtime import CRI_LOG_LINE
+from tests.integration.test_lxc import lxcpath, monitors, require_lxc
+
+pytestmark = pytest.mark.integration
+
+HANDLER = "lxc"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
+    require_lxc()
+    workdir = tmp_path_factory.mktemp("cri-lxc")
+    service = cri_service(workdir, runtimes=(HANDLER,))
+    service.start()
+    cri_node = CriNode(service)
+    try:
+        import_busybox(service, workdir)
+        yield cri_node
+    finally:
+        with contextlib.suppress(Exception):
+            cri_node.remove_all_pods()
+        cri_node.close()
+        with contextlib.suppress(Exception):
+            service.destroy_all()
+        service.stop()
+        service.remove_cgroup_roots()
+
+
+@contextlib.contextmanager
+def lxc_pod(node: CriNode, **fields: object) -> Iterator[str]:
+    pod_id = node.run_pod(node.pod_config(**fields), runtime_handler=HANDLER)
+    try:
+        yield pod_id
+    finally:
+        node.remove_pod(pod_id)
+
+
+def _code(error: object) -> grpc.StatusCode:
+    assert isinstance(error, grpc.RpcError)
+    return error.code()  # type: ignore[no-any-return]
+
+
+def _details(error: object) -> str:
+    assert isinstance(error, grpc.RpcError)
+    return error.details() or ""  # type: ignore[attr-defined,no-any-return]
+
+
+def _security(**fields: object) -> cri.LinuxContainerConfig:
+    return cri.LinuxContainerConfig(
+        security_context=cri.LinuxContainerSecurityContext(**fields)  # type: ignore[arg-type]
+    )
+
+
+def _record(node: CriNode, container_id: str) -> pb.ContainerStatus:
+    return node.service.stub().Status(pb.StatusRequest(container_id=container_id), timeout=TIMEOUT)
+
+
+# ---- namespaces ----
+
+
+def test_lxc_containers_join_the_native_holders_namespaces(node: CriNode) -> None:
+    config_fields = {
+        "hostname": "lxc-pod",
+        "dns_config": cri.DNSConfig(servers=["10.9.9.9"], searches=["example.test"]),
+    }
+    with lxc_pod(node, **config_fields) as pod_id:
+        server = node.run(pod_id, node.container_config("httpd", "-f", "-p", "8080"))
+        client = node.run(pod_id, node.container_config("sleep", "600"))
+        holder = _record(node, pod_id)
+        assert (holder.runtime, _record(node, client).runtime) == ("native", HANDLER)
+        # The pod's network: the client reaches the server on localhost.
+        deadline = time.monotonic() + 10
+        while True:
+            reply = node.exec_sync(client, "sh", "-c", "echo | nc 127.0.0.1 8080")
+            if reply.exit_code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert reply.exit_code == 0, reply.stderr
+        for kind in ("net", "uts", "ipc", "pid"):
+            inside = node.exec_sync(client, "readlink", f"/proc/self/ns/{kind}").stdout
+            assert inside.decode().strip() == os.readlink(f"/proc/{holder.pid}/ns/{kind}"), kind
+        assert node.exec_sync(client, "hostname").stdout.strip() == b"lxc-pod"
+        resolv = node.exec_sync(client, "cat", "/etc/resolv.conf").stdout
+        assert b"nameserver 10.9.9.9" in resolv and b"search example.test" in resolv
+        # The pod's pid namespace: the holder and the other container are in sight.
+        processes = node.exec_sync(client, "ps", "-o", "args").stdout
+        assert b"sleep infinity" in processes and b"httpd -f -p 8080" in processes, processes
+        assert node.status(server).state == cri.CONTAINER_RUNNING
+
+
+def test_a_container_pid_namespace_of_its_own(node: CriNode) -> None:
+    own = _security(namespace_options=cri.NamespaceOption(pid=cri.CONTAINER))
+    with lxc_pod(node) as pod_id:
+        container_id = node.run(pod_id, node.container_config("sleep", "604", linux=own))
+        processes = node.exec_sync(container_id, "ps", "-o", "args").stdout
+        assert b"sleep 604" in processes and b"sleep infinity" not in processes, processes
+
+
+# ---- security context, root filesystem, volumes ----
+
+
+def test_run_as_user_group_and_supplemental_groups(node: CriNode) -> None:
+    linux = _security(
+        run_as_user=cri.Int64Value(value=1234),
+        run_as_group=cri.Int64Value(value=2345),
+        supplemental_groups=[3456],
+    )
+    with lxc_pod(node) as pod_id:
+        container_id = node.run(pod_id, node.container_config("sleep", "600", linux=linux))
+        ids = node.exec_sync(container_id, "id").stdout.decode()
+        assert "uid=1234" in ids and "gid=2345" in ids and "3456" in ids, ids
+        workload = node.exec_sync(container_id, "sh", "-c", "id -u; ps -o user,args | grep 600")
+        assert workload.stdout.startswith(b"1234\n") and b"1234" in workload.stdout.split(b"\n")[1]
+        by_name = node.run(
+            pod_id, node.container_config("sleep", "600", linux=_security(run_as_username="nobody"))
+        )
+        assert node.exec_sync(by_name, "id", "-u").stdout.strip() == b"65534"
+
+
+def test_read_only_rootfs_with_volumes(node: CriNode, tmp_path: Path) -> None:
+    writable, read_only = tmp_path / "writable", tmp_path / "read-only"
+    for directory in (writable, read_only):
+        directory.mkdir()
+    (read_only / "given").write_text("from the host\n")
+    mounts = [
+        cri.Mount(host_path=str(writable), container_path="/data/out"),
+        cri.Mount(host_path=str(read_only), container_path="/data/in", readonly=True),
+    ]
+    with lxc_pod(node) as pod_id:
+        container_id = node.run(
+            pod_id,
+            node.container_config(
+                "sleep", "600", mounts=mounts, linux=_security(readonly_rootfs=True)
+            ),
+        )
+        assert node.exec_sync(container_id, "touch", "/file").exit_code != 0
+        assert node.exec_sync(container_id, "touch", "/data/out/made").exit_code == 0
+        assert (writable / "made").is_file()
+        assert node.exec_sync(container_id, "cat", "/data/in/given").stdout == b"from the host\n"
+        assert node.exec_sync(container_id, "touch", "/data/in/new").exit_code != 0
+        plain = node.run(pod_id, node.container_config("sleep", "600"))
+        assert node.exec_sync(plain, "touch", "/file").exit_code == 0
+        assert node.exec_sync(plain, "hostname", "renamed").exit_code != 0
+
+
+def test_an_rslave_volume_sees_mounts_the_host_makes_later(node: CriNode, tmp_path: Path) -> None:
+    source, later = tmp_path / "source", tmp_path / "later"
+    (source / "mountpoint").mkdir(parents=True)
+    later.mkdir()
+    (later / "flag").write_text("")
+    subprocess.run(["mount", "--bind", str(source), str(source)], check=True)
+    try:
+        subprocess.run(["mount", "--make-rshared", str(source)], check=True)
+        mount = cri.Mount(
+            host_path=str(source),
+            container_path="/volume",
+            propagation=cri.PROPAGATION_HOST_TO_CONTAINER,
+        )
+        with lxc_pod(node) as pod_id:
+            container_id = node.run(pod_id, node.container_config("sleep", "600", mounts=[mount]))
+            subprocess.run(["mount", "--bind", str(later), str(source / "mountpoint")], check=True)
+            listing = node.exec_sync(container_id, "ls", "/volume/mountpoint").stdout
+            assert listing == b"flag\n"
+    finally:
+        subprocess.run(["umount", "-R", str(source)], check=False)
+
+
+def test_a_bidirectional_volume_is_refused_naming_the_field(node: CriNode, tmp_path: Path) -> None:
+    mount = cri.Mount(
+        host_path=str(tmp_path),
+        container_path="/volume",
+        propagation=cri.PROPAGATION_BIDIRECTIONAL,
+    )
+    with lxc_pod(node) as pod_id:
+        container_id = node.create(pod_id, node.container_config("true", mounts=[mount]))
+        with pytest.raises(grpc.RpcError) as error:
+            node.start(container_id)
+        assert _code(error.value) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "linux.mounts[0].propagation" in _details(error.value)
+        assert node.status(container_id).state == cri.CONTAINER_EXITED
+
+
+def test_mount_targets_resolve_inside_the_rootfs(tmp_path: Path) -> None:
+    """LXC makes missing mount points by following symlinks on the host: a target is resolved
+    within the image's rootfs first, so an image's links cannot lead it out."""
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "escape").symlink_to("/etc")
+    (root / "var" / "run").symlink_to("../../../run")
+    (root / "loop").symlink_to("loop")
+    assert resolve_in_root(root, "/escape/hosts", "f") == "etc/hosts"
+    assert resolve_in_root(root, "/var/run/secrets", "f") == "run/secrets"
+    assert resolve_in_root(root, "/../../new/dir", "f") == "new/dir"
+    with pytest.raises(InvalidArgument, match=r"^f: .*too many symlinks"):
+        resolve_in_root(root, "/loop/x", "f")
+
+
+# ---- logs and exec ----
+
+
+def test_logs_in_the_cri_format_reopened_and_hidden_from_the_workload(node: CriNode) -> None:
+    pod_config = node.pod_config()
+    pod_id = node.run_pod(pod_config, runtime_handler=HANDLER)
+    try:
+        config = node.container_config(
+            "sh",
+            "-c",
+            "echo out; echo err >&2; ls -A /.containerizer | wc -l; sleep 1.5; echo after",
+        )
+        container_id = node.run(pod_id, config)
+        log_path = node.status(container_id).log_path
+        assert log_path == os.path.join(pod_config.log_directory, config.log_path)
+        time.sleep(0.7)
+        os.rename(log_path, log_path + ".1")
+        node.runtime.ReopenContainerLog(
+            cri.ReopenContainerLogRequest(container_id=container_id), timeout=TIMEOUT
+        )
+        assert node.wait_exited(container_id).exit_code == 0
+        first = Path(log_path + ".1").read_bytes().splitlines()
+        second = Path(log_path).read_bytes().splitlines()
+        for line in first + second:
+            assert CRI_LOG_LINE.fullmatch(line), line
+        assert sorted(line.split(b" ", 3)[1:] for line in first) == [
+            [b"stderr", b"F", b"err"],
+            [b"stdout", b"F", b"0"],  # the service's directory is an empty mask
+            [b"stdout", b"F", b"out"],
+        ]
+        assert [line.split(b" ", 3)[1:] for line in second] == [[b"stdout", b"F", b"after"]]
+    finally:
+        node.remove_pod(pod_id)
+
+
+def test_exec_sync_output_exit_code_timeout_and_not_found(node: CriNode) -> None:
+    with lxc_pod(node) as pod_id:
+        container_id = node.run(
+            pod_id,
+            node.container_config(
+                "sleep", "600", working_dir="/tmp", envs=[cri.KeyValue(key="GREETING", value="hi")]
+            ),
+        )
+        reply = node.exec_sync(
+            container_id, "sh", "-c", "echo $GREETING; pwd; echo oops >&2; exit 4"
+        )
+        assert (reply.stdout, reply.stderr, reply.exit_code) == (b"hi\n/tmp\n", b"oops\n", 4)
+        with pytest.raises(grpc.RpcError) as error:
+            node.exec_sync(container_id, "/no/such/binary")  # never ran: no exit code
+        assert _code(error.value) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "/no/such/binary" in _details(error.value)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            node.exec_sync(container_id, "sleep", "30", timeout=1)
+        assert _code(error.value) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 10
+        assert b"sleep 30" not in node.exec_sync(container_id, "ps", "-o", "args").stdout
+        with pytest.raises(grpc.RpcError) as error:
+            node.exec_sync("no-such-container", "true")
+        assert _code(error.value) == grpc.StatusCode.NOT_FOUND
+
+
+# ---- stop and remove ----
+
+
+def test_stop_and_remove_leave_nothing(node: CriNode) -> None:
+    with lxc_pod(node) as pod_id:
+        stubborn = node.run(
+            pod_id,
+            node.container_config("sh", "-c", "trap '' TERM; sleep 700 & sleep 701 & wait"),
+        )
+        time.sleep(0.3)  # the trap is set
+        cgroups = [Path(d) for d in _lxc_cgroups(node, stubborn) if Path(d).is_dir()]
+        assert cgroups, "the container has cgroups under the service's root"
+        started = time.monotonic()
+        node.runtime.StopContainer(
+            cri.StopContainerRequest(container_id=stubborn, timeout=1), timeout=TIMEOUT
+        )
+        assert time.monotonic() - started < 15
+        assert node.status(stubborn).exit_code == 128 + signal.SIGKILL
+        # In the pod's pid namespace the workload's children are not taken along by its end:
+        # the stop killed them too.
+        assert not [d for d in cgroups if d.exists() and (d / "cgroup.procs").read_text()]
+        node.runtime.RemoveContainer(
+            cri.RemoveContainerRequest(container_id=stubborn), timeout=TIMEOUT
+        )
+        assert not (lxcpath(node.service) / stubborn).exists()
+        assert not monitors(stubborn)
+        assert not [d for d in cgroups if d.exists()]
+        pod = node.runtime.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+        ).status
+        assert pod.state == cri.SANDBOX_READY  # the pod outlives its container
+        with pytest.raises(grpc.RpcError) as error:
+            _record(node, stubborn)
+        assert _code(error.value) == grpc.StatusCode.NOT_FOUND
+
+
+def _lxc_cgroups(node: CriNode, container_id: str) -> list[str]:
+    root = Path("/sys/fs/cgroup")
+    return [str(d) for d in root.glob(f"*/{node.service.cgroups_root}/{container_id}")]
