@@ -177,10 +177,12 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -233,6 +235,9 @@ struct options {
     const char *hostname;
     const char *netns;
     const char *log_file;        /* CRI log mode: stdout and stderr become records in it */
+    const char *attach_socket;   /* with log_file: clients attach to the workload's stdio */
+    int keep_stdin;              /* --stdin: the workload's stdin a pipe the clients write */
+    int stdin_once;              /* --stdin-once: closed when the first client's input ends */
     const char *exec_in;         /* exec mode: the host pid of the container's init */
     const char *exec_start_time; /* and its start time, so that a reused pid is refused */
     const char *exec_report_fd;  /* where a failure before the command's exec is reported */
@@ -252,7 +257,8 @@ struct options {
     /* confinement */
     int privileged;
     int no_new_privs;
-    int tty; /* exec mode: stdin is a terminal, which becomes the command's controlling one */
+    int tty; /* exec mode: stdin is a terminal, which becomes the command's controlling one;
+              * a launch (with --attach-socket): a pty of ours is the workload's stdio */
     int cgroupns;
     int have_capabilities;
     unsigned long long capabilities;
@@ -461,6 +467,7 @@ static int take_value(struct options *opts, const char *name, const char *value)
         {"--hostname", offsetof(struct options, hostname)},
         {"--netns", offsetof(struct options, netns)},
         {"--log-file", offsetof(struct options, log_file)},
+        {"--attach-socket", offsetof(struct options, attach_socket)},
         {"--exec-in", offsetof(struct options, exec_in)},
         {"--exec-start-time", offsetof(struct options, exec_start_time)},
         {"--exec-report-fd", offsetof(struct options, exec_report_fd)},
@@ -489,6 +496,10 @@ static int take_flag(struct options *opts, const char *name)
         opts->read_only_root = 1;
     else if (strcmp(name, "--tty") == 0)
         opts->tty = 1;
+    else if (strcmp(name, "--stdin") == 0)
+        opts->keep_stdin = 1;
+    else if (strcmp(name, "--stdin-once") == 0)
+        opts->stdin_once = 1;
     else
         return 0;
     return 1;
@@ -695,6 +706,9 @@ static void check_exec_options(const struct options *opts)
         {opts->status_file != NULL, "--status-file"},
         {opts->sandbox != NULL, "--sandbox"},
         {opts->log_file != NULL, "--log-file"},
+        {opts->attach_socket != NULL, "--attach-socket"},
+        {opts->keep_stdin, "--stdin"},
+        {opts->stdin_once, "--stdin-once"},
         {opts->hostname != NULL, "--hostname"},
         {opts->netns != NULL, "--netns"},
         {opts->rootfs_lower != NULL || opts->rootfs_dir != NULL, "--rootfs-lower"},
@@ -737,8 +751,12 @@ static void check_options(const struct options *opts)
         check_exec_options(opts);
     else if (opts->exec_in != NULL || opts->exec_start_time != NULL)
         usage_error("--exec-in must be the first option, with --exec-start-time", NULL);
-    else if (opts->tty)
-        usage_error("--tty is an option of --exec-in", NULL);
+    else if ((opts->tty || opts->keep_stdin) && opts->attach_socket == NULL)
+        usage_error("--stdin and --tty need --attach-socket", NULL);
+    else if (opts->attach_socket != NULL && opts->log_file == NULL)
+        usage_error("--attach-socket needs --log-file", NULL);
+    else if (opts->stdin_once && !opts->keep_stdin)
+        usage_error("--stdin-once needs --stdin", NULL);
     else if (opts->status_file == NULL || opts->sandbox == NULL)
         usage_error("--status-file and --sandbox are required", NULL);
     for (size_t i = 0; i < opts->n_binds; i++)
@@ -1292,6 +1310,14 @@ static void enter_namespaces(int errpipe, const struct options *opts)
     }
 }
 
+/* --- attach (defined below, "attach socket"): the CRI log's output also goes to clients --- */
+
+static void attach_broadcast(int stream, const char *data, size_t length);
+static int attach_poll_fds(struct pollfd *fds);
+static void attach_serve(const struct pollfd *fds, int count);
+static void attach_finish(void);
+#define ATTACH_POLL_MAX 10 /* the listening socket, the workload's stdin, 8 clients */
+
 /* --- CRI log mode (--log-file) ------------------------------------------------------------ */
 
 /* The kubelet reads a container's output from one file of records
@@ -1463,6 +1489,7 @@ static void pump(struct log_stream *stream, size_t budget)
             stream->fd = -1;
             return;
         }
+        attach_broadcast((int)(stream - cri_log.streams), stream->buffer + stream->used, (size_t)n);
         stream->used += (size_t)n;
         budget -= (size_t)n;
         emit_records(stream, &now, 0);
@@ -1532,11 +1559,12 @@ static int copy_logs_until_exit(pid_t pid, int *wstatus)
     while ((reaped = waitpid(pid, wstatus, WNOHANG)) != pid) {
         if (reaped < 0 && errno != EINTR)
             break;
-        struct pollfd watched[3] = {{cri_log.streams[0].fd, POLLIN, 0},
-                                    {cri_log.streams[1].fd, POLLIN, 0},
-                                    {sigfd, POLLIN, 0}};
+        struct pollfd watched[3 + ATTACH_POLL_MAX] = {{cri_log.streams[0].fd, POLLIN, 0},
+                                                      {cri_log.streams[1].fd, POLLIN, 0},
+                                                      {sigfd, POLLIN, 0}};
+        int attached = attach_poll_fds(watched + 3);
         int timeout = sigfd < 0 ? LOG_POLL_FALLBACK_MS : -1;
-        if (poll(watched, 3, timeout) < 0 && errno != EINTR) {
+        if (poll(watched, (nfds_t)(3 + attached), timeout) < 0 && errno != EINTR) {
             /* Cannot watch: keep the status at least. */
             while ((reaped = waitpid(pid, wstatus, 0)) < 0 && errno == EINTR)
                 ;
@@ -1548,8 +1576,10 @@ static int copy_logs_until_exit(pid_t pid, int *wstatus)
         for (int i = 0; i < 2; i++)
             if (watched[i].revents != 0)
                 pump(&cri_log.streams[i], LOG_READ_MAX);
+        attach_serve(watched + 3, attached);
     }
     drain_logs();
+    attach_finish(); /* the clients get the rest of the output, then EOF */
     if (sigfd >= 0)
         close(sigfd);
     return reaped == pid ? 0 : -1;
@@ -1701,6 +1731,7 @@ static void open_stdio(const struct options *opts, int errpipe)
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
     if (opts->log_file != NULL) {
         attach_log_pipes(errpipe); /* CRI log mode: the supervisor writes the log */
+        attach_child_stdio(errpipe);
         return;
     }
     open_output(errpipe, opts, "stdout", STDOUT_FILENO);
@@ -1820,6 +1851,7 @@ static void close_other_fds(int errpipe)
 
 static void exec_workload(const struct options *opts, int errpipe)
 {
+    take_terminal(opts, errpipe);
     if (opts->cwd != NULL && chdir(opts->cwd) < 0)
         child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
     give_sandbox(errpipe, opts, workload_uid(opts), workload_gid(opts));
@@ -2191,12 +2223,14 @@ int main(int argc, char **argv)
     int dirfd = open_status_dir(opts.status_file, base);
     if (opts.log_file != NULL)
         prepare_cri_log(opts.log_file);
+    attach_prepare(&opts);
     int statuspipe[2];
     if (pipe2(statuspipe, O_CLOEXEC) < 0)
         fail("pipe", NULL, errno);
     pid = launch(&opts, statuspipe[1]);
     close(statuspipe[1]);
     close_log_write_ends();
+    attach_close_child_ends();
     release_config();
 
     len = snprintf(line, sizeof line, "ok %d %llu %llu\n", (int)pid, start_time(pid),

@@ -21,6 +21,7 @@ from adapter.core.model import Fingerprint, Resources, State, Statistics, Termin
 from adapter.core.state import ContainerRecord
 from adapter.server import validation
 from adapter.server.exec import serve_exec
+from adapter.server.logs import serve_logs
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,13 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         async for event in self._core.events(cid or None):
             yield to_event(event)
+
+    async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogEntry]:
+        try:
+            async for entry in serve_logs(self._core, request):
+                yield entry
+        except errors.ContainerizerError as exc:
+            await context.abort(status_for(exc), str(exc))
 
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any

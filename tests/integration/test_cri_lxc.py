@@ -155,7 +155,8 @@ def test_read_only_rootfs_with_volumes(node: CriNode, tmp_path: Path) -> None:
                 "sleep", "600", mounts=mounts, linux=_security(readonly_rootfs=True)
             ),
         )
-        assert node.exec_sync(container_id, "touch", "/file").exit_code != 0
+        refused = node.exec_sync(container_id, "touch", "/file")
+        assert refused.exit_code != 0 and b"Read-only file system" in refused.stderr
         assert node.exec_sync(container_id, "touch", "/data/out/made").exit_code == 0
         assert (writable / "made").is_file()
         assert node.exec_sync(container_id, "cat", "/data/in/given").stdout == b"from the host\n"
@@ -200,6 +201,7 @@ def test_a_bidirectional_volume_is_refused_naming_the_field(node: CriNode, tmp_p
         assert _code(error.value) == grpc.StatusCode.INVALID_ARGUMENT
         assert "linux.mounts[0].propagation" in _details(error.value)
         assert node.status(container_id).state == cri.CONTAINER_EXITED
+        assert not (lxcpath(node.service) / container_id).exists()  # refused before anything
 
 
 def test_mount_targets_resolve_inside_the_rootfs(tmp_path: Path) -> None:

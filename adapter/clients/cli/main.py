@@ -485,8 +485,10 @@ def build_parser() -> ArgumentParser:
 
     add_images_commands(subcommands)
     from adapter.clients.cli.exec import add_exec_parser  # its own module: exec
+    from adapter.clients.cli.logs import add_logs_parser  # and logs
 
     add_exec_parser(subcommands)
+    add_logs_parser(subcommands)
     from adapter.clients.cli.compare import (
         add_compare_parser,  # its own module: the compare command
     )

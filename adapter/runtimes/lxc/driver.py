@@ -47,6 +47,11 @@ own, and refuses to start if the path is gone rather than fall back to the host'
 `lxc.net.0.type = none` alone. Its /etc/hosts and /etc/resolv.conf are read-only bind mounts of
 the isolator's files. Otherwise `runtimes.lxc.network` applies as before (LXC's own `empty`
 namespace by default, or `veth` onto an operator's bridge).
+
+Pods (CRI, `Capabilities.pods`): a container of a pod joins its holder's namespaces through LXC
+and gets its volumes, /etc files, read-only root and log directory from LXC's config, the rest
+from the supervisor as on the native runtime (linux.py). ExecSync runs the supervisor's exec
+mode on the host against the workload's init; ReopenContainerLog signals the supervisor.
 """
 
 from __future__ import annotations
@@ -260,14 +265,21 @@ class LxcDriver:
             config.mount(source, resolve_in_root(lower, target, field), options, field=field)
         return config, linux.set_linux_options(config, spec, lower)
 
-    def _set_network(self, config: LxcConfig, spec: LaunchSpec, network: Attachment | None) -> None:
+    def _set_network(
+        self, config: LxcConfig, spec: LaunchSpec, network: Attachment | None, lower: Path
+    ) -> None:
         """A pod's (or the host's) namespace when the launch joins one (linux.py shares it);
         the isolator's (or the host's) when it made one; else the runtime's own."""
         cid = spec.container_id
         if linux.joins_network(spec):
             config.set("lxc.net.0.type", "none")
         elif network is not None:
-            set_isolator_network(config, network, self._node_network.etc_files(cid, cid[:63]))
+            # Where the rootfs resolves them: an image's /etc/resolv.conf may be a symlink.
+            etc_files = {
+                resolve_in_root(lower, target, "network"): source
+                for target, source in self._node_network.etc_files(cid, cid[:63]).items()
+            }
+            set_isolator_network(config, network, etc_files)
         else:
             config.set("lxc.net.0.type", self._network)
             if self._network == "veth":
@@ -314,7 +326,7 @@ class LxcDriver:
             config, view = self._config(spec, lower, supervisor)
             payload = (await self._launch_config(spec, workload, identity, view)).encode()
             network = await self._prepare_network(spec)
-            self._set_network(config, spec, network)
+            self._set_network(config, spec, network, lower)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
