@@ -22,6 +22,7 @@ from adapter.core.state import ContainerRecord
 from adapter.server import validation
 from adapter.server.exec import serve_exec
 from adapter.server.logs import serve_logs
+from adapter.server.portforward import serve_port_forward
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,15 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
         try:
             async for entry in serve_logs(self._core, request):
                 yield entry
+        except errors.ContainerizerError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    async def PortForward(
+        self, request_iterator: AsyncIterator[pb.PortForwardRequest], context: Any
+    ) -> AsyncIterator[pb.PortForwardResponse]:
+        try:
+            async for reply in serve_port_forward(self._core, request_iterator):
+                yield reply
         except errors.ContainerizerError as exc:
             await context.abort(status_for(exc), str(exc))
 

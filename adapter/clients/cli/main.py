@@ -486,9 +486,11 @@ def build_parser() -> ArgumentParser:
     add_images_commands(subcommands)
     from adapter.clients.cli.exec import add_exec_parser  # its own module: exec
     from adapter.clients.cli.logs import add_logs_parser  # and logs
+    from adapter.clients.cli.portforward import add_port_forward_parser  # and port-forward
 
     add_exec_parser(subcommands)
     add_logs_parser(subcommands)
+    add_port_forward_parser(subcommands)
     from adapter.clients.cli.compare import (
         add_compare_parser,  # its own module: the compare command
     )
