@@ -37,7 +37,7 @@ from adapter.cri.api import cri, cri_grpc
 from adapter.images import Image, ImageStore
 from adapter.images.image import MAX_JSON_BLOB, load_json
 from adapter.images.reference import DIGEST_PATTERN, Reference, parse_reference
-from adapter.server.containers import mapped_errors
+from adapter.server.errors import mapped_errors
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from adapter.cri.containers import CriContainers
 from adapter.cri.pods import Pods
 from adapter.cri.store import RUNNING, CriStore
 from adapter.images.store import ImageStore
-from adapter.server.containers import mapped_errors
+from adapter.server.errors import mapped_errors
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,14 @@
 """The Containerizer gRPC servicer: a thin façade that validates, delegates to the core, converts.
 
-Errors are mapped once, by class (STATUS_BY_ERROR); no Python traceback crosses the API.
+Errors are mapped once, by class (adapter/server/errors.py); no Python traceback crosses the API.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -20,50 +19,12 @@ from adapter.core.containerizer import Containerizer, Event
 from adapter.core.model import Fingerprint, Resources, State, Statistics, Termination
 from adapter.core.state import ContainerRecord
 from adapter.server import validation
+from adapter.server.errors import mapped_errors, mapped_stream_errors
 from adapter.server.exec import serve_exec
 from adapter.server.logs import serve_logs
 from adapter.server.portforward import serve_port_forward
 
 log = logging.getLogger(__name__)
-
-STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.LaunchFailed, grpc.StatusCode.INTERNAL),
-    (errors.ContainerizerError, grpc.StatusCode.INTERNAL),
-]
-
-Reply = TypeVar("Reply")
-
-
-def status_for(exc: Exception) -> grpc.StatusCode:
-    for error_class, code in STATUS_BY_ERROR:
-        if isinstance(exc, error_class):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def mapped_errors(
-    method: Callable[..., Awaitable[Reply]],
-) -> Callable[..., Awaitable[Reply]]:
-    """Turn our errors into gRPC statuses; log and hide anything unexpected."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
-        try:
-            return await method(self, request, context)
-        except errors.ContainerizerError as exc:
-            await context.abort(status_for(exc), str(exc))
-        except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
-
 
 # A Containers reply stays this far under gRPC's default 4 MiB receive limit, whatever the
 # number of containers: a status is at most ~70 KiB (labels are bounded at Launch).
@@ -174,30 +135,24 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
         async for event in self._core.events(cid or None):
             yield to_event(event)
 
+    @mapped_stream_errors
     async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogEntry]:
-        try:
-            async for entry in serve_logs(self._core, request):
-                yield entry
-        except errors.ContainerizerError as exc:
-            await context.abort(status_for(exc), str(exc))
+        async for entry in serve_logs(self._core, request):
+            yield entry
 
+    @mapped_stream_errors
     async def PortForward(
         self, request_iterator: AsyncIterator[pb.PortForwardRequest], context: Any
     ) -> AsyncIterator[pb.PortForwardResponse]:
-        try:
-            async for reply in serve_port_forward(self._core, request_iterator):
-                yield reply
-        except errors.ContainerizerError as exc:
-            await context.abort(status_for(exc), str(exc))
+        async for reply in serve_port_forward(self._core, request_iterator):
+            yield reply
 
+    @mapped_stream_errors
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
     ) -> AsyncIterator[pb.ExecResponse]:
-        try:
-            async for reply in serve_exec(self._core, request_iterator):
-                yield reply
-        except errors.ContainerizerError as exc:
-            await context.abort(status_for(exc), str(exc))
+        async for reply in serve_exec(self._core, request_iterator):
+            yield reply
 
 
 # ---- domain -> API ----

@@ -1,7 +1,7 @@
 """The Images gRPC servicer: a thin façade over adapter/images/store.py.
 
-Unary RPCs map errors with containers.py's `mapped_errors`; the two streaming ones (Import, Pull)
-map them the same way, by class through STATUS_BY_ERROR, in `mapped_stream_errors`. Progress comes
+Errors map by class (adapter/server/errors.py), for the unary RPCs and the two streaming ones
+(Import, Pull) alike. Progress comes
 from the store on the event loop thread and is passed on through a queue, so a slow client slows
 the stream, never the import.
 """
@@ -10,44 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from adapter.api.containerizer.v1 import images_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2_grpc as pb_grpc
 from adapter.core import errors
 from adapter.images import Descriptor, Image, ImageStore, Progress
 from adapter.images.image import READ, UNPACK
-from adapter.server.containers import mapped_errors, status_for
+from adapter.server.errors import mapped_errors, mapped_stream_errors
 
 log = logging.getLogger(__name__)
 MAX_PATH = 4096
 StreamMethod = Callable[..., AsyncIterator[pb.ImageProgress]]
 PHASES = {READ: pb.Transfer.READ, UNPACK: pb.Transfer.UNPACK}
-
-
-def mapped_stream_errors(method: StreamMethod) -> StreamMethod:
-    """`mapped_errors` for server-streaming RPCs."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ImageProgress]:
-        try:
-            async for message in method(self, request, context):
-                yield message
-        except errors.ContainerizerError as exc:
-            await context.abort(status_for(exc), str(exc))
-        except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-    return wrapper
 
 
 class ImagesService(pb_grpc.ImagesServicer):
