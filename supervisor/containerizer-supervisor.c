@@ -22,7 +22,8 @@
  *   [--rootfs-lower DIR --rootfs-dir DIR [--read-only-root]]
  *   [--bind SRC --to DST [--read-only] [--propagation rslave|rshared|private]]...
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs]
- *   [--masked-path P]... [--readonly-path P]... [--cgroupns] [--log-file PATH]
+ *   [--masked-path P]... [--readonly-path P]... [--cgroupns]
+ *   [--log-file PATH [--attach-socket PATH [--stdin [--stdin-once]] [--tty]]]
  *   -- argv...
  * or, to run one more command in a running container (exec mode, see below):
  *   --exec-in PID --exec-start-time T [--cgroup-procs P]... [--cwd DIR]
@@ -95,6 +96,12 @@
  * rotate it). When the workload has ended, what the pipes still hold is copied (until a pipe is
  * empty: orphans sharing a pid namespace may keep one open) before the status is recorded, so
  * whoever sees the exit finds all the output. Memory: a fixed buffer per stream.
+ *
+ * --attach-socket PATH (CRI Attach, with --log-file): clients connect to a unix socket at PATH
+ * to get what the workload writes (as it goes to the log) and, with --stdin, to write its stdin
+ * (a pipe, else /dev/null); --stdin-once ends that input when the first client's input ends;
+ * --tty makes a pty the workload's stdio and controlling terminal. The framing, and why no
+ * client can block the workload: see "attach socket" below.
  *
  * Exec mode (--exec-in PID, which must come first, with --exec-start-time T): run argv inside the
  * running container whose init has host pid PID and start time T, confined as its workload (CRI
@@ -1696,6 +1703,508 @@ static int run_log_relay(int argc, char **argv)
     }
     drain_logs();
     return 0;
+}
+
+/* --- attach socket (--attach-socket): the workload's stdio open to clients ----------------- */
+
+/* CRI Attach: a client connects to the container's first process's stdin, stdout and stderr at
+ * any time after it started, and the supervisor, which outlives the service, is what holds them.
+ * With --attach-socket PATH (and --log-file, whose pipes bring the output here) it listens on a
+ * unix socket made before the fork at PATH, in a directory the caller made: root's, 0700 (it
+ * is refused otherwise), the socket 0600; a peer of another user is refused too. The supervisor
+ * serves it in its log loop, and removes it when the workload has ended.
+ *
+ * Frames both ways: a type byte, the payload's length (4 bytes, big-endian), the payload.
+ *   to a client:   HELLO (1 byte: 1 stdin is open, 2 a terminal) first, then STDOUT and STDERR
+ *                  with what the workload wrote (also in the log, whoever is attached); EOF once
+ *                  the workload ended and its output was sent
+ *   from a client: STDIN (bytes for the workload), CLOSE_STDIN (this client's input ended),
+ *                  RESIZE (columns, rows: 2 bytes each, big-endian; with --tty)
+ * Nothing a client does blocks the workload or the log: output is queued per client, and a
+ * client whose queue is full is dropped; input waits in one fixed buffer for the workload to
+ * read it, and meanwhile the clients' input is not read. At most ATTACH_CLIENTS_MAX clients; one
+ * more is closed at once. Memory: a client's buffers are allocated while it is attached.
+ *
+ * --stdin: the workload's stdin is a pipe whose write end the supervisor holds (else /dev/null);
+ * its input ends only with --stdin-once, when the first client that gave input ends it
+ * (CLOSE_STDIN, or a detach). --tty: stdin, stdout and stderr are the slave of a pty whose
+ * master the supervisor reads (the log's stdout: a terminal has one output) and writes; the
+ * workload gets it as its controlling terminal. Input ended on a terminal is not an EOF (that is
+ * the ^D a client sends): the supervisor just stops writing. */
+#define ATTACH_CLIENTS_MAX 8
+#define ATTACH_HEADER 5
+#define ATTACH_FRAME_MAX (32u << 10)      /* the largest payload a client may send */
+#define ATTACH_CLIENT_QUEUE (128u << 10) /* output queued for one client before it is dropped */
+#define ATTACH_STDIN_BUFFER (64u << 10)
+#define ATTACH_FLUSH_MS 1000 /* at the end, how long clients may take to read what is queued */
+#define ATTACH_IN_SIZE (ATTACH_HEADER + ATTACH_FRAME_MAX)
+
+enum attach_frame {
+    FRAME_STDIN = 0,
+    FRAME_STDOUT = 1, /* FRAME_STDOUT + 1 is FRAME_STDERR, as the log's streams */
+    FRAME_STDERR = 2,
+    FRAME_CLOSE_STDIN = 3,
+    FRAME_RESIZE = 4,
+    FRAME_HELLO = 5,
+};
+enum { HELLO_STDIN = 1, HELLO_TTY = 2 };
+enum { OWNER_LISTEN = -1, OWNER_STDIN = -2 }; /* who a polled fd is, besides a client's index */
+
+struct attach_client {
+    char *memory; /* NULL: a free slot; else the input frame buffer, then the output queue */
+    int fd;
+    int gave_input; /* its detach ends the workload's input with --stdin-once */
+    size_t in_used;
+    size_t out_start, out_end;
+};
+
+static struct {
+    int listen_fd;   /* -1 without --attach-socket, and once the workload ended */
+    int dir_fd;      /* the socket's directory (O_PATH): bound and removed through it */
+    char name[NAME_MAX + 1];
+    struct stat socket_file; /* removed only if it still is ours */
+    int stdin_fd;    /* the workload's input: the pipe's write end or the pty master; -1 */
+    int stdin_once;
+    int stdin_closing; /* closed once what is buffered was written */
+    int terminal;    /* the pty master, for window sizes; -1 without --tty */
+    int child_stdin; /* what becomes the child's fd 0; the supervisor closes it after the fork */
+    size_t stdin_used;
+    char stdin_buffer[ATTACH_STDIN_BUFFER];
+    struct attach_client clients[ATTACH_CLIENTS_MAX];
+    int owners[ATTACH_POLL_MAX];
+} attach = {.listen_fd = -1, .dir_fd = -1, .stdin_fd = -1, .terminal = -1, .child_stdin = -1};
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+/* The directory must be one only we may enter: then nobody else can reach the socket, or put
+ * anything at its name. */
+static void open_socket_dir(const char *path)
+{
+    char dir[PATH_MAX];
+    struct stat info;
+    const char *slash = strrchr(path, '/');
+    if (path[0] != '/' || slash[1] == '\0' || strlen(slash + 1) > NAME_MAX ||
+        (size_t)(slash - path) >= sizeof dir)
+        usage_error("--attach-socket needs the absolute path of a file, got", path);
+    strcpy(attach.name, slash + 1);
+    snprintf(dir, sizeof dir, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    attach.dir_fd = open(dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (attach.dir_fd < 0 || fstat(attach.dir_fd, &info) < 0)
+        fail("attach-socket", dir, errno);
+    if (info.st_uid != geteuid() || (info.st_mode & 077) != 0)
+        fail_because("attach-socket", dir, "not a directory of ours closed to others (0700)");
+}
+
+/* Bound through /proc/self/fd/N/NAME: the directory opened above, and a path of any length
+ * (sun_path holds 108 bytes). */
+static void attach_listen(const char *path)
+{
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    open_socket_dir(path);
+    if (snprintf(address.sun_path, sizeof address.sun_path, "/proc/self/fd/%d/%s", attach.dir_fd,
+                 attach.name) >= (int)sizeof address.sun_path)
+        usage_error("--attach-socket: the socket's name is too long:", attach.name);
+    attach.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (attach.listen_fd < 0)
+        fail("attach-socket", "socket", errno);
+    mode_t mask = umask(0177); /* the socket file is 0600 from the start */
+    int bound = bind(attach.listen_fd, (struct sockaddr *)&address, sizeof address);
+    umask(mask);
+    if (bound < 0 || listen(attach.listen_fd, ATTACH_CLIENTS_MAX) < 0 ||
+        fstatat(attach.dir_fd, attach.name, &attach.socket_file, AT_SYMLINK_NOFOLLOW) < 0)
+        fail("attach-socket", path, errno);
+}
+
+/* With --tty the log's stdout stream reads the pty master instead of a pipe, and there is no
+ * stderr stream: the slave is the workload's stdout and stderr (and stdin). */
+static void open_terminal(int with_stdin)
+{
+    int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0 || unlockpt(master) < 0 || fcntl(master, F_SETFL, O_NONBLOCK) < 0)
+        fail("tty", "/dev/ptmx", errno);
+    int slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    attach.terminal = fcntl(master, F_DUPFD_CLOEXEC, 3);
+    attach.child_stdin = slave < 0 ? -1 : fcntl(slave, F_DUPFD_CLOEXEC, 3);
+    if (slave < 0 || attach.terminal < 0 || attach.child_stdin < 0)
+        fail("tty", "pty", errno);
+    if (with_stdin && (attach.stdin_fd = fcntl(master, F_DUPFD_CLOEXEC, 3)) < 0)
+        fail("tty", "pty", errno);
+    for (int i = 0; i < 2; i++) {
+        close_fd(&cri_log.streams[i].fd);
+        close_fd(&cri_log.write_ends[i]);
+    }
+    cri_log.streams[0].fd = master;
+    cri_log.write_ends[0] = slave;
+    cri_log.write_ends[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
+    if (cri_log.write_ends[1] < 0)
+        fail("tty", "pty", errno);
+}
+
+/* In the supervisor before the fork, after prepare_cri_log. */
+static void attach_prepare(const struct options *opts)
+{
+    if (opts->attach_socket == NULL)
+        return;
+    attach_listen(opts->attach_socket);
+    attach.stdin_once = opts->stdin_once;
+    if (opts->tty) {
+        open_terminal(opts->keep_stdin);
+    } else if (opts->keep_stdin) {
+        int ends[2];
+        if (pipe2(ends, O_CLOEXEC) < 0 || fcntl(ends[1], F_SETFL, O_NONBLOCK) < 0)
+            fail("pipe", "stdin", errno);
+        attach.child_stdin = ends[0];
+        attach.stdin_fd = ends[1];
+    }
+}
+
+/* In the child, after attach_log_pipes: its stdin, and none of the supervisor's ends (the init
+ * never execs: a write end kept there would keep the workload's input from ever ending). */
+static void attach_child_stdio(int errpipe)
+{
+    if (attach.child_stdin >= 0 && dup2(attach.child_stdin, STDIN_FILENO) < 0)
+        child_fail(errpipe, "stdin", "attach", strerror(errno));
+    close_fd(&attach.child_stdin);
+    close_fd(&attach.listen_fd);
+    close_fd(&attach.dir_fd);
+    close_fd(&attach.stdin_fd);
+    close_fd(&attach.terminal);
+}
+
+/* In the supervisor once the child runs. */
+static void attach_close_child_ends(void)
+{
+    close_fd(&attach.child_stdin);
+}
+
+/* The workload, right before its confinement: the pty becomes its controlling terminal (job
+ * control, ^C as SIGINT, SIGWINCH on a resize), in a session of its own. */
+static void take_terminal(const struct options *opts, int errpipe)
+{
+    if (!opts->tty || exec_mode) /* exec mode's command took the caller's terminal already */
+        return;
+    if (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0)
+        child_fail(errpipe, "tty", "controlling terminal", strerror(errno));
+}
+
+/* --- the workload's input --- */
+
+static void end_stdin(void)
+{
+    close_fd(&attach.stdin_fd);
+    attach.stdin_used = 0;
+}
+
+/* Writes what is buffered, as much as the workload takes now. */
+static void flush_stdin(void)
+{
+    while (attach.stdin_fd >= 0 && attach.stdin_used > 0) {
+        ssize_t n = write(attach.stdin_fd, attach.stdin_buffer, attach.stdin_used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return;
+        if (n <= 0) { /* EPIPE: the workload closed its stdin, nobody will read more */
+            end_stdin();
+            return;
+        }
+        memmove(attach.stdin_buffer, attach.stdin_buffer + n, attach.stdin_used - (size_t)n);
+        attach.stdin_used -= (size_t)n;
+    }
+    if (attach.stdin_closing && attach.stdin_used == 0)
+        end_stdin();
+}
+
+/* A client's input ended: with --stdin-once the workload's ends too, once it read the rest. */
+static void end_input(void)
+{
+    if (!attach.stdin_once || attach.stdin_fd < 0)
+        return;
+    attach.stdin_closing = 1;
+    flush_stdin();
+}
+
+/* Whether `length` bytes of input can be taken now (input nobody can read is taken and
+ * dropped). */
+static int stdin_has_room(size_t length)
+{
+    if (attach.stdin_fd < 0 || attach.stdin_closing)
+        return 1;
+    return attach.stdin_used + length <= sizeof attach.stdin_buffer;
+}
+
+static void take_stdin(const char *data, size_t length)
+{
+    if (attach.stdin_fd < 0 || attach.stdin_closing)
+        return;
+    memcpy(attach.stdin_buffer + attach.stdin_used, data, length);
+    attach.stdin_used += length;
+}
+
+static void resize_terminal(const unsigned char *size)
+{
+    struct winsize window = {.ws_col = (unsigned short)(size[0] << 8 | size[1]),
+                             .ws_row = (unsigned short)(size[2] << 8 | size[3])};
+    if (attach.terminal >= 0 && window.ws_col > 0 && window.ws_row > 0)
+        (void)ioctl(attach.terminal, TIOCSWINSZ, &window);
+}
+
+/* --- clients --- */
+
+static void drop_client(struct attach_client *client)
+{
+    close(client->fd);
+    free(client->memory);
+    int gave_input = client->gave_input;
+    memset(client, 0, sizeof *client);
+    client->fd = -1;
+    if (gave_input)
+        end_input();
+}
+
+/* Sends what is queued, as much as the client takes now; 0 if the client was dropped. */
+static int flush_client(struct attach_client *client)
+{
+    char *queue = client->memory + ATTACH_IN_SIZE;
+    while (client->out_start < client->out_end) {
+        ssize_t n = send(client->fd, queue + client->out_start,
+                         client->out_end - client->out_start, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return 1;
+        if (n < 0) {
+            drop_client(client);
+            return 0;
+        }
+        client->out_start += (size_t)n;
+    }
+    client->out_start = client->out_end = 0;
+    return 1;
+}
+
+/* Queues one frame for the client and sends what it takes; a client with no room left for it
+ * reads too slowly to be waited for, and is dropped. */
+static void send_frame(struct attach_client *client, int type, const char *data, size_t length)
+{
+    char *queue = client->memory + ATTACH_IN_SIZE;
+    if (client->out_end + ATTACH_HEADER + length > ATTACH_CLIENT_QUEUE && client->out_start > 0) {
+        memmove(queue, queue + client->out_start, client->out_end - client->out_start);
+        client->out_end -= client->out_start;
+        client->out_start = 0;
+    }
+    if (client->out_end + ATTACH_HEADER + length > ATTACH_CLIENT_QUEUE) {
+        drop_client(client);
+        return;
+    }
+    unsigned char header[ATTACH_HEADER] = {(unsigned char)type, (unsigned char)(length >> 24),
+                                           (unsigned char)(length >> 16),
+                                           (unsigned char)(length >> 8), (unsigned char)length};
+    memcpy(queue + client->out_end, header, ATTACH_HEADER);
+    memcpy(queue + client->out_end + ATTACH_HEADER, data, length);
+    client->out_end += ATTACH_HEADER + length;
+    (void)flush_client(client);
+}
+
+static void attach_broadcast(int stream, const char *data, size_t length)
+{
+    for (int i = 0; i < ATTACH_CLIENTS_MAX; i++)
+        if (attach.clients[i].memory != NULL)
+            send_frame(&attach.clients[i], FRAME_STDOUT + stream, data, length);
+}
+
+/* Only our own user (root) may attach, even if the directory was opened to others since. */
+static int peer_is_ours(int fd)
+{
+    struct ucred peer;
+    socklen_t size = sizeof peer;
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) == 0 && peer.uid == geteuid();
+}
+
+static void accept_client(void)
+{
+    int fd = accept4(attach.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    struct attach_client *client = NULL;
+    for (int i = 0; i < ATTACH_CLIENTS_MAX && client == NULL; i++)
+        if (attach.clients[i].memory == NULL)
+            client = &attach.clients[i];
+    char *memory = client != NULL && peer_is_ours(fd)
+                       ? malloc(ATTACH_IN_SIZE + ATTACH_CLIENT_QUEUE)
+                       : NULL;
+    if (memory == NULL) { /* refused: it sees EOF without a HELLO */
+        close(fd);
+        return;
+    }
+    *client = (struct attach_client){.memory = memory, .fd = fd};
+    char hello = (char)((attach.stdin_fd >= 0 && !attach.stdin_closing ? HELLO_STDIN : 0) |
+                        (attach.terminal >= 0 ? HELLO_TTY : 0));
+    send_frame(client, FRAME_HELLO, &hello, 1);
+}
+
+/* Acts on the complete frames the client sent; input waits (and the client's next bytes with
+ * it) while the workload's buffer is full. A frame of no known kind or size drops the client. */
+static void take_frames(struct attach_client *client)
+{
+    const unsigned char *in = (const unsigned char *)client->memory;
+    size_t at = 0;
+    while (client->in_used - at >= ATTACH_HEADER) {
+        int type = in[at];
+        size_t length = (size_t)in[at + 1] << 24 | (size_t)in[at + 2] << 16 |
+                        (size_t)in[at + 3] << 8 | in[at + 4];
+        int known = (type == FRAME_STDIN && length <= ATTACH_FRAME_MAX) ||
+                    (type == FRAME_CLOSE_STDIN && length == 0) ||
+                    (type == FRAME_RESIZE && length == 4);
+        if (!known) {
+            drop_client(client);
+            return;
+        }
+        if (client->in_used - at < ATTACH_HEADER + length)
+            break;
+        const char *payload = client->memory + at + ATTACH_HEADER;
+        if (type == FRAME_STDIN) {
+            if (!stdin_has_room(length))
+                break;
+            take_stdin(payload, length);
+            client->gave_input = 1;
+        } else if (type == FRAME_CLOSE_STDIN) {
+            client->gave_input = 0;
+            end_input();
+        } else {
+            resize_terminal((const unsigned char *)payload);
+        }
+        at += ATTACH_HEADER + length;
+    }
+    memmove(client->memory, client->memory + at, client->in_used - at);
+    client->in_used -= at;
+}
+
+static void serve_client(struct attach_client *client, short events)
+{
+    if ((events & POLLOUT) && !flush_client(client))
+        return;
+    if (!(events & (POLLIN | POLLHUP | POLLERR)))
+        return;
+    if (client->in_used == ATTACH_IN_SIZE) { /* gone while its input waits: nothing to wait for */
+        drop_client(client);
+        return;
+    }
+    ssize_t n;
+    do
+        n = recv(client->fd, client->memory + client->in_used, ATTACH_IN_SIZE - client->in_used,
+                 MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN)
+        return;
+    if (n <= 0) {
+        drop_client(client);
+        return;
+    }
+    client->in_used += (size_t)n;
+    take_frames(client);
+}
+
+/* The fds to poll (at most ATTACH_POLL_MAX) into fds; returns how many. */
+static int attach_poll_fds(struct pollfd *fds)
+{
+    int count = 0;
+    if (attach.listen_fd < 0)
+        return 0;
+    fds[count] = (struct pollfd){attach.listen_fd, POLLIN, 0};
+    attach.owners[count++] = OWNER_LISTEN;
+    if (attach.stdin_fd >= 0 && attach.stdin_used > 0) {
+        fds[count] = (struct pollfd){attach.stdin_fd, POLLOUT, 0};
+        attach.owners[count++] = OWNER_STDIN;
+    }
+    for (int i = 0; i < ATTACH_CLIENTS_MAX; i++) {
+        const struct attach_client *client = &attach.clients[i];
+        if (client->memory == NULL)
+            continue;
+        short events = (short)((client->in_used < ATTACH_IN_SIZE ? POLLIN : 0) |
+                               (client->out_end > client->out_start ? POLLOUT : 0));
+        fds[count] = (struct pollfd){client->fd, events, 0};
+        attach.owners[count++] = i;
+    }
+    return count;
+}
+
+static void attach_serve(const struct pollfd *fds, int count)
+{
+    for (int i = 0; i < count; i++) {
+        if (fds[i].revents == 0)
+            continue;
+        if (attach.owners[i] == OWNER_LISTEN)
+            accept_client();
+        else if (attach.owners[i] == OWNER_STDIN)
+            flush_stdin();
+        else if (attach.clients[attach.owners[i]].memory != NULL)
+            serve_client(&attach.clients[attach.owners[i]], fds[i].revents);
+    }
+    /* Input that waited for room: the workload may have read since. */
+    flush_stdin();
+    for (int i = 0; i < ATTACH_CLIENTS_MAX; i++)
+        if (attach.clients[i].memory != NULL && attach.clients[i].in_used > 0)
+            take_frames(&attach.clients[i]);
+    flush_stdin();
+}
+
+static long elapsed_ms(const struct timespec *since)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - since->tv_sec) * 1000 + (now.tv_nsec - since->tv_nsec) / 1000000;
+}
+
+/* Gives the clients what is queued for them (for ATTACH_FLUSH_MS at most). */
+static void flush_clients(void)
+{
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (long left = ATTACH_FLUSH_MS; left > 0; left = ATTACH_FLUSH_MS - elapsed_ms(&start)) {
+        struct pollfd waiting[ATTACH_CLIENTS_MAX];
+        struct attach_client *owners[ATTACH_CLIENTS_MAX];
+        nfds_t count = 0;
+        for (int i = 0; i < ATTACH_CLIENTS_MAX; i++) {
+            struct attach_client *client = &attach.clients[i];
+            if (client->memory != NULL && client->out_end > client->out_start) {
+                waiting[count] = (struct pollfd){client->fd, POLLOUT, 0};
+                owners[count++] = client;
+            }
+        }
+        if (count == 0 || (poll(waiting, count, (int)left) < 0 && errno != EINTR))
+            return;
+        for (nfds_t i = 0; i < count; i++)
+            if (waiting[i].revents != 0 && flush_client(owners[i]) &&
+                (waiting[i].revents & (POLLHUP | POLLERR)))
+                drop_client(owners[i]);
+    }
+}
+
+/* The workload ended and its output is in the queues: no new client, the clients get the rest
+ * and EOF, and the socket goes (if what is at its name is still ours). */
+static void attach_finish(void)
+{
+    struct stat now;
+    if (attach.listen_fd < 0)
+        return;
+    close_fd(&attach.listen_fd);
+    if (fstatat(attach.dir_fd, attach.name, &now, AT_SYMLINK_NOFOLLOW) == 0 &&
+        now.st_ino == attach.socket_file.st_ino && now.st_dev == attach.socket_file.st_dev)
+        (void)unlinkat(attach.dir_fd, attach.name, 0);
+    close_fd(&attach.dir_fd);
+    flush_clients();
+    attach.stdin_once = 0; /* what a detach would do to the input no longer matters */
+    for (int i = 0; i < ATTACH_CLIENTS_MAX; i++)
+        if (attach.clients[i].memory != NULL)
+            drop_client(&attach.clients[i]);
+    end_stdin();
+    close_fd(&attach.terminal);
 }
 
 /* --- the sandbox's files ------------------------------------------------------------------ */

@@ -104,6 +104,8 @@ class AgentConfig:
     socket: Path = Path(DEFAULT_SOCKET)
     # Kubernetes' CRI (runtime.v1) endpoint; None: cri.sock beside `socket`.
     cri_socket: Path | None = None
+    # The CRI streaming server (Exec, Attach, PortForward URLs): loopback, any free port.
+    cri_streaming_address: str = "127.0.0.1:0"
     listen: str | None = None
     # Mutual TLS of the `listen` address: the service's certificate and key, and the CA whose
     # client certificates it accepts. Required with `listen`; the Unix socket does not use them.
@@ -140,6 +142,11 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "state_dir": (str, lambda v: v.startswith("/"), "an absolute path"),
     "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
     "cri_socket": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "cri_streaming_address": (
+        str,
+        lambda v: _is_listen_address(v) or v.endswith(":0"),
+        "HOST:PORT (port 0: any free one)",
+    ),
     "listen": (str, _is_listen_address, "HOST:PORT, e.g. 127.0.0.1:7070"),
     "tls_cert": (str, lambda v: v.startswith("/"), "an absolute path to a PEM certificate"),
     "tls_key": (str, lambda v: v.startswith("/"), "an absolute path to a PEM private key"),
@@ -191,6 +198,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         state_dir=state_dir,
         socket=Path(raw.get("socket", DEFAULT_SOCKET)),
         cri_socket=_optional_path(raw.get("cri_socket")),
+        cri_streaming_address=raw.get("cri_streaming_address", defaults.cri_streaming_address),
         listen=raw.get("listen"),
         tls_cert=_optional_path(raw.get("tls_cert")),
         tls_key=_optional_path(raw.get("tls_key")),

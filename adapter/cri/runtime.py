@@ -1,7 +1,7 @@
 """The CRI RuntimeService: pods (adapter/cri/pods.py) and containers (adapter/cri/containers.py)
 on the core, with the CRI's idempotence rules (stopping or removing what is gone is no error).
 
-Streaming (Exec, Attach, PortForward) is not served yet: UNIMPLEMENTED, with the reason.
+Exec and PortForward answer with a URL on the streaming server (adapter/cri/streaming.py).
 """
 
 from __future__ import annotations
@@ -15,31 +15,41 @@ from typing import Any
 import grpc
 
 from adapter.core.containerizer import Containerizer
-from adapter.core.errors import ContainerizerError, InvalidArgument, NotFound
+from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
 from adapter.core.model import Statistics
 from adapter.cri import convert, translate
 from adapter.cri.api import cri, cri_grpc
 from adapter.cri.containers import CriContainers
 from adapter.cri.pods import Pods
 from adapter.cri.store import RUNNING, CriStore
+from adapter.cri.streaming import StreamingServer
 from adapter.images.store import ImageStore
 from adapter.server.errors import mapped_errors
+from adapter.streaming.remotecommand import ExecOptions
 
 log = logging.getLogger(__name__)
 
 RUNTIME_NAME = "containerizer"
 RUNTIME_VERSION = "0.1.0"
 API_VERSION = "v1"
-STREAMING_LATER = "streaming (Exec, Attach, PortForward) is not served yet"
+ATTACH_LATER = "Attach is not served yet"
 
 
 class CriRuntime:
     """Pods and containers together: what the servicer and recovery share."""
 
     def __init__(
-        self, core: Containerizer, images: ImageStore, state_dir: Path, *, bridge: bool
+        self,
+        core: Containerizer,
+        images: ImageStore,
+        state_dir: Path,
+        *,
+        bridge: bool,
+        streaming_address: str = "127.0.0.1:0",
     ) -> None:
         self.core = core
+        host, _, port = streaming_address.rpartition(":")
+        self.streaming = StreamingServer(core, host.strip("[]"), int(port))
         self.store = CriStore(state_dir / "cri.db")
         root = state_dir / "cri" / "pods"
         self.pods = Pods(core, self.store, root, set(core.drivers), bridge=bridge)
@@ -78,6 +88,7 @@ class CriRuntime:
             return {}  # created or exited: nothing is running to account
 
     async def close(self) -> None:
+        await self.streaming.close()
         await self.containers.close()
         await self.pods.close()
         self.store.close()
@@ -245,14 +256,32 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
 
-    async def Exec(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, STREAMING_LATER)
+    @mapped_errors
+    async def Exec(self, request: cri.ExecRequest, context: Any) -> cri.ExecResponse:
+        record = self.containers.get(_required(request.container_id, "container_id"))
+        if record.state != RUNNING:
+            raise FailedPrecondition(f"container {record.id!r} is not running")
+        if not request.cmd:
+            raise InvalidArgument("cmd", "is empty")
+        options = ExecOptions(request.stdin, request.stdout, request.stderr, request.tty)
+        url = self.runtime.streaming.exec_url(record.id, tuple(request.cmd), options)
+        return cri.ExecResponse(url=url)
 
     async def Attach(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, STREAMING_LATER)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, ATTACH_LATER)
 
-    async def PortForward(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, STREAMING_LATER)
+    @mapped_errors
+    async def PortForward(
+        self, request: cri.PortForwardRequest, context: Any
+    ) -> cri.PortForwardResponse:
+        pod = self.pods.get(_required(request.pod_sandbox_id, "pod_sandbox_id"))
+        self.pods.holder_pid(pod)  # the pod is ready: its namespaces exist
+        for index, port in enumerate(request.port):
+            if not 0 < port < 65536:
+                raise InvalidArgument(f"port[{index}]", f"{port} is not a TCP port")
+        netns = pod.netns or None  # "" on the host's network
+        url = self.runtime.streaming.port_forward_url(netns, tuple(request.port))
+        return cri.PortForwardResponse(url=url)
 
     # ---- statistics ----
 

@@ -163,8 +163,15 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         allow_privileged=config.allow_privileged,
     )
     await core.recover()
-    cri_runtime = CriRuntime(core, services.images, config.state_dir, bridge=config.network.enabled)
+    cri_runtime = CriRuntime(
+        core,
+        services.images,
+        config.state_dir,
+        bridge=config.network.enabled,
+        streaming_address=config.cri_streaming_address,
+    )
     cri_runtime.recover()
+    await cri_runtime.streaming.start()
     services.images.containers = functools.partial(_container_images, core, cri_runtime)
     server = grpc.aio.server()
     containers_service = ContainerizerService(core, sandbox_root, state_dir=config.state_dir)

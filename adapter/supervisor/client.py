@@ -262,7 +262,11 @@ class LaunchConfig:
     """One launch, as the supervisor reads it. Paths are the supervisor's view: the host's for
     the native runtime, the container's for LXC (where the supervisor is the container's init).
     The workload's stdout and stderr are `sandbox`/stdout and `sandbox`/stderr, or with
-    `log_file` (CRI) records in that file, which the supervisor writes (reopen_log rotates)."""
+    `log_file` (CRI) records in that file, which the supervisor writes (reopen_log rotates).
+    With `log_file`, `attach_socket` (in a directory of root's, 0700) lets clients attach to the
+    workload's stdio (adapter/supervisor/attach.py): its stdin stays open for them with `stdin`
+    (ended by the first client's end of input with `stdin_once`), and `tty` makes a pty its
+    stdio; without `stdin` its stdin is /dev/null."""
 
     status_file: str
     sandbox: str
@@ -280,6 +284,10 @@ class LaunchConfig:
     namespaces_joined: tuple[tuple[str, str], ...] = ()
     sysctls: tuple[tuple[str, str], ...] = ()  # namespaced keys only
     log_file: str | None = None
+    attach_socket: str | None = None
+    stdin: bool = False
+    stdin_once: bool = False
+    tty: bool = False
 
     def encode(self) -> bytes:
         """The bytes for the supervisor's config pipe: NUL-terminated strings, except the blob
@@ -305,6 +313,7 @@ class LaunchConfig:
             if given is not None:
                 parts += [(option, ""), (given, field)]
         parts += [("--no-namespaces", "")] if not self.namespaces else []
+        parts += self._attach_parts()
         parts += self._linux_parts()
         if self.filesystem is not None:
             parts += [(option, "container.image") for option in self.filesystem.options()]
@@ -319,6 +328,24 @@ class LaunchConfig:
         if home and all(key != "HOME" for key, _ in environment):
             environment.append(("HOME", home))
         return environment
+
+    def _attach_parts(self) -> list[tuple[str | bytes, str]]:
+        """--attach-socket, --stdin, --stdin-once and --tty, each with what it needs."""
+        if self.attach_socket is None:
+            for given, field in ((self.stdin, "linux.stdin"), (self.tty, "linux.tty")):
+                if given:
+                    raise InvalidArgument(field, "needs an attach socket (a CRI log_path)")
+            return []
+        if self.log_file is None:
+            raise InvalidArgument("linux.log_path", "an attach socket needs a CRI log file")
+        if self.stdin_once and not self.stdin:
+            raise InvalidArgument("linux.stdin_once", "needs linux.stdin")
+        parts: list[tuple[str | bytes, str]] = [
+            ("--attach-socket", ""),
+            (os.path.abspath(self.attach_socket), "attach_socket"),
+        ]
+        flags = (("--stdin", self.stdin), ("--stdin-once", self.stdin_once), ("--tty", self.tty))
+        return parts + [(flag, "") for flag, given in flags if given]
 
     def _linux_parts(self) -> list[tuple[str | bytes, str]]:
         """--uid --gid --groups, --ns and --sysctl, each checked."""

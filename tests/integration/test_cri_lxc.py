@@ -19,6 +19,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.core.errors import InvalidArgument
 from adapter.cri.api import cri
 from adapter.runtimes.lxc.rootfs import resolve_in_root
+from tests.conftest import BIN
 from tests.integration.cri import TIMEOUT, CriNode, cri_service, import_busybox
 from tests.integration.test_cri_runtime import CRI_LOG_LINE
 from tests.integration.test_lxc import lxcpath, monitors, require_lxc
@@ -50,7 +51,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
 
 @contextlib.contextmanager
 def lxc_pod(node: CriNode, **fields: object) -> Iterator[str]:
-    pod_id = node.run_pod(node.pod_config(**fields), runtime_handler=HANDLER)
+    pod_id = node.run_pod(node.pod_config("", **fields), runtime_handler=HANDLER)
     try:
         yield pod_id
     finally:
@@ -59,12 +60,13 @@ def lxc_pod(node: CriNode, **fields: object) -> Iterator[str]:
 
 def _code(error: object) -> grpc.StatusCode:
     assert isinstance(error, grpc.RpcError)
-    return error.code()  # type: ignore[no-any-return]
+    code: grpc.StatusCode = error.code()
+    return code
 
 
 def _details(error: object) -> str:
     assert isinstance(error, grpc.RpcError)
-    return error.details() or ""  # type: ignore[attr-defined,no-any-return]
+    return error.details() or ""
 
 
 def _security(**fields: object) -> cri.LinuxContainerConfig:
@@ -74,7 +76,10 @@ def _security(**fields: object) -> cri.LinuxContainerConfig:
 
 
 def _record(node: CriNode, container_id: str) -> pb.ContainerStatus:
-    return node.service.stub().Status(pb.StatusRequest(container_id=container_id), timeout=TIMEOUT)
+    status: pb.ContainerStatus = node.service.stub().Status(
+        pb.StatusRequest(container_id=container_id), timeout=TIMEOUT
+    )
+    return status
 
 
 # ---- namespaces ----
@@ -240,6 +245,7 @@ def test_logs_in_the_cri_format_reopened_and_hidden_from_the_workload(node: CriN
         node.runtime.ReopenContainerLog(
             cri.ReopenContainerLogRequest(container_id=container_id), timeout=TIMEOUT
         )
+        assert Path(log_path).is_file()  # reopened by the time the call returns
         assert node.wait_exited(container_id).exit_code == 0
         first = Path(log_path + ".1").read_bytes().splitlines()
         second = Path(log_path).read_bytes().splitlines()
@@ -321,3 +327,29 @@ def test_stop_and_remove_leave_nothing(node: CriNode) -> None:
 def _lxc_cgroups(node: CriNode, container_id: str) -> list[str]:
     root = Path("/sys/fs/cgroup")
     return [str(d) for d in root.glob(f"*/{node.service.cgroups_root}/{container_id}")]
+
+
+# ---- our own API's streaming exec ----
+
+
+def test_our_apis_exec_streams_into_an_lxc_container(node: CriNode, container_id: str) -> None:
+    stub = node.service.stub()
+    stub.Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(shell="exec sleep 600"),
+            container=pb.ContainerInfo(runtime=HANDLER),
+        ),
+        timeout=TIMEOUT,
+    )
+    try:
+        cli = [str(BIN / "containerizer"), "--endpoint", node.service.endpoint, "exec", "-i"]
+        done = subprocess.run(
+            [*cli, container_id, "--", "sh", "-c", "tr a-z A-Z; exit 3"],
+            input=b"hello\n",
+            capture_output=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (3, b"HELLO\n", b"")
+    finally:
+        stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=TIMEOUT)

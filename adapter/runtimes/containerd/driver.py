@@ -13,6 +13,13 @@ container record exists, and the OCI spec joins it by path; mode host leaves the
 A launch that names no mode on a node without a [network] table keeps what runc gives: a fresh
 namespace with only loopback, nothing of the isolator's. Cleanup releases the network last,
 whatever containerd answered, so a container never holds an address it no longer uses.
+
+Pods (CRI): a pod's container honours LaunchSpec.linux (linux.py): it joins the namespaces of
+the pod's holder (a native container) by path, so it gets no network of its own; its CRI log
+is written by our log relay, which the shim runs as the task's logging binary (logs.py); and
+ExecSync runs one more process of the task (exec.py). What the service and the shim share by
+path (the relay's pid file, ExecSync's FIFOs) lives in a run directory per container
+(rundir.py).
 """
 
 from __future__ import annotations

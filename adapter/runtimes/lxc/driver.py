@@ -62,7 +62,7 @@ import logging
 import os
 import shutil
 import signal
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ from adapter.supervisor import client as protocol
 from adapter.supervisor.children import Child as Monitor
 from adapter.supervisor.exec import ExecConfig, exec_sync
 from adapter.supervisor.processes import ProcessRef, read_status, start_time, supervised_exit
+from adapter.supervisor.session import ExecSession
 from isolators.base import Isolator, Limitation
 from isolators.cgroups import files
 from isolators.cgroups.accounting import read_statistics
@@ -113,9 +114,9 @@ from isolators.registry import ACCOUNTED_CONTROLLERS, ContainerCgroups, limitati
 
 log = logging.getLogger(__name__)
 
-STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
 HANDSHAKE_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_TIMEOUT_S = 10.0
+REOPEN_TIMEOUT_S = 5.0
 SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
 # /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
@@ -143,7 +144,7 @@ class LxcDriver:
         node = services.node
         self._lxcpath = node.state_dir / "lxc" / "containers"
         self._rootfs = BaseRootfs(node.state_dir, services.images)
-        self._configured_supervisor = options.supervisor
+        self._options = options
         self._network = options.network_type
         self._network_link = options.network_link
         self._node_network = services.network
@@ -172,23 +173,7 @@ class LxcDriver:
     # ---- discovery -------------------------------------------------------------------------
 
     def _supervisor(self) -> str:
-        """The static supervisor: the container's rootfs has no libc of ours to load a dynamic
-        one. Configured path, else beside our Python (where the install step builds it)."""
-        candidates = (
-            [self._configured_supervisor]
-            if self._configured_supervisor
-            else [
-                os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME),
-                shutil.which(STATIC_SUPERVISOR_NAME) or "",
-            ]
-        )
-        for candidate in candidates:
-            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-                return candidate
-        raise FailedPrecondition(
-            f"lxc: static supervisor not found (looked at {[c for c in candidates if c]}); build"
-            f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
-        )
+        return self._options.static_supervisor()
 
     def _seccomp(self) -> bytes:
         return self._seccomp_filter.bpf()
@@ -441,6 +426,19 @@ class LxcDriver:
     async def exec_sync(
         self, container_id: str, argv: tuple[str, ...], timeout: float | None
     ) -> ExecResult:
+        config = await self._exec_config(container_id, argv, tty=False)
+        result = await exec_sync(self._supervisor(), config, timeout=timeout)
+        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        config = await self._exec_config(container_id, argv, tty=tty)
+        return await ExecSession.start(self._supervisor(), config)
+
+    async def _exec_config(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecConfig:
         """The command in the container's namespaces and cgroups, as its workload: the same
         identity, environment and confinement, recomputed from the launch's spec. The
         supervisor that joins it runs on the host, so its static build serves here too."""
@@ -450,7 +448,7 @@ class LxcDriver:
         spec, handle = container.spec, container.handle
         workload = merge(spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER)
         lower = await self._rootfs.lower(spec.image)
-        config = ExecConfig(
+        return ExecConfig(
             target_pid=handle.workload_init.pid,
             target_start_time=handle.workload_init.start_time,
             argv=argv,
@@ -459,17 +457,24 @@ class LxcDriver:
             cwd=workload.working_dir,
             identity=await workload_identity(workload.user, spec.linux, lower),
             cgroup_procs=[str(Path(d) / "cgroup.procs") for d in handle.cgroup_dirs],
+            tty=tty,
         )
-        result = await exec_sync(self._supervisor(), config, timeout=timeout)
-        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
 
     async def reopen_log(self, container_id: str) -> None:
-        """SIGUSR1 to the supervisor (the container's init): it reopens the CRI log by path."""
+        """SIGUSR1 to the supervisor (the container's init): it reopens the CRI log by path,
+        a moment later. The kubelet reads the new file as soon as the call returns: so it
+        returns once the file is there."""
         container = self._containers.get(container_id)
         if container is None:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
         if not container.handle.init.send(signal.SIGUSR1):
             raise FailedPrecondition(f"lxc runtime: the supervisor of {container_id!r} is gone")
+        log_path = container.spec.linux.log_path
+        if log_path and not await _appears(log_path, REOPEN_TIMEOUT_S):
+            raise FailedPrecondition(
+                f"lxc runtime: {container_id!r} did not reopen {log_path} within"
+                f" {REOPEN_TIMEOUT_S:g} s"
+            )
 
     async def update(self, container_id: str, resources: Resources) -> None:
         if container_id not in self._containers:
@@ -630,6 +635,18 @@ async def _remove_tree(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
     else:
         await asyncio.to_thread(shutil.rmtree, directory, True)
+
+
+async def _appears(path: str, timeout: float) -> bool:
+    """Whether `path` exists (itself: a link is not followed) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not os.path.lexists(path):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
 
 
 async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 
+from adapter.core.errors import FailedPrecondition
 from adapter.runtimes.table import RuntimeTable
+
+STATIC_SUPERVISOR_NAME = "containerizer-supervisor-static"
 
 # LXC's own network of a container when the node's network isolator does not choose it.
 NETWORK_TYPES = ("empty", "none", "veth")
@@ -21,6 +27,25 @@ class LxcOptions:
     @property
     def network_type(self) -> str:
         return self.network or DEFAULT_NETWORK_TYPE
+
+    def static_supervisor(self) -> str:
+        """The static supervisor: the container's rootfs has no libc of ours to load a dynamic
+        one. Configured path, else beside our Python (where the install step builds it)."""
+        candidates = (
+            [self.supervisor]
+            if self.supervisor
+            else [
+                os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME),
+                shutil.which(STATIC_SUPERVISOR_NAME) or "",
+            ]
+        )
+        for candidate in candidates:
+            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        raise FailedPrecondition(
+            f"lxc: static supervisor not found (looked at {[c for c in candidates if c]}); build"
+            f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
+        )
 
     @classmethod
     def parse(cls, table: RuntimeTable) -> LxcOptions:

@@ -1,0 +1,619 @@
+"""SPDY/3.1 sessions over an asyncio StreamReader/StreamWriter pair: streams, half-close, reset,
+PING, GOAWAY and the two levels of flow control (per stream, and per connection since 3.1).
+
+One task reads frames for the whole connection; applications use Stream objects from any task.
+Frames are encoded and written in one synchronous step, so the order of header blocks on the
+wire is always the order of the shared compression stream.
+
+Flow control and the peers that ignore it
+-----------------------------------------
+Kubernetes' clients (client-go, crictl, critest, kubelet) speak SPDY through moby/spdystream,
+which neither sends WINDOW_UPDATE nor honours ours. A strict sender would stall such a client
+after 64 KiB; a strict receiver would reset its streams. So by default (`peer_flow_control=None`)
+a connection enforces the peer's windows only once the peer has shown it does flow control
+(it sent SETTINGS with INITIAL_WINDOW_SIZE, or any WINDOW_UPDATE); until then TCP backpressure
+is the only limit. Receiving is bounded either way: a peer that overruns a stream's window is
+reset if it does flow control, and otherwise simply not read from until that stream's reader
+catches up, so no stream ever buffers more than its window plus one 64 KiB read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from types import TracebackType
+
+from adapter.streaming.frames import (
+    DEFAULT_MAX_HEADER_BLOCK,
+    DEFAULT_WINDOW,
+    FLAG_FIN,
+    FLAG_UNIDIRECTIONAL,
+    FRAME_HEADER_BYTES,
+    MAX_WINDOW,
+    ControlFrame,
+    DataFrame,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    FrameHeader,
+    GoAwayFrame,
+    GoAwayStatus,
+    Headers,
+    HeadersFrame,
+    PingFrame,
+    ProtocolError,
+    RstStatus,
+    RstStreamFrame,
+    Setting,
+    SettingId,
+    SettingsFrame,
+    SynReplyFrame,
+    SynStreamFrame,
+    WindowUpdateFrame,
+)
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 64 * 1024  # DATA payloads move into their stream at most this much at a time
+_WRITE_CHUNK = 32 * 1024  # largest DATA frame we send
+
+
+class Role(Enum):
+    """Which end of the TCP connection we are: it fixes the parity of ids each side uses."""
+
+    CLIENT = 1  # opens odd streams, sends odd pings
+    SERVER = 0  # opens even streams, sends even pings
+
+
+@dataclass(frozen=True)
+class Limits:
+    receive_window: int = DEFAULT_WINDOW  # per stream; advertised in our first SETTINGS
+    max_streams: int = 128  # streams the peer may have open at once; more are refused
+    max_control_frame: int = DEFAULT_MAX_HEADER_BLOCK  # compressed control frame payload
+    max_header_block: int = DEFAULT_MAX_HEADER_BLOCK  # decompressed header block
+    peer_flow_control: bool | None = None  # None: enforce once the peer shows it does it
+    close_timeout: float = 5.0  # after our GOAWAY, how long the peer has to hang up
+
+
+class StreamReset(Exception):
+    """The stream ended abnormally: reset by either side (`status`), or the connection ended
+    before the stream finished (`status` None)."""
+
+    def __init__(self, message: str, status: RstStatus | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConnectionClosed(Exception):
+    """The connection is closed, or going away, so no new stream can be opened on it."""
+
+
+class _Pulse:
+    """Wakes every current waiter; waiters re-check their own condition. One per connection:
+    streams are few, and a missed wake-up is worse than a spurious one."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Stream:
+    """One SPDY stream. read() returns b"" once the peer half-closed; write() and close() send
+    DATA and FIN; reset() abandons it. A stream the peer opened (Connection.accept) must be
+    answered with reply() or reset(); write() and close() reply on their own if needed."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        stream_id: int,
+        headers: Headers,
+        *,
+        incoming: bool,
+        local_closed: bool = False,
+        remote_closed: bool = False,
+    ) -> None:
+        self.id = stream_id
+        self.headers = headers
+        self.reply_headers: Headers | None = None
+        self.incoming = incoming
+        self._connection = connection
+        self._buffer = bytearray()
+        # A unidirectional stream the peer opened is closed on our side and gets no reply.
+        self._replied = not incoming or local_closed
+        self._local_closed = local_closed
+        self._remote_closed = remote_closed
+        self._reset: StreamReset | None = None
+        self._send_window = connection.peer_initial_window
+        self._receive_window = connection.limits.receive_window
+        self._uncredited = 0
+
+    @property
+    def remote_closed(self) -> bool:
+        return self._remote_closed
+
+    @property
+    def finished(self) -> bool:
+        return self._reset is not None or (self._local_closed and self._remote_closed)
+
+    def at_eof(self) -> bool:
+        return self._remote_closed and not self._buffer
+
+    async def reply(self, headers: Headers | None = None, *, fin: bool = False) -> None:
+        """Accept a stream the peer opened (SYN_REPLY). Idempotent."""
+        if self._replied:
+            return
+        self.raise_if_reset()
+        self._replied = True
+        await self._connection.send(
+            SynReplyFrame(self.id, headers or Headers(), FLAG_FIN if fin else 0)
+        )
+        if fin:
+            self._local_closed = True
+            self._connection.forget_if_finished(self)
+
+    async def read(self, max_bytes: int = -1) -> bytes:
+        """Up to `max_bytes` (all buffered when negative); b"" at the peer's FIN. Data that
+        arrived before a reset by the peer is still returned; then StreamReset is raised."""
+        while not self._buffer:
+            if self._remote_closed or max_bytes == 0:
+                return b""
+            self.raise_if_reset()
+            await self._connection.pulse.wait()
+        size = len(self._buffer) if max_bytes < 0 else min(max_bytes, len(self._buffer))
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._connection.pulse.wake()  # the reader task may be waiting for room in the buffer
+        await self._credit(size)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        """Send `data`, in frames no larger than the windows allow when they are enforced."""
+        if not self._replied:
+            await self.reply()
+        view = memoryview(data)
+        while view:
+            self._raise_if_unwritable()
+            size = self._connection.sendable(self, len(view))
+            if size <= 0:
+                await self._connection.pulse.wait()
+                continue
+            chunk, view = bytes(view[:size]), view[size:]
+            self._send_window -= size
+            self._connection.session_send_window -= size
+            await self._connection.send(DataFrame(self.id, chunk))
+
+    async def close(self) -> None:
+        """Half-close our side (FIN). Idempotent; a no-op on a reset stream."""
+        if self._local_closed or self._reset is not None:
+            return
+        if not self._replied:
+            await self.reply(fin=True)
+            return
+        self._local_closed = True
+        await self._connection.send(DataFrame(self.id, b"", FLAG_FIN))
+        self._connection.forget_if_finished(self)
+
+    async def reset(self, status: RstStatus = RstStatus.CANCEL) -> None:
+        """Abandon the stream both ways (RST_STREAM); buffered input is dropped."""
+        if self.finished:
+            return
+        self.mark_reset(StreamReset(f"stream {self.id} reset by us", status))
+        with contextlib.suppress(ConnectionClosed):
+            await self._connection.send(RstStreamFrame(self.id, status))
+
+    # ---- called by the connection's reader task ----
+
+    def deliver(self, chunk: bytes) -> bool:
+        """Take received DATA; False when the stream cannot take it (dropped by the caller)."""
+        if self._reset is not None or self._remote_closed:
+            return False
+        self._receive_window -= len(chunk)
+        self._buffer += chunk
+        return True
+
+    def overran_window(self) -> bool:
+        return self._receive_window < 0
+
+    def needs_room(self) -> bool:
+        """True while the reader task should stop reading: more buffered than the window."""
+        return self._reset is None and len(self._buffer) > self._connection.limits.receive_window
+
+    def remote_fin(self) -> None:
+        self._remote_closed = True
+        self._connection.forget_if_finished(self)
+
+    def mark_reset(self, reason: StreamReset, *, keep_input: bool = False) -> None:
+        if self._reset is None:
+            self._reset = reason
+            if not keep_input:
+                self._connection.credit_session_later(len(self._buffer))
+                self._buffer.clear()
+        self._connection.forget_if_finished(self)
+
+    def grow_send_window(self, delta: int) -> bool:
+        """False if the window would pass 2^31-1 (a flow control error)."""
+        self._send_window += delta
+        return self._send_window <= MAX_WINDOW
+
+    @property
+    def send_window(self) -> int:
+        return self._send_window
+
+    @property
+    def replied(self) -> bool:
+        return self._replied
+
+    def raise_if_reset(self) -> None:
+        if self._reset is not None:
+            raise self._reset
+
+    def _raise_if_unwritable(self) -> None:
+        self.raise_if_reset()
+        if self._local_closed:
+            raise StreamReset(f"stream {self.id}: write after close (FIN already sent)")
+
+    async def _credit(self, size: int) -> None:
+        """Return consumed bytes to the peer's windows, in batches of half a window."""
+        self._uncredited += size
+        self._connection.credit_session_later(size)
+        window = self._connection.limits.receive_window
+        updates: list[Frame] = []
+        if not self._remote_closed and self._reset is None and self._uncredited >= window // 2:
+            updates.append(WindowUpdateFrame(self.id, self._uncredited))
+            self._receive_window += self._uncredited
+            self._uncredited = 0
+        await self._connection.send_credits(updates)
+
+
+class Connection:
+    """One SPDY/3.1 session. Use as `async with Connection(reader, writer, role=...)`:
+    entering sends our SETTINGS and starts reading; leaving closes gracefully (close())."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        role: Role,
+        limits: Limits | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.role = role
+        self.pulse = _Pulse()
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.session_send_window = DEFAULT_WINDOW
+        self.error: ProtocolError | None = None
+        self._reader, self._writer = reader, writer
+        self._encoder = FrameEncoder()
+        self._decoder = FrameDecoder(self.limits.max_header_block)
+        self._streams: dict[int, Stream] = {}
+        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        self._next_stream_id = 1 if role is Role.CLIENT else 2
+        self._next_ping_id = self._next_stream_id
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._last_peer_stream = 0
+        self._peer_does_flow_control = False
+        self._session_uncredited = 0
+        self._goaway_sent = self._goaway_received = self._closing = False
+        self._finished = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Connection:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._reader_task = asyncio.create_task(self._read_frames(), name="spdy-reader")
+        window = Setting(SettingId.INITIAL_WINDOW_SIZE, self.limits.receive_window)
+        with contextlib.suppress(ConnectionClosed):
+            await self.send(SettingsFrame((window,)))
+
+    @property
+    def closed(self) -> bool:
+        return self._finished.is_set()
+
+    async def wait_closed(self) -> None:
+        """Returns once the connection is gone (peer hung up, protocol error, or close())."""
+        await self._finished.wait()
+
+    async def accept(self) -> Stream | None:
+        """The next stream the peer opens, or None once the connection has ended."""
+        while self._incoming.empty():
+            if self.closed:
+                return None
+            await self.pulse.wait()
+        return self._incoming.get_nowait()
+
+    async def open_stream(
+        self, headers: Headers, *, fin: bool = False, timeout: float = 30.0
+    ) -> Stream:
+        """Open a stream (SYN_STREAM) and wait for the peer's SYN_REPLY."""
+        if self.closed or self._goaway_sent or self._goaway_received:
+            raise ConnectionClosed("the connection is closed or going away")
+        stream = Stream(self, self._next_stream_id, headers, incoming=False, local_closed=fin)
+        self._next_stream_id += 2
+        self._streams[stream.id] = stream
+        await self.send(SynStreamFrame(stream.id, headers, flags=FLAG_FIN if fin else 0))
+        try:
+            async with asyncio.timeout(timeout):
+                while stream.reply_headers is None:
+                    stream.raise_if_reset()
+                    await self.pulse.wait()
+        except TimeoutError:
+            await stream.reset(RstStatus.CANCEL)
+            raise
+        return stream
+
+    async def ping(self, timeout: float = 10.0) -> None:
+        """Send a PING and wait for the peer to echo it."""
+        ping_id, self._next_ping_id = self._next_ping_id, self._next_ping_id + 2
+        answer = asyncio.get_running_loop().create_future()
+        self._pings[ping_id] = answer
+        try:
+            await self.send(PingFrame(ping_id))
+            await asyncio.wait_for(answer, timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+
+    async def close(self, status: GoAwayStatus = GoAwayStatus.OK) -> None:
+        """GOAWAY, then give the peer `close_timeout` to hang up before we do. Waiting lets a
+        peer read everything we sent before the socket goes: closing first could reset it."""
+        if self._reader_task is None:
+            self._writer.close()
+            return
+        self._closing = True
+        self.pulse.wake()
+        with contextlib.suppress(TimeoutError):  # a peer that reads nothing must not hold us
+            async with asyncio.timeout(self.limits.close_timeout):
+                await self._send_goaway(status)
+                await self._finished.wait()
+        await self._stop_reading()
+
+    # ---- used by streams ----
+
+    async def send(self, frame: Frame) -> None:
+        if self.closed or self._writer.is_closing():
+            raise ConnectionClosed("the connection is closed")
+        self._writer.write(self._encoder.encode(frame))
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise ConnectionClosed(f"the connection is closed: {exc}") from exc
+
+    def sendable(self, stream: Stream, wanted: int) -> int:
+        size = min(wanted, _WRITE_CHUNK)
+        if self._enforces_peer_windows():
+            size = min(size, stream.send_window, self.session_send_window)
+        return size
+
+    def _enforces_peer_windows(self) -> bool:
+        setting = self.limits.peer_flow_control
+        return self._peer_does_flow_control if setting is None else setting
+
+    def credit_session_later(self, size: int) -> None:
+        self._session_uncredited += size
+
+    async def send_credits(self, updates: list[Frame]) -> None:
+        if self._session_uncredited >= DEFAULT_WINDOW // 2:
+            updates.append(WindowUpdateFrame(0, self._session_uncredited))
+            self._session_uncredited = 0
+        with contextlib.suppress(ConnectionClosed):
+            for frame in updates:
+                await self.send(frame)
+
+    def forget_if_finished(self, stream: Stream) -> None:
+        if stream.finished and self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        self.pulse.wake()
+
+    # ---- the reader task ----
+
+    async def _read_frames(self) -> None:
+        try:
+            while (header := await self._read_header()) is not None:
+                if header.control:
+                    await self._on_control(header)
+                else:
+                    await self._on_data(header)
+        except ProtocolError as exc:
+            log.warning("SPDY protocol error, closing the connection: %s", exc)
+            self.error = exc
+            await self._send_goaway(GoAwayStatus.PROTOCOL_ERROR)
+        except (ConnectionError, ConnectionClosed, asyncio.IncompleteReadError):
+            pass  # the peer went away, perhaps mid-frame: same outcome as a hang-up
+        except Exception:  # a bug here must end this connection, not the server around it
+            log.exception("SPDY connection failed")
+            await self._send_goaway(GoAwayStatus.INTERNAL_ERROR)
+        finally:
+            self._finish()
+
+    async def _read_header(self) -> FrameHeader | None:
+        try:
+            raw = await self._reader.readexactly(FRAME_HEADER_BYTES)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            return None
+        return FrameHeader.parse(raw)
+
+    async def _on_control(self, header: FrameHeader) -> None:
+        if header.length > self.limits.max_control_frame:
+            raise ProtocolError(f"control frame of {header.length} bytes is over the limit")
+        payload = await self._reader.readexactly(header.length)
+        frame = self._decoder.decode_control(header, payload)
+        if frame is not None:
+            await self._dispatch(frame)
+
+    async def _dispatch(self, frame: ControlFrame) -> None:
+        handlers: dict[type, Callable[..., object]] = {
+            SynStreamFrame: self._on_syn_stream,
+            SynReplyFrame: self._on_syn_reply,
+            RstStreamFrame: self._on_rst_stream,
+            SettingsFrame: self._on_settings,
+            PingFrame: self._on_ping,
+            GoAwayFrame: self._on_goaway,
+            HeadersFrame: self._on_headers,
+            WindowUpdateFrame: self._on_window_update,
+        }
+        outcome = handlers[type(frame)](frame)
+        if asyncio.iscoroutine(outcome):
+            await outcome
+        self.pulse.wake()
+
+    async def _on_data(self, header: FrameHeader) -> None:
+        stream = self._streams.get(header.stream_id)
+        remaining = header.length
+        while remaining:
+            chunk = await self._reader.readexactly(min(remaining, _READ_CHUNK))
+            remaining -= len(chunk)
+            if stream is None or self._closing or not stream.deliver(chunk):
+                self.credit_session_later(len(chunk))  # dropped: the session window still counts
+                continue
+            self.pulse.wake()
+            if stream.overran_window() and self._enforces_peer_windows():
+                await stream.reset(RstStatus.FLOW_CONTROL_ERROR)
+            while stream.needs_room() and not self._closing:
+                await self.pulse.wait()
+        await self.send_credits([])
+        await self._after_data(header, stream)
+
+    async def _after_data(self, header: FrameHeader, stream: Stream | None) -> None:
+        if stream is None:
+            if not self._was_opened(header.stream_id):
+                await self._refuse(header.stream_id, RstStatus.INVALID_STREAM)
+        elif stream.remote_closed and not stream.finished:
+            await stream.reset(RstStatus.STREAM_ALREADY_CLOSED)
+        elif header.flags & FLAG_FIN:
+            stream.remote_fin()
+
+    def _was_opened(self, stream_id: int) -> bool:
+        if stream_id % 2 == self.role.value % 2:
+            return stream_id < self._next_stream_id
+        return stream_id <= self._last_peer_stream
+
+    async def _on_syn_stream(self, frame: SynStreamFrame) -> None:
+        if frame.stream_id % 2 == self.role.value % 2 or frame.stream_id <= self._last_peer_stream:
+            raise ProtocolError(f"SYN_STREAM with id {frame.stream_id} out of sequence")
+        self._last_peer_stream = frame.stream_id
+        if self._goaway_sent:
+            return  # section 2.6.6: after GOAWAY new streams are ignored
+        if sum(s.incoming for s in self._streams.values()) >= self.limits.max_streams:
+            await self._refuse(frame.stream_id, RstStatus.REFUSED_STREAM)
+            return
+        stream = Stream(
+            self,
+            frame.stream_id,
+            frame.headers,
+            incoming=True,
+            local_closed=bool(frame.flags & FLAG_UNIDIRECTIONAL),
+            remote_closed=bool(frame.flags & FLAG_FIN),
+        )
+        self._streams[stream.id] = stream
+        self._incoming.put_nowait(stream)
+
+    async def _on_syn_reply(self, frame: SynReplyFrame) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            return
+        if stream.incoming or stream.reply_headers is not None:
+            await stream.reset(RstStatus.STREAM_IN_USE)
+            return
+        stream.reply_headers = frame.headers
+        if frame.flags & FLAG_FIN:
+            stream.remote_fin()
+
+    def _on_rst_stream(self, frame: RstStreamFrame) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is not None:
+            message = f"stream {frame.stream_id} reset by the peer: {frame.status.name}"
+            stream.mark_reset(StreamReset(message, frame.status), keep_input=True)
+
+    def _on_settings(self, frame: SettingsFrame) -> None:
+        window = frame.value(SettingId.INITIAL_WINDOW_SIZE)
+        if window is None:
+            return
+        if window > MAX_WINDOW:
+            raise ProtocolError(f"SETTINGS INITIAL_WINDOW_SIZE {window} is over 2^31-1")
+        self._peer_does_flow_control = True
+        delta, self.peer_initial_window = window - self.peer_initial_window, window
+        for stream in self._streams.values():  # section 2.6.8: open streams move by the delta
+            stream.grow_send_window(delta)
+
+    async def _on_ping(self, frame: PingFrame) -> None:
+        if frame.ping_id % 2 != self.role.value % 2:
+            await self.send(frame)  # the peer's ping: echo it
+        elif (answer := self._pings.get(frame.ping_id)) is not None and not answer.done():
+            answer.set_result(None)
+
+    def _on_goaway(self, frame: GoAwayFrame) -> None:
+        self._goaway_received = True
+        for stream in list(self._streams.values()):
+            if not stream.incoming and stream.id > frame.last_good_stream_id:
+                message = f"stream {stream.id} was not processed before GOAWAY"
+                stream.mark_reset(StreamReset(message, RstStatus.REFUSED_STREAM))
+
+    def _on_headers(self, frame: HeadersFrame) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is not None:
+            stream.headers = Headers({**stream.headers, **frame.headers})
+            if frame.flags & FLAG_FIN:
+                stream.remote_fin()
+
+    async def _on_window_update(self, frame: WindowUpdateFrame) -> None:
+        self._peer_does_flow_control = True
+        if frame.stream_id == 0:
+            self.session_send_window += frame.delta
+            if self.session_send_window > MAX_WINDOW:
+                raise ProtocolError("WINDOW_UPDATE takes the connection window over 2^31-1")
+            return
+        stream = self._streams.get(frame.stream_id)
+        if stream is not None and not stream.grow_send_window(frame.delta):
+            await stream.reset(RstStatus.FLOW_CONTROL_ERROR)
+
+    async def _refuse(self, stream_id: int, status: RstStatus) -> None:
+        await self.send(RstStreamFrame(stream_id, status))
+
+    async def _send_goaway(self, status: GoAwayStatus) -> None:
+        if self._goaway_sent:
+            return
+        self._goaway_sent = True
+        with contextlib.suppress(ConnectionClosed):
+            await self.send(GoAwayFrame(self._last_peer_stream, status))
+
+    def _finish(self) -> None:
+        """The reader is done: every unfinished stream ends, waiters wake, the socket closes."""
+        for stream in list(self._streams.values()):
+            stream.mark_reset(
+                StreamReset(f"stream {stream.id}: connection closed"), keep_input=True
+            )
+        for answer in self._pings.values():
+            if not answer.done():
+                answer.set_exception(ConnectionClosed("the connection closed before the PONG"))
+        self._finished.set()
+        self._writer.close()
+        self.pulse.wake()
+
+    async def _stop_reading(self) -> None:
+        task = self._reader_task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
