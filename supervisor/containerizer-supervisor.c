@@ -248,6 +248,7 @@ struct options {
     const char *exec_in;         /* exec mode: the host pid of the container's init */
     const char *exec_start_time; /* and its start time, so that a reused pid is refused */
     const char *exec_report_fd;  /* where a failure before the command's exec is reported */
+    const char *resize_fd;       /* exec with --tty: "COLUMNS ROWS" lines set its window size */
     const char *rootfs_lower; /* image rootfs (read-only lower layer) or NULL */
     const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
     struct bind *binds;
@@ -478,6 +479,7 @@ static int take_value(struct options *opts, const char *name, const char *value)
         {"--exec-in", offsetof(struct options, exec_in)},
         {"--exec-start-time", offsetof(struct options, exec_start_time)},
         {"--exec-report-fd", offsetof(struct options, exec_report_fd)},
+        {"--resize-fd", offsetof(struct options, resize_fd)},
         {"--rootfs-lower", offsetof(struct options, rootfs_lower)},
         {"--rootfs-dir", offsetof(struct options, rootfs_dir)},
     };
@@ -2664,6 +2666,94 @@ static void join_target_namespaces(const int fds[])
 /* Runs the command inside the container whose init is --exec-in, in its cgroups and namespaces
  * and confined as its workload (the same exec_workload), and returns its exit status, 128 + n
  * for signal n. Its stdin, stdout and stderr are ours. */
+/* --- exec with a terminal ------------------------------------------------------------------ */
+
+/* A pty of the container's own devpts (we are in its mount namespace): its name, as the command
+ * sees it, is one of the container's /dev/pts, so tty and stty work there. The peer is opened
+ * from the master (TIOCGPTPEER), never by a path the container could have replaced. */
+static int open_container_terminal(int *peer)
+{
+    int unlock = 0;
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0)
+        master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) < 0)
+        fail("tty", "/dev/pts/ptmx", errno);
+    *peer = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (*peer < 0)
+        fail("tty", "the terminal's peer", errno);
+    return master;
+}
+
+/* "COLUMNS ROWS\n" lines from the caller's resize pipe become the terminal's window size. */
+static void apply_resizes(int resize_fd, int master, char *pending, size_t *length)
+{
+    ssize_t n = read(resize_fd, pending + *length, 63 - *length);
+    if (n <= 0)
+        return;
+    *length += (size_t)n;
+    pending[*length] = '\0';
+    char *line = pending, *end;
+    while ((end = strchr(line, '\n')) != NULL) {
+        unsigned columns, rows;
+        *end = '\0';
+        if (sscanf(line, "%u %u", &columns, &rows) == 2 && columns > 0 && rows > 0 &&
+            columns < 65536 && rows < 65536) {
+            struct winsize size = {(unsigned short)rows, (unsigned short)columns, 0, 0};
+            (void)ioctl(master, TIOCSWINSZ, &size);
+        }
+        line = end + 1;
+    }
+    *length = strlen(line) < 63 ? strlen(line) : 0; /* a line that long is garbage: dropped */
+    memmove(pending, line, *length);
+}
+
+/* Copies our stdin to the terminal and the terminal to our stdout until the command has ended
+ * and its output is drained (EIO: no process holds the terminal any more, or a quiet moment
+ * after the exit when something left behind still does). */
+static int relay_terminal(int master, int resize_fd, pid_t pid, int *wstatus)
+{
+    char buffer[16384], pending[64];
+    size_t pending_length = 0;
+    int exited = 0, stdin_open = 1;
+    for (;;) {
+        struct pollfd fds[3] = {{master, POLLIN, 0},
+                                {stdin_open ? STDIN_FILENO : -1, POLLIN, 0},
+                                {resize_fd, POLLIN, 0}};
+        int ready = poll(fds, 3, exited ? 50 : 200);
+        if (ready < 0 && errno != EINTR)
+            return -1;
+        if (!exited) {
+            pid_t done = waitpid(pid, wstatus, WNOHANG);
+            exited = done == pid;
+        }
+        if (ready <= 0) {
+            if (exited)
+                return 0;
+            continue;
+        }
+        if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = read(master, buffer, sizeof buffer);
+            if (n <= 0 && errno != EINTR && errno != EAGAIN) {
+                if (!exited && waitpid(pid, wstatus, 0) < 0)
+                    return -1;
+                return 0;
+            }
+            if (n > 0 && write_all(STDOUT_FILENO, buffer, (size_t)n) < 0)
+                return -1; /* the caller is gone */
+        }
+        if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = read(STDIN_FILENO, buffer, sizeof buffer);
+            if (n > 0)
+                (void)write_all(master, buffer, (size_t)n);
+            else if (n == 0 || errno != EINTR)
+                stdin_open = 0; /* end of input; a terminal says it with ^D, the caller's to send */
+        }
+        if (resize_fd >= 0 && (fds[2].revents & POLLIN))
+            apply_resizes(resize_fd, master, pending, &pending_length);
+    }
+}
+
 static int run_exec(struct options *opts, int devnull)
 {
     int fds[EXEC_NAMESPACES], wstatus;
@@ -2686,16 +2776,27 @@ static int run_exec(struct options *opts, int devnull)
     /* It creates no namespace: as a workload without any, it cuts its own bounding set. */
     opts->namespaces = 0;
     forward_signals(); /* the init's set: a signal meant for the command reaches it */
+    int peer = -1, master = opts->tty ? open_container_terminal(&peer) : -1;
+    int resize_fd = -1;
+    if (opts->resize_fd != NULL) {
+        resize_fd = (int)exec_number(opts->resize_fd, "--resize-fd", INT_MAX);
+        if (resize_fd <= STDERR_FILENO || fcntl(resize_fd, F_SETFD, FD_CLOEXEC) < 0)
+            usage_error("--resize-fd needs an open descriptor above 2, got", opts->resize_fd);
+    }
     pid_t pid = fork();
     if (pid < 0)
         fail("fork", NULL, errno);
     if (pid == 0) {
-        /* A session of its own whose controlling terminal is the caller's pty (job control,
-         * ^C as SIGINT, window size). */
-        if (opts->tty && (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0))
+        /* A session of its own whose controlling terminal is the container's pty (job
+         * control, ^C as SIGINT, window size). */
+        if (master >= 0 && (setsid() < 0 || dup2(peer, STDIN_FILENO) < 0 ||
+                            dup2(peer, STDOUT_FILENO) < 0 || dup2(peer, STDERR_FILENO) < 0 ||
+                            ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0))
             child_fail(-1, "tty", "controlling terminal", strerror(errno));
         exec_workload(opts, -1); /* errors straight to stderr: nobody reads a pipe */
     }
+    if (peer >= 0)
+        close(peer); /* the command's copies alone keep the terminal open */
     workload_pid = pid;
     if (pending_signal != 0)
         (void)kill(pid, pending_signal);
@@ -2705,6 +2806,11 @@ static int run_exec(struct options *opts, int devnull)
         fail("capabilities", "exec", errno);
     }
     release_config();
+    if (master >= 0) {
+        if (relay_terminal(master, resize_fd, pid, &wstatus) < 0)
+            return EXEC_CANNOT_RUN;
+        return WIFSIGNALED(wstatus) ? 128 + WTERMSIG(wstatus) : WEXITSTATUS(wstatus);
+    }
     /* The command's output ends when the command and what it started close it, not with us. */
     for (int fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++)
         (void)dup2(devnull, fd);

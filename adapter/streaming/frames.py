@@ -511,9 +511,10 @@ def _decode_settings(cursor: _Cursor, flags: int) -> SettingsFrame:
 
 def _decode_goaway(cursor: _Cursor) -> GoAwayFrame:
     last_good, status = cursor.stream_id(), cursor.u32()
-    # An unknown status still means "going away"; keep the frame, report it as an error.
-    known = GoAwayStatus(status) if status in GoAwayStatus._value2member_map_ else None
-    return GoAwayFrame(last_good, known or GoAwayStatus.INTERNAL_ERROR)
+    if status not in GoAwayStatus._value2member_map_:
+        # An unknown status still means "going away": keep the frame, read it as an error.
+        return GoAwayFrame(last_good, GoAwayStatus.INTERNAL_ERROR)
+    return GoAwayFrame(last_good, GoAwayStatus(status))
 
 
 def _decode_window_update(cursor: _Cursor) -> WindowUpdateFrame:

@@ -95,12 +95,12 @@ class ExecStreams:
             if not chunk:
                 return
             sizes, rest = _parse_sizes(pending + chunk)
+            for size in sizes:
+                yield size
             if rest is None:
                 log.warning("resize stream sent a malformed size; ignoring further resizes")
                 return
             pending = rest
-            for size in sizes:
-                yield size
 
 
 def _parse_sizes(pending: bytes) -> tuple[list[TerminalSize], bytes | None]:

@@ -333,11 +333,11 @@ class Connection:
 
     async def accept(self) -> Stream | None:
         """The next stream the peer opens, or None once the connection has ended."""
-        while self._incoming.empty():
-            if self.closed:
-                return None
+        while not self.closed:
+            if not self._incoming.empty():
+                return self._incoming.get_nowait()
             await self.pulse.wait()
-        return self._incoming.get_nowait()
+        return None
 
     async def open_stream(
         self, headers: Headers, *, fin: bool = False, timeout: float = 30.0
@@ -382,6 +382,14 @@ class Connection:
             async with asyncio.timeout(self.limits.close_timeout):
                 await self._send_goaway(status)
                 await self._finished.wait()
+        await self._stop_reading()
+
+    async def abort(self) -> None:
+        """Drop the connection at once: no GOAWAY, no waiting; unfinished streams end reset."""
+        self._closing = True
+        if self._reader_task is None:
+            self._writer.close()
+            return
         await self._stop_reading()
 
     # ---- used by streams ----

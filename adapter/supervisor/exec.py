@@ -55,11 +55,11 @@ class ExecConfig:
     cwd: str | None = None  # inside the container; its root when None
     identity: Identity | None = None
     cgroup_procs: Sequence[str] = ()  # the container's cgroup.procs files, host paths
-    # The command's stdin, stdout and stderr are a terminal (the slave of the caller's pty),
-    # which becomes its controlling terminal.
+    # The command gets a terminal of the container's own, as its stdin, stdout, stderr and
+    # controlling terminal; the supervisor relays it to its own stdin and stdout.
     tty: bool = False
 
-    def encode(self, report_fd: int | None = None) -> bytes:
+    def encode(self, report_fd: int | None = None, resize_fd: int | None = None) -> bytes:
         """The supervisor's configuration: `--exec-in` first (it tells the supervisor's mode
         before anything else is parsed), then the options, `--`, the command. A string with a
         NUL could not be told apart from two: InvalidArgument naming its field."""
@@ -73,6 +73,8 @@ class ExecConfig:
         ]
         if report_fd is not None:
             parts += [("--exec-report-fd", ""), (str(report_fd), "")]
+        if resize_fd is not None:
+            parts += [("--resize-fd", ""), (str(resize_fd), "")]
         for path in self.cgroup_procs:
             parts += [("--cgroup-procs", ""), (path, "cgroup_procs")]
         if self.cwd is not None:
@@ -155,24 +157,22 @@ def _command(binary: str, config_fd: int) -> list[str]:
 
 
 async def exec_process(
-    binary: str, config: ExecConfig, *, terminal: int | None = None, report_fd: int | None = None
+    binary: str, config: ExecConfig, *, report_fd: int | None = None, resize_fd: int | None = None
 ) -> asyncio.subprocess.Process:
     """The supervisor running `config`, with its stdin, stdout and stderr as pipes (streaming
-    Exec) — or, with `config.tty`, all three the pty slave `terminal` (the caller keeps the
-    master, and sets the window size on it) — in a session of its own: os.killpg(process.pid,
-    SIGKILL) ends it and the command. Its `wait()` returns once the pipes are closed too, which
-    a process the command left running in the container may delay: read them as they come."""
-    if config.tty != (terminal is not None):
-        raise InvalidArgument("tty", "a terminal goes with tty, and only with it")
-    payload = config.encode(report_fd=report_fd)
+    Exec; with `config.tty` the terminal's output comes on stdout, and "COLUMNS ROWS" lines
+    written to `resize_fd`'s other end set its size), in a session of its own:
+    os.killpg(process.pid, SIGKILL) ends it and the command. Its `wait()` returns once the pipes
+    are closed too, which a process the command left running may delay: read them as they
+    come."""
+    payload = config.encode(report_fd=report_fd, resize_fd=resize_fd)
     _check_running(config)
     config_fd = _config_file(payload)
-    stdio: int | None = subprocess.PIPE if terminal is None else terminal
-    passed = (config_fd,) if report_fd is None else (config_fd, report_fd)
+    passed = tuple(fd for fd in (config_fd, report_fd, resize_fd) if fd is not None)
     try:
         return await asyncio.create_subprocess_exec(
             *_command(binary, config_fd),
-            stdin=stdio, stdout=stdio, stderr=stdio,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=passed, start_new_session=True,
         )  # fmt: skip
     except OSError as exc:

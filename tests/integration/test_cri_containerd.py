@@ -443,3 +443,36 @@ def test_stop_and_remove_leave_nothing_in_containerd(node: ContainerdPods) -> No
     assert held["containers"] == held["tasks"] == [], held
     assert container_id not in held["snapshots"] + held["leases"], held
     assert not (run_dirs / container_id).exists()
+
+
+def _exec_stream(
+    node: ContainerdPods, container_id: str, *argv: str, tty: bool = False, stdin: bytes = b""
+) -> tuple[bytes, bytes, int]:
+    """A streaming Exec through our own API: stdout, stderr and the exit code."""
+    start = pb.ExecStart(container_id=container_id, argv=list(argv), tty=tty, stdin=True)
+    requests = [pb.ExecRequest(start=start), pb.ExecRequest(stdin=stdin)]
+    if not tty:
+        requests.append(pb.ExecRequest(close_stdin=True))
+    stdout, stderr, code = b"", b"", -1
+    for reply in node.service.stub().Exec(iter(requests), timeout=TIMEOUT):
+        stdout += reply.stdout
+        stderr += reply.stderr
+        if reply.WhichOneof("output") == "exit_code":
+            code = reply.exit_code
+    return stdout, stderr, code
+
+
+def test_streaming_exec_with_input_and_with_a_terminal(node: ContainerdPods, pod: str) -> None:
+    container_id = node.run(pod, node.container_config("sleep", "600"))
+    piped = _exec_stream(
+        node, container_id, "sh", "-c", "cat; echo err >&2; exit 3", stdin=b"hello\n"
+    )
+    assert piped == (b"hello\n", b"err\n", 3)
+    stdout, stderr, code = _exec_stream(
+        node, container_id, "sh", "-c", "test -t 0 && test -t 1 && echo terminal", tty=True
+    )
+    assert (stdout.strip(), stderr, code) == (b"terminal", b"", 0)
+    with pytest.raises(grpc.RpcError) as error:
+        _exec_stream(node, container_id, "/no/such/binary")
+    assert _code(error.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert not list((node.service.state_dir / "containerd" / container_id).glob("exec-*"))

@@ -171,42 +171,44 @@ def test_read_only_rootfs_with_volumes(node: CriNode, tmp_path: Path) -> None:
         assert node.exec_sync(plain, "hostname", "renamed").exit_code != 0
 
 
-def test_an_rslave_volume_sees_mounts_the_host_makes_later(node: CriNode, tmp_path: Path) -> None:
-    source, later = tmp_path / "source", tmp_path / "later"
+@contextlib.contextmanager
+def shared_source(tmp_path: Path) -> Iterator[Path]:
+    """A host directory that is a shared mount (as the kubelet's pods directory is)."""
+    source = tmp_path / "source"
     (source / "mountpoint").mkdir(parents=True)
-    later.mkdir()
-    (later / "flag").write_text("")
     subprocess.run(["mount", "--bind", str(source), str(source)], check=True)
     try:
         subprocess.run(["mount", "--make-rshared", str(source)], check=True)
-        mount = cri.Mount(
-            host_path=str(source),
-            container_path="/volume",
-            propagation=cri.PROPAGATION_HOST_TO_CONTAINER,
-        )
-        with lxc_pod(node) as pod_id:
-            container_id = node.run(pod_id, node.container_config("sleep", "600", mounts=[mount]))
-            subprocess.run(["mount", "--bind", str(later), str(source / "mountpoint")], check=True)
-            listing = node.exec_sync(container_id, "ls", "/volume/mountpoint").stdout
-            assert listing == b"flag\n"
+        yield source
     finally:
         subprocess.run(["umount", "-R", str(source)], check=False)
 
 
-def test_a_bidirectional_volume_is_refused_naming_the_field(node: CriNode, tmp_path: Path) -> None:
-    mount = cri.Mount(
-        host_path=str(tmp_path),
-        container_path="/volume",
-        propagation=cri.PROPAGATION_BIDIRECTIONAL,
-    )
-    with lxc_pod(node) as pod_id:
-        container_id = node.create(pod_id, node.container_config("true", mounts=[mount]))
-        with pytest.raises(grpc.RpcError) as error:
-            node.start(container_id)
-        assert _code(error.value) == grpc.StatusCode.INVALID_ARGUMENT
-        assert "linux.mounts[0].propagation" in _details(error.value)
-        assert node.status(container_id).state == cri.CONTAINER_EXITED
-        assert not (lxcpath(node.service) / container_id).exists()  # refused before anything
+@pytest.mark.parametrize(
+    ("propagation", "out"),
+    [(cri.PROPAGATION_HOST_TO_CONTAINER, False), (cri.PROPAGATION_BIDIRECTIONAL, True)],
+)
+def test_volume_propagation_from_the_host_and_back(
+    node: CriNode, tmp_path: Path, propagation: int, out: bool
+) -> None:
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "flag").write_text("")
+    with shared_source(tmp_path) as source, lxc_pod(node) as pod_id:
+        mount = cri.Mount(host_path=str(source), container_path="/volume", propagation=propagation)
+        # A read-only root too: the volume's mount point is made before the root is remounted.
+        linux = _security(privileged=True, readonly_rootfs=True)
+        container_id = node.run(
+            pod_id, node.container_config("sleep", "600", mounts=[mount], linux=linux)
+        )
+        subprocess.run(["mount", "--bind", str(later), str(source / "mountpoint")], check=True)
+        listing = node.exec_sync(container_id, "ls", "/volume/mountpoint").stdout
+        assert listing == b"flag\n"  # the host's mount reached the container
+        made = node.exec_sync(
+            container_id, "sh", "-c", "mkdir /volume/inside && mount -t tmpfs none /volume/inside"
+        )
+        assert made.exit_code == 0, made.stderr
+        assert os.path.ismount(source / "inside") is out  # and the container's the host
 
 
 def test_mount_targets_resolve_inside_the_rootfs(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ from adapter.core.sandbox import OUTPUTS
 from adapter.core.services import Services
 from adapter.core.workload import merge
 from adapter.images.image import Image
-from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.base import Checkpointed, ExecSession, Launched
 from adapter.runtimes.containerd import exec as execs
 from adapter.runtimes.containerd import linux as pod
 from adapter.runtimes.containerd import logs
@@ -76,7 +76,7 @@ from adapter.runtimes.containerd.content import ImageLoader
 from adapter.runtimes.containerd.handle import CONTAINER_LABEL, ContainerdHandle
 from adapter.runtimes.containerd.options import ContainerdOptions
 from adapter.runtimes.containerd.rundir import RunDirectories
-from adapter.runtimes.containerd.seccomp import localhost_profile
+from adapter.runtimes.containerd.seccomp import launch_profile
 from adapter.runtimes.containerd.state import ContainerdState
 from adapter.supervisor.client import find_supervisor
 from isolators.cgroups.mem import MemIsolator
@@ -91,6 +91,7 @@ RECONNECT_DELAY = 1.0
 DELETE_ATTEMPTS = 3
 DELETE_RETRY_DELAY = 0.2
 SIGKILL = 9
+RELEASE_TIMEOUT = 5.0
 # The shim reports a death by signal N as 128 + N (the shell's convention); so does this driver.
 SIGNAL_EXIT_BASE = 128
 
@@ -127,6 +128,7 @@ class ContainerdDriver:
         self._state = ContainerdState()
         self._network = services.network
         self._run_dirs = RunDirectories(services.node.state_dir / "containerd")
+        self._releases: set[asyncio.Task[None]] = set()  # of streaming Exec sessions ended
 
     @property
     def _client(self) -> ContainerdClient:
@@ -206,7 +208,7 @@ class ContainerdDriver:
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
         rootfs = await self._store.rootfs(image.reference)
         identity = await workload_identity(workload.user, spec.linux, rootfs)
-        seccomp = await self._localhost_seccomp(spec)
+        seccomp = await launch_profile(spec)
         if pod.joined_network(spec.linux) is None and self._network.chooses(spec):
             self._network.check(spec)
         if spec.linux.log_path:
@@ -227,13 +229,6 @@ class ContainerdDriver:
             raise
         self._state.subscribe(self._client, self._end_after_oom)
         return Launched(handle=handle.to_json(), pid=pid, ip_address=network.address)
-
-    async def _localhost_seccomp(self, spec: LaunchSpec) -> dict[str, Any] | None:
-        """The node's profile a launch names, read and checked (None: it names none)."""
-        path = pod.localhost_path(spec)
-        if path is None or spec.privileged:
-            return None
-        return await localhost_profile(path, pod.policy_of(spec).capabilities)
 
     async def _prepare_network(self, spec: LaunchSpec) -> _PreparedNetwork:
         """The isolator's network, or a pod's (or the host's) joined: the pod's holder has the
@@ -406,9 +401,25 @@ class ContainerdDriver:
         self, container_id: str, argv: tuple[str, ...], timeout: float | None
     ) -> ExecResult:
         """One more process of the task, confined as its workload (exec.py)."""
+        return await execs.exec_sync(self._exec(container_id, tty=False), argv, timeout)
+
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        session = self._exec(container_id, tty=tty)
+        try:
+            await session.start(argv)
+        except BaseException:
+            await asyncio.shield(session.release())
+            raise
+        return session
+
+    def _exec(self, container_id: str, *, tty: bool) -> execs.TaskExec:
         handle = self._known(container_id)
         run_dir = self._run_dirs.path(container_id)
-        return await execs.exec_sync(self._client, handle.containerd_id, run_dir, argv, timeout)
+        return execs.TaskExec(
+            self._client, handle.containerd_id, run_dir, tty=tty, background=self._releases
+        )
 
     async def reopen_log(self, container_id: str) -> None:
         self._known(container_id)
@@ -571,6 +582,8 @@ class ContainerdDriver:
                     )
 
     async def close(self) -> None:
+        if self._releases:  # ended Exec sessions whose processes are being deleted
+            await asyncio.wait(self._releases, timeout=RELEASE_TIMEOUT)
         await self._state.close()
         await self._network.close()
         if self._client_instance is not None:

@@ -1,13 +1,19 @@
-"""ExecSync in a containerd container: one more process of its task (containerd's task Exec).
+"""Commands in a running containerd container (CRI ExecSync and the streaming Exec): one more
+process of its task, through containerd's task Exec.
 
 The process is the container's own `process` from the spec containerd keeps (user and groups,
 environment, working directory, capabilities, no_new_privs) with the command's argv; runc
 enters the container's namespaces and cgroups and loads the container's seccomp filter, so the
-command is confined exactly as the workload. Its stdout and stderr are FIFOs in the container's
-run directory: opened here for reading before the shim opens them for writing, each with a
-writer of ours held until the process has started, so that no read sees an end of file before
-the shim's writer exists. A command that never started (no such binary) is ExecNotStarted,
-not an exit code; a timeout kills it; in every case the process is deleted from the task.
+command is confined exactly as the workload. Its stdin, stdout and stderr are FIFOs in the
+container's run directory (with a terminal, stdout carries the terminal's output and there is
+no stderr). Each output FIFO is opened here for reading before the shim opens it for writing,
+with a writer of ours held until the process has started, so that no read sees an end of file
+before the shim's writer exists; the stdin FIFO is opened read-write, so that the shim's
+reader never sees an end of file before ours is closed.
+
+A command that never started (no such binary) is ExecNotStarted, not an exit code. However a
+session ends (its end, a timeout, a client gone), its process is killed if still running and
+deleted from the task, and its FIFOs removed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from google.protobuf import any_pb2  # type: ignore[import-untyped, unused-ignor
 
 from adapter.api.containerd.services.containers.v1 import containers_pb2
 from adapter.api.containerd.services.tasks.v1 import tasks_pb2
-from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
+from adapter.core.errors import ContainerizerError, InvalidArgument, NotFound
 from adapter.core.model import ExecResult
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.supervisor.exec import (
@@ -38,81 +44,90 @@ from adapter.supervisor.exec import (
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 SIGKILL = 9
 READ_CHUNK = 64 << 10
-STREAMS = ("stdout", "stderr")
+STDOUT = 1
+STDERR = 2
+# How long a killed process may take to be reported ended before its deletion is tried anyway.
+EXIT_AFTER_KILL_S = 30.0
 
 
-async def exec_sync(
-    client: ContainerdClient,
-    containerd_id: str,
-    run_dir: Path,
-    argv: Sequence[str],
-    timeout: float | None,
-) -> ExecResult:
-    """Run argv in the task `containerd_id` to its end, or until `timeout` seconds pass."""
-    if not argv:
-        raise InvalidArgument("cmd", "the command is empty")
+async def exec_sync(session: TaskExec, argv: Sequence[str], timeout: float | None) -> ExecResult:
+    """Run argv (no input, no terminal) to its end, or until `timeout` seconds pass."""
     if timeout is not None and timeout <= 0:
         raise InvalidArgument("timeout", f"must be positive seconds or none, got {timeout}")
-    process = await _process_spec(client, containerd_id, argv)
-    run = _ExecRun(client, containerd_id, run_dir)
+    outputs = (bytearray(), bytearray())
     try:
-        await run.start(process, argv[0])
-        timed_out = not await run.exited(timeout)
-        if timed_out:
-            await run.kill()
-            await run.exited(None)
-        status = run.status
-        await run.drain(DRAIN_GRACE_S)
+        await session.start(argv)
+        session.close_stdin()
+        collectors = [
+            asyncio.ensure_future(_collect(session, stream, output))
+            for stream, output in zip((STDOUT, STDERR), outputs, strict=True)
+        ]
+        try:
+            timed_out = not await session.exited(timeout)
+            if timed_out:
+                await session.stop()
+                await session.exited(None)
+            # A process the command left running may hold the FIFOs open as long as it lives.
+            await asyncio.wait(collectors, timeout=DRAIN_GRACE_S)
+        finally:
+            for collector in collectors:
+                collector.cancel()
+        status = await session.wait()
     finally:
-        await asyncio.shield(run.release())
+        await asyncio.shield(session.release())
     return ExecResult(
         exit_code=TIMED_OUT_EXIT_CODE if timed_out else status,
-        stdout=bytes(run.outputs[0].data),
-        stderr=bytes(run.outputs[1].data),
+        stdout=bytes(outputs[0]),
+        stderr=bytes(outputs[1]),
         timed_out=timed_out,
     )
 
 
-async def _process_spec(
-    client: ContainerdClient, containerd_id: str, argv: Sequence[str]
-) -> dict[str, Any]:
-    """The container's process as containerd keeps it, running argv instead."""
-    reply = await client.call(
-        client.containers.Get,
-        containers_pb2.GetContainerRequest(id=containerd_id),
-        f"get container {containerd_id}",
-    )
-    process: dict[str, Any] = json.loads(reply.container.spec.value)["process"]
-    return {**process, "args": list(argv), "terminal": False}
+async def _collect(session: TaskExec, stream: int, output: bytearray) -> None:
+    """Everything on one stream, keeping MAX_OUTPUT_BYTES: the rest is read and dropped, so
+    the shim never blocks on a full FIFO."""
+    while chunk := await session.read(stream):
+        output += chunk[: MAX_OUTPUT_BYTES - len(output)]
 
 
-class _ExecRun:
-    """One exec process of a task: its FIFOs, its id in the task, its exit status."""
+class TaskExec:
+    """One exec process of a task, with its FIFOs; the runtime's ExecSession (base.py)."""
 
-    def __init__(self, client: ContainerdClient, containerd_id: str, run_dir: Path) -> None:
+    def __init__(
+        self,
+        client: ContainerdClient,
+        containerd_id: str,
+        run_dir: Path,
+        *,
+        tty: bool = False,
+        background: set[asyncio.Task[None]],
+    ) -> None:
         self._client = client
         self._task = containerd_id
+        self._tty = tty
+        self._background = background  # where close() leaves its release running
         self.exec_id = f"exec-{secrets.token_hex(8)}"
-        self._paths = [run_dir / f"{self.exec_id}.{name}" for name in STREAMS]
-        self.outputs: list[_FifoCapture] = []
+        names = ("stdin", "stdout") if tty else ("stdin", "stdout", "stderr")
+        self._paths = {name: run_dir / f"{self.exec_id}.{name}" for name in names}
+        self._fds: dict[str, int] = {}
         self._created = False
-        self._exit: asyncio.Task[int] | None = None
-        self.status = TIMED_OUT_EXIT_CODE
+        self._exit: asyncio.Future[int] | None = None
+        self._released = False
 
-    async def start(self, process: dict[str, Any], command: str) -> None:
+    @property
+    def tty(self) -> bool:
+        return self._tty
+
+    # ---- start ----
+
+    async def start(self, argv: Sequence[str]) -> None:
+        """Create and start the process; ExecNotStarted when runc could not run argv."""
+        if not argv:
+            raise InvalidArgument("cmd", "the command is empty")
+        process = await self._process_spec(argv)
         keepers = self._open_fifos()
         try:
-            await self._call(
-                self._client.tasks.Exec,
-                tasks_pb2.ExecProcessRequest(
-                    container_id=self._task,
-                    exec_id=self.exec_id,
-                    stdout=str(self._paths[0]),
-                    stderr=str(self._paths[1]),
-                    spec=any_pb2.Any(type_url=PROCESS_TYPE_URL, value=json.dumps(process).encode()),
-                ),
-                "exec",
-            )
+            await self._call(self._client.tasks.Exec, self._exec_request(process), "exec")
             self._created = True
             try:
                 await self._call(
@@ -120,30 +135,100 @@ class _ExecRun:
                     tasks_pb2.StartRequest(container_id=self._task, exec_id=self.exec_id),
                     "start exec",
                 )
-            except (NotFound, FailedPrecondition):
+            except NotFound:
                 raise
             except ContainerizerError as exc:  # runc's exec failed: the command never ran
-                raise ExecNotStarted(f"{command!r} did not run: {exc}") from exc
+                raise ExecNotStarted(f"{argv[0]!r} did not run: {exc}") from exc
         finally:
             for fd in keepers:  # the shim's writers hold the FIFOs open from now on
                 os.close(fd)
+        self._exit = asyncio.ensure_future(self._wait())
+
+    async def _process_spec(self, argv: Sequence[str]) -> dict[str, Any]:
+        """The container's process as containerd keeps it, running argv instead."""
+        reply = await self._call(
+            self._client.containers.Get,
+            containers_pb2.GetContainerRequest(id=self._task),
+            "get container",
+        )
+        process: dict[str, Any] = json.loads(reply.container.spec.value)["process"]
+        return {**process, "args": list(argv), "terminal": self._tty}
+
+    def _exec_request(self, process: dict[str, Any]) -> tasks_pb2.ExecProcessRequest:
+        paths = {name: str(path) for name, path in self._paths.items()}
+        return tasks_pb2.ExecProcessRequest(
+            container_id=self._task,
+            exec_id=self.exec_id,
+            stdin=paths["stdin"],
+            stdout=paths["stdout"],
+            stderr=paths.get("stderr", ""),
+            terminal=self._tty,
+            spec=any_pb2.Any(type_url=PROCESS_TYPE_URL, value=json.dumps(process).encode()),
+        )
 
     def _open_fifos(self) -> list[int]:
-        """The read ends (captured) and a write end of ours for each FIFO."""
+        """Our ends of the FIFOs; returns the output writers to close once it started."""
         keepers: list[int] = []
-        for path in self._paths:
+        for name, path in self._paths.items():
             os.mkfifo(path, 0o600)
-            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self.outputs.append(_FifoCapture(reader, MAX_OUTPUT_BYTES))
+            if name == "stdin":
+                self._fds[name] = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                continue
+            self._fds[name] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             keepers.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
         return keepers
 
+    # ---- input and output ----
+
+    async def write(self, data: bytes) -> None:
+        """Input for the command; dropped once its stdin was closed."""
+        view = memoryview(data)
+        while view and (fd := self._fds.get("stdin", -1)) >= 0:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                await _ready(fd, writable=True)
+            except BrokenPipeError:
+                return
+
+    def close_stdin(self) -> None:
+        """EOF for the command's input (with a terminal, ^D is the caller's to send)."""
+        if not self._tty:
+            self._close_fd("stdin")
+
+    async def read(self, stream: int = STDOUT) -> bytes:
+        """The next chunk of stdout (or stderr), b"" at its end."""
+        name = "stdout" if stream == STDOUT else "stderr"
+        while (fd := self._fds.get(name, -1)) >= 0:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                await _ready(fd, writable=False)
+                continue
+            if chunk:
+                return chunk
+            self._close_fd(name)  # every writer closed: the shim's too
+        return b""
+
+    def resize(self, columns: int, rows: int) -> None:
+        if self._tty and self._created and 0 < columns < 65536 and 0 < rows < 65536:
+            request = tasks_pb2.ResizePtyRequest(
+                container_id=self._task, exec_id=self.exec_id, width=columns, height=rows
+            )
+            self._spawn(self._quietly(self._client.tasks.ResizePty, request, "resize exec"))
+
+    # ---- the end ----
+
+    async def wait(self) -> int:
+        """Its exit status, 128 + n when signal n ended it."""
+        assert self._exit is not None, "start() first"
+        return await asyncio.shield(self._exit)
+
     async def exited(self, timeout: float | None) -> bool:
-        """Whether the process ended within `timeout` seconds (None: waits for it)."""
-        if self._exit is None:
-            self._exit = asyncio.ensure_future(self._wait())
+        """Whether it ended within `timeout` seconds (None: waits for it)."""
+        assert self._exit is not None, "start() first"
         try:
-            self.status = await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+            await asyncio.wait_for(asyncio.shield(self._exit), timeout)
         except TimeoutError:
             return False
         return True
@@ -157,40 +242,62 @@ class _ExecRun:
         )
         return int(reply.exit_status)
 
-    async def kill(self) -> None:
-        with contextlib.suppress(NotFound, FailedPrecondition):  # it ended meanwhile
-            await self._call(
-                self._client.tasks.Kill,
-                tasks_pb2.KillRequest(
-                    container_id=self._task, exec_id=self.exec_id, signal=SIGKILL
-                ),
-                "kill exec",
+    async def stop(self) -> None:
+        """SIGKILL, unless it has ended."""
+        if self._created and not (self._exit is not None and self._exit.done()):
+            request = tasks_pb2.KillRequest(
+                container_id=self._task, exec_id=self.exec_id, signal=SIGKILL
             )
+            await self._quietly(self._client.tasks.Kill, request, "kill exec")
 
-    async def drain(self, grace: float) -> None:
-        """The output up to its end, or `grace` seconds more: a process the command left
-        running may hold the FIFOs open for as long as it lives."""
-        await asyncio.wait([output.closed for output in self.outputs], timeout=grace)
+    def kill(self) -> None:
+        self._spawn(self.stop())
+
+    def close(self) -> None:
+        """Release it in the background: the caller (the streaming server) cannot wait."""
+        self._spawn(self.release())
 
     async def release(self) -> None:
-        """Kill the process if it still runs (a cancelled call), delete it from the task (the
-        shim then closes its ends), close ours and remove the FIFOs."""
-        if self._created:
-            if self._exit is None or not self._exit.done():
-                await self.kill()
-            if self._exit is not None:
-                self._exit.cancel()
-            with contextlib.suppress(ContainerizerError):
-                await self._call(
-                    self._client.tasks.DeleteProcess,
-                    tasks_pb2.DeleteProcessRequest(container_id=self._task, exec_id=self.exec_id),
-                    "delete exec",
+        """Kill it if it still runs, delete it from the task once it ended (the shim then
+        closes its ends), close ours and remove the FIFOs. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            if self._created:
+                await self.stop()
+                if self._exit is not None:
+                    with contextlib.suppress(TimeoutError, ContainerizerError):
+                        await asyncio.wait_for(asyncio.shield(self._exit), EXIT_AFTER_KILL_S)
+                    self._exit.cancel()
+                request = tasks_pb2.DeleteProcessRequest(
+                    container_id=self._task, exec_id=self.exec_id
                 )
-        for output in self.outputs:
-            output.close()
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                await self._quietly(self._client.tasks.DeleteProcess, request, "delete exec")
+        finally:
+            for name in list(self._fds):
+                self._close_fd(name)
+            for path in self._paths.values():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    # ---- helpers ----
+
+    def _close_fd(self, name: str) -> None:
+        fd = self._fds.get(name, -1)
+        if fd >= 0:
+            os.close(fd)
+            self._fds[name] = -1
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quietly(self, method: Any, request: Any, what: str) -> None:
+        """A call whose failure changes nothing: the process ended, or the task is gone."""
+        with contextlib.suppress(ContainerizerError):
+            await self._call(method, request, what)
 
     async def _call(self, method: Any, request: Any, what: str, **options: Any) -> Any:
         return await self._client.call(
@@ -198,36 +305,23 @@ class _ExecRun:
         )
 
 
-class _FifoCapture:
-    """One FIFO, read whenever the loop finds it readable, keeping at most `limit` bytes: the
-    rest is read and dropped, so that the shim never blocks on a full FIFO."""
+async def _ready(fd: int, *, writable: bool) -> None:
+    """Until `fd` is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
 
-    def __init__(self, fd: int, limit: int) -> None:
-        self._fd = fd
-        self._limit = limit
-        self.data = bytearray()
-        self._loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_reader(fd, self._read)
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
 
-    def _read(self) -> None:
-        try:
-            chunk = os.read(self._fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:  # every writer closed: the shim's too
-            self.close()
-            return
-        room = self._limit - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-        if not self.closed.done():
-            self.closed.set_result(None)
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)

@@ -14,6 +14,8 @@ import asyncio
 from collections.abc import Collection
 from typing import Any
 
+from adapter.core.model import LaunchSpec
+from adapter.runtimes.containerd import linux as pod
 from adapter.supervisor.seccomp import compile_oci_profile, read_localhost_profile
 from adapter.supervisor.seccomp_profile import (
     ACTIONS_WITH_RETURN_CODE,
@@ -34,6 +36,15 @@ _ACTION_NAMES = {value: name for name, value in reversed(OCI_ACTIONS.items())}
 _WITH_RETURN_CODE = {OCI_ACTIONS[name]: name for name in ACTIONS_WITH_RETURN_CODE}
 _OPERATOR_NAMES = {value: name for name, value in OCI_OPERATORS.items()}
 _ARCH_NAMES = {token: name for name, token in HOST_ARCHES.items()}
+
+
+async def launch_profile(spec: LaunchSpec) -> dict[str, Any] | None:
+    """The node's profile a launch names, read and checked; None when it names none (or is
+    privileged: no filter at all)."""
+    path = pod.localhost_path(spec)
+    if path is None or spec.privileged:
+        return None
+    return await localhost_profile(path, pod.policy_of(spec).capabilities)
 
 
 async def localhost_profile(path: str, capabilities: Collection[str]) -> dict[str, Any]:

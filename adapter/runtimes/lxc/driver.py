@@ -279,7 +279,7 @@ class LxcDriver:
         self, spec: LaunchSpec, workload: Workload, identity: Identity, view: linux.ContainerView
     ) -> protocol.LaunchConfig:
         """The supervisor's configuration, in the container's paths: it runs as the init."""
-        mounts = view.slave_mounts
+        mounts = view.propagating_mounts
         return protocol.LaunchConfig(
             status_file=f"/{RUN_TARGET}/status",
             sandbox=SANDBOX_IN_CONTAINER,

@@ -10,28 +10,31 @@ then our supervisor, that init, inside the container. So what needs the host's p
                  what LXC joined rather than nest a namespace of its own.
     mounts       lxc.mount.entry binds of the host paths (recursive, read-only on request,
                  rprivate or rslave), the pod's /etc files read-only, the CRI log's directory.
-                 A bidirectional (rshared) volume cannot be had: LXC makes every mount of the
-                 container a slave of the host's before it mounts anything, so nothing mounted
-                 inside could reach the host. It is refused, not quietly downgraded.
+                 LXC makes every mount of the container a slave of the host's before it mounts
+                 anything, so a bidirectional (rshared) volume is a clone the host's namespace
+                 makes instead, moved in by a mount hook (shared_mounts.py).
     read-only    a mount hook remounts the rootfs read-only once LXC has made every mount
     root         point in it (a rootfs mounted read-only would leave LXC none to make them).
 
 The rest is the supervisor's, as for the native runtime (adapter/runtimes/native/linux.py): the
 capabilities and seccomp program, masked and read-only paths, the user and groups, the CRI log
-file it writes and reopens. Its nested mount namespace stays a slave of LXC's when a volume is
-rslave, so host mounts reach the workload.
+file it writes and reopens. Its nested mount namespace stays a slave of LXC's when a volume
+propagates, so host mounts reach the workload, and an rshared volume stays a peer of the host's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.core.errors import InvalidArgument
-from adapter.core.model import HOST_NAMESPACE, NAMESPACE_KINDS, LaunchSpec, Mount
+from adapter.core.model import HOST_NAMESPACE, NAMESPACE_KINDS, PROPAGATIONS, LaunchSpec, Mount
 from adapter.core.services import SeccompFilter
+from adapter.runtimes.lxc import shared_mounts
 from adapter.runtimes.lxc.config import LxcConfig
 from adapter.runtimes.lxc.rootfs import resolve_in_root
 from adapter.runtimes.native import linux as supervised
@@ -90,21 +93,33 @@ def hostname(spec: LaunchSpec) -> str | None:
 
 
 def set_mounts(config: LxcConfig, spec: LaunchSpec, lower: Path) -> tuple[Mount, ...]:
-    """The volumes and the pod's /etc files as LXC binds; returns the rslave volumes as the
-    supervisor must bind them again (each onto itself) to keep its namespace a slave."""
-    slaves: list[Mount] = []
+    """The volumes and the pod's /etc files; returns the volumes that propagate, as the
+    supervisor binds them again (each onto itself) to keep its own namespace joined to them."""
+    propagating: list[Mount] = []
+    shared: list[str] = []  # source, target, ...: the hook's arguments
     for index, mount in enumerate(spec.linux.mounts):
         field = f"linux.mounts[{index}]"
+        if mount.propagation not in PROPAGATIONS:
+            raise InvalidArgument(f"{field}.propagation", f"{mount.propagation!r} is not known")
         target = _target(mount.container_path, lower, f"{field}.container_path")
         directory = os.path.isdir(mount.host_path)
-        config.mount(mount.host_path, target, _bind_options(mount, directory, field), field=field)
-        if mount.propagation == "rslave" and directory:
+        if mount.propagation == "rshared":
+            shared += [mount.host_path, target]
+        else:
+            config.mount(mount.host_path, target, _bind_options(mount, directory), field=field)
+        if mount.propagation != "private" and directory:
             inside = "/" + target
-            slaves.append(Mount(inside, inside, mount.read_only, "rslave"))
+            propagating.append(Mount(inside, inside, mount.read_only, mount.propagation))
+    if shared:
+        # The source is cloned in the service's mount namespace: LXC's monitor, and so the
+        # container, started from its view of the host's mounts.
+        host = f"/proc/{os.getpid()}/ns/mnt"
+        command = [sys.executable, "-I", "-S", shared_mounts.__file__, host]
+        config.set("lxc.hook.mount", shlex.join(command + shared), field="linux.mounts")
     for source, inside in spec.linux.etc_files:
         target = _target(inside, lower, "linux.etc_files")
         config.mount(source, target, "bind,ro,create=file", field="linux.etc_files")
-    return tuple(slaves)
+    return tuple(propagating)
 
 
 def _target(path: str, lower: Path, field: str) -> str:
@@ -117,15 +132,7 @@ def _target(path: str, lower: Path, field: str) -> str:
     return target
 
 
-def _bind_options(mount: Mount, directory: bool, field: str) -> str:
-    if mount.propagation == "rshared":
-        raise InvalidArgument(
-            f"{field}.propagation",
-            "bidirectional (rshared) propagation is not possible in an LXC container: LXC"
-            " makes its mounts slaves of the host's; use the native runtime",
-        )
-    if mount.propagation not in LXC_PROPAGATION:
-        raise InvalidArgument(f"{field}.propagation", f"{mount.propagation!r} is not known")
+def _bind_options(mount: Mount, directory: bool) -> str:
     options = ["rbind", "create=dir" if directory else "create=file"]
     options += ["ro"] if mount.read_only else []
     return ",".join([*options, LXC_PROPAGATION[mount.propagation]])
@@ -165,15 +172,15 @@ async def enforcement(spec: LaunchSpec, filters: SeccompFilter) -> protocol.Enfo
 @dataclass(frozen=True)
 class ContainerView:
     """What the supervisor needs of what LXC mounts: the CRI log file's path inside (None
-    without one), the rslave volumes to bind again."""
+    without one), the volumes that propagate, to bind again."""
 
     log_file: str | None = None
-    slave_mounts: tuple[Mount, ...] = ()
+    propagating_mounts: tuple[Mount, ...] = ()
 
 
 def set_linux_options(config: LxcConfig, spec: LaunchSpec, lower: Path) -> ContainerView:
     """Every LXC key of the launch's LinuxOptions (the network's type aside: the driver's)."""
     set_namespaces(config, spec)
-    slave_mounts = set_mounts(config, spec, lower)
+    propagating_mounts = set_mounts(config, spec, lower)
     set_read_only_root(config, spec)
-    return ContainerView(set_log_directory(config, spec, lower), slave_mounts)
+    return ContainerView(set_log_directory(config, spec, lower), propagating_mounts)
