@@ -12,7 +12,10 @@ dockerd (`--network none`), containerd's as a `ctr run -d` task in a private con
   (in a cache of this run, removed at the end), as an installed one does: a development shell's
   PYTHONDONTWRITEBYTECODE would have it compile every module edited since the last cache on
   every run.
-Target: our p50 at most 1.0x theirs, API against API and CLI against CLI.
+Target: our p50 at most 1.0x theirs, API against API and CLI against CLI. A round runs each way
+once, so each way's execs come a few hundred ms apart, as a user's do; run back to back, execs
+are faster for everyone (the first move into a cgroup v1 after a pause waits for an RCU grace
+period, which runc pays as our supervisor does).
 
 Usage: python benchmarks/bench_exec.py [--runs 50] [--warmup 5]
 (root; prints a summary on stderr and JSON on stdout)
@@ -54,7 +57,7 @@ TARGET_RATIO = 1.0
 IDLE = ["sleep", "3600"]  # each container's init: it only has to be running
 COMMAND = ["true"]
 TIMEOUT_S = 60
-# Docker SDK extra ("docker"): the API round trip of docker's exec, without and with inspect.
+# The docker SDK's exec round trip, timed without and with the exec_inspect that reads its code.
 SDK = "docker_sdk"
 SDK_INSPECT = "docker_sdk_with_inspect"
 
