@@ -26,7 +26,7 @@ from adapter.runtimes.base import ExecSession
 from adapter.server.netns import open_connection
 from adapter.streaming import portforward, remotecommand
 from adapter.streaming.remotecommand import ExecOptions, ExecStreams
-from adapter.streaming.spdy import Stream
+from adapter.streaming.spdy import Stream, StreamReset
 from adapter.streaming.upgrade import HttpError, error_response, read_request
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,15 @@ def _runner(start: SessionStarter) -> Callable[[ExecStreams], Awaitable[int]]:
 
 
 async def _pump_stdin(streams: ExecStreams, session: ExecSession) -> None:
-    if streams.stdin is None:
+    """The client's input, then its end (also when the client resets the stream)."""
+    try:
+        if streams.stdin is not None:
+            while data := await streams.stdin.read(READ_CHUNK):
+                await session.write(data)
+    except StreamReset:
+        pass
+    finally:
         session.close_stdin()
-        return
-    while data := await streams.stdin.read(READ_CHUNK):
-        await session.write(data)
-    session.close_stdin()
 
 
 async def _pump_resizes(streams: ExecStreams, session: ExecSession) -> None:

@@ -76,7 +76,8 @@ class _PortForwarder:
     async def run(self) -> None:
         try:
             while (stream := await self._connection.accept()) is not None:
-                await self._admit(stream)
+                with contextlib.suppress(StreamReset):  # that stream is gone, not the others
+                    await self._admit(stream)
         finally:
             for pair in self._pairs.values():
                 if pair.expiry is not None:

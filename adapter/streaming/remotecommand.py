@@ -185,27 +185,29 @@ async def serve_exec(
 async def _accept_channels(
     connection: Connection, wanted: frozenset[str], timeout: float
 ) -> dict[str, Stream] | None:
-    """Accept the streams named in `wanted`, refusing others and repeats; None on timeout."""
+    """Accept the streams named in `wanted`, refusing others and repeats. None if they do not
+    all come within `timeout` (those that did are reset, so the client learns at once)."""
     channels: dict[str, Stream] = {}
-    try:
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             while set(channels) != wanted:
                 stream = await connection.accept()
                 if stream is None:
-                    return None
+                    break
                 kind = stream.headers.first(STREAM_TYPE_HEADER)
                 if kind not in wanted or kind in channels:
                     log.warning("refusing an unexpected %r stream in an exec session", kind)
                     await stream.reset(RstStatus.REFUSED_STREAM)
                     continue
-                await stream.reply()
-                channels[kind] = stream
-    except TimeoutError:
-        log.warning(
-            "exec client opened %s of %s within %ss", sorted(channels), sorted(wanted), timeout
-        )
-        return None
-    return channels
+                with contextlib.suppress(StreamReset):  # reset at once: it is simply not there
+                    await stream.reply()
+                    channels[kind] = stream
+    if set(channels) == wanted:
+        return channels
+    log.warning("exec client opened %s of the %s streams", sorted(channels), sorted(wanted))
+    for stream in channels.values():
+        await stream.reset(RstStatus.CANCEL)
+    return None
 
 
 async def _run_until_client_leaves(
@@ -229,10 +231,12 @@ async def _run_until_client_leaves(
     if runner.cancelled():
         return None
     failure = runner.exception()
-    if failure is not None:
-        log.error("exec runner failed: %s", failure, exc_info=failure)
-        return failure if isinstance(failure, Exception) else RuntimeError(str(failure))
-    return runner.result()
+    if failure is None:
+        return runner.result()
+    if not isinstance(failure, Exception):
+        raise failure  # SystemExit and the like are not the client's business to hear about
+    log.error("exec runner failed: %s", failure, exc_info=failure)
+    return failure
 
 
 async def _report(

@@ -81,7 +81,7 @@ class Limits:
 
 class StreamReset(Exception):
     """The stream ended abnormally: reset by either side (`status`), or the connection ended
-    before the stream finished (`status` None)."""
+    before the stream finished (`status` None). The only error Stream methods raise."""
 
     def __init__(self, message: str, status: RstStatus | None = None) -> None:
         super().__init__(message)
@@ -154,9 +154,7 @@ class Stream:
             return
         self.raise_if_reset()
         self._replied = True
-        await self._connection.send(
-            SynReplyFrame(self.id, headers or Headers(), FLAG_FIN if fin else 0)
-        )
+        await self._send(SynReplyFrame(self.id, headers or Headers(), FLAG_FIN if fin else 0))
         if fin:
             self._local_closed = True
             self._connection.forget_if_finished(self)
@@ -190,7 +188,7 @@ class Stream:
             chunk, view = bytes(view[:size]), view[size:]
             self._send_window -= size
             self._connection.session_send_window -= size
-            await self._connection.send(DataFrame(self.id, chunk))
+            await self._send(DataFrame(self.id, chunk))
 
     async def close(self) -> None:
         """Half-close our side (FIN). Idempotent; a no-op on a reset stream."""
@@ -200,7 +198,7 @@ class Stream:
             await self.reply(fin=True)
             return
         self._local_closed = True
-        await self._connection.send(DataFrame(self.id, b"", FLAG_FIN))
+        await self._send(DataFrame(self.id, b"", FLAG_FIN))
         self._connection.forget_if_finished(self)
 
     async def reset(self, status: RstStatus = RstStatus.CANCEL) -> None:
@@ -249,9 +247,12 @@ class Stream:
     def send_window(self) -> int:
         return self._send_window
 
-    @property
-    def replied(self) -> bool:
-        return self._replied
+    async def _send(self, frame: Frame) -> None:
+        """Stream operations report a lost connection as what it is for them: a reset."""
+        try:
+            await self._connection.send(frame)
+        except ConnectionClosed as exc:
+            raise StreamReset(f"stream {self.id}: connection closed") from exc
 
     def raise_if_reset(self) -> None:
         if self._reset is not None:
@@ -307,6 +308,16 @@ class Connection:
         self._goaway_sent = self._goaway_received = self._closing = False
         self._finished = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
+        self._handlers: dict[type, Callable[..., object]] = {
+            SynStreamFrame: self._on_syn_stream,
+            SynReplyFrame: self._on_syn_reply,
+            RstStreamFrame: self._on_rst_stream,
+            SettingsFrame: self._on_settings,
+            PingFrame: self._on_ping,
+            GoAwayFrame: self._on_goaway,
+            HeadersFrame: self._on_headers,
+            WindowUpdateFrame: self._on_window_update,
+        }
 
     async def __aenter__(self) -> Connection:
         await self.start()
@@ -315,7 +326,10 @@ class Connection:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        if isinstance(exc, asyncio.CancelledError):
+            await self.abort()  # shutting down: no time to wait for the peer
+        else:
+            await self.close()
 
     async def start(self) -> None:
         self._reader_task = asyncio.create_task(self._read_frames(), name="spdy-reader")
@@ -332,10 +346,13 @@ class Connection:
         await self._finished.wait()
 
     async def accept(self) -> Stream | None:
-        """The next stream the peer opens, or None once the connection has ended."""
+        """The next stream the peer opens; None once the connection has ended, or once the
+        peer's GOAWAY has promised no more streams and those it opened before are taken."""
         while not self.closed:
             if not self._incoming.empty():
                 return self._incoming.get_nowait()
+            if self._goaway_received:
+                return None
             await self.pulse.wait()
         return None
 
@@ -372,7 +389,8 @@ class Connection:
 
     async def close(self, status: GoAwayStatus = GoAwayStatus.OK) -> None:
         """GOAWAY, then give the peer `close_timeout` to hang up before we do. Waiting lets a
-        peer read everything we sent before the socket goes: closing first could reset it."""
+        peer read everything we sent before the socket goes: closing first could reset it.
+        A peer that sent its own GOAWAY is closing too, and waits for us: we hang up."""
         if self._reader_task is None:
             self._writer.close()
             return
@@ -381,16 +399,17 @@ class Connection:
         with contextlib.suppress(TimeoutError):  # a peer that reads nothing must not hold us
             async with asyncio.timeout(self.limits.close_timeout):
                 await self._send_goaway(status)
-                await self._finished.wait()
-        await self._stop_reading()
+                while not (self.closed or self._goaway_received):
+                    await self.pulse.wait()
+        await self._stop_reading(flush=True)
 
     async def abort(self) -> None:
         """Drop the connection at once: no GOAWAY, no waiting; unfinished streams end reset."""
         self._closing = True
         if self._reader_task is None:
-            self._writer.close()
+            self._writer.transport.abort()
             return
-        await self._stop_reading()
+        await self._stop_reading(flush=False)
 
     # ---- used by streams ----
 
@@ -441,12 +460,12 @@ class Connection:
         except ProtocolError as exc:
             log.warning("SPDY protocol error, closing the connection: %s", exc)
             self.error = exc
-            await self._send_goaway(GoAwayStatus.PROTOCOL_ERROR)
+            await self._last_goaway(GoAwayStatus.PROTOCOL_ERROR)
         except (ConnectionError, ConnectionClosed, asyncio.IncompleteReadError):
             pass  # the peer went away, perhaps mid-frame: same outcome as a hang-up
         except Exception:  # a bug here must end this connection, not the server around it
             log.exception("SPDY connection failed")
-            await self._send_goaway(GoAwayStatus.INTERNAL_ERROR)
+            await self._last_goaway(GoAwayStatus.INTERNAL_ERROR)
         finally:
             self._finish()
 
@@ -468,17 +487,7 @@ class Connection:
             await self._dispatch(frame)
 
     async def _dispatch(self, frame: ControlFrame) -> None:
-        handlers: dict[type, Callable[..., object]] = {
-            SynStreamFrame: self._on_syn_stream,
-            SynReplyFrame: self._on_syn_reply,
-            RstStreamFrame: self._on_rst_stream,
-            SettingsFrame: self._on_settings,
-            PingFrame: self._on_ping,
-            GoAwayFrame: self._on_goaway,
-            HeadersFrame: self._on_headers,
-            WindowUpdateFrame: self._on_window_update,
-        }
-        outcome = handlers[type(frame)](frame)
+        outcome = self._handlers[type(frame)](frame)
         if asyncio.iscoroutine(outcome):
             await outcome
         self.pulse.wake()
@@ -503,7 +512,7 @@ class Connection:
     async def _after_data(self, header: FrameHeader, stream: Stream | None) -> None:
         if stream is None:
             if not self._was_opened(header.stream_id):
-                await self._refuse(header.stream_id, RstStatus.INVALID_STREAM)
+                await self.send(RstStreamFrame(header.stream_id, RstStatus.INVALID_STREAM))
         elif stream.remote_closed and not stream.finished:
             await stream.reset(RstStatus.STREAM_ALREADY_CLOSED)
         elif header.flags & FLAG_FIN:
@@ -521,7 +530,7 @@ class Connection:
         if self._goaway_sent:
             return  # section 2.6.6: after GOAWAY new streams are ignored
         if sum(s.incoming for s in self._streams.values()) >= self.limits.max_streams:
-            await self._refuse(frame.stream_id, RstStatus.REFUSED_STREAM)
+            await self.send(RstStreamFrame(frame.stream_id, RstStatus.REFUSED_STREAM))
             return
         stream = Stream(
             self,
@@ -593,8 +602,11 @@ class Connection:
         if stream is not None and not stream.grow_send_window(frame.delta):
             await stream.reset(RstStatus.FLOW_CONTROL_ERROR)
 
-    async def _refuse(self, stream_id: int, status: RstStatus) -> None:
-        await self.send(RstStreamFrame(stream_id, status))
+    async def _last_goaway(self, status: GoAwayStatus) -> None:
+        """Best effort (section 2.4.1): a peer that does not read cannot keep us waiting."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.close_timeout):
+                await self._send_goaway(status)
 
     async def _send_goaway(self, status: GoAwayStatus) -> None:
         if self._goaway_sent:
@@ -616,12 +628,17 @@ class Connection:
         self._writer.close()
         self.pulse.wake()
 
-    async def _stop_reading(self) -> None:
+    async def _stop_reading(self, *, flush: bool) -> None:
+        """End the reader task, then release the socket: after at most `close_timeout` for
+        what we wrote to drain when `flush`, at once otherwise."""
         task = self._reader_task
         if task is not None and not task.done():
             task.cancel()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
+        if flush:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(self.limits.close_timeout):
+                    await self._writer.wait_closed()
+        self._writer.transport.abort()  # a no-op once the socket is closed

@@ -190,15 +190,22 @@ async def accept_upgrade(
     writer: asyncio.StreamWriter, request: UpgradeRequest, server_protocols: Sequence[str]
 ) -> str | None:
     """Negotiate and answer: 101 and the chosen protocol, or the error response and None (the
-    caller then closes the connection)."""
+    caller then closes the connection). None too if the client hung up meanwhile."""
     try:
         protocol = negotiate(request, server_protocols)
     except HttpError as exc:
-        writer.write(exc.response())
+        return await _answer(writer, exc.response(), None)
+    return await _answer(writer, switching_protocols(protocol), protocol)
+
+
+async def _answer(
+    writer: asyncio.StreamWriter, response: bytes, protocol: str | None
+) -> str | None:
+    writer.write(response)
+    try:
         await writer.drain()
+    except ConnectionError:
         return None
-    writer.write(switching_protocols(protocol))
-    await writer.drain()
     return protocol
 
 

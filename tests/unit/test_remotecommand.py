@@ -29,6 +29,7 @@ from adapter.streaming import (
     StreamReset,
     TerminalSize,
     UpgradeRefused,
+    UpgradeRequest,
     read_request,
     request_upgrade,
     serve_exec,
@@ -51,7 +52,7 @@ def request_bytes(*lines: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def parse(raw: bytes) -> object:
+async def parse(raw: bytes) -> UpgradeRequest:
     reader = asyncio.StreamReader()
     reader.feed_data(raw)
     reader.feed_eof()
@@ -73,9 +74,9 @@ async def test_the_upgrade_request_is_parsed() -> None:
             "Content-Length: 0",
         )
     )
-    assert request.method == "POST" and request.path == "/exec/abc"  # type: ignore[attr-defined]
-    assert request.query() == {"command": ["sh"], "tty": ["1"]}  # type: ignore[attr-defined]
-    assert negotiate(request, (V2, V3)) == V3  # type: ignore[arg-type]  # the client's order
+    assert request.method == "POST" and request.path == "/exec/abc"
+    assert request.query() == {"command": ["sh"], "tty": ["1"]}
+    assert negotiate(request, (V2, V3)) == V3  # the client's order of preference decides
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ async def test_a_client_hanging_up_mid_head_is_not_a_request() -> None:
 async def test_negotiation_failures(headers: list[str], status: int) -> None:
     request = await parse(request_bytes("POST /exec/x HTTP/1.1", *headers))
     with pytest.raises(HttpError) as refused:
-        negotiate(request, CLIENT_GO_PROTOCOLS)  # type: ignore[arg-type]
+        negotiate(request, CLIENT_GO_PROTOCOLS)
     assert refused.value.status == status
     if status == 403:  # the client learns what the server accepts
         assert ("X-Accepted-Stream-Protocol-Versions", V4) in refused.value.headers
@@ -162,11 +163,16 @@ class ExecClient:
 
 
 async def start_server(
-    pipe: Pipe, options: ExecOptions, run: Callable[[ExecStreams], Awaitable[int]], **kw: float
+    pipe: Pipe,
+    options: ExecOptions,
+    run: Callable[[ExecStreams], Awaitable[int]],
+    stream_timeout: float = 30.0,
 ) -> asyncio.Task[int | None]:
     async def serve() -> int | None:
         request = await read_request(pipe[0])
-        return await serve_exec(*pipe, request, options, run, limits=LIMITS, **kw)  # type: ignore[arg-type]
+        return await serve_exec(
+            *pipe, request, options, run, stream_timeout=stream_timeout, limits=LIMITS
+        )
 
     return asyncio.create_task(serve())
 
@@ -299,8 +305,9 @@ async def test_streams_not_opened_in_time_end_the_session() -> None:
     server_pipe, client_pipe = await socket_pipe()
     serving = await start_server(server_pipe, ALL, run, stream_timeout=0.3)
     async with ExecClient.session(client_pipe, ("error", "stdout")) as client:
-        assert await asyncio.wait_for(serving, 10) is None
-        await asyncio.wait_for(client.connection.wait_closed(), 10)
+        with pytest.raises(StreamReset):
+            await client.output("error")
+    assert await asyncio.wait_for(serving, 10) is None
     assert not ran
 
 
@@ -311,9 +318,7 @@ async def test_an_unexpected_stream_is_refused() -> None:
     with pytest.raises(StreamReset):
         async with ExecClient.session(client_pipe, ("error", "stdin")):
             pass
-    serving.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await serving
+    assert await asyncio.wait_for(serving, 10) is None
 
 
 async def test_the_runner_is_cancelled_when_the_client_goes_away() -> None:
@@ -335,6 +340,30 @@ async def test_the_runner_is_cancelled_when_the_client_goes_away() -> None:
         await client.connection.abort()
     assert await asyncio.wait_for(serving, 10) is None
     assert cancelled.is_set()
+
+
+async def test_cancelling_a_session_cancels_the_runner_and_drops_the_client_at_once() -> None:
+    """The service shutting down must not wait out the graceful close for each session."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def wait_forever(streams: ExecStreams) -> int:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return 0
+
+    server_pipe, client_pipe = await socket_pipe()
+    serving = await start_server(server_pipe, ALL, wait_forever)
+    async with ExecClient.session(client_pipe, ("error", "stdin", "stdout", "stderr")) as client:
+        await asyncio.wait_for(started.wait(), 10)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(serving, LIMITS.close_timeout / 2)
+        assert cancelled.is_set()
+        with pytest.raises(StreamReset):
+            await client.output("stdout")
 
 
 # ---- port-forward ----
@@ -360,13 +389,15 @@ async def connect_loopback(port: int) -> Pipe:
 
 @contextlib.asynccontextmanager
 async def port_forward_session(
-    connect: Callable[[int], Awaitable[Pipe]], **kw: float
+    connect: Callable[[int], Awaitable[Pipe]], stream_timeout: float = 30.0
 ) -> AsyncIterator[Connection]:
     server_pipe, client_pipe = await socket_pipe()
 
     async def serve() -> None:
         request = await read_request(server_pipe[0])
-        await serve_port_forward(*server_pipe, request, connect, limits=LIMITS, **kw)  # type: ignore[arg-type]
+        await serve_port_forward(
+            *server_pipe, request, connect, stream_timeout=stream_timeout, limits=LIMITS
+        )
 
     serving = asyncio.create_task(serve())
     assert await request_upgrade(*client_pipe, "/portforward/t", ("portforward.k8s.io",))
@@ -393,14 +424,19 @@ async def read_all(stream: Stream) -> bytes:
 
 
 async def test_port_forward_through_a_loopback_echo_server(echo_port: int) -> None:
+    async def exchange(error: Stream, data: Stream, message: bytes) -> tuple[bytes, bytes]:
+        async def send() -> None:
+            await data.write(message)
+            await data.close()  # the echo server answers the rest, then hangs up
+
+        echoed, _ = await asyncio.gather(read_all(data), send())  # both ways at once
+        return echoed, await read_all(error)
+
     async with port_forward_session(connect_loopback) as connection:
         pairs = [await open_pair(connection, echo_port, str(n)) for n in range(3)]
-        for n, (_, data) in enumerate(pairs):  # concurrent forwarded connections
-            await data.write(f"ping {n} ".encode() * 30_000)
-        for n, (error, data) in enumerate(pairs):
-            await data.close()  # the echo server answers, then hangs up
-            assert await read_all(data) == f"ping {n} ".encode() * 30_000
-            assert await read_all(error) == b""
+        messages = [f"ping {n} ".encode() * 30_000 for n in range(3)]  # 3 x 210 KB at once
+        results = await asyncio.gather(*map(exchange, *zip(*pairs, strict=True), messages))
+        assert results == [(message, b"") for message in messages]
 
 
 async def test_a_port_that_cannot_be_reached_is_reported_on_the_error_stream() -> None:

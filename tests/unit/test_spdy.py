@@ -386,7 +386,7 @@ async def test_consumed_data_is_credited_with_window_updates(
     stream = await server.accept()
     assert stream is not None
     assert await stream.read() == b"a" * 40_000
-    updates = {}
+    updates: dict[int, int] = {}
     while len(updates) < 2:
         frame = await peer.next(WindowUpdateFrame)
         assert isinstance(frame, WindowUpdateFrame)
@@ -506,6 +506,25 @@ async def test_close_gives_up_on_a_peer_that_never_hangs_up() -> None:
     await peer.hang_up()
 
 
+async def test_a_peer_that_stops_reading_cannot_hold_the_connection() -> None:
+    server_end, peer_end = await socket_pipe()
+    server = Connection(*server_end, role=Role.SERVER, limits=Limits(close_timeout=0.3))
+    await server.start()
+    peer = RawPeer(peer_end)
+    peer.send(syn(1))
+    stream = await server.accept()
+    assert stream is not None
+    writing = asyncio.create_task(stream.write(bytes(16 << 20)))  # far beyond socket buffers
+    await asyncio.sleep(0.2)
+    assert not writing.done()  # stuck: the peer reads nothing...
+    peer.writer.write(bytes.fromhex("8002000600000004") + b"\0\0\0\1")  # ...then misbehaves
+    await asyncio.wait_for(server.wait_closed(), 5)  # the GOAWAY it will not read is skipped
+    await asyncio.wait_for(server.close(), 5)  # and so is the flush of what we wrote
+    with pytest.raises(StreamReset):
+        await asyncio.wait_for(writing, 5)
+    await peer.hang_up()
+
+
 async def test_a_peer_hanging_up_ends_streams_and_accept(
     server_and_peer: tuple[Connection, RawPeer],
 ) -> None:
@@ -516,6 +535,8 @@ async def test_a_peer_hanging_up_ends_streams_and_accept(
     await peer.hang_up()
     with pytest.raises(StreamReset):
         await asyncio.wait_for(stream.read(), 5)
+    with pytest.raises(StreamReset):  # not ConnectionClosed: streams report a reset
+        await stream.write(b"too late")
     assert await server.accept() is None
     await asyncio.wait_for(server.wait_closed(), 5)
     assert server.error is None
