@@ -23,7 +23,7 @@
  *   [--bind SRC --to DST [--read-only] [--propagation rslave|rshared|private]]...
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs]
  *   [--masked-path P]... [--readonly-path P]... [--cgroupns]
- *   [--log-file PATH [--attach-socket PATH [--stdin [--stdin-once]] [--tty]]]
+ *   [--log-file PATH] [--attach-socket PATH [--stdin [--stdin-once]] [--tty]]
  *   -- argv...
  * or, to run one more command in a running container (exec mode, see below):
  *   --exec-in PID --exec-start-time T [--cgroup-procs P]... [--cwd DIR]
@@ -97,8 +97,9 @@
  * empty: orphans sharing a pid namespace may keep one open) before the status is recorded, so
  * whoever sees the exit finds all the output. Memory: a fixed buffer per stream.
  *
- * --attach-socket PATH (CRI Attach, with --log-file): clients connect to a unix socket at PATH
- * to get what the workload writes (as it goes to the log) and, with --stdin, to write its stdin
+ * --attach-socket PATH (CRI Attach): clients connect to a unix socket at PATH to get what the
+ * workload writes (as it goes to the log, or to the sandbox's files, which the supervisor then
+ * writes) and, with --stdin, to write its stdin
  * (a pipe, else /dev/null); --stdin-once ends that input when the first client's input ends;
  * --tty makes a pty the workload's stdio and controlling terminal. The framing, and why no
  * client can block the workload: see "attach socket" below.
@@ -762,8 +763,6 @@ static void check_options(const struct options *opts)
         usage_error("--exec-in must be the first option, with --exec-start-time", NULL);
     else if ((opts->tty || opts->keep_stdin) && opts->attach_socket == NULL)
         usage_error("--stdin and --tty need --attach-socket", NULL);
-    else if (opts->attach_socket != NULL && opts->log_file == NULL)
-        usage_error("--attach-socket needs --log-file", NULL);
     else if (opts->stdin_once && !opts->keep_stdin)
         usage_error("--stdin-once needs --stdin", NULL);
     else if (opts->status_file == NULL || opts->sandbox == NULL)
@@ -1325,6 +1324,7 @@ static void attach_broadcast(int stream, const char *data, size_t length);
 static int attach_poll_fds(struct pollfd *fds);
 static void attach_serve(const struct pollfd *fds, int count);
 static void attach_finish(void);
+static int write_sandbox_output(int stream, const char *data, size_t length);
 #define ATTACH_POLL_MAX 10 /* the listening socket, the workload's stdin, 8 clients */
 
 /* --- CRI log mode (--log-file) ------------------------------------------------------------ */
@@ -1498,9 +1498,12 @@ static void pump(struct log_stream *stream, size_t budget)
             stream->fd = -1;
             return;
         }
-        attach_broadcast((int)(stream - cri_log.streams), stream->buffer + stream->used, (size_t)n);
-        stream->used += (size_t)n;
+        int index = (int)(stream - cri_log.streams);
+        attach_broadcast(index, stream->buffer + stream->used, (size_t)n);
         budget -= (size_t)n;
+        if (write_sandbox_output(index, stream->buffer + stream->used, (size_t)n))
+            continue; /* no CRI log: appended as it came, nothing to keep */
+        stream->used += (size_t)n;
         emit_records(stream, &now, 0);
     }
 }
@@ -1707,12 +1710,70 @@ static int run_log_relay(int argc, char **argv)
     return 0;
 }
 
+/* --- the sandbox's stdout and stderr written by the supervisor (--attach-socket alone) ---- */
+
+/* For a client to get the output it must pass through the supervisor, also when there is no CRI
+ * log: then the log's pipes bring it, and it is appended as it comes to the sandbox's stdout and
+ * stderr, the files the workload writes itself without an attach socket (opened as it opens
+ * them: no symlink, a regular file of its own; given to the workload's user, 0640). */
+static int sandbox_outputs[2] = {-1, -1};
+
+static int open_sandbox_output(int dir, const struct options *opts, const char *name)
+{
+    char shown[PATH_MAX];
+    struct stat info;
+    snprintf(shown, sizeof shown, "%s/%s", opts->sandbox, name);
+    int fd = openat(dir, name, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0640);
+    if (fd < 0)
+        fail(name, shown, errno);
+    if (fstat(fd, &info) < 0 || !S_ISREG(info.st_mode) || info.st_nlink != 1)
+        fail_because(name, shown, "not a regular file of its own");
+    uid_t uid = opts->identity_given ? opts->uid : 0;
+    gid_t gid = opts->identity_given ? opts->gid : 0;
+    if (((info.st_uid != uid || info.st_gid != gid) && fchown(fd, uid, gid) < 0) ||
+        ((info.st_mode & 07777) != 0640 && fchmod(fd, 0640) < 0))
+        fail("sandbox", shown, errno);
+    return fd;
+}
+
+static void prepare_sandbox_outputs(const struct options *opts)
+{
+    int dir = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dir < 0)
+        fail("sandbox", opts->sandbox, errno);
+    for (int i = 0; i < 2; i++) {
+        int ends[2];
+        sandbox_outputs[i] = open_sandbox_output(dir, opts, cri_log.streams[i].name);
+        if (pipe2(ends, O_CLOEXEC) < 0 || fcntl(ends[0], F_SETFL, O_NONBLOCK) < 0)
+            fail("pipe", cri_log.streams[i].name, errno);
+        cri_log.streams[i].fd = ends[0];
+        cri_log.write_ends[i] = ends[1];
+    }
+    close(dir);
+}
+
+/* In pump: the output as it came, to the sandbox's file; 0 in CRI log mode (records instead). */
+static int write_sandbox_output(int stream, const char *data, size_t length)
+{
+    if (sandbox_outputs[0] < 0)
+        return 0;
+    struct iovec part = {(void *)data, length};
+    append_parts(sandbox_outputs[stream], &part, 1);
+    return 1;
+}
+
+/* Whether the supervisor carries the workload's output (its loop: copy_logs_until_exit). */
+static int output_through_supervisor(void)
+{
+    return cri_log.fd >= 0 || sandbox_outputs[0] >= 0;
+}
+
 /* --- attach socket (--attach-socket): the workload's stdio open to clients ----------------- */
 
 /* CRI Attach: a client connects to the container's first process's stdin, stdout and stderr at
  * any time after it started, and the supervisor, which outlives the service, is what holds them.
- * With --attach-socket PATH (and --log-file, whose pipes bring the output here) it listens on a
- * unix socket made before the fork at PATH, in a directory the caller made: root's, 0700 (it
+ * With --attach-socket PATH the output comes through pipes (the CRI log's, or the sandbox's
+ * above), and the supervisor listens on a unix socket made before the fork at PATH, in a directory the caller made: root's, 0700 (it
  * is refused otherwise), the socket 0600; a peer of another user is refused too. The supervisor
  * serves it in its log loop, and removes it when the workload has ended.
  *
@@ -1721,7 +1782,8 @@ static int run_log_relay(int argc, char **argv)
  *                  with what the workload wrote (also in the log, whoever is attached); EOF once
  *                  the workload ended and its output was sent
  *   from a client: STDIN (bytes for the workload), CLOSE_STDIN (this client's input ended),
- *                  RESIZE (columns, rows: 2 bytes each, big-endian; with --tty)
+ *                  RESIZE (columns, rows: 2 bytes each, big-endian; with --tty), STREAMS (1
+ *                  byte: 1 stdout, 2 stderr; the output it wants from now on, both at first)
  * Nothing a client does blocks the workload or the log: output is queued per client, and a
  * client whose queue is full is dropped; input waits in one fixed buffer for the workload to
  * read it, and meanwhile the clients' input is not read. At most ATTACH_CLIENTS_MAX clients; one
@@ -1731,13 +1793,14 @@ static int run_log_relay(int argc, char **argv)
  * its input ends only with --stdin-once, when the first client that gave input ends it
  * (CLOSE_STDIN, or a detach). --tty: stdin, stdout and stderr are the slave of a pty whose
  * master the supervisor reads (the log's stdout: a terminal has one output) and writes; the
- * workload gets it as its controlling terminal. Input ended on a terminal is not an EOF (that is
- * the ^D a client sends): the supervisor just stops writing. */
+ * workload gets it as its controlling terminal; its input ended (--stdin-once) hangs it up
+ * (SIGHUP to its foreground process group), as containerd's closed console does. */
 #define ATTACH_CLIENTS_MAX 8
 #define ATTACH_HEADER 5
 #define ATTACH_FRAME_MAX (32u << 10)      /* the largest payload a client may send */
-#define ATTACH_CLIENT_QUEUE (128u << 10) /* output queued for one client before it is dropped */
+#define ATTACH_CLIENT_QUEUE (1u << 20) /* output queued for one client before it is dropped */
 #define ATTACH_STDIN_BUFFER (64u << 10)
+#define ATTACH_SOCKET_BUFFER (2 << 20) /* the kernel's share of a client's backlog */
 #define ATTACH_FLUSH_MS 1000 /* at the end, how long clients may take to read what is queued */
 #define ATTACH_IN_SIZE (ATTACH_HEADER + ATTACH_FRAME_MAX)
 
@@ -1748,6 +1811,7 @@ enum attach_frame {
     FRAME_CLOSE_STDIN = 3,
     FRAME_RESIZE = 4,
     FRAME_HELLO = 5,
+    FRAME_STREAMS = 6,
 };
 enum { HELLO_STDIN = 1, HELLO_TTY = 2 };
 enum { OWNER_LISTEN = -1, OWNER_STDIN = -2 }; /* who a polled fd is, besides a client's index */
@@ -1756,6 +1820,7 @@ struct attach_client {
     char *memory; /* NULL: a free slot; else the input frame buffer, then the output queue */
     int fd;
     int gave_input; /* its detach ends the workload's input with --stdin-once */
+    int streams;    /* the output it wants: 1 << 0 stdout, 1 << 1 stderr */
     size_t in_used;
     size_t out_start, out_end;
 };
@@ -1852,6 +1917,8 @@ static void attach_prepare(const struct options *opts)
 {
     if (opts->attach_socket == NULL)
         return;
+    if (opts->log_file == NULL)
+        prepare_sandbox_outputs(opts);
     attach_listen(opts->attach_socket);
     attach.stdin_once = opts->stdin_once;
     if (opts->tty) {
@@ -1876,6 +1943,8 @@ static void attach_child_stdio(int errpipe)
     close_fd(&attach.dir_fd);
     close_fd(&attach.stdin_fd);
     close_fd(&attach.terminal);
+    close_fd(&sandbox_outputs[0]);
+    close_fd(&sandbox_outputs[1]);
 }
 
 /* In the supervisor once the child runs. */
@@ -1918,8 +1987,16 @@ static void flush_stdin(void)
         memmove(attach.stdin_buffer, attach.stdin_buffer + n, attach.stdin_used - (size_t)n);
         attach.stdin_used -= (size_t)n;
     }
-    if (attach.stdin_closing && attach.stdin_used == 0)
+    if (attach.stdin_closing && attach.stdin_used == 0) {
+        /* A terminal's input has no EOF: its end is a hangup, as when a console is closed.
+         * The group is the kernel's answer for the slave, so it is the container's. */
+        pid_t group;
+        if (attach.terminal >= 0 && ioctl(attach.terminal, TIOCGPGRP, &group) == 0 && group > 1) {
+            (void)kill(-group, SIGHUP);
+            (void)kill(-group, SIGCONT);
+        }
         end_stdin();
+    }
 }
 
 /* A client's input ended: with --stdin-once the workload's ends too, once it read the rest. */
@@ -2016,7 +2093,7 @@ static void send_frame(struct attach_client *client, int type, const char *data,
 static void attach_broadcast(int stream, const char *data, size_t length)
 {
     for (int i = 0; i < ATTACH_CLIENTS_MAX; i++)
-        if (attach.clients[i].memory != NULL)
+        if (attach.clients[i].memory != NULL && (attach.clients[i].streams & (1 << stream)))
             send_frame(&attach.clients[i], FRAME_STDOUT + stream, data, length);
 }
 
@@ -2044,7 +2121,11 @@ static void accept_client(void)
         close(fd);
         return;
     }
-    *client = (struct attach_client){.memory = memory, .fd = fd};
+    *client = (struct attach_client){.memory = memory, .fd = fd, .streams = 3};
+    /* A client that reads a burst a little slower than the workload writes it is not one to
+     * drop: the kernel holds the backlog first (best effort: the default if refused). */
+    int size = ATTACH_SOCKET_BUFFER;
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size);
     char hello = (char)((attach.stdin_fd >= 0 && !attach.stdin_closing ? HELLO_STDIN : 0) |
                         (attach.terminal >= 0 ? HELLO_TTY : 0));
     send_frame(client, FRAME_HELLO, &hello, 1);
@@ -2062,7 +2143,8 @@ static void take_frames(struct attach_client *client)
                         (size_t)in[at + 3] << 8 | in[at + 4];
         int known = (type == FRAME_STDIN && length <= ATTACH_FRAME_MAX) ||
                     (type == FRAME_CLOSE_STDIN && length == 0) ||
-                    (type == FRAME_RESIZE && length == 4);
+                    (type == FRAME_RESIZE && length == 4) ||
+                    (type == FRAME_STREAMS && length == 1);
         if (!known) {
             drop_client(client);
             return;
@@ -2078,8 +2160,10 @@ static void take_frames(struct attach_client *client)
         } else if (type == FRAME_CLOSE_STDIN) {
             client->gave_input = 0;
             end_input();
-        } else {
+        } else if (type == FRAME_RESIZE) {
             resize_terminal((const unsigned char *)payload);
+        } else {
+            client->streams = payload[0] & 3;
         }
         at += ATTACH_HEADER + length;
     }
@@ -2240,8 +2324,8 @@ static void open_stdio(const struct options *opts, int errpipe)
     sandbox_fd = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (sandbox_fd < 0 || fstat(sandbox_fd, &sandbox_files[0]) < 0)
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
-    if (opts->log_file != NULL) {
-        attach_log_pipes(errpipe); /* CRI log mode: the supervisor writes the log */
+    if (opts->log_file != NULL || opts->attach_socket != NULL) {
+        attach_log_pipes(errpipe); /* the supervisor writes the log (or the sandbox's files) */
         attach_child_stdio(errpipe);
         return;
     }
@@ -2263,9 +2347,10 @@ static void give_sandbox(int errpipe, const struct options *opts, uid_t uid, gid
 {
     if (sandbox_fd < 0)
         return; /* exec mode: the container's sandbox was given at its launch */
-    /* In CRI log mode stdout and stderr are pipes, and the log is the supervisor's. */
+    /* In CRI log mode stdout and stderr are pipes, and the log is the supervisor's; with an
+     * attach socket the supervisor gave the sandbox's files already. */
     if (give(sandbox_fd, &sandbox_files[0], uid, gid, 0750) < 0 ||
-        (opts->log_file == NULL &&
+        (opts->log_file == NULL && opts->attach_socket == NULL &&
          (give(STDOUT_FILENO, &sandbox_files[STDOUT_FILENO], uid, gid, 0640) < 0 ||
           give(STDERR_FILENO, &sandbox_files[STDERR_FILENO], uid, gid, 0640) < 0)))
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
@@ -2861,7 +2946,8 @@ int main(int argc, char **argv)
     close(devnull);
     (void)chdir("/");
 
-    if ((cri_log.fd >= 0 ? copy_logs_until_exit(pid, &wstatus) : wait_for_exit(pid, &wstatus)) < 0)
+    if ((output_through_supervisor() ? copy_logs_until_exit(pid, &wstatus)
+                                     : wait_for_exit(pid, &wstatus)) < 0)
         return 3;
     clock_gettime(CLOCK_REALTIME, &finished);
     /* With namespaces the child is our init: the workload's own status comes through the pipe.

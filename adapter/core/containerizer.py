@@ -44,6 +44,8 @@ from adapter.core.model import (
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
 from adapter.runtimes.base import (
+    Attaches,
+    AttachSession,
     Checkpointed,
     ExecSession,
     Executes,
@@ -284,6 +286,15 @@ class Containerizer:
                 f"runtime {runtime.name!r} cannot run an interactive command in a container"
             )
         return await runtime.exec_stream(container_id, argv, tty=tty)
+
+    async def attach(
+        self, container_id: str, *, stdout: bool = True, stderr: bool = True
+    ) -> AttachSession:
+        container = self._running(container_id)
+        runtime = self._driver(container.record.spec.runtime)
+        if not isinstance(runtime, Attaches):
+            raise FailedPrecondition(f"runtime {runtime.name!r} cannot attach to a container")
+        return await runtime.attach(container_id, stdout=stdout, stderr=stderr)
 
     async def reopen_log(self, container_id: str) -> None:
         container = self._running(container_id)

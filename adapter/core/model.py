@@ -154,6 +154,9 @@ class LinuxOptions:
                     hostname)
     log_path        the CRI log file (stdout and stderr in the CRI format) instead of the
                     sandbox's stdout and stderr
+    stdin           the workload's stdin stays open for attached clients (else /dev/null)
+    stdin_once      ... until the first attached client's input ends
+    tty             a terminal as the workload's stdin, stdout and stderr
     """
 
     namespaces: tuple[tuple[str, str], ...] = ()
@@ -170,6 +173,9 @@ class LinuxOptions:
     hostname: str = ""
     etc_files: tuple[tuple[str, str], ...] = ()
     log_path: str = ""
+    stdin: bool = False
+    stdin_once: bool = False
+    tty: bool = False
 
     def namespace(self, kind: str) -> str | None:
         """The path (or HOST_NAMESPACE) this launch joins for `kind`; None: its own."""

@@ -133,6 +133,43 @@ class StreamsExec(Protocol):
         ...
 
 
+class AttachSession(Protocol):
+    """An attachment to a container's first process: its stdin (when the launch kept it
+    open), stdout and stderr, as they come from now on. With a terminal, stdout carries
+    everything and stderr is empty."""
+
+    @property
+    def tty(self) -> bool: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None:
+        """This attachment's input has ended (with stdin_once, the workload's too)."""
+        ...
+
+    async def read(self, stream: int = 1) -> bytes:
+        """The next chunk of stdout (1) or stderr (2); b"" at its end."""
+        ...
+
+    def resize(self, columns: int, rows: int) -> None: ...
+
+    async def wait(self) -> None:
+        """Until the container's output has ended."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Attaches(Protocol):
+    async def attach(
+        self, container_id: str, *, stdout: bool = True, stderr: bool = True
+    ) -> AttachSession:
+        """Attach to the running container's first process; the streams not asked for are
+        dropped."""
+        ...
+
+
 @runtime_checkable
 class ReopensLogs(Protocol):
     async def reopen_log(self, container_id: str) -> None:

@@ -8,7 +8,7 @@ payload's length (4 bytes, big-endian) and the payload. The supervisor first sen
 stdin is open, whether it is a terminal), then STDOUT and STDERR frames with what the workload
 writes, and closes the connection once the workload has ended and its output was sent. A client
 sends STDIN, CLOSE_STDIN (its input has ended: with `stdin_once` the workload's input ends too)
-and RESIZE (columns, rows).
+RESIZE (columns, rows) and STREAMS (which output it wants: the supervisor sends no other).
 
 A client that reads too slowly is dropped by the supervisor (the workload and its log never wait
 for it): a session that stops reading sees its output end early.
@@ -30,6 +30,7 @@ FRAME_STDIN = 0
 FRAME_CLOSE_STDIN = 3
 FRAME_RESIZE = 4
 FRAME_HELLO = 5
+FRAME_STREAMS = 6
 HELLO_STDIN = 1
 HELLO_TTY = 2
 HEADER = struct.Struct(">BI")
@@ -63,9 +64,9 @@ class AttachSession:
     async def connect(
         cls, socket_path: str | Path, *, stdout: bool = True, stderr: bool = True
     ) -> AttachSession:
-        """Attach through the supervisor's socket. A stream not asked for is dropped as it
-        comes. FailedPrecondition when no supervisor serves the socket (the container ended,
-        or was launched without one) or it refused the attach (8 clients attached)."""
+        """Attach through the supervisor's socket; a stream not asked for is not sent.
+        FailedPrecondition when no supervisor serves the socket (the container ended, or was
+        launched without one) or it refused the attach (8 clients attached)."""
         reader, writer = await _open(Path(socket_path))
         try:
             hello = await asyncio.wait_for(_read_hello(reader), HELLO_TIMEOUT_S)
@@ -79,6 +80,9 @@ class AttachSession:
             writer.close()
             raise
         wanted = frozenset(s for s, asked in ((STDOUT, stdout), (STDERR, stderr)) if asked)
+        if len(wanted) < 2:
+            mask = sum(1 << (stream - STDOUT) for stream in wanted)
+            writer.write(HEADER.pack(FRAME_STREAMS, 1) + bytes([mask]))
         return cls(reader, writer, hello, wanted)
 
     @property

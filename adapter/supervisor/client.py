@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,23 @@ def kill(handle: SupervisorHandle, signo: int) -> None:
     """Send `signo` to the container's init (which forwards it to the workload) if it is still
     the process the handle names; else no-op."""
     ProcessRef(handle.child_pid, handle.child_start_time).send(signo)
+
+
+# How long a supervisor may take to open its CRI log again after SIGUSR1.
+REOPEN_TIMEOUT_S = 5.0
+
+
+async def log_reopened(path: str, timeout: float = REOPEN_TIMEOUT_S) -> bool:
+    """Whether `path` exists again (itself: a link is not followed) within `timeout` seconds:
+    the kubelet reads the new file as soon as ReopenContainerLog returns."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not os.path.lexists(path):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
 
 
 def reopen_log(handle: SupervisorHandle) -> bool:
@@ -263,10 +281,11 @@ class LaunchConfig:
     the native runtime, the container's for LXC (where the supervisor is the container's init).
     The workload's stdout and stderr are `sandbox`/stdout and `sandbox`/stderr, or with
     `log_file` (CRI) records in that file, which the supervisor writes (reopen_log rotates).
-    With `log_file`, `attach_socket` (in a directory of root's, 0700) lets clients attach to the
-    workload's stdio (adapter/supervisor/attach.py): its stdin stays open for them with `stdin`
-    (ended by the first client's end of input with `stdin_once`), and `tty` makes a pty its
-    stdio; without `stdin` its stdin is /dev/null."""
+    `attach_socket` (in a directory of root's, 0700) lets clients attach to the workload's stdio
+    (adapter/supervisor/attach.py); the supervisor then writes the sandbox's files (or the log)
+    itself. With `stdin` the workload's stdin stays open for the clients (ended by the first
+    client's end of input with `stdin_once`), else it is /dev/null; `tty` makes a pty its
+    stdio."""
 
     status_file: str
     sandbox: str
@@ -334,10 +353,8 @@ class LaunchConfig:
         if self.attach_socket is None:
             for given, field in ((self.stdin, "linux.stdin"), (self.tty, "linux.tty")):
                 if given:
-                    raise InvalidArgument(field, "needs an attach socket (a CRI log_path)")
+                    raise InvalidArgument(field, "needs an attach socket")
             return []
-        if self.log_file is None:
-            raise InvalidArgument("linux.log_path", "an attach socket needs a CRI log file")
         if self.stdin_once and not self.stdin:
             raise InvalidArgument("linux.stdin_once", "needs linux.stdin")
         parts: list[tuple[str | bytes, str]] = [

@@ -48,9 +48,7 @@ class CriNode:
         )
         return config
 
-    def run_pod(
-        self, config: cri.PodSandboxConfig | None = None, runtime_handler: str = ""
-    ) -> str:
+    def run_pod(self, config: cri.PodSandboxConfig | None = None, runtime_handler: str = "") -> str:
         config = config or self.pod_config()
         request = cri.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)
         reply = self.runtime.RunPodSandbox(request, timeout=TIMEOUT)

@@ -468,6 +468,8 @@ def test_streaming_exec_with_input_and_with_a_terminal(node: ContainerdPods, pod
         node, container_id, "sh", "-c", "cat; echo err >&2; exit 3", stdin=b"hello\n"
     )
     assert piped == (b"hello\n", b"err\n", 3)
+    counted = _exec_stream(node, container_id, "wc", "-c", stdin=b"x" * 300_000)
+    assert (counted[0].strip(), counted[2]) == (b"300000", 0)  # more than a FIFO holds
     stdout, stderr, code = _exec_stream(
         node, container_id, "sh", "-c", "test -t 0 && test -t 1 && echo terminal", tty=True
     )

@@ -401,12 +401,13 @@ class ContainerdDriver:
         self, container_id: str, argv: tuple[str, ...], timeout: float | None
     ) -> ExecResult:
         """One more process of the task, confined as its workload (exec.py)."""
-        return await execs.exec_sync(self._exec(container_id, tty=False), argv, timeout)
+        session = self._exec(container_id, tty=False, stdin=False)
+        return await execs.exec_sync(session, argv, timeout)
 
     async def exec_stream(
         self, container_id: str, argv: tuple[str, ...], *, tty: bool
     ) -> ExecSession:
-        session = self._exec(container_id, tty=tty)
+        session = self._exec(container_id, tty=tty, stdin=True)
         try:
             await session.start(argv)
         except BaseException:
@@ -414,11 +415,15 @@ class ContainerdDriver:
             raise
         return session
 
-    def _exec(self, container_id: str, *, tty: bool) -> execs.TaskExec:
+    def _exec(self, container_id: str, *, tty: bool, stdin: bool) -> execs.TaskExec:
         handle = self._known(container_id)
-        run_dir = self._run_dirs.path(container_id)
         return execs.TaskExec(
-            self._client, handle.containerd_id, run_dir, tty=tty, background=self._releases
+            self._client,
+            handle.containerd_id,
+            self._run_dirs.path(container_id),
+            tty=tty,
+            stdin=stdin,
+            background=self._releases,
         )
 
     async def reopen_log(self, container_id: str) -> None:

@@ -8,8 +8,9 @@ command is confined exactly as the workload. Its stdin, stdout and stderr are FI
 container's run directory (with a terminal, stdout carries the terminal's output and there is
 no stderr). Each output FIFO is opened here for reading before the shim opens it for writing,
 with a writer of ours held until the process has started, so that no read sees an end of file
-before the shim's writer exists; the stdin FIFO is opened read-write, so that the shim's
-reader never sees an end of file before ours is closed.
+before the shim's writer exists. The shim holds the stdin FIFO so that it never reads an end of
+file from it: the command's input ends with containerd's CloseIO, once the shim has read what
+was written (CloseIO drops what the FIFO still holds). ExecSync gives no input at all.
 
 A command that never started (no such binary) is ExecNotStarted, not an exit code. However a
 session ends (its end, a timeout, a client gone), its process is killed if still running and
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
+import sys
+import termios
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,9 @@ STDOUT = 1
 STDERR = 2
 # How long a killed process may take to be reported ended before its deletion is tried anyway.
 EXIT_AFTER_KILL_S = 30.0
+# How long the shim gets to read the input written before its end, and how often it is checked.
+INPUT_DRAIN_S = 5.0
+INPUT_POLL_S = 0.01
 
 
 async def exec_sync(session: TaskExec, argv: Sequence[str], timeout: float | None) -> ExecResult:
@@ -57,7 +64,6 @@ async def exec_sync(session: TaskExec, argv: Sequence[str], timeout: float | Non
     outputs = (bytearray(), bytearray())
     try:
         await session.start(argv)
-        session.close_stdin()
         collectors = [
             asyncio.ensure_future(_collect(session, stream, output))
             for stream, output in zip((STDOUT, STDERR), outputs, strict=True)
@@ -100,6 +106,7 @@ class TaskExec:
         run_dir: Path,
         *,
         tty: bool = False,
+        stdin: bool = True,
         background: set[asyncio.Task[None]],
     ) -> None:
         self._client = client
@@ -107,10 +114,12 @@ class TaskExec:
         self._tty = tty
         self._background = background  # where close() leaves its release running
         self.exec_id = f"exec-{secrets.token_hex(8)}"
-        names = ("stdin", "stdout") if tty else ("stdin", "stdout", "stderr")
+        names = ["stdin"] if stdin else []
+        names += ["stdout"] if tty else ["stdout", "stderr"]
         self._paths = {name: run_dir / f"{self.exec_id}.{name}" for name in names}
         self._fds: dict[str, int] = {}
         self._created = False
+        self._input_ended = False
         self._exit: asyncio.Future[int] | None = None
         self._released = False
 
@@ -159,7 +168,7 @@ class TaskExec:
         return tasks_pb2.ExecProcessRequest(
             container_id=self._task,
             exec_id=self.exec_id,
-            stdin=paths["stdin"],
+            stdin=paths.get("stdin", ""),
             stdout=paths["stdout"],
             stderr=paths.get("stderr", ""),
             terminal=self._tty,
@@ -193,8 +202,21 @@ class TaskExec:
 
     def close_stdin(self) -> None:
         """EOF for the command's input (with a terminal, ^D is the caller's to send)."""
-        if not self._tty:
-            self._close_fd("stdin")
+        if not self._tty and not self._input_ended and "stdin" in self._paths:
+            self._input_ended = True
+            self._spawn(self._end_input())
+
+    async def _end_input(self) -> None:
+        """Once the shim has read what the FIFO holds (or INPUT_DRAIN_S passed), CloseIO."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INPUT_DRAIN_S
+        while (fd := self._fds.get("stdin", -1)) >= 0 and _unread(fd) and loop.time() < deadline:
+            await asyncio.sleep(INPUT_POLL_S)
+        self._close_fd("stdin")
+        request = tasks_pb2.CloseIORequest(
+            container_id=self._task, exec_id=self.exec_id, stdin=True
+        )
+        await self._quietly(self._client.tasks.CloseIO, request, "close the input of exec")
 
     async def read(self, stream: int = STDOUT) -> bytes:
         """The next chunk of stdout (or stderr), b"" at its end."""
@@ -303,6 +325,11 @@ class TaskExec:
         return await self._client.call(
             method, request, f"{what} {self.exec_id} in {self._task}", **options
         )
+
+
+def _unread(fd: int) -> int:
+    """Bytes in the FIFO that nobody has read yet."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), sys.byteorder)
 
 
 async def _ready(fd: int, *, writable: bool) -> None:

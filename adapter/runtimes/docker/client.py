@@ -7,7 +7,9 @@ no second HTTP stack. Its calls block, so each runs on a small executor of our o
 loop's default one). The one call that would block for a container's whole life — waiting for its
 exit — is not made per container at all: one thread follows the daemon's event stream for `die`
 events of our containers and wakes the waiter, so 500 running containers cost one thread and one
-connection, not 500.
+connection, not 500. The calls whose answer streams for as long as a process lives (an exec's
+input and output, a followed log) hold no thread either: the SDK makes the request, then the
+event loop takes the connection over (streams.py).
 
 Errors are mapped here, once, by exception class and HTTP status (never by message text):
 daemon unreachable or not answering -> Unavailable (naming the socket), 404 -> NotFound, 409 ->
@@ -19,12 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import docker  # type: ignore[import-untyped]
@@ -38,8 +38,8 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
-from adapter.core.sandbox import open_output
 from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID
+from adapter.runtimes.docker.streams import Connection, take_connection
 
 log = logging.getLogger(__name__)
 
@@ -233,22 +233,96 @@ class DockerEngine:
 
         return await self.call(f"update container {container}", update, FailedPrecondition)
 
-    async def copy_logs(self, container: str, stdout: Path, stderr: Path) -> None:
-        """Copy the container's complete stdout and stderr (json-file keeps all of it until the
-        container is removed) into the sandbox files, replacing what they held."""
+    # ---- streams: exec and logs ----
 
-        def copy(api: Any) -> None:
-            for path, want_stdout in ((stdout, True), (stderr, False)):
-                chunks: Iterator[bytes] = api.logs(
-                    container, stdout=want_stdout, stderr=not want_stdout, stream=True
-                )
-                # The workload could make these symlinks to host files: never follow them.
-                output = open_output(str(path.parent), path.name, truncate=True)
-                with os.fdopen(output, "wb") as sink:
-                    for chunk in chunks:
-                        sink.write(chunk)
+    async def exec_create(
+        self,
+        container: str,
+        argv: Sequence[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        user: str,
+        environment: Sequence[str],
+        working_dir: str,
+    ) -> str:
+        """An exec instance of argv in the container, never privileged; its id. 409 (the
+        container is not running) is FailedPrecondition."""
 
-        await self.call(f"copy logs of container {container}", copy)
+        def create(api: Any) -> str:
+            reply = api.exec_create(
+                container, list(argv), stdout=True, stderr=True, stdin=stdin, tty=tty,
+                privileged=False, user=user, environment=list(environment),
+                workdir=working_dir or None,
+            )  # fmt: skip
+            return str(reply["Id"])
+
+        return await self.call(f"create exec in container {container}", create)
+
+    async def exec_start(
+        self, exec_id: str, *, tty: bool, size: tuple[int, int] | None = None
+    ) -> Connection:
+        """Start the exec, attached: its hijacked connection carries the input one way and the
+        output (raw with a terminal, else in frames) the other, until the command ends. `size`
+        (columns, rows) is the terminal's from the start on API 1.42 and later; an older daemon
+        ignores it."""
+        body: dict[str, Any] = {"Tty": tty, "Detach": False}
+        if tty and size is not None:
+            body["ConsoleSize"] = [size[1], size[0]]  # height, width
+
+        def start(api: Any) -> Any:
+            return api._post_json(
+                api._url("/exec/{0}/start", exec_id),
+                headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+                data=body,
+                stream=True,
+            )
+
+        return await self._stream(f"start exec {exec_id}", start)
+
+    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        what = f"inspect exec {exec_id}"
+        return cast(dict[str, Any], await self.call(what, lambda api: api.exec_inspect(exec_id)))
+
+    async def exec_resize(self, exec_id: str, columns: int, rows: int) -> None:
+        """dockerd holds a resize of an exec that is still starting until it runs."""
+        what = f"resize exec {exec_id}"
+        await self.call(what, lambda api: api.exec_resize(exec_id, height=rows, width=columns))
+
+    async def logs(self, container: str, *, follow: bool) -> Connection:
+        """The container's stdout and stderr from their start, in frames; with `follow` the
+        connection stays open for what comes, and dockerd ends it once the container stopped
+        and its whole log was sent."""
+        params = {"stdout": 1, "stderr": 1, "follow": int(follow)}
+
+        def logs(api: Any) -> Any:
+            url = api._url("/containers/{0}/logs", container)
+            return api._get(url, params=params, stream=True)
+
+        return await self._stream(f"read the logs of container {container}", logs)
+
+    async def _stream(self, what: str, request: Callable[[Any], Any]) -> Connection:
+        """`request(api)`, an SDK request answered by a streaming response, with its connection
+        taken over once the headers are read. A caller cancelled meanwhile does not leak it."""
+
+        def open_stream(api: Any) -> Connection:
+            response = request(api)
+            try:
+                api._raise_for_status(response)
+            except BaseException:
+                response.close()
+                raise
+            return take_connection(response)
+
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(
+            self._executor, self.blocking, what, open_stream, ContainerizerError, FailedPrecondition
+        )
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unclaimed)
+            raise
 
     async def owned_containers(self, owner_label: str) -> list[dict[str, Any]]:
         """Every container (running or not) carrying `owner_label` ("key=value")."""
@@ -266,6 +340,11 @@ class DockerEngine:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _close_unclaimed(opening: asyncio.Future[Connection]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 class ExitFollower:

@@ -9,10 +9,12 @@ own `none` (the default without a [network] table) and `host` need no sandbox.
 
 Choices, and why:
 - Output: Docker's json-file log driver keeps a container's complete stdout/stderr until the
-  container is removed, so cleanup copies both streams into the sandbox files just before it
-  removes the container. Nothing is lost across our crashes (the container, and so its log,
-  stays until a cleanup has copied it), and no thread or connection is held per container. The
-  cost: the sandbox files fill at exit; while it runs, `docker logs` shows the output.
+  container is removed; output.py follows it into the sandbox files while the container runs
+  (one connection per container, no thread), and cleanup makes them complete before it removes
+  the container. Nothing is lost across our crashes (the container, and so its log, stays until
+  a cleanup has copied it), and nothing is copied twice (offsets, see output.py).
+- Exec: Docker's exec API, as the workload runs (exec.py); the command is in the container's
+  pid namespace and cgroups, and killed on timeout, cancel, or when its caller goes away.
 - Signals: Docker reports a container whose init died of signal n as exit code 128+n (so does
   the shell, and so does Docker's init, tini, for its child). With `Init` set the workload is not
   pid 1, so it dies of signals the way it would under our native runtime, and 128+n (n a valid
@@ -51,15 +53,25 @@ from adapter.core.errors import (
     Unavailable,
 )
 from adapter.core.limits import Limits
-from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
+from adapter.core.model import (
+    Capabilities,
+    ExecResult,
+    Exit,
+    Fingerprint,
+    LaunchSpec,
+    Resources,
+    Statistics,
+)
 from adapter.core.services import Services
-from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.base import Checkpointed, ExecSession, Launched
+from adapter.runtimes.docker import exec as execs
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
 from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fields
 from adapter.runtimes.docker.handle import DockerHandle
 from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
 from adapter.runtimes.docker.options import DockerOptions
+from adapter.runtimes.docker.output import OutputFollowers, OutputTarget, output_sizes
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
 from isolators.registry import ACCOUNTED_CONTROLLERS
@@ -84,8 +96,15 @@ class _Tracked:
     """A container this driver watches; `died` is set on each `die` event (or stream gap)."""
 
     handle: DockerHandle
+    sandbox: Path
     died: asyncio.Event = field(default_factory=asyncio.Event)
     pid: int = 0  # the init's host pid at launch; 0 after a recovery (nobody asks then)
+
+    def output(self) -> OutputTarget:
+        handle = self.handle
+        return OutputTarget(
+            handle.docker_id, self.sandbox, handle.stdout_offset, handle.stderr_offset
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,7 @@ class DockerDriver:
         self._follower = ExitFollower(
             self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
         )
+        self._outputs = OutputFollowers(self._engine)
 
     # ---- fingerprint ----
 
@@ -224,10 +244,15 @@ class DockerDriver:
             docker_id = await self._engine.create(name, config, LaunchFailed)
         parent = names.cgroup_parent(self._cgroups_root, cid)
         cgroup = f"{parent}/{docker_id}"
-        handle = DockerHandle(docker_id, name, cgroup, image.reference, network.sandbox_id)
-        tracked = _Tracked(handle)
+        stdout_offset, stderr_offset = output_sizes(Path(spec.sandbox))
+        handle = DockerHandle(
+            docker_id, name, cgroup, image.reference, network.sandbox_id,
+            stdout_offset, stderr_offset,
+        )  # fmt: skip
+        tracked = _Tracked(handle, Path(spec.sandbox))
         self._tracked[cid] = tracked
         await self._engine.start(docker_id, LaunchFailed)
+        self._outputs.follow(cid, tracked.output())
         inspect = await self._engine.inspect(docker_id)
         tracked.pid = int(inspect["State"].get("Pid") or 0)
         reported = names.cgroup_of_process(tracked.pid) if tracked.pid else None
@@ -396,14 +421,24 @@ class DockerDriver:
             return
         docker_id = str(inspect["Id"])
         if copy_logs:
-            sandbox = _sandbox_of(inspect)
-            if sandbox is not None and sandbox.is_dir():
-                try:
-                    await self._engine.copy_logs(docker_id, sandbox / "stdout", sandbox / "stderr")
-                except FailedPrecondition as exc:  # the workload made them symlinks: not followed
-                    log.warning("docker: output of %s not copied: %s", container_id, exc)
+            await self._finish_output(container_id, inspect)
         with contextlib.suppress(NotFound):
             await self._engine.remove(docker_id)
+
+    async def _finish_output(self, container_id: str, inspect: Inspect) -> None:
+        """The container has stopped: its output complete in the sandbox files, which the
+        container's own mount names (so this needs no record of ours)."""
+        sandbox = _sandbox_of(inspect)
+        if sandbox is None or not sandbox.is_dir():
+            await self._outputs.stop(container_id)
+            return
+        docker_id = str(inspect["Id"])
+        tracked = self._tracked.get(container_id)
+        if tracked is not None and tracked.handle.docker_id == docker_id:
+            target = dataclasses.replace(tracked.output(), sandbox=sandbox)
+        else:
+            target = OutputTarget(docker_id, sandbox)
+        await self._outputs.finish(container_id, target)
 
     async def _remove_parent_cgroups(self, container_id: str) -> None:
         """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
@@ -412,6 +447,27 @@ class DockerDriver:
                 return
             await asyncio.sleep(0.02)
         log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)
+
+    # ---- exec ----
+
+    async def exec_sync(
+        self, container_id: str, argv: tuple[str, ...], timeout: float | None
+    ) -> ExecResult:
+        target = await self._exec_target(container_id)
+        return await execs.exec_sync(self._engine, target, argv, timeout)
+
+    async def exec_stream(
+        self, container_id: str, argv: tuple[str, ...], *, tty: bool
+    ) -> ExecSession:
+        target = await self._exec_target(container_id)
+        return await execs.open_exec(self._engine, target, argv, tty=tty, stdin=True)
+
+    async def _exec_target(self, container_id: str) -> execs.ExecTarget:
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            raise NotFound(f"docker runtime: no running container {container_id!r}")
+        inspect = await self._engine.inspect(tracked.handle.docker_id)
+        return execs.ExecTarget.of(inspect, tracked.handle.cgroup)
 
     # ---- update and usage ----
 
@@ -442,7 +498,7 @@ class DockerDriver:
         for entry in checkpointed:
             if entry.handle:
                 handle = DockerHandle.from_json(entry.handle)
-                self._tracked[entry.spec.container_id] = _Tracked(handle)
+                self._tracked[entry.spec.container_id] = _Tracked(handle, Path(entry.spec.sandbox))
         try:
             await self._follower.start()
             containers = await self._engine.owned_containers(f"{names.LABEL_OWNER}={self._owner}")
@@ -461,10 +517,10 @@ class DockerDriver:
         cid = labels.get(names.LABEL_CONTAINER_ID, "")
         docker_id = str(container["Id"])
         tracked = self._tracked.get(cid)
-        if tracked is not None and docker_id in (
-            tracked.handle.docker_id,
-            tracked.handle.sandbox_id,
-        ):
+        if tracked is not None and docker_id == tracked.handle.docker_id:
+            self._outputs.follow(cid, tracked.output())  # on from where the files are
+            return  # re-attached
+        if tracked is not None and docker_id == tracked.handle.sandbox_id:
             return  # re-attached
         if tracked is None and cid in known_ids:
             return  # a terminated or half-launched record: the core cleans it up
@@ -479,6 +535,7 @@ class DockerDriver:
 
     async def close(self) -> None:
         self._follower.stop()
+        await self._outputs.close()
         await self._engine.close()
         await self._network.close()
 

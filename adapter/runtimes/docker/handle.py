@@ -45,6 +45,10 @@ class DockerHandle:
     image: str
     # The network sandbox whose namespace the container shares (bridge mode); "" without one.
     sandbox_id: str = ""
+    # The sizes of the sandbox's stdout and stderr when the container was created: its output
+    # is what the files hold beyond them (output.py).
+    stdout_offset: int = 0
+    stderr_offset: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +61,8 @@ class DockerHandle:
             cgroup=str(data["cgroup"]),
             image=str(data["image"]),
             sandbox_id=str(data.get("sandbox_id", "")),
+            stdout_offset=int(data.get("stdout_offset", 0)),
+            stderr_offset=int(data.get("stderr_offset", 0)),
         )
 
 

@@ -62,7 +62,6 @@ import logging
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 15.0
 EXIT_AFTER_KILL_TIMEOUT_S = 10.0
-REOPEN_TIMEOUT_S = 5.0
 SMALL_TREE_ENTRIES = 64  # a container directory up to this size is removed without a thread
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
 # /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
@@ -470,10 +468,10 @@ class LxcDriver:
         if not container.handle.init.send(signal.SIGUSR1):
             raise FailedPrecondition(f"lxc runtime: the supervisor of {container_id!r} is gone")
         log_path = container.spec.linux.log_path
-        if log_path and not await _appears(log_path, REOPEN_TIMEOUT_S):
+        if log_path and not await protocol.log_reopened(log_path):
             raise FailedPrecondition(
                 f"lxc runtime: {container_id!r} did not reopen {log_path} within"
-                f" {REOPEN_TIMEOUT_S:g} s"
+                f" {protocol.REOPEN_TIMEOUT_S:g} s"
             )
 
     async def update(self, container_id: str, resources: Resources) -> None:
@@ -635,18 +633,6 @@ async def _remove_tree(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
     else:
         await asyncio.to_thread(shutil.rmtree, directory, True)
-
-
-async def _appears(path: str, timeout: float) -> bool:
-    """Whether `path` exists (itself: a link is not followed) within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while not os.path.lexists(path):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return True
 
 
 async def _wait_for(awaitable: Any, timeout: float = EXIT_AFTER_KILL_TIMEOUT_S) -> bool:

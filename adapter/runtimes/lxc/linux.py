@@ -37,8 +37,8 @@ from adapter.core.services import SeccompFilter
 from adapter.runtimes.lxc import shared_mounts
 from adapter.runtimes.lxc.config import LxcConfig
 from adapter.runtimes.lxc.rootfs import resolve_in_root
-from adapter.runtimes.native import linux as supervised
 from adapter.supervisor import client as protocol
+from adapter.supervisor import linux as supervised
 
 # Where the service's own files are bound into a container: the supervisor, its run directory,
 # the CRI log's directory. Hidden from the workload (a masked path): they are the service's.

@@ -40,9 +40,10 @@ from adapter.core.network import network_errors, network_request
 from adapter.core.services import Services
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.runtimes.base import Checkpointed, Launched
-from adapter.runtimes.native import linux
 from adapter.runtimes.native.options import NativeOptions
 from adapter.supervisor import client as supervisor
+from adapter.supervisor import linux
+from adapter.supervisor.attach import AttachSession
 from adapter.supervisor.exec import ExecConfig, exec_sync
 from adapter.supervisor.processes import supervised_exit
 from adapter.supervisor.session import ExecSession
@@ -57,6 +58,10 @@ from isolators.registry import (
 )
 
 log = logging.getLogger(__name__)
+
+# The supervisor's attach socket in the container's run directory (root's, 0700): every launch
+# has one, so a client can attach to the workload's stdio whenever it runs.
+ATTACH_SOCKET = "attach"
 
 
 class _Running:
@@ -158,6 +163,10 @@ class NativeDriver:
                 log_file=spec.linux.log_path or None,
                 namespaces_joined=linux.joined_namespaces(spec),
                 sysctls=spec.linux.sysctls,
+                attach_socket=str(run_dir / ATTACH_SOCKET),
+                stdin=spec.linux.stdin,
+                stdin_once=spec.linux.stdin_once,
+                tty=spec.linux.tty,
             )
             handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
@@ -288,6 +297,16 @@ class NativeDriver:
             tty=tty,
         )
 
+    async def attach(
+        self, container_id: str, *, stdout: bool = True, stderr: bool = True
+    ) -> AttachSession:
+        """The workload's stdio through its supervisor's socket (output only when the launch
+        did not keep stdin open); the same after a restart of the service."""
+        if container_id not in self._running:
+            raise NotFound(f"native runtime: no running container {container_id!r}")
+        socket_path = self._run_dir / container_id / ATTACH_SOCKET
+        return await AttachSession.connect(socket_path, stdout=stdout, stderr=stderr)
+
     def _cgroup_dirs(self, container_id: str) -> list[Path]:
         return self._cgroups.dirs(container_id) if self._cgroups is not None else []
 
@@ -297,6 +316,12 @@ class NativeDriver:
             raise NotFound(f"native runtime: no running container {container_id!r}")
         if not supervisor.reopen_log(running.handle):
             raise FailedPrecondition(f"native runtime: the supervisor of {container_id!r} is gone")
+        log_path = running.spec.linux.log_path if running.spec else ""
+        if log_path and not await supervisor.log_reopened(log_path):
+            raise FailedPrecondition(
+                f"native runtime: {container_id!r} did not reopen {log_path} within"
+                f" {supervisor.REOPEN_TIMEOUT_S:g} s"
+            )
 
     async def kill_all(self, container_id: str) -> None:
         if self._cgroups is not None:
