@@ -41,6 +41,7 @@ from adapter.core.model import (
     Statistics,
     Termination,
 )
+from adapter.core.network import RuntimeNetwork
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
 from adapter.runtimes.base import (
@@ -98,8 +99,13 @@ class Containerizer:
         termination_retention: float = 3600.0,
         sandbox_root: Path | None = None,
         allow_privileged: bool = False,
+        network: RuntimeNetwork | None = None,
     ) -> None:
         self.drivers = drivers
+        # The node's network isolator, shared by every runtime: each runtime attaches its
+        # containers its own way (a namespace path, a sandbox container, a tap device), the core
+        # does the rest once for all: bandwidth updates, counters, recovery, shutdown.
+        self.network = network
         self.allow_privileged = allow_privileged
         self.default_runtime = default_runtime
         # Sandboxes we created (under this root) are ours to remove once the record goes;
@@ -309,12 +315,16 @@ class Containerizer:
             record = container.record
             merged = record.spec.resources.merged(resources)
             await self._driver(record.spec.runtime).update(container_id, merged)
+            if self.network is not None:
+                await self.network.update(container_id, merged)
             spec = LaunchSpec(**{**record.spec.__dict__, "resources": merged})
             self._checkpoint(container, container.record.evolve(spec=spec), publish=False)
 
     async def usage(self, container_id: str) -> Statistics:
         container = self._running(container_id)
         statistics = await self._driver(container.record.spec.runtime).usage(container_id)
+        if self.network is not None:
+            statistics.update(await self.network.usage(container_id))
         statistics.setdefault("timestamp", time.time())
         return statistics
 
@@ -351,6 +361,8 @@ class Containerizer:
             self._containers[record.container_id] = container
             if record.state is State.TERMINATED:
                 container.terminated.set()
+        if self.network is not None:  # before the runtimes: they find their attachments loaded
+            await self.network.recover(known_ids)
         for name, driver in self.drivers.items():
             alive = [
                 Checkpointed(r.spec, r.handle)
@@ -417,6 +429,8 @@ class Containerizer:
         await asyncio.gather(*tasks, return_exceptions=True)
         for driver in self.drivers.values():
             await driver.close()
+        if self.network is not None:
+            await self.network.close()
         self._store.close()
 
     # ---- helpers ----

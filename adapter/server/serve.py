@@ -161,6 +161,7 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         termination_retention=config.termination_retention,
         sandbox_root=sandbox_root,
         allow_privileged=config.allow_privileged,
+        network=services.network,
     )
     await core.recover()
     cri_runtime = CriRuntime(

@@ -418,7 +418,6 @@ class LibvirtDriver:
             raise FailedPrecondition(
                 f"libvirt runtime: guest RAM is fixed at boot ({guest.memory_mib} MiB)"
             )
-        await self._network.update(container_id, resources)
         if resources.cpus is None:
             return
         conn = await self._libvirt.get()
@@ -448,8 +447,7 @@ class LibvirtDriver:
         if "rss" in memory:
             statistics.setdefault("mem_rss_bytes", memory["rss"] * 1024)
         statistics.setdefault("mem_limit_bytes", guest.memory_mib * 1024 * 1024)
-        statistics.update(await self._network.usage(container_id))  # the tap's counters
-        return statistics
+        return statistics  # the tap's counters come from the node's network, in the core
 
     # ---- recovery ----
 
@@ -465,7 +463,6 @@ class LibvirtDriver:
             self._guests.add(
                 entry.spec.container_id, Guest(handle, loop.create_future(), memory, vcpus)
             )
-        await self._network.recover(known_ids)  # forwards back; orphan attachments removed
         try:
             await self._libvirt.get()  # resyncs: guests that ended while we were down resolve
             await self._remove_orphan_domains(known_ids)
@@ -500,7 +497,6 @@ class LibvirtDriver:
         await self._libvirt.close()
         await self._virt.close()
         self._guests.clear()
-        await self._network.close()
 
 
 def _guest_command(spec: LaunchSpec) -> GuestCommand:

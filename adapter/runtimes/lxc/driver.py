@@ -480,7 +480,6 @@ class LxcDriver:
         limits = self._node.limits(resources).for_isolators()
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
-        await self._node_network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         container = self._containers.get(container_id)
@@ -489,7 +488,6 @@ class LxcDriver:
         else:
             dirs = (Path(d) for d in container.handle.cgroup_dirs if Path(d).is_dir())
             statistics = read_statistics(dirs)
-        statistics.update(await self._node_network.usage(container_id))
         return statistics
 
     # ---- kill_all, cleanup, recovery -------------------------------------------------------------
@@ -583,7 +581,6 @@ class LxcDriver:
             await _wait_for(process.wait())
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
-        await self._node_network.recover(known_ids)
         for entry in checkpointed:
             if not entry.handle:
                 continue
@@ -609,7 +606,6 @@ class LxcDriver:
             if container.watch_task is not None:
                 container.watch_task.cancel()
         self._containers.clear()
-        await self._node_network.close()
 
 
 def _is_small_tree(directory: Path, limit: int = SMALL_TREE_ENTRIES) -> bool:

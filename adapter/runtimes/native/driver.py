@@ -36,7 +36,6 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
-from adapter.core.network import network_errors, network_request
 from adapter.core.services import Services
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.runtimes.base import Checkpointed, Launched
@@ -49,7 +48,6 @@ from adapter.supervisor.processes import supervised_exit
 from adapter.supervisor.session import ExecSession
 from isolators.base import Isolator, Limitation
 from isolators.cgroups.isolator import CgroupIsolator
-from isolators.network.isolator import NetworkIsolator
 from isolators.registry import (
     ContainerCgroups,
     build_isolators,
@@ -99,7 +97,7 @@ class NativeDriver:
             hierarchies=self._cgroups.hierarchies if self._cgroups else None,
         )
         self._running: dict[str, _Running] = {}
-        self._network: NetworkIsolator = services.network.isolator
+        self._network = services.network
         self._images = services.images
         self._supervisors = services.supervisors
         self._seccomp_filter = services.seccomp
@@ -181,8 +179,7 @@ class NativeDriver:
         launch that joins a pod's namespace gets no network of its own."""
         if spec.linux.namespace("net") is not None:
             return linux.joined_netns(spec), ""
-        with network_errors():
-            network = await self._network.prepare(spec.container_id, network_request(spec))
+        network = await self._network.prepare(spec)
         return network.netns_path, network.address or ""
 
     async def _workload(
@@ -207,7 +204,7 @@ class NativeDriver:
             etc_binds = spec.linux.etc_files
         else:
             etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
-            etc_binds = tuple((str(path), f"/etc/{path.name}") for path in etc_files)
+            etc_binds = tuple((str(path), target) for target, path in etc_files.items())
         filesystem = supervisor.Filesystem(
             str(lower),
             str(rootfs_dir),
@@ -338,8 +335,7 @@ class NativeDriver:
                 running.watch_task.cancel()
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
-        with network_errors():
-            await self._network.cleanup(container_id)
+        await self._network.cleanup(container_id)
         shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
 
     async def update(self, container_id: str, resources: Resources) -> None:
@@ -348,8 +344,6 @@ class NativeDriver:
         limits = self._node.limits(resources).for_isolators()
         for isolator in self._isolators:
             await isolator.update(container_id, limits)
-        with network_errors():
-            await self._network.update(container_id, resources.network_bandwidth)
 
     async def usage(self, container_id: str) -> Statistics:
         # One pass over the container's cgroup directories for every cgroup isolator: reading
@@ -359,15 +353,11 @@ class NativeDriver:
         for isolator in self._isolators:
             if not isinstance(isolator, CgroupIsolator):
                 statistics.update(await isolator.usage(container_id))
-        with network_errors():
-            statistics.update(await self._network.usage(container_id))
         return statistics
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
         for isolator in self._isolators:
             await isolator.recover(known_ids)
-        with network_errors():
-            await self._network.recover(known_ids)
         for entry in checkpointed:
             if entry.handle:
                 handle = supervisor.SupervisorHandle.from_json(entry.handle)
@@ -384,4 +374,3 @@ class NativeDriver:
             if running.watch_task is not None:
                 running.watch_task.cancel()
         self._running.clear()
-        await self._network.close()
