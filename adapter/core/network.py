@@ -99,6 +99,33 @@ class RuntimeNetwork:
         with network_errors():
             return await self.isolator.prepare(spec.container_id, network_request(spec))
 
+    def mode(self, spec: LaunchSpec) -> str:
+        """The network mode this launch would get ("host", "none" or "bridge"), creating
+        nothing; InvalidArgument or FailedPrecondition for what the node refuses."""
+        with network_errors():
+            mode, _ = self.isolator.resolve(spec.container_id, network_request(spec))
+        return mode
+
+    async def prepare_link(self, spec: LaunchSpec) -> Attachment:
+        """A bridge address for a runtime that makes the container's link itself (libvirt's
+        tap device): the attachment names the host-side device to create; `link_created` then
+        puts it on the bridge."""
+        with network_errors():
+            return await self.isolator.prepare(
+                spec.container_id, network_request(spec), own_link=True
+            )
+
+    async def link_created(self, container_id: str) -> None:
+        with network_errors():
+            await self.isolator.link_created(container_id)
+
+    def attachment(self, container_id: str) -> Attachment | None:
+        return self.isolator.attachment(container_id)
+
+    @property
+    def bridge(self) -> str:
+        return self.isolator.config.bridge
+
     def etc_files(self, container_id: str, hostname: str) -> dict[str, Path]:
         """/etc/hosts and /etc/resolv.conf for a container with its own namespace, keyed by
         their path in the container; empty for the host's network. They leave with cleanup."""

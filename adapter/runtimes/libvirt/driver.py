@@ -48,7 +48,6 @@ from adapter.core.errors import (
 )
 from adapter.core.limits import CPU_SHARES_PER_CPU
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
-from adapter.core.network import network_errors, network_request
 from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.libvirt import cgroups, disk, domain, kvm
@@ -191,17 +190,13 @@ class LibvirtDriver:
         try:
             attachment = None
             if bridged:
-                with network_errors():
-                    attachment = await self._network.isolator.prepare(
-                        cid, network_request(spec), own_link=True
-                    )
+                attachment = await self._network.prepare_link(spec)
             address = _guest_address(attachment)
             xml = await self._prepare(spec, handle, guest, base_disk, address)
             await self._start_domain(conn, xml)
             guest.handle = cgroups.attach_qemu(handle, self._services.cgroups.hierarchies)
             if address is not None:
-                with network_errors():
-                    await self._network.isolator.link_created(cid)
+                await self._network.link_created(cid)
         except ContainerizerError as exc:
             if isinstance(exc, Unavailable | FailedPrecondition | InvalidArgument):
                 raise
@@ -241,8 +236,7 @@ class LibvirtDriver:
         no mode asked for) the guest has no NIC, as before networking existed."""
         if not self._network.chooses(spec):
             return False
-        with network_errors():
-            mode, _ = self._network.isolator.resolve(spec.container_id, network_request(spec))
+        mode = self._network.mode(spec)
         if mode == "host":
             raise FailedPrecondition(
                 "container.network.mode: 'host' is not possible for a virtual machine"
@@ -274,11 +268,12 @@ class LibvirtDriver:
             disks = await self._disk_files(spec, run_dir, base_disk, address)
             cmdline += " root=/dev/vda rw"
         sandbox = Path(spec.sandbox)
-        attachment = self._network.isolator.attachment(spec.container_id)
+        attachment = self._network.attachment(spec.container_id)
         interface = None
         if address is not None and attachment is not None and attachment.host_veth:
-            bridge = self._network.isolator.config.bridge
-            interface = domain.BridgeInterface(bridge=bridge, tap=attachment.host_veth)
+            interface = domain.BridgeInterface(
+                bridge=self._network.bridge, tap=attachment.host_veth
+            )
         return domain.domain_xml(
             domain.DomainSpec(
                 name=handle.domain_name,
