@@ -1773,9 +1773,10 @@ static int output_through_supervisor(void)
 /* CRI Attach: a client connects to the container's first process's stdin, stdout and stderr at
  * any time after it started, and the supervisor, which outlives the service, is what holds them.
  * With --attach-socket PATH the output comes through pipes (the CRI log's, or the sandbox's
- * above), and the supervisor listens on a unix socket made before the fork at PATH, in a directory the caller made: root's, 0700 (it
- * is refused otherwise), the socket 0600; a peer of another user is refused too. The supervisor
- * serves it in its log loop, and removes it when the workload has ended.
+ * above), and the supervisor listens on a unix socket made before the fork at PATH, in a
+ * directory the caller made: root's, 0700 (it is refused otherwise), the socket 0600; a peer
+ * of another user is refused too. The supervisor serves it in its log loop, and removes it when
+ * the workload has ended.
  *
  * Frames both ways: a type byte, the payload's length (4 bytes, big-endian), the payload.
  *   to a client:   HELLO (1 byte: 1 stdin is open, 2 a terminal) first, then STDOUT and STDERR
@@ -1787,7 +1788,9 @@ static int output_through_supervisor(void)
  * Nothing a client does blocks the workload or the log: output is queued per client, and a
  * client whose queue is full is dropped; input waits in one fixed buffer for the workload to
  * read it, and meanwhile the clients' input is not read. At most ATTACH_CLIENTS_MAX clients; one
- * more is closed at once. Memory: a client's buffers are allocated while it is attached.
+ * more is closed at once. Memory: a client's buffers are allocated while it is attached (and
+ * its socket may hold ATTACH_SOCKET_BUFFER in the kernel, so a reader that is a little slower
+ * than a burst is not dropped).
  *
  * --stdin: the workload's stdin is a pipe whose write end the supervisor holds (else /dev/null);
  * its input ends only with --stdin-once, when the first client that gave input ends it
@@ -1797,11 +1800,11 @@ static int output_through_supervisor(void)
  * (SIGHUP to its foreground process group), as containerd's closed console does. */
 #define ATTACH_CLIENTS_MAX 8
 #define ATTACH_HEADER 5
-#define ATTACH_FRAME_MAX (32u << 10)      /* the largest payload a client may send */
-#define ATTACH_CLIENT_QUEUE (1u << 20) /* output queued for one client before it is dropped */
+#define ATTACH_FRAME_MAX (32u << 10)    /* the largest payload a client may send */
+#define ATTACH_CLIENT_QUEUE (1u << 20)  /* output queued for one client before it is dropped */
 #define ATTACH_STDIN_BUFFER (64u << 10)
-#define ATTACH_SOCKET_BUFFER (2 << 20) /* the kernel's share of a client's backlog */
-#define ATTACH_FLUSH_MS 1000 /* at the end, how long clients may take to read what is queued */
+#define ATTACH_SOCKET_BUFFER (2 << 20)  /* the kernel's share of a client's backlog */
+#define ATTACH_FLUSH_MS 1000            /* at the end, how long clients may take to read */
 #define ATTACH_IN_SIZE (ATTACH_HEADER + ATTACH_FRAME_MAX)
 
 enum attach_frame {

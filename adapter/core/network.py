@@ -115,6 +115,14 @@ class RuntimeNetwork:
                 spec.container_id, network_request(spec), own_link=True
             )
 
+    async def adopt(self, spec: LaunchSpec, netns: Path) -> Attachment:
+        """Attach the namespace at `netns`, made by the runtime (docker's sandbox container),
+        as the container's: its link, address and forwards are the isolator's."""
+        with network_errors():
+            return await self.isolator.prepare(
+                spec.container_id, network_request(spec), netns_source=netns
+            )
+
     async def link_created(self, container_id: str) -> None:
         with network_errors():
             await self.isolator.link_created(container_id)

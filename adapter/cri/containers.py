@@ -99,6 +99,7 @@ class CriContainers:
             try:
                 spec = self._launch_spec(container)
                 log.debug("starting %s as %s", container.id, spec)
+                started_at = time.time_ns()  # the workload may end before launch returns
                 await self.core.launch(spec)
             except ContainerizerError as exc:
                 self._put(
@@ -111,7 +112,7 @@ class CriContainers:
                     )
                 )
                 raise
-            self._put(container.evolve(state=RUNNING, started_at=time.time_ns()))
+            self._put(container.evolve(state=RUNNING, started_at=started_at))
             self._watch(container.id)
 
     def _launch_spec(self, container: Container) -> LaunchSpec:
@@ -245,9 +246,11 @@ def exited(container: Container, termination: Termination) -> Container:
     else:
         reason = "Error"
     finished = termination.finished_at or time.time()
+    # The supervisor records the exit to the millisecond: never before the start we recorded.
+    finished_at = max(int(finished * 1_000_000_000), container.started_at)
     return container.evolve(
         state=EXITED,
-        finished_at=int(finished * 1_000_000_000),
+        finished_at=finished_at,
         exit_code=code,
         reason=reason,
         message=termination.message,

@@ -1,6 +1,6 @@
 """The CRI's streaming server: Exec, Attach and PortForward answer with a URL here, and the
 kubelet (or crictl, critest) then speaks Kubernetes' streaming protocols to it over HTTP
-upgraded to SPDY/3.1 (adapter/streaming/).
+upgraded to SPDY/3.1 or, for the clients that ask for it, WebSocket (adapter/streaming/).
 
 Each URL carries a single-use token for one request the CRI call checked (the container runs,
 the command is not empty, the channels make sense); it expires after TOKEN_TTL seconds, as the
@@ -24,10 +24,10 @@ from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, InvalidArgument
 from adapter.runtimes.base import ExecSession
 from adapter.server.netns import open_connection
-from adapter.streaming import portforward, remotecommand
-from adapter.streaming.remotecommand import ExecOptions, ExecStreams
-from adapter.streaming.spdy import Stream, StreamReset
-from adapter.streaming.upgrade import HttpError, error_response, read_request
+from adapter.streaming import portforward, remotecommand, websocket
+from adapter.streaming.remotecommand import ExecOptions, ExecOutput, ExecStreams
+from adapter.streaming.spdy import StreamReset
+from adapter.streaming.upgrade import HttpError, UpgradeRequest, error_response, read_request
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,7 @@ class StreamingServer:
         self._sessions.add(task)
         try:
             request = await read_request(reader)
-            pending = self._take(request.target)
-            if pending.kind == "portforward":
-                await portforward.serve_port_forward(
-                    reader, writer, request, self._connector(pending)
-                )
-            else:
-                assert pending.options is not None and pending.start is not None
-                runner = _runner(pending.start)
-                await remotecommand.serve_exec(reader, writer, request, pending.options, runner)
+            await self._dispatch(reader, writer, request, self._take(request.target))
         except HttpError as exc:
             writer.write(exc.response())
             with contextlib.suppress(ConnectionError):
@@ -132,6 +124,31 @@ class StreamingServer:
         finally:
             writer.close()
             self._sessions.discard(task)
+
+    async def _dispatch(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: UpgradeRequest,
+        pending: _Pending,
+    ) -> None:
+        """WebSocket when the client asks for it, SPDY otherwise; the same runner for both."""
+        over_websocket = websocket.is_websocket_request(request)
+        if pending.kind == "portforward":
+            connect = self._connector(pending)
+            if over_websocket:
+                await websocket.serve_port_forward_websocket(
+                    reader, writer, request, connect, ports=pending.ports
+                )
+            else:
+                await portforward.serve_port_forward(reader, writer, request, connect)
+            return
+        assert pending.options is not None and pending.start is not None
+        runner = _runner(pending.start)
+        if over_websocket:
+            await websocket.serve_exec_websocket(reader, writer, request, pending.options, runner)
+        else:
+            await remotecommand.serve_exec(reader, writer, request, pending.options, runner)
 
     def _connector(
         self, pending: _Pending
@@ -192,7 +209,7 @@ async def _pump_resizes(streams: ExecStreams, session: ExecSession) -> None:
         session.resize(size.width, size.height)
 
 
-async def _pump_output(session: ExecSession, which: int, target: Stream | None) -> None:
+async def _pump_output(session: ExecSession, which: int, target: ExecOutput | None) -> None:
     """Everything the command writes on one stream; dropped when the client did not ask for it
     (reading it anyway keeps the command from blocking on a full pipe)."""
     while chunk := await session.read(which):

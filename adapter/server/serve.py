@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -222,6 +223,15 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     lock.close()
 
 
+def _raise_open_file_limit() -> None:
+    """Each running container can hold a few descriptors here (a docker log stream and its two
+    files, an attach or exec pipe): a shell's soft limit of 1024 would run out long before the
+    hard one that the unit file and the kernel allow."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_server(config_path: str | None) -> int:
     logging.basicConfig(
         level=os.environ.get("CONTAINERIZER_LOG_LEVEL", "INFO"),
@@ -229,6 +239,7 @@ def run_server(config_path: str | None) -> int:
     )
     try:
         config = load_config(config_path)
+        _raise_open_file_limit()
         asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"containerizer: {exc}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Kubernetes' streaming protocols, for the CRI streaming server: exec, attach and port-forward
-over HTTP/1.1 upgraded to SPDY/3.1, as the kubelet, crictl and critest (client-go) speak them.
+over HTTP/1.1 upgraded to SPDY/3.1, as the kubelet, crictl and critest (client-go) speak them,
+or to WebSocket, as newer clients do.
 
 Layers, each usable on its own:
 
@@ -8,6 +9,7 @@ Layers, each usable on its own:
     upgrade.py        the HTTP/1.1 request head (bounded), subprotocol negotiation, 101 / errors
     remotecommand.py  exec and attach: v4/v3/v2.channel.k8s.io and channel.k8s.io
     portforward.py    portforward.k8s.io
+    websocket.py      the same over WebSocket: v5/v4.channel.k8s.io, SPDY/3.1+portforward.k8s.io
 
 A streaming server runs one task per accepted TCP connection, reads the request head, finds
 the cached CRI request by the token in its path, and hands the connection over:
@@ -45,13 +47,20 @@ serve_exec and serve_port_forward own the connection from then on and close it b
 return; neither raises for anything the client does. The status the exec client receives
 (Success; Failure/NonZeroExitCode with the code; InternalError when `run` raises) is described
 in remotecommand.py. Flow control toward client-go peers, which ignore SPDY windows, is
-described in spdy.py. WebSocket variants of these protocols are not implemented.
+described in spdy.py.
+
+A request with `Upgrade: websocket` (is_websocket_request) goes to serve_exec_websocket and
+serve_port_forward_websocket instead, with the same runner and connect: the runner's streams
+are then WebSocket channels (ExecInput, ExecOutput), and port-forward over channels takes its
+ports from the caller (the CRI request) or the URL's query.
 """
 
 from adapter.streaming.frames import Headers, ProtocolError, RstStatus
 from adapter.streaming.portforward import Connector, serve_port_forward
 from adapter.streaming.remotecommand import (
+    ExecInput,
     ExecOptions,
+    ExecOutput,
     ExecStreams,
     Runner,
     TerminalSize,
@@ -65,12 +74,20 @@ from adapter.streaming.upgrade import (
     read_request,
     request_upgrade,
 )
+from adapter.streaming.websocket import (
+    WebSocketLimits,
+    is_websocket_request,
+    serve_exec_websocket,
+    serve_port_forward_websocket,
+)
 
 __all__ = [
     "Connection",
     "ConnectionClosed",
     "Connector",
+    "ExecInput",
     "ExecOptions",
+    "ExecOutput",
     "ExecStreams",
     "Headers",
     "HttpError",
@@ -84,8 +101,12 @@ __all__ = [
     "TerminalSize",
     "UpgradeRefused",
     "UpgradeRequest",
+    "WebSocketLimits",
+    "is_websocket_request",
     "read_request",
     "request_upgrade",
     "serve_exec",
+    "serve_exec_websocket",
     "serve_port_forward",
+    "serve_port_forward_websocket",
 ]

@@ -53,7 +53,15 @@ async def serve_port_forward(
         writer.close()
         return
     async with Connection(reader, writer, role=Role.SERVER, limits=limits) as connection:
-        await _PortForwarder(connection, connect, stream_timeout).run()
+        await forward_ports(connection, connect, stream_timeout=stream_timeout)
+
+
+async def forward_ports(
+    connection: Connection, connect: Connector, *, stream_timeout: float = DEFAULT_STREAM_TIMEOUT
+) -> None:
+    """Serve the client's stream pairs on a started SPDY connection until it ends: the
+    session of serve_port_forward, or one tunneled through a WebSocket (websocket.py)."""
+    await _PortForwarder(connection, connect, stream_timeout).run()
 
 
 @dataclass

@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from adapter.core.errors import InvalidArgument
 from adapter.streaming.frames import RstStatus
@@ -69,17 +70,34 @@ class TerminalSize:
     height: int
 
 
+class ExecInput(Protocol):
+    """A channel the client writes: a SPDY stream, or a WebSocket channel (websocket.py)."""
+
+    async def read(self, max_bytes: int = -1) -> bytes:
+        """Up to `max_bytes` (all buffered when negative); b"" once the client closed it."""
+        ...
+
+
+class ExecOutput(Protocol):
+    """A channel the client reads."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ExecStreams:
-    """What the command runner gets. stdin: read() until b"" (the client closed it). stdout,
+    """What the command runner gets, whichever transport carries the session (SPDY here,
+    WebSocket in websocket.py). stdin: read() until b"" (the client closed it). stdout,
     stderr: write() and close(); both are closed for the runner when it returns, and writes
     raise StreamReset once the client is gone. resizes(): the terminal's new sizes."""
 
-    stdin: Stream | None
-    stdout: Stream | None
-    stderr: Stream | None
+    stdin: ExecInput | None
+    stdout: ExecOutput | None
+    stderr: ExecOutput | None
     tty: bool
-    resize: Stream | None = None
+    resize: ExecInput | None = None
 
     async def resizes(self) -> AsyncIterator[TerminalSize]:
         """Each size the client reports, until it closes the channel or sends garbage (then
@@ -94,7 +112,7 @@ class ExecStreams:
                 return
             if not chunk:
                 return
-            sizes, rest = _parse_sizes(pending + chunk)
+            sizes, rest = parse_sizes(pending + chunk)
             for size in sizes:
                 yield size
             if rest is None:
@@ -103,7 +121,7 @@ class ExecStreams:
             pending = rest
 
 
-def _parse_sizes(pending: bytes) -> tuple[list[TerminalSize], bytes | None]:
+def parse_sizes(pending: bytes) -> tuple[list[TerminalSize], bytes | None]:
     """Complete JSON objects at the front of `pending`, and what is left (None: garbage)."""
     decoder, text = json.JSONDecoder(), pending.decode("utf-8", "replace")
     sizes: list[TerminalSize] = []
@@ -175,7 +193,7 @@ async def serve_exec(
             tty=options.tty,
             resize=channels.get("resize"),
         )
-        outcome = await _run_until_client_leaves(connection, streams, run)
+        outcome = await run_until_client_leaves(connection.wait_closed, streams, run)
         if outcome is None:
             return None
         await _report(channels["error"], streams, outcome, protocol)
@@ -210,20 +228,21 @@ async def _accept_channels(
     return None
 
 
-async def _run_until_client_leaves(
-    connection: Connection, streams: ExecStreams, run: Runner
+async def run_until_client_leaves(
+    client_gone: Callable[[], Awaitable[None]], streams: ExecStreams, run: Runner
 ) -> int | Exception | None:
-    """The runner's exit code or exception; None (runner cancelled) if the client left first."""
+    """The runner's exit code or exception; None (runner cancelled) if `client_gone()`
+    returned first: it returns once the client's connection has ended."""
 
     async def run_command() -> int:
         return await run(streams)
 
     runner = asyncio.create_task(run_command(), name="exec-runner")
-    client_gone = asyncio.create_task(connection.wait_closed(), name="exec-client-watch")
+    watch = asyncio.create_task(_wait(client_gone()), name="exec-client-watch")
     try:
-        await asyncio.wait({runner, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({runner, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        client_gone.cancel()
+        watch.cancel()
         if not runner.done():
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -239,6 +258,10 @@ async def _run_until_client_leaves(
     return failure
 
 
+async def _wait(event: Awaitable[None]) -> None:
+    await event
+
+
 async def _report(
     error_stream: Stream, streams: ExecStreams, outcome: int | Exception, protocol: str
 ) -> None:
@@ -247,12 +270,18 @@ async def _report(
         for output in (streams.stdout, streams.stderr):
             if output is not None:
                 await output.close()
-        message = _status(outcome) if protocol == PROTOCOL_V4 else _failure_text(outcome)
+        message = exit_status(outcome, structured=protocol == PROTOCOL_V4)
         if message:
             await error_stream.write(message)
         await error_stream.close()
     except StreamReset:
         log.info("exec client left before its status was written")
+
+
+def exit_status(outcome: int | Exception, *, structured: bool) -> bytes:
+    """What the error channel carries for `outcome` (an exit code, or the runner's failure):
+    the v4 metav1.Status JSON when `structured`, else the older protocols' failure text."""
+    return _status(outcome) if structured else _failure_text(outcome)
 
 
 def _status(outcome: int | Exception) -> bytes:

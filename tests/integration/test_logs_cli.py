@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.server.logs import parse_cri_timestamp
 from tests.conftest import BIN, ServiceProcess, require_root
 from tests.integration.api import destroy, launch, wait
 from tests.integration.cri import CriNode
@@ -93,7 +94,8 @@ def test_cri_logs_have_timestamps_and_since(cri_node: CriNode) -> None:
         lines = stamped.stdout.splitlines() + stamped.stderr.splitlines()
         assert [line.split(b" ", 1)[1] for line in lines] == [b"early", b"late"]
         assert all(line[:4].isdigit() and line.split(b" ")[0].endswith(b"Z") for line in lines)
-        recent = logs(endpoint, "--since", "1s", container_id)
+        late_at = parse_cri_timestamp(stamped.stderr.split(b" ", 1)[0])
+        recent = logs(endpoint, "--since", f"{late_at - 0.5:.3f}", container_id)
         assert (recent.stdout, recent.stderr) == (b"", b"late\n")
     finally:
         cri_node.remove_pod(pod_id)

@@ -479,7 +479,6 @@ class DockerDriver:
         if fields:
             for warning in await self._engine.update(tracked.handle.docker_id, fields):
                 log.warning("docker update of %s: %s", container_id, warning)
-        await self._network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         tracked = self._tracked.get(container_id)
@@ -487,18 +486,18 @@ class DockerDriver:
             raise NotFound(f"docker runtime: no running container {container_id!r}")
         hierarchies = self._services.cgroups.hierarchies
         dirs = hierarchies.dirs_at(tracked.handle.cgroup, ACCOUNTED_CONTROLLERS)
-        statistics = read_statistics(dirs)
-        statistics.update(await self._network.usage(container_id))
-        return statistics
+        return read_statistics(dirs)
 
     # ---- recovery ----
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
-        await self._network.recover(known_ids)  # needs no dockerd: runs even if it is down
         for entry in checkpointed:
             if entry.handle:
                 handle = DockerHandle.from_json(entry.handle)
-                self._tracked[entry.spec.container_id] = _Tracked(handle, Path(entry.spec.sandbox))
+                tracked = _Tracked(handle, Path(entry.spec.sandbox))
+                self._tracked[entry.spec.container_id] = tracked
+                # On from where the files are; retried until dockerd answers, if it is down.
+                self._outputs.follow(entry.spec.container_id, tracked.output())
         try:
             await self._follower.start()
             containers = await self._engine.owned_containers(f"{names.LABEL_OWNER}={self._owner}")
@@ -517,10 +516,10 @@ class DockerDriver:
         cid = labels.get(names.LABEL_CONTAINER_ID, "")
         docker_id = str(container["Id"])
         tracked = self._tracked.get(cid)
-        if tracked is not None and docker_id == tracked.handle.docker_id:
-            self._outputs.follow(cid, tracked.output())  # on from where the files are
-            return  # re-attached
-        if tracked is not None and docker_id == tracked.handle.sandbox_id:
+        if tracked is not None and docker_id in (
+            tracked.handle.docker_id,
+            tracked.handle.sandbox_id,
+        ):
             return  # re-attached
         if tracked is None and cid in known_ids:
             return  # a terminated or half-launched record: the core cleans it up
@@ -537,7 +536,6 @@ class DockerDriver:
         self._follower.stop()
         await self._outputs.close()
         await self._engine.close()
-        await self._network.close()
 
 
 def _sandbox_of(inspect: Inspect) -> Path | None:

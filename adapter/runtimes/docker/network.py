@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from adapter.core.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
-from adapter.core.model import LaunchSpec, Resources, Statistics
-from adapter.core.network import RuntimeNetwork, network_errors, network_request
+from adapter.core.model import LaunchSpec
+from adapter.core.network import RuntimeNetwork
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker.client import DockerEngine
 
@@ -75,20 +75,13 @@ class DockerNetwork:
         input and modes the node does not offer fail here, before anything exists."""
         if not self._network.chooses(spec):
             return "none"
-        with network_errors():
-            mode, _ = self._network.isolator.resolve(spec.container_id, network_request(spec))
-        return mode
+        return self._network.mode(spec)
 
     async def prepare_bridge(self, spec: LaunchSpec, sandbox_image: str) -> PreparedNetwork:
         """Start the sandbox, have the isolator adopt and attach its namespace, write the /etc
         files. Whatever exists on failure, `release` removes."""
         sandbox_id, pid = await self._start_sandbox(spec, sandbox_image)
-        with network_errors():
-            attachment = await self._network.isolator.prepare(
-                spec.container_id,
-                network_request(spec),
-                netns_source=Path(f"/proc/{pid}/ns/net"),
-            )
+        attachment = await self._network.adopt(spec, Path(f"/proc/{pid}/ns/net"))
         etc_files = self._network.etc_files(spec.container_id, hostname_of(spec.container_id))
         mounts = tuple(
             {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": True}
@@ -165,17 +158,3 @@ class DockerNetwork:
         veth, namespace, forwards and /etc files. Idempotent."""
         await self.remove_sandbox(sandbox_id or names.sandbox_name(self._owner, container_id))
         await self._network.cleanup(container_id)
-
-    async def update(self, container_id: str, resources: Resources) -> None:
-        await self._network.update(container_id, resources)
-
-    async def usage(self, container_id: str) -> Statistics:
-        return await self._network.usage(container_id)
-
-    async def recover(self, known_ids: set[str]) -> None:
-        """The isolator's recovery (once per process, whichever driver comes first); needs no
-        dockerd, so it runs even when the daemon is down."""
-        await self._network.recover(known_ids)
-
-    async def close(self) -> None:
-        await self._network.close()

@@ -4,10 +4,10 @@ its end, resumed after our restart without a line twice.
 Docker's json-file log driver keeps a container's whole output until the container is removed.
 While the container runs, a follower per container reads it through the Engine API (a followed
 logs stream, read by the event loop: no thread is held per container, see streams.py) and appends
-each frame to the sandbox file of its stream. At cleanup, after the container stopped, dockerd
-ends the followed stream once all of the log was sent; a follower that did not get there (dockerd
-went away, the stream broke) is replaced by one more copy of the rest, so the files are complete
-before the container is removed.
+each frame to the sandbox file of its stream; a stream that breaks (dockerd restarting) is
+followed again. At cleanup, after the container stopped, the follower is stopped and the rest of
+the log is copied once more: dockerd 20.10 may end a followed stream before the container's last
+output (a line without its newline, flushed at the exit) reached it.
 
 No line twice, by offsets: the handle records the sizes of the two files when the container was
 created (a relaunch into a used sandbox appends after what is there). Whatever is in a file beyond
@@ -37,7 +37,6 @@ from adapter.runtimes.docker.streams import STDERR, STDOUT, FrameReader
 log = logging.getLogger(__name__)
 
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
-FINISH_SECONDS = 10.0  # how long a stopped container's follower may take to reach the end
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 
@@ -109,29 +108,29 @@ class OutputFollowers:
 
     def __init__(self, engine: DockerEngine) -> None:
         self._engine = engine
-        self._followers: dict[str, asyncio.Task[bool]] = {}
+        self._followers: dict[str, asyncio.Task[None]] = {}
 
     def follow(self, container_id: str, target: OutputTarget) -> None:
         current = self._followers.get(container_id)
         if current is None or current.done():
             self._followers[container_id] = asyncio.ensure_future(self._follow(target))
 
-    async def _follow(self, target: OutputTarget) -> bool:
-        """Copy until the container has stopped and its whole log is in the files (True), or
-        until that cannot be (False: the container is gone, or its files are refused)."""
+    async def _follow(self, target: OutputTarget) -> None:
+        """Copy while the container runs: until dockerd ends the stream of a stopped container,
+        the container is gone, or its files are refused."""
         backoff = RETRY_FIRST_S
         failures = 0
         while True:
             try:
                 complete = await copy_output(self._engine, target, follow=True)
                 if complete and not await self._running(target.docker_id):
-                    return True
+                    return
                 failures = 0
             except NotFound:
-                return False
+                return
             except FailedPrecondition as exc:  # a link or FIFO where a file should be
                 log.warning("docker: output of %s is not copied: %s", target.docker_id[:12], exc)
-                return False
+                return
             except (ContainerizerError, OSError) as exc:  # dockerd away; retried while it runs
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
@@ -144,22 +143,17 @@ class OutputFollowers:
         return bool((inspect.get("State") or {}).get("Running"))
 
     async def finish(self, container_id: str, target: OutputTarget) -> None:
-        """Once the container has stopped: its output complete in the files. Its follower gets
-        FINISH_SECONDS to reach the end; else what it lacks is copied once more. Files that are
-        refused (the workload swapped them for links) are left as they are, said in the log."""
-        follower = self._followers.pop(container_id, None)
-        if follower is not None:
-            await asyncio.wait({follower}, timeout=FINISH_SECONDS)
-            if _succeeded(follower):
-                return
-            await _cancel(follower)
+        """Once the container has stopped: its output complete in the files (what the follower
+        did not copy is copied now). Files that are refused (the workload swapped them for
+        links) are left as they are, said in the log."""
+        await self.stop(container_id)
         try:
             await copy_output(self._engine, target, follow=False)
         except FailedPrecondition as exc:
             log.warning("docker: output of %s not copied: %s", container_id, exc)
 
     async def stop(self, container_id: str) -> None:
-        """Stop following, copying nothing more (the sandbox is gone)."""
+        """Stop following, copying nothing more."""
         follower = self._followers.pop(container_id, None)
         if follower is not None:
             await _cancel(follower)
@@ -172,11 +166,7 @@ class OutputFollowers:
             await _cancel(follower)
 
 
-def _succeeded(task: asyncio.Task[bool]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None and task.result()
-
-
-async def _cancel(task: asyncio.Task[bool]) -> None:
+async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task

@@ -6,6 +6,10 @@ instruction. The supervisor, not this service, reaps the workload and records it
 durably, so an exit while the service is down is not lost. kill_all kills through the cgroup
 freezer (and the pid namespace: when init dies the kernel kills the rest).
 
+Attach: every launch gets an attach socket in its run directory, so the supervisor carries the
+workload's output (to the sandbox's files, or the CRI log) and serves it, and with linux.stdin
+the workload's stdin, to clients that attach at any time, also after a restart of the service.
+
 Network: the shared network isolator prepares the container's namespace (mode none or bridge)
 first, so a bad request fails before anything else exists; the supervisor's child joins it
 (--netns) before its other namespaces. Host mode passes no --netns.
