@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 RUNTIME_NAME = "containerizer"
 RUNTIME_VERSION = "0.1.0"
 API_VERSION = "v1"
-ATTACH_LATER = "Attach is not served yet"
 
 
 class CriRuntime:
@@ -267,8 +266,13 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         url = self.runtime.streaming.exec_url(record.id, tuple(request.cmd), options)
         return cri.ExecResponse(url=url)
 
-    async def Attach(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, ATTACH_LATER)
+    @mapped_errors
+    async def Attach(self, request: cri.AttachRequest, context: Any) -> cri.AttachResponse:
+        record = self.containers.get(_required(request.container_id, "container_id"))
+        if record.state != RUNNING:
+            raise FailedPrecondition(f"container {record.id!r} is not running")
+        options = ExecOptions(request.stdin, request.stdout, request.stderr, request.tty)
+        return cri.AttachResponse(url=self.runtime.streaming.attach_url(record.id, options))
 
     @mapped_errors
     async def PortForward(

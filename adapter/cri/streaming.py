@@ -18,11 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import urlsplit
 
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, InvalidArgument
-from adapter.runtimes.base import ExecSession
+from adapter.runtimes.base import AttachSession, ExecSession
 from adapter.server.netns import open_connection
 from adapter.streaming import portforward, remotecommand, websocket
 from adapter.streaming.remotecommand import ExecOptions, ExecOutput, ExecStreams
@@ -36,6 +37,7 @@ MAX_PENDING = 1024  # tokens not yet used: a client asking for URLs it never ope
 READ_CHUNK = 32 * 1024
 
 SessionStarter = Callable[[], Awaitable[ExecSession]]
+AttachStarter = Callable[[], Awaitable[AttachSession]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class _Pending:
     expires: float
     options: ExecOptions | None = None
     start: SessionStarter | None = None
+    attach: AttachStarter | None = None
     netns: str | None = None  # portforward: the pod's network namespace (None: the host's)
     ports: tuple[int, ...] = ()
 
@@ -74,8 +77,14 @@ class StreamingServer:
 
         return self._url(_Pending("exec", time.monotonic() + TOKEN_TTL, options, start))
 
-    def attach_url(self, start: SessionStarter, options: ExecOptions) -> str:
-        return self._url(_Pending("attach", time.monotonic() + TOKEN_TTL, options, start))
+    def attach_url(self, container_id: str, options: ExecOptions) -> str:
+        async def attach() -> AttachSession:
+            return await self.core.attach(
+                container_id, stdout=options.stdout, stderr=options.stderr
+            )
+
+        expires = time.monotonic() + TOKEN_TTL
+        return self._url(_Pending("attach", expires, options, attach=attach))
 
     def port_forward_url(self, netns: str | None, ports: tuple[int, ...]) -> str:
         pending = _Pending("portforward", time.monotonic() + TOKEN_TTL, netns=netns, ports=ports)
@@ -143,8 +152,12 @@ class StreamingServer:
             else:
                 await portforward.serve_port_forward(reader, writer, request, connect)
             return
-        assert pending.options is not None and pending.start is not None
-        runner = _runner(pending.start)
+        assert pending.options is not None
+        if pending.attach is not None:
+            runner = _attach_runner(pending.attach)
+        else:
+            assert pending.start is not None
+            runner = _runner(pending.start)
         if over_websocket:
             await websocket.serve_exec_websocket(reader, writer, request, pending.options, runner)
         else:
@@ -192,7 +205,33 @@ def _runner(start: SessionStarter) -> Callable[[ExecStreams], Awaitable[int]]:
     return run
 
 
-async def _pump_stdin(streams: ExecStreams, session: ExecSession) -> None:
+def _attach_runner(attach: AttachStarter) -> Callable[[ExecStreams], Awaitable[int]]:
+    """Attach: the container's output from now on to the client, the client's input to the
+    container. It ends when the container's output ends, or when the client's input does (the
+    client is done; the container runs on): status 0 either way."""
+
+    async def run(streams: ExecStreams) -> int:
+        session = await attach()
+        stdin = asyncio.create_task(_pump_stdin(streams, session))
+        resizes = asyncio.create_task(_pump_resizes(streams, session))
+        output = asyncio.gather(
+            _pump_output(session, 1, streams.stdout), _pump_output(session, 2, streams.stderr)
+        )
+        waited: set[asyncio.Future[Any]] = {output}
+        if streams.stdin is not None:
+            waited.add(stdin)
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            return 0
+        finally:
+            for task in (stdin, resizes, output):
+                task.cancel()
+            session.close()
+
+    return run
+
+
+async def _pump_stdin(streams: ExecStreams, session: ExecSession | AttachSession) -> None:
     """The client's input, then its end (also when the client resets the stream)."""
     try:
         if streams.stdin is not None:
@@ -204,12 +243,14 @@ async def _pump_stdin(streams: ExecStreams, session: ExecSession) -> None:
         session.close_stdin()
 
 
-async def _pump_resizes(streams: ExecStreams, session: ExecSession) -> None:
+async def _pump_resizes(streams: ExecStreams, session: ExecSession | AttachSession) -> None:
     async for size in streams.resizes():
         session.resize(size.width, size.height)
 
 
-async def _pump_output(session: ExecSession, which: int, target: ExecOutput | None) -> None:
+async def _pump_output(
+    session: ExecSession | AttachSession, which: int, target: ExecOutput | None
+) -> None:
     """Everything the command writes on one stream; dropped when the client did not ask for it
     (reading it anyway keeps the command from blocking on a full pipe)."""
     while chunk := await session.read(which):

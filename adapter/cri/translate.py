@@ -311,6 +311,9 @@ def container_options(
         mounts=container_mounts(config),
         etc_files=tuple(pod_files.items()),
         log_path=log_path,
+        stdin=config.stdin,
+        stdin_once=config.stdin_once,
+        tty=config.tty,
     )
 
 
