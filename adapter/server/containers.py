@@ -19,6 +19,7 @@ from adapter.core.containerizer import Containerizer, Event
 from adapter.core.model import Fingerprint, Resources, State, Statistics, Termination
 from adapter.core.state import ContainerRecord
 from adapter.server import validation
+from adapter.server.attach import serve_attach
 from adapter.server.errors import mapped_errors, mapped_stream_errors
 from adapter.server.exec import serve_exec
 from adapter.server.logs import serve_logs
@@ -145,6 +146,13 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
         self, request_iterator: AsyncIterator[pb.PortForwardRequest], context: Any
     ) -> AsyncIterator[pb.PortForwardResponse]:
         async for reply in serve_port_forward(self._core, request_iterator):
+            yield reply
+
+    @mapped_stream_errors
+    async def Attach(
+        self, request_iterator: AsyncIterator[pb.AttachRequest], context: Any
+    ) -> AsyncIterator[pb.AttachResponse]:
+        async for reply in serve_attach(self._core, request_iterator):
             yield reply
 
     @mapped_stream_errors

@@ -18,6 +18,7 @@ from adapter.core.model import (
     NETWORK_MODES,
     Command,
     LaunchSpec,
+    LinuxOptions,
     NetworkSettings,
     PortMapping,
     Resources,
@@ -337,6 +338,11 @@ def launch_spec(
         network=network(request.container.network),
         privileged=request.privileged,
         no_new_privileges=request.no_new_privileges,
+        linux=LinuxOptions(
+            stdin=request.stdin or request.stdin_once,
+            stdin_once=request.stdin_once,
+            tty=request.tty,
+        ),
     )
     return spec, warnings
 

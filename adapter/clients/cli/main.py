@@ -147,6 +147,8 @@ def launch_request(args: argparse.Namespace) -> pb.LaunchRequest:
         labels=dict(args.label),
         privileged=args.privileged,
         no_new_privileges=args.no_new_privileges,
+        stdin=args.interactive,
+        tty=args.tty,
     )
 
 
@@ -180,7 +182,13 @@ def command_run(args: argparse.Namespace, client: ServiceClient) -> int:
         if args.detach:
             print(cli_format.to_json(response) if args.json else response.status.container_id)
             return 0
-        termination = follow_until_exit(client, args.id, response.status.sandbox)
+        if args.interactive or args.tty:
+            from adapter.clients.cli.attach import attach  # its own module: attach
+
+            attach(client, args.id, stdin=args.interactive)
+            termination = client.wait(args.id)
+        else:
+            termination = follow_until_exit(client, args.id, response.status.sandbox)
     except KeyboardInterrupt:
         return destroy_after_interrupt(client, args.id)
     return report_exit(args.id, termination)
@@ -432,6 +440,10 @@ def add_run_parser(subcommands: Any) -> None:
         help="repeatable",
     )
     run.add_argument("--detach", "-d", action="store_true", help="print the id and return at once")
+    run.add_argument(
+        "--interactive", "-i", action="store_true", help="keep its stdin open, pass ours to it"
+    )
+    run.add_argument("--tty", "-t", action="store_true", help="give it a terminal")
     run.add_argument("--shell", metavar="STRING", help="run STRING with /bin/sh -c")
     run.add_argument("command", nargs=argparse.REMAINDER, help="argv to execute (after --)")
 
@@ -484,11 +496,13 @@ def build_parser() -> ArgumentParser:
     from adapter.clients.cli.images import add_images_commands  # its own module: the images group
 
     add_images_commands(subcommands)
+    from adapter.clients.cli.attach import add_attach_parser  # its own module: attach
     from adapter.clients.cli.exec import add_exec_parser  # its own module: exec
     from adapter.clients.cli.logs import add_logs_parser  # and logs
     from adapter.clients.cli.portforward import add_port_forward_parser  # and port-forward
 
     add_exec_parser(subcommands)
+    add_attach_parser(subcommands)
     add_logs_parser(subcommands)
     add_port_forward_parser(subcommands)
     from adapter.clients.cli.compare import (
