@@ -5,6 +5,9 @@
 # drops the images' tags and then checks the unprefixed names, so no runtime passes with it.
 #   deploy/critest.sh [critest arguments, e.g. --ginkgo.focus REGEX]
 #   CRITEST_RUNTIMES=lxc deploy/critest.sh --runtime-handler lxc   (pods on another runtime)
+#   CRITEST_RUNTIMES=containerd deploy/critest.sh --runtime-handler containerd
+#     (with a private containerd: own root, state and socket under the run's directory, as the
+#     tests start one, stopped with everything else at the end)
 # Binaries: $CRITEST / $CRICTL, else ../shared/cri/bin; the image builder: $CRITEST_IMAGES,
 # else ../shared/cri/critest-images. Everything this makes lives under one temporary
 # directory and is stopped and removed at the end.
@@ -28,6 +31,12 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # What a private containerd left: its shims (by the pid each wrote in its state) and its
+  # mounts under the run's directory.
+  for shim in "$work"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
+    [ -f "$shim" ] && kill -KILL "$(cat "$shim")" 2>/dev/null || true
+  done
+  grep -o " $work/[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -56,6 +65,29 @@ EOF
 echo "==> pushing critest's images to $registry"
 "$images" --registry "$registry" >"$work/images.log"
 
+if [[ " ${CRITEST_RUNTIMES:-} " == *" containerd "* ]]; then
+  for tool in containerd ctr containerd-shim-runc-v2 runc; do
+    command -v "$tool" >/dev/null \
+      || { echo "critest.sh: $tool missing: apt-get install containerd runc" >&2; exit 2; }
+  done
+  echo "==> a private containerd in $work/containerd"
+  mkdir -p "$work/containerd"
+  containerd config default | .venv/bin/python -c 'if True:
+    import sys
+    from pathlib import Path
+    from tests.integration.containerd_daemon import private_config
+    print(private_config(sys.stdin.read(), Path(sys.argv[1])))' "$work/containerd" \
+    >"$work/containerd/config.toml"
+  containerd --config "$work/containerd/config.toml" >"$work/containerd/containerd.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 300); do
+    ctr --address "$work/containerd/containerd.sock" version >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  ctr --address "$work/containerd/containerd.sock" version >/dev/null \
+    || { cat "$work/containerd/containerd.log" >&2; exit 1; }
+fi
+
 socket=$work/containerizer.sock
 cri_socket=$work/cri.sock
 cat >"$work/config.toml" <<EOF
@@ -77,7 +109,12 @@ EOF
 # CRITEST_RUNTIMES="lxc ...": runtime tables to add (with native's, which runs the pods'
 # holders), for critest's --runtime-handler NAME. A table another step wrote is kept.
 for name in ${CRITEST_RUNTIMES:+native $CRITEST_RUNTIMES}; do
-  grep -qx "\[runtimes\.$name\]" "$work/config.toml" || echo "[runtimes.$name]" >>"$work/config.toml"
+  grep -qx "\[runtimes\.$name\]" "$work/config.toml" && continue
+  echo "[runtimes.$name]" >>"$work/config.toml"
+  if [ "$name" = containerd ]; then  # the private one started above
+    printf 'address = "%s"\nnamespace = "critest"\n' "$work/containerd/containerd.sock" \
+      >>"$work/config.toml"
+  fi
 done
 .venv/bin/containerizer serve --config "$work/config.toml" >"$work/service.log" 2>&1 &
 service=$!

@@ -24,7 +24,7 @@
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs]
  *   [--masked-path P]... [--readonly-path P]... [--cgroupns]
  *   [--log-file PATH] [--attach-socket PATH [--stdin [--stdin-once]] [--tty]]
- *   -- argv...
+ *   [--output-max-size N --output-max-files K] -- argv...
  * or, to run one more command in a running container (exec mode, see below):
  *   --exec-in PID --exec-start-time T [--cgroup-procs P]... [--cwd DIR]
  *   [--uid N --gid N [--groups N,N,...]] [--env K=V]...
@@ -59,6 +59,13 @@
  * that replaced them with symlinks cannot make a later launch write elsewhere; a file that is
  * not regular or has other links is refused. Once the workload's user is known, DIR (0750) and
  * both files (0640) are given to it: what it writes is its own, and other host users read none.
+ *
+ * --output-max-size N --output-max-files K (without --log-file, whose rotation is the kubelet's):
+ * the supervisor carries the output through pipes and appends it to DIR/stdout and DIR/stderr
+ * itself; a file that reached N bytes is renamed stdout.1 (stdout.1 to stdout.2, and so on; the
+ * oldest, stdout.<K-1>, removed) and a new one made, so a stream never keeps more than K files of
+ * N bytes and one read each. Nothing the workload put at these names is followed: see "rotated
+ * by size" below.
  *
  * --netns PATH: the child joins the network namespace bound at PATH (setns(CLONE_NEWNET), e.g.
  * /run/netns/NAME prepared by the network isolator) after joining its cgroups and before the
@@ -246,6 +253,8 @@ struct options {
     const char *attach_socket;   /* with log_file: clients attach to the workload's stdio */
     int keep_stdin;              /* --stdin: the workload's stdin a pipe the clients write */
     int stdin_once;              /* --stdin-once: closed when the first client's input ends */
+    unsigned long long output_max_size; /* the sandbox's files rotate at this size; 0: never */
+    unsigned int output_max_files;      /* and a stream keeps this many, the current one too */
     const char *exec_in;         /* exec mode: the host pid of the container's init */
     const char *exec_start_time; /* and its start time, so that a reused pid is refused */
     const char *exec_report_fd;  /* where a failure before the command's exec is reported */
@@ -644,6 +653,30 @@ static int take_container_option(struct options *opts, const char *name, char *v
     return 1;
 }
 
+#define OUTPUT_FILES_MAX 100 /* the rotated files a stream may keep, as the service allows */
+
+/* --output-max-size N (bytes, 0 never rotates) and --output-max-files K (1..OUTPUT_FILES_MAX);
+ * returns 0 if `name` is neither. */
+static int take_output_option(struct options *opts, const char *name, const char *value)
+{
+    char *end;
+    int size = strcmp(name, "--output-max-size") == 0;
+    if (!size && strcmp(name, "--output-max-files") != 0)
+        return 0;
+    errno = 0;
+    unsigned long long number = strtoull(value, &end, 10);
+    if (value[0] < '0' || value[0] > '9' || *end != '\0' || errno != 0 ||
+        (size ? number > (1ULL << 62) : number < 1 || number > OUTPUT_FILES_MAX))
+        usage_error(size ? "--output-max-size needs a number of bytes, got"
+                         : "--output-max-files needs a number from 1 to 100, got",
+                    value);
+    if (size)
+        opts->output_max_size = number;
+    else
+        opts->output_max_files = (unsigned int)number;
+    return 1;
+}
+
 /* One pass over the options: counting list lengths (fill = 0), or filling the lists sized by
  * the first pass (fill = 1). Returns the cursor at argv. */
 static struct cursor walk_options(struct cursor at, struct options *opts, struct lists *sizes,
@@ -664,7 +697,8 @@ static struct cursor walk_options(struct cursor at, struct options *opts, struct
         }
         char *value = option_value(&at, name);
         if (take_value(opts, name, value) ||
-            take_container_option(opts, name, value, &n[L_SYSCTLS], fill))
+            take_container_option(opts, name, value, &n[L_SYSCTLS], fill) ||
+            take_output_option(opts, name, value))
             continue;
         if (strcmp(name, "--capabilities") == 0) {
             char *end;
@@ -719,6 +753,7 @@ static void check_exec_options(const struct options *opts)
         {opts->attach_socket != NULL, "--attach-socket"},
         {opts->keep_stdin, "--stdin"},
         {opts->stdin_once, "--stdin-once"},
+        {opts->output_max_size > 0 || opts->output_max_files > 0, "--output-max-size"},
         {opts->hostname != NULL, "--hostname"},
         {opts->netns != NULL, "--netns"},
         {opts->rootfs_lower != NULL || opts->rootfs_dir != NULL, "--rootfs-lower"},
@@ -781,6 +816,8 @@ static void check_options(const struct options *opts)
     if (!opts->privileged && (!opts->have_capabilities || !opts->have_seccomp))
         usage_error("--capabilities and --seccomp are required unless --privileged", NULL);
     check_container_options(opts);
+    if ((opts->output_max_size > 0) != (opts->output_max_files > 0))
+        usage_error("--output-max-size (above 0) and --output-max-files go together", NULL);
     if (opts->argv[0] == NULL)
         usage_error("no command after --", NULL);
 }
@@ -1710,30 +1747,162 @@ static int run_log_relay(int argc, char **argv)
     return 0;
 }
 
-/* --- the sandbox's stdout and stderr written by the supervisor (--attach-socket alone) ---- */
+/* --- the sandbox's stdout and stderr written by the supervisor ---------------------------- */
 
 /* For a client to get the output it must pass through the supervisor, also when there is no CRI
  * log: then the log's pipes bring it, and it is appended as it comes to the sandbox's stdout and
- * stderr, the files the workload writes itself without an attach socket (opened as it opens
- * them: no symlink, a regular file of its own; given to the workload's user, 0640). */
+ * stderr, the files the workload writes itself when nothing needs its output to pass through us
+ * (opened as it opens them: no symlink, a regular file of its own; given to the workload's user,
+ * 0640). It passes through with an attach socket, and to rotate the files (--output-max-size). */
 static int sandbox_outputs[2] = {-1, -1};
+
+/* Whether the workload's stdout and stderr are pipes the supervisor reads (into the CRI log, or
+ * into the sandbox's files) rather than the sandbox's files themselves. */
+static int output_piped(const struct options *opts)
+{
+    return opts->log_file != NULL || opts->attach_socket != NULL || opts->output_max_size > 0;
+}
+
+/* dir/name opened to append the workload's output: never through a symlink (O_NOFOLLOW), a FIFO
+ * put there refused rather than waited on (O_NONBLOCK, which changes nothing on a regular
+ * file), kept only if it is a regular file of its own (not linked from elsewhere), and given to
+ * uid:gid, 0640. `flags` may add O_EXCL: a file that must be new. Returns the fd, or -1 with
+ * *reason set. */
+static int open_output_file(int dir, const char *name, int flags, uid_t uid, gid_t gid,
+                            const char **reason)
+{
+    struct stat info;
+    int fd = openat(dir, name,
+                    O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | flags,
+                    0640);
+    if (fd < 0) {
+        *reason = strerror(errno);
+        return -1;
+    }
+    *reason = "not a regular file of its own";
+    if (fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_nlink == 1) {
+        if (((info.st_uid == uid && info.st_gid == gid) || fchown(fd, uid, gid) == 0) &&
+            ((info.st_mode & 07777) == 0640 || fchmod(fd, 0640) == 0))
+            return fd;
+        *reason = strerror(errno);
+    }
+    close(fd);
+    return -1;
+}
 
 static int open_sandbox_output(int dir, const struct options *opts, const char *name)
 {
     char shown[PATH_MAX];
-    struct stat info;
-    snprintf(shown, sizeof shown, "%s/%s", opts->sandbox, name);
-    int fd = openat(dir, name, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0640);
-    if (fd < 0)
-        fail(name, shown, errno);
-    if (fstat(fd, &info) < 0 || !S_ISREG(info.st_mode) || info.st_nlink != 1)
-        fail_because(name, shown, "not a regular file of its own");
+    const char *reason;
     uid_t uid = opts->identity_given ? opts->uid : 0;
     gid_t gid = opts->identity_given ? opts->gid : 0;
-    if (((info.st_uid != uid || info.st_gid != gid) && fchown(fd, uid, gid) < 0) ||
-        ((info.st_mode & 07777) != 0640 && fchmod(fd, 0640) < 0))
-        fail("sandbox", shown, errno);
+    int fd = open_output_file(dir, name, 0, uid, gid, &reason);
+    if (fd < 0) {
+        snprintf(shown, sizeof shown, "%s/%s", opts->sandbox, name);
+        fail_because(name, shown, reason);
+    }
     return fd;
+}
+
+/* --- the sandbox's files rotated by size (--output-max-size, --output-max-files) ----------- */
+
+/* Once a stream's file has reached max_size it becomes stdout.1 (stdout.1 becomes stdout.2, and
+ * so on; what would become stdout.<max_files> is removed) and a new stdout takes its name. So a
+ * stream keeps at most max_files files, each of at most max_size bytes and one read from its
+ * pipe: a read is appended whole before the rotation, never split across two files.
+ *
+ * The sandbox is the workload's directory: it may put a symlink, a directory or a FIFO at any of
+ * these names at any time. So everything is done by name relative to the directory opened with
+ * O_NOFOLLOW at the launch; renameat and unlinkat act on a link itself, never on its target; and
+ * the new file is made with O_EXCL, so that whatever the workload put at its name is refused,
+ * never opened. */
+#define ROTATED_NAME_MAX 16 /* "stdout.100" */
+
+static struct {
+    int dir; /* the sandbox directory; -1 without rotation */
+    unsigned long long max_size;
+    unsigned int max_files; /* the current file and max_files - 1 rotated ones */
+    uid_t uid;              /* the new files' owner: the workload's user */
+    gid_t gid;
+    unsigned long long written[2]; /* each stream's current file's size, as we appended to it */
+} rotation = {.dir = -1};
+
+/* The k-th file of a stream: "stdout" for 0, else "stdout.k". */
+static void rotated_name(char *name, int stream, unsigned int k)
+{
+    const char *base = cri_log.streams[stream].name;
+    if (k == 0)
+        snprintf(name, ROTATED_NAME_MAX, "%s", base);
+    else
+        snprintf(name, ROTATED_NAME_MAX, "%s.%u", base, k);
+}
+
+/* Removes a file, a link (itself) or an empty directory at `name`. A directory that holds
+ * something stays: it is the workload's, and nothing of it is walked into. */
+static void remove_rotated(const char *name)
+{
+    if (unlinkat(rotation.dir, name, 0) < 0 && (errno == EISDIR || errno == EPERM))
+        (void)unlinkat(rotation.dir, name, AT_REMOVEDIR);
+}
+
+/* The oldest out, then stdout.<k-1> to stdout.<k> down to stdout to stdout.1, so that each lands
+ * on a free name or on a file it replaces. A name that cannot be moved (the next one is a
+ * directory with something in it) is removed instead: what it held is dropped rather than kept
+ * beyond the bound, and its name is free for the next. */
+static void shift_rotated(int stream)
+{
+    char from[ROTATED_NAME_MAX], to[ROTATED_NAME_MAX];
+    rotated_name(to, stream, rotation.max_files - 1);
+    remove_rotated(to);
+    for (unsigned int k = rotation.max_files - 1; k > 0; k--) {
+        rotated_name(from, stream, k - 1);
+        rotated_name(to, stream, k);
+        if (renameat(rotation.dir, from, rotation.dir, to) < 0 && errno != ENOENT)
+            remove_rotated(from);
+    }
+}
+
+/* After an append: a stream's file that reached max_size is rotated. When no new file can be
+ * made at the name (the workload put a directory or anything else there first), the container
+ * is not failed: its output goes on into the current file, which starts over (truncated), so
+ * that the disk still holds no more than the bound. The workload that blocked the name loses
+ * its own older output; the node loses nothing. */
+static void rotate_if_full(int stream)
+{
+    char name[ROTATED_NAME_MAX];
+    const char *reason;
+    if (rotation.dir < 0 || rotation.written[stream] < rotation.max_size)
+        return;
+    shift_rotated(stream);
+    rotated_name(name, stream, 0);
+    int fd = open_output_file(rotation.dir, name, O_EXCL, rotation.uid, rotation.gid, &reason);
+    if (fd < 0) {
+        if (ftruncate(sandbox_outputs[stream], 0) == 0)
+            rotation.written[stream] = 0;
+        return;
+    }
+    close(sandbox_outputs[stream]);
+    sandbox_outputs[stream] = fd;
+    rotation.written[stream] = 0;
+}
+
+/* With --output-max-size the sandbox directory stays open: the rotation renames and creates in
+ * it. The files' sizes count from what a previous launch left in them. */
+static void prepare_rotation(int dir, const struct options *opts)
+{
+    struct stat info;
+    if (opts->output_max_size == 0) {
+        close(dir);
+        return;
+    }
+    rotation.dir = dir;
+    rotation.max_size = opts->output_max_size;
+    rotation.max_files = opts->output_max_files;
+    rotation.uid = opts->identity_given ? opts->uid : 0;
+    rotation.gid = opts->identity_given ? opts->gid : 0;
+    for (int i = 0; i < 2; i++)
+        if (fstat(sandbox_outputs[i], &info) == 0)
+            rotation.written[i] = (unsigned long long)info.st_size;
 }
 
 static void prepare_sandbox_outputs(const struct options *opts)
@@ -1749,7 +1918,7 @@ static void prepare_sandbox_outputs(const struct options *opts)
         cri_log.streams[i].fd = ends[0];
         cri_log.write_ends[i] = ends[1];
     }
-    close(dir);
+    prepare_rotation(dir, opts);
 }
 
 /* In pump: the output as it came, to the sandbox's file; 0 in CRI log mode (records instead). */
@@ -1759,6 +1928,8 @@ static int write_sandbox_output(int stream, const char *data, size_t length)
         return 0;
     struct iovec part = {(void *)data, length};
     append_parts(sandbox_outputs[stream], &part, 1);
+    rotation.written[stream] += length;
+    rotate_if_full(stream);
     return 1;
 }
 
@@ -1915,13 +2086,11 @@ static void open_terminal(int with_stdin)
         fail("tty", "pty", errno);
 }
 
-/* In the supervisor before the fork, after prepare_cri_log. */
+/* In the supervisor before the fork, after prepare_cri_log or prepare_sandbox_outputs. */
 static void attach_prepare(const struct options *opts)
 {
     if (opts->attach_socket == NULL)
         return;
-    if (opts->log_file == NULL)
-        prepare_sandbox_outputs(opts);
     attach_listen(opts->attach_socket);
     attach.stdin_once = opts->stdin_once;
     if (opts->tty) {
@@ -1948,6 +2117,7 @@ static void attach_child_stdio(int errpipe)
     close_fd(&attach.terminal);
     close_fd(&sandbox_outputs[0]);
     close_fd(&sandbox_outputs[1]);
+    close_fd(&rotation.dir);
 }
 
 /* In the supervisor once the child runs. */
@@ -2327,7 +2497,7 @@ static void open_stdio(const struct options *opts, int errpipe)
     sandbox_fd = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (sandbox_fd < 0 || fstat(sandbox_fd, &sandbox_files[0]) < 0)
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
-    if (opts->log_file != NULL || opts->attach_socket != NULL) {
+    if (output_piped(opts)) {
         attach_log_pipes(errpipe); /* the supervisor writes the log (or the sandbox's files) */
         attach_child_stdio(errpipe);
         return;
@@ -2350,10 +2520,10 @@ static void give_sandbox(int errpipe, const struct options *opts, uid_t uid, gid
 {
     if (sandbox_fd < 0)
         return; /* exec mode: the container's sandbox was given at its launch */
-    /* In CRI log mode stdout and stderr are pipes, and the log is the supervisor's; with an
-     * attach socket the supervisor gave the sandbox's files already. */
+    /* In CRI log mode stdout and stderr are pipes, and the log is the supervisor's; when it
+     * writes the sandbox's files (output_piped) it gave them already. */
     if (give(sandbox_fd, &sandbox_files[0], uid, gid, 0750) < 0 ||
-        (opts->log_file == NULL && opts->attach_socket == NULL &&
+        (!output_piped(opts) &&
          (give(STDOUT_FILENO, &sandbox_files[STDOUT_FILENO], uid, gid, 0640) < 0 ||
           give(STDERR_FILENO, &sandbox_files[STDERR_FILENO], uid, gid, 0640) < 0)))
         child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
@@ -2926,6 +3096,8 @@ int main(int argc, char **argv)
     int dirfd = open_status_dir(opts.status_file, base);
     if (opts.log_file != NULL)
         prepare_cri_log(opts.log_file);
+    else if (output_piped(&opts))
+        prepare_sandbox_outputs(&opts);
     attach_prepare(&opts);
     int statuspipe[2];
     if (pipe2(statuspipe, O_CLOEXEC) < 0)

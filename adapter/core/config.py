@@ -20,11 +20,13 @@ from adapter.core.errors import ConfigError, InvalidArgument
 from adapter.core.model import NETWORK_MODES, is_valid_container_id
 from adapter.runtimes.native.options import NativeOptions
 from adapter.runtimes.registry import RUNTIMES, RuntimeOptions, parse_options
+from adapter.supervisor.client import OUTPUT_FILES_LIMIT
 
 CONFIG_VERSION = 1
 DEFAULT_SOCKET = "/run/containerizer/containerizer.sock"
 DEFAULT_STATE_DIR = "/var/lib/containerizer"
 KNOWN_ISOLATORS = ("cgroups/cpu", "cgroups/mem", "cgroups/pids", "posix/cpu", "posix/mem")
+DEFAULT_LOG_MAX_SIZE = 100 << 20
 
 # A Linux interface name (IFNAMSIZ - 1), without '.', which separates bridge and container in
 # the names of our network namespaces.
@@ -115,6 +117,11 @@ class AgentConfig:
     termination_retention: float = 3600.0
     # Whether a launch may ask for `privileged` (no confinement); refused unless set.
     allow_privileged: bool = False
+    # A container's stdout and stderr files rotate at this size (bytes; 0: never), and each
+    # stream keeps this many files (the current one and the rotated ones). Not the CRI log's:
+    # the kubelet rotates that.
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    log_max_files: int = 5
     runtimes: dict[str, RuntimeOptions] = field(default_factory=lambda: {"native": NativeOptions()})
     network: NetworkOptions = field(default_factory=NetworkOptions)
     images: ImagesOptions = field(default_factory=ImagesOptions)
@@ -153,6 +160,12 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "tls_client_ca": (str, lambda v: v.startswith("/"), "an absolute path to a PEM CA bundle"),
     "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
     "allow_privileged": (bool, lambda v: True, "true or false"),
+    "log_max_size": (int, lambda v: 0 <= v <= 1 << 62, "a number of bytes >= 0 (0: no rotation)"),
+    "log_max_files": (
+        int,
+        lambda v: 1 <= v <= OUTPUT_FILES_LIMIT,
+        f"an integer from 1 to {OUTPUT_FILES_LIMIT}",
+    ),
     "runtimes": (dict, lambda v: True, "a table of runtime tables"),
     "network": (dict, lambda v: True, "a table (see NETWORK_KEYS)"),
     "images": (dict, lambda v: True, f"a table of {list(IMAGES_KEYS)}"),
@@ -205,6 +218,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         tls_client_ca=_optional_path(raw.get("tls_client_ca")),
         termination_retention=float(raw.get("termination_retention", 3600.0)),
         allow_privileged=raw.get("allow_privileged", False),
+        log_max_size=raw.get("log_max_size", defaults.log_max_size),
+        log_max_files=raw.get("log_max_files", defaults.log_max_files),
         runtimes=runtimes,
         network=_parse_network(where, raw["network"]) if "network" in raw else NetworkOptions(),
         images=_parse_images(where, raw.get("images", {})),

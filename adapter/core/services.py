@@ -45,6 +45,8 @@ class NodeSettings:
     enable_cfs: bool
     isolators: tuple[str, ...]  # the native runtime's
     source: str  # the config file, for error messages
+    log_max_size: int  # a container's stdout/stderr files rotate at this size; 0: never
+    log_max_files: int  # and each stream keeps this many (the current one included)
 
     @classmethod
     def of(cls, config: AgentConfig) -> NodeSettings:
@@ -55,6 +57,8 @@ class NodeSettings:
             enable_cfs=config.cgroups_enable_cfs,
             isolators=config.isolators,
             source=str(config.source) if config.source else "<config>",
+            log_max_size=config.log_max_size,
+            log_max_files=config.log_max_files,
         )
 
     def where(self, runtime: str) -> str:

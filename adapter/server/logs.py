@@ -3,9 +3,10 @@ it as a client on this machine does (`containerizer logs`).
 
 Two kinds of log: a CRI container's one file of timestamped records (`<RFC3339Nano> <stream>
 <F|P> <text>`, written by its supervisor), or the sandbox's `stdout` and `stderr` files of every
-other container (no timestamps). Both are opened without following a symlink: the sandbox is
-the workload's to write. Following polls for growth, reopens a CRI log renamed by rotation, and
-ends once the container has ended and the files say nothing more.
+other container (no timestamps), which the supervisor rotates by size (`stdout.1` the newest
+rotated, read oldest first). Both are opened without following a symlink: the sandbox is the
+workload's to write. Following polls for growth, reads on into the new file after a rotation,
+and ends once the container has ended and the files say nothing more.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import datetime
 import os
 import re
 import stat
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
@@ -24,6 +25,7 @@ from adapter.core import errors
 from adapter.core.containerizer import Containerizer
 from adapter.core.model import State
 from adapter.server import validation
+from adapter.supervisor.client import OUTPUT_FILES_LIMIT
 
 POLL_SECONDS = 0.2
 READ_CHUNK = 64 * 1024
@@ -35,13 +37,16 @@ NANOS_DIGITS = 9
 
 @dataclass
 class _Source:
-    """One log file being read: its path, stream (None: a CRI log naming its own) and offset."""
+    """One stream's log file being read: its path, stream (None: a CRI log naming its own),
+    offset and, for the sandbox's files, the files rotated out of the stream that are still to
+    be read before it (oldest first)."""
 
     path: Path
     stream: str | None
     fd: int = -1
     inode: int = 0
     pending: bytes = b""
+    older: list[int] = field(default_factory=list)
 
     def open(self, sandbox: Path | None) -> bool:
         """False while the file does not exist (yet); an error when it is not a plain file of
@@ -63,9 +68,15 @@ class _Source:
         return True
 
     def read_lines(self) -> list[bytes]:
-        """Complete lines written since the last read."""
+        """Complete lines written since the last read: the rest of the older files first, then
+        the current one's. A line cut by a rotation is whole again here."""
         data = self.pending
-        while chunk := os.read(self.fd, READ_CHUNK):
+        while self.older and len(data) <= 4 * MAX_LINE:
+            chunk = os.read(self.older[0], READ_CHUNK)
+            data += chunk
+            if not chunk:
+                os.close(self.older.pop(0))
+        while not self.older and self.fd >= 0 and (chunk := os.read(self.fd, READ_CHUNK)):
             data += chunk
             if len(data) > 4 * MAX_LINE:
                 break
@@ -76,28 +87,144 @@ class _Source:
             self.pending = b""
         return lines
 
-    def rotated(self) -> bool:
-        """Whether the path names another file now (the kubelet renamed ours)."""
-        try:
-            return os.stat(self.path).st_ino != self.inode
-        except FileNotFoundError:
-            return False
+    def rotated(self, sandbox: Path | None) -> bool:
+        """Whether the path names another file now because ours was rotated: the kubelet
+        renamed a CRI log; the supervisor renamed the sandbox's file to NAME.1 (or it has gone
+        on past the last rotated name) and made a new one. What the workload swapped in while
+        ours stayed where it moved it, or a link, is not a rotation: the supervisor still
+        writes ours."""
+        if sandbox is None:
+            try:
+                return os.stat(self.path).st_ino != self.inode
+            except FileNotFoundError:
+                return False
+        with _Directory(sandbox) as directory:
+            here = directory.lstat(self.path.name)
+            if here is None or here.st_ino == self.inode or not stat.S_ISREG(here.st_mode):
+                return False
+            ours_moved = self.inode in directory.rotated_inodes(self.path.name)
+            return ours_moved or os.fstat(self.fd).st_nlink == 0
+
+    def reopen(self, sandbox: Path | None) -> None:
+        """After a rotation: the next reads give the rest of the old file, then (the sandbox's
+        files) those rotated after it, then the new file from its start."""
+        old_inode = self.inode
+        self.older.append(self.fd)
+        self.fd = -1
+        if not self.open(sandbox):  # not there again yet: the next pass looks again
+            self.fd = self.older.pop()
+            self.inode = old_inode
+            return
+        if sandbox is not None:
+            with _Directory(sandbox) as directory:
+                self.older += directory.rotated_after(self.path.name, old_inode, self.inode)
 
     def close(self) -> None:
+        for fd in self.older:
+            os.close(fd)
+        self.older.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+# O_NONBLOCK: a FIFO put there opens at once (and is then refused as not a file).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def _open_in(directory: Path, name: str) -> int:
     dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        # O_NONBLOCK: a FIFO put there opens at once (and is then refused as not a file).
-        return os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd
-        )
+        return os.open(name, READ_FLAGS, dir_fd=dirfd)
     finally:
         os.close(dirfd)
+
+
+class _Directory:
+    """The sandbox, opened without following a link; every name in it is looked up relative to
+    it and never followed, because the workload may put a link anywhere in it."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            self.fd = -1  # removed with its container: nothing is in it
+
+    def __enter__(self) -> _Directory:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        if self.fd < 0:
+            return None
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def rotated_inodes(self, name: str) -> list[int]:
+        """The inodes at NAME.1, NAME.2, ... up to the first name that is not there."""
+        inodes = []
+        for k in range(1, OUTPUT_FILES_LIMIT):
+            found = self.lstat(f"{name}.{k}")
+            if found is None:
+                break
+            inodes.append(found.st_ino)
+        return inodes
+
+    def rotated_files(self, name: str) -> list[tuple[int, int]]:
+        """The files rotated out of a stream, newest first (NAME.1, NAME.2, ... up to the first
+        name that is not there), opened: (fd, inode). What else the workload put at such a
+        name (a link, a directory, a FIFO) is not its output and is passed over."""
+        files: list[tuple[int, int]] = []
+        for k in range(1, OUTPUT_FILES_LIMIT):
+            try:
+                opened = self._open_file(f"{name}.{k}")
+            except FileNotFoundError:
+                break
+            if opened is not None:
+                files.append(opened)
+        return files
+
+    def _open_file(self, name: str) -> tuple[int, int] | None:
+        """(fd, inode) of the regular file of its own at `name`; None for anything else, which
+        is never opened (a FIFO would block, a device could act); FileNotFoundError for
+        nothing."""
+        if self.fd < 0:
+            raise FileNotFoundError(name)
+        if not stat.S_ISREG(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode):
+            return None
+        try:
+            fd = os.open(name, READ_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            raise
+        except OSError:  # swapped for a link since it was looked at
+            return None
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            return fd, info.st_ino
+        os.close(fd)
+        return None
+
+    def rotated_after(self, name: str, old_inode: int, current_inode: int) -> list[int]:
+        """The files rotated out after the one with `old_inode`, oldest first, opened; all of
+        them when that one has gone past the last name. `current_inode` (the file being read
+        as the stream's current one) is left out."""
+        newer: list[int] = []
+        files = self.rotated_files(name)
+        for index, (fd, inode) in enumerate(files):
+            if inode == old_inode:
+                for rest, _ in files[index:]:
+                    os.close(rest)
+                break
+            if inode == current_inode:
+                os.close(fd)
+            else:
+                newer.append(fd)
+        return newer[::-1]
 
 
 def parse_cri_timestamp(text: bytes) -> float:
@@ -137,6 +264,67 @@ def _tail(entries: list[pb.LogEntry], count: int) -> list[pb.LogEntry]:
     return entries[-count:] if count else entries
 
 
+def _cri_backlog(source: _Source, request: pb.LogsRequest) -> list[pb.LogEntry]:
+    """The CRI log's records in time order, from `since`, the last `tail_lines` of them."""
+    if not source.open(None):
+        return []
+    backlog = _entries(source, source.read_lines())
+    backlog.sort(key=lambda entry: entry.timestamp)  # stable: file order within a time
+    backlog = [entry for entry in backlog if entry.timestamp >= request.since]
+    return _tail(backlog, request.tail_lines)
+
+
+def _sandbox_backlog(sandbox: Path, sources: list[_Source], tail: int) -> Iterator[pb.LogEntry]:
+    """stdout's output, then stderr's (no timestamps to interleave them), each from its oldest
+    rotated file on; with `tail`, only the last `tail` lines of all that. Each current file is
+    left at its end for a follow."""
+    opened = [source for source in sources if source.open(sandbox)]
+    with _Directory(sandbox) as directory:
+        for source in opened:
+            for fd, inode in directory.rotated_files(source.path.name):
+                if inode == source.inode:  # rotated since it was opened: read as the current
+                    os.close(fd)
+                else:
+                    source.older.insert(0, fd)
+    if not tail:
+        for source in opened:
+            while lines := source.read_lines():
+                yield from _entries(source, lines)
+        return
+    chosen: list[list[bytes]] = []
+    for source in reversed(opened):  # stderr's lines are the last ones
+        chosen.insert(0, _last_lines(source, tail - sum(len(lines) for lines in chosen)))
+    for source, lines in zip(opened, chosen, strict=True):
+        yield from _entries(source, lines)
+
+
+def _last_lines(source: _Source, count: int) -> list[bytes]:
+    """The last `count` complete lines of one stream, read back from the end of its current
+    file into the older ones, newest first. The current file is left at its end with its
+    unfinished line pending, for a follow."""
+    data, newlines, whole = b"", 0, True
+    for fd in [source.fd, *reversed(source.older)]:
+        position = os.fstat(fd).st_size
+        if fd == source.fd:
+            os.lseek(fd, position, os.SEEK_SET)
+        while position > 0 and newlines <= count and len(data) <= (count + 1) * MAX_LINE:
+            step = min(TAIL_BLOCK, position)
+            position -= step
+            block = os.pread(fd, step, position)
+            newlines += block.count(b"\n")
+            data = block + data
+        if position > 0:
+            whole = False  # data starts inside a line
+            break
+    for fd in source.older:
+        os.close(fd)
+    source.older.clear()
+    lines = data.split(b"\n")
+    source.pending = lines.pop()
+    lines = lines if whole else lines[1:]
+    return [line[:MAX_LINE] for line in lines[-count:]] if count else []
+
+
 async def serve_logs(core: Containerizer, request: pb.LogsRequest) -> AsyncIterator[pb.LogEntry]:
     container_id = validation.container_id(request.container_id)
     spec = core.status(container_id).spec
@@ -151,14 +339,11 @@ async def serve_logs(core: Containerizer, request: pb.LogsRequest) -> AsyncItera
         sandbox = Path(spec.sandbox)
         sources = [_Source(sandbox / "stdout", "stdout"), _Source(sandbox / "stderr", "stderr")]
     try:
-        opened = [source for source in sources if source.open(sandbox)]
-        backlog: list[pb.LogEntry] = []
-        for source in opened:
-            backlog += _entries(source, source.read_lines())
-        if spec.linux.log_path:
-            backlog.sort(key=lambda entry: entry.timestamp)  # stable: file order within a time
-        backlog = [entry for entry in backlog if entry.timestamp >= request.since]
-        for entry in _tail(backlog, request.tail_lines):
+        if sandbox is None:
+            backlog: Iterable[pb.LogEntry] = _cri_backlog(sources[0], request)
+        else:
+            backlog = _sandbox_backlog(sandbox, sources, request.tail_lines)
+        for entry in backlog:
             yield entry
         if request.follow:
             async for entry in _follow(core, container_id, sources, sandbox):
@@ -178,8 +363,8 @@ async def _follow(
                 continue
             for entry in _entries(source, source.read_lines()):
                 yield entry
-            if sandbox is None and source.rotated():
-                source.close()  # the next pass reads the new file from its start
+            if source.rotated(sandbox):
+                source.reopen(sandbox)  # the next pass reads on into the new file
         if ended:
             return
         await asyncio.sleep(POLL_SECONDS)

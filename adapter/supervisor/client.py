@@ -65,6 +65,7 @@ SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-z0-9_*-]+)+")
 # network namespace (net.*): the only ones a container may set, in namespaces not the host's.
 IPC_SYSCTL = re.compile(r"kernel\.(shm.*|msg.*|sem)|fs\.mqueue\..+")
 NET_SYSCTL = re.compile(r"net\..+")
+OUTPUT_FILES_LIMIT = 100  # the rotated files a stream may keep (the supervisor's limit)
 
 
 class SpawnError(LaunchFailed):
@@ -285,7 +286,9 @@ class LaunchConfig:
     (adapter/supervisor/attach.py); the supervisor then writes the sandbox's files (or the log)
     itself. With `stdin` the workload's stdin stays open for the clients (ended by the first
     client's end of input with `stdin_once`), else it is /dev/null; `tty` makes a pty its
-    stdio."""
+    stdio. Without `log_file`, the sandbox's files rotate at `output_max_size` bytes (0: never),
+    each stream keeping `output_max_files` files (the node's log_max_size, log_max_files); the
+    supervisor then writes them itself."""
 
     status_file: str
     sandbox: str
@@ -307,6 +310,8 @@ class LaunchConfig:
     stdin: bool = False
     stdin_once: bool = False
     tty: bool = False
+    output_max_size: int = 0
+    output_max_files: int = 1
 
     def encode(self) -> bytes:
         """The bytes for the supervisor's config pipe: NUL-terminated strings, except the blob
@@ -333,6 +338,7 @@ class LaunchConfig:
                 parts += [(option, ""), (given, field)]
         parts += [("--no-namespaces", "")] if not self.namespaces else []
         parts += self._attach_parts()
+        parts += self._rotation_parts()
         parts += self._linux_parts()
         if self.filesystem is not None:
             parts += [(option, "container.image") for option in self.filesystem.options()]
@@ -363,6 +369,21 @@ class LaunchConfig:
         ]
         flags = (("--stdin", self.stdin), ("--stdin-once", self.stdin_once), ("--tty", self.tty))
         return parts + [(flag, "") for flag, given in flags if given]
+
+    def _rotation_parts(self) -> list[tuple[str | bytes, str]]:
+        """--output-max-size and --output-max-files; none with a CRI log (the kubelet rotates
+        it) or a size of 0."""
+        if self.output_max_size < 0:
+            raise InvalidArgument("log_max_size", f"{self.output_max_size} is below 0")
+        if not 1 <= self.output_max_files <= OUTPUT_FILES_LIMIT:
+            raise InvalidArgument(
+                "log_max_files", f"{self.output_max_files} is not from 1 to {OUTPUT_FILES_LIMIT}"
+            )
+        if self.log_file is not None or self.output_max_size == 0:
+            return []
+        words = ["--output-max-size", str(self.output_max_size)]
+        words += ["--output-max-files", str(self.output_max_files)]
+        return [(word, "") for word in words]
 
     def _linux_parts(self) -> list[tuple[str | bytes, str]]:
         """--uid --gid --groups, --ns and --sysctl, each checked."""

@@ -78,7 +78,7 @@ from adapter.runtimes.containerd.options import ContainerdOptions
 from adapter.runtimes.containerd.rundir import RunDirectories
 from adapter.runtimes.containerd.seccomp import launch_profile
 from adapter.runtimes.containerd.state import ContainerdState
-from adapter.supervisor.client import find_supervisor
+from adapter.supervisor.client import REOPEN_TIMEOUT_S, find_supervisor, log_reopened
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.registry import limitation_at_exit
@@ -106,6 +106,7 @@ class ContainerdDriver:
     name = "containerd"
 
     def __init__(self, options: ContainerdOptions, services: Services) -> None:
+        self._log_paths: dict[str, str] = {}  # a CRI container's log, which reopen waits for
         self._address = options.address
         self._namespace = options.namespace
         self._runtime = options.runtime
@@ -323,6 +324,7 @@ class ContainerdDriver:
         the shim runs (logs.py)."""
         outputs = [str(Path(spec.sandbox) / name) for name in OUTPUTS]
         if spec.linux.log_path:
+            self._log_paths[spec.container_id] = spec.linux.log_path
             relay = logs.relay_uri(
                 find_supervisor(None),
                 spec.linux.log_path,
@@ -429,6 +431,12 @@ class ContainerdDriver:
     async def reopen_log(self, container_id: str) -> None:
         self._known(container_id)
         logs.reopen(self._run_dirs.path(container_id), container_id)
+        log_path = self._log_paths.get(container_id, "")
+        if log_path and not await log_reopened(log_path):
+            raise FailedPrecondition(
+                f"containerd runtime: {container_id!r} did not reopen {log_path} within"
+                f" {REOPEN_TIMEOUT_S:g} s"
+            )
 
     def _known(self, container_id: str) -> ContainerdHandle:
         handle = self._state.handles.get(container_id)
@@ -457,6 +465,7 @@ class ContainerdDriver:
             await self._network.cleanup(container_id)
         # After the task's deletion: the shim has then ended the log relay, which writes here.
         self._run_dirs.remove(container_id)
+        self._log_paths.pop(container_id, None)
 
     async def _delete_in_containerd(self, handle: ContainerdHandle) -> None:
         client = self._client
@@ -525,23 +534,21 @@ class ContainerdDriver:
             ),
             f"update task {handle.containerd_id}",
         )
-        await self._network.update(container_id, resources)
 
     async def usage(self, container_id: str) -> Statistics:
         """The shared accounting reader on the cgroups runc made at linux.cgroupsPath."""
         self._known(container_id)
         if not self._cgroups.dirs(container_id):
             raise NotFound(f"containerd runtime: {container_id!r} has no cgroup (not running)")
-        statistics = self._cgroups.statistics(container_id)
-        statistics.update(await self._network.usage(container_id))
-        return statistics
+        return self._cgroups.statistics(container_id)
 
     # ---- recovery ----
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
-        await self._network.recover(known_ids)  # needs no containerd: runs even if it is down
         for entry in checkpointed:
             cid = entry.spec.container_id
+            if entry.spec.linux.log_path:
+                self._log_paths[cid] = entry.spec.linux.log_path
             if entry.handle:
                 self._state.handles[cid] = ContainerdHandle.from_json(cid, entry.handle)
             else:
@@ -590,7 +597,6 @@ class ContainerdDriver:
         if self._releases:  # ended Exec sessions whose processes are being deleted
             await asyncio.wait(self._releases, timeout=RELEASE_TIMEOUT)
         await self._state.close()
-        await self._network.close()
         if self._client_instance is not None:
             await self._client_instance.close()
 

@@ -291,6 +291,8 @@ class LxcDriver:
             log_file=view.log_file,
             namespaces_joined=linux.supervisor_namespaces(spec),
             sysctls=spec.linux.sysctls,
+            output_max_size=self._node.log_max_size,
+            output_max_files=self._node.log_max_files,
         )
 
     async def start(self, spec: LaunchSpec) -> Launched:

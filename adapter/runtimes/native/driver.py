@@ -169,6 +169,8 @@ class NativeDriver:
                 stdin=spec.linux.stdin,
                 stdin_once=spec.linux.stdin_once,
                 tty=spec.linux.tty,
+                output_max_size=self._node.log_max_size,
+                output_max_files=self._node.log_max_files,
             )
             handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
