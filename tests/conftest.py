@@ -25,7 +25,7 @@ from tests.cgroup_roots import (
     run_cgroup_roots,
     run_scoped_name,
 )
-from tests.run_records import RunRecord, sweep_dead_runs
+from tests.run_records import RunRecord, bridge_prefix, remove_network, sweep_dead_runs
 
 # Fixtures several test modules share, registered once here rather than imported by each.
 pytest_plugins = ["tests.integration.cgroup_helpers", "tests.integration.cri"]
@@ -81,6 +81,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 red=True,
             )
         remove_cgroup_trees(*names)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # Likewise its bridges, veths and network namespaces (named with the run's id).
+    removed, _ = remove_network(bridge_prefix(RUN_ID))
+    if removed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"\nFAILED: this run (id {RUN_ID}) left network names behind, now removed:"
+                f" {', '.join(removed)}",
+                red=True,
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     with contextlib.suppress(KeyError):
         session.config.stash[RUN_RECORD].release()

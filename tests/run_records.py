@@ -184,10 +184,43 @@ def sweep_dead_runs(registry: Path = REGISTRY) -> list[SweptRun]:
                     lock_path.with_suffix(".json").unlink(missing_ok=True)
                     lock_path.unlink(missing_ok=True)
             swept.append(result)
+        orphans = sweep_orphan_networks(live.run_ids | set(dead))
+        if orphans is not None:
+            swept.append(orphans)
         return swept
     finally:
         for descriptor in held.values():
             os.close(descriptor)
+
+
+# A test bridge's name (run_scoped_bridge): "c", the run id, "-", five hex digits.
+RUN_BRIDGE = re.compile(r"c([0-9a-z]{8})-[0-9a-f]{5}")
+
+
+def sweep_orphan_networks(recorded_ids: set[str]) -> SweptRun | None:
+    """Network names of test runs no record names any more (a run that ended without removing
+    all it made, before runs checked their own network at the end): nobody owns them."""
+    spared = recorded_ids | {RUN_ID}  # and this process's own run, recorded or not yet
+    run_ids = {
+        match.group(1)
+        for name in _network_names()
+        if (match := RUN_BRIDGE.match(name)) is not None and match.group(1) not in spared
+    }
+    if not run_ids:
+        return None
+    result = SweptRun("orphans", [], [])
+    for run_id in sorted(run_ids):
+        removed, left = remove_network(bridge_prefix(run_id))
+        result.network += removed
+        result.left += left
+    return result
+
+
+def _network_names() -> list[str]:
+    names = [path.name for path in NETNS_DIR.glob("c*")] if NETNS_DIR.is_dir() else []
+    output = _output("ip", "-j", "link", "show")
+    names += [str(link.get("ifname", "")) for link in json.loads(output or "[]")]
+    return names
 
 
 @dataclass

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, require, require_root
-from tests.run_records import ended, mounts_below, sweep_dead_runs
+from tests.run_records import ended, mounts_below, run_scoped_bridge, sweep_dead_runs
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +194,29 @@ def test_a_killed_run_is_swept_and_a_live_one_is_not(registry: Path, tmp_path: P
     assert [run.run_id for run in sweep_dead_runs(registry)] == [decoy.run_id]
     assert decoy.present() == _nothing(decoy.everything())
     assert list(registry.iterdir()) == []
+
+
+def test_network_names_of_runs_no_record_names_are_swept(tmp_path: Path) -> None:
+    """A run that ended without removing its bridge and namespace (no record left to sweep
+    it by): the next session's sweep removes them; this run's own are never touched."""
+    require_root()
+    require(shutil.which("ip") is not None, "needs iproute2")
+    gone_run = uuid.uuid4().hex[:8]
+    bridge = f"c{gone_run}-{uuid.uuid4().hex[:5]}"
+    netns = f"{bridge}.owner.c1"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    own_bridge = run_scoped_bridge()
+    subprocess.run(["ip", "link", "add", own_bridge, "type", "bridge"], check=True)
+    try:
+        registry = tmp_path / "runs"
+        registry.mkdir()
+        sweep_dead_runs(registry)
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+        assert bridge not in links
+        assert not Path("/run/netns", netns).exists()
+        assert own_bridge in links  # this run's, though no record in `registry` names it
+    finally:
+        for link in (bridge, own_bridge):
+            subprocess.run(["ip", "link", "delete", link], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
