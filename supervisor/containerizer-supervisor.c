@@ -31,6 +31,9 @@
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs] -- argv...
  * or, as containerd's logging binary for a task's CRI log (see "log relay mode" below):
  *   containerizer-supervisor --log-relay LOG --pid-file FILE
+ * or as its logging binary for a task's sandbox files, rotated (see "sandbox relay mode" below):
+ *   containerizer-supervisor --sandbox-relay DIR --output-max-size N --output-max-files K
+ *                            --uid U --gid G
  *
  * --seccomp LEN is followed by LEN raw bytes (not NUL-terminated): a BPF program, an array of
  * struct sock_filter, compiled by the service (adapter/seccomp.py). --seccomp 0 loads no filter
@@ -1706,7 +1709,7 @@ static int take_relay_signals(int sigfd)
     struct signalfd_siginfo info;
     int finish = 0;
     while (read(sigfd, &info, sizeof info) == (ssize_t)sizeof info) {
-        if (info.ssi_signo == SIGUSR1)
+        if (info.ssi_signo == SIGUSR1 && cri_log.path[0] != '\0') /* the sandbox relay: none */
             reopen_log_file();
         else if (info.ssi_signo == SIGTERM)
             finish = 1;
@@ -1714,22 +1717,21 @@ static int take_relay_signals(int sigfd)
     return finish;
 }
 
-static int run_log_relay(int argc, char **argv)
+/* The shim's pipes (fds 3 and 4) become the streams the pump reads. */
+static void take_relay_pipes(const char *mode)
 {
-    const char *log = NULL, *pid_file = NULL, *reason;
-    parse_relay_args(argc, argv, &log, &pid_file);
-    strcpy(cri_log.path, log);
-    cri_log.fd = open_log_file(log, &reason);
     for (int i = 0; i < 2; i++) {
         int fd = RELAY_FIRST_STREAM_FD + i;
         if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
-            fail("log-relay", cri_log.streams[i].name, errno);
+            fail(mode, cri_log.streams[i].name, errno);
         cri_log.streams[i].fd = fd;
     }
-    int sigfd = relay_signals();
-    write_relay_pid_file(pid_file);
-    close(RELAY_READY_FD);
-    (void)chdir("/");
+}
+
+/* Copies the pipes (into the CRI log, or the sandbox's files) until EOF on both or the shim's
+ * SIGTERM, then what they still hold. */
+static void relay_until_end(int sigfd)
+{
     while (cri_log.streams[0].fd >= 0 || cri_log.streams[1].fd >= 0) {
         struct pollfd watched[3] = {{cri_log.streams[0].fd, POLLIN, 0},
                                     {cri_log.streams[1].fd, POLLIN, 0},
@@ -1744,6 +1746,20 @@ static int run_log_relay(int argc, char **argv)
                 pump(&cri_log.streams[i], LOG_READ_MAX);
     }
     drain_logs();
+}
+
+static int run_log_relay(int argc, char **argv)
+{
+    const char *log = NULL, *pid_file = NULL, *reason;
+    parse_relay_args(argc, argv, &log, &pid_file);
+    strcpy(cri_log.path, log);
+    cri_log.fd = open_log_file(log, &reason);
+    take_relay_pipes("log-relay");
+    int sigfd = relay_signals();
+    write_relay_pid_file(pid_file);
+    close(RELAY_READY_FD);
+    (void)chdir("/");
+    relay_until_end(sigfd);
     return 0;
 }
 
@@ -1937,6 +1953,92 @@ static int write_sandbox_output(int stream, const char *data, size_t length)
 static int output_through_supervisor(void)
 {
     return cri_log.fd >= 0 || sandbox_outputs[0] >= 0;
+}
+
+/* --- sandbox relay mode (--sandbox-relay): containerd's logging binary for the sandbox -------- */
+
+/* A containerd task without a CRI log would have its shim append stdout and stderr straight to
+ * the sandbox's files, which then grow without bound. To rotate them the service makes the
+ * task's logging binary (see "log relay mode" above for how the shim runs it)
+ *   containerizer-supervisor --sandbox-relay DIR --output-max-size N --output-max-files K
+ *                            --uid U --gid G                       (the pairs in any order)
+ * which appends what comes on fds 3 and 4 to DIR/stdout and DIR/stderr, and rotates them, with
+ * the functions a launch's supervisor uses for --output-max-size: by name relative to DIR opened
+ * with O_NOFOLLOW, never through a link, each file given to U:G, 0640. It ends as the log relay
+ * does: at EOF on both pipes, or at the shim's SIGTERM (the task is being deleted) once what the
+ * pipes still hold is written, so a deleted task's output is complete. A file that cannot be
+ * opened (DIR is gone, or the workload put a directory at the name) loses that stream's output
+ * until its next rotation makes the file anew: a workload must not die of a broken pipe. */
+#define SANDBOX_RELAY_OPTIONS 5 /* each with its value */
+#define SANDBOX_RELAY_ARGC (1 + 2 * SANDBOX_RELAY_OPTIONS)
+
+static const char sandbox_relay_usage[] =
+    "usage: containerizer-supervisor --sandbox-relay DIR --output-max-size N"
+    " --output-max-files K --uid U --gid G";
+
+static int is_sandbox_relay(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--sandbox-relay") == 0)
+            return 1;
+    return 0;
+}
+
+/* Each of the five pairs exactly once; the options as a launch's supervisor would hold them. */
+static void parse_sandbox_relay_args(int argc, char **argv, struct options *opts)
+{
+    static const char *const names[SANDBOX_RELAY_OPTIONS] = {"--sandbox-relay", "--output-max-size",
+                                        "--output-max-files", "--uid", "--gid"};
+    unsigned int seen = 0, k;
+    if (argc != SANDBOX_RELAY_ARGC)
+        usage_error(sandbox_relay_usage, NULL);
+    for (int i = 1; i < argc; i += 2) {
+        const char *value = argv[i + 1];
+        for (k = 0; k < SANDBOX_RELAY_OPTIONS && strcmp(argv[i], names[k]) != 0; k++)
+            ;
+        if (k == SANDBOX_RELAY_OPTIONS || (seen & (1u << k)))
+            usage_error("sandbox relay: unknown or repeated option", argv[i]);
+        seen |= 1u << k;
+        if (k == 0)
+            opts->sandbox = value;
+        else if (k == 3)
+            opts->uid = parse_id(value, "--uid needs a number, got");
+        else if (k == 4)
+            opts->gid = parse_id(value, "--gid needs a number, got");
+        else
+            (void)take_output_option(opts, argv[i], value);
+    }
+    if (opts->sandbox[0] != '/')
+        usage_error("--sandbox-relay needs an absolute path, got", opts->sandbox);
+    opts->identity_given = GIVEN_UID | GIVEN_GID;
+}
+
+/* A stream whose file cannot be opened writes to /dev/null (its own fd: a rotation closes it). */
+static void open_relayed_outputs(const struct options *opts)
+{
+    const char *reason;
+    int dir = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    for (int i = 0; i < 2; i++) {
+        const char *name = cri_log.streams[i].name;
+        int fd = dir < 0 ? -1 : open_output_file(dir, name, 0, opts->uid, opts->gid, &reason);
+        sandbox_outputs[i] = fd >= 0 ? fd : open("/dev/null", O_WRONLY | O_CLOEXEC);
+    }
+    if (dir >= 0)
+        prepare_rotation(dir, opts);
+}
+
+static int run_sandbox_relay(int argc, char **argv)
+{
+    struct options opts;
+    memset(&opts, 0, sizeof opts);
+    parse_sandbox_relay_args(argc, argv, &opts);
+    open_relayed_outputs(&opts);
+    take_relay_pipes("sandbox-relay");
+    int sigfd = relay_signals();
+    close(RELAY_READY_FD);
+    (void)chdir("/");
+    relay_until_end(sigfd);
+    return 0;
 }
 
 /* --- attach socket (--attach-socket): the workload's stdio open to clients ----------------- */
@@ -3090,6 +3192,8 @@ int main(int argc, char **argv)
     ignore_signals();
     if (is_log_relay(argc, argv))
         return run_log_relay(argc, argv);
+    if (is_sandbox_relay(argc, argv))
+        return run_sandbox_relay(argc, argv);
     load_options(config_fd_of(argc, argv), devnull, &opts);
     if (exec_mode)
         return run_exec(&opts, devnull);

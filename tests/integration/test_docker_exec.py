@@ -294,8 +294,8 @@ def test_exec_sync_output_timeout_and_a_command_that_never_ran(
         result = await driver.exec_sync(container_id, ("sh", "-c", script), 1.0)
         assert result.timed_out and result.exit_code == TIMED_OUT_EXIT_CODE
         assert result.stdout == b"waiting\n"
-        assert time.monotonic() - started < 10
-        deadline = time.monotonic() + 10
+        assert time.monotonic() - started < 30  # bounds under a loaded CI machine, not speed
+        deadline = time.monotonic() + 30
         while _running(["sleep", marker]):  # killed with the shell that started it
             assert time.monotonic() < deadline, "the timed-out command's child still runs"
             await asyncio.sleep(0.05)

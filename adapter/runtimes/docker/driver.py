@@ -71,7 +71,12 @@ from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fi
 from adapter.runtimes.docker.handle import DockerHandle
 from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
 from adapter.runtimes.docker.options import DockerOptions
-from adapter.runtimes.docker.output import OutputFollowers, OutputTarget, output_sizes
+from adapter.runtimes.docker.output import (
+    OutputFollowers,
+    OutputTarget,
+    Rotation,
+    output_sizes,
+)
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
 from isolators.registry import ACCOUNTED_CONTROLLERS
@@ -177,7 +182,8 @@ class DockerDriver:
         self._follower = ExitFollower(
             self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
         )
-        self._outputs = OutputFollowers(self._engine)
+        rotation = Rotation(services.node.log_max_size, services.node.log_max_files)
+        self._outputs = OutputFollowers(self._engine, rotation)
 
     # ---- fingerprint ----
 

@@ -17,13 +17,29 @@ own, survives a crash between two writes, and costs a replay of the log on each 
 reads its json-file from the start for any `since` too). A workload that writes to these files
 itself (it can: the sandbox is its own) only disturbs its own output.
 
+Rotation by size (log_max_size, log_max_files), as the supervisor rotates for the other runtimes:
+a file that reached the size becomes `stdout.1` (`stdout.1` becomes `stdout.2`, ...; the oldest
+beyond the bound is removed) and a new `stdout` goes on. A file's size then no longer says what
+was copied, so a file that a rotation made carries a mark (an xattr in the `trusted` namespace,
+which a workload without CAP_SYS_ADMIN cannot set): the container's docker id and how many bytes
+of its stream precede the file. Bytes copied = that base + the file's size; a file without this
+container's mark is the one the container began in, and holds `size - offset` of them. The new
+file is made and marked under a temporary name, then swapped with `stdout` in one
+renameat2(RENAME_EXCHANGE): a crash leaves either the old file or the new, marked one at the
+name, never none, so a restart neither loses nor repeats a byte.
+
 The files are opened as every runtime opens them (adapter/core/sandbox.py): never through a link.
+Everything a rotation does is by name relative to the sandbox directory opened with O_NOFOLLOW;
+renames and unlinks act on a link itself, and a directory the workload put at a rotated name is
+removed when empty and otherwise left as it is (its name is then skipped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -39,6 +55,18 @@ log = logging.getLogger(__name__)
 STREAM_FILES = {STDOUT: "stdout", STDERR: "stderr"}
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
+MARK_XATTR = "trusted.containerizer.docker-output"  # "<docker id> <bytes before this file>"
+RENAME_EXCHANGE = 2  # linux/fs.h
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The node's bound on a stream's files: `max_size` bytes each (0: never rotate), and
+    `max_files` of them, the current one included."""
+
+    max_size: int = 0
+    max_files: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,27 +95,156 @@ def output_sizes(sandbox: Path) -> tuple[int, int]:
 
 
 class _Sink:
-    """One sandbox file, appended to after `skip` bytes of its stream that it already holds."""
+    """One stream's sandbox file, appended to after `skip` bytes of its stream that the files
+    already hold, rotated by `rotation`."""
 
-    def __init__(self, target: OutputTarget, stream: int) -> None:
-        self.fd = open_output(str(target.sandbox), STREAM_FILES[stream])
-        self.skip = max(0, os.fstat(self.fd).st_size - target.offset(stream))
+    def __init__(self, target: OutputTarget, stream: int, rotation: Rotation) -> None:
+        self.name = STREAM_FILES[stream]
+        self.docker_id = target.docker_id
+        self.rotation = rotation
+        self.sandbox = str(target.sandbox)
+        self.fd = open_output(self.sandbox, self.name)
+        self.copied = _copied_before(self.fd, target.docker_id, target.offset(stream))
+        self.skip = self.copied
 
     def write(self, data: bytes) -> None:
         cut = min(self.skip, len(data))
         self.skip -= cut
         view = memoryview(data)[cut:]
         while view:
-            view = view[os.write(self.fd, view) :]
+            written = os.write(self.fd, view)
+            self.copied += written
+            view = view[written:]
+        if cut < len(data) and 0 < self.rotation.max_size <= os.fstat(self.fd).st_size:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """The current file becomes `<name>.1`, a new marked one takes the name. When no new
+        file can be made (the workload blocked the temporary name), the current file starts
+        over instead, so the disk still holds no more than the bound."""
+        directory = _open_directory(self.sandbox)
+        try:
+            fresh = self._fresh_file(directory)
+            if fresh is None:
+                self._start_over()
+                return
+            _shift_rotated(directory, self.name, self.rotation.max_files)
+            try:
+                _exchange(directory, _temporary_name(self.name), self.name)
+            except OSError:
+                os.close(fresh)
+                self._start_over()
+                return
+            oldest = f"{self.name}.1" if self.rotation.max_files > 1 else None
+            _move_or_remove(directory, _temporary_name(self.name), oldest)
+            os.close(self.fd)
+            self.fd = fresh
+        finally:
+            os.close(directory)
+
+    def _start_over(self) -> None:
+        _mark(self.fd, self.docker_id, self.copied)
+        os.ftruncate(self.fd, 0)
+
+    def _fresh_file(self, directory: int) -> int | None:
+        """A new empty file at the temporary name, marked with what precedes it."""
+        temporary = _temporary_name(self.name)
+        _remove_rotated(directory, temporary)
+        try:
+            fd = open_output(self.sandbox, temporary, truncate=True)
+        except FailedPrecondition:
+            return None
+        try:
+            _mark(fd, self.docker_id, self.copied)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
 
-async def copy_output(engine: DockerEngine, target: OutputTarget, *, follow: bool) -> bool:
+def _temporary_name(name: str) -> str:
+    return f".{name}.rotating"
+
+
+def _copied_before(fd: int, docker_id: str, offset: int) -> int:
+    """How many bytes of the container's stream the files hold (see the module's docstring)."""
+    size = os.fstat(fd).st_size
+    try:
+        mark = os.getxattr(fd, MARK_XATTR).decode("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        mark = []
+    if len(mark) == 2 and mark[0] == docker_id and mark[1].isdigit():
+        return int(mark[1]) + size
+    return max(0, size - offset)
+
+
+def _mark(fd: int, docker_id: str, base: int) -> None:
+    os.setxattr(fd, MARK_XATTR, f"{docker_id} {base}".encode("ascii"))
+
+
+def _open_directory(sandbox: str) -> int:
+    try:
+        return os.open(sandbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FailedPrecondition(f"sandbox {sandbox}: {exc.strerror} (not a directory?)") from None
+
+
+def _remove_rotated(directory: int, name: str) -> None:
+    """Remove a file, a link (itself) or an empty directory at `name`; a directory that holds
+    something is the workload's and stays, unwalked."""
+    try:
+        os.unlink(name, dir_fd=directory)
+    except (IsADirectoryError, PermissionError):  # a directory: EISDIR, or EPERM on some
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=directory)
+    except FileNotFoundError:
+        pass
+
+
+def _move_or_remove(directory: int, source: str, target: str | None) -> None:
+    """`source` renamed to `target` (itself, never what a link names); removed when that fails
+    or there is no `target`."""
+    if target is not None:
+        try:
+            os.rename(source, target, src_dir_fd=directory, dst_dir_fd=directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+    _remove_rotated(directory, source)
+
+
+def _shift_rotated(directory: int, name: str, max_files: int) -> None:
+    """The oldest out, then `<name>.<k-1>` to `<name>.<k>` down to `.1` to `.2`, so that each
+    lands on a free name; what cannot be moved is removed."""
+    if max_files < 2:
+        return
+    _remove_rotated(directory, f"{name}.{max_files - 1}")
+    for k in range(max_files - 1, 1, -1):
+        _move_or_remove(directory, f"{name}.{k - 1}", f"{name}.{k}")
+
+
+def _exchange(directory: int, first: str, second: str) -> None:
+    """Swap two names at once; when `second` is gone (the workload removed it), just rename."""
+    result = _libc.renameat2(directory, first.encode(), directory, second.encode(), RENAME_EXCHANGE)
+    if result == 0:
+        return
+    code = ctypes.get_errno()
+    if code != errno.ENOENT:
+        raise OSError(code, os.strerror(code), second)
+    os.rename(first, second, src_dir_fd=directory, dst_dir_fd=directory)
+
+
+async def copy_output(
+    engine: DockerEngine, target: OutputTarget, rotation: Rotation, *, follow: bool
+) -> bool:
     """Append what of the container's log the files lack; with `follow`, as it comes, until
     dockerd ends the stream. Whether the stream ended as dockerd ends it (not cut short)."""
     sinks: dict[int, _Sink] = {}
     try:
         for stream in STREAM_FILES:
-            sinks[stream] = _Sink(target, stream)
+            sinks[stream] = _Sink(target, stream, rotation)
         connection = await engine.logs(target.docker_id, follow=follow)
         try:
             frames = FrameReader(connection)
@@ -106,8 +263,9 @@ async def copy_output(engine: DockerEngine, target: OutputTarget, *, follow: boo
 class OutputFollowers:
     """One follower task per running container of the driver."""
 
-    def __init__(self, engine: DockerEngine) -> None:
+    def __init__(self, engine: DockerEngine, rotation: Rotation | None = None) -> None:
         self._engine = engine
+        self._rotation = rotation or Rotation()
         self._followers: dict[str, asyncio.Task[None]] = {}
 
     def follow(self, container_id: str, target: OutputTarget) -> None:
@@ -122,7 +280,7 @@ class OutputFollowers:
         failures = 0
         while True:
             try:
-                complete = await copy_output(self._engine, target, follow=True)
+                complete = await copy_output(self._engine, target, self._rotation, follow=True)
                 if complete and not await self._running(target.docker_id):
                     return
                 failures = 0
@@ -148,7 +306,7 @@ class OutputFollowers:
         links) are left as they are, said in the log."""
         await self.stop(container_id)
         try:
-            await copy_output(self._engine, target, follow=False)
+            await copy_output(self._engine, target, self._rotation, follow=False)
         except FailedPrecondition as exc:
             log.warning("docker: output of %s not copied: %s", container_id, exc)
 
