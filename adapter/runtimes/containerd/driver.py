@@ -2,10 +2,11 @@
 
 Launch: a lease (so nothing is collected while we build), the image loaded from our store and
 unpacked to snapshots (content.py), an active snapshot for the container, a container record with
-the OCI spec (spec.py), and a task whose stdout/stderr the shim appends straight to the sandbox
-files. The shim, not this service, reaps the workload and keeps its exit status until the task is
-deleted, so a container survives a restart of the service and one that exited meanwhile still
-reports its status: the task is deleted only by cleanup, after the core has checkpointed the exit.
+the OCI spec (spec.py), and a task whose stdout/stderr go to the sandbox files: through our
+sandbox relay, which rotates them by size (logs.py), or appended by the shim itself. The shim,
+not this service, reaps the workload and keeps its exit status until the task is deleted, so a
+container survives a restart of the service and one that exited meanwhile still reports its
+status: the task is deleted only by cleanup, after the core has checkpointed the exit.
 
 Network: the node's shared network isolator (adapter/core/network.py) makes the container's
 namespace (mode none or bridge: veth on our bridge, address, port forwards, rate) before the
@@ -223,7 +224,7 @@ class ContainerdDriver:
             network = await self._prepare_network(spec)
             mounts = await self._prepare_rootfs(handle, image)
             await self._create_container(handle, spec, image, (identity, seccomp), network)
-            pid = await self._start_task(handle, spec, mounts)
+            pid = await self._start_task(handle, spec, mounts, identity)
         except ContainerizerError as exc:
             if type(exc) is ContainerizerError:  # a runtime failure with no better class
                 raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
@@ -316,21 +317,10 @@ class ContainerdDriver:
             lease=handle.lease_id,
         )
 
-    async def _start_task(self, handle: ContainerdHandle, spec: LaunchSpec, mounts: Any) -> int:
-        """stdout/stderr are plain paths of regular files: the shim opens them for append
-        itself, so the output keeps flowing while this service is down. The core made or
-        checked them just before start (core/sandbox.py): files, not what an earlier
-        workload of this sandbox left there. A CRI log goes through our log relay, which
-        the shim runs (logs.py)."""
-        outputs = [str(Path(spec.sandbox) / name) for name in OUTPUTS]
-        if spec.linux.log_path:
-            self._log_paths[spec.container_id] = spec.linux.log_path
-            relay = logs.relay_uri(
-                find_supervisor(None),
-                spec.linux.log_path,
-                self._run_dirs.path(spec.container_id),
-            )
-            outputs = [relay, relay]
+    async def _start_task(
+        self, handle: ContainerdHandle, spec: LaunchSpec, mounts: Any, identity: Identity
+    ) -> int:
+        outputs = self._task_outputs(spec, identity)
         await self._client.call(
             self._client.tasks.Create,
             tasks_pb2.CreateTaskRequest(
@@ -347,6 +337,33 @@ class ContainerdDriver:
             f"start task {handle.containerd_id}",
         )
         return int(reply.pid)
+
+    def _task_outputs(self, spec: LaunchSpec, identity: Identity) -> tuple[str, str]:
+        """The task's stdout and stderr. A CRI log goes through our log relay, and the
+        sandbox's files, when they rotate, through our sandbox relay: the shim runs either
+        (logs.py), so the output keeps flowing while this service is down. Else they are
+        plain paths of regular files the shim opens for append itself. The core made or
+        checked the files just before start (core/sandbox.py): files, not what an earlier
+        workload of this sandbox left there."""
+        if spec.linux.log_path:
+            self._log_paths[spec.container_id] = spec.linux.log_path
+            relay = logs.relay_uri(
+                find_supervisor(None),
+                spec.linux.log_path,
+                self._run_dirs.path(spec.container_id),
+            )
+            return relay, relay
+        if self._node.log_max_size > 0:
+            relay = logs.sandbox_relay_uri(
+                find_supervisor(None),
+                spec.sandbox,
+                self._node.log_max_size,
+                self._node.log_max_files,
+                identity,
+            )
+            return relay, relay
+        stdout, stderr = (str(Path(spec.sandbox) / name) for name in OUTPUTS)
+        return stdout, stderr
 
     # ---- wait, kill ----
 

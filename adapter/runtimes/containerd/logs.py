@@ -9,6 +9,13 @@ native runtime's supervisor, reopens LOG on SIGUSR1, and ends once the task is d
 writing what the pipes still held. It is the shim's child: the log keeps flowing while this
 service restarts, and the relay's pid, which ReopenContainerLog needs, is in FILE in the
 container's run directory (rundir.py), with its start time so that a reused pid is never hit.
+
+A container without a CRI log has its output in the sandbox's stdout and stderr. With rotation
+(the node's log_max_size above 0) the shim runs the same program in its sandbox relay mode
+(`--sandbox-relay SANDBOX --output-max-size N --output-max-files K --uid U --gid G`), which
+appends to those files and rotates them as the native runtime's supervisor does: by name
+relative to the sandbox opened without following a link, the files given to the workload's
+user. Without rotation the shim appends to the files itself.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.core.model import Identity
 from adapter.supervisor.processes import ProcessRef
 
 PID_FILE = "log-relay.pid"
@@ -32,6 +40,23 @@ LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLO
 def relay_uri(supervisor: str, log_path: str, run_dir: Path) -> str:
     """The task's stdout (and stderr) URI that starts the relay for `log_path`."""
     query = urlencode({"--log-relay": log_path, "--pid-file": str(run_dir / PID_FILE)})
+    return f"binary://{quote(supervisor)}?{query}"
+
+
+def sandbox_relay_uri(
+    supervisor: str, sandbox: str, max_size: int, max_files: int, owner: Identity
+) -> str:
+    """The task's stdout (and stderr) URI that starts the relay appending to `sandbox`'s files,
+    rotated at `max_size` bytes, `max_files` kept a stream, owned by `owner`."""
+    query = urlencode(
+        {
+            "--sandbox-relay": sandbox,
+            "--output-max-size": max_size,
+            "--output-max-files": max_files,
+            "--uid": owner.uid,
+            "--gid": owner.gid,
+        }
+    )
     return f"binary://{quote(supervisor)}?{query}"
 
 
