@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import select
 import signal
 import struct
 import subprocess
@@ -44,6 +43,7 @@ from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parame
     fresh_docker_service,
 )
 from tests.integration.api import destroy, wait
+from tests.integration.processes import memory_cgroup, pid_namespace, read_until, wait_for_process
 from tests.integration.test_docker import launch_docker
 from tests.services import node_services
 
@@ -89,21 +89,6 @@ def test_exec_interactive_passes_stdin_to_its_end(
     assert (done.returncode, done.stdout) == (0, b"HELLO\nWORLD\ndone\n")
 
 
-def _read_until(fd: int, wanted: bytes, timeout: float = 20) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while wanted not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"{wanted!r} not seen in {seen!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                break
-    return seen
-
-
 def _set_size(fd: int, columns: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
@@ -122,9 +107,9 @@ def test_exec_with_a_terminal_has_our_size_and_follows_a_resize(
     )
     os.close(slave)
     try:
-        _read_until(master, b"# ")  # the prompt: the shell runs
+        read_until(master, b"# ")  # the prompt: the shell runs
         os.write(master, b"tty\n")
-        assert b"/dev/pts/" in _read_until(master, b"/dev/pts/")
+        assert b"/dev/pts/" in read_until(master, b"/dev/pts/")
         _until_size(master, b"45 123")
         _set_size(master, 100, 30)
         process.send_signal(signal.SIGWINCH)  # its terminal is not its controlling one
@@ -146,7 +131,7 @@ def _until_size(master: int, size: bytes, timeout: float = 20) -> None:
     while size not in output:
         assert time.monotonic() < deadline, f"the size {size!r} never showed: {output!r}"
         os.write(master, b"stty size\n")
-        output += _read_until(master, b"# ", timeout=5)
+        output += read_until(master, b"# ", timeout=5)
         time.sleep(0.1)
 
 
@@ -187,11 +172,11 @@ def test_the_exec_is_inside_the_container_confined_and_ends_with_it(
         stderr=subprocess.DEVNULL,
     )
     try:
-        exec_process = _wait_for_process(["sleep", marker])
+        exec_process = wait_for_process(["sleep", marker])
         init = stub.Status(pb.StatusRequest(container_id=container_id), timeout=10).pid
-        assert _namespace(exec_process.pid) == _namespace(init)
-        assert _memory_cgroup(exec_process.pid) == _memory_cgroup(init)
-        assert docker_service.cgroups_root in _memory_cgroup(init)
+        assert pid_namespace(exec_process.pid) == pid_namespace(init)
+        assert memory_cgroup(exec_process.pid) == memory_cgroup(init)
+        assert docker_service.cgroups_root in memory_cgroup(init)
         destroy(stub, container_id)
         assert process.wait(timeout=30) != 0
         assert not exec_process.is_running()
@@ -199,32 +184,6 @@ def test_the_exec_is_inside_the_container_confined_and_ends_with_it(
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def _wait_for_process(cmdline: list[str], timeout: float = 20) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            process
-            for process in psutil.process_iter(["cmdline"])
-            if process.info["cmdline"] == cmdline
-        ]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"{cmdline} never ran"
-        time.sleep(0.05)
-
-
-def _namespace(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")
-
-
-def _memory_cgroup(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-    raise AssertionError(f"pid {pid} has no memory cgroup")
 
 
 # ---- ExecSync, through the driver ----

@@ -4,7 +4,6 @@ terminal, the exec'd process inside the container and ended by its destroy, bad 
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from tests.conftest import BIN, ServiceProcess
 from tests.integration.api import destroy, launch
+from tests.integration.processes import pid_namespace, read_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,21 +51,6 @@ def test_exec_interactive_passes_stdin(service: ServiceProcess, sleeper: str) ->
     assert (done.returncode, done.stdout) == (0, b"HELLO\n")
 
 
-def _read_until(fd: int, wanted: bytes, timeout: float = 20) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while wanted not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"{wanted!r} not seen in {seen!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                break
-    return seen
-
-
 def test_exec_with_a_terminal_gives_a_working_shell(service: ServiceProcess, sleeper: str) -> None:
     master, slave = os.openpty()
     process = subprocess.Popen(
@@ -78,7 +63,7 @@ def test_exec_with_a_terminal_gives_a_working_shell(service: ServiceProcess, sle
     os.close(slave)
     try:
         os.write(master, b"echo $((6*7)); tty\n")
-        output = _read_until(master, b"/dev/pts/")
+        output = read_until(master, b"/dev/pts/")
         assert b"42" in output
         os.write(master, b"exit 3\n")
         assert process.wait(timeout=30) == 3
@@ -105,7 +90,7 @@ def test_exec_runs_inside_the_container_and_ends_with_it(
             assert time.monotonic() < deadline, "the exec'd command never ran"
             time.sleep(0.05)
         status = service.stub().Status(pb.StatusRequest(container_id=container_id))
-        assert _namespace(found[0].pid) == _namespace(status.pid)
+        assert pid_namespace(found[0].pid) == pid_namespace(status.pid)
         destroy(service.stub(), container_id)
         assert process.wait(timeout=30) != 0
         assert not found[0].is_running()
@@ -121,10 +106,6 @@ def _processes_named(name: str) -> list[psutil.Process]:
         for process in psutil.process_iter(["cmdline"])
         if process.info["cmdline"] == ["sleep", name]
     ]
-
-
-def _namespace(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")
 
 
 def test_exec_bad_input_is_one_line(service: ServiceProcess) -> None:

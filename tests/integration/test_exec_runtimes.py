@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
@@ -25,6 +22,7 @@ from tests.conftest import BIN, ServiceProcess
 from tests.integration.api import destroy
 from tests.integration.api import launch as launch_default
 from tests.integration.containerd_daemon import ContainerdDaemon
+from tests.integration.processes import memory_cgroup, pid_namespace, wait_for_process
 from tests.integration.test_containerd import (
     containerd,  # noqa: F401  (fixture)
     start_service,
@@ -82,12 +80,12 @@ def test_exec_runs_inside_the_container_and_ends_with_it(
         stderr=subprocess.DEVNULL,
     )
     try:
-        exec_process = _wait_for_process(["sleep", marker])
+        exec_process = wait_for_process(["sleep", marker])
         init = stub.Status(pb.StatusRequest(container_id=container_id), timeout=10).pid
-        assert _namespace(exec_process.pid) == _namespace(init)
-        assert _namespace(init) != _namespace(os.getpid())
-        assert _memory_cgroup(exec_process.pid) == _memory_cgroup(init)
-        assert _memory_cgroup(init).endswith(f"/{service.cgroups_root}/{container_id}")
+        assert pid_namespace(exec_process.pid) == pid_namespace(init)
+        assert pid_namespace(init) != pid_namespace(os.getpid())
+        assert memory_cgroup(exec_process.pid) == memory_cgroup(init)
+        assert memory_cgroup(init).endswith(f"/{service.cgroups_root}/{container_id}")
         destroy(stub, container_id)
         assert process.wait(timeout=30) != 0
         assert not exec_process.is_running()
@@ -97,29 +95,3 @@ def test_exec_runs_inside_the_container_and_ends_with_it(
             process.wait()
         with contextlib.suppress(grpc.RpcError):  # NOT_FOUND once the test's destroy ran
             destroy(stub, container_id)
-
-
-def _wait_for_process(cmdline: list[str], timeout: float = 20) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            process
-            for process in psutil.process_iter(["cmdline"])
-            if process.info["cmdline"] == cmdline
-        ]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"{cmdline} never ran"
-        time.sleep(0.05)
-
-
-def _namespace(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")
-
-
-def _memory_cgroup(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-    raise AssertionError(f"pid {pid} has no memory cgroup")
