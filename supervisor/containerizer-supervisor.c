@@ -197,6 +197,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -3031,12 +3032,32 @@ static void join_target_namespaces(const int fds[])
 /* A pty of the container's own devpts (we are in its mount namespace): its name, as the command
  * sees it, is one of the container's /dev/pts, so tty and stty work there. The peer is opened
  * from the master (TIOCGPTPEER), never by a path the container could have replaced. */
-static int open_container_terminal(int *peer)
+/* The container's ptmx: its /dev is the workload's to change, so only the pty multiplexer itself
+ * (char 5:2) is taken, opened without blocking; anything else put there is closed unused. */
+static int open_ptmx(const char *path)
+{
+    struct stat info;
+    int fd = open(path, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0 && (fstat(fd, &info) < 0 || !S_ISCHR(info.st_mode) ||
+                    major(info.st_rdev) != 5 || minor(info.st_rdev) != 2)) {
+        close(fd);
+        return -1;
+    }
+    if (fd >= 0)
+        (void)fcntl(fd, F_SETFL, 0); /* the relay polls it: blocking reads are fine */
+    return fd;
+}
+
+static int open_container_terminal(int host_master, int *peer)
 {
     int unlock = 0;
-    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    int master = open_ptmx("/dev/pts/ptmx");
     if (master < 0)
-        master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+        master = open_ptmx("/dev/ptmx");
+    if (master < 0) /* a container without a devpts of its own (LXC's): the host's pty */
+        master = host_master;
+    else if (host_master >= 0)
+        close(host_master);
     if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) < 0)
         fail("tty", "/dev/pts/ptmx", errno);
     *peer = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
@@ -3132,11 +3153,13 @@ static int run_exec(struct options *opts, int devnull)
      * processes: not dumpable, so none of them may open its /proc files (fds, memory). */
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
         fail("dumpable", NULL, errno);
+    /* Opened while we still see the host's /dev: the fallback for a container with no devpts. */
+    int host_master = opts->tty ? open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
     join_target_namespaces(fds);
     /* It creates no namespace: as a workload without any, it cuts its own bounding set. */
     opts->namespaces = 0;
     forward_signals(); /* the init's set: a signal meant for the command reaches it */
-    int peer = -1, master = opts->tty ? open_container_terminal(&peer) : -1;
+    int peer = -1, master = opts->tty ? open_container_terminal(host_master, &peer) : -1;
     int resize_fd = -1;
     if (opts->resize_fd != NULL) {
         resize_fd = (int)exec_number(opts->resize_fd, "--resize-fd", INT_MAX);

@@ -22,7 +22,7 @@ from tests.conftest import BIN, ServiceProcess
 from tests.integration.api import destroy
 from tests.integration.api import launch as launch_default
 from tests.integration.containerd_daemon import ContainerdDaemon
-from tests.integration.processes import memory_cgroup, pid_namespace, wait_for_process
+from tests.integration.processes import memory_cgroup, pid_namespace, read_until, wait_for_process
 from tests.integration.test_containerd import (
     containerd,  # noqa: F401  (fixture)
     start_service,
@@ -95,3 +95,33 @@ def test_exec_runs_inside_the_container_and_ends_with_it(
             process.wait()
         with contextlib.suppress(grpc.RpcError):  # NOT_FOUND once the test's destroy ran
             destroy(stub, container_id)
+
+
+def test_exec_with_a_terminal_is_a_working_shell(
+    runtime: tuple[ServiceProcess, Launcher], container_id: str
+) -> None:
+    """`exec -it` gives a shell on a terminal (also where the container has no devpts of its
+    own, as LXC's: then the host's pty)."""
+    service, launch = runtime
+    launch(service, container_id)
+    master, slave = os.openpty()
+    process = subprocess.Popen(
+        cli(service, "exec", "-it", container_id, "--", "sh"),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        os.write(master, b"[ -t 0 ] && echo terminal-$((6*7))\n")
+        assert b"terminal-42" in read_until(master, b"terminal-42")
+        os.write(master, b"exit 3\n")
+        assert process.wait(timeout=30) == 3
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+        with contextlib.suppress(grpc.RpcError):
+            destroy(service.stub(), container_id)
