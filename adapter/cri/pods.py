@@ -25,6 +25,7 @@ from adapter.core.state import ContainerRecord
 from adapter.cri import translate
 from adapter.cri.api import cri
 from adapter.cri.store import POD_NOTREADY, POD_READY, Container, CriStore, Pod
+from adapter.supervisor.processes import ProcessRef
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,11 @@ class Pods:
             record = None
         if record is None or record.state is not State.RUNNING or not record.pid:
             raise FailedPrecondition(f"pod sandbox {pod.id!r}: its namespaces are gone")
+        # The pid with its start time: a pid the holder left and another process took (before
+        # the holder's end was seen) must not hand that process's namespaces to the pod.
+        started = record.handle.get("child_start_time")
+        if not isinstance(started, int) or not ProcessRef(record.pid, started).is_alive():
+            raise FailedPrecondition(f"pod sandbox {pod.id!r}: its holder has ended")
         return record.pid
 
     async def stop_holder(self, pod: Pod) -> Pod:
