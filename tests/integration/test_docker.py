@@ -247,7 +247,11 @@ def test_a_stdout_the_workload_turned_into_a_symlink_is_not_followed(
     victim.write_text("host data\n")
     victim.chmod(0o600)
     stub = docker_service.stub()
-    swap = f"echo loud; rm $MESOS_SANDBOX/stdout; ln -s {victim} $MESOS_SANDBOX/stdout"
+    # Retried: the service's live copy of the output may create `stdout` again in between.
+    link = f"ln -sfn {victim} $MESOS_SANDBOX/stdout"
+    swap = (
+        f"echo loud; for try in 1 2 3 4 5; do {link} && [ -L $MESOS_SANDBOX/stdout ] && break; done"
+    )
     launch_docker(stub, container_id, swap, busybox_image)
     assert wait(stub, container_id, timeout=120).exit_code == 0
     assert victim.read_text() == "host data\n"
