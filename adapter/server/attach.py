@@ -18,9 +18,7 @@ from adapter.core import errors
 from adapter.core.containerizer import Containerizer
 from adapter.runtimes.base import AttachSession
 from adapter.server import validation
-
-QUEUED_REPLIES = 16
-OUTPUT_ENDED = "output ended"  # one of stdout and stderr is at its end
+from adapter.server.output import STDOUT, interleaved_output
 
 
 async def serve_attach(
@@ -36,39 +34,18 @@ async def serve_attach(
         yield pb.AttachResponse(tty=session.tty)
         if session.tty and start.size.columns and start.size.rows:
             session.resize(start.size.columns, start.size.rows)
-        replies: asyncio.Queue[pb.AttachResponse | str] = asyncio.Queue(QUEUED_REPLIES)
-        tasks = [
-            asyncio.create_task(_pump(session, 1, replies)),
-            asyncio.create_task(_pump(session, 2, replies)),
-        ]
-        if start.stdin:
-            tasks.append(asyncio.create_task(_feed(session, requests)))
+        feeder = asyncio.create_task(_feed(session, requests)) if start.stdin else None
         try:
-            outputs_open = 2
-            while outputs_open:
-                reply = await replies.get()
-                if reply == OUTPUT_ENDED:
-                    outputs_open -= 1
-                elif isinstance(reply, pb.AttachResponse):
-                    yield reply
+            async for stream, chunk in interleaved_output(session):
+                if stream == STDOUT:
+                    yield pb.AttachResponse(stdout=chunk)
+                else:
+                    yield pb.AttachResponse(stderr=chunk)
         finally:
-            for task in tasks:
-                task.cancel()
+            if feeder is not None:
+                feeder.cancel()
     finally:
         session.close()
-
-
-async def _pump(
-    session: AttachSession, stream: int, replies: asyncio.Queue[pb.AttachResponse | str]
-) -> None:
-    try:
-        while chunk := await session.read(stream):
-            reply = (
-                pb.AttachResponse(stdout=chunk) if stream == 1 else pb.AttachResponse(stderr=chunk)
-            )
-            await replies.put(reply)
-    finally:
-        await replies.put(OUTPUT_ENDED)
 
 
 async def _feed(session: AttachSession, requests: AsyncIterator[pb.AttachRequest]) -> None:

@@ -18,6 +18,7 @@ from adapter.core import errors
 from adapter.core.containerizer import Containerizer
 from adapter.runtimes.base import ExecSession
 from adapter.server import validation
+from adapter.server.output import STDOUT, interleaved_output
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,12 @@ async def serve_exec(
             session.close_stdin()
         feeder = asyncio.create_task(_feed(session, requests, start.stdin))
         try:
-            async for reply in _output(session):
-                yield reply
+            async for stream, chunk in interleaved_output(session):
+                yield (
+                    pb.ExecResponse(stdout=chunk)
+                    if stream == STDOUT
+                    else pb.ExecResponse(stderr=chunk)
+                )
             yield pb.ExecResponse(exit_code=await session.wait())
         finally:
             feeder.cancel()
@@ -78,31 +83,3 @@ async def _feed(session: ExecSession, requests: AsyncIterator[pb.ExecRequest], s
         elif kind == "resize":
             session.resize(request.resize.columns, request.resize.rows)
     session.close_stdin()  # the client half-closed: end of input
-
-
-async def _output(session: ExecSession) -> AsyncIterator[pb.ExecResponse]:
-    """stdout and stderr as they come, interleaved, until both end."""
-    queue: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue(maxsize=16)
-
-    async def pump(stream: int) -> None:
-        try:
-            while chunk := await session.read(stream):
-                reply = (
-                    pb.ExecResponse(stdout=chunk) if stream == 1 else pb.ExecResponse(stderr=chunk)
-                )
-                await queue.put(reply)
-        finally:
-            await queue.put(None)
-
-    pumps = [asyncio.create_task(pump(stream)) for stream in (1, 2)]
-    try:
-        ended = 0
-        while ended < len(pumps):
-            reply = await queue.get()
-            if reply is None:
-                ended += 1
-            else:
-                yield reply
-    finally:
-        for task in pumps:
-            task.cancel()

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from adapter.clients.cli.client import ServiceClient, add_subcommand
+from adapter.clients.cli.client import ServiceClient, add_subcommand, until_done
 from adapter.clients.cli.terminal import following_size, raw_terminal, read_stdin, terminal_size
 
 
@@ -42,7 +42,7 @@ def attach(client: ServiceClient, container_id: str, *, stdin: bool) -> None:
     if size is not None:
         start.size.CopyFrom(pb.TerminalSize(columns=size[0], rows=size[1]))
     requests.put(pb.AttachRequest(start=start))
-    replies = client.stub.Attach(_until_done(requests))
+    replies = client.stub.Attach(until_done(requests))
     try:
         first = next(replies)
         raw = first.tty and sys.stdin.isatty()
@@ -63,11 +63,6 @@ def attach(client: ServiceClient, container_id: str, *, stdin: bool) -> None:
         replies.cancel()
     finally:
         requests.put(None)
-
-
-def _until_done(requests: queue.Queue[Any]) -> Iterator[Any]:
-    while (request := requests.get()) is not None:
-        yield request
 
 
 def _write_output(replies: Iterator[Any]) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,13 @@ class ServiceClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def until_done(requests: queue.Queue[Any]) -> Iterator[Any]:
+    """A streaming call's requests, taken from `requests` (filled by other threads: our stdin,
+    signals, a socket) until a None says there are no more."""
+    while (request := requests.get()) is not None:
+        yield request
 
 
 # ---- the flags every service command accepts ----

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from adapter.clients.cli.client import CliError, ServiceClient, add_subcommand
+from adapter.clients.cli.client import CliError, ServiceClient, add_subcommand, until_done
 from adapter.clients.cli.terminal import following_size, raw_terminal, read_stdin, terminal_size
 
 READ_CHUNK = 32 * 1024
@@ -52,7 +52,7 @@ def command_exec(args: argparse.Namespace, client: ServiceClient) -> int:
     def resize(columns: int, rows: int) -> None:
         requests.put(pb.ExecRequest(resize=pb.TerminalSize(columns=columns, rows=rows)))
 
-    replies = client.stub.Exec(_until_done(requests))
+    replies = client.stub.Exec(until_done(requests))
     with raw_terminal(raw), following_size(raw, resize):
         try:
             return _write_output(replies)
@@ -60,11 +60,6 @@ def command_exec(args: argparse.Namespace, client: ServiceClient) -> int:
             raise client.error_from(exc) from None
         finally:
             requests.put(None)
-
-
-def _until_done(requests: queue.Queue[Any]) -> Iterator[Any]:
-    while (request := requests.get()) is not None:
-        yield request
 
 
 def _write_output(replies: Iterator[Any]) -> int:

@@ -9,10 +9,9 @@ import queue
 import socket
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-from adapter.clients.cli.client import CliError, ServiceClient, add_subcommand
+from adapter.clients.cli.client import CliError, ServiceClient, add_subcommand, until_done
 
 READ_CHUNK = 64 * 1024
 
@@ -75,7 +74,7 @@ def _forward(
     reader = threading.Thread(target=_read_socket, args=(connection, outgoing, pb), daemon=True)
     reader.start()
     try:
-        for reply in client.stub.PortForward(_until_done(outgoing)):
+        for reply in client.stub.PortForward(until_done(outgoing)):
             connection.sendall(reply.data)
     except grpc.RpcError as exc:
         print(f"port-forward: {exc.details() or exc.code().name}", file=sys.stderr, flush=True)
@@ -93,8 +92,3 @@ def _read_socket(connection: socket.socket, outgoing: queue.Queue[Any], pb: Any)
         while data := connection.recv(READ_CHUNK):
             outgoing.put(pb.PortForwardRequest(data=data))
     outgoing.put(None)  # end of our sending: the container's side sees end of input
-
-
-def _until_done(outgoing: queue.Queue[Any]) -> Iterator[Any]:
-    while (request := outgoing.get()) is not None:
-        yield request
