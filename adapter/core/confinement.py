@@ -22,9 +22,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapter.core.errors import InvalidArgument
+
+if TYPE_CHECKING:  # only read, at run time: no import of the model here
+    from adapter.core.model import LaunchSpec
 
 # Linux capability numbers (include/uapi/linux/capability.h), by the names OCI and Docker use.
 CAPABILITY_NUMBERS: dict[str, int] = {
@@ -274,6 +277,16 @@ class Confinement:
             f"{' and root' if self.no_new_privileges else ''}; masked paths: {len(MASKED_PATHS)};"
             " read-only /sys and /proc/sys; cgroup namespace"
         )
+
+
+def confinement_of(spec: LaunchSpec) -> Confinement:
+    """What a launch asks for: privileged or not, no_new_privs, and its capability changes."""
+    return Confinement(
+        spec.privileged,
+        spec.no_new_privileges,
+        added=spec.linux.capabilities_add,
+        dropped=spec.linux.capabilities_drop,
+    )
 
 
 def capability_names(names: tuple[str, ...], field: str = "capabilities") -> frozenset[str]:

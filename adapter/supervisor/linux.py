@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from adapter.core.confinement import Confinement
+from adapter.core.confinement import Confinement, confinement_of
 from adapter.core.model import HOST_NAMESPACE, LaunchSpec
 from adapter.core.services import SeccompFilter
 from adapter.supervisor import client as supervisor
@@ -17,15 +17,6 @@ UNCONFINED = "unconfined"
 LOCALHOST = "localhost/"
 # Namespaces the supervisor joins by --ns (the network one goes by --netns).
 JOINED_KINDS = ("ipc", "uts", "pid")
-
-
-def policy_of(spec: LaunchSpec) -> Confinement:
-    return Confinement(
-        spec.privileged,
-        spec.no_new_privileges,
-        added=spec.linux.capabilities_add,
-        dropped=spec.linux.capabilities_drop,
-    )
 
 
 async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: SeccompFilter) -> bytes:
@@ -46,7 +37,7 @@ async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: Seccom
 async def enforcement(
     spec: LaunchSpec, filters: SeccompFilter, *, own_root: bool
 ) -> supervisor.Enforcement:
-    policy = policy_of(spec)
+    policy = confinement_of(spec)
     bpf = b"" if policy.privileged else await seccomp_program(spec, policy, filters)
     base = supervisor.Enforcement.of(policy, bpf, own_root=own_root, cgroup_namespace=own_root)
     if policy.privileged or not own_root:

@@ -24,15 +24,6 @@ OCI_KINDS = {"pid": "pid", "ipc": "ipc", "uts": "uts"}
 PROPAGATION_OPTIONS = {"private": "rprivate", "rslave": "rslave", "rshared": "rshared"}
 
 
-def policy_of(spec: LaunchSpec) -> Confinement:
-    return Confinement(
-        spec.privileged,
-        spec.no_new_privileges,
-        added=spec.linux.capabilities_add,
-        dropped=spec.linux.capabilities_drop,
-    )
-
-
 def namespaces(linux: LinuxOptions, own: Iterable[str]) -> list[dict[str, str]]:
     """`own` kinds (OCI names) as fresh namespaces, except those the launch joins by path (a
     pod's) or shares with the host (left out)."""

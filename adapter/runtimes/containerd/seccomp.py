@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Collection
 from typing import Any
 
+from adapter.core.confinement import confinement_of
 from adapter.core.model import LaunchSpec
 from adapter.runtimes.containerd import linux as pod
 from adapter.supervisor.seccomp import compile_oci_profile, read_localhost_profile
@@ -44,7 +45,7 @@ async def launch_profile(spec: LaunchSpec) -> dict[str, Any] | None:
     path = pod.localhost_path(spec)
     if path is None or spec.privileged:
         return None
-    return await localhost_profile(path, pod.policy_of(spec).capabilities)
+    return await localhost_profile(path, confinement_of(spec).capabilities)
 
 
 async def localhost_profile(path: str, capabilities: Collection[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.core.confinement import Confinement
+from adapter.core.confinement import Confinement, confinement_of
 from adapter.core.limits import Limits
 from adapter.core.model import Identity, LaunchSpec
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
@@ -157,7 +157,7 @@ def runtime_spec(
     `localhost_seccomp` is the node's profile when the launch names one (linux.py)."""
     network = network or Network()
     workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-    confinement = pod.policy_of(spec)
+    confinement = confinement_of(spec)
     linux = linux_confinement(spec, confinement, localhost_seccomp)
     linux["resources"].update(linux_resources(limits))
     linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
