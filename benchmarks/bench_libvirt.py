@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
+import libvirt  # type: ignore[import-untyped]
+import psutil
+
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.runtimes.libvirt import domain
 from adapter.runtimes.libvirt.driver import KERNEL_CMDLINE
 from adapter.runtimes.libvirt.initramfs import (
     GuestCommand,
@@ -64,6 +72,82 @@ def through_service(service: ServiceProcess, container_id: str) -> tuple[float, 
     assert reply.termination.exit_code == 0, reply.termination.message
     stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
     return launched, total
+
+
+class RawLibvirt:
+    """The same guest started on the same libvirtd without the service: createXML of the domain
+    XML our driver builds, the domain destroyed on its SHUTDOWN event as the driver does, done at
+    its STOPPED event. What it costs over direct QEMU is libvirt's; what the service costs over
+    it is ours."""
+
+    def __init__(self, uri: str, kernel: Path, initrd: Path, scratch: Path) -> None:
+        libvirt.virEventRegisterDefaultImpl()
+        self._conn = libvirt.open(uri)
+        self._kernel, self._initrd, self._scratch = kernel, initrd, scratch
+        self._events: dict[str, dict[int, float]] = {}
+        self._conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        )
+        threading.Thread(target=self._dispatch, daemon=True).start()
+
+    @staticmethod
+    def _dispatch() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        self._events.setdefault(dom.name(), {})[event] = time.perf_counter()
+        if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
+            threading.Thread(target=_destroy_quietly, args=(dom,), daemon=True).start()
+
+    def _xml(self, name: str, machine: str, cmdline: str) -> tuple[str, str]:
+        run = self._scratch / name
+        run.mkdir(exist_ok=True)
+        domain_uuid = str(uuid.uuid4())
+        serial = [str(run / f"ttyS{port}") for port in range(4)]
+        spec = domain.DomainSpec(
+            name=name, uuid=domain_uuid, virt_type="qemu", machine=machine,
+            memory_mib=MEMORY_MIB, vcpus=1, cpu_shares=1024, partition="/machine",
+            kernel=str(self._kernel), initrd=str(self._initrd), cmdline=cmdline,
+            serial=domain.SerialFiles(*serial),
+            metadata=domain.Metadata(name, str(run), serial[3], str(run), "bench"),
+        )  # fmt: skip
+        return domain.domain_xml(spec), domain_uuid
+
+    def boot(
+        self, name: str, machine: str = "pc", cmdline: str = KERNEL_CMDLINE
+    ) -> dict[str, float]:
+        """Seconds from createXML to: its return, QEMU's exit (pidfd), libvirt's STOPPED."""
+        xml, domain_uuid = self._xml(name, machine, cmdline)
+        started = time.perf_counter()
+        self._conn.createXML(xml, 0)
+        created = time.perf_counter() - started
+        qemu_exit = _wait_for_exit(domain_uuid) - started
+        while libvirt.VIR_DOMAIN_EVENT_STOPPED not in self._events.get(name, {}):
+            time.sleep(0.002)
+        stopped = self._events[name][libvirt.VIR_DOMAIN_EVENT_STOPPED] - started
+        status = (self._scratch / name / "ttyS3").read_text().strip()
+        assert status == "exit 0", status
+        return {"create_xml": created, "qemu_exit": qemu_exit, "stopped": stopped}
+
+
+def _destroy_quietly(dom: Any) -> None:
+    with contextlib.suppress(libvirt.libvirtError):  # it stopped by itself first
+        dom.destroy()
+
+
+def _wait_for_exit(domain_uuid: str) -> float:
+    """When the QEMU running that domain exited (a pidfd turns readable at the exit itself, not
+    when the process is reaped)."""
+    (pid,) = [
+        p.pid for p in psutil.process_iter(["cmdline"]) if domain_uuid in (p.info["cmdline"] or [])
+    ]
+    pidfd = os.pidfd_open(pid)
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+    return time.perf_counter()
 
 
 # microvm has no PIT/HPET/PM timer under TCG by default: the kernel hangs calibrating the TSC
@@ -121,10 +205,17 @@ def _load() -> float:
 
 
 def compare(
-    services: dict[str, ServiceProcess], kernel: Path, initrd: Path, scratch: Path, runs: int
+    services: dict[str, ServiceProcess],
+    raw: RawLibvirt,
+    kernel: Path,
+    initrd: Path,
+    scratch: Path,
+    runs: int,
 ) -> dict[str, Any]:
-    """Each service, direct `-M pc` and direct microvm, run by run, so all see the same load."""
+    """Each service, raw libvirt, direct `-M pc` and direct microvm, run by run, so all see the
+    same load."""
     samples: dict[str, list[float]] = {"direct": [], "microvm": []}
+    samples.update({f"raw_{step}": [] for step in ("create_xml", "qemu_exit", "stopped")})
     for name in services:
         samples[name] = []
         samples[f"{name}_launch_rpc"] = []
@@ -135,6 +226,7 @@ def compare(
             name: through_service(service, f"bench-{name}-{run + WARMUP}")
             for name, service in services.items()
         }
+        raw_steps = raw.boot(f"containerizer-bench-raw-{run + WARMUP}")
         direct = direct_qemu(kernel, initrd, scratch, ["-M", "pc"], 120)
         microvm: float | str = outcomes["microvm"]
         if outcomes["microvm"] == "ok":
@@ -144,6 +236,8 @@ def compare(
         loads.append(_load())
         if run < 0:
             continue
+        for step, seconds in raw_steps.items():
+            samples[f"raw_{step}"].append(seconds)
         for name, (launched, total) in ours.items():
             samples[name].append(total)
             samples[f"{name}_launch_rpc"].append(launched)
@@ -194,7 +288,8 @@ def main() -> int:
             )
             initrd = scratch / "initrd"
             write_container_initramfs(base, TRUE, initrd)
-            result = compare(services, kernel, initrd, scratch, args.runs)
+            raw = RawLibvirt(daemon.uri, kernel, initrd, scratch)
+            result = compare(services, raw, kernel, initrd, scratch, args.runs)
         finally:
             for service in services.values():
                 service.stop()
@@ -212,6 +307,11 @@ def main() -> int:
                 "service_launch_rpc_p50_s": p50(samples["service_launch_rpc"]),
                 "direct_qemu_pc_p50_s": p50(samples["direct"]),
                 "ratio_service_vs_direct": ratio(samples["service"], samples["direct"]),
+                "raw_libvirt_p50_s": p50(samples["raw_stopped"]),
+                "raw_libvirt_create_xml_p50_s": p50(samples["raw_create_xml"]),
+                "raw_libvirt_qemu_exit_p50_s": p50(samples["raw_qemu_exit"]),
+                "ratio_raw_libvirt_vs_direct": ratio(samples["raw_stopped"], samples["direct"]),
+                "ratio_service_vs_raw_libvirt": ratio(samples["service"], samples["raw_stopped"]),
                 "service_microvm_p50_s": p50(samples["service_microvm"]),
                 "ratio_service_microvm_vs_direct_pc": ratio(
                     samples["service_microvm"], samples["direct"]

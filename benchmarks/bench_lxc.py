@@ -1,7 +1,8 @@
 """Benchmark: the full lifecycle of `/bin/true` in an LXC container through our service (Launch,
 Wait, Destroy over gRPC) against `lxc-execute` of the same command on the same busybox rootfs,
-in the same run. Needs root, LXC and the static supervisor; prints JSON; removes everything it
-created (service, containers, cgroups, temporary directories) even when interrupted.
+in the same run, one of each in turn. Needs root, LXC and the static supervisor; prints JSON;
+removes everything it created (service, containers, cgroups, temporary directories) even when
+interrupted.
 
     .venv/bin/python benchmarks/bench_lxc.py [--runs 100] [--warmup 5]
 """
@@ -38,13 +39,19 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def timed(function: Callable[[int], None], runs: int, warmup: int) -> list[float]:
-    samples = []
+def timed_in_turn(
+    functions: tuple[Callable[[int], None], ...], runs: int, warmup: int
+) -> list[list[float]]:
+    """Milliseconds per run of each function, the functions called one after the other in
+    each run, so that all see the same machine state (a shared machine's other work moves
+    every side's samples, not one side's)."""
+    samples: list[list[float]] = [[] for _ in functions]
     for index in range(warmup + runs):
-        start = time.perf_counter()
-        function(index)
-        if index >= warmup:
-            samples.append((time.perf_counter() - start) * 1000)
+        for function, times in zip(functions, samples, strict=True):
+            start = time.perf_counter()
+            function(index)
+            if index >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
     return samples
 
 
@@ -92,15 +99,17 @@ def run(runs: int, warmup: int) -> dict[str, object]:
     service = ServiceProcess(workdir, extra_config='default_runtime = "lxc"\n[runtimes.lxc]\n')
     try:
         service.start()
-        ours = timed(through_service(service), runs, warmup)
+        lifecycle = through_service(service)
+        lifecycle(warmup + runs)  # the first launch builds the busybox base both sides run on
         base = next((service.state_dir / "lxc" / "bases").glob("busybox-*"))
-        direct = timed(direct_lxc_execute(workdir, base, service.cgroups_root), runs, warmup)
+        direct = direct_lxc_execute(workdir, base, service.cgroups_root)
+        ours, theirs = timed_in_turn((lifecycle, direct), runs, warmup)
     finally:
         service.destroy_all()
         service.stop()
         service.remove_cgroup_roots()
         shutil.rmtree(workdir, ignore_errors=True)
-    ours_summary, direct_summary = summary(ours), summary(direct)
+    ours_summary, direct_summary = summary(ours), summary(theirs)
     return {
         "benchmark": "lxc lifecycle of /bin/true",
         "runs": runs,
@@ -108,7 +117,7 @@ def run(runs: int, warmup: int) -> dict[str, object]:
         "lxc_execute": direct_summary,
         "ratio_p50": round(ours_summary["p50_ms"] / direct_summary["p50_ms"], 2),
         "ratio_p99": round(ours_summary["p99_ms"] / direct_summary["p99_ms"], 2),
-        "target_ratio": 1.2,
+        "target_ratio": 1.0,
     }
 
 

@@ -3,7 +3,9 @@
 Ours: Launch (until RUNNING) and Launch-until-Wait-returns over a warm gRPC channel.
 Direct tools in the same run: `unshare --fork --pid --mount --uts --ipc /bin/true` (the same
 namespaces, no cgroups, no status record) and `lxc-execute` of the same command on the host's
-root filesystem. Targets (2-core machine): lifecycle p50 no slower than lxc-execute; service RSS
+root filesystem. The three are interleaved, one of each in turn, so that all see the same
+machine state (other work on a shared machine moves every sample, not one side's).
+Targets (2-core machine): lifecycle p50 no slower than lxc-execute; service RSS
 with 500 idle containers under 150 MiB; at most 3 MiB per container for its supervision.
 
 Usage: python benchmarks/bench_native.py [--runs 200] [--idle 500]   (root; prints JSON)
@@ -12,13 +14,16 @@ Usage: python benchmarks/bench_native.py [--runs 200] [--idle 500]   (root; prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,45 +31,72 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from benchmarks.common import Service, private_service, ratio, summary_ms
 
 TRUE = pb.CommandInfo(argv=["/bin/true"])
 LXC_CONFIG = "lxc.uts.name = bench\nlxc.net.0.type = empty\nlxc.rootfs.path = dir:/\n"
 
 
+UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "/bin/true"]
+
+
+@dataclass
+class Samples:
+    """Seconds per run: ours until RUNNING and until Wait returned, and the direct tools'."""
+
+    launches: list[float] = field(default_factory=list)
+    lifecycles: list[float] = field(default_factory=list)
+    unshare: list[float] = field(default_factory=list)
+    lxc_execute: list[float] = field(default_factory=list)
+
+
+def lifecycle_once(stub: pb_grpc.ContainerizerStub, cid: str, samples: Samples) -> None:
+    start = time.perf_counter()
+    stub.Launch(pb.LaunchRequest(container_id=cid, command=TRUE), timeout=30)
+    launched = time.perf_counter()
+    stub.Wait(pb.WaitRequest(container_id=cid), timeout=30)
+    done = time.perf_counter()
+    stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=30)  # acknowledge
+    samples.launches.append(launched - start)
+    samples.lifecycles.append(done - start)
+
+
 def lifecycle(service: Service, runs: int) -> tuple[list[float], list[float]]:
-    stub = service.stub()
-    launches, lifecycles = [], []
+    stub, samples = service.stub(), Samples()
     for n in range(runs):
-        cid = f"bench-true-{n}"
-        start = time.perf_counter()
-        stub.Launch(pb.LaunchRequest(container_id=cid, command=TRUE), timeout=30)
-        launched = time.perf_counter()
-        stub.Wait(pb.WaitRequest(container_id=cid), timeout=30)
-        done = time.perf_counter()
-        stub.Destroy(pb.DestroyRequest(container_id=cid), timeout=30)  # acknowledge
-        launches.append(launched - start)
-        lifecycles.append(done - start)
-    return launches, lifecycles
+        lifecycle_once(stub, f"bench-true-{n}", samples)
+    return samples.launches, samples.lifecycles
 
 
-def direct(argv: list[str], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        samples.append(time.perf_counter() - start)
+def direct_once(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def interleaved(service: Service, runs: int, lxc_argv: list[str] | None) -> Samples:
+    """One lifecycle of ours, one `unshare` and one `lxc-execute` in turn, `runs` times."""
+    stub, samples = service.stub(), Samples()
+    for n in range(runs):
+        lifecycle_once(stub, f"bench-true-{n}", samples)
+        samples.unshare.append(direct_once(UNSHARE))
+        if lxc_argv is not None:
+            samples.lxc_execute.append(direct_once(lxc_argv))
     return samples
 
 
-def lxc_execute(runs: int) -> list[float] | None:
+@contextlib.contextmanager
+def lxc_execute_argv() -> Iterator[list[str] | None]:
+    """The lxc-execute command on the host's root (None without LXC), its config in a
+    temporary directory for as long as the context lasts."""
     if shutil.which("lxc-execute") is None:
-        return None
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="bench-lxc-") as tmp:
         config = Path(tmp) / "bench.conf"
         config.write_text(LXC_CONFIG)
-        argv = ["lxc-execute", "-n", "bench", "-P", tmp, "-f", str(config), "--", "/bin/true"]
-        return direct(argv, runs)
+        yield ["lxc-execute", "-n", "bench", "-P", tmp, "-f", str(config), "--", "/bin/true"]
 
 
 def idle_memory(service: Service, count: int) -> dict[str, float]:
@@ -159,23 +191,20 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--idle", type=int, default=500)
     args = parser.parse_args()
-    with private_service() as service:
-        lifecycle(service, 10)  # warm-up: page cache, channel, sqlite
-        launches, lifecycles = lifecycle(service, args.runs)
+    with private_service() as service, lxc_execute_argv() as lxc_argv:
+        interleaved(service, 10, lxc_argv)  # warm-up: page cache, channel, sqlite, lxc
+        samples = interleaved(service, args.runs, lxc_argv)
         memory = idle_memory(service, args.idle) if args.idle else {}
-    unshare = summary_ms(
-        direct(["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "/bin/true"], args.runs)
-    )
-    lxc = lxc_execute(args.runs)
-    ours = summary_ms(lifecycles)
+    ours, unshare = summary_ms(samples.lifecycles), summary_ms(samples.unshare)
+    lxc = summary_ms(samples.lxc_execute) if samples.lxc_execute else None
     result = {
         "benchmark": "native",
-        "launch_until_running": summary_ms(launches),
+        "launch_until_running": summary_ms(samples.launches),
         "lifecycle_true": ours,
         "unshare_true": unshare,
-        "lxc_execute_true": summary_ms(lxc) if lxc else "lxc-execute not installed",
+        "lxc_execute_true": lxc or "lxc-execute not installed",
         "ratio_lifecycle_vs_unshare_p50": ratio(ours, unshare),
-        "ratio_lifecycle_vs_lxc_execute_p50": ratio(ours, summary_ms(lxc)) if lxc else None,
+        "ratio_lifecycle_vs_lxc_execute_p50": ratio(ours, lxc) if lxc else None,
         "idle_memory": memory,
     }
     print(json.dumps(result, indent=2))

@@ -24,7 +24,9 @@ debian_packages=(
   qemu-utils genisoimage e2fsprogs  # libvirt disk mode: qcow2 overlays, cidata ISOs, test disks
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev  # its API's .proto files
   nftables                      # port mappings of the bridge network
+  containernetworking-plugins   # network.backend = "cni": bridge, host-local, portmap, bandwidth...
   docker-registry               # the local registry images are pulled from in tests
+  apache2-utils                 # htpasswd: the registry-auth tests' bcrypt password file
 )
 
 missing=()

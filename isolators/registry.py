@@ -22,7 +22,7 @@ from isolators.cgroups.cpu import CpuIsolator
 from isolators.cgroups.destroy import destroy_cgroup_processes
 from isolators.cgroups.errors import CgroupError
 from isolators.cgroups.freezer import FreezerIsolator
-from isolators.cgroups.hierarchy import Hierarchies, check_component
+from isolators.cgroups.hierarchy import Hierarchies
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.posix import PosixCpuIsolator, PosixMemIsolator
@@ -135,20 +135,37 @@ class ContainerCgroups:
         # stat() of each one first would only repeat that work; and plain strings under roots
         # joined once, since Usage runs this per container and pathlib's joins cost more here
         # than the listing of a directory.
-        check_component(container_id, "container id")
-        return read_statistics(f"{root}/{container_id}" for root in self._accounted_roots)
+        relative = self.hierarchies.relative(container_id)
+        return read_statistics(f"{mount}/{relative}" for mount in self._accounted_mounts)
+
+    def pod_statistics(self, pod: str) -> Statistics:
+        """Mesos ResourceStatistics of a pod's cgroup: the kernel's sums over its containers
+        (cpu, memory), and their processes and threads counted in each container's cgroup
+        (a cgroup's own lists name only its direct members)."""
+        relative = self.hierarchies.pod_relative(pod)
+        statistics = read_statistics(f"{mount}/{relative}" for mount in self._accounted_mounts)
+        if self._accounted_mounts:
+            pod_dir = Path(self._accounted_mounts[0]) / relative
+            members = [pod_dir / name for name in files.children(pod_dir)]
+            threads = "tasks" if self.hierarchies.version == 1 else "cgroup.threads"
+            statistics["processes"] = sum(len(files.read_pids(m)) for m in members)
+            statistics["threads"] = sum(len(files.read_pids(m, threads)) for m in members)
+        return statistics
 
     @functools.cached_property
-    def _accounted_roots(self) -> tuple[str, ...]:
-        """`<mount>/<cgroups_root>` of each accounted controller, in container_dirs' order and
-        deduplicated (co-mounted controllers and v2 share one); mounts are fixed at discovery."""
-        roots = (self.hierarchies.root(c) for c in ACCOUNTED_CONTROLLERS if self.hierarchies.has(c))
-        return tuple(dict.fromkeys(str(root) for root in roots))
+    def _accounted_mounts(self) -> tuple[str, ...]:
+        """The mount of each accounted controller, in container_dirs' order and deduplicated
+        (co-mounted controllers and v2 share one); mounts are fixed at discovery."""
+        mounts = (
+            self.hierarchies.mounts[c] for c in ACCOUNTED_CONTROLLERS if self.hierarchies.has(c)
+        )
+        return tuple(dict.fromkeys(str(mount) for mount in mounts))
 
     def container_ids(self) -> set[str]:
-        """Ids that have a cgroup under `<cgroups_root>` in any controller (orphan search)."""
+        """Ids that have a cgroup under `<cgroups_root>` (or a pod's cgroup there) in any
+        controller (orphan search)."""
         roots = {self.hierarchies.root(c) for c in ACCOUNTED_CONTROLLERS if self.hierarchies.has(c)}
-        return {name for root in roots for name in files.children(root)}
+        return {name for root in roots for name in self.hierarchies.children(root)}
 
 
 def container_cgroups(

@@ -19,7 +19,7 @@
  *   --status-file F --sandbox DIR [--cgroup-procs P]... [--cwd DIR]
  *   [--uid N --gid N [--groups N,N,...]] [--hostname NAME] [--env K=V]... [--no-namespaces]
  *   [--netns PATH] [--ns KIND=PATH|host]... [--sysctl KEY=VALUE]...
- *   [--rootfs-lower DIR --rootfs-dir DIR [--read-only-root]]
+ *   [--rootfs-lower LAYER[:LAYER...] --rootfs-dir DIR [--read-only-root]]
  *   [--bind SRC --to DST [--read-only] [--propagation rslave|rshared|private]]...
  *   (--privileged | --capabilities MASK --seccomp LEN <LEN bytes>) [--no-new-privs]
  *   [--masked-path P]... [--readonly-path P]... [--cgroupns]
@@ -74,8 +74,9 @@
  * /run/netns/NAME prepared by the network isolator) after joining its cgroups and before the
  * other unshares, so the workload's first instruction already runs on the container's network.
  *
- * --rootfs-lower DIR --rootfs-dir DIR: the workload's / is an overlay of the read-only image
- * rootfs DIR (lower) with DIR/upper and DIR/work, mounted at DIR/merged inside the container's
+ * --rootfs-lower LAYERS --rootfs-dir DIR: the workload's / is an overlay of the image's read-only
+ * layer directories (LAYERS: topmost first, colon-separated, as overlay's lowerdir) with
+ * DIR/upper and DIR/work, mounted at DIR/merged inside the container's
  * own mount namespace (so the mount dies with the container; nothing on the host to leak), with
  * a fresh /proc, a minimal /dev (null zero full random urandom tty, a private devpts and shm),
  * /sys (read-only unless --privileged) and each --bind SRC --to DST (host path onto a path
@@ -226,14 +227,17 @@ struct bind {
 };
 
 /* The namespaces a container may join (a pod's) or share with the host instead of its own. */
-enum ns_kind { NS_IPC, NS_UTS, NS_PID, NS_KINDS };
+enum ns_kind { NS_IPC, NS_UTS, NS_PID, NS_USER, NS_KINDS };
 
 static const struct {
     const char *name;
     int flag;
     const char *step;
 } ns_kinds[NS_KINDS] = {
-    {"ipc", CLONE_NEWIPC, "ipcns"}, {"uts", CLONE_NEWUTS, "utsns"}, {"pid", CLONE_NEWPID, "pidns"}};
+    {"ipc", CLONE_NEWIPC, "ipcns"},
+    {"uts", CLONE_NEWUTS, "utsns"},
+    {"pid", CLONE_NEWPID, "pidns"},
+    {"user", CLONE_NEWUSER, "userns"}};
 
 enum { GIVEN_UID = 1, GIVEN_GID = 2, GIVEN_GROUPS = 4 };
 
@@ -263,7 +267,7 @@ struct options {
     const char *exec_start_time; /* and its start time, so that a reused pid is refused */
     const char *exec_report_fd;  /* where a failure before the command's exec is reported */
     const char *resize_fd;       /* exec with --tty: "COLUMNS ROWS" lines set its window size */
-    const char *rootfs_lower; /* image rootfs (read-only lower layer) or NULL */
+    const char *rootfs_lower; /* image layers (read-only lower layers, a:b:c) or NULL */
     const char *rootfs_dir;   /* holds upper/, work/ and merged/ for the overlay */
     struct bind *binds;
     size_t n_binds;
@@ -276,6 +280,9 @@ struct options {
     char **sysctls;        /* NULL-terminated KEY=VALUE */
     struct ns_choice ns[NS_KINDS];
     int read_only_root;
+    /* --userns UID:GID:SIZE: a user namespace of the container's own, mapping its ids 0..SIZE-1
+     * onto host uids UID.. and gids GID..; size 0 without */
+    unsigned long userns_uid, userns_gid, userns_size;
     /* confinement */
     int privileged;
     int no_new_privs;
@@ -619,7 +626,21 @@ static void take_namespace(struct options *opts, const char *value)
             usage_error("--ns needs an absolute path or host, got", value);
         return;
     }
-    usage_error("--ns needs ipc=, uts= or pid= and a path or host, got", value);
+    usage_error("--ns needs ipc=, uts=, pid= or user= and a path or host, got", value);
+}
+
+/* --userns UID:GID:SIZE, each a number, SIZE above 0 and no range past the 32-bit id space. */
+static void take_id_mapping(struct options *opts, const char *value)
+{
+    unsigned long long uid, gid, size;
+    int used = 0;
+    if (sscanf(value, "%llu:%llu:%llu%n", &uid, &gid, &size, &used) != 3 ||
+        value[used] != '\0' || value[0] < '0' || value[0] > '9' || size == 0 ||
+        uid + size > 0xFFFFFFFFULL || gid + size > 0xFFFFFFFFULL || uid == 0 || gid == 0)
+        usage_error("--userns needs UID:GID:SIZE (host ids above 0), got", value);
+    opts->userns_uid = (unsigned long)uid;
+    opts->userns_gid = (unsigned long)gid;
+    opts->userns_size = (unsigned long)size;
 }
 
 /* --sysctl KEY=VALUE: the key becomes a path under /proc/sys, so it may not climb out of it. */
@@ -649,6 +670,8 @@ static int take_container_option(struct options *opts, const char *name, char *v
     }
     else if (strcmp(name, "--ns") == 0)
         take_namespace(opts, value);
+    else if (strcmp(name, "--userns") == 0)
+        take_id_mapping(opts, value);
     else if (strcmp(name, "--sysctl") == 0) {
         check_sysctl(value);
         add_to(opts->sysctls, n_sysctls, value, fill);
@@ -792,6 +815,14 @@ static void check_container_options(const struct options *opts)
         usage_error("--ns and --sysctl need namespaces", NULL);
     if (opts->read_only_root && opts->rootfs_lower == NULL)
         usage_error("--read-only-root needs --rootfs-lower", NULL);
+    if (opts->ns[NS_USER].host)
+        usage_error("--ns user=host: the host's user namespace is the default", NULL);
+    if (opts->userns_size > 0 && (opts->ns[NS_USER].path != NULL || !opts->namespaces))
+        usage_error("--userns needs namespaces, and no --ns user=", NULL);
+    /* A pid namespace made inside the new user namespace is its own: one joined or the host's
+     * would not be (its /proc could not be mounted). */
+    if (opts->userns_size > 0 && (opts->ns[NS_PID].path != NULL || opts->ns[NS_PID].host))
+        usage_error("--userns needs a pid namespace of the container's own", NULL);
 }
 
 static void check_options(const struct options *opts)
@@ -1114,6 +1145,13 @@ static void mount_cgroupfs(int errpipe, const char *root)
                       MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755");
 }
 
+/* With a user namespace (--userns, or a pod's): the image's layers, each cloned and idmapped
+ * before the init may use them, and whether we are in it (see "user namespace" below). */
+#define MAX_LOWER_LAYERS 500 /* the overlay's own bound (OVL_MAX_STACK) */
+static int userns_lower_trees[MAX_LOWER_LAYERS];
+static size_t n_userns_lower_trees;
+static int in_user_namespace;
+
 /* --- mount propagation of the binds (see the top of this file) ----------------------------- */
 
 static int binds_propagate(const struct options *opts)
@@ -1130,8 +1168,8 @@ static void clone_shared_sources(int errpipe, const struct options *opts)
 {
     for (size_t i = 0; i < opts->n_binds; i++) {
         struct bind *bind = &opts->binds[i];
-        if (bind->propagation != MS_SHARED)
-            continue;
+        if (bind->propagation != MS_SHARED || bind->tree >= 0)
+            continue; /* with --userns every source was taken before the namespace */
         bind->tree = open_tree(AT_FDCWD, bind->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |
                                                            AT_RECURSIVE);
         if (bind->tree < 0)
@@ -1154,7 +1192,7 @@ static void isolate_mounts(int errpipe, const struct options *opts)
 static void attach_tree(int errpipe, const struct bind *bind, char *path)
 {
     struct stat info;
-    if (stat(bind->source, &info) < 0)
+    if (fstat(bind->tree, &info) < 0) /* the source's path may be out of a userns's reach */
         child_fail(errpipe, "bind", bind->source, strerror(errno));
     make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
     if (move_mount(bind->tree, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0)
@@ -1181,23 +1219,92 @@ static void mount_binds(int errpipe, const char *root, const struct options *opt
     }
 }
 
+/* A user namespace may mount sysfs only over a network namespace it owns, and the container's
+ * is the service's (made on the host, with its veth): the host's /sys bound in read-only, as
+ * runc does for rootless containers. */
+static void bind_host_sysfs(int errpipe, const char *path)
+{
+    struct mount_attr attr = {
+        .attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC};
+    mount_or_fail(errpipe, "/sys", path, NULL, MS_BIND | MS_REC, NULL);
+    if (mount_setattr(AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr) < 0)
+        child_fail(errpipe, "rootfs", path, strerror(errno));
+}
+
+static void overlay_config(int errpipe, int context, const char *key, const char *value, int fd)
+{
+    unsigned int command = value != NULL ? FSCONFIG_SET_STRING : FSCONFIG_SET_FD;
+    if (fsconfig(context, command, key, value, fd) < 0)
+        child_fail(errpipe, "rootfs", value != NULL ? value : key, strerror(errno));
+}
+
+/* The overlay of the image's layers (--rootfs-lower, topmost first, colon-separated) under
+ * dir/upper, at root, made with the new mount API: one `lowerdir+` per layer, so no option
+ * string (a page at most with mount(2)) bounds how many layers an image may have. In a user
+ * namespace of its own the host's paths may be out of reach: the layers are the idmapped trees
+ * (take_host_trees), handed over as descriptors, the rootfs directory is our cwd, and the
+ * overlay keeps its own xattrs in the user.* namespace, which an unprivileged mount may. */
+static void mount_overlay(int errpipe, const char *root, const char *dir, const struct options *opts)
+{
+    char path[PATH_MAX];
+    int context = fsopen("overlay", FSOPEN_CLOEXEC);
+    if (context < 0)
+        child_fail(errpipe, "rootfs", "overlay", strerror(errno));
+    if (in_user_namespace) {
+        /* Attached first, in our mount namespace (which our user namespace owns): overlayfs
+         * clones each layer's mount, and a detached tree is owned by the host's user namespace
+         * that made it, out of our capabilities' reach. */
+        for (size_t i = 0; i < n_userns_lower_trees; i++) {
+            char lower[32];
+            snprintf(lower, sizeof lower, "lower%zu", i);
+            if ((mkdir(lower, 0755) < 0 && errno != EEXIST) ||
+                move_mount(userns_lower_trees[i], "", AT_FDCWD, lower, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+                child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+            close(userns_lower_trees[i]);
+            overlay_config(errpipe, context, "lowerdir+", lower, 0);
+        }
+        if (fsconfig(context, FSCONFIG_SET_FLAG, "userxattr", NULL, 0) < 0)
+            child_fail(errpipe, "rootfs", "userxattr", strerror(errno));
+    } else {
+        char *layers = strdup(opts->rootfs_lower), *rest = NULL;
+        if (layers == NULL)
+            child_fail(errpipe, "rootfs", opts->rootfs_lower, strerror(errno));
+        for (char *layer = strtok_r(layers, ":", &rest); layer; layer = strtok_r(NULL, ":", &rest))
+            overlay_config(errpipe, context, "lowerdir+", layer, 0);
+        free(layers);
+    }
+    join_path(errpipe, path, dir, "/upper");
+    overlay_config(errpipe, context, "upperdir", path, 0);
+    join_path(errpipe, path, dir, "/work");
+    overlay_config(errpipe, context, "workdir", path, 0);
+    if (fsconfig(context, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        child_fail(errpipe, "rootfs", "overlay", strerror(errno));
+    int mounted = fsmount(context, FSMOUNT_CLOEXEC, 0);
+    if (mounted < 0 || move_mount(mounted, "", AT_FDCWD, root, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        child_fail(errpipe, "rootfs", root, strerror(errno));
+    close(mounted);
+    close(context);
+}
+
 /* Mounts the overlay, /proc, /dev, /sys and the binds under rootfs_dir/merged, then makes it /. */
 static void enter_rootfs(int errpipe, const struct options *opts)
 {
-    char root[PATH_MAX], path[PATH_MAX], data[3 * PATH_MAX + 64];
-    if (snprintf(root, sizeof root, "%s/merged", opts->rootfs_dir) >= (int)sizeof root ||
-        snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work",
-                 opts->rootfs_lower, opts->rootfs_dir, opts->rootfs_dir) >= (int)sizeof data)
-        child_fail(errpipe, "rootfs", opts->rootfs_dir, "path too long");
-    mount_or_fail(errpipe, "overlay", root, "overlay", 0, data);
+    char root[PATH_MAX], path[PATH_MAX];
+    const char *dir = in_user_namespace ? "." : opts->rootfs_dir;
+    join_path(errpipe, root, dir, "/merged");
+    mount_overlay(errpipe, root, dir, opts);
     join_path(errpipe, path, root, "/proc");
     make_mount_point(errpipe, path, 0);
     mount_or_fail(errpipe, "proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     populate_dev(errpipe, root);
     join_path(errpipe, path, root, "/sys");
     make_mount_point(errpipe, path, 0);
-    mount_or_fail(errpipe, "sysfs", path, "sysfs",
-                  (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    if (mount("sysfs", path, "sysfs",
+              (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) {
+        if (errno != EPERM || !in_user_namespace)
+            child_fail(errpipe, "rootfs", path, strerror(errno));
+        bind_host_sysfs(errpipe, path);
+    }
     if (opts->cgroupns)
         mount_cgroupfs(errpipe, root);
     mount_binds(errpipe, root, opts);
@@ -1253,7 +1360,7 @@ static void confine_paths(int errpipe, const struct options *opts)
 
 /* --- namespaces joined (a pod's) or shared with the host ------------------------------------ */
 
-static int namespace_fds[NS_KINDS] = {-1, -1, -1};
+static int namespace_fds[NS_KINDS] = {-1, -1, -1, -1};
 
 /* The supervisor opens the namespaces to join before any namespace changes: the paths are the
  * host's. */
@@ -1286,8 +1393,8 @@ static int own_namespace(const struct options *opts, int kind)
 static void choose_pid_namespace(const struct options *opts)
 {
     const char *path = opts->ns[NS_PID].path;
-    if (!opts->namespaces || opts->ns[NS_PID].host)
-        return;
+    if (!opts->namespaces || opts->ns[NS_PID].host || opts->userns_size > 0)
+        return; /* with --userns the init is cloned into a new one, which the user ns owns */
     if (path != NULL ? setns(namespace_fds[NS_PID], CLONE_NEWPID) < 0 : unshare(CLONE_NEWPID) < 0)
         fail("pidns", path, errno);
 }
@@ -1307,6 +1414,139 @@ static void reap_orphans(int errpipe, const struct options *opts)
 {
     if (!own_namespace(opts, NS_PID) && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
         child_fail(errpipe, "init", "child subreaper", strerror(errno));
+}
+
+/* --- user namespace (--userns, or a pod's: --ns user=PATH) -------------------------------- */
+
+/* Container root is an unprivileged host uid. The user namespace must own the container's
+ * other new namespaces (mount, pid, uts, ipc, cgroup), so it is made before them: the init is
+ * cloned into a new user namespace and a pid namespace that namespace owns, by a child of the
+ * supervisor that is still host root. That child joined the cgroups, opened the workload's
+ * stdio and joined the (host-made) network namespace first, took every bind's source and the
+ * image's rootfs as detached mount trees (inside, the paths may be out of reach), then writes
+ * the new namespace's uid and gid maps, idmaps the rootfs tree through it (so the image's files,
+ * owned by host ids from 0, are owned by the container's ids from 0), tells the supervisor the
+ * init's pid and exits: the init, reparented to the supervisor (a child subreaper), goes on. */
+
+static int userns_pid_pipe = -1; /* to the supervisor: the init's host pid */
+static int sandbox_fd; /* defined with the workload's stdio, below */
+
+/* After entering a user namespace we are still host root by uid, which the namespace does not
+ * map: become its root, with none of the host's groups. The capabilities there are all ours. */
+static void become_namespace_root(int errpipe)
+{
+    if (setgroups(0, NULL) < 0 || setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+        child_fail(errpipe, "userns", "become its root", strerror(errno));
+}
+
+
+static void write_id_map(int errpipe, pid_t pid, const char *name, unsigned long start,
+                         unsigned long size)
+{
+    char path[64], map[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
+    int n = snprintf(map, sizeof map, "0 %lu %lu\n", start, size);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write_all(fd, map, (size_t)n) < 0)
+        child_fail(errpipe, "userns", name, strerror(errno));
+    close(fd);
+}
+
+/* While host root: each bind's source as a detached clone, the image's rootfs likewise, and
+ * the rootfs directory as our cwd (the overlay names its directories relative to it). */
+static void take_host_trees(int errpipe, const struct options *opts)
+{
+    for (size_t i = 0; i < opts->n_binds; i++) {
+        struct bind *bind = &opts->binds[i];
+        bind->tree = open_tree(AT_FDCWD, bind->source,
+                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+        if (bind->tree < 0)
+            child_fail(errpipe, "bind", bind->source, strerror(errno));
+    }
+    if (opts->rootfs_lower == NULL) {
+        /* Without an image the workload starts in its sandbox, whose host path the namespace's
+         * root may not be able to walk (a parent 0700): entered now, by our descriptor, so the
+         * mount namespace made next carries it over as the cwd. */
+        if (opts->cwd != NULL && strcmp(opts->cwd, opts->sandbox) == 0 && fchdir(sandbox_fd) < 0)
+            child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
+        return;
+    }
+    char *layers = strdup(opts->rootfs_lower), *rest = NULL;
+    if (layers == NULL)
+        child_fail(errpipe, "rootfs", opts->rootfs_lower, strerror(errno));
+    for (char *layer = strtok_r(layers, ":", &rest); layer; layer = strtok_r(NULL, ":", &rest)) {
+        if (n_userns_lower_trees == MAX_LOWER_LAYERS)
+            child_fail(errpipe, "rootfs", opts->rootfs_lower, "more layers than an overlay stacks");
+        int tree = open_tree(AT_FDCWD, layer, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+        if (tree < 0)
+            child_fail(errpipe, "rootfs", layer, strerror(errno));
+        userns_lower_trees[n_userns_lower_trees++] = tree;
+    }
+    free(layers);
+    if (chdir(opts->rootfs_dir) < 0)
+        child_fail(errpipe, "rootfs", opts->rootfs_dir, strerror(errno));
+}
+
+static void idmap_lower(int errpipe, int userns)
+{
+    struct mount_attr attr = {.attr_set = MOUNT_ATTR_IDMAP, .userns_fd = (uint64_t)userns};
+    if (userns < 0)
+        child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+    for (size_t i = 0; i < n_userns_lower_trees; i++)
+        if (mount_setattr(userns_lower_trees[i], "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
+            child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+}
+
+/* A pod's user namespace: after the host's network namespace and before the pod's ipc and uts
+ * namespaces, which it owns (joining those takes its capabilities, joining the former ours). */
+static void join_user_namespace(int errpipe, const struct options *opts)
+{
+    take_host_trees(errpipe, opts);
+    if (n_userns_lower_trees > 0)
+        idmap_lower(errpipe, namespace_fds[NS_USER]);
+    if (setns(namespace_fds[NS_USER], CLONE_NEWUSER) < 0)
+        child_fail(errpipe, "userns", opts->ns[NS_USER].path, strerror(errno));
+    in_user_namespace = 1;
+    become_namespace_root(errpipe);
+}
+
+/* Returns in the cloned init only; the caller (the supervisor's child) exits here. */
+static void clone_into_user_namespace(int errpipe, const struct options *opts)
+{
+    int go[2];
+    char byte;
+    take_host_trees(errpipe, opts);
+    if (pipe2(go, O_CLOEXEC) < 0)
+        child_fail(errpipe, "userns", "pipe", strerror(errno));
+    /* one clone: the kernel makes the user namespace first, so it owns the pid namespace */
+    pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWPID | SIGCHLD, NULL, NULL,
+                               NULL, NULL);
+    if (pid < 0)
+        child_fail(errpipe, "userns", "clone", strerror(errno));
+    if (pid == 0) {
+        close(go[1]);
+        close(userns_pid_pipe);
+        if (read(go[0], &byte, 1) != 1)
+            _exit(127); /* our parent failed, and told the supervisor why */
+        close(go[0]);
+        in_user_namespace = 1;
+        become_namespace_root(errpipe);
+        return;
+    }
+    close(go[0]);
+    write_id_map(errpipe, pid, "uid_map", opts->userns_uid, opts->userns_size);
+    write_id_map(errpipe, pid, "gid_map", opts->userns_gid, opts->userns_size);
+    if (n_userns_lower_trees > 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/ns/user", (int)pid);
+        int userns = open(path, O_RDONLY | O_CLOEXEC);
+        idmap_lower(errpipe, userns);
+        close(userns);
+    }
+    if (write_all(userns_pid_pipe, (const char *)&pid, sizeof pid) < 0 ||
+        write_all(go[1], "g", 1) < 0)
+        child_fail(errpipe, "userns", "start the init", strerror(errno));
+    _exit(0);
 }
 
 /* --- kernel settings of the container's namespaces (--sysctl) ------------------------------ */
@@ -1811,8 +2051,8 @@ static int open_sandbox_output(int dir, const struct options *opts, const char *
 {
     char shown[PATH_MAX];
     const char *reason;
-    uid_t uid = opts->identity_given ? opts->uid : 0;
-    gid_t gid = opts->identity_given ? opts->gid : 0;
+    uid_t uid = (opts->identity_given ? opts->uid : 0) + (uid_t)opts->userns_uid;
+    gid_t gid = (opts->identity_given ? opts->gid : 0) + (gid_t)opts->userns_gid;
     int fd = open_output_file(dir, name, 0, uid, gid, &reason);
     if (fd < 0) {
         snprintf(shown, sizeof shown, "%s/%s", opts->sandbox, name);
@@ -1915,8 +2155,9 @@ static void prepare_rotation(int dir, const struct options *opts)
     rotation.dir = dir;
     rotation.max_size = opts->output_max_size;
     rotation.max_files = opts->output_max_files;
-    rotation.uid = opts->identity_given ? opts->uid : 0;
-    rotation.gid = opts->identity_given ? opts->gid : 0;
+    /* host ids: with --userns the workload's, through its mapping */
+    rotation.uid = (opts->identity_given ? opts->uid : 0) + (uid_t)opts->userns_uid;
+    rotation.gid = (opts->identity_given ? opts->gid : 0) + (gid_t)opts->userns_gid;
     for (int i = 0; i < 2; i++)
         if (fstat(sandbox_outputs[i], &info) == 0)
             rotation.written[i] = (unsigned long long)info.st_size;
@@ -2721,10 +2962,19 @@ static void close_other_fds(int errpipe)
             (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 
+/* Without an image, in a user namespace, the sandbox's host path may cross a directory the
+ * container's root may not search (a parent 0700): then it is the cwd already (take_host_trees
+ * entered it while we were host root). */
+static int sandbox_as_cwd(const struct options *opts)
+{
+    return errno == EACCES && in_user_namespace && opts->rootfs_lower == NULL &&
+           strcmp(opts->cwd, opts->sandbox) == 0;
+}
+
 static void exec_workload(const struct options *opts, int errpipe)
 {
     take_terminal(opts, errpipe);
-    if (opts->cwd != NULL && chdir(opts->cwd) < 0)
+    if (opts->cwd != NULL && chdir(opts->cwd) < 0 && !sandbox_as_cwd(opts))
         child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
     give_sandbox(errpipe, opts, workload_uid(opts), workload_gid(opts));
     if (!opts->privileged && !opts->namespaces)
@@ -2812,6 +3062,10 @@ static void run_child(const struct options *opts, int errpipe, int statuspipe)
         join_netns(errpipe, opts->netns);
     if (!opts->namespaces)
         exec_workload(opts, errpipe);
+    if (opts->userns_size > 0)
+        clone_into_user_namespace(errpipe, opts);
+    else if (namespace_fds[NS_USER] >= 0)
+        join_user_namespace(errpipe, opts);
     enter_namespaces(errpipe, opts);
     if (!opts->privileged)
         drop_bounding_set(errpipe, opts); /* the init's too */
@@ -2857,6 +3111,41 @@ static int open_status_dir(const char *status_file, char *base)
     return fd;
 }
 
+/* With --userns: the pipe whose other end tells us the init's pid (userns_pid_pipe, written
+ * by the child that clones it), and we become a child subreaper so that the init is ours to
+ * wait for once that child has left. -1 without. */
+static int userns_init_pipe(const struct options *opts)
+{
+    int ends[2];
+    if (opts->userns_size == 0)
+        return -1;
+    if (pipe2(ends, O_CLOEXEC) < 0)
+        fail("pipe", NULL, errno);
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        fail("userns", "child subreaper", errno);
+    userns_pid_pipe = ends[1];
+    return ends[0];
+}
+
+/* The init's host pid from the pipe, or the child's when it failed first (its reason follows on
+ * the error pipe). */
+static pid_t userns_init(int pidpipe, pid_t child)
+{
+    pid_t init = child;
+    size_t got = 0;
+    close(userns_pid_pipe);
+    while (got < sizeof init) {
+        ssize_t n = read(pidpipe, (char *)&init + got, sizeof init - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(pidpipe);
+    return got == sizeof init ? init : child;
+}
+
 /* Starts the child and returns its pid once it exec'd; on failure, reports and exits. */
 static pid_t launch(const struct options *opts, int statuspipe)
 {
@@ -2867,6 +3156,7 @@ static pid_t launch(const struct options *opts, int statuspipe)
     pid_t pid;
     if (pipe2(errpipe, O_CLOEXEC) < 0)
         fail("pipe", NULL, errno);
+    int pidpipe = userns_init_pipe(opts);
     open_namespaces(opts);
     choose_pid_namespace(opts);
     pid = fork();
@@ -2874,10 +3164,13 @@ static pid_t launch(const struct options *opts, int statuspipe)
         fail("fork", NULL, errno);
     if (pid == 0) {
         close(errpipe[0]);
+        if (pidpipe >= 0)
+            close(pidpipe);
         run_child(opts, errpipe[1], statuspipe);
     }
     close_namespaces();
     close(errpipe[1]);
+    pid_t init = pidpipe >= 0 ? userns_init(pidpipe, pid) : pid;
     while ((n = read(errpipe[0], reason + got, sizeof reason - 1 - got)) != 0) {
         if (n < 0 && errno == EINTR)
             continue;
@@ -2888,8 +3181,11 @@ static pid_t launch(const struct options *opts, int statuspipe)
             break;
     }
     close(errpipe[0]);
+    if (got == 0 && init != pid) /* the init's parent has left: reap it, the init is ours now */
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
     if (got == 0)
-        return pid; /* EOF without a word: exec succeeded */
+        return init; /* EOF without a word: exec succeeded */
     reason[got] = '\0';
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
         ;
@@ -2967,13 +3263,16 @@ static void load_options(int fd, int devnull, struct options *opts)
 
 /* --- exec mode (--exec-in PID): one more process in a running container ------------------- */
 
-/* The container's namespaces in the order they are joined: mnt last, since it moves our root
- * and cwd to the container's root. The pid namespace applies to our children: hence a fork. */
+/* The container's namespaces in the order they are joined: mnt late, since it moves our root
+ * and cwd to the container's root, and its user namespace (when it has one) last, since joining
+ * it ends our host privileges, which joining the others (its network namespace is the host's
+ * making) needs. The pid namespace applies to our children: hence a fork. */
 static const struct {
     const char *name;
     int type;
-} exec_namespaces[] = {{"ipc", CLONE_NEWIPC}, {"uts", CLONE_NEWUTS},       {"net", CLONE_NEWNET},
-                       {"pid", CLONE_NEWPID}, {"cgroup", CLONE_NEWCGROUP}, {"mnt", CLONE_NEWNS}};
+} exec_namespaces[] = {{"ipc", CLONE_NEWIPC},    {"uts", CLONE_NEWUTS}, {"net", CLONE_NEWNET},
+                       {"pid", CLONE_NEWPID},    {"cgroup", CLONE_NEWCGROUP},
+                       {"mnt", CLONE_NEWNS},     {"user", CLONE_NEWUSER}};
 #define EXEC_NAMESPACES (sizeof exec_namespaces / sizeof exec_namespaces[0])
 
 static unsigned long long exec_number(const char *text, const char *option, unsigned long long max)
@@ -3019,6 +3318,8 @@ static void join_target_namespaces(const int fds[])
         if (setns(fds[i], exec_namespaces[i].type) < 0)
             fail("setns", exec_namespaces[i].name, errno);
         close(fds[i]);
+        if (exec_namespaces[i].type == CLONE_NEWUSER)
+            become_namespace_root(-1);
     }
     if (chdir("/") < 0) /* the container's root (ours too if it has no mount namespace) */
         fail("cwd", "/", errno);

@@ -25,6 +25,7 @@ from tests.cgroup_roots import (
     run_cgroup_roots,
     run_scoped_name,
 )
+from tests.integration.containerd_daemon import user_namespace_mode
 from tests.run_records import RunRecord, bridge_prefix, remove_network, sweep_dead_runs
 
 # Fixtures several test modules share, registered once here rather than imported by each.
@@ -34,6 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI") == "true"
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
+# CTZ_TEST_USER_NAMESPACE=1: every service runs its containers in user namespaces by default
+# (the suites once more in that mode); ranges far above any /etc/subuid user's.
+USER_NAMESPACE_DEFAULT = '[user_namespace]\ndefault = true\nrange = "2000000000:2000000000"\n'
 RUN_RECORD = pytest.StashKey[RunRecord]()
 
 
@@ -120,7 +124,7 @@ class ServiceProcess:
         self.config_path.write_text(
             f'version = 1\nstate_dir = "{self.state_dir}"\nsocket = "{self.socket}"\n'
             f'cgroups_root = "{self.cgroups_root}"\ntermination_retention = 600\n'
-            f"{extra_config}\n"
+            f"{extra_config}\n{_user_namespace_default(extra_config)}"
         )
         self.process: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
@@ -189,6 +193,12 @@ class ServiceProcess:
         `<root>.partition`, LXC's `<root>.lxc-monitor.<id>`), with all below them, in every
         hierarchy. Returns what could not be removed (the end-of-run check reports it too)."""
         return remove_cgroup_trees(self.cgroups_root, f"{self.cgroups_root}.*")
+
+
+def _user_namespace_default(extra_config: str) -> str:
+    """The user namespace mode's table, unless the test configures user namespaces itself."""
+    wanted = user_namespace_mode() and "[user_namespace]" not in extra_config
+    return USER_NAMESPACE_DEFAULT if wanted else ""
 
 
 @pytest.fixture(scope="session")

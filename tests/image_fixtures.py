@@ -14,16 +14,34 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from adapter.images import ImageStore
+from adapter.images.overlay import DetachedOverlay
 from tests.conftest import require
 from tests.images import BUSYBOX, busybox_docker_archive, busybox_oci_layout
 
 REGISTRY_BINARY = "docker-registry"
 REGISTRY_START_SECONDS = 20
+
+
+ImageFiles = Callable[[ImageStore, str], Awaitable[Path]]
+
+
+@pytest.fixture
+def image_files() -> Iterator[ImageFiles]:
+    """`await image_files(store, reference)`: a path to the image's files as a container sees
+    them (a detached read-only overlay of its layers), open until the test ends."""
+    with contextlib.ExitStack() as views:
+
+        async def open_files(store: ImageStore, reference: str) -> Path:
+            layers = await store.layers(reference)
+            return views.enter_context(DetachedOverlay(layers)).root
+
+        yield open_files
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from typing import Any
 
 from adapter.core.errors import ConfigError, InvalidArgument
 from adapter.core.model import NETWORK_MODES, is_valid_container_id
+from adapter.core.userns import USER_NAMESPACE_KEYS, UserNamespaceOptions, parse_user_namespace
 from adapter.runtimes.native.options import NativeOptions
 from adapter.runtimes.registry import RUNTIMES, RuntimeOptions, parse_options
 from adapter.supervisor.client import OUTPUT_FILES_LIMIT
@@ -46,6 +47,15 @@ class NetworkOptions:
     host_address: str | None = None
     allow_privileged_ports: bool = False
     egress_nat: bool = False
+    backend: str = "bridge"  # or "cni": the plugins of a CNI network config attach containers
+    conf_dir: str = "/etc/cni/net.d"  # backend "cni": where the network configs are
+    bin_dir: str = "/usr/lib/cni"  # backend "cni": plugins; /opt/cni/bin is searched after it
+    cni_network: str | None = None  # backend "cni": a network's name; None: the first config
+
+
+NETWORK_BACKENDS = ("bridge", "cni")
+# CNI's own rule for a network name (libcni's ValidateNetworkName).
+CNI_NETWORK_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 
 
 def _is_ipv4_subnet(value: str) -> bool:
@@ -75,6 +85,14 @@ NETWORK_KEYS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "host_address": (str, _is_ipv4_address, "an IPv4 address of this host"),
     "allow_privileged_ports": (bool, lambda v: True, "true or false"),
     "egress_nat": (bool, lambda v: True, "true or false"),
+    "backend": (str, lambda v: v in NETWORK_BACKENDS, f"one of {list(NETWORK_BACKENDS)}"),
+    "conf_dir": (str, lambda v: v.startswith("/"), "an absolute directory path"),
+    "bin_dir": (str, lambda v: v.startswith("/"), "an absolute directory path"),
+    "cni_network": (
+        str,
+        lambda v: CNI_NETWORK_NAME.fullmatch(v) is not None,
+        "a CNI network name: [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+    ),
 }
 
 
@@ -89,9 +107,50 @@ class ImagesOptions:
     # Registry domain -> the HOST[:PORT] pulled from instead ([images.mirrors], as containerd's
     # registry mirrors); a loopback mirror is spoken to over plain HTTP.
     mirrors: tuple[tuple[str, str], ...] = ()
+    # Size-based garbage collection (adapter/images/prune.py): when the store's blobs and root
+    # filesystems exceed gc_high_bytes, images no container uses go, least recently used
+    # first, until it is under gc_low_bytes. 0: off.
+    gc_high_bytes: int = 0
+    gc_low_bytes: int = 0
 
 
-IMAGES_KEYS = ("max_import_bytes", "max_unpacked_bytes", "max_entries", "mirrors")
+IMAGES_KEYS = (
+    "max_import_bytes",
+    "max_unpacked_bytes",
+    "max_entries",
+    "mirrors",
+    "gc_high_bytes",
+    "gc_low_bytes",
+)
+
+
+@dataclass(frozen=True)
+class RegistryHostOptions:
+    """One [registry."HOST[:PORT]"] table: how to reach that registry (or mirror), and as whom.
+    The password never appears in a repr, a log line or an error."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    # PEM bundle that verifies its certificate instead of the system's CA bundle.
+    ca_file: Path | None = None
+    # True: plain HTTP; False: HTTPS; None: plain HTTP for a loopback host without ca_file
+    # (Docker's default insecure registry), HTTPS otherwise.
+    insecure: bool | None = None
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """The [registry] table: host tables, and a Docker config.json whose `auths` are used for
+    registries without credentials of their own."""
+
+    hosts: tuple[tuple[str, RegistryHostOptions], ...] = ()
+    docker_config: Path | None = None
+
+    def host(self, name: str) -> RegistryHostOptions | None:
+        return dict(self.hosts).get(name)
+
+
+REGISTRY_HOST_KEYS = ("auth", "username", "password", "ca_file", "insecure")
 
 
 @dataclass(frozen=True)
@@ -106,6 +165,9 @@ class AgentConfig:
     socket: Path = Path(DEFAULT_SOCKET)
     # Kubernetes' CRI (runtime.v1) endpoint; None: cri.sock beside `socket`.
     cri_socket: Path | None = None
+    # containerizer-mesos's socket (adapter/server/mesos.py); None: NAME.mesos.sock beside
+    # `socket` NAME.sock. Named *.mesos.sock so the program knows it given as its endpoint.
+    mesos_socket: Path | None = None
     # The CRI streaming server (Exec, Attach, PortForward URLs): loopback, any free port.
     cri_streaming_address: str = "127.0.0.1:0"
     listen: str | None = None
@@ -115,6 +177,8 @@ class AgentConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     termination_retention: float = 3600.0
+    # How often the disk isolator measures a container without a project quota (disk/du).
+    disk_watch_interval: float = 15.0
     # Whether a launch may ask for `privileged` (no confinement); refused unless set.
     allow_privileged: bool = False
     # A container's stdout and stderr files rotate at this size (bytes; 0: never), and each
@@ -125,12 +189,33 @@ class AgentConfig:
     runtimes: dict[str, RuntimeOptions] = field(default_factory=lambda: {"native": NativeOptions()})
     network: NetworkOptions = field(default_factory=NetworkOptions)
     images: ImagesOptions = field(default_factory=ImagesOptions)
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    # /metrics (Prometheus) and /healthz over plain HTTP: loopback only; None: not served.
+    metrics_listen: str | None = None
+    # The service's own log lines: "text" or "json" (one object per line).
+    log_format: str = "text"
+    # [user_namespace]: the node's default and the host ids containers' namespaces map.
+    user_namespace: UserNamespaceOptions = field(default_factory=UserNamespaceOptions)
     source: Path | None = None
 
 
 def _is_listen_address(value: str) -> bool:
     host, sep, port = value.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _is_loopback_listen_address(value: str) -> bool:
+    """HOST:PORT on a loopback address (port 0: any free one): the metrics carry no
+    authentication, so only this node's users may read them."""
+    host, sep, port = value.rpartition(":")
+    if not (sep and port.isdigit() and int(port) < 65536):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _isolator_list(value: list[Any]) -> bool:
@@ -149,6 +234,11 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "state_dir": (str, lambda v: v.startswith("/"), "an absolute path"),
     "socket": (str, lambda v: v.startswith("/"), "an absolute path"),
     "cri_socket": (str, lambda v: v.startswith("/"), "an absolute path"),
+    "mesos_socket": (
+        str,
+        lambda v: v.startswith("/") and v.endswith(".mesos.sock"),
+        "an absolute path ending in .mesos.sock",
+    ),
     "cri_streaming_address": (
         str,
         lambda v: _is_listen_address(v) or v.endswith(":0"),
@@ -159,6 +249,7 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "tls_key": (str, lambda v: v.startswith("/"), "an absolute path to a PEM private key"),
     "tls_client_ca": (str, lambda v: v.startswith("/"), "an absolute path to a PEM CA bundle"),
     "termination_retention": ((int, float), lambda v: 0 <= v < 1e9, "seconds >= 0"),
+    "disk_watch_interval": ((int, float), lambda v: 0.1 <= v <= 86400, "seconds, 0.1 to 86400"),
     "allow_privileged": (bool, lambda v: True, "true or false"),
     "log_max_size": (int, lambda v: 0 <= v <= 1 << 62, "a number of bytes >= 0 (0: no rotation)"),
     "log_max_files": (
@@ -169,6 +260,14 @@ TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], _Check, str]] = {
     "runtimes": (dict, lambda v: True, "a table of runtime tables"),
     "network": (dict, lambda v: True, "a table (see NETWORK_KEYS)"),
     "images": (dict, lambda v: True, f"a table of {list(IMAGES_KEYS)}"),
+    "registry": (dict, lambda v: True, 'docker_config and tables [registry."HOST[:PORT]"]'),
+    "metrics_listen": (
+        str,
+        _is_loopback_listen_address,
+        "a loopback HOST:PORT, e.g. 127.0.0.1:9101 (the metrics have no authentication)",
+    ),
+    "log_format": (str, lambda v: v in ("text", "json"), "'text' or 'json'"),
+    "user_namespace": (dict, lambda v: True, f"a table of {list(USER_NAMESPACE_KEYS)}"),
 }
 
 
@@ -211,18 +310,24 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> AgentConfig
         state_dir=state_dir,
         socket=Path(raw.get("socket", DEFAULT_SOCKET)),
         cri_socket=_optional_path(raw.get("cri_socket")),
+        mesos_socket=_optional_path(raw.get("mesos_socket")),
         cri_streaming_address=raw.get("cri_streaming_address", defaults.cri_streaming_address),
         listen=raw.get("listen"),
         tls_cert=_optional_path(raw.get("tls_cert")),
         tls_key=_optional_path(raw.get("tls_key")),
         tls_client_ca=_optional_path(raw.get("tls_client_ca")),
         termination_retention=float(raw.get("termination_retention", 3600.0)),
+        disk_watch_interval=float(raw.get("disk_watch_interval", defaults.disk_watch_interval)),
         allow_privileged=raw.get("allow_privileged", False),
         log_max_size=raw.get("log_max_size", defaults.log_max_size),
         log_max_files=raw.get("log_max_files", defaults.log_max_files),
         runtimes=runtimes,
         network=_parse_network(where, raw["network"]) if "network" in raw else NetworkOptions(),
         images=_parse_images(where, raw.get("images", {})),
+        registry=_parse_registry(where, raw.get("registry", {})),
+        metrics_listen=raw.get("metrics_listen"),
+        log_format=raw.get("log_format", defaults.log_format),
+        user_namespace=parse_user_namespace(where, raw.get("user_namespace", {})),
         source=source,
     )
 
@@ -280,7 +385,66 @@ def _parse_images(where: str, table: dict[str, Any]) -> ImagesOptions:
         checked = checked_mirrors(mirrors)
     except InvalidArgument as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return ImagesOptions(**values, mirrors=tuple(sorted(checked.items())))
+    options = ImagesOptions(**values, mirrors=tuple(sorted(checked.items())))
+    if options.gc_low_bytes > options.gc_high_bytes or (
+        options.gc_high_bytes and not options.gc_low_bytes
+    ):
+        raise ConfigError(
+            f"{where}: images.gc_low_bytes: expected a size > 0 and <= images.gc_high_bytes "
+            f"({options.gc_high_bytes}), got {options.gc_low_bytes}"
+        )
+    return options
+
+
+def _parse_registry(where: str, table: dict[str, Any]) -> RegistryOptions:
+    """Values of auth and password are secrets: no message here repeats them."""
+    # Imported here: the image package's store imports this module.
+    from adapter.images.auth import decode_auth
+    from adapter.images.reference import DOMAIN_PATTERN
+
+    hosts = []
+    docker_config = table.get("docker_config")
+    if docker_config is not None and not (
+        isinstance(docker_config, str) and docker_config.startswith("/")
+    ):
+        raise ConfigError(f"{where}: registry.docker_config: expected an absolute path")
+    for name, host in table.items():
+        if name == "docker_config":
+            continue
+        key = f'registry."{name}"'
+        if not DOMAIN_PATTERN.fullmatch(name) or not isinstance(host, dict):
+            raise ConfigError(
+                f'{where}: {key}: expected a table [registry."HOST[:PORT]"] (no scheme or path) '
+                "or docker_config"
+            )
+        hosts.append((name, _parse_registry_host(where, key, host, decode_auth)))
+    return RegistryOptions(
+        hosts=tuple(sorted(hosts, key=lambda item: item[0])),
+        docker_config=_optional_path(docker_config),
+    )
+
+
+def _parse_registry_host(
+    where: str, key: str, table: dict[str, Any], decode_auth: Callable[[str, str], tuple[str, str]]
+) -> RegistryHostOptions:
+    for name, value in table.items():
+        if name not in REGISTRY_HOST_KEYS:
+            raise ConfigError(f"{where}: {key}.{name}: unknown key; known: {REGISTRY_HOST_KEYS}")
+        expected = bool if name == "insecure" else str
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: {key}.{name}: expected a {expected.__name__}")
+    username, password = table.get("username", ""), table.get("password", "")
+    if "auth" in table:
+        if username or password:
+            raise ConfigError(f"{where}: {key}: give auth or username and password, not both")
+        try:
+            username, password = decode_auth(table["auth"], f"{key}.auth")
+        except InvalidArgument as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    ca_file = table.get("ca_file")
+    if ca_file is not None and not ca_file.startswith("/"):
+        raise ConfigError(f"{where}: {key}.ca_file: expected an absolute path to a PEM bundle")
+    return RegistryHostOptions(username, password, _optional_path(ca_file), table.get("insecure"))
 
 
 def _check_top_level(where: str, key: str, value: Any) -> None:

@@ -14,7 +14,6 @@ once, here: `kill_all` and `cleanup` of whatever the runtime had made.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import signal
@@ -23,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from adapter.core.disk import DiskAccounting
 from adapter.core.errors import (
     AlreadyExists,
     ContainerizerError,
@@ -30,6 +30,7 @@ from adapter.core.errors import (
     LaunchFailed,
     NotFound,
 )
+from adapter.core.events import Event, EventHub, Missed
 from adapter.core.model import (
     ExecResult,
     Exit,
@@ -42,8 +43,10 @@ from adapter.core.model import (
     Termination,
 )
 from adapter.core.network import RuntimeNetwork
+from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
+from adapter.core.userns import IdRangeAllocator
 from adapter.runtimes.base import (
     Attaches,
     AttachSession,
@@ -70,14 +73,6 @@ KILLING_LIMITATIONS = (Reason.LIMITATION_MEMORY, Reason.LIMITATION_DISK)
 EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
-class Event:
-    timestamp: float
-    container_id: str
-    state: State
-    termination: Termination | None = None
-
-
 @dataclass
 class Container:
     record: ContainerRecord
@@ -100,8 +95,22 @@ class Containerizer:
         sandbox_root: Path | None = None,
         allow_privileged: bool = False,
         network: RuntimeNetwork | None = None,
+        user_namespaces: IdRangeAllocator | None = None,
+        user_namespace_default: bool = False,
+        disk: DiskAccounting | None = None,
+        pod_cgroups: PodCgroups | None = None,
     ) -> None:
         self.drivers = drivers
+        # Pods' cgroups, and the placement of a pod's containers in them (LaunchSpec.linux.pod).
+        self.pod_cgroups = pod_cgroups
+        # Every container's disk usage, and its disk request enforced where the runtime shows
+        # all the container writes (None: disk is neither measured nor enforced).
+        self.disk = disk
+        # The host id ranges of user-namespaced containers, held from launch to termination
+        # and re-derived from the checkpoints at recovery; None: no host ids configured.
+        self.user_namespaces = user_namespaces
+        self.user_namespace_default = user_namespace_default
+        self._userns_capable: dict[str, bool] = {}
         # The node's network isolator, shared by every runtime: each runtime attaches its
         # containers its own way (a namespace path, a sandbox container, a tap device), the core
         # does the rest once for all: bandwidth updates, counters, recovery, shutdown.
@@ -114,7 +123,8 @@ class Containerizer:
         self._store = store
         self._retention = termination_retention
         self._containers: dict[str, Container] = {}
-        self._subscribers: set[asyncio.Queue[Event]] = set()
+        # Lifecycle events: the recent ones kept for `since`, readers, metrics and the log.
+        self.event_hub = EventHub()
         self._pruner: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -129,8 +139,11 @@ class Containerizer:
         existing = self._containers.get(spec.container_id)
         if existing is not None and existing.record.state is not State.TERMINATED:
             raise AlreadyExists(f"container {spec.container_id!r} already exists")
-        if spec.resources.disk_mib is not None:
+        enforced = self.disk is not None and self.disk.enforces(driver)
+        if spec.resources.disk_mib is not None and not enforced:
             warnings = (*warnings, _disk_not_enforced(spec))
+        spec, userns_warnings = await self._with_user_namespace(spec, driver)
+        warnings = (*warnings, *userns_warnings)
         record = ContainerRecord(
             spec=spec,
             state=State.LAUNCHING,
@@ -145,7 +158,11 @@ class Containerizer:
             self._checkpoint(container, record)
             try:
                 _make_sandbox(spec.sandbox)
+                if spec.linux.pod:
+                    self._pod_cgroups().place(spec)
                 launched = await driver.start(spec)
+                if self.disk is not None:
+                    await self.disk.prepare(spec, driver)
             except ContainerizerError as exc:
                 await self._fail_launch(container, driver, str(exc))
                 raise
@@ -167,12 +184,53 @@ class Containerizer:
             )
             self._checkpoint(container, running)
             container.watcher = asyncio.create_task(self._watch(container, driver))
+            self._watch_disk(container, driver)
         return running
+
+    async def _with_user_namespace(
+        self, spec: LaunchSpec, driver: Runtime
+    ) -> tuple[LaunchSpec, tuple[str, ...]]:
+        """The spec with its id mapping, when it gets a user namespace: asked for, or the
+        node's default on a runtime that has them (a VM keeps its own kernel's users: the
+        default passes it by, with a warning). A mapping set by the core's own callers (a pod's
+        container, sharing its holder's) is kept."""
+        asked = spec.user_namespace
+        if spec.id_mapping is not None:
+            return spec, ()
+        if asked is False or (asked is None and not self.user_namespace_default):
+            return spec, ()
+        if not await self._has_user_namespaces(driver):
+            if asked is None:
+                note = f"user_namespace: the node's default does not apply on {driver.name!r}"
+                return spec, (note,)
+            raise FailedPrecondition(
+                f"user_namespace: runtime {driver.name!r} cannot run a container in a user"
+                " namespace of ours (`containerizer runtimes` shows which can)"
+            )
+        if self.user_namespaces is None:
+            raise FailedPrecondition(
+                "user_namespace: this node maps no host ids; set [user_namespace] user or"
+                " range in its config"
+            )
+        return replace(spec, id_mapping=self.user_namespaces.allocate(spec.container_id)), ()
+
+    async def _has_user_namespaces(self, driver: Runtime) -> bool:
+        """The runtime's capability, asked once: fingerprints are not free (a daemon's)."""
+        capable = self._userns_capable.get(driver.name)
+        if capable is None:
+            fingerprint = await driver.fingerprint()
+            capable = fingerprint.capabilities.user_namespace
+            if fingerprint.healthy:
+                self._userns_capable[driver.name] = capable
+        return capable
 
     async def _fail_launch(self, container: Container, driver: Runtime, message: str) -> None:
         """The one rollback of a launch: whatever the runtime made is killed and released."""
         container_id = container.record.container_id
-        for step in (driver.kill_all, driver.cleanup):  # cleanup even if the kill failed
+        steps = [driver.kill_all, driver.cleanup]
+        if self.disk is not None:
+            steps.append(self.disk.cleanup)
+        for step in steps:  # cleanup even if the kill failed
             try:
                 await step(container_id)
             except Exception:
@@ -197,7 +255,35 @@ class Containerizer:
                 await driver.cleanup(container_id)
             except Exception:
                 log.exception("cleanup of %s failed", container_id)
+            await self._cleanup_disk(container_id)
         self._terminate(container, termination)
+
+    def _watch_disk(self, container: Container, driver: Runtime) -> None:
+        """Mesos' disk/du: a container measured past its disk limit is killed, and ends
+        LIMITATION_DISK with the numbers."""
+        if self.disk is None:
+            return
+
+        async def limited(message: str) -> None:
+            async with container.lock:
+                if container.record.state is not State.RUNNING:
+                    return
+                # Checkpointed before the kill: a restart between the kill and the exit
+                # still ends the container LIMITATION_DISK.
+                record = container.record.evolve(disk_limitation=message)
+                self._checkpoint(container, record, publish=False)
+                await driver.kill_all(container.record.container_id)
+                container.killed.set()
+
+        self.disk.watch(container.record.container_id, limited)
+
+    async def _cleanup_disk(self, container_id: str) -> None:
+        if self.disk is None:
+            return
+        try:
+            await self.disk.cleanup(container_id)
+        except Exception:
+            log.exception("disk cleanup of %s failed", container_id)
 
     async def _exit(self, container: Container, driver: Runtime) -> Exit:
         """The runtime's exit of the container; after kill_all it gets EXIT_AFTER_KILL_TIMEOUT,
@@ -226,6 +312,9 @@ class Containerizer:
             killed.cancel()
 
     def _termination(self, container: Container, exit_: Exit) -> Termination:
+        disk_limitation = container.record.disk_limitation
+        if disk_limitation and not exit_.lost:
+            exit_ = replace(exit_, limitation="disk", limitation_message=disk_limitation)
         reason = _reason(exit_, destroy_requested=container.destroy_requested)
         killed = container.destroy_requested or reason in KILLING_LIMITATIONS
         return Termination(
@@ -242,6 +331,9 @@ class Containerizer:
     def _terminate(self, container: Container, termination: Termination) -> None:
         record = container.record.evolve(state=State.TERMINATED, termination=termination, pid=0)
         self._checkpoint(container, record)
+        # Only now: the runtime's cleanup ran, so nothing of the container uses its ids.
+        if self.user_namespaces is not None:
+            self.user_namespaces.release(record.container_id)
         container.terminated.set()
 
     async def destroy(self, container_id: str) -> Termination:
@@ -317,6 +409,8 @@ class Containerizer:
             await self._driver(record.spec.runtime).update(container_id, merged)
             if self.network is not None:
                 await self.network.update(container_id, merged)
+            if self.disk is not None:
+                await self.disk.update(container_id, merged, self._driver(record.spec.runtime))
             spec = LaunchSpec(**{**record.spec.__dict__, "resources": merged})
             self._checkpoint(container, container.record.evolve(spec=spec), publish=False)
 
@@ -325,6 +419,9 @@ class Containerizer:
         statistics = await self._driver(container.record.spec.runtime).usage(container_id)
         if self.network is not None:
             statistics.update(await self.network.usage(container_id))
+        if self.disk is not None:  # a runtime's own figures (a VM's disk) come first
+            for key, value in (await self.disk.usage(container_id)).items():
+                statistics.setdefault(key, value)
         statistics.setdefault("timestamp", time.time())
         return statistics
 
@@ -338,16 +435,10 @@ class Containerizer:
         fingerprints = await asyncio.gather(*(d.fingerprint() for d in self.drivers.values()))
         return [_with_disk_note(fingerprint) for fingerprint in fingerprints]
 
-    async def events(self, container_id: str | None = None) -> AsyncIterator[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
-        self._subscribers.add(queue)
-        try:
-            while True:
-                event = await queue.get()
-                if container_id is None or event.container_id == container_id:
-                    yield event
-        finally:
-            self._subscribers.discard(queue)
+    def events(
+        self, container_id: str | None = None, since: float | None = None
+    ) -> AsyncIterator[Event | Missed]:
+        return self.event_hub.follow(container_id, since)
 
     # ---- recovery and shutdown ----
 
@@ -361,6 +452,11 @@ class Containerizer:
             self._containers[record.container_id] = container
             if record.state is State.TERMINATED:
                 container.terminated.set()
+            elif record.spec.id_mapping is not None:
+                self._reserve_ids(record)
+        if self.pod_cgroups is not None:  # before the runtimes: they find their cgroups there
+            for record in records:
+                self.pod_cgroups.place(record.spec)
         if self.network is not None:  # before the runtimes: they find their attachments loaded
             await self.network.recover(known_ids)
         for name, driver in self.drivers.items():
@@ -376,6 +472,18 @@ class Containerizer:
         self._pruner = asyncio.create_task(self._prune_periodically())
         log.info("recovered %d container records", len(records))
 
+    def _reserve_ids(self, record: ContainerRecord) -> None:
+        """A live container keeps its range across the restart, even one the config no longer
+        maps (it is still in use on the host)."""
+        assert record.spec.id_mapping is not None
+        if self.user_namespaces is None:
+            log.warning(
+                "%s runs in a user namespace but this node now maps no host ids",
+                record.container_id,
+            )
+            return
+        self.user_namespaces.reserve(record.container_id, record.spec.id_mapping)
+
     async def _resume(self, container: Container) -> None:
         record = container.record
         driver = self.drivers.get(record.spec.runtime)
@@ -388,6 +496,8 @@ class Containerizer:
             return
         if record.state is State.TERMINATED:
             return  # TERMINATED is checkpointed only after the cleanup ran
+        if self.disk is not None:  # its project id is found on its directories
+            await self.disk.recover(record.spec, driver)
         if record.state is State.LAUNCHING:
             await self._fail_launch(container, driver, "the service restarted during launch")
             return
@@ -396,6 +506,7 @@ class Containerizer:
                 await driver.cleanup(record.container_id)
             except Exception:
                 log.exception("cleanup of %s after the restart failed", record.container_id)
+            await self._cleanup_disk(record.container_id)
             self._terminate(container, record.termination)
             return
         container.destroy_requested = record.state is State.DESTROYING
@@ -403,6 +514,7 @@ class Containerizer:
             container.watcher = asyncio.create_task(self._finish_destroy(container, driver))
         else:
             container.watcher = asyncio.create_task(self._watch(container, driver))
+            self._watch_disk(container, driver)
 
     async def _finish_destroy(self, container: Container, driver: Runtime) -> None:
         """A Destroy the restart interrupted, in a live Destroy's order: the watcher is waiting
@@ -431,6 +543,8 @@ class Containerizer:
             await driver.close()
         if self.network is not None:
             await self.network.close()
+        if self.disk is not None:
+            await self.disk.close()
         self._store.close()
 
     # ---- helpers ----
@@ -464,10 +578,25 @@ class Containerizer:
         self._store.put(record)
         container.record = record
         if publish:
-            self._publish(Event(time.time(), record.container_id, record.state, record.termination))
+            self.event_hub.publish(
+                Event(
+                    time.time(),
+                    record.container_id,
+                    record.state,
+                    record.termination,
+                    runtime=record.spec.runtime,
+                )
+            )
+
+    def _pod_cgroups(self) -> PodCgroups:
+        if self.pod_cgroups is None:
+            raise FailedPrecondition("linux.pod: this service keeps no pod cgroups")
+        return self.pod_cgroups
 
     def _forget(self, container_id: str) -> None:
         self._store.delete(container_id)
+        if self.pod_cgroups is not None:
+            self.pod_cgroups.unplace(container_id)
         container = self._containers.pop(container_id, None)
         if container is not None and container.record.sandbox_owned:
             shutil.rmtree(container.record.spec.sandbox, ignore_errors=True)
@@ -484,11 +613,6 @@ class Containerizer:
 
     def quarantined_ids(self) -> list[str]:
         return [entry.container_id for entry in self._store.quarantined()]
-
-    def _publish(self, event: Event) -> None:
-        for queue in self._subscribers:
-            with contextlib.suppress(asyncio.QueueFull):  # a stalled reader loses events
-                queue.put_nowait(event)
 
     def _prune(self) -> None:
         horizon = time.time() - self._retention

@@ -6,6 +6,7 @@
     ├── AlreadyExists                   (ALREADY_EXISTS)    duplicate launch
     ├── FailedPrecondition              (FAILED_PRECONDITION) runtime not configured, wrong state
     ├── Unavailable                     (UNAVAILABLE)       runtime daemon unreachable / unhealthy
+    ├── PermissionDenied                (PERMISSION_DENIED) a registry refused our credentials
     └── LaunchFailed                    (INTERNAL)          the runtime could not start it
 
 The service maps by class (server/containers.py), the CLI maps status codes back; nobody matches
@@ -39,6 +40,10 @@ class FailedPrecondition(ContainerizerError):
 
 
 class Unavailable(ContainerizerError):
+    pass
+
+
+class PermissionDenied(ContainerizerError):
     pass
 
 

@@ -135,7 +135,7 @@ class Mount:
 
 
 # Namespaces a launch may join instead of creating its own (a pod's), or share with the host.
-NAMESPACE_KINDS = ("net", "ipc", "uts", "pid")
+NAMESPACE_KINDS = ("net", "ipc", "uts", "pid", "user")
 HOST_NAMESPACE = "host"
 
 
@@ -157,6 +157,8 @@ class LinuxOptions:
     stdin           the workload's stdin stays open for attached clients (else /dev/null)
     stdin_once      ... until the first attached client's input ends
     tty             a terminal as the workload's stdin, stdout and stderr
+    pod             the pod whose cgroup holds the container's (pod-level limits and
+                    accounting); "" for none
     """
 
     namespaces: tuple[tuple[str, str], ...] = ()
@@ -176,6 +178,7 @@ class LinuxOptions:
     stdin: bool = False
     stdin_once: bool = False
     tty: bool = False
+    pod: str = ""
 
     def namespace(self, kind: str) -> str | None:
         """The path (or HOST_NAMESPACE) this launch joins for `kind`; None: its own."""
@@ -200,6 +203,28 @@ class LinuxOptions:
 
 
 @dataclass(frozen=True)
+class IdMapping:
+    """A container's user namespace: its uids 0..size-1 are host uids uid_start.., its gids
+    0..size-1 host gids gid_start.. (allocated by the core, adapter/core/userns.py)."""
+
+    uid_start: int
+    gid_start: int
+    size: int
+
+    def host_uid(self, uid: int) -> int:
+        return self.uid_start + uid
+
+    def host_gid(self, gid: int) -> int:
+        return self.gid_start + gid
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> IdMapping | None:
+        if not data:
+            return None
+        return cls(int(data["uid_start"]), int(data["gid_start"]), int(data["size"]))
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     container_id: str
     command: Command
@@ -213,6 +238,10 @@ class LaunchSpec:
     privileged: bool = False
     no_new_privileges: bool = False
     linux: LinuxOptions = field(default_factory=LinuxOptions)
+    # Asked for a user namespace of its own; None: the node's default decides.
+    user_namespace: bool | None = None
+    # The host range its user namespace maps, set by the core at launch (None: no namespace).
+    id_mapping: IdMapping | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +267,8 @@ class LaunchSpec:
             privileged=bool(data.get("privileged", False)),
             no_new_privileges=bool(data.get("no_new_privileges", False)),
             linux=LinuxOptions.from_json(data.get("linux")),
+            user_namespace=data.get("user_namespace"),
+            id_mapping=IdMapping.from_json(data.get("id_mapping")),
         )
 
 
@@ -313,10 +344,18 @@ class Capabilities:
     pid_namespace: bool = False
     recover: bool = False
     network_isolation: bool = False
-    # A disk request is enforced (a disk isolator); no runtime does it yet, and `runtimes` says so.
+    # A disk request is enforced (the core's disk isolator sees all the container writes).
     disk_enforced: bool = False
     # Runs CRI containers: joins a pod's namespaces and honours LaunchSpec.linux.
     pods: bool = False
+    # Joins only namespaces of its own containers (docker: `container:<id>`), so a pod's holder
+    # runs on this runtime too rather than on the native one.
+    pod_holder: bool = False
+    # A pod is one container of this runtime (a VM, which joins no namespaces): the pod has no
+    # holder, and its one container gets the pod's network itself.
+    single_container_pods: bool = False
+    # Runs a container in a user namespace of its own (LaunchSpec.id_mapping).
+    user_namespace: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from adapter.core.config import AgentConfig
 from adapter.core.errors import ConfigError, FailedPrecondition, InvalidArgument, LaunchFailed
 from adapter.core.model import LaunchSpec, Resources, Statistics
 from isolators.network import model as network_model
+from isolators.network.cni_isolator import CniIsolator
 from isolators.network.isolator import NetworkIsolator
 from isolators.network.model import Attachment
 
@@ -51,6 +52,10 @@ def network_config(config: AgentConfig) -> network_model.NetworkConfig:
         host_address=options.host_address,
         allow_privileged_ports=options.allow_privileged_ports,
         egress_nat=options.egress_nat,
+        backend=options.backend,
+        cni_conf_dir=Path(options.conf_dir),
+        cni_bin_dirs=tuple(dict.fromkeys((Path(options.bin_dir), Path("/opt/cni/bin")))),
+        cni_network=options.cni_network,
     )
 
 
@@ -72,7 +77,9 @@ class RuntimeNetwork:
 
     def __init__(self, config: AgentConfig) -> None:
         self._node_chooses = config.network.enabled
-        self.isolator = NetworkIsolator(network_config(config))
+        # The backend: our bridge, or a CNI network's plugins behind the same interface.
+        backend = CniIsolator if config.network.backend == "cni" else NetworkIsolator
+        self.isolator: NetworkIsolator = backend(network_config(config))
 
     @property
     def chooses_all(self) -> bool:
@@ -142,6 +149,10 @@ class RuntimeNetwork:
         except OSError as exc:
             raise LaunchFailed(f"network files of {container_id!r}: {exc}") from exc
         return {f"/etc/{path.name}": path for path in written}
+
+    def ready(self) -> str | None:
+        """Why the node's network cannot attach containers now (CRI NetworkReady), or None."""
+        return self.isolator.ready()
 
     async def update(self, container_id: str, resources: Resources) -> None:
         with network_errors():

@@ -13,6 +13,8 @@ composition root) and passed in: nothing is found through a module-level cache.
     seccomp         the supervisor's default seccomp programs, each compiled at first use:
                     one per capability set the native and LXC runtimes' workloads hold
     libvirt_events  which asyncio loop libvirt's event implementation is bound to
+    user_namespaces the allocator of host id ranges for user namespaces (None: no host ids
+                    configured), read once at start: /etc/subuid and /etc/subgid or a range
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from adapter.core.errors import Unavailable
 from adapter.core.limits import Limits
 from adapter.core.model import Resources
 from adapter.core.network import RuntimeNetwork
+from adapter.core.userns import IdRangeAllocator
 from adapter.images.store import ImageStore
 from adapter.supervisor.client import Supervisors
 from adapter.supervisor.seccomp import build_program
@@ -120,6 +123,7 @@ class Services:
     supervisors: Supervisors = field(default_factory=Supervisors)
     seccomp: SeccompFilter = field(default_factory=SeccompFilter)
     libvirt_events: EventLoopBinding = field(default_factory=EventLoopBinding)
+    user_namespaces: IdRangeAllocator | None = None
 
     @functools.cached_property
     def cgroups(self) -> ContainerCgroups:
@@ -135,7 +139,13 @@ def build_services(config: AgentConfig) -> Services:
     return Services(
         node=NodeSettings.of(config),
         images=ImageStore(
-            config.state_dir / "images", config.images, mirrors=dict(config.images.mirrors)
+            config.state_dir / "images",
+            config.images,
+            mirrors=dict(config.images.mirrors),
+            registries=config.registry,
         ),
         network=RuntimeNetwork(config),
+        user_namespaces=IdRangeAllocator.of(
+            config.user_namespace, str(config.source) if config.source else "<config>"
+        ),
     )

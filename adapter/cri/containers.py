@@ -14,16 +14,24 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, FailedPrecondition, NotFound
-from adapter.core.model import ExecResult, LaunchSpec, Reason, State, Termination
+from adapter.core.model import (
+    ExecResult,
+    LaunchSpec,
+    LinuxOptions,
+    NetworkSettings,
+    Reason,
+    State,
+    Termination,
+)
 from adapter.cri import translate
 from adapter.cri.api import cri
 from adapter.cri.pods import LABEL_POD, LABEL_ROLE, Pods, find, new_id
-from adapter.cri.store import CREATED, EXITED, RUNNING, Container, CriStore
+from adapter.cri.store import CREATED, EXITED, RUNNING, Container, CriStore, Pod
 from adapter.images.store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,11 @@ class CriContainers:
     def create(self, pod_id: str, config: cri.ContainerConfig) -> Container:
         translate.check_container_config(config)
         pod = self.pods.get(pod_id)
-        self.pods.holder_pid(pod)  # the pod must be ready now
+        if pod.holder_runtime:
+            self.pods.holder_pid(pod)  # the pod must be ready now
+        else:
+            self.pods.check_ready(pod)
+            self._check_alone(pod)
         choice = self._image(config.image.image)
         directory = pod.pod_config().log_directory
         log_path = os.path.join(directory, config.log_path) if directory and config.log_path else ""
@@ -79,6 +91,16 @@ class CriContainers:
         )
         self._put(container)
         return container
+
+    def _check_alone(self, pod: Pod) -> None:
+        """A pod without a holder is its one container (a VM). One that has ended may be
+        followed by another (the kubelet's restart, or an init container's successor)."""
+        for other in self.of_pod(pod.id):
+            if other.state != EXITED:
+                raise FailedPrecondition(
+                    f"runtime_handler {pod.runtime_handler!r} runs one container per pod (a VM);"
+                    f" pod {pod.id} already has {other.id}"
+                )
 
     def _image(self, wanted: str) -> ImageChoice:
         """By reference, or by image id as the kubelet passes it (ImageStatus' id)."""
@@ -100,7 +122,7 @@ class CriContainers:
                 spec = self._launch_spec(container)
                 log.debug("starting %s as %s", container.id, spec)
                 started_at = time.time_ns()  # the workload may end before launch returns
-                await self.core.launch(spec)
+                record = await self.core.launch(spec)
             except ContainerizerError as exc:
                 self._put(
                     container.evolve(
@@ -113,6 +135,7 @@ class CriContainers:
                 )
                 raise
             self._put(container.evolve(state=RUNNING, started_at=started_at))
+            self.pods.container_started(self.pods.get(container.pod_id), record)
             self._watch(container.id)
 
     def _launch_spec(self, container: Container) -> LaunchSpec:
@@ -126,6 +149,8 @@ class CriContainers:
         for mount in config.mounts:  # as containerd does: a missing host path is made a directory
             os.makedirs(mount.host_path, exist_ok=True)
         sandbox_root = self.core.sandbox_root or self.pods.root
+        alone = not pod.holder_runtime  # the pod's one container: the pod's network is its own
+        network = translate.pod_network(pod_config, bridge=self.pods.bridge) if alone else None
         return LaunchSpec(
             container_id=container.id,
             command=translate.container_command(config, image),
@@ -144,14 +169,27 @@ class CriContainers:
             ),
             privileged=security.privileged,
             no_new_privileges=security.no_new_privs,
-            linux=translate.container_options(
-                config,
-                pod_config,
-                holder_pid=self.pods.holder_pid(pod),
-                pod_files=self.pods.files(pod.id),
-                log_path=container.log_path,
+            network=network or NetworkSettings(),
+            linux=self._in_pod_user_namespace(
+                pod,
+                translate.container_options(
+                    config,
+                    pod_config,
+                    holder_pid=None if alone else self.pods.holder_pid(pod),
+                    pod_id=pod.id,
+                    pod_files=self.pods.files(pod.id),
+                    log_path=container.log_path,
+                ),
             ),
+            id_mapping=self.pods.holder_id_mapping(pod),
         )
+
+    def _in_pod_user_namespace(self, pod: Pod, linux: LinuxOptions) -> LinuxOptions:
+        """A pod's containers share its holder's user namespace (and so its mapping)."""
+        if self.pods.holder_id_mapping(pod) is None:
+            return linux
+        user = ("user", f"/proc/{self.pods.holder_pid(pod)}/ns/user")
+        return replace(linux, namespaces=(*linux.namespaces, user))
 
     def _watch(self, container_id: str) -> None:
         self._watchers[container_id] = asyncio.create_task(self._await_exit(container_id))
@@ -168,6 +206,7 @@ class CriContainers:
         container = self.records.get(container_id)
         if container is not None and container.state == RUNNING:
             self._put(exited(container, termination))
+            self.pods.container_ended(container.pod_id)
 
     async def stop(self, container_id: str, timeout: int) -> None:
         """SIGTERM, then after `timeout` seconds SIGKILL of every process (the core's destroy)."""

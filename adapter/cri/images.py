@@ -10,11 +10,11 @@ Removing an image removes all of its references, or none while a container runs 
 store's leases). An image that is not there is no error: ImageStatus answers without an image,
 RemoveImage succeeds, as the CRI asks.
 
-Credentials in a PullImage request are not used: the store pulls anonymously (no registry auth
-yet). A pull that gives some is not refused, since the kubelet sends the node's credentials for
-public images too; when the registry then asks for authentication, the FAILED_PRECONDITION says
-that the credentials were not used. Pulls go through the store and its registry mirrors: that is
-how critest's `gcr.io/k8s-staging-cri-tools/...` images come from a registry on loopback.
+A PullImage's AuthConfig (username and password, or `auth`, an identity token or a registry
+token) is what the pull presents to the image's registry when it asks (adapter/images/auth.py);
+without one, the node's [registry] config. Pulls go through the store and its registry
+mirrors: that is how critest's `gcr.io/k8s-staging-cri-tools/...` images come from a registry on
+loopback.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.core.errors import InvalidArgument
 from adapter.cri.api import cri, cri_grpc
 from adapter.images import Image, ImageStore
+from adapter.images.auth import Credentials, decode_auth
 from adapter.images.image import MAX_JSON_BLOB, load_json
 from adapter.images.reference import DIGEST_PATTERN, Reference, parse_reference
 from adapter.server.errors import mapped_errors
@@ -103,18 +104,7 @@ class CriImageService(cri_grpc.ImageServiceServicer):
     @mapped_errors
     async def PullImage(self, request: cri.PullImageRequest, context: Any) -> cri.PullImageResponse:
         reference = pullable_reference(request.image.image)
-        credentials = has_credentials(request.auth)
-        if credentials:
-            log.info("PullImage %s: the request's credentials are not used", reference)
-        try:
-            image = await self._store.pull(str(reference))
-        except FailedPrecondition as exc:
-            if not credentials:
-                raise
-            raise FailedPrecondition(
-                f"{exc}; the credentials in the request (auth) were not used: this node pulls "
-                "anonymously"
-            ) from exc
+        image = await self._store.pull(str(reference), credentials=credentials_of(request.auth))
         return cri.PullImageResponse(image_ref=image.config.digest)
 
     @mapped_errors
@@ -197,15 +187,16 @@ def pullable_reference(text: str) -> Reference:
     return parse_reference(text, IMAGE_FIELD)
 
 
-def has_credentials(auth: cri.AuthConfig) -> bool:
-    return any(
-        (
-            auth.username,
-            auth.password,
-            auth.auth,
-            auth.identity_token,
-            auth.registry_token,
-        )
+def credentials_of(auth: cri.AuthConfig) -> Credentials:
+    """The AuthConfig as credentials; `auth` (base64 USER:PASSWORD) stands for the two."""
+    username, password = auth.username, auth.password
+    if auth.auth and not (username or password):
+        username, password = decode_auth(auth.auth, "auth.auth")
+    return Credentials(
+        username=username,
+        password=password,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
     )
 
 

@@ -1,6 +1,11 @@
 """Pod sandboxes: a holder process per pod, launched through the core on the native runtime,
 whose namespaces the pod's containers join (adapter/cri/translate.py says which).
 
+The pod's runtime handler may change that, as its capabilities declare: a runtime that joins
+only its own containers' namespaces (docker, `pod_holder`) runs the holder itself; a runtime
+whose pod is one container (libvirt's VM, `single_container_pods`) has no holder at all, and the
+pod's address is its container's, known once that container started.
+
 No pause image: the holder is our supervisor running the host's `sleep infinity` in the pod's new
 namespaces, confined like any workload. The core owns it like any container (network, cgroups,
 recovery); this module owns the pod's record and its files under <state_dir>/cri/pods/<id>/
@@ -19,19 +24,53 @@ from pathlib import Path
 from typing import TypeVar
 
 from adapter.core.containerizer import Containerizer
-from adapter.core.errors import FailedPrecondition, NotFound
-from adapter.core.model import Command, LaunchSpec, Resources, State
+from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
+from adapter.core.model import Command, IdMapping, LaunchSpec, Resources, State, Statistics
+from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.state import ContainerRecord
 from adapter.cri import translate
 from adapter.cri.api import cri
 from adapter.cri.store import POD_NOTREADY, POD_READY, Container, CriStore, Pod
 from adapter.supervisor.processes import ProcessRef
+from isolators.cgroups.errors import CgroupError
 
 log = logging.getLogger(__name__)
 
 HOLDER_RUNTIME = "native"
 LABEL_POD = "io.containerizer.cri.pod"
 LABEL_ROLE = "io.containerizer.cri.role"
+
+
+USERNS_FIELD = "config.linux.security_context.namespace_options.userns_options"
+
+
+def pod_user_namespace(config: cri.PodSandboxConfig) -> bool | None:
+    """The pod's userns_options: POD a user namespace (the holder's, which its containers
+    join), NODE the host's; absent, the node's default ([user_namespace] default)."""
+    options = config.linux.security_context.namespace_options
+    if not options.HasField("userns_options"):
+        return None
+    mode = options.userns_options.mode
+    if mode not in (cri.POD, cri.NODE):
+        raise InvalidArgument(f"{USERNS_FIELD}.mode", "must be POD or NODE")
+    return mode == cri.POD
+
+
+def pod_id_mapping(config: cri.PodSandboxConfig) -> IdMapping | None:
+    """The mapping the kubelet chose for a POD user namespace (one extent of uids and one of
+    gids from container id 0, of one length), or None: then the node allocates one."""
+    if not pod_user_namespace(config):
+        return None
+    userns = config.linux.security_context.namespace_options.userns_options
+    if not userns.uids and not userns.gids:
+        return None
+    uids, gids = list(userns.uids), list(userns.gids)
+    single = len(uids) == 1 and len(gids) == 1
+    if not single or uids[0].container_id or gids[0].container_id:
+        raise InvalidArgument(USERNS_FIELD, "needs one uid and one gid mapping from id 0")
+    if uids[0].length != gids[0].length or not uids[0].length or not uids[0].host_id:
+        raise InvalidArgument(USERNS_FIELD, "the mappings need one length and host ids above 0")
+    return IdMapping(uids[0].host_id, gids[0].host_id, uids[0].length)
 
 
 def new_id() -> str:
@@ -85,27 +124,50 @@ class Pods:
                 f"runtime_handler: {handler!r} is not a runtime of this node"
                 f" (configured: {', '.join(sorted(self.runtimes))})"
             )
-        fingerprint = await self.core.drivers[handler].fingerprint()
-        if not fingerprint.capabilities.pods:
-            raise FailedPrecondition(
-                f"runtime_handler: {handler!r} cannot run a pod's containers (join its"
-                " namespaces); `containerizer runtimes` shows which runtimes can (pods)"
-            )
         pod = Pod(
             id=new_id(),
             config=config.SerializeToString(),
             runtime_handler=handler,
             created_at=time.time_ns(),
+            holder_runtime=await self._holder_runtime(handler),
         )
         self._write_files(pod.id, config)
         self.records[pod.id] = pod
         self.store.put(pod)
         try:
+            self._cgroups().create(pod.id, translate.pod_resources(config))
+            if not pod.holder_runtime:
+                return pod  # ready: its one container brings the namespaces
             record = await self.core.launch(self._holder_spec(pod, config))
         except BaseException:
             await self._forget_failed_run(pod)
             raise
         return self._ready(pod, record)
+
+    async def _holder_runtime(self, handler: str) -> str:
+        """Where the pod's holder runs: native, the handler itself, or nowhere ("")."""
+        capabilities = (await self.core.drivers[handler].fingerprint()).capabilities
+        if capabilities.single_container_pods:
+            return ""
+        if not capabilities.pods:
+            raise FailedPrecondition(
+                f"runtime_handler: {handler!r} cannot run a pod's containers (join its"
+                " namespaces); `containerizer runtimes` shows which runtimes can (pods)"
+            )
+        return handler if capabilities.pod_holder else HOLDER_RUNTIME
+
+    def container_started(self, pod: Pod, container: ContainerRecord) -> None:
+        """A pod without a holder has its one container's address (a VM's)."""
+        if not pod.holder_runtime and pod.state == POD_READY:
+            started = pod.evolve(ip=container.ip_address)
+            self._add_own_hosts_line(started, started.pod_config())
+            self._put(started)
+
+    def container_ended(self, pod_id: str) -> None:
+        """... and none once that container is gone (its address is released)."""
+        pod = self.records.get(pod_id)
+        if pod is not None and not pod.holder_runtime and pod.ip:
+            self._put(pod.evolve(ip=""))
 
     async def _forget_failed_run(self, pod: Pod) -> None:
         """Nothing of a pod whose holder did not start is kept: not even the core's record of
@@ -113,9 +175,23 @@ class Pods:
         with contextlib.suppress(NotFound):
             if self.core.status(pod.id).state is State.TERMINATED:
                 await self.core.destroy(pod.id)
+        await self._remove_cgroup(pod.id)
         self.records.pop(pod.id, None)
         self.store.delete(pod)
         shutil.rmtree(self.root / pod.id, ignore_errors=True)
+
+    def _cgroups(self) -> PodCgroups:
+        if self.core.pod_cgroups is None:
+            raise FailedPrecondition("this service keeps no pod cgroups")
+        return self.core.pod_cgroups
+
+    async def _remove_cgroup(self, pod_id: str) -> None:
+        """The pod's cgroup goes after everything in it; a failure leaves it to the sweep at
+        the next start (it is logged, the pod's removal goes on)."""
+        try:
+            await self._cgroups().remove(pod_id)
+        except (ContainerizerError, CgroupError) as exc:
+            log.warning("pod %s: its cgroup stays until the next start: %s", pod_id, exc)
 
     def _ready(self, pod: Pod, holder: ContainerRecord) -> Pod:
         """The running holder's address and namespace recorded, and its end watched. Also at
@@ -135,7 +211,7 @@ class Pods:
             container_id=pod.id,
             command=Command(argv=translate.HOLDER_COMMAND),
             resources=Resources(),
-            runtime=HOLDER_RUNTIME,
+            runtime=pod.holder_runtime,
             sandbox=str(sandbox_root / pod.id),
             labels=(
                 (LABEL_ROLE, "sandbox"),
@@ -145,8 +221,16 @@ class Pods:
                 ("io.kubernetes.pod.uid", metadata.uid),
             ),
             network=translate.pod_network(config, bridge=self.bridge),
-            linux=translate.holder_options(config, self.files(pod.id)),
+            linux=translate.holder_options(config, self.files(pod.id), pod.id),
+            user_namespace=pod_user_namespace(config),
+            id_mapping=pod_id_mapping(config),
         )
+
+    def holder_id_mapping(self, pod: Pod) -> IdMapping | None:
+        """The pod's user namespace (its holder's), which its containers join; None: none."""
+        if not pod.holder_runtime:
+            return None  # no holder: the pod's one container has its own
+        return self.core.status(pod.id).spec.id_mapping
 
     def _write_files(self, pod_id: str, config: cri.PodSandboxConfig) -> None:
         directory = self.root / pod_id
@@ -175,10 +259,18 @@ class Pods:
                 with open(path, "a") as hosts:
                     hosts.write(line)
 
-    def holder_pid(self, pod: Pod) -> int:
-        """The running holder's pid, whose /proc/PID/ns/* the pod's containers join."""
+    def check_ready(self, pod: Pod) -> None:
         if pod.state != POD_READY:
             raise FailedPrecondition(f"pod sandbox {pod.id!r} is not ready")
+
+    def holder_pid(self, pod: Pod) -> int:
+        """The running holder's pid, whose /proc/PID/ns/* the pod's containers join."""
+        self.check_ready(pod)
+        if not pod.holder_runtime:
+            raise FailedPrecondition(
+                f"pod sandbox {pod.id!r}: runtime_handler {pod.runtime_handler!r} runs one"
+                " container per pod (a VM): the pod has no namespaces to join"
+            )
         try:
             record = self.core.status(pod.id)
         except NotFound:
@@ -187,10 +279,19 @@ class Pods:
             raise FailedPrecondition(f"pod sandbox {pod.id!r}: its namespaces are gone")
         # The pid with its start time: a pid the holder left and another process took (before
         # the holder's end was seen) must not hand that process's namespaces to the pod.
+        if pod.holder_runtime != HOLDER_RUNTIME:
+            return record.pid  # that runtime maps the pid to its own running container, or fails
         started = record.handle.get("child_start_time")
         if not isinstance(started, int) or not ProcessRef(record.pid, started).is_alive():
             raise FailedPrecondition(f"pod sandbox {pod.id!r}: its holder has ended")
         return record.pid
+
+    def statistics(self, pod_id: str) -> Statistics:
+        """The pod cgroup's accounting ({} once it is gone)."""
+        try:
+            return self._cgroups().statistics(pod_id)
+        except (ContainerizerError, CgroupError, ValueError):
+            return {}
 
     async def stop_holder(self, pod: Pod) -> Pod:
         """The holder ends and the pod's network is released; idempotent."""
@@ -213,17 +314,19 @@ class Pods:
             await self.core.destroy(pod.id)  # forgets a terminated record
         except NotFound:
             pass
+        await self._remove_cgroup(pod.id)
         self.records.pop(pod.id, None)
         self.store.delete(pod)
         self.locks.pop(pod.id, None)
         shutil.rmtree(self.root / pod.id, ignore_errors=True)
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone); a
-        running one is watched again, and finished if the crash came before `run` did."""
+        running one is watched again, and finished if the crash came before `run` did. The
+        cgroups and files of pods without a record go."""
         for pod in list(self.records.values()):
-            if pod.state != POD_READY:
-                continue
+            if pod.state != POD_READY or not pod.holder_runtime:
+                continue  # a pod without a holder is ready until it is stopped
             try:
                 holder: ContainerRecord | None = self.core.status(pod.id)
             except NotFound:
@@ -235,6 +338,10 @@ class Pods:
             else:
                 self._watch(pod.id)
         self._remove_orphan_files()
+        if self.core.pod_cgroups is not None:
+            for pod_id in sorted(self.core.pod_cgroups.existing() - set(self.records)):
+                log.info("removing the cgroup of an unrecorded pod: %s", pod_id)
+                await self._remove_cgroup(pod_id)
 
     def _remove_orphan_files(self) -> None:
         """Pod directories without a record: a crash came between writing them and the record."""

@@ -16,7 +16,7 @@ import grpc
 
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
-from adapter.core.model import Statistics
+from adapter.core.model import Capabilities, Statistics
 from adapter.cri import convert, translate
 from adapter.cri.api import cri, cri_grpc
 from adapter.cri.containers import CriContainers
@@ -55,8 +55,8 @@ class CriRuntime:
         self.containers = CriContainers(core, self.store, self.pods, images)
         self.pod_cidr = ""
 
-    def recover(self) -> None:
-        self.pods.recover()
+    async def recover(self) -> None:
+        await self.pods.recover()
         self.containers.recover()
 
     async def stop_pod(self, pod_id: str) -> None:
@@ -337,14 +337,12 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
 
     async def _pod_stats(self, pod_id: str) -> cri.PodSandboxStats:
         pod = self.pods.get(pod_id)
-        total: dict[str, float] = {}
         containers = []
         for record in self.containers.of_pod(pod.id):
             statistics = await self.runtime.usage(record.id)
             containers.append(convert.container_stats(record, statistics))
-            for key, value in statistics.items():
-                total[key] = total.get(key, 0) + float(value)
-        return convert.pod_stats(pod, total, containers)
+        # The pod's cgroup: the kernel's sums over all its containers and its holder.
+        return convert.pod_stats(pod, self.pods.statistics(pod.id), containers)
 
     # ---- the runtime ----
 
@@ -362,6 +360,14 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         fingerprints = {f.name: f for f in await self.runtime.core.runtimes()}
         default = fingerprints.get(self.runtime.core.default_runtime)
         runtime_ready = default is not None and default.healthy
+        network = self.runtime.core.network
+        not_ready = (
+            network.ready()
+            if network is not None
+            else None
+            if self.pods.bridge
+            else "the node's config has no [network] table: pods get only a loopback interface"
+        )
         conditions = [
             cri.RuntimeCondition(
                 type="RuntimeReady",
@@ -371,21 +377,29 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
             ),
             cri.RuntimeCondition(
                 type="NetworkReady",
-                status=self.pods.bridge,
-                reason="" if self.pods.bridge else "NoNetwork",
-                message=""
-                if self.pods.bridge
-                else "the node's config has no [network] table: pods get only a loopback interface",
+                status=not_ready is None,
+                reason="" if not_ready is None else "NoNetwork",
+                message=not_ready or "",
             ),
         ]
         info = {}
         if request.verbose:
-            # Which runtime handlers (RuntimeClass) can run a pod's containers.
-            handlers = {name: f.capabilities.pods for name, f in sorted(fingerprints.items())}
+            # How each runtime handler (RuntimeClass) runs a pod's containers.
+            handlers = {name: pod_model(f.capabilities) for name, f in sorted(fingerprints.items())}
             info["config"] = json.dumps(
                 {"runtimeHandlers": handlers, "podCIDR": self.runtime.pod_cidr}
             )
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
+
+
+def pod_model(capabilities: Capabilities) -> str:
+    """What a pod is on a runtime, as its capabilities declare it."""
+    if capabilities.single_container_pods:
+        return "one container per pod (a VM): joins no namespaces, a second container is refused"
+    if not capabilities.pods:
+        return "no pods"
+    holder = "its own container" if capabilities.pod_holder else "a native process"
+    return f"containers share the pod's namespaces, held by {holder}"
 
 
 def _required(value: str, field: str) -> str:

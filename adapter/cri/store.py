@@ -45,6 +45,8 @@ class Pod:
     state: str = POD_READY
     ip: str = ""
     netns: str = ""  # the holder's /proc/PID/ns/net while READY, "" on the host's network
+    # The runtime the pod's holder runs on; "" for a pod without one (one container, a VM).
+    holder_runtime: str = "native"
 
     def pod_config(self) -> cri.PodSandboxConfig:
         config = cri.PodSandboxConfig()

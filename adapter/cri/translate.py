@@ -70,6 +70,23 @@ def check_pod_config(config: cri.PodSandboxConfig) -> None:
         _absolute(config.log_directory, "config.log_directory")
     pod_mappings(config)
     pod_sysctls(config)
+    pod_resources(config)
+
+
+def pod_resources(config: cri.PodSandboxConfig) -> Resources:
+    """The pod cgroup's limits: the pod's resources as the kubelet gives them (its containers'
+    sum), plus the runtime class's overhead. A limit the pod does not set is none: the overhead
+    alone limits nothing, it only adds to a limit."""
+    limits = container_resources(config.linux.resources, "config.linux.resources")
+    overhead = container_resources(config.linux.overhead, "config.linux.overhead")
+
+    def plus_overhead(limit: float | None, extra: float | None) -> float | None:
+        return None if limit is None else limit + (extra or 0.0)
+
+    return Resources(
+        cpus=plus_overhead(limits.cpus, overhead.cpus),
+        mem_mib=plus_overhead(limits.mem_mib, overhead.mem_mib),
+    )
 
 
 def pod_network(config: cri.PodSandboxConfig, *, bridge: bool) -> NetworkSettings:
@@ -117,9 +134,11 @@ def pod_sysctls(config: cri.PodSandboxConfig) -> tuple[tuple[str, str], ...]:
     return tuple(sysctls)
 
 
-def holder_options(config: cri.PodSandboxConfig, pod_files: dict[str, str]) -> LinuxOptions:
+def holder_options(
+    config: cri.PodSandboxConfig, pod_files: dict[str, str], pod_id: str
+) -> LinuxOptions:
     """The pod holder: the pod's UTS (hostname), IPC and, with pod-level sharing, PID namespace,
-    or the host's where the pod asks for them."""
+    or the host's where the pod asks for them; in the pod's cgroup like its containers."""
     options = config.linux.security_context.namespace_options
     namespaces: list[tuple[str, str]] = []
     if options.ipc == cri.NODE:
@@ -133,6 +152,7 @@ def holder_options(config: cri.PodSandboxConfig, pod_files: dict[str, str]) -> L
         sysctls=pod_sysctls(config),
         hostname="" if host_network(config) else pod_hostname(config),
         etc_files=tuple(pod_files.items()),
+        pod=pod_id,
     )
 
 
@@ -293,13 +313,19 @@ def container_options(
     config: cri.ContainerConfig,
     pod_config: cri.PodSandboxConfig,
     *,
-    holder_pid: int,
+    holder_pid: int | None,
+    pod_id: str,
     pod_files: dict[str, str],
     log_path: str,
 ) -> LinuxOptions:
+    """`holder_pid` None: a pod without a holder (a VM's), whose one container joins nothing
+    and has the pod's hostname itself."""
     security = config.linux.security_context
+    alone = holder_pid is None
+    namespaces = () if holder_pid is None else container_namespaces(config, pod_config, holder_pid)
     return LinuxOptions(
-        namespaces=container_namespaces(config, pod_config, holder_pid),
+        namespaces=namespaces,
+        hostname=pod_hostname(pod_config) if alone else "",
         group=security.run_as_group.value if security.HasField("run_as_group") else None,
         supplementary_groups=tuple(security.supplemental_groups),
         read_only_rootfs=security.readonly_rootfs,
@@ -314,6 +340,7 @@ def container_options(
         stdin=config.stdin,
         stdin_once=config.stdin_once,
         tty=config.tty,
+        pod=pod_id,
     )
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import posixpath
 import re
 import tarfile
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,7 +41,7 @@ from adapter.images.image import (
     manifest_parts,
     platform_manifest,
 )
-from adapter.images.layout import PROGRESS_STEP, Staging, sha256_digest
+from adapter.images.layout import PROGRESS_STEP, TAR_STREAM_BUFFER, Staging, sha256_digest
 from adapter.images.reference import canonical
 
 BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
@@ -46,6 +49,8 @@ CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
 METADATA_NAMES = {"oci-layout", "index.json", "manifest.json", "repositories"}
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINK_HOPS = 16
+# Blobs copied at once: hashing and file I/O release the GIL, so layers copy side by side.
+COPY_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -72,14 +77,41 @@ class CountingReader:
     def __init__(self, source: BinaryIO, what: str, total: int, progress: Progress | None) -> None:
         self.source, self.what, self.total, self.progress = source, what, total, progress
         self.done = self.reported = 0
+        self.lock = threading.Lock()  # blobs are copied by several threads at once
 
     def read(self, size: int = -1) -> bytes:
         data = self.source.read(size)
-        self.done += len(data)
-        if self.progress is not None and self.done - self.reported >= PROGRESS_STEP:
-            self.progress(self.what, self.done, self.total)
-            self.reported = self.done
+        self.count(len(data))
         return data
+
+    def count(self, read: int) -> None:
+        with self.lock:  # reported under the lock, so the reports only ever grow
+            self.done += read
+            if self.progress is not None and self.done - self.reported >= PROGRESS_STEP:
+                self.progress(self.what, self.done, self.total)
+                self.reported = self.done
+
+
+class MemberReader:
+    """The data of one member of a plain tarball, read with pread: threads copying several
+    members of one file need no shared position, and readinto fills the caller's buffer."""
+
+    def __init__(self, descriptor: int, member: tarfile.TarInfo, counter: CountingReader) -> None:
+        self.descriptor, self.counter = descriptor, counter
+        self.offset, self.left = member.offset_data, member.size
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = os.preadv(self.descriptor, [buffer[: self.left]], self.offset) if self.left else 0
+        if count == 0 and self.left:
+            raise tarfile.ReadError("unexpected end of data")
+        self.offset += count
+        self.left -= count
+        self.counter.count(count)
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = memoryview(bytearray(self.left if size < 0 else min(size, self.left)))
+        return bytes(buffer[: self.readinto(buffer)])
 
 
 def read_tarball(path: Path, staging: Staging, progress: Progress | None) -> list[Image]:
@@ -88,7 +120,7 @@ def read_tarball(path: Path, staging: Staging, progress: Progress | None) -> lis
     with open(path, "rb") as raw:
         counting = CountingReader(raw, path.name, total, progress)
         try:
-            contents = _stage_members(counting, staging)
+            contents = _stage_tarball(raw, counting, staging)
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise InvalidArgument("path", f"{path}: not a readable tar archive: {exc}") from exc
     if progress is not None:
@@ -104,30 +136,102 @@ def read_tarball(path: Path, staging: Staging, progress: Progress | None) -> lis
     )
 
 
-def _stage_members(source: CountingReader, staging: Staging) -> TarballContents:
+def _stage_tarball(raw: BinaryIO, counting: CountingReader, staging: Staging) -> TarballContents:
+    """A plain tar is read in place (its members copied in parallel, straight from the file);
+    a compressed one (tarfile refuses it as plain) as one stream."""
+    try:
+        archive = tarfile.open(fileobj=raw, mode="r:")  # noqa: SIM115 - the with below closes it
+    except tarfile.ReadError:
+        raw.seek(0)
+        return _stage_stream(counting, staging)
+    with archive:
+        return _stage_plain(archive, raw.fileno(), counting, staging)
+
+
+def _stage_plain(
+    archive: tarfile.TarFile, descriptor: int, counting: CountingReader, staging: Staging
+) -> TarballContents:
     contents = TarballContents()
-    with tarfile.open(fileobj=source, mode="r|*") as archive:  # type: ignore[call-overload]
-        for member in archive:
-            name = posixpath.normpath(member.name.lstrip("/"))
-            if member.issym() or member.islnk():
-                base = posixpath.dirname(name) if member.issym() else ""
-                contents.links[name] = posixpath.normpath(posixpath.join(base, member.linkname))
-                continue
-            if not member.isreg():
-                continue
-            fileobj = archive.extractfile(member)
-            assert fileobj is not None  # a regular member always has content
-            blob = BLOB_NAME.fullmatch(name)
-            if name in METADATA_NAMES:
-                data = fileobj.read(MAX_JSON_BLOB + 1)
-                if len(data) > MAX_JSON_BLOB:
-                    raise InvalidArgument("image", f"{name}: larger than {MAX_JSON_BLOB} bytes")
-                contents.metadata[name] = data
-            elif blob is not None:
-                contents.staged[name] = staging.write(fileobj, "sha256:" + blob.group(1))
-            else:
-                contents.staged[name] = staging.write(fileobj)
+    copies: dict[str, Future[tuple[str, int]]] = {}
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        try:
+            for member in archive:
+                name = _member_name(member, contents)
+                if name is None:
+                    continue
+                if member.sparse is not None:  # rare: tarfile maps the holes, on this thread
+                    _stage_member(name, archive.extractfile(member), member.size, contents, staging)
+                    continue
+                blob = BLOB_NAME.fullmatch(name)
+                if blob is not None and _reuse_stored(
+                    staging, name, blob.group(1), member, contents
+                ):
+                    counting.count(member.size)
+                    continue
+                reader = MemberReader(descriptor, member, counting)
+                if name in METADATA_NAMES:
+                    _stage_member(name, reader, member.size, contents, staging)
+                else:
+                    expected = None if blob is None else "sha256:" + blob.group(1)
+                    copies[name] = pool.submit(staging.write, reader, expected)  # type: ignore[arg-type]
+        except BaseException:
+            staging.stop.set()  # the copies in flight end at their next chunk
+            raise
+    # Every copy has ended (the pool is shut down): the first failure, if any, is the answer.
+    for name, copy in copies.items():
+        contents.staged[name] = copy.result()
     return contents
+
+
+def _reuse_stored(
+    staging: Staging, name: str, hex_digest: str, member: tarfile.TarInfo, contents: TarballContents
+) -> bool:
+    """A blob the store holds already (verified when it went in) is linked, not copied again."""
+    digest = "sha256:" + hex_digest
+    if not staging.layout.blob_path(digest).exists():
+        return False
+    staged = staging.path(digest)
+    if staged is None or staged.stat().st_size != member.size:
+        return False
+    contents.staged[name] = (digest, member.size)
+    return True
+
+
+def _stage_stream(source: CountingReader, staging: Staging) -> TarballContents:
+    contents = TarballContents()
+    with tarfile.open(fileobj=source, mode="r|*", bufsize=TAR_STREAM_BUFFER) as archive:  # type: ignore[call-overload]
+        for member in archive:
+            name = _member_name(member, contents)
+            if name is not None:
+                _stage_member(name, archive.extractfile(member), member.size, contents, staging)
+    return contents
+
+
+def _member_name(member: tarfile.TarInfo, contents: TarballContents) -> str | None:
+    """The normalised name of a member whose content matters; links are noted, others skipped."""
+    name = posixpath.normpath(member.name.lstrip("/"))
+    if member.issym() or member.islnk():
+        base = posixpath.dirname(name) if member.issym() else ""
+        contents.links[name] = posixpath.normpath(posixpath.join(base, member.linkname))
+        return None
+    return name if member.isreg() else None
+
+
+def _stage_member(
+    name: str, fileobj: Any, size: int, contents: TarballContents, staging: Staging
+) -> None:
+    """Keep a metadata file in memory, or stage a blob (checked against the digest its name
+    claims, when it claims one)."""
+    assert fileobj is not None  # a regular member always has content
+    if name in METADATA_NAMES:
+        if size > MAX_JSON_BLOB:
+            raise InvalidArgument("image", f"{name}: larger than {MAX_JSON_BLOB} bytes")
+        contents.metadata[name] = fileobj.read(MAX_JSON_BLOB + 1)
+        return
+    blob = BLOB_NAME.fullmatch(name)
+    contents.staged[name] = staging.write(
+        fileobj, None if blob is None else "sha256:" + blob.group(1)
+    )
 
 
 # ---- OCI image layout ----

@@ -1,11 +1,18 @@
 """The store on disk: an OCI image layout (oci-layout, index.json, blobs/sha256/<hex>) plus two
-directories of ours, `ingest/` (one private staging directory per import or pull) and `rootfs/`
-(unpacked root filesystems by manifest digest).
+directories of ours: `ingest/` (one private staging directory per import or pull), `layers/`
+(each layer unpacked once, by chain id, as an overlay lower directory) and `stacks/` (per manifest
+digest, the chain ids of its layers, topmost first: what an image's overlay stacks).
+
+A layer directory is keyed by the layer's chain id (OCI image-spec config.md: the diff_id of the
+base layer; then sha256 of "<chain id below> <diff_id>"), not by its diff_id alone: what unpacking a
+layer writes depends on the layers below it (a name through a symlink they made, a whiteout of what
+they hold), so the same layer over other layers is another directory. Images sharing their base
+layers share those directories.
 
 Every blob is hashed while it is written to staging and refused when the content does not match
 the digest it claims; only verified blobs are renamed into blobs/. What one import or pull may
 write to staging is bounded (config `images.max_import_bytes`), counted as it is written.
-Whatever a crash leaves behind (staging directories, half-unpacked rootfs, blobs no manifest
+Whatever a crash leaves behind (staging directories, half-unpacked layers, blobs no manifest
 references) is owned by the store and removed by `collect_garbage`, which the store runs when it
 opens - but only when no other store is open on the same directory (`StoreLock`), since then the
 staging directories may be someone's import in flight.
@@ -24,7 +31,8 @@ import shutil
 import threading
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,10 +40,15 @@ from adapter.core.errors import InvalidArgument
 from adapter.images.image import OCI_LAYOUT_VERSION
 
 CHUNK = 1 << 20
+# tarfile's read buffer for a tar stream: its 10 KiB default costs a Python call per 10 KiB,
+# and every header read copies what is left of the buffer, so a large one costs per entry.
+TAR_STREAM_BUFFER = 1 << 15
 DIGEST_PATTERN = re.compile(r"sha256:([0-9a-f]{64})")
 TEMPORARY_PREFIX = ".tmp-"
 # How often (in bytes) a blob copy reports progress: often enough for a smooth bar.
 PROGRESS_STEP = 1 << 20
+# Blobs fsynced at once: concurrent fsyncs share journal commits.
+SYNC_THREADS = 4
 
 
 class Cancelled(Exception):
@@ -74,6 +87,10 @@ class Staging:
         self.source = source
         self.written_bytes = 0
         self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._unsynced: set[Path] = set()  # staged blobs not yet fsynced
+        self._syncer: threading.Thread | None = None
+        self._sync_error: BaseException | None = None
         directory.mkdir(parents=True)
 
     def write(
@@ -83,22 +100,23 @@ class Staging:
         expected_size: int | None = None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> tuple[str, int]:
-        """Copy `source` to a staged blob; verify it; return (digest, size)."""
+        """Copy `source` to a staged blob, hashing each chunk as it is written (one read of every
+        byte); verify it; return (digest, size). `sync` makes it durable before a commit."""
         temporary = self.directory / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
         hasher, size, reported = hashlib.sha256(), 0, 0
-        with open(temporary, "wb") as out:
-            while chunk := source.read(CHUNK):
-                size += len(chunk)
-                self._count(len(chunk))
+        buffer = memoryview(bytearray(CHUNK))
+        with open(temporary, "wb", buffering=0) as out:
+            while count := _read_into(source, buffer):
+                size += count
+                self._count(count)
                 if expected_size is not None and size > expected_size:
                     break  # a blob longer than its descriptor: refused below, read no further
+                chunk = buffer[:count]
                 hasher.update(chunk)
-                out.write(chunk)
+                _write_all(out, chunk)
                 if on_bytes is not None and size - reported >= PROGRESS_STEP:
                     on_bytes(size)
                     reported = size
-            out.flush()
-            os.fsync(out.fileno())
         if on_bytes is not None:
             on_bytes(size)
         digest = "sha256:" + hasher.hexdigest()
@@ -114,14 +132,55 @@ class Staging:
             raise InvalidArgument(
                 "image", f"blob {named}: content does not match its digest (it hashes to {digest})"
             )
-        os.replace(temporary, self.directory / digest_hex(digest))
+        staged = self.directory / digest_hex(digest)
+        os.replace(temporary, staged)
+        with self._lock:
+            self._unsynced.add(staged)
         return digest, size
+
+    def start_sync(self) -> None:
+        """Start making the staged blobs durable in a thread of ours, so the disk flushes them
+        while the caller unpacks; `sync`, `commit` and `discard` wait for it."""
+        self._join_syncer()
+        self._syncer = threading.Thread(target=self._sync_in_thread, name="sync-blobs")
+        self._syncer.start()
+
+    def sync(self) -> None:
+        """fsync the blobs written since the last sync, all at once (the journal commits them
+        together) instead of one fsync per blob while copying."""
+        self._join_syncer()
+        self._sync_pending()
+
+    def _sync_pending(self) -> None:
+        with self._lock:
+            pending, self._unsynced = self._unsynced, set()
+        if len(pending) == 1:
+            _fsync_file(pending.pop())
+        elif pending:
+            with ThreadPoolExecutor(max_workers=min(len(pending), SYNC_THREADS)) as pool:
+                list(pool.map(_fsync_file, pending))
+
+    def _sync_in_thread(self) -> None:
+        try:
+            self._sync_pending()
+        except BaseException as exc:  # raised again by whoever waits for the thread
+            self._sync_error = exc
+
+    def _join_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        error, self._sync_error = self._sync_error, None
+        if error is not None:
+            raise error
 
     def _count(self, written: int) -> None:
         if self.stop.is_set():
             raise Cancelled(f"{self.source}: cancelled")
-        self.written_bytes += written
-        if self.written_bytes > self.max_bytes:
+        with self._lock:  # blobs may be written by several threads at once
+            self.written_bytes += written
+            over = self.written_bytes > self.max_bytes
+        if over:
             raise InvalidArgument(
                 "image",
                 f"{self.source}: its blobs are more than {self.max_bytes} bytes, this node's "
@@ -154,7 +213,9 @@ class Staging:
             return blob.read(limit + 1)
 
     def commit(self) -> None:
-        """Move the staged blobs into blobs/ (a blob already there is identical: same digest)."""
+        """Move the staged blobs into blobs/ (a blob already there is identical: same digest).
+        Blobs are durable first (a no-op when the caller already ran `sync` in a worker)."""
+        self.sync()
         for staged in self.directory.iterdir():
             if staged.name.startswith(TEMPORARY_PREFIX):
                 continue
@@ -163,7 +224,35 @@ class Staging:
                 os.replace(staged, target)
 
     def discard(self) -> None:
+        with contextlib.suppress(OSError):  # what is discarded need not be durable
+            self._join_syncer()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _read_into(source: BinaryIO, buffer: memoryview) -> int:
+    """Fill `buffer` from `source` (a short count only at its end); readinto avoids a copy."""
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        data = source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+    filled = 0
+    while filled < len(buffer) and (count := readinto(buffer[filled:])):
+        filled += count
+    return filled
+
+
+def _write_all(out: BinaryIO, data: memoryview) -> None:
+    while data:
+        data = data[out.write(data) :]
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class Layout:
@@ -171,8 +260,9 @@ class Layout:
         self.root = root
         self.blobs = root / "blobs" / "sha256"
         self.ingest = root / "ingest"
-        self.rootfs = root / "rootfs"
-        for directory in (self.blobs, self.ingest, self.rootfs):
+        self.layers = root / "layers"
+        self.stacks = root / "stacks"
+        for directory in (self.blobs, self.ingest, self.layers, self.stacks):
             directory.mkdir(parents=True, exist_ok=True)
         if not (root / "oci-layout").exists():
             layout = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
@@ -186,13 +276,36 @@ class Layout:
     def new_staging(self, max_bytes: int, source: str) -> Staging:
         return Staging(self.ingest / uuid.uuid4().hex, self, max_bytes, source)
 
-    def rootfs_path(self, manifest_digest: str) -> Path:
-        return self.rootfs / digest_hex(manifest_digest)
+    def layer_path(self, chain_id: str) -> Path:
+        """A layer's directory. Named by the bare hex (no `sha256/`): LXC hands the overlay
+        its layers in one `lowerdir=` string, which a page bounds."""
+        return self.layers / digest_hex(chain_id)
 
-    def temporary_rootfs_path(self, manifest_digest: str) -> Path:
-        """Where a rootfs is unpacked before it is renamed into place (garbage collection
-        leaves these to their unpack while the store is open)."""
-        return self.rootfs / f"{TEMPORARY_PREFIX}{digest_hex(manifest_digest)}-{uuid.uuid4().hex}"
+    def temporary_layer_path(self, chain_id: str) -> Path:
+        """Where a layer is unpacked (its `upper/`, with the overlay's `work/`) before its
+        upper is renamed into place; garbage collection leaves these to their unpack while the
+        store is open, and a store opening alone removes them."""
+        return self.layers / f"{TEMPORARY_PREFIX}{digest_hex(chain_id)}-{uuid.uuid4().hex}"
+
+    def read_stack(self, manifest_digest: str) -> list[str] | None:
+        """The chain ids of the manifest's layers, topmost first; None when not unpacked."""
+        try:
+            stack = json.loads((self.stacks / digest_hex(manifest_digest)).read_bytes())
+        except FileNotFoundError:
+            return None
+        return [str(chain_id) for chain_id in stack]
+
+    def write_stack(self, manifest_digest: str, chain_ids: list[str]) -> None:
+        stack = json.dumps(chain_ids).encode()
+        write_file_durably(self.stacks / digest_hex(manifest_digest), stack)
+
+    def stacked_layers(self) -> set[str]:
+        """The hex of every layer some stack names."""
+        layers: set[str] = set()
+        for stack in self.stacks.iterdir():
+            if not stack.name.startswith(TEMPORARY_PREFIX):
+                layers.update(digest_hex(c) for c in self.read_stack(f"sha256:{stack.name}") or ())
+        return layers
 
     def read_index(self) -> list[dict[str, Any]]:
         """The manifest descriptors of index.json (written only by us, so trusted)."""
@@ -211,13 +324,16 @@ class Layout:
     def collect_garbage(
         self,
         referenced_blobs: set[str],
-        referenced_rootfs: set[str] | None,
+        referenced_stacks: set[str] | None,
+        pinned_layers: set[str],
         *,
         including_in_flight: bool,
     ) -> None:
-        """Remove blobs and rootfs directories that are not referenced (rootfs: all are kept
-        when `referenced_rootfs` is None) and, when nothing can be in flight (the only store
-        open is opening), staging and temporary rootfs directories: what a crash left."""
+        """Remove blobs, stacks and layer directories that are not referenced (stacks and
+        layers: all are kept when `referenced_stacks` is None; a layer is referenced by a kept
+        stack or `pinned_layers`, the hex of those in use by an unpack in flight) and, when
+        nothing can be in flight (the only store open is opening), staging and temporary layer
+        directories: what a crash left."""
         if including_in_flight:
             for staging in self.ingest.iterdir():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -228,12 +344,29 @@ class Layout:
         for leftover in self.root.glob(f"{TEMPORARY_PREFIX}*") if including_in_flight else ():
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
-        for rootfs in self.rootfs.iterdir():
-            if rootfs.name.startswith(TEMPORARY_PREFIX):
+        for stack in self.stacks.iterdir():
+            if referenced_stacks is not None and stack.name not in referenced_stacks:
+                with contextlib.suppress(FileNotFoundError):
+                    stack.unlink()
+        layers = self.stacked_layers() | pinned_layers
+        for layer in self.layers.iterdir():
+            if layer.name.startswith(TEMPORARY_PREFIX):
                 if including_in_flight:
-                    remove_tree(rootfs)
-            elif referenced_rootfs is not None and rootfs.name not in referenced_rootfs:
+                    remove_tree(layer)
+            elif referenced_stacks is not None and layer.name not in layers:
+                remove_tree(layer)
+        legacy = self.root / "rootfs"  # flattened copies an older store made, by manifest
+        for rootfs in legacy.iterdir() if legacy.is_dir() else ():
+            if referenced_stacks is not None and rootfs.name not in referenced_stacks:
                 remove_tree(rootfs)
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The chain id of each layer, base first (OCI image-spec config.md, "Layer ChainID")."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        chains.append(diff_id if not chains else sha256_digest(f"{chains[-1]} {diff_id}".encode()))
+    return chains
 
 
 class StoreLock:

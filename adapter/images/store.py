@@ -1,8 +1,8 @@
 """The image store: an OCI image layout under `<state_dir>/images/` (see CONTRACT.md).
 
 Slow work (reading a tarball, downloading, unpacking) runs in a worker thread and only ever
-writes to a private place: a staging directory or a temporary rootfs directory. What makes it
-visible (moving blobs into blobs/, renaming a rootfs into place, rewriting index.json, garbage
+writes to a private place: a staging directory or a temporary layer directory. What makes it
+visible (moving blobs into blobs/, renaming a layer into place, rewriting index.json, garbage
 collection) runs on the event loop thread without awaiting in between, so those steps never
 interleave with one another and need no lock. Progress callbacks are called on the event loop
 thread too, so a caller may touch its asyncio objects from them.
@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import functools
+import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapter.core.config import ImagesOptions
-from adapter.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from adapter.core.config import ImagesOptions, RegistryOptions
+from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
+from adapter.images.auth import Credentials, TokenCache
 from adapter.images.image import (
     MAX_JSON_BLOB,
     READ,
     REF_NAME_ANNOTATION,
-    UNPACK,
     Descriptor,
     Image,
     Progress,
@@ -40,20 +42,24 @@ from adapter.images.image import (
     manifest_parts,
 )
 from adapter.images.importer import read_tarball
+from adapter.images.layers import UnpackProgress, unpack_layer
 from adapter.images.layout import (
-    PROGRESS_STEP,
     Layout,
     Staging,
     StoreLock,
+    chain_ids,
     digest_hex,
     remove_tree,
 )
 from adapter.images.leases import ContainerImages, Leases
+from adapter.images.overlay import DetachedOverlay
+from adapter.images.prune import LastUse, collect_by_size
 from adapter.images.reference import canonical, parse_reference
-from adapter.images.registry import checked_mirrors, pull_image
-from adapter.images.unpack import UnpackBudget, UnpackLimits, apply_layer
+from adapter.images.registry import Access, checked_mirrors, pull_image
+from adapter.images.unpack import UnpackBudget, UnpackLimits
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ImageStore:
@@ -66,20 +72,28 @@ class ImageStore:
         options: ImagesOptions | None = None,
         containers: ContainerImages | None = None,
         mirrors: Mapping[str, str] | None = None,
+        registries: RegistryOptions | None = None,
     ) -> None:
         self.layout = Layout(root)
         self.options = options or ImagesOptions()
         # Registry domain -> the host[:port] that serves its repositories (registry.py).
         self.mirrors = checked_mirrors(mirrors or {})
+        # How to reach and authenticate to registries ([registry] tables; auth.py), and the
+        # Bearer tokens they gave, reused by later pulls until they expire.
+        self.registries = registries or RegistryOptions()
+        self.tokens = TokenCache()
+        self.last_use = LastUse(root / "last-used.json")  # the order of size-based GC
         # Which image each container that is not TERMINATED named (leases.py); None: nothing
         # runs here that the store must protect (a store used without a service).
         self.containers = containers
         self._leases = Leases(root / "leases.json")
-        self._unpacking: dict[str, asyncio.Lock] = {}
+        self._unpacking: dict[str, asyncio.Lock] = {}  # by chain id: one unpack of a layer
+        # Chain id -> unpacks in flight that use the layer: garbage collection keeps it.
+        self._pins: collections.Counter[str] = collections.Counter()
         self._lock = StoreLock(root)
-        # Whatever a crash left: staging directories, half-unpacked rootfs, orphan blobs. Only
+        # Whatever a crash left: staging directories, half-unpacked layers, orphan blobs. Only
         # when no other store is open: else they may be another store's work in flight (blobs
-        # and a rootfs are in place a moment before index.json names them).
+        # and layers are in place a moment before index.json names them).
         if self._lock.alone:
             self._collect_garbage(including_in_flight=True)
         self._lock.share()
@@ -120,37 +134,65 @@ class ImageStore:
             raise NotFound(f"path: {path} is not a file on the service's node")
         report = _on_loop(progress)
         staging = self.layout.new_staging(self.options.max_import_bytes, str(path))
-        unpacked: dict[str, Path] = {}
+        pinned: builtins.list[str] = []
         try:
             images = await _in_thread(staging.stop, read_tarball, path, staging, report)
             if not images:
                 raise InvalidArgument("path", f"{path}: the tarball holds no image")
-            await self._unpack_new(images, staging, report, unpacked)
-            self._commit(staging, images, unpacked)
+            pinned = [chain for image in images for chain in self._pin(image)]
+            await self._unpack_new(images, staging, report)
+            await _in_thread(staging.stop, staging.sync)  # not on the loop: fsync waits on disk
+            self._commit(staging, images)
         finally:
-            await _discard(staging, list(unpacked.values()))
+            self._unpin(pinned)
+            await _discard(staging, [])
+        await self._collect_by_size(images)
         return images
 
-    async def pull(self, reference: str, progress: Progress | None = None) -> Image:
-        """Pull and unpack `reference` (host:port/name:tag or @sha256:...) from its registry."""
+    async def pull(
+        self,
+        reference: str,
+        progress: Progress | None = None,
+        credentials: Credentials | None = None,
+    ) -> Image:
+        """Pull and unpack `reference` (host:port/name:tag or @sha256:...) from its registry,
+        as `credentials` or, without them, as the [registry] config says (auth.py)."""
         parsed = parse_reference(reference, "reference")
+        access = Access(self.registries, self.tokens, credentials or Credentials())
         report = _on_loop(progress)
         staging = self.layout.new_staging(self.options.max_import_bytes, str(parsed))
-        unpacked: dict[str, Path] = {}
+        pinned: builtins.list[str] = []
         try:
             image = await _in_thread(
-                staging.stop, pull_image, parsed, staging, report, self.mirrors
+                staging.stop, pull_image, parsed, staging, report, self.mirrors, access
             )
-            await self._unpack_new([image], staging, report, unpacked)
-            self._commit(staging, [image], unpacked)
+            pinned = self._pin(image)
+            await self._unpack_new([image], staging, report)
+            await _in_thread(staging.stop, staging.sync)
+            self._commit(staging, [image])
         finally:
-            await _discard(staging, list(unpacked.values()))
+            self._unpin(pinned)
+            await _discard(staging, [])
+        await self._collect_by_size([image])
         return image
 
     # ---- removing ----
 
+    def used_manifests(self) -> set[str]:
+        """Manifest digests that containers which are not TERMINATED may run on."""
+        self._refresh_leases()
+        return self._leases.digests()
+
+    async def _collect_by_size(self, added: builtins.list[Image]) -> None:
+        """Size-based GC after an import or pull (prune.py); what they brought stays. A
+        failure is logged: the images are in the store either way."""
+        try:
+            await collect_by_size(self, {image.manifest.digest for image in added})
+        except (ContainerizerError, OSError) as exc:
+            log.warning("image garbage collection failed: %s", exc)
+
     def remove(self, reference: str, field: str = "container.image") -> None:
-        """Forget `reference`; its blobs and rootfs go when no other reference uses them.
+        """Forget `reference`; its blobs and layers go when no other reference uses them.
         Refused (FailedPrecondition, naming them) while containers run on what would go."""
         self.remove_all([reference], field)
 
@@ -172,37 +214,64 @@ class ImageStore:
         self.layout.write_index(kept)
         self._collect_garbage(including_in_flight=False)
 
-    # ---- root filesystems ----
+    # ---- layers ----
 
-    async def rootfs(self, reference: str, field: str = "container.image") -> Path:
-        """The unpacked root filesystem of `reference`, unpacked once and then shared.
+    async def layers(self, reference: str, field: str = "container.image") -> builtins.list[Path]:
+        """The unpacked layer directories of `reference`, topmost first: overlay lower
+        directories, in `lowerdir` order. Each is unpacked once and shared by every image that
+        has it (below the same layers) and every container of those.
 
-        Nobody writes to it after it is renamed into place: runtimes use it read-only (a read-only
-        bind mount or an overlay lower directory), so one unpack serves every container. An
-        import or pull has unpacked it already; this unpacks what an older store did not."""
+        Nobody writes to them once they are in place: runtimes stack them under an upper
+        directory of the container's own, so they may stay as they are. An import or pull has
+        unpacked them already; this unpacks what an older store did not."""
         image = self.get(reference, field)
         digest = image.manifest.digest
-        target = self.layout.rootfs_path(digest)
-        lock = self._unpacking.setdefault(digest, asyncio.Lock())
-        async with lock:
-            if not target.is_dir():
-                temporary = await self._unpack_aside(image, self.layout.blob_path, None, field)
-                self._install(temporary, target)
-                await _discard(None, [temporary])  # when an import's unpack got there first
-        if digest not in self._protected():
-            remove_tree(target)  # removed while we unpacked, and nothing runs on it
-            raise NotFound(f"image {reference!r} was removed while it was being unpacked")
-        return target
+        chains = self._pin(image)
+        try:
+            await self._unpack_layers(image, self.layout.blob_path, None, field)
+            if digest not in self._protected():
+                raise NotFound(f"image {reference!r} was removed while it was being unpacked")
+            self.layout.write_stack(digest, chains[::-1])
+        finally:
+            self._unpin(chains)
+        self._touch([digest])
+        return [self.layout.layer_path(chain) for chain in chains[::-1]]
+
+    @contextlib.asynccontextmanager
+    async def view(self, reference: str, field: str = "container.image") -> AsyncIterator[Path]:
+        """A read-only path to the merged files of `reference` (a detached overlay of its
+        layers, overlay.py), for reading the image's own files (its /etc/passwd) while the
+        block runs. Nothing is mounted anywhere a crash could leave it."""
+        layers = await self.layers(reference, field)
+        with DetachedOverlay(layers) as merged:
+            yield merged.root
+
+    def _pin(self, image: Image) -> builtins.list[str]:
+        """Keep `image`'s layer directories from garbage collection until `_unpin`, whatever
+        the index says meanwhile (an unpack in flight uses them); its chain ids, base first."""
+        chains = chain_ids(image.diff_ids)
+        self._pins.update(chains)
+        return chains
+
+    def _unpin(self, chains: Iterable[str]) -> None:
+        """Release pins; a layer no pin and no stack holds any more goes (what an import that
+        failed or an image removed meanwhile had unpacked)."""
+        released = set(chains)
+        self._pins.subtract(released)
+        self._pins = +self._pins  # drop what is no longer pinned
+        stacked = self.layout.stacked_layers()
+        for chain in released - set(self._pins):
+            if digest_hex(chain) not in stacked:
+                remove_tree(self.layout.layer_path(chain))
 
     async def _unpack_new(
         self,
         images: builtins.list[Image],
         staging: Staging,
         progress: Progress | None,
-        unpacked: dict[str, Path],
     ) -> None:
-        """Unpack the staged images that have no rootfs yet, each into a temporary directory
-        recorded in `unpacked` (manifest digest -> directory) as soon as it exists."""
+        """Unpack the layers of the staged images that are not unpacked yet (the caller has
+        pinned them)."""
 
         def staged_blob(digest: str) -> Path:
             path = staging.path(digest)
@@ -210,44 +279,56 @@ class ImageStore:
                 raise InvalidArgument("image", f"blob {digest} is missing from the tarball")
             return path
 
+        staging.start_sync()  # the staged blobs reach the disk while we unpack
         for image in images:
-            digest = image.manifest.digest
-            if digest in unpacked or self.layout.rootfs_path(digest).is_dir():
-                continue
-            unpacked[digest] = await self._unpack_aside(
-                image, staged_blob, progress, "image", staging.stop
-            )
+            await self._unpack_layers(image, staged_blob, progress, "image", staging.stop)
 
-    async def _unpack_aside(
+    async def _unpack_layers(
         self,
         image: Image,
         blob_of: Callable[[str], Path],
         progress: Progress | None,
         field: str,
         stop: threading.Event | None = None,
-    ) -> Path:
-        """Unpack `image` into a new temporary rootfs directory and return it; on any failure
-        nothing of it is left. Refusals are InvalidArgument(field) naming the image."""
-        temporary = self.layout.temporary_rootfs_path(image.manifest.digest)
+    ) -> None:
+        """Unpack each layer of `image` that has no directory yet, base first, each over the
+        ones below it; a layer in place is never unpacked again. Refusals are
+        InvalidArgument(field) naming the image, and leave nothing of the refused layer."""
         stop = stop or threading.Event()
         limits = UnpackLimits(self.options.max_unpacked_bytes, self.options.max_entries)
         budget = UnpackBudget(limits, stop)
-        try:
-            await _in_thread(stop, _unpack, image, temporary, blob_of, budget, progress)
-        except InvalidArgument as exc:
-            await _discard(None, [temporary])
-            detail = str(exc).removeprefix(f"{exc.field}: ")
-            raise InvalidArgument(field, f"{image.reference} cannot be unpacked: {detail}") from exc
-        except BaseException:
-            await _discard(None, [temporary])
-            raise
-        return temporary
-
-    def _install(self, temporary: Path, target: Path) -> None:
-        """Rename an unpacked rootfs into place, unless another unpack of the same manifest got
-        there first (then `temporary` is left for the caller's cleanup)."""
-        if not target.is_dir():
-            temporary.rename(target)
+        report = UnpackProgress(image.reference, image.layers, progress)
+        report.start()
+        chains = chain_ids(image.diff_ids)
+        for index, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
+            target = self.layout.layer_path(chains[index])
+            async with self._unpacking.setdefault(chains[index], asyncio.Lock()):
+                if target.is_dir():
+                    report.skipped(layer)
+                    continue
+                lowers = [self.layout.layer_path(chain) for chain in reversed(chains[:index])]
+                temporary = self.layout.temporary_layer_path(chains[index])
+                try:
+                    upper = await _in_thread(
+                        stop,
+                        unpack_layer,
+                        blob_of(layer.digest),
+                        layer,
+                        diff_id,
+                        lowers,
+                        temporary,
+                        budget,
+                        report.on_read,
+                    )
+                    upper.rename(target)
+                except InvalidArgument as exc:
+                    detail = str(exc).removeprefix(f"{exc.field}: ")
+                    raise InvalidArgument(
+                        field, f"{image.reference} cannot be unpacked: {detail}"
+                    ) from exc
+                finally:
+                    await _discard(None, [temporary])
+        report.finish()
 
     # ---- internals ----
 
@@ -261,15 +342,13 @@ class ImageStore:
         with open(self.layout.blob_path(digest), "rb") as blob:
             return load_json(blob.read(MAX_JSON_BLOB + 1), f"blob {digest}")
 
-    def _commit(
-        self, staging: Staging, images: builtins.list[Image], unpacked: dict[str, Path]
-    ) -> None:
-        """Make images visible: blobs and root filesystems first, then index.json (a crash in
+    def _commit(self, staging: Staging, images: builtins.list[Image]) -> None:
+        """Make images visible: blobs and layer stacks first, then index.json (a crash in
         between leaves only unreferenced files, which garbage collection removes)."""
         self._refresh_leases()  # before a reference may move to another manifest
         staging.commit()
-        for digest, temporary in unpacked.items():
-            self._install(temporary, self.layout.rootfs_path(digest))
+        for image in images:
+            self.layout.write_stack(image.manifest.digest, chain_ids(image.diff_ids)[::-1])
         added = {image.reference: image for image in images}
         entries = [e for e in self.layout.read_index() if _entry_name(e) not in added]
         for image in added.values():
@@ -278,6 +357,11 @@ class ImageStore:
             entries.append(entry)
         self.layout.write_index(entries)
         self._collect_garbage(including_in_flight=False)
+        self._touch(image.manifest.digest for image in images)
+
+    def _touch(self, digests: Iterable[str]) -> None:
+        """Record a use of these manifests (the order of size-based GC)."""
+        self.last_use.touch(digests, keep={e["digest"] for e in self.layout.read_index()})
 
     def _refresh_leases(self) -> None:
         if self.containers is not None:
@@ -292,7 +376,7 @@ class ImageStore:
         return None
 
     def _protected(self) -> set[str]:
-        """Manifest digests whose rootfs must stay: named in the index or run on."""
+        """Manifest digests whose layers must stay: named in the index or run on."""
         return {e["digest"] for e in self.layout.read_index()} | self._leases.digests()
 
     def _collect_garbage(self, *, including_in_flight: bool) -> None:
@@ -303,36 +387,9 @@ class ImageStore:
             blobs.update(
                 digest_hex(blob.digest) for blob in (image.manifest, image.config, *image.layers)
             )
-        rootfs = {digest_hex(d) for d in self._protected()} if self._leases.known else None
-        self.layout.collect_garbage(blobs, rootfs, including_in_flight=including_in_flight)
-
-
-def _unpack(
-    image: Image,
-    rootfs: Path,
-    blob_of: Callable[[str], Path],
-    budget: UnpackBudget,
-    progress: Progress | None,
-) -> None:
-    """Apply every layer of `image` to a new directory `rootfs` (in a worker thread), reporting
-    the layer bytes read as the unpack's progress."""
-    total = sum(layer.size for layer in image.layers)
-    done = reported = 0
-
-    def on_read(count: int) -> None:
-        nonlocal done, reported
-        done += count
-        if progress is not None and done - reported >= PROGRESS_STEP:
-            progress(image.reference, done, total, UNPACK)
-            reported = done
-
-    if progress is not None:
-        progress(image.reference, 0, total, UNPACK)
-    rootfs.mkdir(mode=0o755)
-    for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
-        apply_layer(blob_of(layer.digest), layer, diff_id, rootfs, budget, on_read)
-    if progress is not None:
-        progress(image.reference, total, total, UNPACK)
+        stacks = {digest_hex(d) for d in self._protected()} if self._leases.known else None
+        pinned = {digest_hex(chain) for chain in self._pins}
+        self.layout.collect_garbage(blobs, stacks, pinned, including_in_flight=including_in_flight)
 
 
 async def _in_thread(stop: threading.Event, work: Callable[..., T], *args: Any) -> T:
@@ -353,7 +410,8 @@ async def _in_thread(stop: threading.Event, work: Callable[..., T], *args: Any) 
 
 
 async def _discard(staging: Staging | None, directories: Iterable[Path]) -> None:
-    """Remove a staging area and temporary rootfs directories that were not renamed into place;
+    """Remove a staging area and temporary layer directories (what is left of them once the
+    layer was renamed into place, or all of them when it was not);
     shielded, so that a second cancellation cannot leave them half removed."""
 
     def discard() -> None:

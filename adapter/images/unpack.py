@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
+import functools
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import tarfile
@@ -42,7 +43,7 @@ from typing import BinaryIO
 
 from adapter.core.errors import InvalidArgument
 from adapter.images.image import GZIP_LAYER_TYPES, Descriptor
-from adapter.images.layout import CHUNK, Cancelled
+from adapter.images.layout import CHUNK, TAR_STREAM_BUFFER, Cancelled
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -55,6 +56,9 @@ ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Directory descriptors kept open between entries (tar members come grouped by directory).
 CACHED_DIRECTORIES = 64
+# Inflated chunks a layer's inflating thread may hold ahead of its reader.
+AHEAD_CHUNKS = 4
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip header and checks its trailer
 
 
 @dataclass(frozen=True)
@@ -103,76 +107,242 @@ class UnpackBudget:
             raise Cancelled("the unpack was cancelled")
 
 
-class HashingReader:
-    """A read-only stream that hashes what passes through (the layer's diff_id)."""
+class InflatingReader:
+    """The decompressed bytes of a gzip layer blob, hashed as they pass (the layer's diff_id).
 
-    def __init__(self, source: BinaryIO) -> None:
-        self.source = source
-        self.hasher = hashlib.sha256()
+    A thread of its own reads, inflates and hashes up to AHEAD_CHUNKS chunks ahead of the
+    reader (zlib and hashlib release the GIL), so inflating overlaps applying the entries: the
+    blob is still read once. It never inflates more than CHUNK bytes at a time, so a compression
+    bomb costs no memory; concatenated gzip members are read one after another, each checked
+    against its CRC and length by zlib. `close` stops and joins the thread."""
+
+    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None) -> None:
+        self.inflating = Inflater(raw, on_read)
+        self.chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(AHEAD_CHUNKS)
+        self.stopping = threading.Event()
+        self.current, self.offset, self.ended = b"", 0, False
+        self.thread = threading.Thread(target=self.produce, name="inflate-layer", daemon=True)
+        self.thread.start()
+
+    def produce(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                data = self.inflating.read()
+                self.chunks.put(data or None)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, which raises it
+            self.chunks.put(exc)
 
     def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.hasher.update(data)
+        if self.offset == len(self.current) and not self.ended:
+            item = self.chunks.get()
+            if item is None or isinstance(item, BaseException):
+                self.ended = True
+                if item is not None:
+                    raise item
+                return b""
+            self.current, self.offset = item, 0
+        end = len(self.current) if size < 0 else self.offset + size
+        data = self.current[self.offset : end]
+        self.offset += len(data)
         return data
 
     def drain(self) -> str:
         """Read what the tar reader left (end-of-archive padding) and return the digest."""
         while self.read(CHUNK):
             pass
-        return "sha256:" + self.hasher.hexdigest()
+        self.thread.join()
+        return "sha256:" + self.inflating.hasher.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread: emptying the queue frees a `put` it may be blocked in, and it
+        checks `stopping` before inflating more."""
+        self.stopping.set()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.chunks.get(timeout=0.01)
+        self.thread.join()
 
 
-class ReadCounter:
-    """Reports how many bytes of the layer blob were read (the unpack's progress)."""
+class Inflater:
+    """Inflates a gzip stream CHUNK bytes at a time and hashes what comes out."""
 
-    def __init__(self, source: BinaryIO, on_read: Callable[[int], None] | None) -> None:
-        self.source = source
-        self.on_read = on_read
+    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None) -> None:
+        self.raw, self.on_read = raw, on_read
+        self.hasher = hashlib.sha256()
+        self.inflater = zlib.decompressobj(GZIP_WBITS)
+        self.pending = b""  # compressed input not yet inflated
+        self.ended = False
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        if self.on_read is not None and data:
-            self.on_read(len(data))
-        return data
+    def read(self) -> bytes:
+        """The next chunk of the uncompressed stream; b"" at its (complete) end."""
+        while not self.ended:
+            data = self.inflater.decompress(self.pending, CHUNK)
+            self.pending = self.inflater.unconsumed_tail
+            if data:
+                self.hasher.update(data)
+                return data
+            self.next_input()
+        return b""
+
+    def next_input(self) -> None:
+        """More compressed input, or the next gzip member, or the end (checked complete)."""
+        if self.pending:
+            return
+        if self.inflater.eof:
+            self.pending = self.inflater.unused_data
+            if self.pending:
+                self.inflater = zlib.decompressobj(GZIP_WBITS)
+                return
+        self.pending = self.raw.read(CHUNK)
+        if self.on_read is not None and self.pending:
+            self.on_read(len(self.pending))
+        if not self.pending:
+            if not self.inflater.eof:
+                raise EOFError("the compressed layer ends before its end-of-stream marker")
+            self.ended = True
 
 
 def apply_layer(
     blob: Path,
     layer: Descriptor,
     diff_id: str,
-    rootfs: Path,
+    rootfs: Path | int,
     budget: UnpackBudget,
     on_read: Callable[[int], None] | None = None,
 ) -> None:
-    """Apply one layer blob to `rootfs`; InvalidArgument when it is hostile, corrupt or over
-    the budget. The blob is read once: decompressed, hashed and applied in one stream."""
+    """Apply one layer blob to `rootfs` (a directory, or a descriptor of one: the caller's,
+    left open); InvalidArgument when it is hostile, corrupt or over
+    the budget. `blob` holds exactly `layer.digest` (staged and stored blobs are verified on
+    the way in), so an uncompressed layer's diff_id is its digest and it is applied in place,
+    its files copied by the kernel; a compressed one is read once: inflated, hashed and
+    applied in one stream."""
+    compressed = layer.media_type in GZIP_LAYER_TYPES
+    if not compressed and layer.digest != diff_id:
+        raise _diff_id_mismatch(layer, layer.digest, diff_id)
     with open(blob, "rb") as raw:
-        stream: BinaryIO = ReadCounter(raw, on_read)  # type: ignore[assignment]
-        if layer.media_type in GZIP_LAYER_TYPES:
-            stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
-        hashing = HashingReader(stream)
-        root_fd = os.open(rootfs, DIRECTORY_FLAGS)
+        root_fd = os.dup(rootfs) if isinstance(rootfs, int) else os.open(rootfs, DIRECTORY_FLAGS)
         try:
-            with tarfile.open(fileobj=hashing, mode="r|") as archive:  # type: ignore[call-overload]
-                applier = LayerApplier(root_fd, layer.digest, budget)
+            if compressed:
+                inflating = InflatingReader(raw, on_read)
                 try:
-                    for member in archive:
-                        applier.apply(member, archive)
-                    applier.finish()
+                    _apply_stream(inflating, root_fd, layer, budget)
+                    actual = inflating.drain()
                 finally:
-                    applier.close()
-            actual = hashing.drain()
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                    inflating.close()
+                if actual != diff_id:
+                    raise _diff_id_mismatch(layer, actual, diff_id)
+            else:
+                _apply_in_place(raw, root_fd, layer, budget, on_read)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise InvalidArgument(
                 "image", f"layer {layer.digest}: not a readable tar: {exc}"
             ) from exc
         finally:
             os.close(root_fd)
-    if actual != diff_id:
-        raise InvalidArgument(
-            "image",
-            f"layer {layer.digest}: uncompressed content is {actual}, the config says {diff_id}",
-        )
+
+
+def _diff_id_mismatch(layer: Descriptor, actual: str, diff_id: str) -> InvalidArgument:
+    return InvalidArgument(
+        "image",
+        f"layer {layer.digest}: uncompressed content is {actual}, the config says {diff_id}",
+    )
+
+
+def _apply_stream(
+    source: InflatingReader, root_fd: int, layer: Descriptor, budget: UnpackBudget
+) -> None:
+    with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM_BUFFER) as archive:  # type: ignore[call-overload]
+        _apply_members(archive, LayerApplier(root_fd, layer.digest, budget, StreamData(archive)))
+
+
+def _apply_in_place(
+    raw: BinaryIO,
+    root_fd: int,
+    layer: Descriptor,
+    budget: UnpackBudget,
+    on_read: Callable[[int], None] | None,
+) -> None:
+    with tarfile.open(fileobj=raw, mode="r:") as archive:
+        data = InPlaceData(archive, raw.fileno())
+        done = 0
+
+        def applied(_: tarfile.TarInfo) -> None:  # progress: how far into the blob we are
+            nonlocal done
+            if on_read is not None and archive.offset > done:
+                on_read(archive.offset - done)
+                done = archive.offset
+
+        _apply_members(archive, LayerApplier(root_fd, layer.digest, budget, data), applied)
+        if on_read is not None and layer.size > done:
+            on_read(layer.size - done)  # the end-of-archive blocks
+
+
+def _apply_members(
+    archive: tarfile.TarFile,
+    applier: LayerApplier,
+    applied: Callable[[tarfile.TarInfo], None] | None = None,
+) -> None:
+    try:
+        for member in archive:
+            applier.apply(member)
+            if applied is not None:
+                applied(member)
+        applier.finish()
+    finally:
+        applier.close()
+
+
+class StreamData:
+    """File contents read from the tar stream (a compressed layer)."""
+
+    def __init__(self, archive: tarfile.TarFile) -> None:
+        self.archive = archive
+
+    def copy(self, member: tarfile.TarInfo, out: int, count: Callable[[int], None]) -> None:
+        source = self.archive.extractfile(member)
+        while source is not None and (chunk := source.read(CHUNK)):
+            count(len(chunk))
+            _write_all(out, chunk)
+
+
+class InPlaceData:
+    """File contents copied straight from the blob file by the kernel (an uncompressed layer,
+    read in place): copy_file_range, or sendfile where the rootfs is on another filesystem."""
+
+    def __init__(self, archive: tarfile.TarFile, descriptor: int) -> None:
+        self.archive, self.descriptor = archive, descriptor
+        self.kernel_copy = True
+
+    def copy(self, member: tarfile.TarInfo, out: int, count: Callable[[int], None]) -> None:
+        if member.sparse is not None:  # holes: tarfile knows where the data lies
+            StreamData(self.archive).copy(member, out, count)
+            return
+        offset, left = member.offset_data, member.size
+        while left:
+            copied = self.copy_chunk(out, offset, min(left, CHUNK))
+            if copied == 0:
+                raise tarfile.ReadError("unexpected end of data")
+            count(copied)
+            offset += copied
+            left -= copied
+
+    def copy_chunk(self, out: int, offset: int, size: int) -> int:
+        if self.kernel_copy:
+            try:
+                return os.copy_file_range(self.descriptor, out, size, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.kernel_copy = False
+        return os.sendfile(out, self.descriptor, offset, size)
+
+
+def _write_all(out: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out, view) :]
 
 
 class DirectoryWalk:
@@ -266,9 +436,12 @@ class DirectoryWalk:
 
 
 class LayerApplier:
-    def __init__(self, root_fd: int, digest: str, budget: UnpackBudget) -> None:
+    def __init__(
+        self, root_fd: int, digest: str, budget: UnpackBudget, data: StreamData | InPlaceData
+    ) -> None:
         self.digest = digest
         self.budget = budget
+        self.data = data
         self.directories = DirectoryWalk(root_fd, self.refuse)
         self.written: set[tuple[str, ...]] = set()  # entries of this layer: whiteouts spare them
         self.directory_times: list[tuple[tuple[str, ...], str, int]] = []
@@ -281,16 +454,16 @@ class LayerApplier:
         self.directories.forget()
         self.directories.release()
 
-    def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    def apply(self, member: tarfile.TarInfo) -> None:
         over_budget = self.budget.add_entry()
         if over_budget:
             raise self.refuse(member.name, over_budget)
         try:
-            self.apply_entry(member, archive)
+            self.apply_entry(member)
         finally:
             self.directories.release()
 
-    def apply_entry(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    def apply_entry(self, member: tarfile.TarInfo) -> None:
         parts = self.components(member.name)
         if not parts:
             return  # the rootfs itself ("./"): its mode is the runtime's business
@@ -303,7 +476,7 @@ class LayerApplier:
         else:
             self.written.add((*parent, leaf))
             self.make_room(parent_fd, leaf, member)
-            self.create(parent_fd, parent, leaf, member, archive)
+            self.create(parent_fd, parent, leaf, member)
 
     def create(
         self,
@@ -311,12 +484,11 @@ class LayerApplier:
         parent: tuple[str, ...],
         leaf: str,
         member: tarfile.TarInfo,
-        archive: tarfile.TarFile,
     ) -> None:
         if member.ischr() or member.isblk():
             raise self.refuse(member.name, "is a device node; images may not carry devices")
         if member.isreg():
-            self.write_file(parent_fd, leaf, member, archive)
+            self.write_file(parent_fd, leaf, member)
         elif member.isdir():
             with contextlib.suppress(FileExistsError):  # a directory merges with a directory
                 os.mkdir(leaf, NEW_DIRECTORY_MODE, dir_fd=parent_fd)
@@ -394,24 +566,22 @@ class LayerApplier:
         else:
             os.unlink(leaf, dir_fd=parent_fd)
 
-    def write_file(
-        self, parent_fd: int, leaf: str, member: tarfile.TarInfo, archive: tarfile.TarFile
-    ) -> None:
+    def write_file(self, parent_fd: int, leaf: str, member: tarfile.TarInfo) -> None:
         if self.budget.written_bytes + member.size > self.budget.limits.max_bytes:
-            # Too big already by its header: no need to write it to know.
+            # Too big already by its header: no need to write it to know. (A file is never
+            # longer than its header says, so this also bounds what the kernel copies.)
             raise self.refuse(member.name, self.budget.bytes_refusal())
-        source = archive.extractfile(member)
         descriptor = os.open(leaf, NEW_FILE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
-            with open(descriptor, "wb", closefd=False) as out:
-                while source is not None and (chunk := source.read(CHUNK)):
-                    over_budget = self.budget.add_bytes(len(chunk))
-                    if over_budget:
-                        raise self.refuse(member.name, over_budget)
-                    out.write(chunk)
+            self.data.copy(member, descriptor, functools.partial(self.count_bytes, member.name))
             self.set_metadata(descriptor, member)
         finally:
             os.close(descriptor)
+
+    def count_bytes(self, name: str, written: int) -> None:
+        over_budget = self.budget.add_bytes(written)
+        if over_budget:
+            raise self.refuse(name, over_budget)
 
     def set_metadata_through(
         self, parent_fd: int, leaf: str, member: tarfile.TarInfo, times: bool = True

@@ -171,6 +171,16 @@ class Attaches(Protocol):
 
 
 @runtime_checkable
+class WritableLayers(Protocol):
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        """The host directories a container writes beside its sandbox (its image's writable
+        layer), whose parents it cannot change; () when it has none. Asked once the container
+        started, and again after a restart. A runtime that shows them has its disk requests
+        enforced by the core's disk isolator."""
+        ...
+
+
+@runtime_checkable
 class ReopensLogs(Protocol):
     async def reopen_log(self, container_id: str) -> None:
         """Reopen the container's CRI log file by its path (after the kubelet renamed it)."""

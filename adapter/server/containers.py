@@ -15,8 +15,16 @@ import grpc
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.core import errors
-from adapter.core.containerizer import Containerizer, Event
-from adapter.core.model import Fingerprint, Resources, State, Statistics, Termination
+from adapter.core.containerizer import Containerizer
+from adapter.core.events import Event, Missed
+from adapter.core.model import (
+    Fingerprint,
+    Resources,
+    State,
+    Statistics,
+    Termination,
+    is_finite_non_negative,
+)
 from adapter.core.state import ContainerRecord
 from adapter.server import validation
 from adapter.server.attach import serve_attach
@@ -133,7 +141,10 @@ class ContainerizerService(pb_grpc.ContainerizerServicer):
                 validation.container_id(cid)
             except errors.InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for event in self._core.events(cid or None):
+        since = request.since
+        if since and not is_finite_non_negative(since):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"since: {since} is no time")
+        async for event in self._core.events(cid or None, since or None):
             yield to_event(event)
 
     @mapped_stream_errors
@@ -269,15 +280,19 @@ def to_runtime(fingerprint: Fingerprint, is_default: bool) -> pb.RuntimeInfo:
             recover=caps.recover,
             network_isolation=caps.network_isolation,
             pods=caps.pods,
+            user_namespace=caps.user_namespace,
         ),
     )
 
 
-def to_event(event: Event) -> pb.Event:
+def to_event(event: Event | Missed) -> pb.Event:
+    if isinstance(event, Missed):
+        return pb.Event(missed=event.count)
     message = pb.Event(
         timestamp=event.timestamp,
         container_id=event.container_id,
         state=pb.State.Value(event.state.value),
+        runtime=event.runtime,
     )
     if event.termination is not None:
         message.termination.CopyFrom(to_termination(event.termination))

@@ -19,7 +19,9 @@ from adapter.api.containerizer.v1 import images_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2_grpc as pb_grpc
 from adapter.core import errors
 from adapter.images import Descriptor, Image, ImageStore, Progress
+from adapter.images.auth import Credentials
 from adapter.images.image import READ, UNPACK
+from adapter.images.prune import prune
 from adapter.server.errors import mapped_errors, mapped_stream_errors
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,10 @@ class ImagesService(pb_grpc.ImagesServicer):
 
     @mapped_stream_errors
     async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[pb.ImageProgress]:
+        credentials = to_credentials(request.credentials)
+
         async def pull(report: Progress) -> list[Image]:
-            return [await self._store.pull(request.reference, report)]
+            return [await self._store.pull(request.reference, report, credentials)]
 
         async for message in with_progress(pull):
             yield message
@@ -56,6 +60,22 @@ class ImagesService(pb_grpc.ImagesServicer):
     async def Remove(self, request: pb.RemoveImageRequest, context: Any) -> pb.RemoveImageResponse:
         self._store.remove(request.reference, field="reference")
         return pb.RemoveImageResponse()
+
+    @mapped_errors
+    async def Prune(self, request: pb.PruneImagesRequest, context: Any) -> pb.PruneImagesResponse:
+        pruned = await prune(self._store)
+        return pb.PruneImagesResponse(
+            references=list(pruned.references), freed_bytes=pruned.freed_bytes
+        )
+
+
+def to_credentials(message: pb.RegistryCredentials) -> Credentials:
+    return Credentials(
+        username=message.username,
+        password=message.password,
+        identity_token=message.identity_token,
+        registry_token=message.registry_token,
+    )
 
 
 def tarball_path(text: str) -> Path:

@@ -374,9 +374,12 @@ class EcpEndpoint:
             self.socket_path.unlink()
 
 
-async def start_ecp_endpoint(api: ContainerizerApi, api_socket: Path) -> EcpEndpoint:
-    """The ECP socket beside the API socket `api_socket`, serving."""
-    endpoint = EcpEndpoint(api, Path(ecp_socket_path(str(api_socket))))
+async def start_ecp_endpoint(
+    api: ContainerizerApi, api_socket: Path, configured: Path | None = None
+) -> EcpEndpoint:
+    """The ECP socket, serving: the config's `mesos_socket`, else the one beside the API
+    socket `api_socket`, where the program looks for it by default."""
+    endpoint = EcpEndpoint(api, configured or Path(ecp_socket_path(str(api_socket))))
     await endpoint.start()
     log.info("Mesos ECP socket on %s", endpoint.socket_path)
     return endpoint

@@ -26,8 +26,10 @@ from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.core.config import AgentConfig, load_config
 from adapter.core.containerizer import Containerizer, default_sandbox_root
+from adapter.core.disk import DiskAccounting
 from adapter.core.errors import ConfigError, ContainerizerError, Unavailable
 from adapter.core.model import State
+from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.services import build_services
 from adapter.core.state import StateStore, database_is_empty
 from adapter.core.state_dir import (
@@ -45,6 +47,9 @@ from adapter.runtimes.registry import build_driver
 from adapter.server.containers import ContainerizerService
 from adapter.server.images import ImagesService
 from adapter.server.mesos import start_ecp_endpoint
+from adapter.server.observability import Observability
+from adapter.server.service_log import configure_logging
+from isolators.disk.isolator import DiskIsolator
 
 log = logging.getLogger("containerizer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Containerizer"].full_name
@@ -163,8 +168,15 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         sandbox_root=sandbox_root,
         allow_privileged=config.allow_privileged,
         network=services.network,
+        disk=DiskAccounting(DiskIsolator(interval=config.disk_watch_interval)),
+        user_namespaces=services.user_namespaces,
+        user_namespace_default=config.user_namespace.default,
+        pod_cgroups=PodCgroups(services),
     )
+    observability = Observability(config, core)
+    await observability.start()
     await core.recover()
+    observability.recovered()
     cri_runtime = CriRuntime(
         core,
         services.images,
@@ -172,10 +184,10 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         bridge=config.network.enabled,
         streaming_address=config.cri_streaming_address,
     )
-    cri_runtime.recover()
+    await cri_runtime.recover()
     await cri_runtime.streaming.start()
     services.images.containers = functools.partial(_container_images, core, cri_runtime)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=observability.interceptors())
     containers_service = ContainerizerService(core, sandbox_root, state_dir=config.state_dir)
     pb_grpc.add_ContainerizerServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
         containers_service, server
@@ -198,7 +210,7 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
         os.umask(old_umask)
     os.chmod(config.socket, 0o600)
     # containerizer-mesos's socket: the same servicer, for a program that cannot afford grpc.
-    ecp_endpoint = await start_ecp_endpoint(containers_service, config.socket)
+    ecp_endpoint = await start_ecp_endpoint(containers_service, config.socket, config.mesos_socket)
     cri_socket = config.cri_socket or config.socket.parent / "cri.sock"
     cri_server = await _start_cri_server(cri_runtime, services.images, cri_socket)
     for name in ("", SERVICE_NAME):
@@ -208,10 +220,12 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    observability.serving()
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("stopping; running containers keep running")
+    await observability.stopping()
     await health_servicer.enter_graceful_shutdown()
     await ecp_endpoint.close()
     await asyncio.gather(server.stop(grace=2), cri_server.stop(grace=2))
@@ -233,12 +247,9 @@ def _raise_open_file_limit() -> None:
 
 
 def run_server(config_path: str | None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("CONTAINERIZER_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         config = load_config(config_path)
+        configure_logging(config.log_format)
         _raise_open_file_limit()
         asyncio.run(serve(config))
     except ConfigError as exc:

@@ -343,6 +343,7 @@ def launch_spec(
             stdin_once=request.stdin_once,
             tty=request.tty,
         ),
+        user_namespace=(request.user_namespace if request.HasField("user_namespace") else None),
     )
     return spec, warnings
 

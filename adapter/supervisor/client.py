@@ -46,7 +46,7 @@ from adapter.core.errors import (
     InvalidArgument,
     LaunchFailed,
 )
-from adapter.core.model import HOST_NAMESPACE, PROPAGATIONS, Identity, Mount
+from adapter.core.model import HOST_NAMESPACE, PROPAGATIONS, Identity, IdMapping, Mount
 from adapter.supervisor.children import Child
 from adapter.supervisor.processes import ExitStatus, ProcessRef, read_status
 
@@ -59,7 +59,7 @@ CONFIG_ARGUMENTS = ("--config-fd", "0")
 # not there; a sandbox the workload tampered with): the caller's to fix, not the node's.
 REQUEST_STEPS = frozenset({"exec", "user", "cwd", "sandbox", "stdout", "stderr"})
 # Namespaces the supervisor joins (--ns) instead of making its own; net goes by `netns`.
-JOINABLE_NAMESPACES = ("ipc", "uts", "pid")
+JOINABLE_NAMESPACES = ("ipc", "uts", "pid", "user")
 SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-z0-9_*-]+)+")
 # Sysctls of the ipc namespace (kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*) and of the
 # network namespace (net.*): the only ones a container may set, in namespaces not the host's.
@@ -312,6 +312,9 @@ class LaunchConfig:
     tty: bool = False
     output_max_size: int = 0
     output_max_files: int = 1
+    # A user namespace of the container's own mapping this host range (--userns); a pod's is
+    # joined through namespaces_joined ("user", path) instead.
+    id_mapping: IdMapping | None = None
 
     def encode(self) -> bytes:
         """The bytes for the supervisor's config pipe: NUL-terminated strings, except the blob
@@ -396,6 +399,10 @@ class LaunchConfig:
         joined = _checked_namespaces(self.namespaces_joined, self.namespaces)
         for kind, value in joined.items():
             parts += [("--ns", ""), (f"{kind}={value}", "linux.namespaces")]
+        if self.id_mapping is not None:
+            ranges = self.id_mapping
+            mapping = f"{ranges.uid_start}:{ranges.gid_start}:{ranges.size}"
+            parts += [("--userns", ""), (mapping, "user_namespace")]
         host_ipc = not self.namespaces or joined.get("ipc") == HOST_NAMESPACE
         own_network = self.namespaces and self.netns is not None
         for key, value in self.sysctls:

@@ -16,7 +16,7 @@ from adapter.supervisor.seccomp import load_localhost_profile
 UNCONFINED = "unconfined"
 LOCALHOST = "localhost/"
 # Namespaces the supervisor joins by --ns (the network one goes by --netns).
-JOINED_KINDS = ("ipc", "uts", "pid")
+JOINED_KINDS = ("ipc", "uts", "pid", "user")
 
 
 async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: SeccompFilter) -> bytes:

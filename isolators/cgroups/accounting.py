@@ -104,6 +104,8 @@ def _memory_v1(directory: _Directory, stats: Statistics) -> None:
             ("mem_cache_bytes", "total_cache"),
             ("mem_mapped_file_bytes", "total_mapped_file"),
             ("mem_swap_bytes", "total_swap"),
+            # Not in mesos.ResourceStatistics: for cAdvisor's working set (usage - inactive file).
+            ("mem_inactive_file_bytes", "total_inactive_file"),
         ):
             if source in mem:
                 stats[key] = mem[source]
@@ -123,6 +125,7 @@ def _memory_v2(directory: _Directory, stats: Statistics) -> None:
             ("mem_file_bytes", "file"),
             ("mem_cache_bytes", "file"),
             ("mem_mapped_file_bytes", "file_mapped"),
+            ("mem_inactive_file_bytes", "inactive_file"),
         ):
             if source in mem:
                 stats[key] = mem[source]

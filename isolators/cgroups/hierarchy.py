@@ -16,6 +16,11 @@ from isolators.cgroups.errors import HierarchyError
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
+# `<cgroups_root>/_pods/<pod>` is a pod's cgroup (pod-level limits and accounting), and the
+# cgroups of the containers placed in the pod nest below it. No container id starts with "_",
+# so the directory is never mistaken for a container's.
+PODS_DIR = "_pods"
+
 # Controller names the kernel can mount; other v1 super options (rw, name=systemd, ...) are not.
 KNOWN_CONTROLLERS = frozenset(
     {
@@ -121,6 +126,9 @@ class Hierarchies:
     version: int
     cgroups_root: str
     mounts: dict[str, Path]  # controller -> mount point; on v2 every controller -> v2 mount
+    # container id -> the pod whose cgroup holds the container's (the service places a
+    # container before its launch and again at recovery, from the checkpointed launch).
+    pods: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def discover(
@@ -159,15 +167,46 @@ class Hierarchies:
                 f"(mounted: {', '.join(sorted(self.mounts)) or 'none'})"
             ) from None
 
+    def place(self, container_id: str, pod: str) -> None:
+        """The container's cgroups nest in the pod's from now on."""
+        check_component(container_id, "container id")
+        self.pods[container_id] = check_component(pod, "pod id")
+
+    def unplace(self, container_id: str) -> None:
+        self.pods.pop(container_id, None)
+
+    def relative(self, container_id: str) -> str:
+        """The container's cgroup below each mount: `<cgroups_root>/<container_id>`, or
+        `<cgroups_root>/_pods/<pod>/<container_id>` for a container placed in a pod."""
+        check_component(container_id, "container id")
+        pod = self.pods.get(container_id)
+        if pod is None:
+            return f"{self.cgroups_root}/{container_id}"
+        return f"{self.pod_relative(pod)}/{container_id}"
+
+    def pod_relative(self, pod: str) -> str:
+        return f"{self.cgroups_root}/{PODS_DIR}/{check_component(pod, 'pod id')}"
+
     def path(self, controller: str, container_id: str) -> Path:
-        """`<mount>/<cgroups_root>/<container_id>`; the same directory for all on v2."""
-        return self.root(controller) / check_component(container_id, "container id")
+        """`<mount>/<relative(container_id)>`; the same directory for all on v2."""
+        self.root(controller)  # the error for a controller that is not mounted
+        return self.mounts[controller] / self.relative(container_id)
 
     def container_dirs(self, container_id: str, controllers: tuple[str, ...] = ()) -> list[Path]:
         """Distinct cgroup directories of the container (co-mounted controllers and v2 share
         one), in a stable order, for the given controllers or all mounted ones."""
-        relative = f"{self.cgroups_root}/{check_component(container_id, 'container id')}"
-        return self.dirs_at(relative, controllers)
+        return self.dirs_at(self.relative(container_id), controllers)
+
+    def children(self, root: Path) -> dict[str, str]:
+        """The container cgroups under one of our roots (`<mount>/<cgroups_root>`): id -> the
+        pod that holds it ("" for none). Ids found in a pod are placed there, so that an
+        orphan's cgroups can be found to be removed."""
+        found = {name: "" for name in files.children(root) if name != PODS_DIR}
+        for pod in files.children(root / PODS_DIR):
+            for name in files.children(root / PODS_DIR / pod):
+                found[name] = pod
+                self.pods.setdefault(name, pod)
+        return found
 
     def dirs_at(self, relative: str, controllers: tuple[str, ...] = ()) -> list[Path]:
         """Distinct directories `relative` (to each mount) names, in a stable order, for the

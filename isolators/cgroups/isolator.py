@@ -66,7 +66,7 @@ class CgroupIsolator(Isolator):
 
     def existing_ids(self) -> set[str]:
         """Container ids that have a cgroup under our root in any of our controllers."""
-        return {name for root in self.roots() for name in files.children(root)}
+        return {name for root in self.roots() for name in self.hierarchies.children(root)}
 
     async def recover(self, known: set[str]) -> None:
         """Re-attach to known containers; kill and remove cgroups nobody knows about."""

@@ -25,6 +25,8 @@ each): one bridge, one IPAM, one port table per node. How a runtime attaches (DE
               sleeping sandbox container (NetworkMode none) is adopted, the workload joins
               it with NetworkMode container:<sandbox>
 Mode "host" creates nothing and is not checkpointed.
+With `[network] backend = "cni"` the service builds CniIsolator (cni_isolator.py) instead: the
+same verbs and checkpoint, with a CNI network's plugins making the link, address and forwards.
 """
 
 from __future__ import annotations
@@ -305,6 +307,12 @@ class NetworkIsolator:
     def attachment(self, container_id: str) -> Attachment | None:
         return self._state.attachments.get(container_id)
 
+    def ready(self) -> str | None:
+        """Why containers cannot get a network of their own now (CRI's NetworkReady), or None."""
+        if self.config.enabled:
+            return None
+        return "the node's config has no [network] table: pods get only a loopback interface"
+
     async def cleanup(self, container_id: str) -> None:
         async with self._lock:
             attachment = self._state.attachments.get(container_id)
@@ -352,9 +360,7 @@ class NetworkIsolator:
             if self._recovered:
                 return
             self._state = state.load(self._state_path)
-            if self.config.enabled:
-                async with AsyncIPRoute() as host:
-                    await bridge.check_subnet_is_free(host, self.config.network, self.config.bridge)
+            await self._check_node()
             for attachment in list(self._state.attachments.values()):
                 if attachment.container_id not in known_ids:
                     log.info("network: removing orphan attachment of %s", attachment.container_id)
@@ -363,6 +369,12 @@ class NetworkIsolator:
             await self._apply_forwards()
             self._save()
             self._recovered = True
+
+    async def _check_node(self) -> None:
+        """Refuse to start on a subnet some other interface of the host routes."""
+        if self.config.enabled:
+            async with AsyncIPRoute() as host:
+                await bridge.check_subnet_is_free(host, self.config.network, self.config.bridge)
 
     async def _sweep(self) -> None:
         owned_netns = {
@@ -376,15 +388,19 @@ class NetworkIsolator:
             for directory in self._etc_root.iterdir():
                 if directory.name not in self._state.attachments:
                     shutil.rmtree(directory, ignore_errors=True)
-        owned_links = {a.host_veth for a in self._state.attachments.values() if a.host_veth}
         async with AsyncIPRoute() as host:
-            bridge_index = await bridge.link_index(host, self.config.bridge)
-            if bridge_index is None:
-                return
-            for name in await veth.bridge_ports(host, bridge_index):
-                if name not in owned_links:
-                    log.info("network: removing orphan link %s", name)
-                    await veth.delete_link(host, name)
+            await self._sweep_links(host)
+
+    async def _sweep_links(self, host: AsyncIPRoute) -> None:
+        """Ports of our bridge that no attachment names (a crash between veth and checkpoint)."""
+        owned_links = {a.host_veth for a in self._state.attachments.values() if a.host_veth}
+        bridge_index = await bridge.link_index(host, self.config.bridge)
+        if bridge_index is None:
+            return
+        for name in await veth.bridge_ports(host, bridge_index):
+            if name not in owned_links:
+                log.info("network: removing orphan link %s", name)
+                await veth.delete_link(host, name)
 
     async def close(self) -> None:
         """The service stops: containers keep running, and so does the bridge if one uses it."""

@@ -92,6 +92,12 @@ class NetworkConfig:
     host_address: str | None = None
     allow_privileged_ports: bool = False
     egress_nat: bool = False
+    # "bridge": ours (bridge, IPAM, nftables, tc); "cni": the plugins of a CNI network config.
+    # With "cni", `bridge` only names our namespaces and checkpoint (cni_isolator.py).
+    backend: str = "bridge"
+    cni_conf_dir: Path = Path("/etc/cni/net.d")
+    cni_bin_dirs: tuple[Path, ...] = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+    cni_network: str | None = None  # None: the first config in cni_conf_dir by file name
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -128,6 +134,10 @@ class Attachment:
     host_veth: str | None = None  # bridge mode: host side of the veth pair, on our bridge
     port_mappings: tuple[PortMapping, ...] = ()
     bandwidth_mbit: float | None = None
+    # Backend "cni": the network config list ADD ran with and its result, so DEL runs the same
+    # plugins with the same result after a config change or a crash (CNI spec: "cached result").
+    cni_config: dict[str, Any] | None = None
+    cni_result: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +152,8 @@ class Attachment:
                 [m.host_port, m.container_port, m.protocol] for m in self.port_mappings
             ],
             "bandwidth_mbit": self.bandwidth_mbit,
+            "cni_config": self.cni_config,
+            "cni_result": self.cni_result,
         }
 
     @classmethod
@@ -158,4 +170,6 @@ class Attachment:
                 PortMapping(int(h), int(c), str(p)) for h, c, p in data.get("port_mappings", [])
             ),
             bandwidth_mbit=data.get("bandwidth_mbit"),
+            cni_config=data.get("cni_config"),
+            cni_result=data.get("cni_result"),
         )

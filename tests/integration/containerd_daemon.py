@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from tests.cgroup_roots import remove_cgroup_trees
-from tests.run_records import unmount_below
+from tests.run_records import run_scoped_tempdir, unmount_below
 
 DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.cri",
@@ -165,7 +165,7 @@ class SharedDaemon:
 
     def acquire(self, workdir_factory: Callable[[], Path]) -> ContainerdDaemon:
         if self.daemon is None:
-            daemon = ContainerdDaemon(workdir_factory())
+            daemon = ContainerdDaemon(_searchable_workdir() or workdir_factory())
             try:
                 daemon.start()
             except BaseException:
@@ -179,7 +179,27 @@ class SharedDaemon:
         self.users -= 1
         if self.users == 0 and self.daemon is not None:
             self.daemon.stop()
+            if user_namespace_mode():
+                shutil.rmtree(self.daemon.workdir, ignore_errors=True)
             self.daemon = None
+
+
+def user_namespace_mode() -> bool:
+    """CTZ_TEST_USER_NAMESPACE=1 runs the suites with user namespaces as the services'
+    default (tests/conftest.py's ServiceProcess)."""
+    return os.environ.get("CTZ_TEST_USER_NAMESPACE") == "1"
+
+
+def _searchable_workdir() -> Path | None:
+    """In user namespace mode, a run-scoped directory every user may search (0711, swept by a
+    later run if this one is killed): runc mounts the rootfs from inside the container's user
+    namespace, as an unprivileged host uid, through the path to containerd's state, and
+    pytest's temporary directories are 0700."""
+    if not user_namespace_mode():
+        return None
+    workdir = run_scoped_tempdir("ctz-containerd")
+    workdir.chmod(0o711)
+    return workdir
 
 
 SHARED = SharedDaemon()

@@ -48,6 +48,23 @@ class CriNode:
         )
         return config
 
+    def limited_pod_config(
+        self, memory: int, overhead: int, cpu_quota: int = 0
+    ) -> cri.PodSandboxConfig:
+        """A pod with pod-level resources (its containers' sum) and a runtime class overhead."""
+        return self.pod_config(
+            linux=cri.LinuxPodSandboxConfig(
+                resources=cri.LinuxContainerResources(
+                    memory_limit_in_bytes=memory, cpu_quota=cpu_quota, cpu_period=100_000
+                ),
+                overhead=cri.LinuxContainerResources(memory_limit_in_bytes=overhead),
+            )
+        )
+
+    def pod_cgroup(self, pod_id: str, controller: Path = Path("/sys/fs/cgroup/memory")) -> Path:
+        """The pod's cgroup in one controller's hierarchy."""
+        return controller / self.service.cgroups_root / "_pods" / pod_id
+
     def run_pod(self, config: cri.PodSandboxConfig | None = None, runtime_handler: str = "") -> str:
         config = config or self.pod_config()
         request = cri.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)

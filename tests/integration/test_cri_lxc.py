@@ -327,8 +327,10 @@ def test_stop_and_remove_leave_nothing(node: CriNode) -> None:
 
 
 def _lxc_cgroups(node: CriNode, container_id: str) -> list[str]:
+    """The container's cgroups, in its pod's cgroup in every hierarchy."""
     root = Path("/sys/fs/cgroup")
-    return [str(d) for d in root.glob(f"*/{node.service.cgroups_root}/{container_id}")]
+    pattern = f"*/{node.service.cgroups_root}/_pods/*/{container_id}"
+    return [str(d) for d in root.glob(pattern)]
 
 
 # ---- our own API's streaming exec ----

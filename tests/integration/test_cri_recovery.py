@@ -81,7 +81,7 @@ def cgroup_pids(node: CriNode, container_id: str) -> set[int]:
     """Every process in the container's cgroups."""
     pids: set[int] = set()
     for procs in Path("/sys/fs/cgroup").glob(
-        f"*/{node.service.cgroups_root}/{container_id}/cgroup.procs"
+        f"*/{node.service.cgroups_root}/_pods/*/{container_id}/cgroup.procs"
     ):
         with contextlib.suppress(OSError):
             pids.update(int(line) for line in procs.read_text().split())
@@ -345,3 +345,28 @@ def test_run_pod_sandbox_given_up_by_its_caller_leaks_nothing(
     for pod in listed:
         node.remove_pod(pod.id)
     assert_nothing_left(node)
+
+
+def test_pod_containers_survive_a_crash_and_orphan_pod_cgroups_go(node: CriNode) -> None:
+    """After kill -9 and a restart the pod's containers are still found (and accounted) in the
+    pod's cgroup, not swept as orphans; a pod cgroup no record names is removed."""
+    pod_id = node.run_pod(node.limited_pod_config(memory=96 << 20, overhead=0))
+    stray = node.pod_cgroup("f" * 64)
+    try:
+        container_id = node.run(pod_id, node.container_config("sleep", "600"))
+        stray.mkdir(parents=True)
+        node.service.kill()
+        node.service.start()
+        node.reconnect()
+        assert node.status(container_id).state == cri.CONTAINER_RUNNING
+        procs = (node.pod_cgroup(pod_id) / container_id / "cgroup.procs").read_text()
+        assert procs.split()
+        deadline = time.monotonic() + 10
+        while stray.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not stray.exists()
+    finally:
+        if stray.exists():
+            stray.rmdir()
+        node.remove_pod(pod_id)
+    assert not node.pod_cgroup(pod_id).exists()

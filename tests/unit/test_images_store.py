@@ -22,7 +22,12 @@ from adapter.images import ImageStore
 from adapter.images.layout import digest_hex
 from adapter.images.leases import ImageUse
 from adapter.runtimes.lxc.rootfs import BaseRootfs
-from tests.image_fixtures import busybox_docker_tar, busybox_oci_tar  # noqa: F401
+from tests.image_fixtures import (  # noqa: F401
+    ImageFiles,
+    busybox_docker_tar,
+    busybox_oci_tar,
+    image_files,
+)
 from tests.images import (
     BUSYBOX,
     REFERENCE,
@@ -54,7 +59,11 @@ def largest_member(tarball: Path) -> str:
         return max(archive.getmembers(), key=lambda member: member.size).name
 
 
-async def test_oci_layout_imports_and_unpacks(tmp_path: Path, busybox_oci_tar: Path) -> None:  # noqa: F811
+async def test_oci_layout_imports_and_unpacks(
+    tmp_path: Path,
+    busybox_oci_tar: Path,  # noqa: F811
+    image_files: ImageFiles,  # noqa: F811
+) -> None:
     store = ImageStore(tmp_path / "images")
     reports: list[tuple[str, int, int, str]] = []
 
@@ -78,21 +87,26 @@ async def test_oci_layout_imports_and_unpacks(tmp_path: Path, busybox_oci_tar: P
     for blob in (image.manifest, image.config, *image.layers):
         stored = store.blob_path(blob.digest).read_bytes()
         assert digest(stored) == blob.digest and len(stored) == blob.size
-    rootfs = await store.rootfs(REFERENCE)
+    rootfs = await image_files(store, REFERENCE)
     assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
     assert os.readlink(rootfs / "bin" / "sh") == "busybox"
     assert (rootfs / "tmp").stat().st_mode & 0o7777 == 0o1777
-    assert await store.rootfs(REFERENCE) == rootfs  # unpacked once, then shared
-    assert rootfs.parent == tmp_path / "images" / "rootfs"
-    assert rootfs.name == digest_hex(image.manifest.digest)
+    [layer] = await store.layers(REFERENCE)
+    assert await store.layers(REFERENCE) == [layer]  # unpacked once, then shared
+    assert layer.parent == tmp_path / "images" / "layers"
+    assert layer.name == digest_hex(image.diff_ids[0])  # a base layer's chain id is its diff_id
 
 
-async def test_docker_archive_imports_and_unpacks(tmp_path: Path, busybox_docker_tar: Path) -> None:  # noqa: F811
+async def test_docker_archive_imports_and_unpacks(
+    tmp_path: Path,
+    busybox_docker_tar: Path,  # noqa: F811
+    image_files: ImageFiles,  # noqa: F811
+) -> None:
     store = ImageStore(tmp_path / "images")
     [image] = await store.import_tarball(busybox_docker_tar)
     assert image.reference == REFERENCE
     assert image.layers[0].digest == image.diff_ids[0]  # an uncompressed layer
-    rootfs = await store.rootfs(REFERENCE)
+    rootfs = await image_files(store, REFERENCE)
     assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
     assert (rootfs / "etc" / "passwd").read_text().startswith("root:x:0:0:")
 
@@ -149,12 +163,12 @@ async def test_list_and_remove_keep_shared_blobs(tmp_path: Path, busybox_oci_tar
     assert sorted(image.reference for image in store.list()) == [REFERENCE, "localhost/other:1"]
     busybox_blobs = {b.digest for i in store.list() if i.reference == REFERENCE
                      for b in (i.manifest, i.config, *i.layers)}  # fmt: skip
-    rootfs = await store.rootfs("localhost/other:1")
+    base, top = await store.layers("localhost/other:1")  # top first
     store.remove("localhost/other:1")
     assert [image.reference for image in store.list()] == [REFERENCE]
     remaining = {f"sha256:{p.name}" for p in (tmp_path / "images/blobs/sha256").iterdir()}
     assert remaining == busybox_blobs
-    assert not rootfs.exists()
+    assert not base.exists() and not top.exists()
     assert second.manifest.digest not in remaining
     store.remove(REFERENCE)
     assert store.list() == []
@@ -225,16 +239,17 @@ async def test_opening_the_store_removes_what_a_crash_left(
     staging = root / "ingest" / "deadbeef"
     staging.mkdir()
     (staging / "half-a-blob").write_bytes(b"x")
-    half_unpacked = root / "rootfs" / ".tmp-something"
-    (half_unpacked / "bin").mkdir(parents=True)
+    half_unpacked = root / "layers" / ".tmp-something"
+    (half_unpacked / "upper" / "bin").mkdir(parents=True)
     orphan = root / "blobs" / "sha256" / ("0" * 64)
     orphan.write_bytes(b"no manifest references me")
-    unreferenced_rootfs = root / "rootfs" / ("1" * 64)
-    unreferenced_rootfs.mkdir()
+    unreferenced_layer = root / "layers" / ("1" * 64)
+    unreferenced_layer.mkdir()
     reopened = ImageStore(root)
     assert not staging.exists() and not half_unpacked.exists()
-    assert not orphan.exists() and not unreferenced_rootfs.exists()
+    assert not orphan.exists() and not unreferenced_layer.exists()
     assert reopened.get(REFERENCE) == image
+    assert all(layer.is_dir() for layer in await reopened.layers(REFERENCE))
 
 
 MIB = 1 << 20
@@ -243,7 +258,8 @@ MIB = 1 << 20
 def leftovers(root: Path) -> list[Path]:
     """What an import left in the store besides its empty layout."""
     return [
-        *(root / "rootfs").iterdir(),
+        *(root / "layers").iterdir(),
+        *(root / "stacks").iterdir(),
         *(root / "ingest").iterdir(),
         *(root / "blobs" / "sha256").iterdir(),
     ]
@@ -267,7 +283,10 @@ async def test_a_compression_bomb_is_refused_while_it_unpacks(tmp_path: Path) ->
     assert store.list() == [] and leftovers(root) == []
 
 
-async def test_unpacked_bytes_are_counted_across_files_and_layers(tmp_path: Path) -> None:
+async def test_unpacked_bytes_are_counted_across_files_and_layers(
+    tmp_path: Path,
+    image_files: ImageFiles,  # noqa: F811
+) -> None:
     """No single file is over the limit: their sum, counted across the layers, is (the 9th
     MiB, the fourth file of the second layer)."""
     layers = [
@@ -280,7 +299,7 @@ async def test_unpacked_bytes_are_counted_across_files_and_layers(tmp_path: Path
     assert leftovers(tmp_path / "small") == []
     roomy = ImageStore(tmp_path / "roomy", ImagesOptions(max_unpacked_bytes=10 * MIB))
     await roomy.import_tarball(tarball)
-    assert len(list((await roomy.rootfs("localhost/many:1")).iterdir())) == 10
+    assert len(list((await image_files(roomy, "localhost/many:1")).iterdir())) == 10
 
 
 async def test_entries_per_image_are_limited(tmp_path: Path) -> None:
@@ -339,15 +358,15 @@ async def test_an_image_in_use_is_not_removed(tmp_path: Path, busybox_oci_tar: P
     }
     store = ImageStore(tmp_path / "images", containers=lambda: running)
     [image] = await store.import_tarball(busybox_oci_tar)
-    rootfs = await store.rootfs(REFERENCE)
+    layers = await store.layers(REFERENCE)
     assert store.users(REFERENCE) == ["db-2", "web-1"]
     with pytest.raises(FailedPrecondition) as raised:
         store.remove(REFERENCE)
     assert "in use by 2 container(s)" in str(raised.value) and "db-2, web-1" in str(raised.value)
-    assert store.get(REFERENCE) == image and (rootfs / "bin" / "busybox").is_file()
+    assert store.get(REFERENCE) == image and (layers[0] / "bin" / "busybox").is_file()
     running.clear()
     store.remove(REFERENCE)
-    assert not rootfs.exists()
+    assert not any(layer.exists() for layer in layers)
 
 
 async def test_a_reference_moved_to_another_image_keeps_what_containers_run_on(
@@ -360,7 +379,7 @@ async def test_a_reference_moved_to_another_image_keeps_what_containers_run_on(
     root = tmp_path / "images"
     store = ImageStore(root, containers=lambda: running)
     await store.import_tarball(busybox_oci_tar)
-    old_rootfs = await store.rootfs(REFERENCE)
+    [old_rootfs] = await store.layers(REFERENCE)
     newer = write_oci_layout(tmp_path / "newer.tar", [tar_bytes([Entry("v2", data=b"2")])])
     [replacement] = await store.import_tarball(newer)
     assert store.list() == [replacement]
@@ -375,10 +394,10 @@ async def test_a_reference_moved_to_another_image_keeps_what_containers_run_on(
 
 
 def in_flight(store: ImageStore) -> list[Path]:
-    """A staging directory and a temporary rootfs, as an import of `store` has them."""
+    """A staging directory and a temporary layer, as an import of `store` has them."""
     staging = store.layout.new_staging(MIB, "in flight").directory
-    unpacking = store.layout.temporary_rootfs_path("sha256:" + "a" * 64)
-    (unpacking / "bin").mkdir(parents=True)
+    unpacking = store.layout.temporary_layer_path("sha256:" + "a" * 64)
+    (unpacking / "upper" / "bin").mkdir(parents=True)
     return [staging, unpacking]
 
 
@@ -397,7 +416,9 @@ async def test_lxc_rootfs_uses_the_services_store(tmp_path: Path, busybox_oci_ta
     await store.import_tarball(busybox_oci_tar)
     work = in_flight(store)
     rootfs = BaseRootfs(tmp_path / "state", store)  # as the LXC driver builds it
-    assert await rootfs.image(REFERENCE) == await store.rootfs(REFERENCE)
+    async with rootfs.lower(REFERENCE) as lower:
+        assert list(lower.layers) == await store.layers(REFERENCE)
+        assert (lower.view / "bin" / "busybox").is_file()
     assert all(path.exists() for path in work)  # no second store collected them
 
 
@@ -418,8 +439,8 @@ async def test_a_launching_container_keeps_every_manifest_its_reference_had(
         if number == 2:
             running["web-1"] = ImageUse(REFERENCE, launching=False)  # it runs now
         await store.import_tarball(tarball)
-        rootfs.append(await store.rootfs(REFERENCE))
-    assert [path.exists() for path in rootfs] == [True, True, True]
+        rootfs.extend(await store.layers(REFERENCE))
+    assert len(rootfs) == 3 and all(path.exists() for path in rootfs)
     assert store.users(REFERENCE) == []  # v3 came after web-1 was running
     running.clear()
     store.remove(REFERENCE)
@@ -449,19 +470,19 @@ async def test_a_store_without_the_rootfs_unpacks_it_at_first_use(
     tmp_path: Path,
     busybox_oci_tar: Path,  # noqa: F811
 ) -> None:
-    """Images imported before imports unpacked (or whose rootfs was lost) still run."""
+    """Images imported before imports unpacked (or whose layers were lost) still run."""
     store = ImageStore(tmp_path / "images", ImagesOptions(max_entries=10))
     with pytest.raises(InvalidArgument, match=r"images\.max_entries"):
         await store.import_tarball(busybox_oci_tar)
     store.options = ImagesOptions()
-    [image] = await store.import_tarball(busybox_oci_tar)
-    rootfs = store.layout.rootfs_path(image.manifest.digest)
-    shutil.rmtree(rootfs)
+    await store.import_tarball(busybox_oci_tar)
+    [layer] = await store.layers(REFERENCE)
+    shutil.rmtree(layer)
     store.options = ImagesOptions(max_entries=10)
     with pytest.raises(InvalidArgument) as raised:
-        await store.rootfs(REFERENCE)
+        await store.layers(REFERENCE)
     assert raised.value.field == "container.image" and "images.max_entries" in str(raised.value)
-    assert not rootfs.exists() and not list((tmp_path / "images" / "rootfs").iterdir())
+    assert not layer.exists() and not list((tmp_path / "images" / "layers").iterdir())
     store.options = ImagesOptions()
-    assert await store.rootfs(REFERENCE) == rootfs
-    assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
+    assert await store.layers(REFERENCE) == [layer]
+    assert (layer / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()

@@ -7,13 +7,14 @@ import's."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from adapter.core.errors import InvalidArgument
 from adapter.images import ImageStore
+from tests.image_fixtures import ImageFiles, image_files  # noqa: F401
 from tests.images import Entry, digest, tar_bytes, write_oci_layout
 
 REFERENCE = "localhost/layers:test"
@@ -44,25 +45,36 @@ def canary_state(canary: Path) -> list[tuple[str, int, int, int, int, bytes]]:
 
 
 def store_is_empty(root: Path) -> bool:
-    """Nothing of a refused image: no index entry, rootfs, staging directory or blob."""
+    """Nothing of a refused image: no index entry, layer, staging directory or blob."""
     return (
         ImageStore(root).list() == []
-        and not list((root / "rootfs").iterdir())
+        and not list((root / "layers").iterdir())
         and not list((root / "ingest").iterdir())
         and not list((root / "blobs" / "sha256").iterdir())
     )
 
 
+OPEN_FILES: list[ImageFiles] = []  # the test's `image_files`, for `unpack`
+
+
+@pytest.fixture(autouse=True)
+def _files_of_this_test(image_files: ImageFiles) -> Iterator[None]:  # noqa: F811
+    OPEN_FILES.append(image_files)
+    yield
+    OPEN_FILES.remove(image_files)
+
+
 async def unpack(tmp_path: Path, layers: Sequence[Sequence[Entry]]) -> Path:
+    """The image's files as a container sees them, its layers stacked."""
     tarball = write_oci_layout(
         tmp_path / "image.tar", [tar_bytes(layer) for layer in layers], REFERENCE
     )
     store = ImageStore(tmp_path / "store")
     await store.import_tarball(tarball)
-    return await store.rootfs(REFERENCE)
+    return await OPEN_FILES[-1](store, REFERENCE)
 
 
-# `../../../canary` climbs from an unpacked rootfs (store/rootfs/<dir>/) to the canary.
+# `../../../canary` climbs from an unpacked layer (store/layers/<dir>/) to the canary.
 # Each case: the layers, and the reason the refusal must give.
 HOSTILE_LAYERS = {
     "dot-dot": [[Entry("../../../canary/pwned", data=b"x")]],
@@ -273,11 +285,12 @@ async def test_metadata_never_follows_a_symlink_out_of_the_rootfs(
         os.chown(canary / "secret", 4321, 4321)  # so that a chown through the link would show
         os.chown(canary, 4321, 4321)
     before = canary_state(canary)
-    rootfs = await unpack(tmp_path, with_canary(THROUGH_SYMLINK_LAYERS[case], canary))
+    await unpack(tmp_path, with_canary(THROUGH_SYMLINK_LAYERS[case], canary))
     assert canary_state(canary) == before
     assert (canary / "secret").read_bytes() == SECRET
-    for path in rootfs.rglob("*"):  # what is a link stays a link, nothing followed it
-        assert path.is_symlink() or os.path.realpath(path).startswith(str(rootfs))
+    layers = tmp_path / "store" / "layers"  # every layer as stored, the image's files in them
+    for path in layers.rglob("*"):  # what is a link stays a link, nothing followed it
+        assert path.is_symlink() or os.path.realpath(path).startswith(str(layers))
 
 
 async def test_a_hardlink_to_a_symlink_links_the_symlink_itself(

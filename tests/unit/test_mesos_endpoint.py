@@ -20,7 +20,9 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.mesos import containerizer_pb2 as ecp
 from adapter.api.mesos import mesos_pb2 as mesos
-from adapter.server.mesos import EcpEndpoint
+from adapter.core.config import parse_config
+from adapter.core.errors import ConfigError
+from adapter.server.mesos import EcpEndpoint, start_ecp_endpoint
 from tests.unit.test_mesos_translate import command_task_launch, shell_command
 
 MIB = 1024 * 1024
@@ -248,3 +250,25 @@ async def test_a_stopping_service_leaves_pending_waits_unanswered_at_once(
     assert api.wait_abandoned.is_set()
     writer.close()
     await writer.wait_closed()
+
+
+async def test_the_socket_is_beside_the_api_socket_unless_the_config_names_one(
+    socket_dir: Path,
+) -> None:
+    assert parse_config({}).mesos_socket is None
+    beside = await start_ecp_endpoint(RecordingApi(), socket_dir / "api.sock")
+    elsewhere = socket_dir / "sub" / "agent.mesos.sock"
+    configured = parse_config({"mesos_socket": str(elsewhere)}).mesos_socket
+    named = await start_ecp_endpoint(RecordingApi(), socket_dir / "api.sock", configured)
+    try:
+        assert beside.socket_path == socket_dir / "api.mesos.sock"
+        assert named.socket_path == elsewhere and stat.S_ISSOCK(elsewhere.stat().st_mode)
+    finally:
+        await beside.close()
+        await named.close()
+
+
+@pytest.mark.parametrize("value", ["relative.mesos.sock", "/run/agent.sock"])
+def test_a_mesos_socket_the_program_could_not_name_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("mesos_socket: expected an absolute path")):
+        parse_config({"mesos_socket": value})

@@ -1,8 +1,10 @@
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,11 +44,37 @@ def test_records_survive_reopening(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_wal_and_full_sync_are_on(tmp_path: Path) -> None:
+def test_wal_and_normal_sync_are_on(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.db")
     assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
     store.close()
+
+
+def test_a_put_survives_a_crash_of_the_service(tmp_path: Path) -> None:
+    """Each put is committed when it returns: a process killed right after it, with its
+    connection never closed, leaves every record it put (and none half-written)."""
+    path = tmp_path / "state.db"
+    StateStore(path).close()  # the schema, before the crashing writer
+    first = record("a")
+    ended = first.evolve(
+        state=State.TERMINATED,
+        termination=Termination(Reason.EXITED, exit_code=0, finished_at=2.0),
+    )
+    pid = os.fork()
+    if pid == 0:  # the service: writes, then dies without closing anything
+        store = StateStore(path)
+        store.put(first)
+        store.put(record("b"))
+        store.put(ended)
+        store.delete("b")
+        os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+    reopened = StateStore(path)
+    assert reopened.load_all() == [ended]
+    reopened.close()
 
 
 def _raw_rows(path: Path, rows: list[tuple[object, object]]) -> None:
@@ -145,3 +173,18 @@ def test_an_empty_database_is_told_apart(tmp_path: Path) -> None:
     assert database_is_empty(path)
     StateStore(path).put(record("a"))
     assert not database_is_empty(path)
+
+
+def test_a_changed_spec_is_stored_with_the_next_transition(tmp_path: Path) -> None:
+    """A container's spec is turned into JSON once per spec: an update's new spec is stored."""
+    store = StateStore(tmp_path / "state.db")
+    first = record("a")
+    store.put(first)
+    store.put(first.evolve(state=State.DESTROYING))
+    updated = first.evolve(spec=replace(first.spec, resources=Resources(cpus=2.0, mem_mib=128)))
+    store.put(updated)
+    store.close()
+
+    reopened = StateStore(tmp_path / "state.db")
+    assert reopened.load_all() == [updated]
+    reopened.close()

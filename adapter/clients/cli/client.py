@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from adapter.clients.cli import format as cli_format
 
+# Every command imports this module: nothing here that `ps` does not use (queue, dataclasses).
 if TYPE_CHECKING:
+    import queue
+
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
 ENDPOINT_ENV = "CONTAINERIZER_ENDPOINT"
@@ -52,8 +53,7 @@ def grpc_target(endpoint: str) -> str:
     return endpoint
 
 
-@dataclass(frozen=True)
-class TlsFiles:
+class TlsFiles(NamedTuple):
     """Our side of the TCP listener's mutual TLS: our certificate and key (signed by the CA the
     service trusts) and the CA that signed the service's certificate."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import math
 import re
 import signal
@@ -113,6 +112,8 @@ def render_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def to_json(message: Any, indent: int | None = 2) -> str:
+    import json  # here: `ps` without --json need not load it
+
     return json.dumps(message_fields(message), indent=indent, sort_keys=False)
 
 
@@ -298,6 +299,8 @@ def pod_cell(status: pb.ContainerStatus) -> str:
 
 
 def containers_json(containers: Sequence[pb.ContainerStatus]) -> str:
+    import json  # here: `ps` without --json need not load it
+
     return json.dumps({"containers": [message_fields(status) for status in containers]}, indent=2)
 
 

@@ -1,4 +1,4 @@
-"""`containerizer images import FILE|--busybox | pull REF | ls | rm REF`: the image store.
+"""`containerizer images import FILE|--busybox | pull REF | ls | rm REF | prune`: the image store.
 
 Kept apart from main.py, which only calls `add_images_commands` to register the group. Import and
 pull stream progress: a bar redrawn in place on stderr when it is a terminal, plain lines (at
@@ -126,8 +126,43 @@ def command_pull(args: argparse.Namespace, client: Any) -> int:
     from adapter.api.containerizer.v1 import images_pb2
 
     request = images_pb2.PullRequest(reference=args.reference)
+    secret = read_password(sys.stdin) if args.password_stdin else ""
+    if args.username:
+        request.credentials.username = args.username
+        request.credentials.password = secret
+    elif secret:  # no user: a bearer token for the registry
+        request.credentials.registry_token = secret
     images = follow_progress(client, images_stub(client).Pull(request))
     print_images(args, images, "pulled")
+    return 0
+
+
+def read_password(stream: IO[str]) -> str:
+    """The password on `stream` (like `docker login --password-stdin`): never on the command
+    line, where other users see it in ps; one trailing newline is not part of it."""
+    password = stream.read().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CliError("images pull: --password-stdin read an empty password", EXIT_USAGE)
+    return password
+
+
+def command_prune(args: argparse.Namespace, client: Any) -> int:
+    import grpc
+
+    from adapter.api.containerizer.v1 import images_pb2
+
+    try:
+        response = images_stub(client).Prune(
+            images_pb2.PruneImagesRequest(), timeout=client.timeout
+        )
+    except grpc.RpcError as exc:
+        raise client.error_from(exc) from None
+    if args.json:
+        print(cli_format.to_json(response))
+        return 0
+    for reference in response.references:
+        print(f"removed {reference}")
+    print(f"freed {cli_format.human_bytes(response.freed_bytes)}")
     return 0
 
 
@@ -192,6 +227,18 @@ def add_images_commands(subcommands: Any) -> None:
         group, "pull", command_pull, "pull HOST[:PORT]/NAME[:TAG] from a registry"
     )
     pulled.add_argument("reference", metavar="REF")
+    pulled.add_argument("--username", help="user to present to the registry when it asks")
+    pulled.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password (with --username) or a registry token from standard input",
+    )
     add_subcommand(group, "ls", command_ls, "list images")
     removed = add_subcommand(group, "rm", command_rm, "remove an image")
     removed.add_argument("reference", metavar="REF")
+    add_subcommand(
+        group,
+        "prune",
+        command_prune,
+        "remove every image no container uses, and the blobs and layers no image names",
+    )

@@ -2,7 +2,9 @@
 
 Thin on purpose: parse the arguments, call one or two RPCs, print the answer (cli_format.py). grpc
 and the generated stubs are imported inside the commands that talk to the service, so `--help`,
-usage errors and `serve` start without paying for them.
+usage errors and `serve` start without paying for them; a subcommand's arguments, and the modules
+they need, are defined only when that subcommand is the one given (LazySubcommands), so `ps`
+costs little more than grpc itself.
 
 Exit status: the workload's own for `run` and `wait` (128+n when killed by signal n); 125, as
 `docker run` uses, for every failure of the CLI, the service or the launch (a bad flag, no service,
@@ -14,13 +16,14 @@ traceback. The connection flags and --json are accepted before and after the sub
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import os
-import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 from adapter.clients.cli import format as cli_format
 from adapter.clients.cli.client import (
@@ -33,11 +36,13 @@ from adapter.clients.cli.client import (
     add_connection_options,
     add_subcommand,
 )
-from adapter.core.model import NETWORK_MODES
-from adapter.runtimes.registry import RUNTIME_NAMES
 
 if TYPE_CHECKING:
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
+
+    SubParsersAction = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # not subscriptable at run time
+    SubParsersAction = argparse._SubParsersAction
 
 PROG = "containerizer"
 DISTRIBUTION = "containerizer-adapter"  # the project name in pyproject.toml
@@ -47,8 +52,43 @@ OUTPUT_POLL_SECONDS = 0.05
 OUTPUT_CHUNK_BYTES = 1 << 16
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, told the terminal's width so that it does not import `shutil` (and with it
+    bz2 and lzma) to find it: argparse makes a formatter for every argument it adds, so that
+    import would cost every command's start."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = terminal_columns() - 2 if width is None else width  # argparse's margin
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def terminal_columns() -> int:
+    """What shutil.get_terminal_size() answers: $COLUMNS, else our stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):  # stdout closed, or not a terminal
+        return 80
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as a CliError instead of exiting the interpreter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
@@ -149,6 +189,7 @@ def launch_request(args: argparse.Namespace) -> pb.LaunchRequest:
         no_new_privileges=args.no_new_privileges,
         stdin=args.interactive,
         tty=args.tty,
+        user_namespace=args.userns,
     )
 
 
@@ -174,6 +215,8 @@ def command_run(args: argparse.Namespace, client: ServiceClient) -> int:
             "not both",
             EXIT_USAGE,
         )
+    import secrets  # here: hashlib and random cost every other command's start
+
     args.id = args.id or "ctr-" + secrets.token_hex(6)
     try:
         response = client.call("Launch", launch_request(args))
@@ -388,6 +431,9 @@ def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None
 
 
 def add_run_parser(subcommands: Any) -> None:
+    from adapter.core.model import NETWORK_MODES
+    from adapter.runtimes.registry import RUNTIME_NAMES
+
     run = add_subcommand(subcommands, "run", command_run, "launch a container and follow it")
     run.add_argument(
         "--runtime",
@@ -429,6 +475,13 @@ def add_run_parser(subcommands: Any) -> None:
         action="store_true",
         help="set no_new_privs even as root (always set for other users)",
     )
+    run.add_argument(
+        "--userns",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in a user namespace of its own (root is an unprivileged host uid); default: the"
+        " node's",
+    )
     run.add_argument("--workdir", help="working directory inside the container")
     run.add_argument("--sandbox", metavar="DIR", help="host directory for stdout/stderr files")
     run.add_argument(
@@ -448,19 +501,37 @@ def add_run_parser(subcommands: Any) -> None:
     run.add_argument("command", nargs=argparse.REMAINDER, help="argv to execute (after --)")
 
 
-def add_container_commands(subcommands: Any) -> None:
-    status = add_subcommand(subcommands, "status", command_status, "show one container")
+def add_serve_parser(subcommands: Any) -> None:
+    serve = subcommands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    serve.add_argument("--config", metavar="FILE", help="agent config (TOML)")
+
+
+def add_ps_parser(subcommands: Any) -> None:
+    add_subcommand(subcommands, "ps", command_ps, PS_HELP)
+
+
+def add_status_parser(subcommands: Any) -> None:
+    status = add_subcommand(subcommands, "status", command_status, STATUS_HELP)
     status.add_argument("container_id", metavar="ID")
-    usage = add_subcommand(subcommands, "usage", command_usage, "resource usage of a container")
+
+
+def add_usage_parser(subcommands: Any) -> None:
+    usage = add_subcommand(subcommands, "usage", command_usage, USAGE_HELP)
     usage.add_argument("container_id", metavar="ID")
     usage.add_argument("--watch", "-w", action="store_true", help="repeat until Ctrl-C")
     usage.add_argument(
         "--interval", type=cli_format.positive_float, default=2.0, help="seconds (default 2)"
     )
-    update = add_subcommand(subcommands, "update", command_update, "change resource limits, live")
+
+
+def add_update_parser(subcommands: Any) -> None:
+    update = add_subcommand(subcommands, "update", command_update, UPDATE_HELP)
     update.add_argument("container_id", metavar="ID")
     add_resource_options(update, disk=False)
-    kill = add_subcommand(subcommands, "kill", command_kill, "send a signal to a container")
+
+
+def add_kill_parser(subcommands: Any) -> None:
+    kill = add_subcommand(subcommands, "kill", command_kill, KILL_HELP)
     kill.add_argument("container_id", metavar="ID")
     kill.add_argument(
         "--signal",
@@ -469,54 +540,146 @@ def add_container_commands(subcommands: Any) -> None:
         default=int(signal.SIGTERM),
         help="default TERM",
     )
-    destroy = add_subcommand(
-        subcommands, "destroy", command_destroy, "kill and clean up a container"
-    )
+
+
+def add_destroy_parser(subcommands: Any) -> None:
+    destroy = add_subcommand(subcommands, "destroy", command_destroy, DESTROY_HELP)
     destroy.add_argument("container_id", metavar="ID")
-    wait = add_subcommand(subcommands, "wait", command_wait, "wait for a container to end")
+
+
+def add_wait_parser(subcommands: Any) -> None:
+    wait = add_subcommand(subcommands, "wait", command_wait, WAIT_HELP)
     wait.add_argument("container_id", metavar="ID")
+
+
+def add_runtimes_parser(subcommands: Any) -> None:
+    from adapter.runtimes.registry import RUNTIME_NAMES
+
+    add_subcommand(
+        subcommands,
+        "runtimes",
+        command_runtimes,
+        f"{RUNTIMES_HELP} (of {', '.join(RUNTIME_NAMES)})",
+    )
+
+
+def defined_in(module: str, function: str) -> Callable[[Any], object]:
+    """A subcommand defined by `function` of its own `module`, imported only when chosen."""
+
+    def define(subcommands: Any) -> object:
+        adder: Callable[[Any], object] = getattr(importlib.import_module(module), function)
+        return adder(subcommands)
+
+    return define
+
+
+SERVE_HELP = "run the service"
+PS_HELP = "list containers"
+STATUS_HELP = "show one container"
+USAGE_HELP = "resource usage of a container"
+UPDATE_HELP = "change resource limits, live"
+KILL_HELP = "send a signal to a container"
+DESTROY_HELP = "kill and clean up a container"
+WAIT_HELP = "wait for a container to end"
+RUNTIMES_HELP = "runtimes configured on this node"
+CLI = "adapter.clients.cli."
+# name -> (its line in `containerizer --help`, what defines its parser), in the listing's order.
+# The lines of the commands of other modules repeat those modules' descriptions.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[Any], object]]] = {
+    "serve": (SERVE_HELP, add_serve_parser),
+    "run": ("launch a container and follow it", add_run_parser),
+    "ps": (PS_HELP, add_ps_parser),
+    "status": (STATUS_HELP, add_status_parser),
+    "usage": (USAGE_HELP, add_usage_parser),
+    "update": (UPDATE_HELP, add_update_parser),
+    "kill": (KILL_HELP, add_kill_parser),
+    "destroy": (DESTROY_HELP, add_destroy_parser),
+    "wait": (WAIT_HELP, add_wait_parser),
+    "runtimes": (RUNTIMES_HELP, add_runtimes_parser),
+    "images": ("manage the node's image store", defined_in(CLI + "images", "add_images_commands")),
+    "exec": ("run a command in a running container", defined_in(CLI + "exec", "add_exec_parser")),
+    "attach": (
+        "attach to a running container's first process",
+        defined_in(CLI + "attach", "add_attach_parser"),
+    ),
+    "logs": ("show a container's output", defined_in(CLI + "logs", "add_logs_parser")),
+    "port-forward": (
+        "reach a port inside a container",
+        defined_in(CLI + "portforward", "add_port_forward_parser"),
+    ),
+    "compare": (
+        "run the same workloads on each runtime and compare latency, density, isolation, "
+        "accounting and capabilities",
+        defined_in(CLI + "compare", "add_compare_parser"),
+    ),
+    "events": ("follow lifecycle events", defined_in(CLI + "events", "add_events_parser")),
+    "completion": (
+        "print a bash or zsh completion script",
+        defined_in(CLI + "completion", "add_completion_parser"),
+    ),
+}
+
+
+class LazySubcommands(SubParsersAction):
+    """Subcommands whose parsers are defined only once one is chosen: the listing of `--help`
+    needs only names and lines, and `ps` must not import what `run`, `images` or `compare`
+    need (the runtime registry, the model, the compare workloads).
+
+    Until then a subcommand is its name in argparse's map (for `invalid choice`), mapped to
+    one shared stand-in parser, and its line in the listing: a parser each would cost more
+    than all of `ps`'s own parsing. Choosing it replaces both with what its definer adds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.definers: dict[str, Callable[[Any], object]] = {}
+        self.stand_in = ArgumentParser(add_help=False)
+
+    def add_lazily(self, name: str, help_text: str, define: Callable[[Any], object]) -> None:
+        self._name_parser_map[name] = self.stand_in
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help_text))
+        self.definers[name] = define
+
+    def define(self, name: str) -> None:
+        define = self.definers.pop(name, None)
+        if define is None:
+            return  # defined already, or not ours: argparse reports an unknown one
+        del self._name_parser_map[name]  # the real parser takes the stand-in's place
+        self._choices_actions = [line for line in self._choices_actions if line.dest != name]
+        define(self)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values:
+            self.define(values[0])
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Run and inspect containers on this node.")
     parser.add_argument("--version", action=VersionAction)
     add_connection_options(parser, top=True)
-    subcommands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
-    serve = subcommands.add_parser("serve", help="run the service", description="run the service")
-    serve.add_argument("--config", metavar="FILE", help="agent config (TOML)")
-    add_run_parser(subcommands)
-    add_subcommand(subcommands, "ps", command_ps, "list containers")
-    add_container_commands(subcommands)
-    add_subcommand(
-        subcommands,
-        "runtimes",
-        command_runtimes,
-        f"runtimes configured on this node (of {', '.join(RUNTIME_NAMES)})",
+    subcommands = cast(
+        LazySubcommands,
+        parser.add_subparsers(
+            dest="subcommand", metavar="COMMAND", required=True, action=LazySubcommands
+        ),
     )
-    from adapter.clients.cli.images import add_images_commands  # its own module: the images group
-
-    add_images_commands(subcommands)
-    from adapter.clients.cli.attach import add_attach_parser  # its own module: attach
-    from adapter.clients.cli.exec import add_exec_parser  # its own module: exec
-    from adapter.clients.cli.logs import add_logs_parser  # and logs
-    from adapter.clients.cli.portforward import add_port_forward_parser  # and port-forward
-
-    add_exec_parser(subcommands)
-    add_attach_parser(subcommands)
-    add_logs_parser(subcommands)
-    add_port_forward_parser(subcommands)
-    from adapter.clients.cli.compare import (
-        add_compare_parser,  # its own module: the compare command
-    )
-
-    add_compare_parser(subcommands)
+    for name, (help_text, define) in SUBCOMMANDS.items():
+        subcommands.add_lazily(name, help_text, define)
     return parser
 
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.subcommand == "serve":
+        gc.enable()  # entry() turned it off for the start-up: the service runs for months
         return command_serve(args)
     client = ServiceClient(args.endpoint, args.timeout, TlsFiles.from_args(args))
+    gc.enable()  # grpc and the API are loaded (see entry()): `run` or `logs -f` may last days
     try:
         handler: ServiceCommand = args.handler
         return handler(args, client)
@@ -544,6 +707,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def entry() -> NoReturn:
+    """The `containerizer` console script: main(), then, once our output is flushed, leave
+    without interpreter teardown: unloading grpc and protobuf would cost a short command a
+    fifth of its time and does nothing useful. `serve` leaves the ordinary way: the service
+    may have left something for the interpreter's exit to finish.
+
+    The cyclic garbage collector is off until the modules are loaded (dispatch() turns it
+    back on): loading grpc and protobuf allocates a few hundred thousand objects that all
+    stay, and collecting among them cost `ps` 8% of its time for nothing."""
+    gc.disable()
+    code = main()
+    if "serve" in sys.argv[1:]:  # maybe a container named serve: then only a slower exit
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # the reader went away (`containerizer ps | head -1`)
+        code = code or EXIT_FAILURE
+    os._exit(code)
+
+
 def silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -553,4 +737,4 @@ def silence_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

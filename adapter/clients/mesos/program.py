@@ -68,7 +68,7 @@ RETRY_PAUSE_SECONDS = 0.2
 # A wait that was lost after running this long had been established: its loss starts a new outage.
 WAIT_ESTABLISHED_SECONDS = 1.0
 USAGE_TEXT = (
-    f"usage: {PROG} [--endpoint ENDPOINT] COMMAND\n"
+    f"usage: {PROG} [--endpoint ENDPOINT] COMMAND | --version\n"
     f"commands: {', '.join(COMMANDS)}\n"
     "ENDPOINT: the service's socket, as a path or unix:PATH (the ECP socket beside it is used),\n"
     f"or the ECP socket itself (*{ECP_SOCKET_SUFFIX}); ${ENDPOINT_ENV} wins over --endpoint;\n"
@@ -150,6 +150,8 @@ def parse_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[st
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             return "help", ""
+        if arg == "--version":
+            return "version", ""
         if arg == "--endpoint":
             if not args:
                 raise bad_input("--endpoint needs a value")
@@ -291,6 +293,9 @@ def run(
         if command == "help":
             stdout.write(USAGE_TEXT.encode())
             return 0
+        if command == "version":
+            stdout.write(f"{PROG} {_package_version()}\n".encode())
+            return 0
         if command not in COMMANDS:
             raise bad_input(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
         path = ecp_socket_path(endpoint)
@@ -307,6 +312,15 @@ def run(
         detail = " ".join(str(exc).split())
         print(f"{_prefix(command)}internal error: {type(exc).__name__}: {detail}", file=stderr)
         return EXIT_FAILURE
+
+
+def _package_version() -> str:
+    from importlib import metadata  # only when asked: every other call starts without it
+
+    try:
+        return metadata.version("containerizer-adapter")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed as a package)"
 
 
 def _prefix(command: str) -> str:

@@ -63,9 +63,19 @@ class ImageLoader:
         self._client = client
         self._blob_path = blob_path
         self._locks: dict[str, asyncio.Lock] = {}
+        # (reference, manifest digest, snapshotter) -> top chain id, of images found or made
+        # current in containerd: a launch of one of them makes no call here and takes no lock,
+        # so parallel launches of one image do not queue. Stale when something outside removes
+        # the image from containerd: the caller finds out (its snapshot's parent is gone) and
+        # calls `forget`.
+        self._unpacked: dict[tuple[str, str, str], str] = {}
 
     async def ensure_unpacked(self, image: Image, snapshotter: str, lease: str) -> str:
         """The committed snapshot (chain id) of the image's top layer, loading what is missing."""
+        key = (image.reference, image.manifest.digest, snapshotter)
+        top = self._unpacked.get(key)
+        if top is not None:
+            return top
         if len(image.diff_ids) != len(image.layers) or not image.layers:
             raise LaunchFailed(
                 f"image {image.reference!r}: its config lists {len(image.diff_ids)} diff_ids for"
@@ -74,19 +84,30 @@ class ImageLoader:
         chain = chain_ids(image.diff_ids)
         lock = self._locks.setdefault(image.manifest.digest, asyncio.Lock())
         async with lock:
-            if await self._image_current(image) and await self._snapshot_exists(
-                snapshotter, chain[-1]
+            if not (
+                await self._image_current(image)
+                and await self._snapshot_exists(snapshotter, chain[-1])
             ):
-                return chain[-1]
-            await self._load_content(image, lease)
-            await self._create_image(image)
-            for index, layer in enumerate(image.layers):
-                parent = chain[index - 1] if index else ""
-                await self._unpack_layer(
-                    layer, image.diff_ids[index], chain[index], parent, snapshotter, lease
-                )
-            await self._label_config(image, snapshotter, chain[-1])
+                await self._load(image, chain, snapshotter, lease)
+            # The reference now names this manifest: an entry for another one is stale.
+            self.forget(image.reference)
+            self._unpacked[key] = chain[-1]
         return chain[-1]
+
+    def forget(self, reference: str) -> None:
+        """The next launch of `reference` checks containerd again (and loads what is missing)."""
+        for key in [key for key in self._unpacked if key[0] == reference]:
+            del self._unpacked[key]
+
+    async def _load(self, image: Image, chain: list[str], snapshotter: str, lease: str) -> None:
+        await self._load_content(image, lease)
+        await self._create_image(image)
+        for index, layer in enumerate(image.layers):
+            parent = chain[index - 1] if index else ""
+            await self._unpack_layer(
+                layer, image.diff_ids[index], chain[index], parent, snapshotter, lease
+            )
+        await self._label_config(image, snapshotter, chain[-1])
 
     async def _image_current(self, image: Image) -> bool:
         try:

@@ -59,12 +59,14 @@ from adapter.core.model import (
     Exit,
     Fingerprint,
     Identity,
+    IdMapping,
     LaunchSpec,
     Resources,
     Statistics,
 )
 from adapter.core.sandbox import OUTPUTS
 from adapter.core.services import Services
+from adapter.core.userns import give_to_namespace_root, host_identity
 from adapter.core.workload import merge
 from adapter.images.image import Image
 from adapter.runtimes.base import Checkpointed, ExecSession, Launched
@@ -76,6 +78,7 @@ from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.content import ImageLoader
 from adapter.runtimes.containerd.handle import CONTAINER_LABEL, ContainerdHandle
 from adapter.runtimes.containerd.options import ContainerdOptions
+from adapter.runtimes.containerd.remap import RemappedSnapshots
 from adapter.runtimes.containerd.rundir import RunDirectories
 from adapter.runtimes.containerd.seccomp import launch_profile
 from adapter.runtimes.containerd.state import ContainerdState
@@ -114,7 +117,6 @@ class ContainerdDriver:
         self._snapshotter = options.snapshotter
         self._runtime_binary = options.runtime_binary
         self._node = services.node
-        self._cgroups_root = services.node.cgroups_root
         self._cgroups = services.cgroups
         # Only its check() is used: the OOM counter of the container's memory cgroup.
         # Limits hit, read from the container's own cgroups when it ends: OOM kills (also the
@@ -127,6 +129,7 @@ class ContainerdDriver:
         self._store = services.images
         self._client_instance: ContainerdClient | None = None
         self._loader: ImageLoader | None = None
+        self._remapped: RemappedSnapshots | None = None  # parents owned by a userns's ids
         self._state = ContainerdState()
         self._network = services.network
         self._run_dirs = RunDirectories(services.node.state_dir / "containerd")
@@ -138,6 +141,7 @@ class ContainerdDriver:
         if self._client_instance is None:
             self._client_instance = ContainerdClient(self._address, self._namespace)
             self._loader = ImageLoader(self._client_instance, self._store.blob_path)
+            self._remapped = RemappedSnapshots(self._client_instance)
         return self._client_instance
 
     def _handle(self, container_id: str) -> ContainerdHandle:
@@ -159,6 +163,8 @@ class ContainerdDriver:
             recover=True,
             network_isolation=True,
             pods=True,
+            user_namespace=True,
+            disk_enforced=True,
         )
         try:
             binary = self._binary_path()
@@ -208,8 +214,8 @@ class ContainerdDriver:
         # Bad input fails here, before containerd holds anything: an empty command and bare
         # image, an unknown user, a bad seccomp profile or network request, an unusable log.
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-        rootfs = await self._store.rootfs(image.reference)
-        identity = await workload_identity(workload.user, spec.linux, rootfs)
+        async with self._store.view(image.reference) as rootfs:  # the image's /etc files
+            identity = await workload_identity(workload.user, spec.linux, rootfs)
         seccomp = await launch_profile(spec)
         if pod.joined_network(spec.linux) is None and self._network.chooses(spec):
             self._network.check(spec)
@@ -217,12 +223,14 @@ class ContainerdDriver:
             logs.check_log_file(spec.linux.log_path)
         handle = self._handle(spec.container_id)
         self._state.clear_oom(handle.containerd_id)
+        self._state.forget_exit(handle.containerd_id)
         await self._create_lease(handle)
         self._state.handles[spec.container_id] = handle
         self._run_dirs.make(spec.container_id)
         try:
             network = await self._prepare_network(spec)
-            mounts = await self._prepare_rootfs(handle, image)
+            give_to_namespace_root(spec)
+            mounts = await self._prepare_rootfs(handle, image, spec.id_mapping)
             await self._create_container(handle, spec, image, (identity, seccomp), network)
             pid = await self._start_task(handle, spec, mounts, identity)
         except ContainerizerError as exc:
@@ -261,9 +269,31 @@ class ContainerdDriver:
             await self.cleanup(handle.container_id)
             await self._client.call(self._client.leases.Create, request, "create lease")
 
-    async def _prepare_rootfs(self, handle: ContainerdHandle, image: Image) -> Any:
+    async def _prepare_rootfs(
+        self, handle: ContainerdHandle, image: Image, mapping: IdMapping | None
+    ) -> Any:
         assert self._loader is not None
+        try:
+            return await self._prepare_snapshot(handle, image, mapping)
+        except NotFound:
+            # The image's snapshots went from containerd since we last loaded it (removed
+            # from outside): load it again, once.
+            self._loader.forget(image.reference)
+            return await self._prepare_snapshot(handle, image, mapping)
+
+    async def _prepare_snapshot(
+        self, handle: ContainerdHandle, image: Image, mapping: IdMapping | None
+    ) -> Any:
+        assert self._loader is not None and self._remapped is not None
         top = await self._loader.ensure_unpacked(image, handle.snapshotter, handle.lease_id)
+        if mapping is not None:  # the image's files owned by the container's ids
+            top = await self._remapped.parent(
+                top,
+                mapping,
+                snapshotter=handle.snapshotter,
+                config_digest=image.config.digest,
+                lease=handle.lease_id,
+            )
         prepared = await self._client.call(
             self._client.snapshots.Prepare,
             snapshots_pb2.PrepareSnapshotRequest(
@@ -287,7 +317,8 @@ class ContainerdDriver:
         document = oci.runtime_spec(
             spec,
             image,
-            cgroups_root=self._cgroups_root,
+            # The directory the container's cgroup is made in: ours, or its pod's there.
+            cgroups_root=self._cgroups.hierarchies.relative(spec.container_id).rpartition("/")[0],
             limits=self._node.limits(spec.resources),
             identity=identity,
             network=network.oci,
@@ -359,7 +390,7 @@ class ContainerdDriver:
                 spec.sandbox,
                 self._node.log_max_size,
                 self._node.log_max_files,
-                identity,
+                host_identity(identity, spec.id_mapping),
             )
             return relay, relay
         stdout, stderr = (str(Path(spec.sandbox) / name) for name in OUTPUTS)
@@ -385,6 +416,7 @@ class ContainerdDriver:
             except Unavailable as exc:  # containerd restarts; its shims keep the container
                 log.warning("%s; retrying the wait for %s", exc, container_id)
                 await asyncio.sleep(RECONNECT_DELAY)
+        self._state.mark_exited(handle.containerd_id)
         return self._with_limitation(handle, exit_from_status(reply.exit_status))
 
     def _with_limitation(self, handle: ContainerdHandle, exit_: Exit) -> Exit:
@@ -455,6 +487,17 @@ class ContainerdDriver:
                 f" {REOPEN_TIMEOUT_S:g} s"
             )
 
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        """The container's snapshot's upper directory, from the mounts containerd gives for the
+        snapshot (never from a path inside the container): in the snapshotter's root."""
+        handle = self._known(container_id)
+        reply = await self._client.call(
+            self._client.snapshots.Mounts,
+            snapshots_pb2.MountsRequest(snapshotter=handle.snapshotter, key=handle.snapshot_key),
+            f"mounts of snapshot {handle.snapshot_key}",
+        )
+        return writable_dirs_of(reply.mounts)
+
     def _known(self, container_id: str) -> ContainerdHandle:
         handle = self._state.handles.get(container_id)
         if handle is None:
@@ -507,6 +550,7 @@ class ContainerdDriver:
         for method, request, what in steps:
             await self._delete(method, request, f"delete {what} {ctr_id}")
         self._state.clear_oom(handle.containerd_id)
+        self._state.forget_exit(handle.containerd_id)
         self._state.handles.pop(handle.container_id, None)
 
     async def _delete(self, method: Any, request: Any, what: str) -> None:
@@ -527,7 +571,10 @@ class ContainerdDriver:
 
     async def _stopped(self, handle: ContainerdHandle) -> None:
         """containerd deletes only a stopped task: a half-started one is killed and reaped
-        first (a task whose exit the core has seen answers at once)."""
+        first. A task whose exit our Wait returned is stopped already; its kill would cost the
+        shim a `runc kill --all` per cleanup."""
+        if self._state.exited(handle.containerd_id):
+            return
         await self.kill_all(handle.container_id)
         task_id = handle.containerd_id
         with contextlib.suppress(NotFound):
@@ -609,6 +656,8 @@ class ContainerdDriver:
                         images_pb2.DeleteImageRequest(name=image.name),
                         f"delete image {image.name}",
                     )
+                if self._loader is not None:
+                    self._loader.forget(image.name)
 
     async def close(self) -> None:
         if self._releases:  # ended Exec sessions whose processes are being deleted
@@ -622,3 +671,16 @@ class ContainerdDriver:
 class _PreparedNetwork:
     oci: oci.Network
     address: str  # "" without an address of its own
+
+
+def writable_dirs_of(mounts: Any) -> tuple[str, ...]:
+    """Where a snapshot's mounts write: overlayfs' `upperdir=`, or a writable bind's source
+    (a snapshot without parent on the native snapshotter)."""
+    found: list[str] = []
+    for mount in mounts:
+        options = list(mount.options)
+        if mount.type == "overlay":
+            found += [o.removeprefix("upperdir=") for o in options if o.startswith("upperdir=")]
+        elif mount.type == "bind" and "ro" not in options:
+            found.append(mount.source)
+    return tuple(path for path in found if path.startswith("/"))

@@ -162,6 +162,7 @@ def runtime_spec(
     linux["resources"].update(linux_resources(limits))
     linux["cgroupsPath"] = f"/{cgroups_root}/{spec.container_id}"
     linux["namespaces"] = pod.namespaces(spec.linux, NAMESPACES) + network.namespace()
+    linux.update(user_namespace(spec, linux["namespaces"]))
     if spec.linux.sysctls:
         linux["sysctl"] = dict(spec.linux.sysctls)
     propagation = pod.rootfs_propagation(spec.linux.mounts)
@@ -181,6 +182,21 @@ def runtime_spec(
     if pod.owns_uts(spec.linux):
         document["hostname"] = spec.linux.hostname or spec.container_id[:63]
     return document
+
+
+def user_namespace(spec: LaunchSpec, namespaces: list[dict[str, str]]) -> dict[str, Any]:
+    """With an id mapping: runc makes the user namespace first (it owns the others) and maps
+    it, or joins a pod's by path; the snapshot's files are the mapping's (remap.py)."""
+    mapping = spec.id_mapping
+    if mapping is None:
+        return {}
+    joined = spec.linux.namespace("user")
+    entry = {"type": "user", "path": joined} if joined else {"type": "user"}
+    return {
+        "namespaces": [*namespaces, entry],
+        "uidMappings": [{"containerID": 0, "hostID": mapping.uid_start, "size": mapping.size}],
+        "gidMappings": [{"containerID": 0, "hostID": mapping.gid_start, "size": mapping.size}],
+    }
 
 
 def process_section(

@@ -32,7 +32,19 @@ class ContainerdState:
     def __init__(self) -> None:
         self.handles: dict[str, ContainerdHandle] = {}
         self._oom_killed: set[str] = set()  # containerd ids
+        # Tasks whose exit a Wait returned (containerd ids): stopped, and with a private pid
+        # namespace or the shim's kill of the rest at init's exit, nothing of them runs.
+        self._exited: set[str] = set()
         self._subscriber: asyncio.Task[None] | None = None
+
+    def mark_exited(self, containerd_id: str) -> None:
+        self._exited.add(containerd_id)
+
+    def exited(self, containerd_id: str) -> bool:
+        return containerd_id in self._exited
+
+    def forget_exit(self, containerd_id: str) -> None:
+        self._exited.discard(containerd_id)
 
     def oom_killed(self, containerd_id: str) -> bool:
         return containerd_id in self._oom_killed

@@ -183,6 +183,14 @@ class DockerEngine:
 
         await self.call(f"pull {reference}", pull, error)
 
+    async def import_rootfs(self, rootfs_tar: bytes, repository: str, tag: str) -> None:
+        """A single-layer image from a tar of a root filesystem (no registry involved)."""
+
+        def load(api: Any) -> None:
+            api.import_image_from_data(rootfs_tar, repository=repository, tag=tag)
+
+        await self.call(f"import image {repository}:{tag}", load, FailedPrecondition)
+
     async def create(
         self, name: str, config: dict[str, Any], error: type[ContainerizerError]
     ) -> str:

@@ -17,12 +17,16 @@ from typing import Any
 
 from adapter.core.confinement import (
     ALL_CAPABILITIES,
-    Confinement,
+    confinement_of,
     held_capabilities,
     kernel_capabilities,
     oci_seccomp_profile,
 )
+from adapter.core.errors import FailedPrecondition
 from adapter.core.model import LaunchSpec
+
+UNCONFINED = "unconfined"
+LOCALHOST = "localhost/"
 
 
 def is_root_user(user: str) -> bool:
@@ -65,20 +69,23 @@ def confinement_fields(
     launch on an incomplete node gets, without Docker's Privileged (so /sys stays read-only),
     every capability Docker knows but those the node lacks (Docker may know fewer than the
     kernel: 20.10 stops at CAP_AUDIT_READ), no seccomp filter, nothing masked, every device."""
-    confinement = Confinement(spec.privileged, spec.no_new_privileges)
+    confinement = confinement_of(spec)
     fields: dict[str, Any] = {
         "Privileged": confinement.privileged and node.complete,
         "CgroupnsMode": "private",
     }
     security: list[str] = []
     if not confinement.privileged:
+        # A pod's lists add to ours: a workload never gets less than the default.
+        masked = (*confinement.masked_paths, *(spec.linux.masked_paths or ()))
+        readonly = (*confinement.readonly_paths, *(spec.linux.readonly_paths or ()))
         fields.update(
             CapDrop=["ALL"],
             CapAdd=[name for name in confinement.capabilities if name in node.held],
-            MaskedPaths=list(confinement.masked_paths),
-            ReadonlyPaths=list(confinement.readonly_paths),
+            MaskedPaths=list(dict.fromkeys(masked)),
+            ReadonlyPaths=list(dict.fromkeys(readonly)),
         )
-        security.append("seccomp=" + json.dumps(oci_seccomp_profile(), separators=(",", ":")))
+        security.append(seccomp_option(spec, confinement.capabilities))
     elif not node.complete:
         fields.update(
             CapAdd=["ALL"],
@@ -93,3 +100,16 @@ def confinement_fields(
     if security:
         fields["SecurityOpt"] = security
     return fields
+
+
+def seccomp_option(spec: LaunchSpec, capabilities: tuple[str, ...]) -> str:
+    """Ours for the container's capabilities (widened for added ones), or none on request."""
+    if spec.linux.seccomp == UNCONFINED:
+        return "seccomp=unconfined"
+    if spec.linux.seccomp.startswith(LOCALHOST):
+        raise FailedPrecondition(
+            "linux.security_context.seccomp: the docker runtime does not take a node's"
+            " Localhost profile; use RuntimeDefault or Unconfined, or another runtime_handler"
+        )
+    profile = oci_seccomp_profile(capabilities)
+    return "seccomp=" + json.dumps(profile, separators=(",", ":"))

@@ -25,6 +25,9 @@ Choices, and why:
 - Command: an empty request command sets neither Entrypoint nor Cmd, so Docker runs the image's;
   the working directory is the request's, else the image's, else the sandbox
   (adapter/core/workload.py).
+- Pods (CRI): Docker joins only its own containers' namespaces, so a pod's holder runs here too
+  (Capabilities.pod_holder) and a pod's container joins it by `container:<id>` (pod.py); the
+  holder, launched without an image, runs a busybox image the driver imports itself.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import signal as signals
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,7 @@ from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, ExecSession, Launched
 from adapter.runtimes.docker import exec as execs
 from adapter.runtimes.docker import handle as names
+from adapter.runtimes.docker import pod
 from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
 from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fields
 from adapter.runtimes.docker.handle import DockerHandle
@@ -79,6 +83,7 @@ from adapter.runtimes.docker.output import (
 )
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
+from isolators.cgroups.pods import pod_dirs
 from isolators.registry import ACCOUNTED_CONTROLLERS
 
 log = logging.getLogger(__name__)
@@ -87,12 +92,15 @@ WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt 
 STOP_TIMEOUT_SECONDS = 30.0
 SIGNAL_MAX = int(signals.SIGRTMAX)
 CAPABILITIES = Capabilities(
+    pods=True,
+    pod_holder=True,
     images=True,
     live_update=True,
     oom_detection=True,
     pid_namespace=True,
     recover=True,
     network_isolation=True,
+    disk_enforced=True,  # overlay2's upper directory (writable_dirs)
 )
 
 
@@ -171,12 +179,12 @@ class DockerDriver:
         self._sandbox_image = options.sandbox_image
         self._engine = DockerEngine(options.endpoint)
         self._owner = str(services.node.state_dir)
-        self._cgroups_root = check_root(services.node.cgroups_root)
+        check_root(services.node.cgroups_root)
         self._node = services.node
         self._services = services  # its cgroups are discovered at the first usage
         self._node_capabilities = NodeCapabilities.of_this_node()
         self._network = DockerNetwork(
-            services.network, self._engine, self._owner, self._cgroups_root
+            services.network, self._engine, self._owner, self._cgroup_parent
         )
         self._tracked: dict[str, _Tracked] = {}
         self._follower = ExitFollower(
@@ -200,22 +208,29 @@ class DockerDriver:
         )
         if driver != "cgroupfs":
             message += " (usage needs cgroupfs: containers are placed by CgroupParent)"
+        # dockerd maps every container itself with userns-remap (its own range, not ours);
+        # without it a user_namespace launch is refused (the core asks this capability).
+        remapped = any("name=userns" in option for option in info.get("SecurityOptions") or ())
         return Fingerprint(
             self.name,
             str(version.get("Version", "")),
             True,
             message,
-            CAPABILITIES,
+            replace(CAPABILITIES, user_namespace=remapped),
             confinement=Confinement().summary(),
         )
 
     # ---- launch ----
 
+    def _cgroup_parent(self, container_id: str) -> str:
+        """Where the core puts the container's cgroups (its pod's, if it is in one)."""
+        return names.cgroup_parent(self._services.cgroups.hierarchies.relative(container_id))
+
     async def start(self, spec: LaunchSpec) -> Launched:
-        if not spec.image:
-            raise InvalidArgument("container.image", "the docker runtime needs an image to run")
-        mode = self._network.mode(spec)  # bad network input fails before dockerd sees it
-        image = await self._ensure_image(spec.image)
+        modes = await pod.namespace_modes(spec.linux, self._own_container_with_pid)
+        # Bad network input fails before dockerd sees it; a joined network needs no sandbox.
+        mode = self._network.mode(spec) if modes.network_mode is None else ""
+        image = await (self._ensure_image(spec.image) if spec.image else self._holder_image())
         if not spec.command.resolved_argv() and not image.has_command():
             raise InvalidArgument(
                 "command",
@@ -223,33 +238,82 @@ class DockerDriver:
                 " give a shell string or an argv",
             )
         await self._follower.start()
-        network = PreparedNetwork(mode)
+        network = PreparedNetwork(modes.network_mode or mode)
         if mode == "bridge":
             sandbox_image = image
             if self._sandbox_image is not None:
                 sandbox_image = await self._ensure_image(self._sandbox_image)
             network = await self._network.prepare_bridge(spec, sandbox_image.reference)
-        tracked = await self._create_and_start(spec, image, network)
+        tracked = await self._create_and_start(spec, image, network, modes)
         return Launched(
             handle=tracked.handle.to_json(),
             pid=tracked.pid,
-            warnings=self._node_capabilities.warnings(spec),
+            warnings=self._node_capabilities.warnings(spec) + pod.launch_warnings(spec),
             ip_address=network.address,
         )
 
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        """The container's layer as dockerd reports it (overlay2's GraphDriver.Data.UpperDir,
+        in dockerd's data root); a storage driver without one leaves only the sandbox."""
+        tracked = self._tracked.get(container_id)
+        if tracked is None:
+            return ()
+        inspect = await self._engine.inspect(tracked.handle.docker_id)
+        graph = inspect.get("GraphDriver") or {}
+        upper = (graph.get("Data") or {}).get("UpperDir")
+        if isinstance(upper, str) and upper.startswith("/"):
+            return (upper,)
+        log.warning(
+            "%s: docker's storage driver %r shows no writable layer: its disk is measured in"
+            " the sandbox only",
+            container_id,
+            graph.get("Name"),
+        )
+        return ()
+
+    async def _own_container_with_pid(self, pid: int) -> Inspect:
+        """The running container of this driver whose init is `pid` (a pod's holder): only
+        containers it launched are candidates, so a pid never leads anywhere else."""
+        for tracked in list(self._tracked.values()):
+            if tracked.pid not in (0, pid):
+                continue
+            with contextlib.suppress(NotFound):
+                inspect = await self._engine.inspect(tracked.handle.docker_id)
+                state = inspect["State"]
+                if state.get("Running") and int(state.get("Pid") or 0) == pid:
+                    return inspect
+        raise FailedPrecondition(
+            f"linux.namespaces: process {pid} is no running container of the docker runtime"
+            " (a docker pod's holder runs on docker)"
+        )
+
+    async def _holder_image(self) -> DockerImage:
+        """The image of a launch without one (a pod's holder): the host's static busybox,
+        imported once (its tag names its content)."""
+        rootfs, tag = await asyncio.to_thread(pod.holder_rootfs)
+        reference = f"{pod.HOLDER_REPOSITORY}:{tag}"
+        config = await self._engine.image_config(reference)
+        if config is None:
+            await self._engine.import_rootfs(rootfs, pod.HOLDER_REPOSITORY, tag)
+            config = await self._engine.image_config(reference)
+        return DockerImage(reference, config or {})
+
     async def _create_and_start(
-        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
+        self,
+        spec: LaunchSpec,
+        image: DockerImage,
+        network: PreparedNetwork,
+        modes: pod.PodModes,
     ) -> _Tracked:
         cid = spec.container_id
         name = names.container_name(self._owner, cid)
-        config = self._container_config(spec, image, network)
+        config = self._container_config(spec, image, network, modes)
         try:
             docker_id = await self._engine.create(name, config, LaunchFailed)
         except AlreadyExists:  # a leftover of an interrupted launch or cleanup: ours by name
             await self._remove(name, cid, copy_logs=False)
             docker_id = await self._engine.create(name, config, LaunchFailed)
-        parent = names.cgroup_parent(self._cgroups_root, cid)
-        cgroup = f"{parent}/{docker_id}"
+        cgroup = f"{self._cgroup_parent(cid)}/{docker_id}"
         stdout_offset, stderr_offset = output_sizes(Path(spec.sandbox))
         handle = DockerHandle(
             docker_id, name, cgroup, image.reference, network.sandbox_id,
@@ -267,7 +331,11 @@ class DockerDriver:
         return tracked
 
     def _container_config(
-        self, spec: LaunchSpec, image: DockerImage, network: PreparedNetwork
+        self,
+        spec: LaunchSpec,
+        image: DockerImage,
+        network: PreparedNetwork,
+        modes: pod.PodModes,
     ) -> dict[str, Any]:
         """create_container keyword arguments; host_config is Engine API JSON (data, never text:
         the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
@@ -277,10 +345,10 @@ class DockerDriver:
         labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
         host_config: dict[str, Any] = {
             **resource_fields(self._node.limits(spec.resources)),
-            "CgroupParent": names.cgroup_parent(self._cgroups_root, spec.container_id),
+            "CgroupParent": self._cgroup_parent(spec.container_id),
             "Mounts": [
                 {"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT},
-                *network.etc_mounts,
+                *pod.pod_mounts(spec.linux, network.etc_mounts),
             ],
             "NetworkMode": network.network_mode,
             "Init": True,
@@ -288,6 +356,7 @@ class DockerDriver:
             **confinement_fields(
                 spec, str(image.config.get("User") or ""), self._node_capabilities
             ),
+            **pod.pod_fields(spec, modes),
         }
         environment = [f"{key}={value}" for key, value in spec.command.environment]
         environment.append(f"MESOS_SANDBOX={names.SANDBOX_MOUNT}")
@@ -297,7 +366,11 @@ class DockerDriver:
             "entrypoint": argv[:1] or None,
             "command": argv[1:] or None,
             "environment": environment,
-            "user": spec.command.user,
+            "user": pod.docker_user(spec),
+            # Docker takes a hostname only for a container in a network namespace of its own.
+            "hostname": (spec.linux.hostname or None) if network.network_mode == "none" else None,
+            "tty": spec.linux.tty,
+            "stdin_open": spec.linux.stdin,
             "working_dir": working_dir or names.SANDBOX_MOUNT,
             "labels": labels,
             "detach": True,
@@ -448,8 +521,13 @@ class DockerDriver:
 
     async def _remove_parent_cgroups(self, container_id: str) -> None:
         """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
+        hierarchies = self._services.cgroups.hierarchies
+        relative = hierarchies.relative(container_id)
         for _ in range(50):
-            if not names.remove_parent_cgroups(self._cgroups_root, container_id):
+            if not names.remove_parent_cgroups(relative):
+                pod = hierarchies.pods.get(container_id)
+                if pod is not None:  # the core keeps the pod's cgroup where it limits it
+                    names.remove_pod_directories(relative, set(pod_dirs(hierarchies, pod)))
                 return
             await asyncio.sleep(0.02)
         log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)

@@ -10,10 +10,12 @@ apart (a workload's name has `-` there), so no container id can make a workload 
 with a sandbox name.
 
 Cgroups. With Docker's cgroupfs driver a container with `CgroupParent=P` lives in `P/<docker id>`
-in every hierarchy. We use `P = /<cgroups_root>/<container id>`: the per-container directory every
-runtime of this project uses, so the native runtime's orphan sweep (which removes unknown ids
-under `<cgroups_root>`) never mistakes a Docker container for an orphan. Docker removes its leaf
-when the container stops but leaves `P` in every hierarchy; `remove_parent_cgroups` removes it.
+in every hierarchy. We use `P = /<cgroups_root>/<container id>` (or, for a container the core
+placed in a pod, `/<cgroups_root>/_pods/<pod>/<container id>`: Hierarchies.relative): the
+per-container directory every runtime of this project uses, so the native runtime's orphan sweep
+(which removes unknown ids under `<cgroups_root>`) never mistakes a Docker container for an orphan.
+Docker removes its leaf when the container stops but leaves `P` in every hierarchy;
+`remove_parent_cgroups` removes it.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def sandbox_name(owner: str, container_id: str) -> str:
     return f"ctz-{owner_tag(owner)}.sandbox-{container_id}"
 
 
-def cgroup_parent(cgroups_root: str, container_id: str) -> str:
-    return f"/{cgroups_root}/{container_id}"
+def cgroup_parent(relative: str) -> str:
+    """Docker's CgroupParent for the container's cgroup path below each mount."""
+    return "/" + relative.lstrip("/")
 
 
 def cgroup_of_process(pid: int) -> str | None:
@@ -90,12 +93,12 @@ def cgroup_of_process(pid: int) -> str | None:
     return paths.get("memory", paths.get(UNIFIED))
 
 
-def remove_parent_cgroups(cgroups_root: str, container_id: str) -> list[Path]:
-    """rmdir `<mount>/<cgroups_root>/<container id>` in every hierarchy, named ones included
-    (Docker creates the parent in all of them); return those that remain (still holding a
-    container's leaf, i.e. the container is not gone yet)."""
+def remove_parent_cgroups(relative: str) -> list[Path]:
+    """rmdir `<mount>/<relative>` (the container's cgroup parent) in every hierarchy, named ones
+    included (Docker creates the parent in all of them); return those that remain (still holding
+    a container's leaf, i.e. the container is not gone yet)."""
     remaining: list[Path] = []
-    relative = cgroup_parent(cgroups_root, container_id).lstrip("/")
+    relative = relative.strip("/")
     for mount in cgroup_mount_points():
         directory = mount / relative
         try:
@@ -105,3 +108,18 @@ def remove_parent_cgroups(cgroups_root: str, container_id: str) -> list[Path]:
         except OSError:
             remaining.append(directory)
     return remaining
+
+
+def remove_pod_directories(relative: str, kept: set[Path]) -> None:
+    """Docker makes the whole CgroupParent path in every hierarchy, a pod's directory too. Where
+    the core keeps no cgroup of the pod (not in `kept`), an empty pod directory and an empty
+    `_pods` go with the pod's last docker container (rmdir fails on one still in use)."""
+    pod_directory = Path(relative.strip("/")).parent
+    for mount in cgroup_mount_points():
+        for directory in (mount / pod_directory, mount / pod_directory.parent):
+            if directory in kept:
+                break
+            try:
+                directory.rmdir()
+            except OSError:
+                break

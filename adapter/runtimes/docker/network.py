@@ -7,7 +7,7 @@ pause-container pattern:
 
   1. a sandbox container of ours, `NetworkMode: none`, running `sleep infinity` (from the
      workload's image, or runtimes.docker.sandbox_image), unprivileged and read-only, in the
-     container's cgroup parent; its hostname is the container's;
+     container's cgroup parent; its hostname is the container's (a pod's, for a pod holder);
   2. the isolator adopts its namespace (/proc/<pid>/ns/net) at the path it would have created
      (isolators/network: `prepare(..., netns_source=...)`) and attaches it as for every runtime:
      veth on our bridge, address, default route, tc rate, nftables port forwards (never Docker's
@@ -27,6 +27,7 @@ its cleanup and recovery sweep remove it). Cleanup removes workload, sandbox, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,16 @@ class DockerNetwork:
     isolator (through RuntimeNetwork). Raises adapter.core.errors only."""
 
     def __init__(
-        self, network: RuntimeNetwork, engine: DockerEngine, owner: str, root: str
+        self,
+        network: RuntimeNetwork,
+        engine: DockerEngine,
+        owner: str,
+        cgroup_parent: Callable[[str], str],
     ) -> None:
         self._network = network
         self._engine = engine
         self._owner = owner
-        self._cgroups_root = root
+        self._cgroup_parent = cgroup_parent  # container id -> its CgroupParent
 
     def mode(self, spec: LaunchSpec) -> str:
         """The effective mode ("none", "host" or "bridge"), checked against the node: bad
@@ -82,7 +87,8 @@ class DockerNetwork:
         files. Whatever exists on failure, `release` removes."""
         sandbox_id, pid = await self._start_sandbox(spec, sandbox_image)
         attachment = await self._network.adopt(spec, Path(f"/proc/{pid}/ns/net"))
-        etc_files = self._network.etc_files(spec.container_id, hostname_of(spec.container_id))
+        hostname = spec.linux.hostname or hostname_of(spec.container_id)
+        etc_files = self._network.etc_files(spec.container_id, hostname)
         mounts = tuple(
             {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": True}
             for target, source in sorted(etc_files.items())
@@ -99,7 +105,8 @@ class DockerNetwork:
             "entrypoint": [SANDBOX_COMMAND[0]],
             "command": list(SANDBOX_COMMAND[1:]),
             "user": SANDBOX_USER,
-            "hostname": hostname_of(cid),
+            # A pod's holder shares its network and so this hostname with the pod's containers.
+            "hostname": spec.linux.hostname or hostname_of(cid),
             "labels": {
                 names.LABEL_CONTAINER_ID: cid,
                 names.LABEL_OWNER: self._owner,
@@ -108,7 +115,7 @@ class DockerNetwork:
             "detach": True,
             "host_config": {
                 "NetworkMode": "none",
-                "CgroupParent": names.cgroup_parent(self._cgroups_root, cid),
+                "CgroupParent": self._cgroup_parent(cid),
                 "PidsLimit": SANDBOX_PIDS_LIMIT,
                 "ReadonlyRootfs": True,
                 "CapDrop": ["ALL"],

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import shlex
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ CONFIG_DRIVE_LABEL = "cidata"  # what cloud-init's NoCloud datasource looks for
 OVERLAY_NAME = "disk.qcow2"
 CONFIG_DRIVE_NAME = "cidata.iso"
 FIELD_IMAGE = "container.image"
+# The qcow2 header: magic "QFI\xfb", version, backing file offset and size, cluster bits, size.
+QCOW2_MAGIC = b"QFI\xfb"
+_QCOW2_HEADER = struct.Struct(">4sIQIIQ")
 
 
 def resolve_image(images: dict[str, Path], reference: str) -> Path:
@@ -76,6 +81,27 @@ async def create_overlay(base: Path, run_dir: Path) -> Path:
         QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)
     )
     return overlay
+
+
+def overlay_usage(run_dir: Path) -> dict[str, float]:
+    """The guest's disk as Mesos' statistics: the overlay's allocated bytes are what the guest
+    wrote (disk_used_bytes), its virtual size the most it can (disk_limit_bytes); {} for a
+    command guest (no overlay). Read from our run directory, by descriptor, not followed."""
+    try:
+        fd = os.open(run_dir / OVERLAY_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    try:
+        header = os.pread(fd, _QCOW2_HEADER.size, 0)
+        allocated = os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
+    statistics: dict[str, float] = {"disk_used_bytes": allocated}
+    if len(header) == _QCOW2_HEADER.size:
+        magic, _, _, _, _, virtual_size = _QCOW2_HEADER.unpack(header)
+        if magic == QCOW2_MAGIC:
+            statistics["disk_limit_bytes"] = virtual_size
+    return statistics
 
 
 @dataclass(frozen=True)

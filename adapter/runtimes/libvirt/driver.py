@@ -122,6 +122,7 @@ class LibvirtDriver:
             pid_namespace=True,
             recover=True,
             network_isolation=True,
+            single_container_pods=True,  # a VM joins no namespaces: one container per pod
         )
         try:
             conn = await self._libvirt.get()
@@ -442,6 +443,7 @@ class LibvirtDriver:
         if "rss" in memory:
             statistics.setdefault("mem_rss_bytes", memory["rss"] * 1024)
         statistics.setdefault("mem_limit_bytes", guest.memory_mib * 1024 * 1024)
+        statistics.update(await asyncio.to_thread(disk.overlay_usage, Path(guest.handle.run_dir)))
         return statistics  # the tap's counters come from the node's network, in the core
 
     # ---- recovery ----

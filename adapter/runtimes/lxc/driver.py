@@ -92,6 +92,7 @@ from adapter.runtimes.lxc.rootfs import (
     SANDBOX_TARGET,
     SUPERVISOR_TARGET,
     BaseRootfs,
+    Lower,
     resolve_in_root,
 )
 from adapter.supervisor import client as protocol
@@ -188,6 +189,7 @@ class LxcDriver:
             recover=True,
             network_isolation=True,
             pods=True,
+            disk_enforced=True,
         )
         try:
             supervisor = self._supervisor()
@@ -215,8 +217,13 @@ class LxcDriver:
     def _container_dir(self, container_id: str) -> Path:
         return self._lxcpath / container_id
 
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        """The upper directory of its rootfs overlay (rootfs.py), under our lxcpath."""
+        upper = self._container_dir(container_id) / "delta0"
+        return (str(upper),) if upper.is_dir() else ()
+
     def _config(
-        self, spec: LaunchSpec, lower: Path, supervisor: str
+        self, spec: LaunchSpec, lower: Lower, supervisor: str
     ) -> tuple[LxcConfig, linux.ContainerView]:
         """The container's config, its network aside (that comes once the request is checked);
         what the supervisor needs to know of it."""
@@ -225,7 +232,7 @@ class LxcDriver:
         hostname = linux.hostname(spec)
         if hostname is not None:  # LXC sets it in a UTS namespace of its own only
             config.set("lxc.uts.name", hostname, field="linux.hostname")
-        config.set("lxc.rootfs.path", f"overlay:{lower}:{directory / 'delta0'}", field="image")
+        config.set("lxc.rootfs.path", lower.rootfs_path(directory / "delta0"), field="image")
         config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
         config.set("lxc.autodev", 1)
         config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
@@ -234,7 +241,8 @@ class LxcDriver:
         config.set("lxc.apparmor.profile", "unconfined")  # the supervisor mounts a nested /proc
         config.set("lxc.log.file", str(directory / "lxc.log"), field="container_id")
         config.set("lxc.log.level", "WARN")
-        config.set("lxc.cgroup.dir.container", f"{self._cgroups_root}/{cid}", field="container_id")
+        cgroup = self._hierarchies.relative(cid)
+        config.set("lxc.cgroup.dir.container", cgroup, field="container_id")
         config.set("lxc.cgroup.dir.monitor", self._monitor_cgroup(cid), field="container_id")
         limits = self._node.limits(spec.resources)
         for key, value in cgroup_keys(limits, version=self._hierarchies.version):
@@ -245,8 +253,8 @@ class LxcDriver:
             (spec.sandbox, SANDBOX_TARGET, "bind,create=dir", "sandbox"),
         )
         for source, target, options, field in own_mounts:
-            config.mount(source, resolve_in_root(lower, target, field), options, field=field)
-        return config, linux.set_linux_options(config, spec, lower)
+            config.mount(source, resolve_in_root(lower.view, target, field), options, field=field)
+        return config, linux.set_linux_options(config, spec, lower.view)
 
     def _set_network(
         self, config: LxcConfig, spec: LaunchSpec, network: Attachment | None, lower: Path
@@ -306,12 +314,12 @@ class LxcDriver:
                 spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER
             )
             # The user is the container root's: the busybox base's or the image's /etc files.
-            lower = await self._rootfs.lower(spec.image)
-            identity = await workload_identity(workload.user, spec.linux, lower)
-            config, view = self._config(spec, lower, supervisor)
-            payload = (await self._launch_config(spec, workload, identity, view)).encode()
-            network = await self._prepare_network(spec)
-            self._set_network(config, spec, network, lower)
+            async with self._rootfs.lower(spec.image) as lower:
+                identity = await workload_identity(workload.user, spec.linux, lower.view)
+                config, view = self._config(spec, lower, supervisor)
+                payload = (await self._launch_config(spec, workload, identity, view)).encode()
+                network = await self._prepare_network(spec)
+                self._set_network(config, spec, network, lower.view)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
             (directory / "config").write_text(config.render())
@@ -447,7 +455,8 @@ class LxcDriver:
             raise NotFound(f"lxc runtime: no running container {container_id!r}")
         spec, handle = container.spec, container.handle
         workload = merge(spec.command, self._image(spec.image), host_sandbox=SANDBOX_IN_CONTAINER)
-        lower = await self._rootfs.lower(spec.image)
+        async with self._rootfs.lower(spec.image) as lower:
+            identity = await workload_identity(workload.user, spec.linux, lower.view)
         return ExecConfig(
             target_pid=handle.workload_init.pid,
             target_start_time=handle.workload_init.start_time,
@@ -455,7 +464,7 @@ class LxcDriver:
             enforcement=await linux.enforcement(spec, self._seccomp_filter),
             env=workload.environment,
             cwd=workload.working_dir,
-            identity=await workload_identity(workload.user, spec.linux, lower),
+            identity=identity,
             cgroup_procs=[str(Path(d) / "cgroup.procs") for d in handle.cgroup_dirs],
             tty=tty,
         )
@@ -567,7 +576,7 @@ class LxcDriver:
         for cgroup in self._cgroups.dirs(container_id):
             await files.remove(cgroup)
         # LXC makes both in every hierarchy, the named and unified ones too.
-        names = (f"{self._cgroups_root}/{container_id}", self._monitor_cgroup(container_id))
+        names = (self._hierarchies.relative(container_id), self._monitor_cgroup(container_id))
         for mount in self._cgroup_mounts:
             for name in names:
                 await files.remove(mount / name)

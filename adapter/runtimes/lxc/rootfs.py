@@ -3,9 +3,10 @@
 Without an image a container gets a minimal busybox system built here once from the host's
 static busybox (Debian's busybox-static): /bin/busybox, a symlink per applet, /etc/passwd and
 /etc/group with root and nobody, and the mount points the driver binds into every container.
-With an image the base is the image store's cached, read-only unpacked rootfs.
+With an image the base is the image store's read-only layer directories, each unpacked once and
+shared (adapter/images/CONTRACT.md).
 
-Either way the base is never written: LXC mounts `overlay:<base>:<container dir>/delta0` inside
+Either way the base is never written: LXC mounts `overlay:<layers>:<container dir>/delta0` inside
 the container's own mount namespace, so the container's writes land in its directory under the
 lxcpath and leave with it, and nothing is mounted on the host that a crash could leave behind.
 """
@@ -13,12 +14,15 @@ lxcpath and leave with it, and nothing is mounted on the host that a crash could
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +38,10 @@ SUPERVISOR_TARGET = ".containerizer/supervisor"
 RUN_TARGET = ".containerizer/run"
 SANDBOX_TARGET = "mnt/mesos/sandbox"
 
+# The overlay's mount options: LXC's own keys around the layers (lowerdir and upperdir) and
+# the work directory, about as long as the upper's path; a page bounds them all.
+LXC_OVERLAY_OPTIONS = "upperdir=,lowerdir=,workdir=/olwork,xino=off,index=off"
+PAGE_BYTES = 4096
 # As the kernel's bound on symlinks in one path lookup (ELOOP beyond).
 MAX_SYMLINKS = 40
 
@@ -137,9 +145,30 @@ def remove_stale_builds(bases_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Lower:
+    """A container's read-only lower layers, topmost first, and a path to their merged files
+    (where the service resolves mount targets and reads the image's /etc files), valid while
+    the `BaseRootfs.lower` block that made it runs."""
+
+    layers: tuple[Path, ...]
+    view: Path
+
+    def rootfs_path(self, upper: Path) -> str:
+        """`lxc.rootfs.path`: LXC's overlay takes every lower layer before the upper one.
+        LXC mounts it with one option string, which the kernel bounds by a page."""
+        path = "overlay:" + ":".join(str(layer) for layer in (*self.layers, upper))
+        if len(path) + 2 * len(str(upper)) + len(LXC_OVERLAY_OPTIONS) > PAGE_BYTES:
+            raise FailedPrecondition(
+                f"the image has {len(self.layers)} layers: more than LXC can stack in one overlay"
+                f" mount (its options fit in {PAGE_BYTES} bytes); the native runtime runs it"
+            )
+        return path
+
+
 class BaseRootfs:
     """The read-only lower layers: the busybox base (built once per driver, under a lock)
-    and image rootfs from the image store.
+    and image layers from the image store.
 
     `images` is the service's one store, never a store of our own: opening a store collects
     garbage, and a second one could take another import's or unpack's work for garbage."""
@@ -157,10 +186,13 @@ class BaseRootfs:
                 self._busybox = await asyncio.to_thread(build_busybox_base, self._bases_dir)
             return self._busybox
 
-    async def image(self, reference: str) -> Path:
-        """The image store's cached read-only rootfs (adapter/images/CONTRACT.md)."""
-        rootfs: Path = await self._images.rootfs(reference)
-        return rootfs
-
-    async def lower(self, image: str | None) -> Path:
-        return await (self.image(image) if image else self.busybox())
+    @contextlib.asynccontextmanager
+    async def lower(self, image: str | None) -> AsyncIterator[Lower]:
+        """The image's layers from the image store, or the busybox base."""
+        if not image:
+            base = await self.busybox()
+            yield Lower((base,), base)
+            return
+        layers = await self._images.layers(image)
+        async with self._images.view(image) as view:
+            yield Lower(tuple(layers), view)

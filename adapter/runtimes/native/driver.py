@@ -36,11 +36,13 @@ from adapter.core.model import (
     ExecResult,
     Exit,
     Fingerprint,
+    Identity,
     LaunchSpec,
     Resources,
     Statistics,
 )
 from adapter.core.services import Services
+from adapter.core.userns import give_to_namespace_root, own_id_mapping
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.runtimes.base import Checkpointed, Launched
 from adapter.runtimes.native.options import NativeOptions
@@ -121,6 +123,8 @@ class NativeDriver:
             images=self._namespaces,
             network_isolation=True,
             pods=self._namespaces,
+            user_namespace=self._namespaces,
+            disk_enforced=True,
         )
         try:
             binary = self._binary()
@@ -142,6 +146,7 @@ class NativeDriver:
         try:
             netns, address = await self._prepare_network(spec)
             workload, filesystem = await self._workload(spec, run_dir)
+            give_to_namespace_root(spec, run_dir / "rootfs" if filesystem else None)
             enforcement = await linux.enforcement(
                 spec, self._seccomp_filter, own_root=filesystem is not None
             )
@@ -155,9 +160,7 @@ class NativeDriver:
                 env=workload.environment,
                 cgroup_procs=prepared.cgroup_procs,
                 cwd=workload.working_dir,
-                identity=await workload_identity(
-                    workload.user, spec.linux, filesystem.rootfs_lower if filesystem else None
-                ),
+                identity=await self._identity(workload.user, spec),
                 hostname=linux.hostname(spec),
                 namespaces=self._namespaces,
                 netns=netns,
@@ -171,6 +174,7 @@ class NativeDriver:
                 tty=spec.linux.tty,
                 output_max_size=self._node.log_max_size,
                 output_max_files=self._node.log_max_files,
+                id_mapping=own_id_mapping(spec),
             )
             handle = await self._supervisors.spawn(binary, config)
             for isolator in self._isolators:
@@ -191,7 +195,7 @@ class NativeDriver:
     async def _workload(
         self, spec: LaunchSpec, run_dir: Path
     ) -> tuple[Workload, supervisor.Filesystem | None]:
-        """What runs, and the files it sees: the host's, or an overlay of the image's rootfs
+        """What runs, and the files it sees: the host's, or an overlay of the image's layers
         with the sandbox and the network's /etc files bound in."""
         if spec.image is None:
             return merge(spec.command, None, host_sandbox=spec.sandbox), None
@@ -199,7 +203,7 @@ class NativeDriver:
             raise FailedPrecondition("native runtime: images need namespaces = true")
         image = self._images.get(spec.image)
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-        lower = await self._images.rootfs(spec.image)
+        layers = await self._images.layers(spec.image)
         rootfs_dir = run_dir / "rootfs"
         for part in ("upper", "work", "merged"):
             (rootfs_dir / part).mkdir(parents=True)
@@ -212,7 +216,7 @@ class NativeDriver:
             etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
             etc_binds = tuple((str(path), target) for target, path in etc_files.items())
         filesystem = supervisor.Filesystem(
-            str(lower),
+            ":".join(str(layer) for layer in layers),
             str(rootfs_dir),
             binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
             read_only_binds=etc_binds,
@@ -220,6 +224,14 @@ class NativeDriver:
             read_only_root=spec.linux.read_only_rootfs,
         )
         return workload, filesystem
+
+    async def _identity(self, user: str | None, spec: LaunchSpec) -> Identity:
+        """The workload's identity from its image's /etc files (read through its layers), or
+        the host's."""
+        if not spec.image:
+            return await workload_identity(user, spec.linux, None)
+        async with self._images.view(spec.image) as root:
+            return await workload_identity(user, spec.linux, root)
 
     def _attach(self, spec: LaunchSpec, handle: supervisor.SupervisorHandle) -> None:
         cid = spec.container_id
@@ -285,7 +297,6 @@ class NativeDriver:
         spec = running.spec
         image = self._images.get(spec.image) if spec.image else None
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
-        rootfs = str(await self._images.rootfs(spec.image)) if spec.image else None
         return ExecConfig(
             target_pid=running.handle.child_pid,
             target_start_time=running.handle.child_start_time,
@@ -295,7 +306,7 @@ class NativeDriver:
             ),
             env=workload.environment,
             cwd=workload.working_dir,
-            identity=await workload_identity(workload.user, spec.linux, rootfs),
+            identity=await self._identity(workload.user, spec),
             cgroup_procs=[str(d / "cgroup.procs") for d in self._cgroup_dirs(container_id)],
             tty=tty,
         )
@@ -309,6 +320,12 @@ class NativeDriver:
             raise NotFound(f"native runtime: no running container {container_id!r}")
         socket_path = self._run_dir / container_id / ATTACH_SOCKET
         return await AttachSession.connect(socket_path, stdout=stdout, stderr=stderr)
+
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        """The upper directory of an image's overlay (an image-less launch writes the host's
+        filesystem, measured by nobody, as in Mesos)."""
+        upper = self._run_dir / container_id / "rootfs" / "upper"
+        return (str(upper),) if upper.is_dir() else ()
 
     def _cgroup_dirs(self, container_id: str) -> list[Path]:
         return self._cgroups.dirs(container_id) if self._cgroups is not None else []
