@@ -1,7 +1,7 @@
 """Benchmark: one disk/du pass (isolators/disk/du.py: `du` run by the isolator under its time
-budget, asynchronously) over a 100,000-file tree against `du -s` run directly on the same tree
-in the same run, both with a warm cache, interleaved (each goes first every other time). Prints JSON with the
-p50s and `ratio` (ours / du's; the target is <= 1.0). Removes its tree.
+budget, on an event loop) over a 100,000-file tree against `du -s` run directly on the same
+tree in the same run, both with a warm cache, interleaved (each first every other time). Prints
+JSON with the p50s and `ratio` (ours / du's; the target is <= 1.0). Removes its tree.
 
     .venv/bin/python benchmarks/bench_disk.py [--files 100000] [--repeat 15]
 """

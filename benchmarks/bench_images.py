@@ -2,10 +2,11 @@
 GNU tar doing the same bytes in the same run (`tar -xf` of the tarball for import, `tar -xf` of
 the layer blob for unpack), each of our samples followed by the matching tar sample so that
 both see the same load. Import is into a store opened beforehand (a service opens its store
-once); unpack is `store.rootfs` of an imported image whose rootfs was removed, so that it
-unpacks from the stored blobs. Prints JSON, each headline ratio with the baseline issue 19
-measured, its target and whether it is met; removes its temporary directory even when
-interrupted.
+once); unpack is `store.layers` of an imported image whose layer directory was removed, so that
+it unpacks from the stored blobs. "shared_base" unpacks busybox, then a second image of busybox's
+layer and a small one over it: the second unpacks only its own layer. Prints JSON, each
+headline ratio with the baseline issue 19 measured, its target and whether it is met; removes
+its temporary directory even when interrupted.
 
     .venv/bin/python benchmarks/bench_images.py [--repeat 10]
 """
@@ -28,7 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
 from adapter.images import ImageStore
-from tests.images import REFERENCE, busybox_docker_archive, busybox_oci_layout
+from tests.images import (
+    REFERENCE,
+    Entry,
+    busybox_docker_archive,
+    busybox_entries,
+    busybox_oci_layout,
+    tar_bytes,
+    write_oci_layout,
+)
+
+SECOND = "localhost/busybox-motd:1"
 
 
 def summary(samples_ms: list[float]) -> dict[str, float]:
@@ -113,11 +124,11 @@ async def bench_format(work: Path, name: str, tarball: Path, repeat: int) -> dic
     image = stores[0].get(REFERENCE)
     [layer] = image.layers
     blob = stores[0].blob_path(layer.digest)
-    for store in stores:  # unpack again from the stored blobs, as for a store without rootfs
-        shutil.rmtree(store.layout.rootfs_path(image.manifest.digest))
+    for store in stores:  # unpack again from the stored blobs, as for a store without layers
+        shutil.rmtree(store.layout.layer_path(image.diff_ids[0]))
 
     async def unpack(attempt: int) -> None:
-        await stores[attempt].rootfs(REFERENCE)
+        await stores[attempt].layers(REFERENCE)
 
     def tar_extract_layer(attempt: int) -> list[str]:  # tar detects gzip itself
         return ["tar", "-xf", str(blob), *fresh_directory(work / f"{name}-layer-{attempt}")]
@@ -131,6 +142,31 @@ async def bench_format(work: Path, name: str, tarball: Path, repeat: int) -> dic
     }
 
 
+async def bench_shared_base(work: Path, repeat: int) -> dict[str, object]:
+    """Unpack time of busybox, then of a second image that shares its base layer."""
+    busybox = tar_bytes(busybox_entries())
+    top = tar_bytes([Entry("etc/motd", data=b"a second image\n")])
+    base = write_oci_layout(work / "base.tar", [busybox], REFERENCE)
+    second = write_oci_layout(work / "second.tar", [busybox, top], SECOND)
+    samples: dict[str, list[float]] = {"first": [], "second": []}
+    for attempt in range(repeat):
+        store = ImageStore(work / f"shared-{attempt}")
+        await store.import_tarball(base)
+        await store.import_tarball(second)
+        for layer in store.layout.layers.iterdir():  # unpack both from their stored blobs
+            shutil.rmtree(layer)
+        for reference, key in ((REFERENCE, "first"), (SECOND, "second")):
+            start = time.perf_counter()
+            await store.layers(reference)
+            samples[key].append((time.perf_counter() - start) * 1000)
+    first, shared = summary(samples["first"]), summary(samples["second"])
+    return {
+        "first_image_unpack_ms": first,
+        "second_image_sharing_the_base_layer_unpack_ms": shared,
+        "ratio_p50": shared["p50"] / first["p50"],
+    }
+
+
 async def run(repeat: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-images-") as directory:
         work = Path(directory)
@@ -139,6 +175,7 @@ async def run(repeat: int) -> dict[str, object]:
         results["docker_archive"] = await bench_format(
             work, "docker", busybox_docker_archive(work), repeat
         )
+        results["shared_base"] = await bench_shared_base(work, repeat)
         return results
 
 

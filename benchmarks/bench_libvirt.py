@@ -50,13 +50,18 @@ DEFAULT_KERNEL = "/var/lib/containerizer/libvirt/kernel/vmlinuz"
 MEMORY_MIB = 256
 TRUE = GuestCommand(argv=("/bin/true",))
 WARMUP = 1
+SERVICE_STEPS = ("launch_rpc", "qemu_exit", "stopped", "wait")
 
 
-def through_service(service: ServiceProcess, container_id: str) -> tuple[float, float]:
-    """One boot-to-exit through the API: (Launch returned, Wait returned) in seconds."""
+def through_service(
+    service: ServiceProcess, raw: RawLibvirt, container_id: str
+) -> dict[str, float]:
+    """One boot-to-exit through the API, in seconds from the Launch call to: its return, QEMU's
+    exit, libvirt's STOPPED event for the domain (seen by `raw`'s listener on the same libvirtd)
+    and the return of Wait. Wait minus STOPPED is what the service adds at the end."""
     stub = service.stub()
     started = time.perf_counter()
-    stub.Launch(
+    reply = stub.Launch(
         pb.LaunchRequest(
             container_id=container_id,
             command=pb.CommandInfo(argv=["/bin/true"]),
@@ -67,11 +72,33 @@ def through_service(service: ServiceProcess, container_id: str) -> tuple[float, 
         timeout=120,
     )
     launched = time.perf_counter() - started
-    reply = stub.Wait(pb.WaitRequest(container_id=container_id), timeout=300)
+    qemu_exit = threading.Thread(target=_wait_for_pid, args=(reply.status.pid,), daemon=True)
+    qemu_exit.start()
+    waited = stub.Wait(pb.WaitRequest(container_id=container_id), timeout=300)
     total = time.perf_counter() - started
-    assert reply.termination.exit_code == 0, reply.termination.message
+    assert waited.termination.exit_code == 0, waited.termination.message
     stub.Destroy(pb.DestroyRequest(container_id=container_id), timeout=60)
-    return launched, total
+    qemu_exit.join()
+    return {
+        "launch_rpc": launched,
+        "qemu_exit": _EXITS.pop(reply.status.pid) - started,
+        "stopped": raw.stopped_at(domain.domain_name(container_id)) - started,
+        "wait": total,
+    }
+
+
+_EXITS: dict[int, float] = {}
+
+
+def _wait_for_pid(pid: int) -> None:
+    """Note when process `pid` (not our child) exits: a pidfd turns readable at the exit
+    itself, not when the process is reaped."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+    _EXITS[pid] = time.perf_counter()
 
 
 class RawLibvirt:
@@ -100,6 +127,12 @@ class RawLibvirt:
         if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
             threading.Thread(target=_destroy_quietly, args=(dom,), daemon=True).start()
 
+    def stopped_at(self, name: str) -> float:
+        """When libvirt reported domain `name` STOPPED (waits for it)."""
+        while libvirt.VIR_DOMAIN_EVENT_STOPPED not in self._events.get(name, {}):
+            time.sleep(0.002)
+        return self._events[name][libvirt.VIR_DOMAIN_EVENT_STOPPED]
+
     def _xml(self, name: str, machine: str, cmdline: str) -> tuple[str, str]:
         run = self._scratch / name
         run.mkdir(exist_ok=True)
@@ -122,10 +155,10 @@ class RawLibvirt:
         started = time.perf_counter()
         self._conn.createXML(xml, 0)
         created = time.perf_counter() - started
-        qemu_exit = _wait_for_exit(domain_uuid) - started
-        while libvirt.VIR_DOMAIN_EVENT_STOPPED not in self._events.get(name, {}):
-            time.sleep(0.002)
-        stopped = self._events[name][libvirt.VIR_DOMAIN_EVENT_STOPPED] - started
+        pid = _qemu_pid(domain_uuid)
+        _wait_for_pid(pid)
+        qemu_exit = _EXITS.pop(pid) - started
+        stopped = self.stopped_at(name) - started
         status = (self._scratch / name / "ttyS3").read_text().strip()
         assert status == "exit 0", status
         return {"create_xml": created, "qemu_exit": qemu_exit, "stopped": stopped}
@@ -136,18 +169,12 @@ def _destroy_quietly(dom: Any) -> None:
         dom.destroy()
 
 
-def _wait_for_exit(domain_uuid: str) -> float:
-    """When the QEMU running that domain exited (a pidfd turns readable at the exit itself, not
-    when the process is reaped)."""
+def _qemu_pid(domain_uuid: str) -> int:
+    """The QEMU running that domain, found by the UUID on its command line."""
     (pid,) = [
         p.pid for p in psutil.process_iter(["cmdline"]) if domain_uuid in (p.info["cmdline"] or [])
     ]
-    pidfd = os.pidfd_open(pid)
-    try:
-        select.select([pidfd], [], [])
-    finally:
-        os.close(pidfd)
-    return time.perf_counter()
+    return int(pid)
 
 
 # microvm has no PIT/HPET/PM timer under TCG by default: the kernel hangs calibrating the TSC
@@ -217,13 +244,12 @@ def compare(
     samples: dict[str, list[float]] = {"direct": [], "microvm": []}
     samples.update({f"raw_{step}": [] for step in ("create_xml", "qemu_exit", "stopped")})
     for name in services:
-        samples[name] = []
-        samples[f"{name}_launch_rpc"] = []
+        samples.update({f"{name}_{step}": [] for step in SERVICE_STEPS})
     outcomes = {"direct": "ok", "microvm": "ok"}
     loads = []
     for run in range(-WARMUP, runs):
         ours = {
-            name: through_service(service, f"bench-{name}-{run + WARMUP}")
+            name: through_service(service, raw, f"bench-{name}-{run + WARMUP}")
             for name, service in services.items()
         }
         raw_steps = raw.boot(f"containerizer-bench-raw-{run + WARMUP}")
@@ -238,15 +264,59 @@ def compare(
             continue
         for step, seconds in raw_steps.items():
             samples[f"raw_{step}"].append(seconds)
-        for name, (launched, total) in ours.items():
-            samples[name].append(total)
-            samples[f"{name}_launch_rpc"].append(launched)
+        for name, steps in ours.items():
+            for step, seconds in steps.items():
+                samples[f"{name}_{step}"].append(seconds)
         for name, value in (("direct", direct), ("microvm", microvm)):
             if isinstance(value, float):
                 samples[name].append(value)
             else:
                 outcomes[name] = value
     return {"samples": samples, "outcomes": outcomes, "loads": loads}
+
+
+def step_p50(samples: dict[str, list[float]], later: str, earlier: str) -> float | None:
+    """Median over runs of the time between two steps of the same run."""
+    gaps = [b - a for a, b in zip(samples[earlier], samples[later], strict=True)]
+    return p50(gaps)
+
+
+def report(result: dict[str, Any], runs: int) -> dict[str, Any]:
+    samples = result["samples"]
+    service, microvm = samples["service_wait"], samples["service_microvm_wait"]
+    return {
+        "benchmark": "libvirt boot-to-exit of /bin/true (TCG), runs interleaved",
+        "runs": runs,
+        "load_1min": result["loads"],
+        "service_p50_s": p50(service),
+        "direct_qemu_pc_p50_s": p50(samples["direct"]),
+        "ratio_service_vs_direct": ratio(service, samples["direct"]),
+        "raw_libvirt_p50_s": p50(samples["raw_stopped"]),
+        "ratio_raw_libvirt_vs_direct": ratio(samples["raw_stopped"], samples["direct"]),
+        "ratio_service_vs_raw_libvirt": ratio(service, samples["raw_stopped"]),
+        # Where the time goes. libvirt's: createXML (QEMU started with -S, QMP negotiated, the
+        # guest CPU read back property by property, then resumed) and the stop (libvirt polls
+        # the exited QEMU every 200 ms before it reports STOPPED). Ours: the Launch RPC around
+        # createXML, and Wait after STOPPED.
+        "raw_libvirt_create_xml_p50_s": p50(samples["raw_create_xml"]),
+        "service_launch_rpc_p50_s": p50(samples["service_launch_rpc"]),
+        "raw_libvirt_stopped_after_qemu_exit_p50_s": step_p50(
+            samples, "raw_stopped", "raw_qemu_exit"
+        ),
+        "service_stopped_after_qemu_exit_p50_s": step_p50(
+            samples, "service_stopped", "service_qemu_exit"
+        ),
+        "service_wait_after_stopped_p50_s": step_p50(samples, "service_wait", "service_stopped"),
+        "service_microvm_p50_s": p50(microvm),
+        "ratio_service_microvm_vs_direct_pc": ratio(microvm, samples["direct"]),
+        "direct_qemu_microvm_p50_s": p50(samples["microvm"]),
+        "microvm_outcome": result["outcomes"]["microvm"],
+        "ratio_service_microvm_vs_direct_microvm": ratio(microvm, samples["microvm"]),
+        "ratio_direct_microvm_vs_pc": ratio(samples["microvm"], samples["direct"]),
+        "service_runs_s": [round(t, 3) for t in service],
+        "raw_libvirt_runs_s": [round(t, 3) for t in samples["raw_stopped"]],
+        "direct_runs_s": [round(t, 3) for t in samples["direct"]],
+    }
 
 
 def _services(scratch: Path, daemon: PrivateLibvirtd, kernel: Path) -> dict[str, ServiceProcess]:
@@ -296,38 +366,7 @@ def main() -> int:
             daemon.stop()
             for service in services.values():
                 service.remove_cgroup_roots()  # the root and libvirt's `<root>.partition`
-    samples = result["samples"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "libvirt boot-to-exit of /bin/true (TCG), runs interleaved",
-                "runs": args.runs,
-                "load_1min": result["loads"],
-                "service_p50_s": p50(samples["service"]),
-                "service_launch_rpc_p50_s": p50(samples["service_launch_rpc"]),
-                "direct_qemu_pc_p50_s": p50(samples["direct"]),
-                "ratio_service_vs_direct": ratio(samples["service"], samples["direct"]),
-                "raw_libvirt_p50_s": p50(samples["raw_stopped"]),
-                "raw_libvirt_create_xml_p50_s": p50(samples["raw_create_xml"]),
-                "raw_libvirt_qemu_exit_p50_s": p50(samples["raw_qemu_exit"]),
-                "ratio_raw_libvirt_vs_direct": ratio(samples["raw_stopped"], samples["direct"]),
-                "ratio_service_vs_raw_libvirt": ratio(samples["service"], samples["raw_stopped"]),
-                "service_microvm_p50_s": p50(samples["service_microvm"]),
-                "ratio_service_microvm_vs_direct_pc": ratio(
-                    samples["service_microvm"], samples["direct"]
-                ),
-                "direct_qemu_microvm_p50_s": p50(samples["microvm"]),
-                "microvm_outcome": result["outcomes"]["microvm"],
-                "ratio_service_microvm_vs_direct_microvm": ratio(
-                    samples["service_microvm"], samples["microvm"]
-                ),
-                "ratio_direct_microvm_vs_pc": ratio(samples["microvm"], samples["direct"]),
-                "service_runs_s": [round(t, 3) for t in samples["service"]],
-                "direct_runs_s": [round(t, 3) for t in samples["direct"]],
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(report(result, args.runs), indent=2))
     return 0
 
 

@@ -128,6 +128,8 @@ class ServiceProcess:
         )
         self.process: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
+        if user_namespace_mode():
+            searchable_by_all(workdir)
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -193,6 +195,17 @@ class ServiceProcess:
         `<root>.partition`, LXC's `<root>.lxc-monitor.<id>`), with all below them, in every
         hierarchy. Returns what could not be removed (the end-of-run check reports it too)."""
         return remove_cgroup_trees(self.cgroups_root, f"{self.cgroups_root}.*")
+
+
+def searchable_by_all(path: Path) -> None:
+    """User namespace mode: a container's root (an unprivileged host uid) runs in the host's
+    filesystem without an image, so it must be able to walk to its sandbox, as under the
+    default state directory (0711); pytest makes its temporary directories 0700 (and its root
+    0700 again at the next session). Search, not read, is added, up to /tmp."""
+    for directory in (path, *path.parents):
+        if directory == Path("/tmp") or not directory.is_relative_to("/tmp"):
+            break
+        directory.chmod(directory.stat().st_mode & 0o7777 | 0o111)
 
 
 def _user_namespace_default(extra_config: str) -> str:

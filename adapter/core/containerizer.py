@@ -162,7 +162,7 @@ class Containerizer:
                     self._pod_cgroups().place(spec)
                 launched = await driver.start(spec)
                 if self.disk is not None:
-                    await self.disk.prepare(spec, driver)
+                    warnings += await self.disk.prepare(spec, driver)
             except ContainerizerError as exc:
                 await self._fail_launch(container, driver, str(exc))
                 raise

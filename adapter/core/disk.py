@@ -42,24 +42,25 @@ class DiskAccounting:
         """Whether a disk request is enforced on this runtime: all it writes can be seen."""
         return isinstance(driver, WritableLayers)
 
-    async def _roots(self, spec: LaunchSpec, driver: Runtime) -> list[str]:
-        """The sandbox, and the writable layer where the runtime can say (a daemon that is
-        down cannot: then the sandbox alone is measured, and the log says so)."""
+    async def _roots(self, spec: LaunchSpec, driver: Runtime) -> tuple[list[str], str]:
+        """The sandbox, and the writable layer where the runtime can say; else why not (a
+        daemon that is down, a storage driver without one): the sandbox alone is measured."""
         if not isinstance(driver, WritableLayers):
-            return [spec.sandbox]
+            return [spec.sandbox], ""
         try:
             layers = await driver.writable_dirs(spec.container_id)
         except ContainerizerError as exc:
             log.warning("%s: its writable layer is not measured: %s", spec.container_id, exc)
-            layers = ()
-        return [spec.sandbox, *layers]
+            return [spec.sandbox], str(exc)
+        return [spec.sandbox, *layers], ""
 
     def _limit(self, spec: LaunchSpec, driver: Runtime) -> int | None:
         return limit_bytes(spec.resources) if self.enforces(driver) else None
 
-    async def prepare(self, spec: LaunchSpec, driver: Runtime) -> None:
-        """Once the runtime made the container's directories (its writable layer)."""
-        roots, limit = await self._roots(spec, driver), self._limit(spec, driver)
+    async def prepare(self, spec: LaunchSpec, driver: Runtime) -> tuple[str, ...]:
+        """Once the runtime made the container's directories (its writable layer); the
+        launch's warning when its disk request is enforced on its sandbox only."""
+        (roots, unmeasured), limit = await self._roots(spec, driver), self._limit(spec, driver)
         mode = await self.isolator.prepare(spec.container_id, roots, limit)
         log.info("%s: disk %s over %s", spec.container_id, mode.name or "measured", roots)
         if mode.why_not_quota and mode.why_not_quota not in self._said:
@@ -69,9 +70,15 @@ class DiskAccounting:
                 mode.why_not_quota,
                 self.isolator.interval,
             )
+        if limit is None or not unmeasured:
+            return ()
+        return (
+            f"disk: {spec.resources.disk_mib:g} MiB requested, enforced on the sandbox only:"
+            f" {unmeasured}",
+        )
 
     async def recover(self, spec: LaunchSpec, driver: Runtime) -> None:
-        roots, limit = await self._roots(spec, driver), self._limit(spec, driver)
+        (roots, _), limit = await self._roots(spec, driver), self._limit(spec, driver)
         await self.isolator.recover(spec.container_id, roots, limit)
 
     def watch(self, container_id: str, on_limit: OnLimit) -> None:

@@ -9,8 +9,10 @@ it, and a hard link may name a file of a layer below (the overlay copies it up).
 writes what the layer changes into the upper directory in its own format: a deleted name
 becomes a whiteout (a 0/0 character device the kernel makes, never one from the layer), a
 directory made over one below becomes opaque (`trusted.overlay.opaque`, mirrored to
-`user.overlay.*` for overlays mounted in a user namespace). The base layer has nothing below
-it and is applied to its directory directly.
+`user.overlay.*` for overlays mounted in a user namespace). A layer's opaque whiteout
+(`.wh..wh..opq`) empties its directory in the merged view (a whiteout per name below, so the
+rest of the layer sees it empty) and is then stored as one opaque mark instead. The base layer
+has nothing below it and is applied to its directory directly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from adapter.images.image import UNPACK, Descriptor, Progress
 from adapter.images.layout import PROGRESS_STEP
-from adapter.images.overlay import DetachedOverlay, mirror_opaque_marks
+from adapter.images.overlay import DetachedOverlay, mark_opaque, mirror_opaque_marks
 from adapter.images.unpack import UnpackBudget, apply_layer
 
 
@@ -44,7 +46,9 @@ def unpack_layer(
         return upper
     work.mkdir(mode=0o700)
     with DetachedOverlay(lowers, upper, work) as merged:
-        apply_layer(blob, layer, diff_id, merged.descriptor, budget, on_read)
+        opaque = apply_layer(blob, layer, diff_id, merged.descriptor, budget, on_read)
+    for directory in opaque:
+        mark_opaque(upper, directory)
     mirror_opaque_marks(upper)
     return upper
 

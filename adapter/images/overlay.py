@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,9 @@ MOUNT_ATTR_RDONLY = 0x1
 # one of the layers below as opaque in the trusted.* namespace; an overlay mounted in a user
 # namespace (`userxattr`) reads the user.* one instead, so the store sets both.
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+WHITEOUT_DEVICE = os.makedev(0, 0)  # a character device with this number hides a name below
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -89,6 +93,29 @@ class DetachedOverlay:
         if self.descriptor >= 0:
             os.close(self.descriptor)  # the last reference: the kernel unmounts it
             self.descriptor = -1
+
+
+def mark_opaque(upper: Path, components: tuple[str, ...]) -> None:
+    """Mark `upper`/components... opaque (when the layer kept it) and drop the whiteouts
+    in it, which the mark makes redundant. Walked with O_NOFOLLOW from `upper`: the components
+    are the real ones the unpacker resolved, and nothing here follows a link."""
+    descriptor = os.open(upper, DIRECTORY_FLAGS)
+    try:
+        for part in components:
+            inner = os.open(part, DIRECTORY_FLAGS, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = inner
+        for name in OPAQUE_XATTRS:
+            os.setxattr(descriptor, name, b"y")
+        with os.scandir(descriptor) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISCHR(info.st_mode) and info.st_rdev == WHITEOUT_DEVICE:
+                    os.unlink(entry.name, dir_fd=descriptor)
+    except FileNotFoundError:
+        return  # the layer removed the directory again after emptying it
+    finally:
+        os.close(descriptor)
 
 
 def mirror_opaque_marks(upper: Path) -> None:

@@ -231,7 +231,8 @@ class ImageStore:
             await self._unpack_layers(image, self.layout.blob_path, None, field)
             if digest not in self._protected():
                 raise NotFound(f"image {reference!r} was removed while it was being unpacked")
-            self.layout.write_stack(digest, chains[::-1])
+            if self.layout.read_stack(digest) != chains[::-1]:  # an older store had none
+                self.layout.write_stack(digest, chains[::-1])
         finally:
             self._unpin(chains)
         self._touch([digest])
@@ -294,12 +295,15 @@ class ImageStore:
         """Unpack each layer of `image` that has no directory yet, base first, each over the
         ones below it; a layer in place is never unpacked again. Refusals are
         InvalidArgument(field) naming the image, and leave nothing of the refused layer."""
+        chains = chain_ids(image.diff_ids)
+        unpacked = all(self.layout.layer_path(chain).is_dir() for chain in chains)
+        if unpacked and self.layout.read_stack(image.manifest.digest) is not None:
+            return  # an image the store has unpacked before: nothing to do or report
         stop = stop or threading.Event()
         limits = UnpackLimits(self.options.max_unpacked_bytes, self.options.max_entries)
         budget = UnpackBudget(limits, stop)
         report = UnpackProgress(image.reference, image.layers, progress)
         report.start()
-        chains = chain_ids(image.diff_ids)
         for index, (layer, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
             target = self.layout.layer_path(chains[index])
             async with self._unpacking.setdefault(chains[index], asyncio.Lock()):

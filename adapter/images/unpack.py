@@ -211,9 +211,10 @@ def apply_layer(
     rootfs: Path | int,
     budget: UnpackBudget,
     on_read: Callable[[int], None] | None = None,
-) -> None:
+) -> list[tuple[str, ...]]:
     """Apply one layer blob to `rootfs` (a directory, or a descriptor of one: the caller's,
-    left open); InvalidArgument when it is hostile, corrupt or over
+    left open) and return the directories it made opaque (real components under `rootfs`);
+    InvalidArgument when it is hostile, corrupt or over
     the budget. `blob` holds exactly `layer.digest` (staged and stored blobs are verified on
     the way in), so an uncompressed layer's diff_id is its digest and it is applied in place,
     its files copied by the kernel; a compressed one is read once: inflated, hashed and
@@ -227,20 +228,21 @@ def apply_layer(
             if compressed:
                 inflating = InflatingReader(raw, on_read)
                 try:
-                    _apply_stream(inflating, root_fd, layer, budget)
+                    opaque = _apply_stream(inflating, root_fd, layer, budget)
                     actual = inflating.drain()
                 finally:
                     inflating.close()
                 if actual != diff_id:
                     raise _diff_id_mismatch(layer, actual, diff_id)
             else:
-                _apply_in_place(raw, root_fd, layer, budget, on_read)
+                opaque = _apply_in_place(raw, root_fd, layer, budget, on_read)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise InvalidArgument(
                 "image", f"layer {layer.digest}: not a readable tar: {exc}"
             ) from exc
         finally:
             os.close(root_fd)
+    return opaque
 
 
 def _diff_id_mismatch(layer: Descriptor, actual: str, diff_id: str) -> InvalidArgument:
@@ -252,9 +254,11 @@ def _diff_id_mismatch(layer: Descriptor, actual: str, diff_id: str) -> InvalidAr
 
 def _apply_stream(
     source: InflatingReader, root_fd: int, layer: Descriptor, budget: UnpackBudget
-) -> None:
+) -> list[tuple[str, ...]]:
     with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM_BUFFER) as archive:  # type: ignore[call-overload]
-        _apply_members(archive, LayerApplier(root_fd, layer.digest, budget, StreamData(archive)))
+        applier = LayerApplier(root_fd, layer.digest, budget, StreamData(archive))
+        _apply_members(archive, applier)
+        return applier.opaque_directories
 
 
 def _apply_in_place(
@@ -263,7 +267,7 @@ def _apply_in_place(
     layer: Descriptor,
     budget: UnpackBudget,
     on_read: Callable[[int], None] | None,
-) -> None:
+) -> list[tuple[str, ...]]:
     with tarfile.open(fileobj=raw, mode="r:") as archive:
         data = InPlaceData(archive, raw.fileno())
         done = 0
@@ -274,9 +278,11 @@ def _apply_in_place(
                 on_read(archive.offset - done)
                 done = archive.offset
 
-        _apply_members(archive, LayerApplier(root_fd, layer.digest, budget, data), applied)
+        applier = LayerApplier(root_fd, layer.digest, budget, data)
+        _apply_members(archive, applier, applied)
         if on_read is not None and layer.size > done:
             on_read(layer.size - done)  # the end-of-archive blocks
+        return applier.opaque_directories
 
 
 def _apply_members(
@@ -445,6 +451,8 @@ class LayerApplier:
         self.directories = DirectoryWalk(root_fd, self.refuse)
         self.written: set[tuple[str, ...]] = set()  # entries of this layer: whiteouts spare them
         self.directory_times: list[tuple[tuple[str, ...], str, int]] = []
+        # Directories an opaque whiteout emptied of the layers below (layers.py marks them).
+        self.opaque_directories: list[tuple[str, ...]] = []
         self.set_owner = os.geteuid() == 0
 
     def refuse(self, name: str, why: str) -> InvalidArgument:
@@ -609,6 +617,7 @@ class LayerApplier:
         os.utime(leaf, (member.mtime, member.mtime), dir_fd=parent_fd, follow_symlinks=False)
 
     def opaque(self, parent_fd: int, parent: tuple[str, ...]) -> None:
+        self.opaque_directories.append(parent)
         for child in os.listdir(parent_fd):
             if (*parent, child) not in self.written:
                 self.remove(parent_fd, child)

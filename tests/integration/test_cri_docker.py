@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,12 +19,15 @@ from adapter.cri.api import cri
 from tests.conftest import ServiceProcess
 from tests.docker_fixtures import PrivateDockerd, build_busybox_image, dockerd
 from tests.integration.cri import TIMEOUT, CriNode, import_busybox
-from tests.integration.test_network import network_config
+from tests.integration.test_network import _get, free_port, network_config
 
 __all__ = ["dockerd"]  # the shared session fixture, used by name
 pytestmark = pytest.mark.integration
 
 HANDLER = "docker"
+CRI_RECORD = re.compile(
+    rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)", re.DOTALL
+)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +186,141 @@ def test_a_stopped_pod_takes_no_containers(node: CriNode) -> None:
         with pytest.raises(grpc.RpcError) as error:
             node.create(pod_id, node.container_config("sleep", "1"))
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ---- CRI logs, seccomp, sysctls, ports ----
+
+
+def _records(path: Path) -> list[tuple[bytes, bytes, bytes]]:
+    """(stream, tag, content) of each record of a CRI log, each checked for its form."""
+    found = []
+    for line in path.read_bytes().splitlines():
+        match = CRI_RECORD.fullmatch(line)
+        assert match is not None, line[:200]
+        found.append((match.group(2), match.group(3), match.group(4)))
+    return found
+
+
+def _log_path(node: CriNode, container_id: str) -> Path:
+    return Path(node.status(container_id).log_path)
+
+
+def test_the_output_is_a_cri_log_with_partial_records_for_long_lines(node: CriNode) -> None:
+    script = (
+        "echo one; echo two >&2; head -c 40960 /dev/zero | tr '\\0' a; echo; printf 'no newline'"
+    )
+    with docker_pod(node) as pod_id:
+        container = node.run(pod_id, node.container_config("sh", "-c", script))
+        assert node.wait_exited(container).exit_code == 0
+        found = _records(_log_path(node, container))
+        shape = [(stream, tag, len(text), set(text)) for stream, tag, text in found]
+        stdout = [entry for entry in shape if entry[0] == b"stdout"]
+        assert stdout == [
+            (b"stdout", b"F", 3, set(b"one")),
+            (b"stdout", b"P", 16384, {ord("a")}),
+            (b"stdout", b"P", 16384, {ord("a")}),
+            (b"stdout", b"F", 8192, {ord("a")}),
+            (b"stdout", b"F", 10, set(b"no newline")),
+        ]
+        assert [entry for entry in found if entry[0] == b"stderr"] == [(b"stderr", b"F", b"two")]
+
+
+def test_reopen_container_log_continues_in_a_new_file(node: CriNode) -> None:
+    counter = "i=0; while :; do echo line$i; i=$((i+1)); sleep 0.05; done"
+    with docker_pod(node) as pod_id:
+        container = node.run(pod_id, node.container_config("sh", "-c", counter))
+        path = _log_path(node, container)
+        _wait_for(lambda: len(path.read_bytes().splitlines()) >= 3)
+        rotated = path.with_name(path.name + ".1")
+        path.rename(rotated)  # as the kubelet rotates: rename, then ReopenContainerLog
+        node.runtime.ReopenContainerLog(
+            cri.ReopenContainerLogRequest(container_id=container), timeout=TIMEOUT
+        )
+        _wait_for(lambda: path.exists() and len(path.read_bytes().splitlines()) >= 3)
+        node.runtime.StopContainer(
+            cri.StopContainerRequest(container_id=container, timeout=0), timeout=TIMEOUT
+        )
+        lines = [text for _, _, text in _records(rotated) + _records(path)]
+        # Every line once, in order, across the two files.
+        assert lines == [b"line%d" % number for number in range(len(lines))], lines
+
+
+def test_the_cri_log_resumes_after_kill_9_without_a_line_twice(node: CriNode) -> None:
+    counter = "i=0; while :; do echo line$i; i=$((i+1)); sleep 0.05; done"
+    with docker_pod(node) as pod_id:
+        container = node.run(pod_id, node.container_config("sh", "-c", counter))
+        path = _log_path(node, container)
+        _wait_for(lambda: len(path.read_bytes().splitlines()) >= 3)
+        node.service.kill()
+        written = len(path.read_bytes().splitlines())
+        time.sleep(0.5)  # output the service is not there to copy: Docker keeps it
+        node.service.start()
+        node.reconnect()
+        _wait_for(lambda: len(path.read_bytes().splitlines()) >= written + 20)
+        node.runtime.StopContainer(
+            cri.StopContainerRequest(container_id=container, timeout=0), timeout=TIMEOUT
+        )
+        lines = [text for _, _, text in _records(path)]
+        assert lines == [b"line%d" % number for number in range(len(lines))], lines
+
+
+def _wait_for(condition: object, timeout: float = 20) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_a_localhost_seccomp_profile_is_docker_s_filter(node: CriNode, tmp_path: Path) -> None:
+    profile = tmp_path / "no-mkdir.json"
+    rule = {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rule]}))
+    seccomp = cri.SecurityProfile(
+        profile_type=cri.SecurityProfile.Localhost, localhost_ref=str(profile)
+    )
+    linux = cri.LinuxContainerConfig(
+        security_context=cri.LinuxContainerSecurityContext(seccomp=seccomp)
+    )
+    with docker_pod(node) as pod_id:
+        container = node.run(pod_id, node.container_config("sleep", "600", linux=linux))
+        refused = node.exec_sync(container, "mkdir", "/tmp/x")
+        assert refused.exit_code != 0 and b"Permission denied" in refused.stderr, refused
+        assert node.exec_sync(container, "touch", "/touched").exit_code == 0
+        status = node.exec_sync(container, "grep", "Seccomp:", "/proc/self/status").stdout
+        assert status.split()[1] == b"2", status  # a filter, not unconfined
+
+
+def test_a_bad_localhost_profile_is_refused_naming_the_field(node: CriNode, tmp_path: Path) -> None:
+    profile = tmp_path / "bad.json"
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_NOPE"}))
+    seccomp = cri.SecurityProfile(
+        profile_type=cri.SecurityProfile.Localhost, localhost_ref=str(profile)
+    )
+    linux = cri.LinuxContainerConfig(
+        security_context=cri.LinuxContainerSecurityContext(seccomp=seccomp)
+    )
+    with docker_pod(node) as pod_id:
+        container = node.create(pod_id, node.container_config("sleep", "600", linux=linux))
+        with pytest.raises(grpc.RpcError) as error:
+            node.start(container)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "localhost_ref" in (error.value.details() or "")
+
+
+def test_pod_sysctls_reach_its_containers(node: CriNode) -> None:
+    sysctls = {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "81"}
+    with docker_pod(node, linux=cri.LinuxPodSandboxConfig(sysctls=sysctls)) as pod_id:
+        container = node.run(pod_id, node.container_config("sleep", "600"))
+        for name, value in sysctls.items():
+            path = "/proc/sys/" + name.replace(".", "/")
+            assert node.exec_sync(container, "cat", path).stdout.strip() == value.encode(), name
+
+
+def test_a_pod_host_port_reaches_its_container(node: CriNode) -> None:
+    port = free_port()
+    mapping = cri.PortMapping(protocol=cri.TCP, container_port=8080, host_port=port)
+    serve = "mkdir -p /www && echo served > /www/index.html && exec httpd -f -p 8080 -h /www"
+    with docker_pod(node, port_mappings=[mapping]) as pod_id:
+        node.run(pod_id, node.container_config("sh", "-c", serve))
+        assert _get(f"http://127.0.0.1:{port}/index.html") == "served\n"

@@ -40,8 +40,8 @@ async def test_pull_with_progress(tmp_path: Path, local_registry: str) -> None: 
     assert all(done <= total for _, done, total, _ in reports)
     # The pull unpacks what it fetched, and says so last.
     assert reports[-1] == (reference, layer_blob.size, layer_blob.size, "unpack")
-    rootfs = await store.rootfs(reference)
-    assert (rootfs / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
+    [layer] = await store.layers(reference)  # one layer: its directory is the image's files
+    assert (layer / "bin" / "busybox").read_bytes() == BUSYBOX.read_bytes()
 
 
 async def test_pull_by_digest_and_again_from_the_store(

@@ -114,7 +114,7 @@ async def test_basic_auth_over_tls_with_the_configured_ca(
     store = ImageStore(tmp_path / "images", registries=tls_options(registries))
     image = await store.pull(f"{registries.tls}/{repository}:1")
     assert image.manifest.digest == digest
-    assert (await store.rootfs(image.reference)).is_dir()
+    assert all(layer.is_dir() for layer in await store.layers(image.reference))
 
 
 async def test_tls_is_verified_against_the_system_bundle_without_ca_file(

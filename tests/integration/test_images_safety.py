@@ -82,9 +82,9 @@ def launch_in_image(
 
 
 def store_work(service: ServiceProcess) -> set[Path]:
-    """The store's unpacked root filesystems and staging directories."""
+    """The store's unpacked layers and staging directories."""
     images = service.state_dir / "images"
-    return {*(images / "rootfs").iterdir(), *(images / "ingest").iterdir()}
+    return {*(images / "layers").iterdir(), *(images / "ingest").iterdir()}
 
 
 def file_facts(path: Path) -> tuple[int, int, int, bytes]:

@@ -44,8 +44,8 @@ while :; do sleep 60; done
 """
 
 
-def build_base_disk(directory: Path) -> Path:
-    """A 32 MiB qcow2 disk: ext4 with busybox, /sbin/init = DISK_INIT, /etc/release."""
+def build_base_disk(directory: Path, init: str = DISK_INIT) -> Path:
+    """A 32 MiB qcow2 disk: ext4 with busybox, /sbin/init = `init`, /etc/release."""
     rootfs = directory / "rootfs"
     for name in ("bin", "sbin", "dev", "proc", "sys", "tmp", "run", "etc", "var"):
         (rootfs / name).mkdir(parents=True)
@@ -54,7 +54,7 @@ def build_base_disk(directory: Path) -> Path:
     for applet in applets.stdout.split():
         if applet != "busybox":
             (rootfs / "bin" / applet).symlink_to("busybox")
-    (rootfs / "sbin" / "init").write_text(DISK_INIT)
+    (rootfs / "sbin" / "init").write_text(init)
     (rootfs / "sbin" / "init").chmod(0o755)
     (rootfs / "etc" / "release").write_text(RELEASE + "\n")
     raw = directory / "base.raw"

@@ -241,7 +241,39 @@ def test_image_rootfs_through_the_image_store(
     )
     assert wait(stub, container_id).exit_code == 0
     assert (Path(reply.status.sandbox) / "stdout").read_text() == "written\n"
-    rootfs = asyncio.run(store.rootfs(REFERENCE))
-    assert not (rootfs / "etc/marker").exists()
+    layers = asyncio.run(store.layers(REFERENCE))
+    assert layers and not any((layer / "etc/marker").exists() for layer in layers)
     destroy(stub, container_id)
     assert not (lxcpath(lxc_service) / container_id).exists()
+
+
+def test_image_layers_stack_in_the_lxc_overlay(
+    lxc_service: ServiceProcess, container_id: str, tmp_path: Path
+) -> None:
+    """Each layer its own lower directory: a file deleted and a directory made opaque above
+    are gone in the container, the rest of the base is there."""
+    import grpc
+
+    from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
+    from tests.integration.test_native_images import layered_image
+
+    layered_image(tmp_path)
+    channel = grpc.insecure_channel(lxc_service.endpoint)
+    images = images_pb2_grpc.ImagesStub(channel)
+    request = images_pb2.ImportRequest(path=str(tmp_path / "layered.tar"))
+    list(images.Import(request, timeout=60))
+    channel.close()
+    stub = lxc_service.stub()
+    reply = stub.Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(shell="ls /etc /cache"),
+            container=pb.ContainerInfo(image="localhost/layered:1"),
+        ),
+        timeout=60,
+    )
+    assert wait(stub, container_id).exit_code == 0
+    listed = (Path(reply.status.sandbox) / "stdout").read_text().split()
+    assert "passwd" in listed and "new" in listed
+    assert "gone" not in listed and "old" not in listed
+    destroy(stub, container_id)

@@ -12,7 +12,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from tests.conftest import ServiceProcess
 from tests.image_fixtures import busybox_oci_tar  # noqa: F401
-from tests.images import REFERENCE
+from tests.images import REFERENCE, Entry, busybox_entries, tar_bytes, write_oci_layout
 from tests.integration.api import destroy, wait
 
 pytestmark = pytest.mark.integration
@@ -57,8 +57,8 @@ def test_image_rootfs_is_the_workloads_root(
     for device in ("null", "zero", "urandom", "pts", "shm"):
         assert device in output
     assert "/mnt/mesos/sandbox\n" in output
-    # The write went to the container's own layer, never into the shared image rootfs.
-    assert not list(service.state_dir.glob("images/rootfs/*/etc/created-inside"))
+    # The write went to the container's own layer, never into the shared image layers.
+    assert not list(service.state_dir.glob("images/layers/*/etc/created-inside"))
     run_dir = service.state_dir / "native" / container_id
     assert not run_dir.exists()  # destroyed with the container after Wait
     assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
@@ -123,3 +123,44 @@ def test_bridge_network_gets_its_own_etc_files(
         service.destroy_all()
         service.stop()
         service.remove_cgroup_roots()
+
+
+def layered_image(tmp_path: Path) -> Path:
+    """busybox, then a layer over it that deletes a file and makes a directory opaque."""
+    base = tar_bytes(
+        [
+            *busybox_entries(),
+            Entry("etc/gone", data=b"deleted above\n"),
+            Entry("cache", "dir", mode=0o755),
+            Entry("cache/old", data=b"hidden\n"),
+        ]
+    )
+    top = tar_bytes(
+        [Entry("etc/.wh.gone"), Entry("cache/.wh..wh..opq"), Entry("cache/new", data=b"new\n")]
+    )
+    path = write_oci_layout(tmp_path / "base.tar", [base], "localhost/layered-base:1")
+    write_oci_layout(tmp_path / "layered.tar", [base, top], "localhost/layered:1")
+    return path
+
+
+def test_a_container_sees_its_image_layers_stacked(
+    service: ServiceProcess, container_id: str, tmp_path: Path
+) -> None:
+    """Two images share their base layer (one directory); each container sees its own files."""
+    layered_image(tmp_path)
+    channel = grpc.insecure_channel(service.endpoint)
+    images = images_pb2_grpc.ImagesStub(channel)
+    for tarball in ("base.tar", "layered.tar"):
+        list(images.Import(images_pb2.ImportRequest(path=str(tmp_path / tarball)), timeout=60))
+    channel.close()
+    outputs = {}
+    for image in ("localhost/layered-base:1", "localhost/layered:1"):
+        cid = f"{container_id}-{image.rsplit('/', 1)[1].replace(':', '-')}"
+        reply = launch_in_image(service, cid, "ls /etc /cache", image)
+        assert wait(service.stub(), cid).exit_code == 0
+        outputs[image] = (Path(reply.status.sandbox) / "stdout").read_text().split()
+    base, layered = outputs["localhost/layered-base:1"], outputs["localhost/layered:1"]
+    assert "gone" in base and "old" in base
+    assert "gone" not in layered and "passwd" in layered  # deleted above, the rest kept
+    assert "old" not in layered and "new" in layered  # the opaque directory hides its past
+    assert len(list(service.state_dir.glob("images/layers/*"))) >= 2

@@ -1,16 +1,23 @@
 """disk/du measurement (coreutils du): blocks counted as allocated, hard links once, symlinks
-not followed, no depth limit, a pass out of budget partial; the isolator's reuse and limit."""
+not followed, no depth limit, a pass out of budget partial; the isolator's budget and limit; the
+core's disk limitation kept across a restart (a fake runtime)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
+from adapter.core.containerizer import Containerizer
+from adapter.core.disk import DiskAccounting
+from adapter.core.model import Exit, LaunchSpec, Reason, Resources
+from adapter.core.state import StateStore
 from isolators.disk import du
 from isolators.disk.du import measure
 from isolators.disk.isolator import DiskIsolator
+from tests.unit.test_core import FakeDriver, make_spec
 
 MIB = 1024 * 1024
 
@@ -144,3 +151,50 @@ async def test_a_limit_exceeded_is_a_limitation_naming_the_numbers(tmp_path: Pat
     assert limitation.resource == "disk"
     assert "exceeds the limit 1048576 bytes" in limitation.message
     await isolator.cleanup("c")
+
+
+class LayeredDriver(FakeDriver):
+    """A fake runtime that shows its writable layer (none): its disk requests are enforced."""
+
+    async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
+        return ()
+
+
+async def test_a_restart_between_the_disk_kill_and_the_exit_still_ends_limitation_disk(
+    tmp_path: Path,
+) -> None:
+    store_path = tmp_path / "state.db"
+    first = LayeredDriver()
+    first.kill_exit = None  # the exit comes after the "crash"
+    before = Containerizer(
+        {"native": first},
+        StateStore(store_path),
+        default_runtime="native",
+        disk=DiskAccounting(DiskIsolator(interval=0.05)),
+    )
+    await before.recover()
+    spec = make_spec("full", tmp_path)
+    spec = LaunchSpec(**{**spec.__dict__, "resources": Resources(disk_mib=1)})
+    await before.launch(spec)
+    write(Path(spec.sandbox) / "big", 2 * MIB)
+    for _ in range(200):
+        if first.killed_all:
+            break
+        await asyncio.sleep(0.05)
+    assert first.killed_all == ["full"]
+    await before.close()  # the service is gone before it saw the exit
+
+    second = LayeredDriver()
+    after = Containerizer(
+        {"native": second},
+        StateStore(store_path),
+        default_runtime="native",
+        disk=DiskAccounting(DiskIsolator(interval=0.05)),
+    )
+    await after.recover()
+    second.finish("full", Exit(signal=9))
+    termination = await after.wait("full")
+    assert termination.reason is Reason.LIMITATION_DISK
+    assert termination.limited_resources == ("disk",)
+    assert "exceeds the limit 1048576 bytes" in termination.message
+    await after.close()

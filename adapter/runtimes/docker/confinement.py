@@ -22,7 +22,6 @@ from adapter.core.confinement import (
     kernel_capabilities,
     oci_seccomp_profile,
 )
-from adapter.core.errors import FailedPrecondition
 from adapter.core.model import LaunchSpec
 
 UNCONFINED = "unconfined"
@@ -63,9 +62,13 @@ class NodeCapabilities:
 
 
 def confinement_fields(
-    spec: LaunchSpec, image_user: str, node: NodeCapabilities = NodeCapabilities()
+    spec: LaunchSpec,
+    image_user: str,
+    node: NodeCapabilities = NodeCapabilities(),
+    localhost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """HostConfig fields of the launch's confinement (see the module docstring). A privileged
+    """HostConfig fields of the launch's confinement (see the module docstring); `localhost`:
+    the node's profile the launch names, read and checked by the caller. A privileged
     launch on an incomplete node gets, without Docker's Privileged (so /sys stays read-only),
     every capability Docker knows but those the node lacks (Docker may know fewer than the
     kernel: 20.10 stops at CAP_AUDIT_READ), no seccomp filter, nothing masked, every device."""
@@ -85,7 +88,7 @@ def confinement_fields(
             MaskedPaths=list(dict.fromkeys(masked)),
             ReadonlyPaths=list(dict.fromkeys(readonly)),
         )
-        security.append(seccomp_option(spec, confinement.capabilities))
+        security.append(seccomp_option(spec, confinement.capabilities, localhost))
     elif not node.complete:
         fields.update(
             CapAdd=["ALL"],
@@ -102,14 +105,17 @@ def confinement_fields(
     return fields
 
 
-def seccomp_option(spec: LaunchSpec, capabilities: tuple[str, ...]) -> str:
-    """Ours for the container's capabilities (widened for added ones), or none on request."""
+def seccomp_option(
+    spec: LaunchSpec, capabilities: tuple[str, ...], localhost: dict[str, Any] | None
+) -> str:
+    """Ours for the container's capabilities (widened for added ones), none on request, or the
+    node's Localhost profile as plain OCI JSON (Docker's profile format reads the OCI fields:
+    defaultAction, defaultErrnoRet, architectures, syscalls)."""
     if spec.linux.seccomp == UNCONFINED:
         return "seccomp=unconfined"
     if spec.linux.seccomp.startswith(LOCALHOST):
-        raise FailedPrecondition(
-            "linux.security_context.seccomp: the docker runtime does not take a node's"
-            " Localhost profile; use RuntimeDefault or Unconfined, or another runtime_handler"
-        )
-    profile = oci_seccomp_profile(capabilities)
+        assert localhost is not None, "the caller reads the node's profile"
+        profile = localhost
+    else:
+        profile = oci_seccomp_profile(capabilities)
     return "seccomp=" + json.dumps(profile, separators=(",", ":"))

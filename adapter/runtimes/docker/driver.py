@@ -67,6 +67,8 @@ from adapter.core.model import (
 )
 from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, ExecSession, Launched
+from adapter.runtimes.containerd.logs import check_log_file
+from adapter.runtimes.containerd.seccomp import launch_profile
 from adapter.runtimes.docker import exec as execs
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker import pod
@@ -100,8 +102,9 @@ CAPABILITIES = Capabilities(
     pid_namespace=True,
     recover=True,
     network_isolation=True,
-    disk_enforced=True,  # overlay2's upper directory (writable_dirs)
 )
+# The storage driver whose containers' layer is a directory we can measure (writable_dirs).
+MEASURED_STORAGE_DRIVER = "overlay2"
 
 
 @dataclass
@@ -116,7 +119,11 @@ class _Tracked:
     def output(self) -> OutputTarget:
         handle = self.handle
         return OutputTarget(
-            handle.docker_id, self.sandbox, handle.stdout_offset, handle.stderr_offset
+            handle.docker_id,
+            self.sandbox,
+            handle.stdout_offset,
+            handle.stderr_offset,
+            handle.log_path,
         )
 
 
@@ -211,12 +218,13 @@ class DockerDriver:
         # dockerd maps every container itself with userns-remap (its own range, not ours);
         # without it a user_namespace launch is refused (the core asks this capability).
         remapped = any("name=userns" in option for option in info.get("SecurityOptions") or ())
+        measured = info.get("Driver") == MEASURED_STORAGE_DRIVER
         return Fingerprint(
             self.name,
             str(version.get("Version", "")),
             True,
             message,
-            replace(CAPABILITIES, user_namespace=remapped),
+            replace(CAPABILITIES, user_namespace=remapped, disk_enforced=measured),
             confinement=Confinement().summary(),
         )
 
@@ -230,6 +238,9 @@ class DockerDriver:
         modes = await pod.namespace_modes(spec.linux, self._own_container_with_pid)
         # Bad network input fails before dockerd sees it; a joined network needs no sandbox.
         mode = self._network.mode(spec) if modes.network_mode is None else ""
+        if not spec.image and spec.linux.pod != spec.container_id:
+            raise InvalidArgument("container.image", "the docker runtime needs an image to run")
+        # A pod's holder (the pod's own id) has no image: it runs one the driver makes.
         image = await (self._ensure_image(spec.image) if spec.image else self._holder_image())
         if not spec.command.resolved_argv() and not image.has_command():
             raise InvalidArgument(
@@ -237,6 +248,8 @@ class DockerDriver:
                 f"is empty and image {spec.image!r} has no Entrypoint or Cmd:"
                 " give a shell string or an argv",
             )
+        # The node's Localhost profile, read and checked as for containerd (plain OCI JSON).
+        localhost = await launch_profile(spec)
         await self._follower.start()
         network = PreparedNetwork(modes.network_mode or mode)
         if mode == "bridge":
@@ -244,32 +257,29 @@ class DockerDriver:
             if self._sandbox_image is not None:
                 sandbox_image = await self._ensure_image(self._sandbox_image)
             network = await self._network.prepare_bridge(spec, sandbox_image.reference)
-        tracked = await self._create_and_start(spec, image, network, modes)
+        tracked = await self._create_and_start(spec, image, network, modes, localhost)
         return Launched(
             handle=tracked.handle.to_json(),
             pid=tracked.pid,
-            warnings=self._node_capabilities.warnings(spec) + pod.launch_warnings(spec),
+            warnings=self._node_capabilities.warnings(spec),
             ip_address=network.address,
         )
 
     async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
         """The container's layer as dockerd reports it (overlay2's GraphDriver.Data.UpperDir,
-        in dockerd's data root); a storage driver without one leaves only the sandbox."""
+        in dockerd's data root); FailedPrecondition under a storage driver without one."""
         tracked = self._tracked.get(container_id)
         if tracked is None:
             return ()
         inspect = await self._engine.inspect(tracked.handle.docker_id)
         graph = inspect.get("GraphDriver") or {}
         upper = (graph.get("Data") or {}).get("UpperDir")
-        if isinstance(upper, str) and upper.startswith("/"):
-            return (upper,)
-        log.warning(
-            "%s: docker's storage driver %r shows no writable layer: its disk is measured in"
-            " the sandbox only",
-            container_id,
-            graph.get("Name"),
-        )
-        return ()
+        if not (isinstance(upper, str) and upper.startswith("/")):
+            raise FailedPrecondition(
+                f"docker's storage driver {graph.get('Name')!r} shows no writable layer"
+                f" ({MEASURED_STORAGE_DRIVER} does)"
+            )
+        return (upper,)
 
     async def _own_container_with_pid(self, pid: int) -> Inspect:
         """The running container of this driver whose init is `pid` (a pod's holder): only
@@ -304,10 +314,13 @@ class DockerDriver:
         image: DockerImage,
         network: PreparedNetwork,
         modes: pod.PodModes,
+        localhost: dict[str, Any] | None,
     ) -> _Tracked:
         cid = spec.container_id
         name = names.container_name(self._owner, cid)
-        config = self._container_config(spec, image, network, modes)
+        if spec.linux.log_path:  # a log that cannot be written fails the launch, saying why
+            check_log_file(spec.linux.log_path)
+        config = self._container_config(spec, image, network, modes, localhost)
         try:
             docker_id = await self._engine.create(name, config, LaunchFailed)
         except AlreadyExists:  # a leftover of an interrupted launch or cleanup: ours by name
@@ -317,7 +330,7 @@ class DockerDriver:
         stdout_offset, stderr_offset = output_sizes(Path(spec.sandbox))
         handle = DockerHandle(
             docker_id, name, cgroup, image.reference, network.sandbox_id,
-            stdout_offset, stderr_offset,
+            stdout_offset, stderr_offset, spec.linux.log_path,
         )  # fmt: skip
         tracked = _Tracked(handle, Path(spec.sandbox))
         self._tracked[cid] = tracked
@@ -335,7 +348,8 @@ class DockerDriver:
         spec: LaunchSpec,
         image: DockerImage,
         network: PreparedNetwork,
-        modes: pod.PodModes,
+        modes: pod.PodModes = pod.NO_POD,
+        localhost: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """create_container keyword arguments; host_config is Engine API JSON (data, never text:
         the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
@@ -354,7 +368,7 @@ class DockerDriver:
             "Init": True,
             "LogConfig": {"Type": "json-file", "Config": {}},
             **confinement_fields(
-                spec, str(image.config.get("User") or ""), self._node_capabilities
+                spec, str(image.config.get("User") or ""), self._node_capabilities, localhost
             ),
             **pod.pod_fields(spec, modes),
         }
@@ -531,6 +545,10 @@ class DockerDriver:
                 return
             await asyncio.sleep(0.02)
         log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)
+
+    async def reopen_log(self, container_id: str) -> None:
+        """ReopenContainerLog: the CRI log's path opened again (the kubelet renamed the file)."""
+        self._outputs.reopen(container_id)
 
     # ---- exec ----
 

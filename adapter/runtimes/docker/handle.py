@@ -51,6 +51,8 @@ class DockerHandle:
     # is what the files hold beyond them (output.py).
     stdout_offset: int = 0
     stderr_offset: int = 0
+    # A CRI container's log file (its output goes there instead); "" without one.
+    log_path: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +67,7 @@ class DockerHandle:
             sandbox_id=str(data.get("sandbox_id", "")),
             stdout_offset=int(data.get("stdout_offset", 0)),
             stderr_offset=int(data.get("stderr_offset", 0)),
+            log_path=str(data.get("log_path", "")),
         )
 
 

@@ -17,6 +17,9 @@ own, survives a crash between two writes, and costs a replay of the log on each 
 reads its json-file from the start for any `since` too). A workload that writes to these files
 itself (it can: the sandbox is its own) only disturbs its own output.
 
+A CRI container (a `log_path`) has its output in that one file of records instead (crilog.py),
+which ReopenContainerLog opens again.
+
 Rotation by size (log_max_size, log_max_files), as the supervisor rotates for the other runtimes:
 a file that reached the size becomes `stdout.1` (`stdout.1` becomes `stdout.2`, ...; the oldest
 beyond the bound is removed) and a new `stdout` goes on. A file's size then no longer says what
@@ -42,12 +45,14 @@ import ctypes
 import errno
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.core.errors import ContainerizerError, FailedPrecondition, NotFound
 from adapter.core.sandbox import open_output
 from adapter.runtimes.docker.client import DockerEngine
+from adapter.runtimes.docker.crilog import CriLog, CriSink
 from adapter.runtimes.docker.streams import STDERR, STDOUT, FrameReader
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ class OutputTarget:
     sandbox: Path
     stdout_offset: int = 0  # the size of `stdout` when the container was created
     stderr_offset: int = 0
+    log_path: str = ""  # a CRI log: the output goes there, not to the sandbox's files
 
     def offset(self, stream: int) -> int:
         return self.stdout_offset if stream == STDOUT else self.stderr_offset
@@ -237,27 +243,46 @@ def _exchange(directory: int, first: str, second: str) -> None:
 
 
 async def copy_output(
-    engine: DockerEngine, target: OutputTarget, rotation: Rotation, *, follow: bool
+    engine: DockerEngine,
+    target: OutputTarget,
+    rotation: Rotation,
+    *,
+    follow: bool,
+    cri_log: CriLog | None = None,
 ) -> bool:
-    """Append what of the container's log the files lack; with `follow`, as it comes, until
-    dockerd ends the stream. Whether the stream ended as dockerd ends it (not cut short)."""
+    """Append what of the container's log the files (or `cri_log`) lack; with `follow`, as it
+    comes, until dockerd ends the stream, else once, for a container that has ended. Whether
+    the stream ended as dockerd ends it (not cut short)."""
+    if cri_log is not None:
+        cri_sinks = {stream: CriSink(cri_log, stream) for stream in STREAM_FILES}
+        complete = await _copy_frames(engine, target.docker_id, cri_sinks, follow=follow)
+        if not follow:
+            for cri_sink in cri_sinks.values():
+                cri_sink.finish()
+        return complete
     sinks: dict[int, _Sink] = {}
     try:
         for stream in STREAM_FILES:
             sinks[stream] = _Sink(target, stream, rotation)
-        connection = await engine.logs(target.docker_id, follow=follow)
-        try:
-            frames = FrameReader(connection)
-            while (frame := await frames.next()) is not None:
-                stream, payload = frame
-                if stream in sinks:
-                    sinks[stream].write(payload)
-            return connection.complete
-        finally:
-            connection.close()
+        return await _copy_frames(engine, target.docker_id, sinks, follow=follow)
     finally:
         for sink in sinks.values():
             os.close(sink.fd)
+
+
+async def _copy_frames(
+    engine: DockerEngine, docker_id: str, sinks: Mapping[int, _Sink | CriSink], *, follow: bool
+) -> bool:
+    connection = await engine.logs(docker_id, follow=follow)
+    try:
+        frames = FrameReader(connection)
+        while (frame := await frames.next()) is not None:
+            stream, payload = frame
+            if stream in sinks:
+                sinks[stream].write(payload)
+        return connection.complete
+    finally:
+        connection.close()
 
 
 class OutputFollowers:
@@ -267,20 +292,48 @@ class OutputFollowers:
         self._engine = engine
         self._rotation = rotation or Rotation()
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._cri_logs: dict[str, CriLog] = {}  # container id -> its open CRI log
 
     def follow(self, container_id: str, target: OutputTarget) -> None:
         current = self._followers.get(container_id)
         if current is None or current.done():
-            self._followers[container_id] = asyncio.ensure_future(self._follow(target))
+            self._followers[container_id] = asyncio.ensure_future(
+                self._follow(container_id, target)
+            )
 
-    async def _follow(self, target: OutputTarget) -> None:
+    def _cri_log(self, container_id: str, target: OutputTarget) -> CriLog | None:
+        """The container's CRI log, opened once and kept until its output is complete."""
+        if not target.log_path:
+            return None
+        cri_log = self._cri_logs.get(container_id)
+        if cri_log is None:
+            cri_log = self._cri_logs[container_id] = CriLog(target.log_path, target.docker_id)
+        return cri_log
+
+    def reopen(self, container_id: str) -> None:
+        """ReopenContainerLog: the CRI log's path opened again (the kubelet renamed the file)."""
+        cri_log = self._cri_logs.get(container_id)
+        if cri_log is None:
+            raise FailedPrecondition(
+                f"docker runtime: {container_id!r} has no CRI log being written (none asked"
+                " for, or the container has ended)"
+            )
+        cri_log.reopen()
+
+    async def _follow(self, container_id: str, target: OutputTarget) -> None:
         """Copy while the container runs: until dockerd ends the stream of a stopped container,
         the container is gone, or its files are refused."""
         backoff = RETRY_FIRST_S
         failures = 0
         while True:
             try:
-                complete = await copy_output(self._engine, target, self._rotation, follow=True)
+                complete = await copy_output(
+                    self._engine,
+                    target,
+                    self._rotation,
+                    follow=True,
+                    cri_log=self._cri_log(container_id, target),
+                )
                 if complete and not await self._running(target.docker_id):
                     return
                 failures = 0
@@ -304,17 +357,29 @@ class OutputFollowers:
         """Once the container has stopped: its output complete in the files (what the follower
         did not copy is copied now). Files that are refused (the workload swapped them for
         links) are left as they are, said in the log."""
-        await self.stop(container_id)
+        await self._stop_following(container_id)
         try:
-            await copy_output(self._engine, target, self._rotation, follow=False)
+            cri_log = self._cri_log(container_id, target)
+            await copy_output(self._engine, target, self._rotation, follow=False, cri_log=cri_log)
         except FailedPrecondition as exc:
             log.warning("docker: output of %s not copied: %s", container_id, exc)
+        finally:
+            self._close_cri_log(container_id)
 
     async def stop(self, container_id: str) -> None:
         """Stop following, copying nothing more."""
+        await self._stop_following(container_id)
+        self._close_cri_log(container_id)
+
+    async def _stop_following(self, container_id: str) -> None:
         follower = self._followers.pop(container_id, None)
         if follower is not None:
             await _cancel(follower)
+
+    def _close_cri_log(self, container_id: str) -> None:
+        cri_log = self._cri_logs.pop(container_id, None)
+        if cri_log is not None:
+            cri_log.close()
 
     async def close(self) -> None:
         """Stop following (the service stops; the next start resumes by the offsets)."""
@@ -322,6 +387,8 @@ class OutputFollowers:
         self._followers.clear()
         for follower in followers:
             await _cancel(follower)
+        for container_id in list(self._cri_logs):
+            self._close_cri_log(container_id)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

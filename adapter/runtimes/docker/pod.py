@@ -54,6 +54,9 @@ class PodModes:
     network_mode: str | None = None  # "container:<id>" or "host" when joined; None: its own
 
 
+NO_POD = PodModes({})  # a launch that joins nothing
+
+
 def _holder_pid(path: str, kind: str) -> int:
     match = NAMESPACE_PATH.fullmatch(path)
     if match is None or match.group(2) != kind:
@@ -146,12 +149,3 @@ def docker_user(spec: LaunchSpec) -> str | None:
     if user is not None and spec.linux.group is not None:
         return f"{user.partition(':')[0]}:{spec.linux.group}"
     return user
-
-
-def launch_warnings(spec: LaunchSpec) -> tuple[str, ...]:
-    if spec.linux.log_path:
-        return (
-            "linux.log_path: the docker runtime keeps the output in the sandbox's stdout and"
-            " stderr, not in a CRI log",
-        )
-    return ()

@@ -164,6 +164,11 @@ class LibvirtDriver:
         vcpus = max(1, math.ceil(spec.resources.cpus or 1))
         if spec.command.user:
             warnings.append(f"user {spec.command.user!r} ignored: the guest runs as root")
+        if spec.linux.log_path:  # QEMU writes the serial ports to the sandbox's files itself
+            warnings.append(
+                "linux.log_path: the guest's output is in the sandbox's stdout and stderr (its"
+                " serial ports), not in a CRI log"
+            )
         return memory, vcpus, tuple(warnings)
 
     async def start(self, spec: LaunchSpec) -> Launched:

@@ -1,0 +1,128 @@
+"""CRI pods on the libvirt runtime (runtime_handler "libvirt"): one VM per pod, no holder.
+
+A CRI container needs an image of our store; on libvirt an image is a disk image the node names
+(`[runtimes.libvirt.disk_images]`), so the store's busybox reference names a base disk built
+here (test_libvirt_disk's builder) whose init runs the command and powers off with its status,
+as a disk image made for containers would. Guest boots are costly under TCG: one boot in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from adapter.cri.api import cri
+from tests.conftest import ServiceProcess
+from tests.images import REFERENCE
+from tests.integration.cri import TIMEOUT, CriNode, import_busybox
+from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
+from tests.integration.test_libvirt_disk import build_base_disk
+from tests.integration.test_network import network_config, node_state
+
+__all__ = ["libvirtd"]  # the shared session fixture, used by name
+pytestmark = pytest.mark.integration
+
+HANDLER = "libvirt"
+# The disk's init: the config drive's user-data is the container's command; its status goes
+# to the status port (ttyS3), then the guest powers off, which ends the container.
+CONTAINER_INIT = """#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /run/cidata
+mount -t iso9660 -o ro /dev/vdb /run/cidata
+sh /run/cidata/user-data
+echo "exit $?" > /dev/ttyS3
+poweroff -f
+"""
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, libvirtd: PrivateLibvirtd) -> Iterator[CriNode]:
+    workdir = tmp_path_factory.mktemp("cri-libvirt")
+    (workdir / "disk").mkdir()
+    base = build_base_disk(workdir / "disk", init=CONTAINER_INIT)
+    bridge, subnet = network_config()
+    config = (
+        f'cri_socket = "{workdir / "cri.sock"}"\n'
+        + libvirt_config(libvirtd)
+        + f'disk_images = {{ "{REFERENCE}" = "{base}" }}\n'
+        + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
+    )
+    service = libvirtd.register(ServiceProcess(workdir, extra_config=config))
+    service.subnet = subnet  # type: ignore[attr-defined]
+    before = node_state(bridge)
+    service.start()
+    cri_node = CriNode(service)
+    try:
+        import_busybox(service, workdir)
+        yield cri_node
+    finally:
+        with contextlib.suppress(Exception):
+            cri_node.remove_all_pods()
+        cri_node.close()
+        with contextlib.suppress(Exception):
+            service.destroy_all()
+        service.stop()
+        service.remove_cgroup_roots()
+    assert node_state(bridge) == before  # the tap, forwards and bridge are gone
+
+
+def _domains(daemon: PrivateLibvirtd) -> list[str]:
+    listed = subprocess.run(
+        ["virsh", "-c", daemon.uri, "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [name for name in listed.stdout.split() if name.startswith("containerizer-")]
+
+
+def _pod_ip(node: CriNode, pod_id: str) -> str:
+    reply = node.runtime.PodSandboxStatus(
+        cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+    )
+    return str(reply.status.network.ip)
+
+
+def test_status_says_a_libvirt_pod_is_one_vm(node: CriNode) -> None:
+    reply = node.runtime.Status(cri.StatusRequest(verbose=True), timeout=TIMEOUT)
+    handlers = json.loads(reply.info["config"])["runtimeHandlers"]
+    assert "one container per pod" in handlers[HANDLER]
+
+
+def test_one_vm_per_pod_runs_exits_and_leaves_nothing(
+    node: CriNode, libvirtd: PrivateLibvirtd
+) -> None:
+    service: ServiceProcess = node.service
+    pod_id = node.run_pod(runtime_handler=HANDLER)
+    assert _pod_ip(node, pod_id) == ""  # no holder: the address comes with the VM
+    command = node.container_config("sh", "-c", "echo from the vm; sleep 2; exit 3")
+    first = node.run(pod_id, command)
+    address = _pod_ip(node, pod_id)
+    assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network(service.subnet)  # type: ignore[attr-defined]
+    # The VM is the pod: a second container is refused while the first runs.
+    with pytest.raises(grpc.RpcError) as refused:
+        node.create(pod_id, node.container_config("true"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "one container per pod" in (refused.value.details() or "")
+    status = node.wait_exited(first, timeout=180)
+    assert (status.exit_code, status.reason) == (3, "Error")
+    assert _pod_ip(node, pod_id) == ""  # its address went with it
+    # Once the first has ended another may come (the kubelet's restart).
+    node.create(pod_id, node.container_config("true"))
+    node.remove_pod(pod_id)
+    assert _domains(libvirtd) == []
+    assert not node.pod_cgroup(pod_id).exists()
+    leftovers = []
+    for path in service.leftover_cgroups():
+        below = [child for child in path.iterdir() if child.is_dir()]
+        leftovers += below if path.name == "_pods" else [path]
+    assert leftovers == []
