@@ -128,8 +128,11 @@ def containers_throughput(service: ServiceProcess, workdir: Path, megabytes: int
     return transfer
 
 
-def plain_veth_throughput(workdir: Path, megabytes: int) -> Transfer:
-    """The same transfer between two namespaces joined by one veth, made with `ip` directly."""
+def plain_veth_throughput(
+    workdir: Path, megabytes: int, cpu_groups: tuple[Path, Path] | None = None
+) -> Transfer:
+    """The same transfer between two namespaces joined by one veth, made with `ip` directly;
+    with `cpu_groups`, receiver and sender each run in one of those cpu cgroups."""
     tag = uuid.uuid4().hex[:6]
     a, b = f"bench-{tag}-a", f"bench-{tag}-b"
     ip = ["ip"]
@@ -166,7 +169,7 @@ def plain_veth_throughput(workdir: Path, megabytes: int) -> Transfer:
             stdout=subprocess.PIPE,
             text=True,
         )
-        sender = subprocess.run(
+        sender = subprocess.Popen(
             [
                 *ip,
                 "netns",
@@ -177,42 +180,74 @@ def plain_veth_throughput(workdir: Path, megabytes: int) -> Transfer:
                 "10.199.0.2",
                 str(megabytes),
             ],
-            check=True,
             stdout=subprocess.PIPE,
             text=True,
         )
+        if cpu_groups is not None:  # `ip netns exec` execs Python: these pids are the two
+            for group, process in zip(cpu_groups, (receiver, sender), strict=True):
+                (group / "cgroup.procs").write_text(str(process.pid))
+        sent, _ = sender.communicate(timeout=600)
         output, _ = receiver.communicate(timeout=600)
-        return _transfer(output, sender.stdout)
+        return _transfer(output, sent)
     finally:
         for name in (a, b):
             subprocess.run([*ip, "netns", "del", name], check=False)
 
 
+def cpu_groups_like_ours(service: ServiceProcess) -> tuple[Path, Path] | None:
+    """Two cpu cgroups under one top-level group, as the service places two containers (its
+    cgroups root, one group each): CFS then gives the plain pair the same share of a busy
+    machine as ours. Named `<cgroups_root>.plain`, so the service's cgroup sweep removes them.
+    None without a cgroup v1 cpu hierarchy."""
+    cpu = Path("/sys/fs/cgroup/cpu")
+    if not (cpu / "cpu.shares").is_file():
+        return None
+    groups = (
+        cpu / f"{service.cgroups_root}.plain" / "rx",
+        cpu / f"{service.cgroups_root}.plain" / "tx",
+    )
+    for group in groups:
+        group.mkdir(parents=True, exist_ok=True)
+    return groups
+
+
 def throughput(
     service: ServiceProcess, workdir: Path, megabytes: int, repeat: int
 ) -> dict[str, object]:
-    """Ours and the plain pair alternately, so drift on a small shared machine hits both alike;
-    the medians, and the median of each round's own ratio (the same-run ratio)."""
-    ours, plain = [], []
+    """Ours, the plain pair, and the plain pair in cgroups placed like ours, in turn, so drift
+    on a small shared machine hits all alike; the medians, and the median of each round's own
+    ratio (the same-run ratio)."""
+    groups = cpu_groups_like_ours(service)
+    ours, plain, plain_grouped = [], [], []
     for _ in range(repeat):
         ours.append(containers_throughput(service, workdir, megabytes))
         plain.append(plain_veth_throughput(workdir, megabytes))
+        if groups is not None:
+            plain_grouped.append(plain_veth_throughput(workdir, megabytes, groups))
+    results = _compare(ours, plain, "")
+    if plain_grouped:
+        results.update(_compare(ours, plain_grouped, "_cgroups_like_ours"))
+    return results
+
+
+def _compare(ours: list[Transfer], plain: list[Transfer], suffix: str) -> dict[str, object]:
     ours_mbit = statistics.median(t.mbit for t in ours)
     plain_mbit = statistics.median(t.mbit for t in plain)
     ours_cpu = statistics.median(t.cpu_s_per_gb for t in ours)
     plain_cpu = statistics.median(t.cpu_s_per_gb for t in plain)
+    rounds = zip(ours, plain, strict=True)
     return {
         "throughput_containers_mbit": round(ours_mbit, 1),
-        "throughput_plain_veth_mbit": round(plain_mbit, 1),
-        "throughput_ratio": round(ours_mbit / plain_mbit, 3),
-        "throughput_ratio_median_of_rounds": round(
-            statistics.median(o.mbit / p.mbit for o, p in zip(ours, plain, strict=True)), 3
+        f"throughput_plain_veth{suffix}_mbit": round(plain_mbit, 1),
+        f"throughput_ratio{suffix}": round(ours_mbit / plain_mbit, 3),
+        f"throughput_ratio{suffix}_median_of_rounds": round(
+            statistics.median(o.mbit / p.mbit for o, p in rounds), 3
         ),
         "cpu_s_per_gb_containers": round(ours_cpu, 3),
-        "cpu_s_per_gb_plain_veth": round(plain_cpu, 3),
+        f"cpu_s_per_gb_plain_veth{suffix}": round(plain_cpu, 3),
         # plain / ours, read like the throughput ratio: below 1, our path costs more CPU per byte.
-        "cpu_efficiency_ratio": round(plain_cpu / ours_cpu, 3),
-        "throughput_runs_mbit": [
+        f"cpu_efficiency_ratio{suffix}": round(plain_cpu / ours_cpu, 3),
+        f"throughput_runs{suffix}_mbit": [
             [round(o.mbit), round(p.mbit)] for o, p in zip(ours, plain, strict=True)
         ],
     }

@@ -199,6 +199,13 @@ class Containerizer:
             return spec, ()
         if asked is False or (asked is None and not self.user_namespace_default):
             return spec, ()
+        if spec.privileged:  # all of the host's capabilities: as host root, as Docker has it
+            if asked is None:
+                return spec, ()
+            raise FailedPrecondition(
+                "user_namespace: a privileged container runs as host root; ask for one or the"
+                " other"
+            )
         if not await self._has_user_namespaces(driver):
             if asked is None:
                 note = f"user_namespace: the node's default does not apply on {driver.name!r}"

@@ -271,3 +271,45 @@ async def workload_identity(
     else:
         etc = await asyncio.to_thread(image_etc, Path(rootfs))
     return resolve_identity(user, etc, group=linux.group, extra_groups=linux.supplementary_groups)
+
+
+class HostIdentities:
+    """Identities on the host's filesystem, resolved once per content of its /etc/passwd and
+    /etc/group: most launches run as root on the host, and reading and parsing both files
+    on each of them cost more than two stats. A change to either file (rewritten in place or
+    replaced) changes its inode, size, mtime or ctime, and empties the cache."""
+
+    def __init__(
+        self, files: tuple[Path, Path] = (Path("/etc/passwd"), Path("/etc/group"))
+    ) -> None:
+        self.files = files
+        self._version: tuple[tuple[int, ...], ...] = ()
+        self._resolved: dict[tuple[str | None, int | None, tuple[int, ...]], Identity] = {}
+
+    def resolve(self, user: str | None, linux: LinuxOptions) -> Identity:
+        version = self._files_version()
+        if version != self._version:
+            self._version, self._resolved = version, {}
+        key = (user, linux.group, linux.supplementary_groups)
+        identity = self._resolved.get(key)
+        if identity is None:  # an unknown name raises, and is not kept
+            passwd, group = (_read_bounded_path(path) for path in self.files)
+            identity = resolve_identity(
+                user,
+                EtcFiles(passwd, group, "the host's"),
+                group=linux.group,
+                extra_groups=linux.supplementary_groups,
+            )
+            self._resolved[key] = identity
+        return identity
+
+    def _files_version(self) -> tuple[tuple[int, ...], ...]:
+        version: list[tuple[int, ...]] = []
+        for path in self.files:
+            try:
+                found = os.stat(path)
+            except OSError:
+                version.append(())
+                continue
+            version.append((found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
+        return tuple(version)

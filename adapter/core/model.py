@@ -139,6 +139,10 @@ NAMESPACE_KINDS = ("net", "ipc", "uts", "pid", "user")
 HOST_NAMESPACE = "host"
 
 
+# LinuxOptions.seccomp naming a profile file of the node: "localhost/<absolute path>".
+SECCOMP_LOCALHOST = "localhost/"
+
+
 @dataclass(frozen=True)
 class LinuxOptions:
     """What a CRI container asks beyond a Mesos launch; the defaults are a plain launch.
@@ -179,6 +183,11 @@ class LinuxOptions:
     stdin_once: bool = False
     tty: bool = False
     pod: str = ""
+
+    def localhost_seccomp(self) -> str | None:
+        """The node's seccomp profile file the launch names (`localhost/<path>`), if any."""
+        prefix = SECCOMP_LOCALHOST
+        return self.seccomp[len(prefix) :] if self.seccomp.startswith(prefix) else None
 
     def namespace(self, kind: str) -> str | None:
         """The path (or HOST_NAMESPACE) this launch joins for `kind`; None: its own."""

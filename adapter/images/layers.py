@@ -17,6 +17,7 @@ has nothing below it and is applied to its directory directly.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def unpack_layer(
     work.mkdir(mode=0o700)
     with DetachedOverlay(lowers, upper, work) as merged:
         opaque = apply_layer(blob, layer, diff_id, merged.descriptor, budget, on_read)
+    shutil.rmtree(work)  # the overlay's, unmounted: the caller then removes `temporary` inline
     for directory in opaque:
         mark_opaque(upper, directory)
     mirror_opaque_marks(upper)

@@ -68,6 +68,8 @@ DOCKER_HUB_REGISTRY = "registry-1.docker.io"
 TIMEOUT_SECONDS = 30.0
 MAX_REDIRECTS = 5
 MAX_TOKEN_ANSWER = 1 << 20
+# An error page or a redirect's body: read to reuse the connection, up to this much.
+MAX_DISCARDED_BODY = 64 << 10
 REDIRECTS = (301, 302, 303, 307, 308)
 USER_AGENT = "containerizer"
 
@@ -230,7 +232,7 @@ class RegistryClient:
             if response.status not in REDIRECTS:
                 break
             location = response.getheader("Location") or ""
-            response.read()
+            self._discard(response, origin)
             origin, target = self.endpoints.named(location, origin, f"redirect of {url} to")
             response = self._send(origin, target, accept)
         return self._checked(response, url)
@@ -257,10 +259,25 @@ class RegistryClient:
             path = target.split("?")[0]
             raise Unavailable(f"registry {where}: cannot GET {path}: {exc}") from exc
 
+    def _discard(self, response: http.client.HTTPResponse, origin: Origin) -> None:
+        """Read the body of an answer we do not use, so the connection serves the next request;
+        one longer than MAX_DISCARDED_BODY (a registry's endless body) closes the connection
+        instead, which the next request reopens."""
+        try:
+            whole = len(response.read(MAX_DISCARDED_BODY + 1)) <= MAX_DISCARDED_BODY
+        except (OSError, http.client.HTTPException):
+            whole = False
+        if not whole:
+            response.close()
+            if origin == self.origin:
+                self.connection.close()
+            else:
+                self._close_detour()
+
     def _checked(self, response: http.client.HTTPResponse, url: str) -> http.client.HTTPResponse:
         if response.status == 200:
             return response
-        response.read()  # keep the connection usable for the next request
+        self._discard(response, self.origin)
         if response.status == 404:
             raise NotFound(f"image {self.reference}: {url} not found in registry {self.registry}")
         if response.status == 401:
@@ -287,7 +304,7 @@ class RegistryClient:
 
     def _authenticate(self, response: http.client.HTTPResponse) -> bool:
         """Answer a 401's challenge: True when there is a new Authorization to retry with."""
-        response.read()
+        self._discard(response, self.origin)
         headers = response.msg.get_all("WWW-Authenticate") or []
         challenges = [c for c in map(parse_challenge, headers) if c is not None]
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
@@ -366,6 +383,11 @@ class RegistryClient:
         """Fetch, verify and stage a manifest or index; `reference` is a tag or a digest."""
         response = self.request(f"manifests/{reference}", ACCEPT)
         body = response.read(MAX_JSON_BLOB + 1)
+        if len(body) > MAX_JSON_BLOB:
+            self.close()  # the rest is not read: this connection is spent
+            raise InvalidArgument(
+                "image", f"manifest {reference}: more than {MAX_JSON_BLOB} bytes (the limit)"
+            )
         digest = sha256_digest(body)
         if reference.startswith("sha256:") and digest != reference:
             raise InvalidArgument(

@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import threading
@@ -91,6 +92,9 @@ class ImageStore:
         # Chain id -> unpacks in flight that use the layer: garbage collection keeps it.
         self._pins: collections.Counter[str] = collections.Counter()
         self._lock = StoreLock(root)
+        # Parsed images by index entry: their blobs are content-addressed and never change, so
+        # a lookup reads index.json only. Trimmed to the index by garbage collection.
+        self._images: dict[tuple[str, str, str, int], Image] = {}
         # Whatever a crash left: staging directories, half-unpacked layers, orphan blobs. Only
         # when no other store is open: else they may be another store's work in flight (blobs
         # and layers are in place a moment before index.json names them).
@@ -135,6 +139,7 @@ class ImageStore:
         report = _on_loop(progress)
         staging = self.layout.new_staging(self.options.max_import_bytes, str(path))
         pinned: builtins.list[str] = []
+        stacked: builtins.list[str] = []
         try:
             images = await _in_thread(staging.stop, read_tarball, path, staging, report)
             if not images:
@@ -142,9 +147,9 @@ class ImageStore:
             pinned = [chain for image in images for chain in self._pin(image)]
             await self._unpack_new(images, staging, report)
             await _in_thread(staging.stop, staging.sync)  # not on the loop: fsync waits on disk
-            self._commit(staging, images)
+            stacked = self._commit(staging, images)
         finally:
-            self._unpin(pinned)
+            self._unpin(pinned, stacked)
             await _discard(staging, [])
         await self._collect_by_size(images)
         return images
@@ -162,6 +167,7 @@ class ImageStore:
         report = _on_loop(progress)
         staging = self.layout.new_staging(self.options.max_import_bytes, str(parsed))
         pinned: builtins.list[str] = []
+        stacked: builtins.list[str] = []
         try:
             image = await _in_thread(
                 staging.stop, pull_image, parsed, staging, report, self.mirrors, access
@@ -169,9 +175,9 @@ class ImageStore:
             pinned = self._pin(image)
             await self._unpack_new([image], staging, report)
             await _in_thread(staging.stop, staging.sync)
-            self._commit(staging, [image])
+            stacked = self._commit(staging, [image])
         finally:
-            self._unpin(pinned)
+            self._unpin(pinned, stacked)
             await _discard(staging, [])
         await self._collect_by_size([image])
         return image
@@ -227,15 +233,18 @@ class ImageStore:
         image = self.get(reference, field)
         digest = image.manifest.digest
         chains = self._pin(image)
+        stacked: builtins.list[str] = []
         try:
             await self._unpack_layers(image, self.layout.blob_path, None, field)
-            if digest not in self._protected():
+            indexed = self._indexed()
+            if digest not in indexed and digest not in self._leases.digests():
                 raise NotFound(f"image {reference!r} was removed while it was being unpacked")
             if self.layout.read_stack(digest) != chains[::-1]:  # an older store had none
                 self.layout.write_stack(digest, chains[::-1])
+            stacked = chains
         finally:
-            self._unpin(chains)
-        self._touch([digest])
+            self._unpin(chains, stacked)
+        self._touch([digest], indexed)
         return [self.layout.layer_path(chain) for chain in chains[::-1]]
 
     @contextlib.asynccontextmanager
@@ -254,15 +263,19 @@ class ImageStore:
         self._pins.update(chains)
         return chains
 
-    def _unpin(self, chains: Iterable[str]) -> None:
+    def _unpin(self, chains: Iterable[str], stacked: Iterable[str] = ()) -> None:
         """Release pins; a layer no pin and no stack holds any more goes (what an import that
-        failed or an image removed meanwhile had unpacked)."""
+        failed or an image removed meanwhile had unpacked). `stacked`: chains the caller has
+        just seen a stack name, which therefore stay (reading every stack costs a file each)."""
         released = set(chains)
         self._pins.subtract(released)
         self._pins = +self._pins  # drop what is no longer pinned
-        stacked = self.layout.stacked_layers()
-        for chain in released - set(self._pins):
-            if digest_hex(chain) not in stacked:
+        unpinned = released - set(self._pins) - set(stacked)
+        if not unpinned:
+            return
+        stacks = self.layout.stacked_layers()
+        for chain in unpinned:
+            if digest_hex(chain) not in stacks:
                 remove_tree(self.layout.layer_path(chain))
 
     async def _unpack_new(
@@ -331,24 +344,31 @@ class ImageStore:
                         field, f"{image.reference} cannot be unpacked: {detail}"
                     ) from exc
                 finally:
-                    await _discard(None, [temporary])
+                    if not _remove_if_empty(temporary):  # a failed unpack's: in a thread
+                        await _discard(None, [temporary])
         report.finish()
 
     # ---- internals ----
 
     def _image(self, name: str, entry: dict[str, Any]) -> Image:
-        manifest = Descriptor(entry["mediaType"], entry["digest"], entry["size"])
-        manifest_json = self._json_blob(manifest.digest)
-        config, _ = manifest_parts(manifest_json, manifest.digest)
-        return image_from(name, manifest, manifest_json, self._json_blob(config.digest))
+        key = _cache_key(entry)
+        image = self._images.get(key)
+        if image is None:
+            manifest = Descriptor(entry["mediaType"], entry["digest"], entry["size"])
+            manifest_json = self._json_blob(manifest.digest)
+            config, _ = manifest_parts(manifest_json, manifest.digest)
+            config_json = self._json_blob(config.digest)
+            image = self._images[key] = image_from(name, manifest, manifest_json, config_json)
+        return image
 
     def _json_blob(self, digest: str) -> dict[str, Any]:
         with open(self.layout.blob_path(digest), "rb") as blob:
             return load_json(blob.read(MAX_JSON_BLOB + 1), f"blob {digest}")
 
-    def _commit(self, staging: Staging, images: builtins.list[Image]) -> None:
+    def _commit(self, staging: Staging, images: builtins.list[Image]) -> builtins.list[str]:
         """Make images visible: blobs and layer stacks first, then index.json (a crash in
-        between leaves only unreferenced files, which garbage collection removes)."""
+        between leaves only unreferenced files, which garbage collection removes). Returns
+        the chain ids the stacks of the indexed images name."""
         self._refresh_leases()  # before a reference may move to another manifest
         staging.commit()
         for image in images:
@@ -362,10 +382,16 @@ class ImageStore:
         self.layout.write_index(entries)
         self._collect_garbage(including_in_flight=False)
         self._touch(image.manifest.digest for image in images)
+        return [chain for image in added.values() for chain in chain_ids(image.diff_ids)]
 
-    def _touch(self, digests: Iterable[str]) -> None:
-        """Record a use of these manifests (the order of size-based GC)."""
-        self.last_use.touch(digests, keep={e["digest"] for e in self.layout.read_index()})
+    def _touch(self, digests: Iterable[str], indexed: set[str] | None = None) -> None:
+        """Record a use of these manifests (the order of size-based GC); `indexed`: the
+        index's manifest digests, when the caller has just read them."""
+        self.last_use.touch(digests, keep=self._indexed() if indexed is None else indexed)
+
+    def _indexed(self) -> set[str]:
+        """The manifest digests index.json names."""
+        return {entry["digest"] for entry in self.layout.read_index()}
 
     def _refresh_leases(self) -> None:
         if self.containers is not None:
@@ -381,16 +407,18 @@ class ImageStore:
 
     def _protected(self) -> set[str]:
         """Manifest digests whose layers must stay: named in the index or run on."""
-        return {e["digest"] for e in self.layout.read_index()} | self._leases.digests()
+        return self._indexed() | self._leases.digests()
 
     def _collect_garbage(self, *, including_in_flight: bool) -> None:
         self._refresh_leases()
         blobs: set[str] = set()
+        images = {}
         for entry in self.layout.read_index():
-            image = self._image(_entry_name(entry), entry)
+            image = images[_cache_key(entry)] = self._image(_entry_name(entry), entry)
             blobs.update(
                 digest_hex(blob.digest) for blob in (image.manifest, image.config, *image.layers)
             )
+        self._images = images
         stacks = {digest_hex(d) for d in self._protected()} if self._leases.known else None
         pinned = {digest_hex(chain) for chain in self._pins}
         self.layout.collect_garbage(blobs, stacks, pinned, including_in_flight=including_in_flight)
@@ -425,6 +453,25 @@ async def _discard(staging: Staging | None, directories: Iterable[Path]) -> None
             remove_tree(directory)
 
     await asyncio.shield(asyncio.to_thread(discard))
+
+
+def _remove_if_empty(directory: Path) -> bool:
+    """Remove `directory` when it is empty or gone (what a layer's unpack leaves once its upper
+    directory is in place: one rmdir, no need of a thread); False when it holds anything."""
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
+def _cache_key(entry: dict[str, Any]) -> tuple[str, str, str, int]:
+    """What an index entry says of its image: the same key is the same image."""
+    return (_entry_name(entry), entry["mediaType"], entry["digest"], entry["size"])
 
 
 def _entry_name(entry: dict[str, Any]) -> str:

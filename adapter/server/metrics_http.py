@@ -8,7 +8,6 @@ anything but GET or HEAD of the two paths is answered 404 or 405.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -53,7 +52,10 @@ class MetricsEndpoint:
             path = rest.partition(" ")[0].partition("?")[0]
             status, content_type, body = await self._route(method, path)
             writer.write(_response(status, content_type, body, head_only=method == "HEAD"))
-            await writer.drain()
+            writer.close()  # once the answer is sent
+            # A client that does not read its answer in time (as a slowloris does not send
+            # its request) must not hold the connection, its task and the answer's memory.
+            await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT_SECONDS)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a client that sent no complete request in time gets nothing
         except ConnectionError:
@@ -61,9 +63,8 @@ class MetricsEndpoint:
         except Exception:
             log.exception("metrics request failed")
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # closed now, whatever is left unsent
 
     async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if path not in ("/metrics", "/healthz"):

@@ -14,7 +14,6 @@ from adapter.supervisor import client as supervisor
 from adapter.supervisor.seccomp import load_localhost_profile
 
 UNCONFINED = "unconfined"
-LOCALHOST = "localhost/"
 # Namespaces the supervisor joins by --ns (the network one goes by --netns).
 JOINED_KINDS = ("ipc", "uts", "pid", "user")
 
@@ -25,9 +24,9 @@ async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: Seccom
     profile = spec.linux.seccomp
     if profile == UNCONFINED:
         return b""
-    if profile.startswith(LOCALHOST):
+    path = spec.linux.localhost_seccomp()
+    if path is not None:
         field = "linux.security_context.seccomp.localhost_ref"
-        path = profile[len(LOCALHOST) :]
         return await asyncio.to_thread(
             load_localhost_profile, path, field, capabilities=policy.capabilities
         )

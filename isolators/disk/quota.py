@@ -149,7 +149,8 @@ def assign_project(directory_fd: int, project: int) -> None:
 
 def _tree(root_fd: int) -> Iterator[tuple[int, bool]]:
     """Descriptors of the directories and regular files under root_fd (itself first), on its
-    device. A file replaced by a symlink or a FIFO meanwhile is refused by the open, and left."""
+    device; a regular file with several links is left. A file replaced by a symlink or a FIFO
+    meanwhile is refused by the open, and left."""
     device = os.fstat(root_fd).st_dev
     yield root_fd, True
     stack = [os.dup(root_fd)]
@@ -172,6 +173,10 @@ def _open_entry(parent: int, name: str, device: int) -> int | None:
     try:
         info = os.lstat(name, dir_fd=parent)
         if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            return None
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            # A hard link may name a file outside the tree (a host file): its inode's project
+            # is not ours to change. New links inherit the project (PROJINHERIT) anyway.
             return None
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         fd = os.open(name, flags, dir_fd=parent)

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,14 +202,18 @@ async def run_plugin(
         stderr=asyncio.subprocess.PIPE,
         env=invocation.environment(command, bin_dirs),
         cwd="/",
+        start_new_session=True,  # its own process group: a kill reaches what it started
     )
     try:
         stdout, stderr = await asyncio.wait_for(
-            process.communicate(json.dumps(conf).encode()), timeout
+            _bounded_communicate(process, json.dumps(conf).encode()), timeout
         )
     except TimeoutError:
         await _kill(process)
         raise CniError(kind, command, 0, f"no answer within {timeout:g} s") from None
+    except _OutputTooLarge:
+        await _kill(process)
+        raise CniError(kind, command, 0, f"it wrote more than {MAX_OUTPUT_BYTES} bytes") from None
     except BaseException:  # a cancelled launch: the plugin must not live on
         await _kill(process)
         raise
@@ -224,7 +230,40 @@ async def run_plugin(
     return result
 
 
+class _OutputTooLarge(Exception):
+    """A plugin wrote more than MAX_OUTPUT_BYTES on stdout or stderr."""
+
+
+async def _bounded_communicate(
+    process: asyncio.subprocess.Process, config: bytes
+) -> tuple[bytes, bytes]:
+    """communicate(), but reading at most MAX_OUTPUT_BYTES of each stream: a plugin cannot
+    fill the service's memory (_OutputTooLarge past the bound). Waits for its exit."""
+    assert process.stdin and process.stdout and process.stderr
+    with contextlib.suppress(ConnectionError):
+        process.stdin.write(config)
+        await process.stdin.drain()
+    process.stdin.close()
+    stdout, stderr = await asyncio.gather(
+        _read_bounded(process.stdout), _read_bounded(process.stderr)
+    )
+    await process.wait()
+    return stdout, stderr
+
+
+async def _read_bounded(stream: asyncio.StreamReader) -> bytes:
+    data = bytearray()
+    while chunk := await stream.read(1 << 16):
+        data += chunk
+        if len(data) > MAX_OUTPUT_BYTES:
+            raise _OutputTooLarge
+    return bytes(data)
+
+
 async def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kill the plugin and whatever it started (its process group), and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     await process.wait()

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from adapter.cri.api import cri
+from adapter.runtimes.libvirt import cgroups
 from tests.conftest import ServiceProcess
 from tests.images import REFERENCE
 from tests.integration.cri import TIMEOUT, CriNode, import_busybox
@@ -57,7 +58,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, libvirtd: PrivateLibvirtd) ->
         + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
     )
     service = libvirtd.register(ServiceProcess(workdir, extra_config=config))
-    service.subnet = subnet  # type: ignore[attr-defined]
+    service.bridge, service.subnet = bridge, subnet  # type: ignore[attr-defined]
     before = node_state(bridge)
     service.start()
     cri_node = CriNode(service)
@@ -107,6 +108,8 @@ def test_one_vm_per_pod_runs_exits_and_leaves_nothing(
     command = node.container_config("sh", "-c", "echo from the vm; sleep 2; exit 3")
     first = node.run(pod_id, command)
     address = _pod_ip(node, pod_id)
+    bridge = service.bridge  # type: ignore[attr-defined]
+    assert set(node_state(bridge)["links"]) - {bridge}  # the VM's tap on the bridge
     assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network(service.subnet)  # type: ignore[attr-defined]
     # The VM is the pod: a second container is refused while the first runs.
     with pytest.raises(grpc.RpcError) as refused:
@@ -120,7 +123,10 @@ def test_one_vm_per_pod_runs_exits_and_leaves_nothing(
     node.create(pod_id, node.container_config("true"))
     node.remove_pod(pod_id)
     assert _domains(libvirtd) == []
+    assert set(node_state(bridge)["links"]) <= {bridge}  # no tap: the bridge alone stays
     assert not node.pod_cgroup(pod_id).exists()
+    partition = cgroups.partition_dirs(f"/{service.cgroups_root}")  # libvirt's, for QEMU
+    assert [directory for directory in partition if directory.exists()] == []
     leftovers = []
     for path in service.leftover_cgroups():
         below = [child for child in path.iterdir() if child.is_dir()]

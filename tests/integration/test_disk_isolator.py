@@ -110,7 +110,7 @@ def test_docker_measures_its_overlay2_layer_and_ends_it_limitation_disk(
     storage driver without one, the launch says the request is enforced on the sandbox only."""
     with running_service(tmp_path, docker_service_config(dockerd, None)) as service:
         stub = service.stub()
-        script = "head -c 20971520 /dev/zero > /var/big; sleep 120"
+        script = "mkdir /data; head -c 20971520 /dev/zero > /data/big; sleep 120"
         request = pb.LaunchRequest(
             container_id=container_id,
             command=pb.CommandInfo(shell=script),

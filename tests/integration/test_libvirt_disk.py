@@ -8,6 +8,7 @@ converted to qcow2. One guest boot in all; it also covers recovery after kill -9
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.conftest import ServiceProcess, require
-from tests.integration.api import destroy
+from tests.integration.api import destroy, usage
 from tests.integration.libvirtd import PrivateLibvirtd, libvirt_service, libvirtd
 
 __all__ = ["libvirtd"]  # the shared session fixture, used by name
@@ -177,6 +178,15 @@ def _disk_guest_lifecycle(
     )
     assert overlay.stat().st_size > fresh.stat().st_size
     fresh.unlink()
+    # Usage: the overlay's allocated bytes, and its virtual size as the limit.
+    info = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(overlay)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    statistics = usage(stub, container_id)
+    assert statistics.disk_limit_bytes == json.loads(info.stdout)["virtual-size"]
+    allocated = overlay.stat().st_blocks * 512
+    assert abs(statistics.disk_used_bytes - allocated) <= 0.05 * allocated
     assert _sha256(base) == base_checksum
 
     disk_service.kill()  # kill -9: the guest keeps running without us

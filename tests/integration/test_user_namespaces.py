@@ -18,7 +18,7 @@ from adapter.cri.api import cri
 from tests.cgroup_roots import run_scoped_name
 from tests.conftest import BIN, USER_NAMESPACE_DEFAULT, ServiceProcess, require, require_root
 from tests.images import REFERENCE, busybox_oci_layout
-from tests.integration.api import destroy, wait
+from tests.integration.api import destroy, serve_expecting_refusal, wait
 from tests.integration.containerd_daemon import (
     ContainerdDaemon,
     containerd_available,
@@ -271,3 +271,14 @@ def test_a_pod_without_userns_options_gets_the_nodes_default(cri_userns_node: Cr
     reply = node.exec_sync(container, "cat", "/proc/self/uid_map")
     assert reply.stdout.decode().split() == ["0", "0", "4294967295"]  # default: false
     node.remove_pod(pod_id)
+
+
+def test_a_user_without_subordinate_ids_is_refused_at_start(tmp_path: Path) -> None:
+    require_root()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'version = 1\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "s.sock"}"\n'
+        '[user_namespace]\nuser = "no-such-user-here"\n'
+    )
+    output = serve_expecting_refusal(config)
+    assert "user_namespace.user" in output and "/etc/subuid" in output, output

@@ -17,7 +17,8 @@ from adapter.core.model import Command, Identity, LaunchSpec, LinuxOptions, Moun
 from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import logs
 from adapter.runtimes.containerd import spec as oci
-from adapter.runtimes.containerd.seccomp import FIELD, localhost_profile, oci_profile
+from adapter.runtimes.crilog import check_log_file
+from adapter.supervisor.oci_seccomp import FIELD, localhost_profile, oci_profile
 from adapter.supervisor.seccomp_profile import parse_oci_profile
 
 HOLDER = "/proc/4242/ns"
@@ -198,7 +199,7 @@ def test_a_log_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     (tmp_path / "target").write_text("")
     (tmp_path / "link.log").symlink_to(tmp_path / "target")
     with pytest.raises(InvalidArgument) as refused:
-        logs.check_log_file(str(tmp_path / "link.log"))
+        check_log_file(str(tmp_path / "link.log"))
     assert refused.value.field == "linux.log_path"
-    logs.check_log_file(str(tmp_path / "fresh.log"))
+    check_log_file(str(tmp_path / "fresh.log"))
     assert (tmp_path / "fresh.log").is_file()

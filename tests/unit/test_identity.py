@@ -12,6 +12,7 @@ from adapter.core.errors import InvalidArgument
 from adapter.core.identity import (
     MAX_ETC_BYTES,
     EtcFiles,
+    HostIdentities,
     host_etc,
     image_etc,
     resolve_identity,
@@ -207,3 +208,35 @@ async def test_workload_identity_reads_the_rootfs_or_the_host(tmp_path: Path) ->
     assert in_image == Identity(1000, 50, (1, 29, 9), "/home/web")
     on_host = await workload_identity(None, LinuxOptions(), None)
     assert (on_host.uid, on_host.gid) == (0, 0)
+
+
+def test_host_identities_are_resolved_again_when_the_files_change(tmp_path: Path) -> None:
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(PASSWD)
+    group.write_text("root:x:0:\nweb:x:1000:\n")
+    identities = HostIdentities((passwd, group))
+    assert identities.resolve("web", LinuxOptions()) == Identity(1000, 1000, (), "/home/web")
+    assert identities.resolve(None, LinuxOptions()) == Identity(0, 0, (), "/root")
+
+    # Replaced, as useradd and vipw do: a new inode; and rewritten in place, longer.
+    replacement = tmp_path / "group.new"
+    replacement.write_text("root:x:0:\nweb:x:1000:\nlogs:x:4:web\n")
+    replacement.rename(group)
+    assert identities.resolve("web", LinuxOptions()).groups == (4,)
+    with passwd.open("a") as appended:
+        appended.write("late:x:1500:1500::/srv/late:/bin/sh\n")
+    assert identities.resolve("late", LinuxOptions()) == Identity(1500, 1500, (), "/srv/late")
+
+
+def test_host_identities_keep_no_failed_lookup(tmp_path: Path) -> None:
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(PASSWD)
+    group.write_text(GROUP)
+    identities = HostIdentities((passwd, group))
+    with pytest.raises(InvalidArgument, match="no such user in the host's /etc/passwd"):
+        identities.resolve("ghost", LinuxOptions())
+    with pytest.raises(InvalidArgument, match="ghost"):
+        identities.resolve("ghost", LinuxOptions())
+    assert identities.resolve(
+        "web", LinuxOptions(group=7, supplementary_groups=(8,))
+    ) == resolve_identity("web", EtcFiles(PASSWD, GROUP), group=7, extra_groups=(8,))

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from adapter.clients.cli.main import build_parser, launch_request
 from adapter.core.config import parse_config
+from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ConfigError, FailedPrecondition
-from adapter.core.model import IdMapping, LaunchSpec
-from adapter.core.userns import IdRangeAllocator, parse_id_range, subordinate_ranges
+from adapter.core.model import Capabilities, Fingerprint, IdMapping, LaunchSpec, LinuxOptions
+from adapter.core.state import StateStore
+from adapter.core.userns import (
+    IdRangeAllocator,
+    own_id_mapping,
+    parse_id_range,
+    subordinate_ranges,
+)
+from adapter.runtimes.base import Launched
 from adapter.runtimes.containerd.remap import shift_owners
+from adapter.supervisor.client import Enforcement, LaunchConfig
+from tests.unit.test_core import FakeDriver, make_spec
 
 SUBUID = """\
 alice:100000:65536
@@ -138,3 +150,123 @@ def test_owners_move_into_the_range_links_not_followed(tmp_path: Path) -> None:
     assert (tool.st_uid, tool.st_gid, tool.st_mode & 0o7777) == (100000, 200000, 0o4755)
     assert (tmp_path / "link").lstat().st_uid == 100000
     assert Path("/etc/passwd").stat().st_uid == outside.st_uid
+
+
+class UsernsDriver(FakeDriver):
+    """The fake runtime, declaring user namespaces and keeping the specs it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: dict[str, LaunchSpec] = {}
+
+    async def fingerprint(self) -> Fingerprint:
+        return Fingerprint(self.name, "1", True, capabilities=Capabilities(user_namespace=True))
+
+    async def start(self, spec: LaunchSpec) -> Launched:
+        self.specs[spec.container_id] = spec
+        return await super().start(spec)
+
+
+def node(tmp_path: Path, *, default: bool = False) -> tuple[Containerizer, UsernsDriver]:
+    driver = UsernsDriver()
+    allocator = IdRangeAllocator([(100000, 2 * 65536)], [(100000, 2 * 65536)], 65536)
+    core = Containerizer(
+        {"native": driver, "libvirt": VmDriver()},
+        StateStore(tmp_path / "state.db"),
+        default_runtime="native",
+        user_namespaces=allocator,
+        user_namespace_default=default,
+    )
+    return core, driver
+
+
+class VmDriver(FakeDriver):
+    name = "libvirt"
+
+
+def spec(cid: str, tmp_path: Path, **fields: object) -> LaunchSpec:
+    return replace(make_spec(cid, tmp_path), **fields)  # type: ignore[arg-type]
+
+
+async def test_the_core_allocates_checkpoints_and_releases(tmp_path: Path) -> None:
+    core, driver = node(tmp_path)
+    await core.recover()
+    launched = await core.launch(spec("a", tmp_path, user_namespace=True))
+    assert launched.spec.id_mapping == IdMapping(100000, 100000, 65536)
+    assert driver.specs["a"].id_mapping == launched.spec.id_mapping
+    plain = await core.launch(spec("plain", tmp_path))
+    assert plain.spec.id_mapping is None  # the node's default: none
+    await core.destroy("a")
+    assert core.user_namespaces is not None and "a" not in core.user_namespaces.held()
+    await core.close()
+
+
+async def test_a_restart_keeps_the_live_ranges(tmp_path: Path) -> None:
+    core, _ = node(tmp_path, default=True)
+    await core.recover()
+    first = await core.launch(spec("a", tmp_path))
+    await core.close()  # as after kill -9: the record is all that is left
+    core, _ = node(tmp_path, default=True)
+    await core.recover()
+    second = await core.launch(spec("b", tmp_path))
+    assert first.spec.id_mapping is not None and second.spec.id_mapping is not None
+    assert first.spec.id_mapping.uid_start != second.spec.id_mapping.uid_start
+    with pytest.raises(FailedPrecondition, match="user_namespace: all 2 ranges"):
+        await core.launch(spec("c", tmp_path))
+    await core.close()
+
+
+async def test_runtimes_without_them_refuse_or_pass_the_default_by(tmp_path: Path) -> None:
+    core, _ = node(tmp_path, default=True)
+    await core.recover()
+    with pytest.raises(FailedPrecondition, match="user_namespace: runtime 'libvirt'"):
+        await core.launch(spec("vm", tmp_path, runtime="libvirt", user_namespace=True))
+    record = await core.launch(spec("vm2", tmp_path, runtime="libvirt"))
+    assert record.spec.id_mapping is None
+    assert any("user_namespace" in warning for warning in record.warnings)
+    await core.close()
+
+
+async def test_a_privileged_container_is_host_root(tmp_path: Path) -> None:
+    core, _ = node(tmp_path, default=True)
+    core.allow_privileged = True
+    await core.recover()
+    record = await core.launch(spec("p", tmp_path, privileged=True))
+    assert record.spec.id_mapping is None
+    with pytest.raises(FailedPrecondition, match="user_namespace: a privileged container"):
+        await core.launch(spec("q", tmp_path, privileged=True, user_namespace=True))
+    await core.close()
+
+
+def test_the_supervisor_is_told_the_mapping_or_the_pods_namespace() -> None:
+    def words(config: LaunchConfig) -> list[str]:
+        return [part.decode() for part in config.encode().split(b"\0") if part]
+
+    own = LaunchConfig(
+        "s", "box", ["true"], Enforcement(privileged=True), id_mapping=IdMapping(7, 9, 65536)
+    )
+    assert "--userns" in words(own)
+    assert words(own)[words(own).index("--userns") + 1] == "7:9:65536"
+    pods = LaunchConfig(
+        "s", "box", ["true"], Enforcement(privileged=True), namespaces_joined=(("user", "/p"),)
+    )
+    assert "user=/p" in words(pods) and "--userns" not in words(pods)
+
+
+def test_a_pods_container_joins_instead_of_making_one(tmp_path: Path) -> None:
+    mapping = IdMapping(100000, 100000, 65536)
+    alone = spec("a", tmp_path, id_mapping=mapping)
+    in_pod = replace(alone, linux=LinuxOptions(namespaces=(("user", "/proc/9/ns/user"),)))
+    assert own_id_mapping(alone) == mapping
+    assert own_id_mapping(in_pod) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "asked"), [([], None), (["--userns"], True), (["--no-userns"], False)]
+)
+def test_run_asks_for_a_user_namespace_or_leaves_it_to_the_node(
+    flags: list[str], asked: bool | None
+) -> None:
+    args = build_parser().parse_args(["run", *flags, "--", "true"])
+    request = launch_request(args)
+    assert (request.user_namespace if request.HasField("user_namespace") else None) == asked

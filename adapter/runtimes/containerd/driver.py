@@ -80,9 +80,10 @@ from adapter.runtimes.containerd.handle import CONTAINER_LABEL, ContainerdHandle
 from adapter.runtimes.containerd.options import ContainerdOptions
 from adapter.runtimes.containerd.remap import RemappedSnapshots
 from adapter.runtimes.containerd.rundir import RunDirectories
-from adapter.runtimes.containerd.seccomp import launch_profile
 from adapter.runtimes.containerd.state import ContainerdState
+from adapter.runtimes.crilog import check_log_file
 from adapter.supervisor.client import REOPEN_TIMEOUT_S, find_supervisor, log_reopened
+from adapter.supervisor.oci_seccomp import launch_profile
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.registry import limitation_at_exit
@@ -220,7 +221,7 @@ class ContainerdDriver:
         if pod.joined_network(spec.linux) is None and self._network.chooses(spec):
             self._network.check(spec)
         if spec.linux.log_path:
-            logs.check_log_file(spec.linux.log_path)
+            check_log_file(spec.linux.log_path)
         handle = self._handle(spec.container_id)
         self._state.clear_oom(handle.containerd_id)
         self._state.forget_exit(handle.containerd_id)

@@ -17,7 +17,6 @@ from adapter.core.confinement import Confinement, oci_seccomp_profile
 from adapter.core.model import HOST_NAMESPACE, LaunchSpec, LinuxOptions, Mount
 
 UNCONFINED = "unconfined"
-LOCALHOST = "localhost/"
 # Our namespace kinds (model.NAMESPACE_KINDS) by their OCI names; the network goes apart.
 OCI_KINDS = {"pid": "pid", "ipc": "ipc", "uts": "uts"}
 # A volume's propagation (model.PROPAGATIONS) as an OCI mount option, recursive as its rbind.
@@ -94,12 +93,6 @@ def confined_paths(spec: LaunchSpec, confinement: Confinement) -> dict[str, list
     }
 
 
-def localhost_path(spec: LaunchSpec) -> str | None:
-    """The node's profile file a launch names, if it names one."""
-    profile = spec.linux.seccomp
-    return profile[len(LOCALHOST) :] if profile.startswith(LOCALHOST) else None
-
-
 def seccomp(
     spec: LaunchSpec, confinement: Confinement, localhost: dict[str, Any] | None
 ) -> dict[str, Any] | None:
@@ -107,7 +100,7 @@ def seccomp(
     privileged or unconfined, or the node's profile (`localhost`, read by the caller)."""
     if not confinement.seccomp or spec.linux.seccomp == UNCONFINED:
         return None
-    if localhost_path(spec) is not None:
+    if spec.linux.localhost_seccomp() is not None:
         assert localhost is not None, "the caller reads the node's profile"
         return localhost
     return oci_seccomp_profile(confinement.capabilities)

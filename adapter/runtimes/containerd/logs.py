@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from adapter.core.errors import FailedPrecondition, InvalidArgument
+from adapter.core.errors import FailedPrecondition
 from adapter.core.model import Identity
 from adapter.supervisor.processes import ProcessRef
 
 PID_FILE = "log-relay.pid"
 MAX_PID_FILE_BYTES = 64
-# What the relay opens the log with (the supervisor's open_log_file): never through a symlink,
-# and a FIFO at the path fails at once instead of hanging the open.
-LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def relay_uri(supervisor: str, log_path: str, run_dir: Path) -> str:
@@ -58,22 +54,6 @@ def sandbox_relay_uri(
         }
     )
     return f"binary://{quote(supervisor)}?{query}"
-
-
-def check_log_file(log_path: str) -> None:
-    """Create the log as the relay will open it, so that a log that cannot be written fails the
-    launch here, with the reason: the shim cannot tell a relay's failure from its readiness."""
-    field = "linux.log_path"
-    try:
-        fd = os.open(log_path, LOG_FLAGS, 0o640)
-    except OSError as exc:
-        raise InvalidArgument(field, f"{log_path}: cannot open the log: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        raise InvalidArgument(field, f"{log_path}: not a regular file of its own")
 
 
 def reopen(run_dir: Path, container_id: str) -> None:

@@ -25,7 +25,6 @@ from adapter.core.confinement import (
 from adapter.core.model import LaunchSpec
 
 UNCONFINED = "unconfined"
-LOCALHOST = "localhost/"
 
 
 def is_root_user(user: str) -> bool:
@@ -113,7 +112,7 @@ def seccomp_option(
     defaultAction, defaultErrnoRet, architectures, syscalls)."""
     if spec.linux.seccomp == UNCONFINED:
         return "seccomp=unconfined"
-    if spec.linux.seccomp.startswith(LOCALHOST):
+    if spec.linux.localhost_seccomp() is not None:
         assert localhost is not None, "the caller reads the node's profile"
         profile = localhost
     else:

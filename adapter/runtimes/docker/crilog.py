@@ -6,9 +6,9 @@ emit_records): `<RFC3339Nano, UTC> <stdout|stderr> <F|P> <content>\\n`, F ending
 16 KiB piece of a longer one; an unfinished line waits for its end, or is written as an F once
 the container has ended. The time is when the service read the output.
 
-The file is opened as the supervisor opens it (containerd/logs.py's LOG_FLAGS): never through a
-symlink, a regular file with one link, appended to. ReopenContainerLog opens the path again
-after the kubelet renamed the file.
+The file is opened as the supervisor opens it (adapter/runtimes/crilog.py's LOG_FLAGS): never
+through a symlink, a regular file with one link, appended to. ReopenContainerLog opens the path
+again after the kubelet renamed the file.
 
 No line twice after our restart: a mark on the file (an xattr in the `trusted` namespace, out of
 a workload's reach) holds the docker id and how many bytes of each stream the records hold so
@@ -26,7 +26,7 @@ import stat
 import time
 
 from adapter.core.errors import FailedPrecondition
-from adapter.runtimes.containerd.logs import LOG_FLAGS
+from adapter.runtimes.crilog import LOG_FLAGS
 from adapter.runtimes.docker.streams import STDERR, STDOUT
 
 LINE_MAX = 16 * 1024  # the supervisor's LOG_LINE_MAX: longer lines are cut into P records

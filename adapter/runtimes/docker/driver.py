@@ -67,8 +67,7 @@ from adapter.core.model import (
 )
 from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, ExecSession, Launched
-from adapter.runtimes.containerd.logs import check_log_file
-from adapter.runtimes.containerd.seccomp import launch_profile
+from adapter.runtimes.crilog import check_log_file
 from adapter.runtimes.docker import exec as execs
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker import pod
@@ -83,6 +82,7 @@ from adapter.runtimes.docker.output import (
     Rotation,
     output_sizes,
 )
+from adapter.supervisor.oci_seccomp import launch_profile
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
 from isolators.cgroups.pods import pod_dirs

@@ -30,7 +30,7 @@ from typing import Any
 
 from adapter.core.confinement import Confinement
 from adapter.core.errors import FailedPrecondition, NotFound
-from adapter.core.identity import workload_identity
+from adapter.core.identity import HostIdentities, workload_identity
 from adapter.core.model import (
     Capabilities,
     ExecResult,
@@ -89,6 +89,7 @@ class NativeDriver:
 
     def __init__(self, options: NativeOptions, services: Services) -> None:
         node = services.node
+        self._host_identities = HostIdentities()
         self._configured_binary = options.supervisor
         self._namespaces = options.namespaces
         self._run_dir = node.state_dir / "native"
@@ -229,7 +230,7 @@ class NativeDriver:
         """The workload's identity from its image's /etc files (read through its layers), or
         the host's."""
         if not spec.image:
-            return await workload_identity(user, spec.linux, None)
+            return self._host_identities.resolve(user, spec.linux)
         async with self._images.view(spec.image) as root:
             return await workload_identity(user, spec.linux, root)
 

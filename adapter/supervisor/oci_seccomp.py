@@ -1,4 +1,5 @@
-"""A CRI Localhost seccomp profile as the OCI `linux.seccomp` that runc compiles.
+"""A CRI Localhost seccomp profile as plain OCI `linux.seccomp` JSON (what runc compiles, and
+what Docker takes as a profile): for the runtimes that hand a profile to an OCI runtime.
 
 The node admin's file is read and checked by the same code as for the native runtime
 (adapter/supervisor/seccomp.py), never handed to runc as it is: Docker's extensions (includes,
@@ -16,7 +17,6 @@ from typing import Any
 
 from adapter.core.confinement import confinement_of
 from adapter.core.model import LaunchSpec
-from adapter.runtimes.containerd import linux as pod
 from adapter.supervisor.seccomp import compile_oci_profile, read_localhost_profile
 from adapter.supervisor.seccomp_profile import (
     ACTIONS_WITH_RETURN_CODE,
@@ -42,7 +42,7 @@ _ARCH_NAMES = {token: name for name, token in HOST_ARCHES.items()}
 async def launch_profile(spec: LaunchSpec) -> dict[str, Any] | None:
     """The node's profile a launch names, read and checked; None when it names none (or is
     privileged: no filter at all)."""
-    path = pod.localhost_path(spec)
+    path = spec.linux.localhost_seccomp()
     if path is None or spec.privileged:
         return None
     return await localhost_profile(path, confinement_of(spec).capabilities)
