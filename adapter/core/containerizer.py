@@ -196,6 +196,10 @@ class Containerizer:
         container, sharing its holder's) is kept."""
         asked = spec.user_namespace
         if spec.id_mapping is not None:
+            # Held under this container's id too: the range stays in use while any of the
+            # containers in it runs, whichever ends first (a pod's holder may).
+            if self.user_namespaces is not None:
+                self.user_namespaces.reserve(spec.container_id, spec.id_mapping)
             return spec, ()
         if asked is False or (asked is None and not self.user_namespace_default):
             return spec, ()

@@ -141,9 +141,11 @@ class IdRangeAllocator:
     """Non-overlapping id ranges of `size`, one per container, from the configured host ids.
 
     Slot i maps uids from the i-th block of the uid ranges and gids from the i-th block of the
-    gid ranges. A container's range is held from `allocate` (or `reserve`, for a checkpointed
-    one at recovery) until `release`; a reserved range that is no slot of today's config (the
-    config changed) is still kept out of every new allocation."""
+    gid ranges. A container's range is held from `allocate` (or `reserve`) until `release`;
+    several containers may hold one range (a pod's holder and the containers that joined its
+    namespace, each under its own id), which is free again only when none of them does. A
+    reserved range that is no slot of today's config (the config changed) is still kept out
+    of every new allocation."""
 
     def __init__(
         self,
@@ -206,7 +208,8 @@ class IdRangeAllocator:
         )
 
     def reserve(self, container_id: str, mapping: IdMapping) -> None:
-        """Hold a checkpointed container's range again (recovery)."""
+        """Hold `mapping` for `container_id`: a checkpointed container's again (recovery), or
+        the range of the namespace a container joins (its pod holder's)."""
         self._held[container_id] = mapping
 
     def release(self, container_id: str) -> None:

@@ -56,6 +56,9 @@ class LastUse:
 
     def touch(self, digests: Iterable[str], keep: Iterable[str]) -> None:
         """Mark `digests` used now; forget the ones not in `keep` (the index's manifests)."""
+        digests = list(digests)
+        if len(digests) == 1 and self._newest(digests[0]):
+            return  # only the order counts, and it would not change: no file to rewrite
         now = time.time()
         kept = set(keep)
         times = {d: t for d, t in self.times.items() if d in kept}
@@ -67,6 +70,12 @@ class LastUse:
             os.replace(temporary, self.path)  # no fsync: a crash only loses recency
         except OSError as exc:
             log.warning("cannot record image use in %s: %s", self.path, exc)
+
+    def _newest(self, digest: str) -> bool:
+        """Whether `digest` is already the one used last, and alone in that place."""
+        when = self.times.get(digest)
+        others = (used for other, used in self.times.items() if other != digest)
+        return when is not None and all(used < when for used in others)
 
     def of(self, digest: str) -> float:
         return self.times.get(digest, 0.0)

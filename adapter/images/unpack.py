@@ -483,8 +483,11 @@ class LayerApplier:
             self.whiteout(parent_fd, parent, leaf[len(WHITEOUT_PREFIX) :], member.name)
         else:
             self.written.add((*parent, leaf))
-            self.make_room(parent_fd, leaf, member)
-            self.create(parent_fd, parent, leaf, member)
+            try:  # most names are new: the kernel's EEXIST tells us, no stat before each
+                self.create(parent_fd, parent, leaf, member)
+            except FileExistsError:
+                self.make_room(parent_fd, leaf, member)
+                self.create(parent_fd, parent, leaf, member)
 
     def create(
         self,
@@ -493,13 +496,14 @@ class LayerApplier:
         leaf: str,
         member: tarfile.TarInfo,
     ) -> None:
+        """Make `leaf`; FileExistsError, before anything is changed, when a name is in the way
+        (a directory over a directory is not: they merge)."""
         if member.ischr() or member.isblk():
             raise self.refuse(member.name, "is a device node; images may not carry devices")
         if member.isreg():
             self.write_file(parent_fd, leaf, member)
         elif member.isdir():
-            with contextlib.suppress(FileExistsError):  # a directory merges with a directory
-                os.mkdir(leaf, NEW_DIRECTORY_MODE, dir_fd=parent_fd)
+            self.make_directory(parent_fd, leaf)
             self.set_metadata_through(parent_fd, leaf, member, times=False)
             self.directory_times.append((parent, leaf, int(member.mtime)))
         elif member.issym():
@@ -512,6 +516,16 @@ class LayerApplier:
             self.set_metadata_through(parent_fd, leaf, member)
         else:
             raise self.refuse(member.name, f"has an unsupported tar type {member.type!r}")
+
+    @staticmethod
+    def make_directory(parent_fd: int, leaf: str) -> None:
+        """A directory merges with a directory; anything else there is in the way."""
+        try:
+            os.mkdir(leaf, NEW_DIRECTORY_MODE, dir_fd=parent_fd)
+        except FileExistsError:
+            existing = os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(existing.st_mode):
+                raise
 
     def finish(self) -> None:
         """Directory mtimes last: writing their children changed them."""

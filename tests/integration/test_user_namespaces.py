@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,16 +240,18 @@ def cri_userns_node(tmp_path: Path) -> Iterator[CriNode]:
         service.remove_cgroup_roots()
 
 
-def test_a_pods_containers_share_its_user_namespace(cri_userns_node: CriNode) -> None:
-    node = cri_userns_node
-    userns = cri.UserNamespace(mode=cri.POD)
-    options = cri.NamespaceOption(userns_options=userns)
-    config = node.pod_config(
+def pod_in_a_user_namespace(node: CriNode) -> cri.PodSandboxConfig:
+    options = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.POD))
+    return node.pod_config(
         linux=cri.LinuxPodSandboxConfig(
             security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)
         )
     )
-    pod_id = node.run_pod(config)
+
+
+def test_a_pods_containers_share_its_user_namespace(cri_userns_node: CriNode) -> None:
+    node = cri_userns_node
+    pod_id = node.run_pod(pod_in_a_user_namespace(node))
     first = node.run(pod_id, node.container_config("sleep", "60"))
     second = node.run(pod_id, node.container_config("sleep", "60"))
     stub = node.service.stub()
@@ -282,3 +285,22 @@ def test_a_user_without_subordinate_ids_is_refused_at_start(tmp_path: Path) -> N
     )
     output = serve_expecting_refusal(config)
     assert "user_namespace.user" in output and "/etc/subuid" in output, output
+
+
+def test_a_killed_holders_range_stays_with_its_running_container(cri_userns_node: CriNode) -> None:
+    """The holder's range is its container's too: a holder killed first does not free it."""
+    node = cri_userns_node
+    stub = node.service.stub()
+    pod_id = node.run_pod(pod_in_a_user_namespace(node))
+    member = node.run(pod_id, node.container_config("sleep", "120"))
+    holder_pid = stub.Status(pb.StatusRequest(container_id=pod_id), timeout=10).pid
+    shared = uid_map_start(holder_pid)
+    os.kill(holder_pid, signal.SIGKILL)
+    assert wait(stub, pod_id).signal == signal.SIGKILL
+    member_pid = stub.Status(pb.StatusRequest(container_id=member), timeout=10).pid
+    assert uid_map_start(member_pid) == shared  # still running in the range
+    second = node.run_pod(pod_in_a_user_namespace(node))
+    second_pid = stub.Status(pb.StatusRequest(container_id=second), timeout=10).pid
+    assert abs(uid_map_start(second_pid) - shared) >= SIZE
+    node.remove_pod(second)
+    node.remove_pod(pod_id)

@@ -23,7 +23,7 @@ from adapter.runtimes.libvirt.domain import (
     parse_metadata,
 )
 from adapter.runtimes.libvirt.handle import GuestHandle, read_exit_code
-from adapter.runtimes.libvirt.initramfs import GuestCommand, command_archive
+from adapter.runtimes.libvirt.initramfs import GuestCommand, command_archive, source_signature
 from adapter.runtimes.libvirt.options import LibvirtOptions
 from adapter.runtimes.registry import parse_options
 from isolators.cgroups.hierarchy import Hierarchies
@@ -126,6 +126,30 @@ def test_command_archive_carries_any_bytes_but_nul_verbatim() -> None:
     assert entries["ctz/env/1"] == b"-u=option-looking"
     assert entries["ctz/cwd"] == b"/tmp/a b"
     assert "ctz/argv/3" not in entries
+
+
+def test_base_archive_sources_signature_follows_every_file(tmp_path: Path) -> None:
+    """The driver reuses its base archive while this signature stays: any rewritten or
+    replaced busybox or module must change it, a missing one must give none."""
+    busybox, modules = tmp_path / "busybox", tmp_path / "modules"
+    modules.mkdir()
+    busybox.write_bytes(b"v1")
+    (modules / "a.ko").write_bytes(b"m1")
+    first = source_signature(busybox, modules)
+    assert first is not None and first == source_signature(busybox, modules)
+    a_second_later = (modules / "a.ko").stat().st_mtime_ns + 10**9
+    (modules / "a.ko").write_bytes(b"m2")  # same size, rewritten in place
+    os.utime(modules / "a.ko", ns=(a_second_later, a_second_later))
+    second = source_signature(busybox, modules)
+    assert second != first
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"v1")
+    replacement.replace(busybox)
+    assert source_signature(busybox, modules) not in (first, second)
+    (modules / "b.ko").write_bytes(b"")
+    assert len(source_signature(busybox, modules) or ()) == 3
+    busybox.unlink()
+    assert source_signature(busybox, modules) is None
 
 
 def test_exit_status_is_the_last_reported_line(tmp_path: Path) -> None:

@@ -216,6 +216,30 @@ async def test_a_restart_keeps_the_live_ranges(tmp_path: Path) -> None:
     await core.close()
 
 
+async def test_a_joined_range_stays_held_after_its_holder_ends(tmp_path: Path) -> None:
+    """A pod's container in its holder's namespace keeps the range when the holder ends
+    first, and across a restart: no new launch gets a range still in use."""
+    core, _ = node(tmp_path)
+    await core.recover()
+    holder = await core.launch(spec("holder", tmp_path, user_namespace=True))
+    shared = holder.spec.id_mapping
+    await core.launch(spec("member", tmp_path, id_mapping=shared))
+    await core.destroy("holder")
+    other = await core.launch(spec("other", tmp_path, user_namespace=True))
+    assert shared is not None and other.spec.id_mapping is not None
+    assert other.spec.id_mapping.uid_start != shared.uid_start
+    await core.close()  # as after kill -9: the records are all that is left
+    core, _ = node(tmp_path)
+    await core.recover()
+    with pytest.raises(FailedPrecondition, match="user_namespace: all 2 ranges"):
+        await core.launch(spec("third", tmp_path, user_namespace=True))
+    await core.destroy("member")
+    await core.destroy("other")
+    again = await core.launch(spec("again", tmp_path, user_namespace=True))
+    assert again.spec.id_mapping == shared  # the last one of its users ended: free again
+    await core.close()
+
+
 async def test_runtimes_without_them_refuse_or_pass_the_default_by(tmp_path: Path) -> None:
     core, _ = node(tmp_path, default=True)
     await core.recover()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -51,16 +53,34 @@ def remove_partition(partition: str) -> None:
             directory.rmdir()
 
 
-def attach_qemu(handle: GuestHandle, hierarchies: Hierarchies) -> GuestHandle:
+def attach_qemu(handle: GuestHandle, hierarchies: Hierarchies, partition: str) -> GuestHandle:
     """The handle completed with QEMU's pid and the domain's real cgroup directories, found by
-    the domain UUID on QEMU's command line (libvirt keeps its pid file in its own run dir)."""
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
+    the domain UUID on QEMU's command line (libvirt keeps its pid file in its own run dir).
+    QEMU is looked for among the processes of our partition first, where libvirt started it: a
+    handful of cgroup files rather than every process's command line."""
+    for pid in _candidate_pids(partition):
+        try:
+            cmdline = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue  # gone meanwhile, or a process we may not read: not our QEMU
         if "-uuid" in cmdline and handle.domain_uuid in cmdline:
-            paths = process_cgroups(process.pid)
+            paths = process_cgroups(pid)
             if not paths:  # QEMU ended already
                 break
             dirs = tuple(domain.domain_cgroup_dirs(dirs_in(hierarchies, paths).values()))
-            return GuestHandle(**{**handle.__dict__, "qemu_pid": process.pid, "cgroup_dirs": dirs})
+            return GuestHandle(**{**handle.__dict__, "qemu_pid": pid, "cgroup_dirs": dirs})
     log.warning("libvirt: QEMU of %s not found; usage will lack cgroup numbers", handle.domain_name)
     return handle
+
+
+def _candidate_pids(partition: str) -> Iterator[int]:
+    """The processes in the partition's cgroups (our domains' QEMUs), hierarchy by hierarchy
+    (read only as far as needed), then every process."""
+    for directory in partition_dirs(partition):
+        for cgroup, _, _ in os.walk(directory):
+            try:
+                pids = files.read_pids(Path(cgroup))
+            except OSError:
+                continue  # removed meanwhile (another guest of ours ended)
+            yield from pids
+    yield from psutil.pids()

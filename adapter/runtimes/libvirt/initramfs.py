@@ -207,6 +207,23 @@ async def _applets(busybox: Path) -> list[str]:
     return out.decode().split()
 
 
+def source_signature(busybox: Path, modules_dir: Path | None) -> tuple[object, ...] | None:
+    """What tells the base archive's sources apart without reading them: device, inode, size,
+    mtime and ctime of busybox and of every module file: a replaced or rewritten file changes
+    it (as for make, a rewrite keeping the size within one timestamp tick would not). None if
+    one cannot be read: base_initramfs then says why."""
+    modules = sorted(modules_dir.glob("*.ko")) if modules_dir is not None else []
+    signature = []
+    for path in (busybox, *modules):
+        try:
+            found = path.stat()
+        except OSError:
+            return None
+        identity = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+        signature.append((str(path), *identity))
+    return tuple(signature)
+
+
 async def base_initramfs(
     cache_dir: Path, busybox: Path, modules_dir: Path | None, *, virtio: bool = False
 ) -> Path:
