@@ -27,6 +27,7 @@ debian_packages=(
   containernetworking-plugins   # network.backend = "cni": bridge, host-local, portmap, bandwidth...
   docker-registry               # the local registry images are pulled from in tests
   apache2-utils                 # htpasswd: the registry-auth tests' bcrypt password file
+  xfsprogs                      # mkfs.xfs: the disk isolator's project-id tests on a loop-mounted XFS
 )
 
 missing=()

@@ -1222,13 +1222,35 @@ static void mount_binds(int errpipe, const char *root, const struct options *opt
 /* A user namespace may mount sysfs only over a network namespace it owns, and the container's
  * is the service's (made on the host, with its veth): the host's /sys bound in read-only, as
  * runc does for rootless containers. */
+static const struct mount_attr host_sysfs_attr = {
+    .attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC};
+static int host_sysfs_tree = -1; /* taken while host root: take_host_trees */
+
 static void bind_host_sysfs(int errpipe, const char *path)
 {
-    struct mount_attr attr = {
-        .attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC};
+    if (host_sysfs_tree >= 0) {
+        if (move_mount(host_sysfs_tree, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            child_fail(errpipe, "rootfs", path, strerror(errno));
+        close(host_sysfs_tree);
+        return;
+    }
+    struct mount_attr attr = host_sysfs_attr;
     mount_or_fail(errpipe, "/sys", path, NULL, MS_BIND | MS_REC, NULL);
     if (mount_setattr(AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr) < 0)
         child_fail(errpipe, "rootfs", path, strerror(errno));
+}
+
+/* While host root, for a user namespace of the container's own: /sys alone, read-only, as a
+ * fresh sysfs mount has it. Inside, only a recursive bind would do (the host's mounts below
+ * /sys come locked), and copying those mounts, to hide them under the cgroup tmpfs, costs
+ * more than the rest of the namespace's mounts. */
+static void take_host_sysfs(int errpipe)
+{
+    struct mount_attr attr = host_sysfs_attr;
+    host_sysfs_tree = open_tree(AT_FDCWD, "/sys", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (host_sysfs_tree < 0 ||
+        mount_setattr(host_sysfs_tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
+        child_fail(errpipe, "rootfs", "/sys", strerror(errno));
 }
 
 static void overlay_config(int errpipe, int context, const char *key, const char *value, int fd)
@@ -1299,8 +1321,11 @@ static void enter_rootfs(int errpipe, const struct options *opts)
     populate_dev(errpipe, root);
     join_path(errpipe, path, root, "/sys");
     make_mount_point(errpipe, path, 0);
-    if (mount("sysfs", path, "sysfs",
-              (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) {
+    if (host_sysfs_tree >= 0) /* a user namespace may not mount sysfs: see take_host_sysfs */
+        bind_host_sysfs(errpipe, path);
+    else if (mount("sysfs", path, "sysfs",
+                   (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   NULL) < 0) {
         if (errno != EPERM || !in_user_namespace)
             child_fail(errpipe, "rootfs", path, strerror(errno));
         bind_host_sysfs(errpipe, path);
@@ -1483,6 +1508,8 @@ static void take_host_trees(int errpipe, const struct options *opts)
         userns_lower_trees[n_userns_lower_trees++] = tree;
     }
     free(layers);
+    if (opts->userns_size > 0)
+        take_host_sysfs(errpipe);
     if (chdir(opts->rootfs_dir) < 0)
         child_fail(errpipe, "rootfs", opts->rootfs_dir, strerror(errno));
 }

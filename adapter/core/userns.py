@@ -252,11 +252,16 @@ def give_to_namespace_root(spec: LaunchSpec, rootfs_dir: Path | None = None) -> 
     mapping = spec.id_mapping
     if mapping is None:
         return
-    owner = (mapping.host_uid(0), mapping.host_gid(0))
-    _give_directory(Path(spec.sandbox), owner)
+    give_directories(mapping, Path(spec.sandbox))
     if rootfs_dir is not None:
-        for path in (rootfs_dir, *(rootfs_dir / part for part in ROOTFS_PARTS)):
-            _give_directory(path, owner)
+        give_directories(mapping, rootfs_dir, *(rootfs_dir / part for part in ROOTFS_PARTS))
+
+
+def give_directories(mapping: IdMapping, *paths: Path) -> None:
+    """Each directory to the namespace's root, opened without following a symlink."""
+    owner = (mapping.host_uid(0), mapping.host_gid(0))
+    for path in paths:
+        _give_directory(path, owner)
 
 
 def _give_directory(path: Path, owner: tuple[int, int]) -> None:

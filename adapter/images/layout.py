@@ -49,6 +49,8 @@ TEMPORARY_PREFIX = ".tmp-"
 PROGRESS_STEP = 1 << 20
 # Blobs fsynced at once: concurrent fsyncs share journal commits.
 SYNC_THREADS = 4
+# A staging directory's subdirectory of layer stacks, by manifest (not a blob: never hex).
+STAGED_STACKS = "stacks"
 
 
 class Cancelled(Exception):
@@ -166,6 +168,10 @@ class Staging:
         except BaseException as exc:  # raised again by whoever waits for the thread
             self._sync_error = exc
 
+    def syncing(self) -> bool:
+        """Whether a `start_sync` thread is still to be waited for (`discard` waits)."""
+        return self._syncer is not None
+
     def _join_syncer(self) -> None:
         if self._syncer is not None:
             self._syncer.join()
@@ -212,16 +218,32 @@ class Staging:
         with open(path, "rb") as blob:
             return blob.read(limit + 1)
 
+    def stage_stack(self, manifest_digest: str, chain_ids: list[str]) -> None:
+        """Stage a manifest's layer stack (Layout.write_stack's file), so that the blobs' sync
+        makes it durable too, while the layers unpack; `commit` moves it into stacks/."""
+        stacks = self.directory / STAGED_STACKS
+        stacks.mkdir(exist_ok=True)
+        staged = stacks / digest_hex(manifest_digest)
+        staged.write_bytes(json.dumps(chain_ids).encode())
+        with self._lock:
+            self._unsynced.add(staged)
+
     def commit(self) -> None:
-        """Move the staged blobs into blobs/ (a blob already there is identical: same digest).
-        Blobs are durable first (a no-op when the caller already ran `sync` in a worker)."""
+        """Move the staged blobs into blobs/ (a blob already there is identical: same digest),
+        then the staged stacks into stacks/. All are durable first (a no-op when the caller
+        already ran `sync` in a worker)."""
         self.sync()
         for staged in self.directory.iterdir():
-            if staged.name.startswith(TEMPORARY_PREFIX):
+            if staged.name.startswith(TEMPORARY_PREFIX) or staged.name == STAGED_STACKS:
                 continue
             target = self.layout.blobs / staged.name
             if not target.exists():
                 os.replace(staged, target)
+        stacks = self.directory / STAGED_STACKS
+        for staged in stacks.iterdir() if stacks.is_dir() else ():
+            os.replace(staged, self.layout.stacks / staged.name)
+        with contextlib.suppress(FileNotFoundError):
+            stacks.rmdir()
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):  # what is discarded need not be durable

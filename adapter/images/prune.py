@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,13 +54,14 @@ class LastUse:
         except (OSError, ValueError, TypeError, AttributeError):
             pass  # none yet, or unreadable: everything is equally old
 
-    def touch(self, digests: Iterable[str], keep: Iterable[str]) -> None:
-        """Mark `digests` used now; forget the ones not in `keep` (the index's manifests)."""
+    def touch(self, digests: Iterable[str], keep: Callable[[], Iterable[str]]) -> None:
+        """Mark `digests` used now; forget the ones not in `keep()` (the index's manifests),
+        asked only when the file is rewritten (a launch of the last-used image rewrites none)."""
         digests = list(digests)
         if len(digests) == 1 and self._newest(digests[0]):
             return  # only the order counts, and it would not change: no file to rewrite
         now = time.time()
-        kept = set(keep)
+        kept = set(keep())
         times = {d: t for d, t in self.times.items() if d in kept}
         times.update((digest, now) for digest in digests)
         self.times = times

@@ -150,7 +150,7 @@ class ImageStore:
             stacked = self._commit(staging, images)
         finally:
             self._unpin(pinned, stacked)
-            await _discard(staging, [])
+            await _discard_staging(staging)
         await self._collect_by_size(images)
         return images
 
@@ -178,7 +178,7 @@ class ImageStore:
             stacked = self._commit(staging, [image])
         finally:
             self._unpin(pinned, stacked)
-            await _discard(staging, [])
+            await _discard_staging(staging)
         await self._collect_by_size([image])
         return image
 
@@ -293,6 +293,8 @@ class ImageStore:
                 raise InvalidArgument("image", f"blob {digest} is missing from the tarball")
             return path
 
+        for image in images:  # the stacks are staged with the blobs: one sync for all
+            staging.stage_stack(image.manifest.digest, chain_ids(image.diff_ids)[::-1])
         staging.start_sync()  # the staged blobs reach the disk while we unpack
         for image in images:
             await self._unpack_layers(image, staged_blob, progress, "image", staging.stop)
@@ -370,9 +372,7 @@ class ImageStore:
         between leaves only unreferenced files, which garbage collection removes). Returns
         the chain ids the stacks of the indexed images name."""
         self._refresh_leases()  # before a reference may move to another manifest
-        staging.commit()
-        for image in images:
-            self.layout.write_stack(image.manifest.digest, chain_ids(image.diff_ids)[::-1])
+        staging.commit()  # the blobs and the stacks _unpack_new staged
         added = {image.reference: image for image in images}
         entries = [e for e in self.layout.read_index() if _entry_name(e) not in added]
         for image in added.values():
@@ -387,7 +387,7 @@ class ImageStore:
     def _touch(self, digests: Iterable[str], indexed: set[str] | None = None) -> None:
         """Record a use of these manifests (the order of size-based GC); `indexed`: the
         index's manifest digests, when the caller has just read them."""
-        self.last_use.touch(digests, keep=self._indexed() if indexed is None else indexed)
+        self.last_use.touch(digests, keep=self._indexed if indexed is None else lambda: indexed)
 
     def _indexed(self) -> set[str]:
         """The manifest digests index.json names."""
@@ -453,6 +453,14 @@ async def _discard(staging: Staging | None, directories: Iterable[Path]) -> None
             remove_tree(directory)
 
     await asyncio.shield(asyncio.to_thread(discard))
+
+
+async def _discard_staging(staging: Staging) -> None:
+    """Remove what is left of a staging area: nothing, after a commit that moved every blob
+    (one rmdir here); else, in a thread, what the commit did not move or a failure left."""
+    if not staging.syncing() and _remove_if_empty(staging.directory):
+        return
+    await _discard(staging, [])
 
 
 def _remove_if_empty(directory: Path) -> bool:

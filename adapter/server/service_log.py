@@ -55,6 +55,11 @@ def configure_logging(log_format: str) -> None:
     """The root logger's one handler (stderr, which systemd's journal takes) in `log_format`."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    # What no line of ours prints, not gathered for each record (a line per transition is on
+    # every launch's path): the thread, process and multiprocessing names.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=os.environ.get("CONTAINERIZER_LOG_LEVEL", "INFO"), handlers=[handler], force=True
     )

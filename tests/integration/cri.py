@@ -163,10 +163,11 @@ def import_busybox(service: ServiceProcess, workdir: Path) -> None:
         channel.close()
 
 
-@pytest.fixture(scope="session")
-def cri_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
-    workdir = tmp_path_factory.mktemp("cri")
-    service = cri_service(workdir)
+@contextlib.contextmanager
+def running_cri_node(service: ServiceProcess, workdir: Path) -> Iterator[CriNode]:
+    """The service started with the busybox image imported, as a CriNode; afterwards every pod
+    and container removed (the service restarted first if a test left it killed), the service
+    stopped and its cgroups gone."""
     service.start()
     node = CriNode(service)
     try:
@@ -174,9 +175,19 @@ def cri_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
         yield node
     finally:
         with contextlib.suppress(Exception):
+            if service.process is None or service.process.poll() is not None:
+                service.start()
+            node.reconnect()
             node.remove_all_pods()
         node.close()
         with contextlib.suppress(Exception):
             service.destroy_all()
         service.stop()
         service.remove_cgroup_roots()
+
+
+@pytest.fixture(scope="session")
+def cri_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
+    workdir = tmp_path_factory.mktemp("cri")
+    with running_cri_node(cri_service(workdir), workdir) as node:
+        yield node

@@ -40,6 +40,16 @@ def deep(root: Path, depth: int) -> None:
     os.close(fd)
 
 
+@pytest.fixture
+def deep_tree_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory removed by coreutils' rm after the test: pytest's own clean-up of old
+    temporary directories recurses, and fails 10,000 levels down."""
+    directory = tmp_path / "deep-trees"
+    directory.mkdir()
+    yield directory
+    subprocess.run(["rm", "-rf", "--", str(directory)], check=True)
+
+
 def hostile_tree(root: Path, outside: Path) -> None:
     root.mkdir()
     (root / "data").write_bytes(b"y" * MIB)
@@ -50,10 +60,10 @@ def hostile_tree(root: Path, outside: Path) -> None:
     os.link(outside, root / "hard-link")
 
 
-def test_du_follows_no_symlink_and_survives_a_fifo_and_10000_levels(tmp_path: Path) -> None:
-    outside = tmp_path / "host-file"
+def test_du_follows_no_symlink_and_survives_a_fifo_and_10000_levels(deep_tree_dir: Path) -> None:
+    outside = deep_tree_dir / "host-file"
     outside.write_bytes(b"h" * MIB)
-    sandbox = tmp_path / "sandbox"
+    sandbox = deep_tree_dir / "sandbox"
     hostile_tree(sandbox, outside)
     deep(sandbox, DEPTH)
     measured = asyncio.run(du.measure([str(sandbox)], budget=60))

@@ -18,7 +18,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
 from tests.conftest import ServiceProcess
 from tests.docker_fixtures import PrivateDockerd, build_busybox_image, dockerd
-from tests.integration.cri import TIMEOUT, CriNode, import_busybox
+from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
 from tests.integration.test_network import _get, free_port, network_config
 
 __all__ = ["dockerd"]  # the shared session fixture, used by name
@@ -42,24 +42,10 @@ def node(tmp_path_factory: pytest.TempPathFactory, dockerd: PrivateDockerd) -> I
             f'[runtimes.native]\n[runtimes.docker]\nendpoint = "{dockerd.endpoint}"\n'
         ),
     )
-    service.start()
-    cri_node = CriNode(service)
-    try:
+    with running_cri_node(service, workdir) as cri_node:
         # The same image by the same name in our store (CRI's ImageService) and in dockerd.
-        import_busybox(service, workdir)
         build_busybox_image(dockerd, cri_node.image)
         yield cri_node
-    finally:
-        with contextlib.suppress(Exception):
-            if service.process is None or service.process.poll() is not None:
-                service.start()
-            cri_node.reconnect()
-            cri_node.remove_all_pods()
-        cri_node.close()
-        with contextlib.suppress(Exception):
-            service.destroy_all()
-        service.stop()
-        service.remove_cgroup_roots()
 
 
 @contextlib.contextmanager

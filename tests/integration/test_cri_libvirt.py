@@ -8,7 +8,6 @@ as a disk image made for containers would. Guest boots are costly under TCG: one
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import subprocess
@@ -21,7 +20,7 @@ from adapter.cri.api import cri
 from adapter.runtimes.libvirt import cgroups
 from tests.conftest import ServiceProcess
 from tests.images import REFERENCE
-from tests.integration.cri import TIMEOUT, CriNode, import_busybox
+from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
 from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
 from tests.integration.test_libvirt_disk import build_base_disk
 from tests.integration.test_network import network_config, node_state
@@ -60,19 +59,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, libvirtd: PrivateLibvirtd) ->
     service = libvirtd.register(ServiceProcess(workdir, extra_config=config))
     service.bridge, service.subnet = bridge, subnet  # type: ignore[attr-defined]
     before = node_state(bridge)
-    service.start()
-    cri_node = CriNode(service)
-    try:
-        import_busybox(service, workdir)
+    with running_cri_node(service, workdir) as cri_node:
         yield cri_node
-    finally:
-        with contextlib.suppress(Exception):
-            cri_node.remove_all_pods()
-        cri_node.close()
-        with contextlib.suppress(Exception):
-            service.destroy_all()
-        service.stop()
-        service.remove_cgroup_roots()
     assert node_state(bridge) == before  # the tap, forwards and bridge are gone
 
 

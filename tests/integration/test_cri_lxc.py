@@ -20,7 +20,7 @@ from adapter.core.errors import InvalidArgument
 from adapter.cri.api import cri
 from adapter.runtimes.lxc.rootfs import resolve_in_root
 from tests.conftest import BIN
-from tests.integration.cri import TIMEOUT, CriNode, cri_service, import_busybox
+from tests.integration.cri import TIMEOUT, CriNode, cri_service, running_cri_node
 from tests.integration.test_cri_runtime import CRI_LOG_LINE
 from tests.integration.test_lxc import lxcpath, monitors, require_lxc
 
@@ -33,20 +33,8 @@ HANDLER = "lxc"
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
     require_lxc()
     workdir = tmp_path_factory.mktemp("cri-lxc")
-    service = cri_service(workdir, runtimes=(HANDLER,))
-    service.start()
-    cri_node = CriNode(service)
-    try:
-        import_busybox(service, workdir)
+    with running_cri_node(cri_service(workdir, runtimes=(HANDLER,)), workdir) as cri_node:
         yield cri_node
-    finally:
-        with contextlib.suppress(Exception):
-            cri_node.remove_all_pods()
-        cri_node.close()
-        with contextlib.suppress(Exception):
-            service.destroy_all()
-        service.stop()
-        service.remove_cgroup_roots()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
 from isolators.network import netns
 from tests.conftest import BIN
-from tests.integration.cri import TIMEOUT, CriNode, cri_service, import_busybox
+from tests.integration.cri import TIMEOUT, CriNode, cri_service, running_cri_node
 
 pytestmark = pytest.mark.integration
 
@@ -35,23 +35,8 @@ TICKER = ("sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; 
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
     """A CRI service of this module's own, killed and restarted by its tests."""
     workdir = tmp_path_factory.mktemp("cri-recovery")
-    service = cri_service(workdir)
-    service.start()
-    cri_node = CriNode(service)
-    try:
-        import_busybox(service, workdir)
+    with running_cri_node(cri_service(workdir), workdir) as cri_node:
         yield cri_node
-    finally:
-        with contextlib.suppress(Exception):
-            if service.process is None or service.process.poll() is not None:
-                service.start()
-            cri_node.reconnect()
-            cri_node.remove_all_pods()
-        cri_node.close()
-        with contextlib.suppress(Exception):
-            service.destroy_all()
-        service.stop()
-        service.remove_cgroup_roots()
 
 
 def crash(node: CriNode) -> None:

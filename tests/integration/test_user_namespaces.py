@@ -17,7 +17,14 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
 from tests.cgroup_roots import run_scoped_name
-from tests.conftest import BIN, USER_NAMESPACE_DEFAULT, ServiceProcess, require, require_root
+from tests.conftest import (
+    BIN,
+    USER_NAMESPACE_DEFAULT,
+    ServiceProcess,
+    require,
+    require_root,
+    searchable_by_all,
+)
 from tests.images import REFERENCE, busybox_oci_layout
 from tests.integration.api import destroy, serve_expecting_refusal, wait
 from tests.integration.containerd_daemon import (
@@ -26,7 +33,8 @@ from tests.integration.containerd_daemon import (
     containerd_config,
     import_image,
 )
-from tests.integration.cri import CriNode, cri_service, import_busybox
+from tests.integration.cri import CriNode, cri_service, running_cri_node
+from tests.integration.test_lxc import LXC_CONFIG, require_lxc
 from tests.run_records import run_scoped_tempdir
 
 pytestmark = pytest.mark.integration
@@ -89,7 +97,7 @@ def containerd() -> Iterator[ContainerdDaemon]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(params=["native", "containerd"])
+@pytest.fixture(params=["native", "containerd", "lxc"])
 def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     require_root()
     namespace = ""
@@ -97,6 +105,11 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
         daemon: ContainerdDaemon = request.getfixturevalue("containerd")
         namespace = run_scoped_name("ctz")
         service = ServiceProcess(tmp_path, containerd_config(daemon, namespace) + USERNS_CONFIG)
+    elif request.param == "lxc":
+        # LXC mounts the rootfs and binds as the namespace's root, which must reach them.
+        require_lxc()
+        searchable_by_all(tmp_path)
+        service = ServiceProcess(tmp_path, LXC_CONFIG + USERNS_CONFIG)
     else:
         service = ServiceProcess(tmp_path, USERNS_CONFIG)
     service.start()
@@ -225,19 +238,8 @@ def cri_userns_node(tmp_path: Path) -> Iterator[CriNode]:
     service = cri_service(tmp_path)
     config = service.config_path.read_text().replace(USER_NAMESPACE_DEFAULT, "")
     service.config_path.write_text(config + USERNS_CONFIG)
-    service.start()
-    node = CriNode(service)
-    try:
-        import_busybox(service, tmp_path)
+    with running_cri_node(service, tmp_path) as node:
         yield node
-    finally:
-        with contextlib.suppress(Exception):
-            node.remove_all_pods()
-        node.close()
-        with contextlib.suppress(Exception):
-            service.destroy_all()
-        service.stop()
-        service.remove_cgroup_roots()
 
 
 def pod_in_a_user_namespace(node: CriNode) -> cri.PodSandboxConfig:

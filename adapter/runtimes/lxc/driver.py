@@ -62,7 +62,8 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,13 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
+from adapter.core.sandbox import OUTPUTS, open_output
 from adapter.core.services import Services
+from adapter.core.userns import give_directories, give_to_namespace_root
 from adapter.core.workload import Workload, merge
 from adapter.images import Image
 from adapter.runtimes.base import Checkpointed, Launched
-from adapter.runtimes.lxc import linux
+from adapter.runtimes.lxc import idmapped, linux
 from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
 from adapter.runtimes.lxc.handle import LxcHandle, find_container_processes
 from adapter.runtimes.lxc.options import LxcOptions
@@ -190,6 +193,7 @@ class LxcDriver:
             network_isolation=True,
             pods=True,
             disk_enforced=True,
+            user_namespace=_searchable_by_all(self._lxcpath),
         )
         try:
             supervisor = self._supervisor()
@@ -233,6 +237,10 @@ class LxcDriver:
         if hostname is not None:  # LXC sets it in a UTS namespace of its own only
             config.set("lxc.uts.name", hostname, field="linux.hostname")
         config.set("lxc.rootfs.path", lower.rootfs_path(directory / "delta0"), field="image")
+        mapping = spec.id_mapping
+        if mapping is not None:  # LXC makes the namespace and mounts the rootfs inside it
+            config.set("lxc.idmap", f"u 0 {mapping.uid_start} {mapping.size}")
+            config.set("lxc.idmap", f"g 0 {mapping.gid_start} {mapping.size}")
         config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
         config.set("lxc.autodev", 1)
         config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
@@ -316,12 +324,14 @@ class LxcDriver:
             # The user is the container root's: the busybox base's or the image's /etc files.
             async with self._rootfs.lower(spec.image) as lower:
                 identity = await workload_identity(workload.user, spec.linux, lower.view)
+                lower = await self._idmapped_lower(spec, lower, supervisor)
                 config, view = self._config(spec, lower, supervisor)
                 payload = (await self._launch_config(spec, workload, identity, view)).encode()
                 network = await self._prepare_network(spec)
                 self._set_network(config, spec, network, lower.view)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
+            self._give_to_namespace_root(spec)
             (directory / "config").write_text(config.render())
             process, config_fd = self._start_monitor(cid)
             handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
@@ -332,6 +342,48 @@ class LxcDriver:
         return Launched(
             handle=handle.to_json(), pid=handle.workload_init.pid, ip_address=address or ""
         )
+
+    async def _idmapped_lower(self, spec: LaunchSpec, lower: Lower, supervisor: str) -> Lower:
+        """In a user namespace, the layers as its root sees them (idmapped.py), mounted under
+        the container's directory. LXC mounts the rootfs and binds as that root: whatever they
+        come from must be searchable by every user (a launch is refused naming it if not)."""
+        mapping = spec.id_mapping
+        if mapping is None:
+            return lower
+        sources = [(supervisor, "supervisor"), (spec.sandbox, "sandbox")]
+        sources += [(m.host_path, "linux.mounts") for m in spec.linux.mounts]
+        for path, field in sources:
+            if not _searchable_by_all(Path(path).parent):
+                raise FailedPrecondition(
+                    f"{field}: {path} is out of reach of a user namespace's root: each"
+                    " directory above it must be searchable by every user (o+x)"
+                )
+        directory = self._container_dir(spec.container_id)
+        directory.mkdir(parents=True)
+        userns = await idmapped.user_namespace(mapping)
+        try:
+            layers = idmapped.mount_layers(lower.layers, directory / idmapped.DIRECTORY, userns)
+        finally:
+            os.close(userns)
+        return replace(lower, layers=layers)
+
+    def _give_to_namespace_root(self, spec: LaunchSpec) -> None:
+        """The overlay's upper and work directories, the run directory (the status file), the
+        sandbox and its outputs are written by the namespace's root: our supervisor runs as
+        that root, and opens the outputs inside."""
+        mapping = spec.id_mapping
+        if mapping is None:
+            return
+        directory = self._container_dir(spec.container_id)
+        (directory / "work").mkdir()  # LXC's overlay workdir, which it would make as root
+        give_directories(mapping, *(directory / part for part in ("delta0", "work", "run")))
+        give_to_namespace_root(spec)
+        for name in OUTPUTS:  # the core made them, as root; opened without following a link
+            output = open_output(spec.sandbox, name)
+            try:
+                os.fchown(output, mapping.host_uid(0), mapping.host_gid(0))
+            finally:
+                os.close(output)
 
     async def _prepare_network(self, spec: LaunchSpec) -> Attachment | None:
         """The isolator's attachment, or None when LXC's own network applies (see above) or
@@ -581,6 +633,7 @@ class LxcDriver:
             for name in names:
                 await files.remove(mount / name)
         await self._node_network.cleanup(container_id)  # its processes are gone: links first
+        idmapped.unmount_layers(self._container_dir(container_id))
         await _remove_tree(self._container_dir(container_id))
 
     async def _lxc_tool(self, tool: str, *args: str) -> None:
@@ -617,6 +670,19 @@ class LxcDriver:
             if container.watch_task is not None:
                 container.watch_task.cancel()
         self._containers.clear()
+
+
+def _searchable_by_all(path: Path) -> bool:
+    """Every existing directory from `path` up to / lets any user through (o+x): what an
+    unprivileged container's root needs to reach its rootfs and binds."""
+    for directory in (path, *path.parents):
+        try:
+            mode = directory.stat().st_mode
+        except FileNotFoundError:
+            continue  # made by us later, 0755
+        if not mode & stat.S_IXOTH:
+            return False
+    return True
 
 
 def _is_small_tree(directory: Path, limit: int = SMALL_TREE_ENTRIES) -> bool:

@@ -65,8 +65,10 @@ def set_namespaces(config: LxcConfig, spec: LaunchSpec) -> None:
         else:
             raise InvalidArgument("linux.namespaces", f"{kind}: {path!r} is not absolute")
     if kept:
-        # keep is a deny list: every kind it leaves out is made anew, the user namespace too.
-        config.set("lxc.namespace.keep", " ".join(["user", *kept]))
+        # keep is a deny list: every kind it leaves out is made anew, the user namespace too
+        # (which the launch's id mapping asks for: lxc.idmap).
+        own_user = spec.id_mapping is not None and spec.linux.namespace("user") is None
+        config.set("lxc.namespace.keep", " ".join([*([] if own_user else ["user"]), *kept]))
 
 
 def joins_network(spec: LaunchSpec) -> bool:

@@ -31,14 +31,13 @@ class LxcOptions:
     def static_supervisor(self) -> str:
         """The static supervisor: the container's rootfs has no libc of ours to load a dynamic
         one. Configured path, else beside our Python (where the install step builds it)."""
-        candidates = (
-            [self.supervisor]
-            if self.supervisor
-            else [
-                os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME),
-                shutil.which(STATIC_SUPERVISOR_NAME) or "",
-            ]
-        )
+        beside_python = os.path.join(os.path.dirname(sys.executable), STATIC_SUPERVISOR_NAME)
+        if self.supervisor:
+            candidates = [self.supervisor]
+        elif os.access(beside_python, os.X_OK):  # the install step's place: no PATH search
+            candidates = [beside_python]
+        else:
+            candidates = [beside_python, shutil.which(STATIC_SUPERVISOR_NAME) or ""]
         for candidate in candidates:
             if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
                 return candidate
