@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -65,12 +66,16 @@ def measure(daemon: ContainerdDaemon, workdir: Path, runs: int) -> dict[str, obj
     tarball = busybox_oci_layout(workdir)
     kinds = [(runtime, userns) for runtime in ("native", "containerd") for userns in (False, True)]
     samples: dict[tuple[str, bool], list[float]] = {kind: [] for kind in kinds}
+    order_of_round = random.Random(18)  # the same orders every run
     with private_service(containerd_config(daemon, NAMESPACE) + USERNS) as service:
         import_image(service.endpoint, tarball)
         for runtime, userns in kinds:  # unpacks the image; makes the remapped snapshot
             launch_to_exit(service, f"warm-{runtime}-{userns}", runtime, userns)
         for n in range(runs):
-            for runtime, userns in kinds:
+            # Shuffled each round: a kind's sample must not always follow the same other kind
+            # (a containerd destroy's work in the background falls on the next launch).
+            order = order_of_round.sample(kinds, len(kinds))
+            for runtime, userns in order:
                 name = f"{runtime}-{'userns' if userns else 'plain'}-{n}"
                 samples[runtime, userns].append(launch_to_exit(service, name, runtime, userns))
     result: dict[str, object] = {"benchmark": "userns", "target_ratio_p50": TARGET_RATIO}

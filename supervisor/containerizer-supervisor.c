@@ -1413,13 +1413,23 @@ static int own_namespace(const struct options *opts, int kind)
     return opts->ns[kind].path == NULL && !opts->ns[kind].host;
 }
 
+/* Whether the init's new pid namespace is made by the child, inside the user namespace that
+ * must own it (for /proc to be mountable there): with --userns, or in a pod's user namespace
+ * with a pid namespace of the container's own. The init's host pid then comes through
+ * userns_pid_pipe. */
+static int pid_namespace_in_user_namespace(const struct options *opts)
+{
+    return opts->namespaces &&
+           (opts->userns_size > 0 || (opts->ns[NS_USER].path != NULL && own_namespace(opts, NS_PID)));
+}
+
 /* The pid namespace the supervisor's children are born in: a new one, a pod's (setns() with
  * CLONE_NEWPID refuses any other kind of file), or with `host` the supervisor's own. */
 static void choose_pid_namespace(const struct options *opts)
 {
     const char *path = opts->ns[NS_PID].path;
-    if (!opts->namespaces || opts->ns[NS_PID].host || opts->userns_size > 0)
-        return; /* with --userns the init is cloned into a new one, which the user ns owns */
+    if (!opts->namespaces || opts->ns[NS_PID].host || pid_namespace_in_user_namespace(opts))
+        return; /* the child makes it, in the user namespace */
     if (path != NULL ? setns(namespace_fds[NS_PID], CLONE_NEWPID) < 0 : unshare(CLONE_NEWPID) < 0)
         fail("pidns", path, errno);
 }
@@ -1535,6 +1545,25 @@ static void join_user_namespace(int errpipe, const struct options *opts)
         child_fail(errpipe, "userns", opts->ns[NS_USER].path, strerror(errno));
     in_user_namespace = 1;
     become_namespace_root(errpipe);
+}
+
+/* In a pod's user namespace, with a pid namespace of the container's own: that namespace made
+ * now, so the user namespace owns it, and the init forked into it. Returns in the init only;
+ * the caller (the supervisor's child) tells the supervisor the init's pid and exits. */
+static void fork_into_pid_namespace(int errpipe)
+{
+    if (unshare(CLONE_NEWPID) < 0)
+        child_fail(errpipe, "pidns", "new", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        child_fail(errpipe, "pidns", "fork", strerror(errno));
+    if (pid == 0) {
+        close(userns_pid_pipe);
+        return;
+    }
+    if (write_all(userns_pid_pipe, (const char *)&pid, sizeof pid) < 0)
+        child_fail(errpipe, "userns", "start the init", strerror(errno));
+    _exit(0);
 }
 
 /* Returns in the cloned init only; the caller (the supervisor's child) exits here. */
@@ -3091,8 +3120,11 @@ static void run_child(const struct options *opts, int errpipe, int statuspipe)
         exec_workload(opts, errpipe);
     if (opts->userns_size > 0)
         clone_into_user_namespace(errpipe, opts);
-    else if (namespace_fds[NS_USER] >= 0)
+    else if (namespace_fds[NS_USER] >= 0) {
         join_user_namespace(errpipe, opts);
+        if (pid_namespace_in_user_namespace(opts))
+            fork_into_pid_namespace(errpipe);
+    }
     enter_namespaces(errpipe, opts);
     if (!opts->privileged)
         drop_bounding_set(errpipe, opts); /* the init's too */
@@ -3138,13 +3170,14 @@ static int open_status_dir(const char *status_file, char *base)
     return fd;
 }
 
-/* With --userns: the pipe whose other end tells us the init's pid (userns_pid_pipe, written
- * by the child that clones it), and we become a child subreaper so that the init is ours to
- * wait for once that child has left. -1 without. */
+/* When the child makes the init's pid namespace (pid_namespace_in_user_namespace): the pipe
+ * whose other end tells us the init's pid (userns_pid_pipe, written by the child that clones
+ * or forks it), and we become a child subreaper so that the init is ours to wait for once that
+ * child has left. -1 otherwise. */
 static int userns_init_pipe(const struct options *opts)
 {
     int ends[2];
-    if (opts->userns_size == 0)
+    if (!pid_namespace_in_user_namespace(opts))
         return -1;
     if (pipe2(ends, O_CLOEXEC) < 0)
         fail("pipe", NULL, errno);

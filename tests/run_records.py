@@ -66,6 +66,12 @@ def run_scoped_tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-{RUN_ID}-", dir=TEMP_ROOT))
 
 
+def remove_tree(directory: Path) -> None:
+    """Remove a directory however deep (a disk test makes 10,000 levels, past what Python's
+    recursive rmtree survives): coreutils' rm walks it without recursion."""
+    subprocess.run(["rm", "-rf", "--", str(directory)], check=False)
+
+
 def bridge_prefix(run_id: str) -> str:
     """Network names of a run start with this: `c<id>-`, so that a bridge name stays within
     IFNAMSIZ (15 characters) with room for a per-service suffix."""
@@ -295,7 +301,7 @@ def sweep_run(run_id: str, directories: Iterable[Path]) -> SweptRun:
         result.unmounted += unmounted
         result.left += [f"mount {point}" for point in still]
         if not still:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
         if directory.exists():
             result.left.append(f"directory {directory}")
     return result

@@ -32,6 +32,7 @@ from adapter.core.errors import (
 )
 from adapter.core.events import Event, EventHub, Missed
 from adapter.core.model import (
+    Capabilities,
     ExecResult,
     Exit,
     Fingerprint,
@@ -110,7 +111,7 @@ class Containerizer:
         # and re-derived from the checkpoints at recovery; None: no host ids configured.
         self.user_namespaces = user_namespaces
         self.user_namespace_default = user_namespace_default
-        self._userns_capable: dict[str, bool] = {}
+        self._runtime_capabilities: dict[str, Capabilities] = {}
         # The node's network isolator, shared by every runtime: each runtime attaches its
         # containers its own way (a namespace path, a sandbox container, a tap device), the core
         # does the rest once for all: bandwidth updates, counters, recovery, shutdown.
@@ -207,16 +208,19 @@ class Containerizer:
             if asked is None:
                 return spec, ()
             raise FailedPrecondition(
-                "user_namespace: a privileged container runs as host root; ask for one or the"
-                " other"
+                "user_namespace: a privileged container runs as host root; ask for one or the other"
             )
-        if not await self._has_user_namespaces(driver):
+        capabilities = await self._capabilities(driver)
+        # Beside a pod's (or the host's) namespaces, such a runtime has none to give.
+        in_pod = bool(spec.linux.namespaces) and capabilities.no_pod_user_namespace
+        if not capabilities.user_namespace or in_pod:
             if asked is None:
                 note = f"user_namespace: the node's default does not apply on {driver.name!r}"
                 return spec, (note,)
+            beside = " beside the namespaces the launch joins" if in_pod else ""
             raise FailedPrecondition(
                 f"user_namespace: runtime {driver.name!r} cannot run a container in a user"
-                " namespace of ours (`containerizer runtimes` shows which can)"
+                f" namespace of ours{beside} (`containerizer runtimes` shows which can)"
             )
         if self.user_namespaces is None:
             raise FailedPrecondition(
@@ -225,15 +229,15 @@ class Containerizer:
             )
         return replace(spec, id_mapping=self.user_namespaces.allocate(spec.container_id)), ()
 
-    async def _has_user_namespaces(self, driver: Runtime) -> bool:
-        """The runtime's capability, asked once: fingerprints are not free (a daemon's)."""
-        capable = self._userns_capable.get(driver.name)
-        if capable is None:
+    async def _capabilities(self, driver: Runtime) -> Capabilities:
+        """The runtime's capabilities, asked once: fingerprints are not free (a daemon's)."""
+        capabilities = self._runtime_capabilities.get(driver.name)
+        if capabilities is None:
             fingerprint = await driver.fingerprint()
-            capable = fingerprint.capabilities.user_namespace
+            capabilities = fingerprint.capabilities
             if fingerprint.healthy:
-                self._userns_capable[driver.name] = capable
-        return capable
+                self._runtime_capabilities[driver.name] = capabilities
+        return capabilities
 
     async def _fail_launch(self, container: Container, driver: Runtime, message: str) -> None:
         """The one rollback of a launch: whatever the runtime made is killed and released."""

@@ -365,6 +365,9 @@ class Capabilities:
     single_container_pods: bool = False
     # Runs a container in a user namespace of its own (LaunchSpec.id_mapping).
     user_namespace: bool = False
+    # Its containers cannot join a pod's user namespace (LXC enters a shared user namespace
+    # before the pod's network namespace): a pod on it gets none, unless it asks (refused).
+    no_pod_user_namespace: bool = False
 
 
 @dataclass(frozen=True)

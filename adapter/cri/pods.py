@@ -25,7 +25,15 @@ from typing import TypeVar
 
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, FailedPrecondition, InvalidArgument, NotFound
-from adapter.core.model import Command, IdMapping, LaunchSpec, Resources, State, Statistics
+from adapter.core.model import (
+    Capabilities,
+    Command,
+    IdMapping,
+    LaunchSpec,
+    Resources,
+    State,
+    Statistics,
+)
 from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.state import ContainerRecord
 from adapter.cri import translate
@@ -44,15 +52,24 @@ LABEL_ROLE = "io.containerizer.cri.role"
 USERNS_FIELD = "config.linux.security_context.namespace_options.userns_options"
 
 
-def pod_user_namespace(config: cri.PodSandboxConfig) -> bool | None:
+def pod_user_namespace(
+    config: cri.PodSandboxConfig, capabilities: Capabilities | None = None
+) -> bool | None:
     """The pod's userns_options: POD a user namespace (the holder's, which its containers
-    join), NODE the host's; absent, the node's default ([user_namespace] default)."""
+    join), NODE the host's; absent, the node's default ([user_namespace] default). On a
+    runtime whose containers cannot join one (`capabilities`), none: POD is refused."""
     options = config.linux.security_context.namespace_options
+    joinable = capabilities is None or not capabilities.no_pod_user_namespace
     if not options.HasField("userns_options"):
-        return None
+        return None if joinable else False
     mode = options.userns_options.mode
     if mode not in (cri.POD, cri.NODE):
         raise InvalidArgument(f"{USERNS_FIELD}.mode", "must be POD or NODE")
+    if mode == cri.POD and not joinable:
+        raise FailedPrecondition(
+            f"{USERNS_FIELD}.mode: POD: this runtime handler's containers cannot join a pod's"
+            " user namespace; ask for NODE, or use another handler"
+        )
     return mode == cri.POD
 
 
@@ -124,12 +141,14 @@ class Pods:
                 f"runtime_handler: {handler!r} is not a runtime of this node"
                 f" (configured: {', '.join(sorted(self.runtimes))})"
             )
+        capabilities = (await self.core.drivers[handler].fingerprint()).capabilities
+        user_namespace = pod_user_namespace(config, capabilities)
         pod = Pod(
             id=new_id(),
             config=config.SerializeToString(),
             runtime_handler=handler,
             created_at=time.time_ns(),
-            holder_runtime=await self._holder_runtime(handler),
+            holder_runtime=self._holder_runtime(handler, capabilities),
         )
         self._write_files(pod.id, config)
         self.records[pod.id] = pod
@@ -138,15 +157,14 @@ class Pods:
             self._cgroups().create(pod.id, translate.pod_resources(config))
             if not pod.holder_runtime:
                 return pod  # ready: its one container brings the namespaces
-            record = await self.core.launch(self._holder_spec(pod, config))
+            record = await self.core.launch(self._holder_spec(pod, config, user_namespace))
         except BaseException:
             await self._forget_failed_run(pod)
             raise
         return self._ready(pod, record)
 
-    async def _holder_runtime(self, handler: str) -> str:
+    def _holder_runtime(self, handler: str, capabilities: Capabilities) -> str:
         """Where the pod's holder runs: native, the handler itself, or nowhere ("")."""
-        capabilities = (await self.core.drivers[handler].fingerprint()).capabilities
         if capabilities.single_container_pods:
             return ""
         if not capabilities.pods:
@@ -204,7 +222,9 @@ class Pods:
         self._watch(pod.id)
         return pod
 
-    def _holder_spec(self, pod: Pod, config: cri.PodSandboxConfig) -> LaunchSpec:
+    def _holder_spec(
+        self, pod: Pod, config: cri.PodSandboxConfig, user_namespace: bool | None
+    ) -> LaunchSpec:
         metadata = config.metadata
         sandbox_root = self.core.sandbox_root or self.root
         return LaunchSpec(
@@ -222,8 +242,8 @@ class Pods:
             ),
             network=translate.pod_network(config, bridge=self.bridge),
             linux=translate.holder_options(config, self.files(pod.id), pod.id),
-            user_namespace=pod_user_namespace(config),
-            id_mapping=pod_id_mapping(config),
+            user_namespace=user_namespace,
+            id_mapping=pod_id_mapping(config) if user_namespace else None,
         )
 
     def holder_id_mapping(self, pod: Pod) -> IdMapping | None:

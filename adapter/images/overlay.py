@@ -14,6 +14,7 @@ the string is bounded by a page, which a few dozen layers of long paths fill.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -99,12 +100,10 @@ def mark_opaque(upper: Path, components: tuple[str, ...]) -> None:
     """Mark `upper`/components... opaque (when the layer kept it) and drop the whiteouts
     in it, which the mark makes redundant. Walked with O_NOFOLLOW from `upper`: the components
     are the real ones the unpacker resolved, and nothing here follows a link."""
-    descriptor = os.open(upper, DIRECTORY_FLAGS)
+    descriptor = _kept_directory(upper, components)
+    if descriptor is None:
+        return
     try:
-        for part in components:
-            inner = os.open(part, DIRECTORY_FLAGS, dir_fd=descriptor)
-            os.close(descriptor)
-            descriptor = inner
         for name in OPAQUE_XATTRS:
             os.setxattr(descriptor, name, b"y")
         with os.scandir(descriptor) as entries:
@@ -112,10 +111,26 @@ def mark_opaque(upper: Path, components: tuple[str, ...]) -> None:
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISCHR(info.st_mode) and info.st_rdev == WHITEOUT_DEVICE:
                     os.unlink(entry.name, dir_fd=descriptor)
-    except FileNotFoundError:
-        return  # the layer removed the directory again after emptying it
     finally:
         os.close(descriptor)
+
+
+def _kept_directory(upper: Path, components: tuple[str, ...]) -> int | None:
+    """A descriptor of the directory `upper`/components..., or None when the layer removed it
+    again after emptying it, or put a symlink or a file in its place (which O_NOFOLLOW |
+    O_DIRECTORY refuses): then nothing is left to mark."""
+    descriptor = os.open(upper, DIRECTORY_FLAGS)
+    try:
+        for part in components:
+            inner = os.open(part, DIRECTORY_FLAGS, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = inner
+    except OSError as exc:
+        os.close(descriptor)
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise
+        return None
+    return descriptor
 
 
 def mirror_opaque_marks(upper: Path) -> None:

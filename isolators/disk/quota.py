@@ -38,6 +38,9 @@ QIF_DQBLKSIZE = 1024  # the unit of dqb_bhardlimit
 # Project ids this service hands out: one per sandbox with a quota. Others are left alone.
 PROJECT_IDS = range(70_000, 80_000)
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Reopening an O_PATH handle through its /proc/self/fd link (a link: no O_NOFOLLOW there).
+_REOPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class QuotaError(OSError):
@@ -138,55 +141,95 @@ def _set_project(fd: int, project: int, *, inherit: bool) -> None:
 def assign_project(directory_fd: int, project: int) -> None:
     """Give the tree under `directory_fd` (directories and regular files; symlinks, which carry
     no data, are left) the project id; 0 with PROJINHERIT cleared hands it back. Opened
-    relative to the parents, never through a symlink."""
+    relative to the parents, never through a symlink, never opening anything but a directory
+    or a regular file."""
     for fd, is_directory in _tree(directory_fd):
-        try:
-            _set_project(fd, project, inherit=is_directory and project != 0)
-        finally:
-            if fd != directory_fd:
-                os.close(fd)
+        _set_project(fd, project, inherit=is_directory and project != 0)
+
+
+@dataclass
+class _Level:
+    """A directory of the walk's current path: who it is, and the names still to visit."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino)
+    names: list[str]
 
 
 def _tree(root_fd: int) -> Iterator[tuple[int, bool]]:
     """Descriptors of the directories and regular files under root_fd (itself first), on its
-    device; a regular file with several links is left. A file replaced by a symlink or a FIFO
-    meanwhile is refused by the open, and left."""
+    device, each valid until the next one; a regular file with several links is left.
+
+    Depth first, holding one directory descriptor whatever the tree's shape (a hundred
+    thousand subdirectories, or ten thousand levels, would otherwise cost one each): going back
+    up opens ".." and checks it is the directory the walk came down from, so a directory the
+    workload moves meanwhile never leads the walk out of the tree (OSError ESTALE instead)."""
     device = os.fstat(root_fd).st_dev
     yield root_fd, True
-    stack = [os.dup(root_fd)]
-    while stack:
-        parent = stack.pop()
-        try:
-            for name in os.listdir(parent):
-                fd = _open_entry(parent, name, device)
-                if fd is None:
-                    continue
-                is_directory = stat.S_ISDIR(os.fstat(fd).st_mode)
-                if is_directory:
-                    stack.append(os.dup(fd))
+    current = os.dup(root_fd)
+    levels = [_Level(_identity(current), os.listdir(current))]
+    try:
+        while levels:
+            if not levels[-1].names:
+                levels.pop()
+                if levels:
+                    current = _back_up(current, levels[-1].identity)
+                continue
+            fd = _open_entry(current, levels[-1].names.pop(), device)
+            if fd is None:
+                continue
+            is_directory = stat.S_ISDIR(os.fstat(fd).st_mode)
+            try:
                 yield fd, is_directory
-        finally:
-            os.close(parent)
+                if is_directory:
+                    levels.append(_Level(_identity(fd), os.listdir(fd)))
+                    current, fd = fd, current  # the old current is closed below
+            finally:
+                os.close(fd)
+    finally:
+        os.close(current)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _back_up(directory: int, expected: tuple[int, int]) -> int:
+    """The parent of `directory` (which is closed), if it is still `expected`."""
+    try:
+        parent = os.open("..", _OPEN_DIRECTORY, dir_fd=directory)
+    finally:
+        os.close(directory)
+    if _identity(parent) != expected:
+        os.close(parent)
+        raise OSError(errno.ESTALE, "a directory of the tree was moved during the walk")
+    return parent
 
 
 def _open_entry(parent: int, name: str, device: int) -> int | None:
+    """`name` opened for the ioctl if it is a directory or a regular file with one link on
+    `device`, else None. Opened O_PATH first, which opens nothing (no device's or FIFO's open
+    runs, whatever was swapped in under the name); only the inode that handle pins is then
+    reopened, through /proc/self/fd, once its type is known."""
     try:
-        info = os.lstat(name, dir_fd=parent)
-        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
-            return None
-        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-            # A hard link may name a file outside the tree (a host file): its inode's project
-            # is not ours to change. New links inherit the project (PROJINHERIT) anyway.
-            return None
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-        fd = os.open(name, flags, dir_fd=parent)
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError:
         return None
-    after = os.fstat(fd)
-    if after.st_dev != device or (after.st_ino != info.st_ino):
-        os.close(fd)
+    try:
+        info = os.fstat(handle)
+        if info.st_dev != device:
+            return None
+        if stat.S_ISDIR(info.st_mode):
+            return os.open(f"/proc/self/fd/{handle}", _REOPEN_DIRECTORY)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            # A file with several links may be a file outside the tree (a host file): its
+            # inode's project is not ours to change. New links inherit it (PROJINHERIT) anyway.
+            return os.open(f"/proc/self/fd/{handle}", _OPEN_FILE)
         return None
-    return fd
+    except OSError:
+        return None
+    finally:
+        os.close(handle)
 
 
 def set_limit(directory_fd: int, project: int, limit_bytes: int) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from isolators.disk import du, quota
 from tests.conftest import require_root
+from tests.run_records import remove_tree, run_scoped_tempdir
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +45,13 @@ def deep(root: Path, depth: int) -> None:
 
 
 @pytest.fixture
-def deep_tree_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory removed by coreutils' rm after the test: pytest's own clean-up of old
-    temporary directories recurses, and fails 10,000 levels down."""
-    directory = tmp_path / "deep-trees"
-    directory.mkdir()
+def deep_tree_dir() -> Iterator[Path]:
+    """A directory of this run, not under pytest's temporary root (whose clean-up recurses and
+    fails 10,000 levels down): removed by coreutils' rm after the test, or by the sweep of a
+    run killed before that."""
+    directory = run_scoped_tempdir("ctz-deep")
     yield directory
-    subprocess.run(["rm", "-rf", "--", str(directory)], check=True)
+    remove_tree(directory)
 
 
 def hostile_tree(root: Path, outside: Path) -> None:
@@ -191,3 +195,82 @@ def test_the_project_walk_refuses_a_symlink_as_its_root(xfs: Path) -> None:
     os.symlink(xfs / "real", xfs / "link")
     with pytest.raises(OSError):
         quota.open_directory(str(xfs / "link"))
+
+
+WIDE = 100_000
+
+
+def test_the_project_walk_holds_few_descriptors_over_a_wide_and_deep_tree(xfs: Path) -> None:
+    """100,000 subdirectories of one directory and 10,000 levels, walked with 256
+    descriptors allowed: every directory gets the project, none is skipped for want of one."""
+    sandbox = xfs / "sandbox"
+    sandbox.mkdir()
+    wide = sandbox / "wide"
+    wide.mkdir()
+    for index in range(WIDE):
+        os.mkdir(wide / str(index))
+    deep(sandbox, DEPTH)
+    fd = quota.open_directory(str(sandbox))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        quota.assign_project(fd, PROJECT)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert project_of(wide / "0") == PROJECT
+    assert project_of(wide / str(WIDE - 1)) == PROJECT
+    bottom = quota.open_directory(str(sandbox / "/".join(["d"] * 1000)))
+    try:
+        assert quota.project_of(bottom) == PROJECT
+    finally:
+        os.close(bottom)
+
+
+def test_the_project_walk_never_opens_a_fifo_swapped_in_for_a_file(
+    xfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moment the walk has looked at a regular file (an lstat or fstat of it), the workload
+    renames a FIFO over it. A writer blocked opening that FIFO is released only if the walk
+    opens it (as it would a device node: its driver's open runs): it must stay blocked."""
+    sandbox = xfs / "sandbox"
+    sandbox.mkdir()
+    target, spare = sandbox / "file", sandbox / "spare"
+    target.write_bytes(b"f" * 4096)
+    os.mkfifo(spare)
+    watched = os.lstat(target).st_ino
+    swapped = threading.Event()
+
+    def swap_after(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
+        def looked_at(*args: Any, **kwargs: Any) -> os.stat_result:
+            info = real(*args, **kwargs)
+            if info.st_ino == watched and not swapped.is_set():
+                swapped.set()
+                os.rename(spare, target)
+            return info
+
+        return looked_at
+
+    released = threading.Event()
+
+    def writer() -> None:
+        os.close(os.open(spare, os.O_WRONLY))  # blocks until some reader opens the FIFO
+        released.set()
+
+    blocked = threading.Thread(target=writer)
+    blocked.start()
+    time.sleep(0.3)
+    fd = quota.open_directory(str(sandbox))
+    try:
+        monkeypatch.setattr(os, "lstat", swap_after(os.lstat))
+        monkeypatch.setattr(os, "fstat", swap_after(os.fstat))
+        quota.assign_project(fd, PROJECT)
+        monkeypatch.undo()
+        assert swapped.is_set()
+        assert not released.wait(1.0), "the walk opened the FIFO swapped in for a file"
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+        reader = os.open(target, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go
+        blocked.join()
+        os.close(reader)

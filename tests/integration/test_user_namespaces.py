@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
@@ -35,6 +36,7 @@ from tests.integration.containerd_daemon import (
 )
 from tests.integration.cri import CriNode, cri_service, running_cri_node
 from tests.integration.test_lxc import LXC_CONFIG, require_lxc
+from tests.integration.test_network import network_service
 from tests.run_records import run_scoped_tempdir
 
 pytestmark = pytest.mark.integration
@@ -233,17 +235,35 @@ def test_exec_runs_as_the_containers_root(node: Node, container_id: str) -> None
     destroy(node.service.stub(), container_id)
 
 
-@pytest.fixture
-def cri_userns_node(tmp_path: Path) -> Iterator[CriNode]:
-    service = cri_service(tmp_path)
+@dataclass(frozen=True)
+class PodNode:
+    """A CRI service with user namespace ranges, and the runtime handler its pods use (the
+    holder is native either way; the containers run on the handler's runtime)."""
+
+    cri: CriNode
+    handler: str
+
+    def run_pod(self, config: cri.PodSandboxConfig | None = None) -> str:
+        return self.cri.run_pod(config, runtime_handler=self.handler)
+
+
+@pytest.fixture(params=["native", "lxc"])
+def pods(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PodNode]:
+    if request.param == "lxc":
+        require_lxc()
+        searchable_by_all(tmp_path)  # LXC mounts as the namespace's root (see `node`)
+        service = cri_service(tmp_path, runtimes=("lxc",))
+    else:
+        service = cri_service(tmp_path)
     config = service.config_path.read_text().replace(USER_NAMESPACE_DEFAULT, "")
     service.config_path.write_text(config + USERNS_CONFIG)
     with running_cri_node(service, tmp_path) as node:
-        yield node
+        yield PodNode(node, "" if request.param == "native" else request.param)
 
 
-def pod_in_a_user_namespace(node: CriNode) -> cri.PodSandboxConfig:
-    options = cri.NamespaceOption(userns_options=cri.UserNamespace(mode=cri.POD))
+def pod_in_a_user_namespace(node: CriNode, pid: int = cri.POD) -> cri.PodSandboxConfig:
+    userns = cri.UserNamespace(mode=cri.POD)
+    options = cri.NamespaceOption(userns_options=userns, pid=pid)  # type: ignore[arg-type]
     return node.pod_config(
         linux=cri.LinuxPodSandboxConfig(
             security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)
@@ -251,9 +271,10 @@ def pod_in_a_user_namespace(node: CriNode) -> cri.PodSandboxConfig:
     )
 
 
-def test_a_pods_containers_share_its_user_namespace(cri_userns_node: CriNode) -> None:
-    node = cri_userns_node
-    pod_id = node.run_pod(pod_in_a_user_namespace(node))
+@pytest.mark.parametrize("pods", ["native"], indirect=True)
+def test_a_pods_containers_share_its_user_namespace(pods: PodNode) -> None:
+    node = pods.cri
+    pod_id = pods.run_pod(pod_in_a_user_namespace(node))
     first = node.run(pod_id, node.container_config("sleep", "60"))
     second = node.run(pod_id, node.container_config("sleep", "60"))
     stub = node.service.stub()
@@ -269,9 +290,9 @@ def test_a_pods_containers_share_its_user_namespace(cri_userns_node: CriNode) ->
     node.remove_pod(pod_id)
 
 
-def test_a_pod_without_userns_options_gets_the_nodes_default(cri_userns_node: CriNode) -> None:
-    node = cri_userns_node
-    pod_id = node.run_pod()
+def test_a_pod_without_userns_options_gets_the_nodes_default(pods: PodNode) -> None:
+    node = pods.cri
+    pod_id = pods.run_pod()
     container = node.run(pod_id, node.container_config("sleep", "60"))
     reply = node.exec_sync(container, "cat", "/proc/self/uid_map")
     assert reply.stdout.decode().split() == ["0", "0", "4294967295"]  # default: false
@@ -289,20 +310,57 @@ def test_a_user_without_subordinate_ids_is_refused_at_start(tmp_path: Path) -> N
     assert "user_namespace.user" in output and "/etc/subuid" in output, output
 
 
-def test_a_killed_holders_range_stays_with_its_running_container(cri_userns_node: CriNode) -> None:
-    """The holder's range is its container's too: a holder killed first does not free it."""
-    node = cri_userns_node
+@pytest.mark.parametrize("pods", ["native"], indirect=True)
+def test_a_killed_holders_range_stays_with_its_running_container(pods: PodNode) -> None:
+    """The holder's range is its container's too: a holder killed first does not free it.
+    (Each container has a pid namespace of its own: the holder's end would end a shared one.)"""
+    node = pods.cri
     stub = node.service.stub()
-    pod_id = node.run_pod(pod_in_a_user_namespace(node))
+    pod_id = pods.run_pod(pod_in_a_user_namespace(node, pid=cri.CONTAINER))
     member = node.run(pod_id, node.container_config("sleep", "120"))
     holder_pid = stub.Status(pb.StatusRequest(container_id=pod_id), timeout=10).pid
     shared = uid_map_start(holder_pid)
     os.kill(holder_pid, signal.SIGKILL)
     assert wait(stub, pod_id).signal == signal.SIGKILL
-    member_pid = stub.Status(pb.StatusRequest(container_id=member), timeout=10).pid
-    assert uid_map_start(member_pid) == shared  # still running in the range
-    second = node.run_pod(pod_in_a_user_namespace(node))
+    running = stub.Status(pb.StatusRequest(container_id=member), timeout=10)
+    assert running.state == pb.RUNNING
+    assert uid_map_start(running.pid) == shared  # still running in the range
+    second = pods.run_pod(pod_in_a_user_namespace(node))
     second_pid = stub.Status(pb.StatusRequest(container_id=second), timeout=10).pid
     assert abs(uid_map_start(second_pid) - shared) >= SIZE
     node.remove_pod(second)
     node.remove_pod(pod_id)
+
+
+@pytest.mark.parametrize("pods", ["lxc"], indirect=True)
+def test_lxc_refuses_a_pods_user_namespace(pods: PodNode) -> None:
+    """LXC joins a shared user namespace before the pod's network namespace, which is then out
+    of its reach: a pod asking for one is refused, saying so, rather than run without."""
+    node = pods.cri
+    with pytest.raises(grpc.RpcError) as refused:
+        pods.run_pod(pod_in_a_user_namespace(node))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot join a pod's user namespace" in (refused.value.details() or "")
+
+
+def test_lxc_in_the_network_isolators_namespace(tmp_path: Path, container_id: str) -> None:
+    """A network namespace the container does not own (the isolator's): no sysfs of its own
+    to mount, so the host's /sys read-only, and the address on its veth."""
+    require_lxc()
+    searchable_by_all(tmp_path)
+    service = network_service(tmp_path, "[runtimes.native]\n[runtimes.lxc]\n" + USERNS_CONFIG)
+    service.start()
+    try:
+        node = Node(service, "lxc", "")
+        script = "id -u; cat /proc/self/uid_map; ip -4 -o addr show eth0; touch /sys/kernel/x"
+        reply = node.launch(container_id, script, image="")
+        wait(service.stub(), container_id)
+        lines = outputs(reply).splitlines()
+        assert lines[0] == "0" and lines[1].split() == ["0", str(RANGE_START), str(SIZE)]
+        assert reply.status.ip_address and reply.status.ip_address in lines[2]
+        assert "Read-only file system" in lines[3], lines
+    finally:
+        with contextlib.suppress(Exception):
+            service.destroy_all()
+        service.stop()
+        service.remove_cgroup_roots()

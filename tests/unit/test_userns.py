@@ -11,7 +11,14 @@ from adapter.clients.cli.main import build_parser, launch_request
 from adapter.core.config import parse_config
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ConfigError, FailedPrecondition
-from adapter.core.model import Capabilities, Fingerprint, IdMapping, LaunchSpec, LinuxOptions
+from adapter.core.model import (
+    HOST_NAMESPACE,
+    Capabilities,
+    Fingerprint,
+    IdMapping,
+    LaunchSpec,
+    LinuxOptions,
+)
 from adapter.core.state import StateStore
 from adapter.core.userns import (
     IdRangeAllocator,
@@ -19,9 +26,15 @@ from adapter.core.userns import (
     parse_id_range,
     subordinate_ranges,
 )
+from adapter.cri.api import cri
+from adapter.cri.pods import pod_user_namespace
 from adapter.runtimes.base import Launched
 from adapter.runtimes.containerd.remap import shift_owners
+from adapter.runtimes.lxc import userns as lxc_userns
+from adapter.runtimes.lxc.config import LxcConfig
+from adapter.runtimes.lxc.linux import set_namespaces
 from adapter.supervisor.client import Enforcement, LaunchConfig
+from tests.conftest import searchable_by_all
 from tests.unit.test_core import FakeDriver, make_spec
 
 SUBUID = """\
@@ -294,3 +307,79 @@ def test_run_asks_for_a_user_namespace_or_leaves_it_to_the_node(
     args = build_parser().parse_args(["run", *flags, "--", "true"])
     request = launch_request(args)
     assert (request.user_namespace if request.HasField("user_namespace") else None) == asked
+
+
+def pod_asking(mode: int | None) -> cri.PodSandboxConfig:
+    config = cri.PodSandboxConfig()
+    if mode is not None:
+        options = config.linux.security_context.namespace_options
+        options.userns_options.mode = mode  # type: ignore[assignment]
+    return config
+
+
+def test_a_pod_on_a_runtime_that_cannot_join_gets_no_user_namespace() -> None:
+    """The node's default passes such a pod by; a pod asking for one is refused."""
+    cannot_join = Capabilities(pods=True, user_namespace=True, no_pod_user_namespace=True)
+    assert pod_user_namespace(pod_asking(None), cannot_join) is False
+    assert pod_user_namespace(pod_asking(cri.NODE), cannot_join) is False
+    with pytest.raises(FailedPrecondition, match=r"userns_options\.mode: POD: this runtime"):
+        pod_user_namespace(pod_asking(cri.POD), cannot_join)
+    joins = Capabilities(pods=True, user_namespace=True)
+    assert pod_user_namespace(pod_asking(None), joins) is None  # the node's default
+    assert pod_user_namespace(pod_asking(cri.POD), joins) is True
+
+
+def test_lxc_keeps_no_host_user_namespace_beside_its_own(tmp_path: Path) -> None:
+    """`lxc.namespace.keep` is a deny list that names the user namespace unless the launch
+    has one of its own (lxc.idmap); joining a pod's is refused, saying why."""
+    kept = LinuxOptions(namespaces=(("net", HOST_NAMESPACE),))
+    plain, mapped = LxcConfig(), LxcConfig()
+    set_namespaces(plain, spec("a", tmp_path, linux=kept))
+    set_namespaces(mapped, spec("a", tmp_path, linux=kept, id_mapping=IdMapping(7, 7, 65536)))
+    assert plain.get("lxc.namespace.keep") == ["user net"]
+    assert mapped.get("lxc.namespace.keep") == ["net"]
+    joined = LinuxOptions(namespaces=(("user", "/proc/9/ns/user"),))
+    with pytest.raises(FailedPrecondition, match="cannot join its pod's user namespace"):
+        set_namespaces(LxcConfig(), spec("b", tmp_path, linux=joined))
+
+
+def test_lxc_needs_every_directory_above_searchable(tmp_path: Path) -> None:
+    searchable_by_all(tmp_path)  # pytest's are 0700, up to /tmp
+    closed = tmp_path / "closed"
+    (closed / "inner").mkdir(parents=True)
+    closed.chmod(0o700)
+    assert not lxc_userns.searchable_by_all(closed / "inner")
+    closed.chmod(0o711)
+    assert lxc_userns.searchable_by_all(closed / "inner" / "not-yet-made")
+
+
+def test_lxc_unmounts_nothing_where_nothing_is_mounted(tmp_path: Path) -> None:
+    lxc_userns.unmount_all(tmp_path)  # no mounts directory: nothing to do
+    (tmp_path / lxc_userns.MOUNTS / "layer-0").mkdir(parents=True)
+    lxc_userns.unmount_all(tmp_path)  # a mount point with nothing mounted is passed by
+    assert (tmp_path / lxc_userns.MOUNTS / "layer-0").is_dir()
+
+
+class PodlessUsernsDriver(UsernsDriver):
+    """User namespaces of its own, but none beside a pod's namespaces (LXC's)."""
+
+    async def fingerprint(self) -> Fingerprint:
+        capabilities = Capabilities(user_namespace=True, no_pod_user_namespace=True)
+        return Fingerprint(self.name, "1", True, capabilities=capabilities)
+
+
+async def test_a_runtime_without_them_in_pods_gets_none_beside_a_pods_namespaces(
+    tmp_path: Path,
+) -> None:
+    core, _ = node(tmp_path, default=True)
+    core.drivers["native"] = PodlessUsernsDriver()
+    await core.recover()
+    in_pod = LinuxOptions(namespaces=(("net", "/proc/9/ns/net"),))
+    record = await core.launch(spec("member", tmp_path, linux=in_pod))
+    assert record.spec.id_mapping is None
+    assert any("does not apply" in warning for warning in record.warnings)
+    with pytest.raises(FailedPrecondition, match="beside the namespaces the launch joins"):
+        await core.launch(spec("asking", tmp_path, linux=in_pod, user_namespace=True))
+    alone = await core.launch(spec("alone", tmp_path))
+    assert alone.spec.id_mapping is not None
+    await core.close()

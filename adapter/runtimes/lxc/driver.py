@@ -48,6 +48,18 @@ own, and refuses to start if the path is gone rather than fall back to the host'
 the isolator's files. Otherwise `runtimes.lxc.network` applies as before (LXC's own `empty`
 namespace by default, or `veth` onto an operator's bridge).
 
+User namespaces (`LaunchSpec.id_mapping`): LXC's own, `lxc.idmap = u|g 0 START SIZE`. LXC then
+mounts the rootfs and every bind from inside the namespace, as its root, so what it mounts is
+prepared for that root by the service first (userns.py): the image's layers idmapped into the
+range, the host's /sys (a sysfs mount needs a network namespace the user namespace owns), and
+clones of our binds; the overlay's upper, work and run directories and the sandbox are the
+namespace root's. Those are host mounts in the container's directory, detached before it is
+removed (also by recovery). Through LXC rather than our supervisor's --userns: LXC mounts the
+overlay before our supervisor runs, and an overlay cannot be idmapped afterwards. A container
+of a pod gets none (`no_pod_user_namespace`): LXC enters a shared user namespace before the
+pod's other namespaces, which the host's user namespace owns, and a pid namespace of the pod's
+leaves it no /proc to mount.
+
 Pods (CRI, `Capabilities.pods`): a container of a pod joins its holder's namespaces through LXC
 and gets its volumes, /etc files, read-only root and log directory from LXC's config, the rest
 from the supervisor as on the native runtime (linux.py). ExecSync runs the supervisor's exec
@@ -62,8 +74,7 @@ import logging
 import os
 import shutil
 import signal
-import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +91,11 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
-from adapter.core.sandbox import OUTPUTS, open_output
 from adapter.core.services import Services
-from adapter.core.userns import give_directories, give_to_namespace_root
 from adapter.core.workload import Workload, merge
 from adapter.images import Image
 from adapter.runtimes.base import Checkpointed, Launched
-from adapter.runtimes.lxc import idmapped, linux
+from adapter.runtimes.lxc import linux, userns
 from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, set_isolator_network
 from adapter.runtimes.lxc.handle import LxcHandle, find_container_processes
 from adapter.runtimes.lxc.options import LxcOptions
@@ -124,6 +133,9 @@ SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
 # /proc/sys, /sys and the cgroupfs (in the container's cgroup namespace) read-only; without
 # `force` LXC would leave the cgroupfs to an init holding CAP_SYS_ADMIN, as ours does.
 CONFINED_MOUNTS = "proc:mixed sys:ro cgroup:ro:force"
+# In a user namespace of its own, beside a network namespace it does not own, /sys is the
+# host's, bound read-only (userns.py says why).
+USER_NAMESPACE_MOUNTS = "proc:mixed cgroup:ro:force"
 PRIVILEGED_MOUNTS = "proc:rw sys:rw cgroup:rw:force"
 
 
@@ -193,7 +205,8 @@ class LxcDriver:
             network_isolation=True,
             pods=True,
             disk_enforced=True,
-            user_namespace=_searchable_by_all(self._lxcpath),
+            user_namespace=userns.searchable_by_all(self._lxcpath),
+            no_pod_user_namespace=True,  # linux.py says why
         )
         try:
             supervisor = self._supervisor()
@@ -238,10 +251,17 @@ class LxcDriver:
             config.set("lxc.uts.name", hostname, field="linux.hostname")
         config.set("lxc.rootfs.path", lower.rootfs_path(directory / "delta0"), field="image")
         mapping = spec.id_mapping
+        own_sysfs = mapping is None or self._own_network(spec)
         if mapping is not None:  # LXC makes the namespace and mounts the rootfs inside it
             config.set("lxc.idmap", f"u 0 {mapping.uid_start} {mapping.size}")
             config.set("lxc.idmap", f"g 0 {mapping.gid_start} {mapping.size}")
-        config.set("lxc.mount.auto", PRIVILEGED_MOUNTS if spec.privileged else CONFINED_MOUNTS)
+            # The overlay's own xattrs (opaque directories) as a user namespace reads them.
+            config.set("lxc.rootfs.options", "userxattr")
+        if not own_sysfs:
+            sysfs = str(directory / userns.MOUNTS / "sys")
+            target = resolve_in_root(lower.view, "sys", "image")
+            config.mount(sysfs, target, "rbind,create=dir", field="user_namespace")
+        config.set("lxc.mount.auto", _auto_mounts(spec, own_sysfs))
         config.set("lxc.autodev", 1)
         config.set("lxc.console.path", "none")  # the init's stdio is lxc-start's: the handshake
         config.set("lxc.tty.max", 0)
@@ -255,10 +275,13 @@ class LxcDriver:
         limits = self._node.limits(spec.resources)
         for key, value in cgroup_keys(limits, version=self._hierarchies.version):
             config.set(key, value, field="resources")
+        sandbox = spec.sandbox
+        if mapping is not None:  # their clones, which the namespace's root can reach
+            supervisor, sandbox = (str(directory / userns.MOUNTS / name) for name in userns.BOUND)
         own_mounts = (
             (supervisor, SUPERVISOR_TARGET, "bind,ro,create=file", "supervisor"),
             (str(directory / "run"), RUN_TARGET, "bind,create=dir", "container_id"),
-            (spec.sandbox, SANDBOX_TARGET, "bind,create=dir", "sandbox"),
+            (sandbox, SANDBOX_TARGET, "bind,create=dir", "sandbox"),
         )
         for source, target, options, field in own_mounts:
             config.mount(source, resolve_in_root(lower.view, target, field), options, field=field)
@@ -324,14 +347,15 @@ class LxcDriver:
             # The user is the container root's: the busybox base's or the image's /etc files.
             async with self._rootfs.lower(spec.image) as lower:
                 identity = await workload_identity(workload.user, spec.linux, lower.view)
-                lower = await self._idmapped_lower(spec, lower, supervisor)
+                own_network = self._own_network(spec)
+                lower = await userns.prepare(spec, lower, directory, supervisor, own_network)
                 config, view = self._config(spec, lower, supervisor)
                 payload = (await self._launch_config(spec, workload, identity, view)).encode()
                 network = await self._prepare_network(spec)
                 self._set_network(config, spec, network, lower.view)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
-            self._give_to_namespace_root(spec)
+            userns.give_to_namespace_root(spec, directory)
             (directory / "config").write_text(config.render())
             process, config_fd = self._start_monitor(cid)
             handle = await self._handshake(cid, process, config_fd, payload, workload.argv[0])
@@ -343,47 +367,9 @@ class LxcDriver:
             handle=handle.to_json(), pid=handle.workload_init.pid, ip_address=address or ""
         )
 
-    async def _idmapped_lower(self, spec: LaunchSpec, lower: Lower, supervisor: str) -> Lower:
-        """In a user namespace, the layers as its root sees them (idmapped.py), mounted under
-        the container's directory. LXC mounts the rootfs and binds as that root: whatever they
-        come from must be searchable by every user (a launch is refused naming it if not)."""
-        mapping = spec.id_mapping
-        if mapping is None:
-            return lower
-        sources = [(supervisor, "supervisor"), (spec.sandbox, "sandbox")]
-        sources += [(m.host_path, "linux.mounts") for m in spec.linux.mounts]
-        for path, field in sources:
-            if not _searchable_by_all(Path(path).parent):
-                raise FailedPrecondition(
-                    f"{field}: {path} is out of reach of a user namespace's root: each"
-                    " directory above it must be searchable by every user (o+x)"
-                )
-        directory = self._container_dir(spec.container_id)
-        directory.mkdir(parents=True)
-        userns = await idmapped.user_namespace(mapping)
-        try:
-            layers = idmapped.mount_layers(lower.layers, directory / idmapped.DIRECTORY, userns)
-        finally:
-            os.close(userns)
-        return replace(lower, layers=layers)
-
-    def _give_to_namespace_root(self, spec: LaunchSpec) -> None:
-        """The overlay's upper and work directories, the run directory (the status file), the
-        sandbox and its outputs are written by the namespace's root: our supervisor runs as
-        that root, and opens the outputs inside."""
-        mapping = spec.id_mapping
-        if mapping is None:
-            return
-        directory = self._container_dir(spec.container_id)
-        (directory / "work").mkdir()  # LXC's overlay workdir, which it would make as root
-        give_directories(mapping, *(directory / part for part in ("delta0", "work", "run")))
-        give_to_namespace_root(spec)
-        for name in OUTPUTS:  # the core made them, as root; opened without following a link
-            output = open_output(spec.sandbox, name)
-            try:
-                os.fchown(output, mapping.host_uid(0), mapping.host_gid(0))
-            finally:
-                os.close(output)
+    def _own_network(self, spec: LaunchSpec) -> bool:
+        """LXC makes the container's network namespace (in its user namespace, if any)."""
+        return not linux.joins_network(spec) and not self._node_network.chooses(spec)
 
     async def _prepare_network(self, spec: LaunchSpec) -> Attachment | None:
         """The isolator's attachment, or None when LXC's own network applies (see above) or
@@ -625,16 +611,20 @@ class LxcDriver:
             await self._cgroups.destroy(container_id)
         for isolator in self._isolators:
             await isolator.cleanup(container_id)
-        for cgroup in self._cgroups.dirs(container_id):
+        for cgroup in self._leftover_cgroups(container_id):
             await files.remove(cgroup)
-        # LXC makes both in every hierarchy, the named and unified ones too.
-        names = (self._hierarchies.relative(container_id), self._monitor_cgroup(container_id))
-        for mount in self._cgroup_mounts:
-            for name in names:
-                await files.remove(mount / name)
         await self._node_network.cleanup(container_id)  # its processes are gone: links first
-        idmapped.unmount_layers(self._container_dir(container_id))
+        userns.unmount_all(self._container_dir(container_id))
         await _remove_tree(self._container_dir(container_id))
+
+    def _leftover_cgroups(self, container_id: str) -> list[Path]:
+        """The container's and its monitor's cgroups still there, each looked at once: LXC makes
+        both in every hierarchy, the named and unified ones too, and the accounted ones are
+        among those unless a cgroups_hierarchy override put them elsewhere."""
+        names = (self._hierarchies.relative(container_id), self._monitor_cgroup(container_id))
+        swept = (mount / name.lstrip("/") for mount in self._cgroup_mounts for name in names)
+        candidates = [*self._hierarchies.container_dirs(container_id), *swept]
+        return [cgroup for cgroup in dict.fromkeys(candidates) if cgroup.is_dir()]
 
     async def _lxc_tool(self, tool: str, *args: str) -> None:
         with contextlib.suppress(OSError):
@@ -672,17 +662,11 @@ class LxcDriver:
         self._containers.clear()
 
 
-def _searchable_by_all(path: Path) -> bool:
-    """Every existing directory from `path` up to / lets any user through (o+x): what an
-    unprivileged container's root needs to reach its rootfs and binds."""
-    for directory in (path, *path.parents):
-        try:
-            mode = directory.stat().st_mode
-        except FileNotFoundError:
-            continue  # made by us later, 0755
-        if not mode & stat.S_IXOTH:
-            return False
-    return True
+def _auto_mounts(spec: LaunchSpec, own_sysfs: bool) -> str:
+    """`own_sysfs`: a sysfs of the container's network namespace can be mounted."""
+    if spec.privileged:
+        return PRIVILEGED_MOUNTS
+    return CONFINED_MOUNTS if own_sysfs else USER_NAMESPACE_MOUNTS
 
 
 def _is_small_tree(directory: Path, limit: int = SMALL_TREE_ENTRIES) -> bool:

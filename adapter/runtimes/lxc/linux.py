@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.core.errors import InvalidArgument
+from adapter.core.errors import FailedPrecondition, InvalidArgument
 from adapter.core.model import HOST_NAMESPACE, NAMESPACE_KINDS, PROPAGATIONS, LaunchSpec, Mount
 from adapter.core.services import SeccompFilter
 from adapter.runtimes.lxc import shared_mounts
@@ -60,6 +60,13 @@ def set_namespaces(config: LxcConfig, spec: LaunchSpec) -> None:
             raise InvalidArgument("linux.namespaces", f"{kind!r} is not one of {NAMESPACE_KINDS}")
         if path == HOST_NAMESPACE:
             kept.append(kind)
+        elif kind == "user":
+            # LXC enters a shared user namespace before the others, and the pod's network
+            # namespace, which the host's user namespace owns, is then out of its reach.
+            raise FailedPrecondition(
+                "lxc runtime: a container cannot join its pod's user namespace (LXC joins it"
+                " before the pod's network namespace); run the pod's containers on native"
+            )
         elif os.path.isabs(path):
             config.set(f"lxc.namespace.share.{kind}", path, field="linux.namespaces")
         else:

@@ -8,7 +8,8 @@ shared (adapter/images/CONTRACT.md).
 
 Either way the base is never written: LXC mounts `overlay:<layers>:<container dir>/delta0` inside
 the container's own mount namespace, so the container's writes land in its directory under the
-lxcpath and leave with it, and nothing is mounted on the host that a crash could leave behind.
+lxcpath and leave with it, and nothing is mounted on the host that a crash could leave behind
+(but a user-namespaced container's layers, idmapped by userns.py, which recovery detaches).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ RUN_TARGET = ".containerizer/run"
 SANDBOX_TARGET = "mnt/mesos/sandbox"
 
 # The overlay's mount options: LXC's own keys around the layers (lowerdir and upperdir) and
-# the work directory, about as long as the upper's path; a page bounds them all.
-LXC_OVERLAY_OPTIONS = "upperdir=,lowerdir=,workdir=/olwork,xino=off,index=off"
+# the work directory, about as long as the upper's path (userxattr in a user namespace); a page
+# bounds them all.
+LXC_OVERLAY_OPTIONS = "upperdir=,lowerdir=,workdir=/olwork,xino=off,index=off,userxattr"
 PAGE_BYTES = 4096
 # As the kernel's bound on symlinks in one path lookup (ELOOP beyond).
 MAX_SYMLINKS = 40
