@@ -47,7 +47,7 @@ from adapter.core.network import RuntimeNetwork
 from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.sandbox import prepare_outputs
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
-from adapter.core.userns import IdRangeAllocator
+from adapter.core.userns import IdRangeAllocator, user_namespace_for
 from adapter.runtimes.base import (
     Attaches,
     AttachSession,
@@ -191,43 +191,21 @@ class Containerizer:
     async def _with_user_namespace(
         self, spec: LaunchSpec, driver: Runtime
     ) -> tuple[LaunchSpec, tuple[str, ...]]:
-        """The spec with its id mapping, when it gets a user namespace: asked for, or the
-        node's default on a runtime that has them (a VM keeps its own kernel's users: the
-        default passes it by, with a warning). A mapping set by the core's own callers (a pod's
-        container, sharing its holder's) is kept."""
-        asked = spec.user_namespace
+        """The spec with its id mapping when it gets a user namespace (adapter/core/userns.py
+        decides); a mapping the core's own callers set (a pod's container, sharing its holder's)
+        is also held under this container's id: the range stays in use while any container in
+        it runs, whichever ends first (a pod's holder may)."""
         if spec.id_mapping is not None:
-            # Held under this container's id too: the range stays in use while any of the
-            # containers in it runs, whichever ends first (a pod's holder may).
             if self.user_namespaces is not None:
                 self.user_namespaces.reserve(spec.container_id, spec.id_mapping)
             return spec, ()
-        if asked is False or (asked is None and not self.user_namespace_default):
+        if spec.user_namespace is False:
             return spec, ()
-        if spec.privileged:  # all of the host's capabilities: as host root, as Docker has it
-            if asked is None:
-                return spec, ()
-            raise FailedPrecondition(
-                "user_namespace: a privileged container runs as host root; ask for one or the other"
-            )
-        capabilities = await self._capabilities(driver)
-        # Beside a pod's (or the host's) namespaces, such a runtime has none to give.
-        in_pod = bool(spec.linux.namespaces) and capabilities.no_pod_user_namespace
-        if not capabilities.user_namespace or in_pod:
-            if asked is None:
-                note = f"user_namespace: the node's default does not apply on {driver.name!r}"
-                return spec, (note,)
-            beside = " beside the namespaces the launch joins" if in_pod else ""
-            raise FailedPrecondition(
-                f"user_namespace: runtime {driver.name!r} cannot run a container in a user"
-                f" namespace of ours{beside} (`containerizer runtimes` shows which can)"
-            )
-        if self.user_namespaces is None:
-            raise FailedPrecondition(
-                "user_namespace: this node maps no host ids; set [user_namespace] user or"
-                " range in its config"
-            )
-        return replace(spec, id_mapping=self.user_namespaces.allocate(spec.container_id)), ()
+        if spec.user_namespace is None and not self.user_namespace_default:
+            return spec, ()
+        return user_namespace_for(
+            spec, driver.name, await self._capabilities(driver), self.user_namespaces
+        )
 
     async def _capabilities(self, driver: Runtime) -> Capabilities:
         """The runtime's capabilities, asked once: fingerprints are not free (a daemon's)."""

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from adapter.core.errors import ConfigError, FailedPrecondition
-from adapter.core.model import Identity, IdMapping, LaunchSpec
+from adapter.core.model import Capabilities, Identity, IdMapping, LaunchSpec
 
 # The kernel's id space is 32 bits, (uid_t)-1 being no id.
 MAX_HOST_ID = (1 << 32) - 2
@@ -283,3 +283,38 @@ def host_identity(identity: Identity, mapping: IdMapping | None) -> Identity:
         groups=tuple(mapping.host_gid(group) for group in identity.groups),
         home=identity.home,
     )
+
+
+def user_namespace_for(
+    spec: LaunchSpec,
+    runtime: str,
+    capabilities: Capabilities,
+    allocator: IdRangeAllocator | None,
+) -> tuple[LaunchSpec, tuple[str, ...]]:
+    """A launch that asks for a user namespace (`spec.user_namespace` True) or gets the node's
+    default (None), with its range allocated; or, for the default only, the launch as it is
+    with a warning where the runtime cannot give one (a VM keeps its own kernel's users). An
+    explicit request that cannot be met is refused, naming why."""
+    asked = spec.user_namespace is True
+    if spec.privileged:  # all of the host's capabilities: as host root, as Docker has it
+        if not asked:
+            return spec, ()
+        raise FailedPrecondition(
+            "user_namespace: a privileged container runs as host root; ask for one or the other"
+        )
+    # Beside a pod's (or the host's) namespaces, such a runtime has none to give.
+    in_pod = bool(spec.linux.namespaces) and capabilities.no_pod_user_namespace
+    if not capabilities.user_namespace or in_pod:
+        if not asked:
+            return spec, (f"user_namespace: the node's default does not apply on {runtime!r}",)
+        beside = " beside the namespaces the launch joins" if in_pod else ""
+        raise FailedPrecondition(
+            f"user_namespace: runtime {runtime!r} cannot run a container in a user"
+            f" namespace of ours{beside} (`containerizer runtimes` shows which can)"
+        )
+    if allocator is None:
+        raise FailedPrecondition(
+            "user_namespace: this node maps no host ids; set [user_namespace] user or"
+            " range in its config"
+        )
+    return replace(spec, id_mapping=allocator.allocate(spec.container_id)), ()

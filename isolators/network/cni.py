@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -28,10 +29,13 @@ from typing import Any
 
 from isolators.network.model import NetworkConfigError, NetworkError, PortMapping
 
+log = logging.getLogger(__name__)
+
 CONFIG_SUFFIXES = (".conflist", ".conf", ".json")  # libcni's: a .conf holds a single plugin
 PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 PLUGIN_TIMEOUT_SECONDS = 60.0
 MAX_OUTPUT_BYTES = 1 << 20
+KILL_WAIT_SECONDS = 5.0
 # Plugins exec iptables, ip, tc...: a fixed PATH rather than the service's environment.
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VERSIONS_WITH_CHECK = ("0.4.0", "1.0.0", "1.1.0")
@@ -244,9 +248,14 @@ async def _bounded_communicate(
         process.stdin.write(config)
         await process.stdin.drain()
     process.stdin.close()
-    stdout, stderr = await asyncio.gather(
-        _read_bounded(process.stdout), _read_bounded(process.stderr)
-    )
+    readers = [
+        asyncio.ensure_future(_read_bounded(stream)) for stream in (process.stdout, process.stderr)
+    ]
+    try:
+        stdout, stderr = await asyncio.gather(*readers)
+    finally:  # one stream past the bound: the other's reader stops too (_kill drains both)
+        for reader in readers:
+            reader.cancel()
     await process.wait()
     return stdout, stderr
 
@@ -261,12 +270,26 @@ async def _read_bounded(stream: asyncio.StreamReader) -> bytes:
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
-    """Kill the plugin and whatever it started (its process group), and reap it."""
+    """Kill the plugin and whatever it started (its process group), and reap it. asyncio's
+    wait() returns only once the output pipes reached their end, and a reader stopped at the
+    bound left its pipe paused: what the plugin left in them is read and dropped. A process
+    outside the group that still holds a pipe (it left the plugin's session) cannot hold us
+    longer than KILL_WAIT_SECONDS; the plugin itself is reaped by asyncio's child watcher."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
-    await process.wait()
+    assert process.stdout and process.stderr
+    ended = asyncio.gather(_drain(process.stdout), _drain(process.stderr), process.wait())
+    try:
+        await asyncio.wait_for(ended, KILL_WAIT_SECONDS)
+    except TimeoutError:
+        log.warning("CNI plugin %d: its output pipes stayed open after its kill", process.pid)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(1 << 16):
+        pass
 
 
 def _plugin_error(kind: str, command: str, stdout: bytes, stderr: bytes) -> CniError:
