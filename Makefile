@@ -19,6 +19,12 @@ lint:
 
 test: install lint
 	.venv/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+	# Once more with user namespaces as the node default: the runtime conformance suite on
+	# native and containerd, and the Mesos behaviour tests.
+	CTZ_TEST_USER_NAMESPACE=1 .venv/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		tests/conformance -k "native or containerd"
+	CTZ_TEST_USER_NAMESPACE=1 .venv/bin/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		tests/integration/test_mesos_ecp.py
 
 bench: install
 	.venv/bin/python benchmarks/run_all.py
