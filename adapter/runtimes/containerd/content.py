@@ -121,15 +121,7 @@ class ImageLoader:
         return bool(reply.image.target.digest == image.manifest.digest)
 
     async def _snapshot_exists(self, snapshotter: str, name: str) -> bool:
-        try:
-            await self._client.call(
-                self._client.snapshots.Stat,
-                snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=name),
-                f"stat snapshot {name}",
-            )
-        except NotFound:
-            return False
-        return True
+        return await snapshot_exists(self._client, snapshotter, name)
 
     # ---- content ----
 
@@ -271,3 +263,15 @@ class ImageLoader:
             ),
             f"label config {image.config.digest}",
         )
+
+
+async def snapshot_exists(client: ContainerdClient, snapshotter: str, name: str) -> bool:
+    try:
+        await client.call(
+            client.snapshots.Stat,
+            snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=name),
+            f"stat snapshot {name}",
+        )
+    except NotFound:
+        return False
+    return True

@@ -30,10 +30,10 @@ from google.protobuf import field_mask_pb2  # type: ignore[import-untyped, unuse
 
 from adapter.api.containerd.services.content.v1 import content_pb2
 from adapter.api.containerd.services.snapshots.v1 import snapshots_pb2
-from adapter.core.errors import LaunchFailed, NotFound
+from adapter.core.errors import LaunchFailed
 from adapter.core.model import IdMapping
 from adapter.runtimes.containerd.client import ContainerdClient
-from adapter.runtimes.containerd.content import GC_SNAPSHOT
+from adapter.runtimes.containerd.content import GC_SNAPSHOT, snapshot_exists
 
 # chown clears these on a file; they are put back, as the image had them.
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
@@ -56,21 +56,10 @@ class RemappedSnapshots:
         """The committed snapshot of `top` owned by `mapping`'s ids, made if missing."""
         name = remapped_name(top, mapping)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            if not await self._exists(snapshotter, name):
+            if not await snapshot_exists(self._client, snapshotter, name):
                 await self._make(top, name, mapping, snapshotter, lease)
                 await self._reference(name, snapshotter, config_digest)
         return name
-
-    async def _exists(self, snapshotter: str, name: str) -> bool:
-        try:
-            await self._client.call(
-                self._client.snapshots.Stat,
-                snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=name),
-                f"stat snapshot {name}",
-            )
-        except NotFound:
-            return False
-        return True
 
     async def _make(
         self, top: str, name: str, mapping: IdMapping, snapshotter: str, lease: str
