@@ -204,11 +204,12 @@ class Containerizer:
         if spec.user_namespace is None and not self.user_namespace_default:
             return spec, ()
         return user_namespace_for(
-            spec, driver.name, await self._capabilities(driver), self.user_namespaces
+            spec, driver.name, await self.capabilities(driver.name), self.user_namespaces
         )
 
-    async def _capabilities(self, driver: Runtime) -> Capabilities:
+    async def capabilities(self, runtime: str) -> Capabilities:
         """The runtime's capabilities, asked once: fingerprints are not free (a daemon's)."""
+        driver = self._driver(runtime)
         capabilities = self._runtime_capabilities.get(driver.name)
         if capabilities is None:
             fingerprint = await driver.fingerprint()

@@ -141,7 +141,7 @@ class Pods:
                 f"runtime_handler: {handler!r} is not a runtime of this node"
                 f" (configured: {', '.join(sorted(self.runtimes))})"
             )
-        capabilities = (await self.core.drivers[handler].fingerprint()).capabilities
+        capabilities = await self.core.capabilities(handler)
         user_namespace = pod_user_namespace(config, capabilities)
         pod = Pod(
             id=new_id(),

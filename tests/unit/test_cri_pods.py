@@ -24,9 +24,15 @@ class FakeRuntime:
 
 
 def pods(tmp_path: Path) -> Pods:
+    drivers = {"native": FakeRuntime("native", True), "docker": FakeRuntime("docker", False)}
+
+    async def capabilities(runtime: str) -> Capabilities:
+        return (await drivers[runtime].fingerprint()).capabilities
+
     core = SimpleNamespace(
         default_runtime="native",
-        drivers={"native": FakeRuntime("native", True), "docker": FakeRuntime("docker", False)},
+        drivers=drivers,
+        capabilities=capabilities,
         sandbox_root=tmp_path / "sandboxes",
     )
     store = CriStore(tmp_path / "cri.db")

@@ -194,6 +194,8 @@ class DockerDriver:
             services.network, self._engine, self._owner, self._cgroup_parent
         )
         self._tracked: dict[str, _Tracked] = {}
+        # The holder image's tag, and the busybox binary it was made from (pod.holder_source).
+        self._holder_tag: tuple[tuple[object, ...], str] | None = None
         self._follower = ExitFollower(
             self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
         )
@@ -299,8 +301,16 @@ class DockerDriver:
 
     async def _holder_image(self) -> DockerImage:
         """The image of a launch without one (a pod's holder): the host's static busybox,
-        imported once (its tag names its content)."""
+        imported once (its tag names its content). The layer is built and hashed only when the
+        binary changed since the last pod, or when dockerd has lost the image."""
+        source = pod.holder_source()  # one stat: no thread hop
+        if self._holder_tag is not None and self._holder_tag[0] == source:
+            reference = f"{pod.HOLDER_REPOSITORY}:{self._holder_tag[1]}"
+            config = await self._engine.image_config(reference)
+            if config is not None:
+                return DockerImage(reference, config)
         rootfs, tag = await asyncio.to_thread(pod.holder_rootfs)
+        self._holder_tag = (source, tag)
         reference = f"{pod.HOLDER_REPOSITORY}:{tag}"
         config = await self._engine.image_config(reference)
         if config is None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from adapter.core.errors import FailedPrecondition, InvalidArgument
 from adapter.core.model import HOST_NAMESPACE, LaunchSpec, LinuxOptions
-from adapter.images.busybox import busybox_layer
+from adapter.images.busybox import BUSYBOX_BINARY, busybox_layer
 
 HOLDER_REPOSITORY = "containerizer/host-busybox"
 HOLDER_APPLETS = ("sh", "sleep")
@@ -37,6 +37,13 @@ DOCKER_PROPAGATION = {"private": "rprivate", "rslave": "rslave", "rshared": "rsh
 
 # A container of ours by its init's host pid: its inspect (raises FailedPrecondition if none).
 FindByPid = Callable[[int], Awaitable[dict[str, Any]]]
+
+
+def holder_source() -> tuple[object, ...]:
+    """What tells the holder image's source apart without reading it: the busybox binary's
+    device, inode, size, mtime and ctime (a replaced or rewritten binary changes them)."""
+    found = BUSYBOX_BINARY.stat()
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
 
 
 def holder_rootfs() -> tuple[bytes, str]:
