@@ -437,12 +437,18 @@ def remove_network(prefix: str) -> tuple[list[str], list[str]]:
             netns.unlink()
         (left if netns.exists() else removed).append(f"netns {netns.name}")
     for name in _links(prefix):
-        done = _run("ip", "link", "delete", name)
+        # A veth whose peer sat in a namespace removed above goes with that namespace, in the
+        # kernel's own time: a delete that finds it gone has nothing left to do.
+        done = _run("ip", "link", "delete", name) or not _link_exists(name)
         (removed if done else left).append(f"link {name}")
     for table in _nft_tables("containerizer_" + prefix.replace("-", "_")):
         done = _run("nft", "delete", "table", "inet", table)
         (removed if done else left).append(f"nft table {table}")
     return removed, left
+
+
+def _link_exists(name: str) -> bool:
+    return (Path("/sys/class/net") / name).exists()
 
 
 def _links(prefix: str) -> list[str]:
