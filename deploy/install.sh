@@ -10,6 +10,7 @@ cd "$repo"
 
 debian_packages=(
   gcc make libc6-dev            # builds containerizer-supervisor (libc.a: its static twin)
+  musl-tools                    # musl-gcc: the supervisor static on musl, a tenth of glibc's exec
   libseccomp2                   # compiles the seccomp filter the supervisor loads (ctypes)
   python3 python3-venv python3-dev
   util-linux iproute2 procps    # unshare, ip, ps: used by tests and benchmarks
@@ -64,13 +65,11 @@ echo "==> generating gRPC stubs"
 .venv/bin/python protos/build.py
 
 echo "==> building containerizer-supervisor"
-cc -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor \
-  supervisor/containerizer-supervisor.c
-# The LXC runtime bind-mounts the supervisor into image root filesystems as their pid 1, where
-# the host's shared libraries are not: a static build. (glibc warns that name lookups in a
-# static binary need its shared NSS modules; --user by name inside an image uses the image's.)
-cc -static -O2 -Wall -Wextra -Werror -o .venv/bin/containerizer-supervisor-static \
-  supervisor/containerizer-supervisor.c 2> >(grep -v -e 'statically linked' -e 'in function' >&2)
+# .venv/bin/containerizer-supervisor and its static twin, which the LXC runtime bind-mounts into
+# image root filesystems as their pid 1, where the host's shared libraries are not. With musl-gcc
+# both are one static musl build, else cc's (dynamic, and static); remade only when the source,
+# the Makefile or the compiler changed (supervisor/Makefile).
+make -C supervisor --no-print-directory
 
 # The libvirt runtime boots guests on Debian's cloud kernel; fetched, never installed.
 deploy/vm-kernel.sh "${CONTAINERIZER_VM_KERNEL_DIR:-/var/lib/containerizer/libvirt/kernel}"

@@ -207,6 +207,107 @@
 #include <time.h>
 #include <unistd.h>
 
+/* --- what glibc declares and musl does not ------------------------------------------------- */
+
+/* The supervisor is built static against musl where musl-gcc is installed (supervisor/Makefile):
+ * a launch execs it once or twice, and glibc's start-up alone costs ten times musl's. musl has
+ * no wrappers for the new mount API (glibc 2.36) nor close_range (glibc 2.34): there they are
+ * the system calls themselves, with the kernel's constants and struct mount_attr. Renamed, so
+ * that a libc which declares them one day does not clash with ours. */
+#if !defined(__GLIBC__) || __GLIBC__ * 100 + __GLIBC_MINOR__ < 236
+#include <linux/mount.h>
+static int compat_open_tree(int dir, const char *path, unsigned int flags)
+{
+    return (int)syscall(SYS_open_tree, (long)dir, path, (unsigned long)flags);
+}
+
+static int compat_move_mount(int from_dir, const char *from, int to_dir, const char *to,
+                             unsigned int flags)
+{
+    return (int)syscall(SYS_move_mount, (long)from_dir, from, (long)to_dir, to,
+                        (unsigned long)flags);
+}
+
+static int compat_mount_setattr(int dir, const char *path, unsigned int flags,
+                                struct mount_attr *attr, size_t size)
+{
+    return (int)syscall(SYS_mount_setattr, (long)dir, path, (unsigned long)flags, attr, size);
+}
+
+static int compat_fsopen(const char *fstype, unsigned int flags)
+{
+    return (int)syscall(SYS_fsopen, fstype, (unsigned long)flags);
+}
+
+static int compat_fsconfig(int context, unsigned int command, const char *key, const void *value,
+                           int aux)
+{
+    return (int)syscall(SYS_fsconfig, (long)context, (unsigned long)command, key, value,
+                        (long)aux);
+}
+
+static int compat_fsmount(int context, unsigned int flags, unsigned int attr_flags)
+{
+    return (int)syscall(SYS_fsmount, (long)context, (unsigned long)flags,
+                        (unsigned long)attr_flags);
+}
+#define open_tree compat_open_tree
+#define move_mount compat_move_mount
+#define mount_setattr compat_mount_setattr
+#define fsopen compat_fsopen
+#define fsconfig compat_fsconfig
+#define fsmount compat_fsmount
+#endif
+
+#if !defined(__GLIBC__) || __GLIBC__ * 100 + __GLIBC_MINOR__ < 234
+#include <linux/close_range.h>
+static int compat_close_range(unsigned int first, unsigned int last, int flags)
+{
+    return (int)syscall(SYS_close_range, (unsigned long)first, (unsigned long)last, (long)flags);
+}
+#define close_range compat_close_range
+#endif
+
+/* What strerror says. musl words some errors otherwise than glibc ("Symbolic link loop"), and
+ * the reasons reach the service's callers: in either build they read as glibc has them. The
+ * errors that differ among those this program's system calls can return; any other is libc's. */
+static const char *error_text(int err)
+{
+#ifndef __GLIBC__
+    static const struct {
+        int err;
+        const char *text;
+    } glibc_wording[] = {
+        {0, "Success"},
+        {EIO, "Input/output error"},
+        {ECHILD, "No child processes"},
+        {ENOMEM, "Cannot allocate memory"},
+        {EBUSY, "Device or resource busy"},
+        {EXDEV, "Invalid cross-device link"},
+        {EMFILE, "Too many open files"},
+        {ENOTTY, "Inappropriate ioctl for device"},
+        {ESPIPE, "Illegal seek"},
+        {ERANGE, "Numerical result out of range"},
+        {EDEADLK, "Resource deadlock avoided"},
+        {ENAMETOOLONG, "File name too long"},
+        {ELOOP, "Too many levels of symbolic links"},
+        {EOVERFLOW, "Value too large for defined data type"},
+        {ELIBBAD, "Accessing a corrupted shared library"},
+        {ENOTSOCK, "Socket operation on non-socket"},
+        {EOPNOTSUPP, "Operation not supported"},
+        {EADDRINUSE, "Address already in use"},
+        {ENOTCONN, "Transport endpoint is not connected"},
+        {ETIMEDOUT, "Connection timed out"},
+        {EUCLEAN, "Structure needs cleaning"},
+        {EDQUOT, "Disk quota exceeded"},
+    };
+    for (size_t i = 0; i < sizeof glibc_wording / sizeof glibc_wording[0]; i++)
+        if (glibc_wording[i].err == err)
+            return glibc_wording[i].text;
+#endif
+    return strerror(err);
+}
+
 #define HOSTNAME_MAX_LEN 63
 #define DEFAULT_PATH "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define CONFIG_MAX_BYTES (16u << 20) /* far above what execve accepts as argv + environment */
@@ -215,8 +316,8 @@
 #ifndef CLONE_NEWCGROUP
 #define CLONE_NEWCGROUP 0x02000000
 #endif
-
-extern char **environ;
+/* The kernel's bound on supplementary groups (musl's limits.h has 32 as NGROUPS_MAX). */
+#define KERNEL_GROUPS_MAX 65536
 
 struct bind {
     const char *source; /* host path */
@@ -372,7 +473,7 @@ static void fail_because(const char *step, const char *detail, const char *reaso
 
 static void fail(const char *step, const char *detail, int err)
 {
-    fail_because(step, detail, strerror(err));
+    fail_because(step, detail, error_text(err));
 }
 
 static void usage_error(const char *message, const char *arg)
@@ -588,7 +689,7 @@ static void take_groups(struct options *opts, const char *value, int fill)
     size_t count = value[0] == '\0' ? 0 : 1;
     for (const char *c = value; *c != '\0'; c++)
         count += *c == ',';
-    if (count > NGROUPS_MAX)
+    if (count > KERNEL_GROUPS_MAX)
         usage_error("--groups names more groups than the kernel takes:", value);
     opts->n_groups = count;
     if (!fill || count == 0)
@@ -967,7 +1068,7 @@ static void join_cgroups(int errpipe, char **cgroup_procs)
     for (; *cgroup_procs != NULL; cgroup_procs++) {
         int fd = open(*cgroup_procs, O_WRONLY | O_CLOEXEC);
         if (fd < 0 || write_all(fd, "0", 1) < 0)
-            child_fail(errpipe, "cgroup", *cgroup_procs, strerror(errno));
+            child_fail(errpipe, "cgroup", *cgroup_procs, error_text(errno));
         close(fd);
     }
 }
@@ -976,7 +1077,7 @@ static void join_netns(int errpipe, const char *path)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0 || setns(fd, CLONE_NEWNET) < 0)
-        child_fail(errpipe, "netns", path, strerror(errno));
+        child_fail(errpipe, "netns", path, error_text(errno));
     close(fd);
 }
 
@@ -994,7 +1095,7 @@ static void mount_or_fail(int errpipe, const char *source, const char *target, c
                           unsigned long flags, const char *data)
 {
     if (mount(source, target, type, flags, data) < 0)
-        child_fail(errpipe, "rootfs", target, strerror(errno));
+        child_fail(errpipe, "rootfs", target, error_text(errno));
 }
 
 /* Creates every missing directory of `path` (absolute), and the last component as a directory
@@ -1004,12 +1105,12 @@ static void make_mount_point(int errpipe, char *path, int as_file)
     for (char *slash = strchr(path + 1, '/'); slash != NULL; slash = strchr(slash + 1, '/')) {
         *slash = '\0';
         if (mkdir(path, 0755) < 0 && errno != EEXIST)
-            child_fail(errpipe, "rootfs", path, strerror(errno));
+            child_fail(errpipe, "rootfs", path, error_text(errno));
         *slash = '/';
     }
     int fd = as_file ? open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644) : -1;
     if (as_file ? fd < 0 : mkdir(path, 0755) < 0 && errno != EEXIST)
-        child_fail(errpipe, "rootfs", path, strerror(errno));
+        child_fail(errpipe, "rootfs", path, error_text(errno));
     if (fd >= 0)
         close(fd);
 }
@@ -1020,7 +1121,7 @@ static void bind_into(int errpipe, const char *root, const char *source, const c
     char path[PATH_MAX];
     struct stat info;
     if (stat(source, &info) < 0)
-        child_fail(errpipe, "bind", source, strerror(errno));
+        child_fail(errpipe, "bind", source, error_text(errno));
     join_path(errpipe, path, root, target);
     make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
     mount_or_fail(errpipe, source, path, NULL, MS_BIND | MS_REC, NULL);
@@ -1056,7 +1157,7 @@ static void populate_dev(int errpipe, const char *root)
         snprintf(inside, sizeof inside, "/dev/%s", links[i][1]);
         join_path(errpipe, path, root, inside);
         if (symlink(links[i][0], path) < 0)
-            child_fail(errpipe, "rootfs", path, strerror(errno));
+            child_fail(errpipe, "rootfs", path, error_text(errno));
     }
 }
 
@@ -1084,15 +1185,15 @@ static void mount_hierarchy(int errpipe, const char *dir, const char *fstype, ch
     char data[256];
     unsigned long flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC;
     if (mkdir(dir, 0555) < 0 && errno != EEXIST)
-        child_fail(errpipe, "cgroupfs", dir, strerror(errno));
+        child_fail(errpipe, "cgroupfs", dir, error_text(errno));
     if (strcmp(fstype, "cgroup2") == 0) {
         if (mount("cgroup2", dir, "cgroup2", flags, NULL) < 0)
-            child_fail(errpipe, "cgroupfs", dir, strerror(errno));
+            child_fail(errpipe, "cgroupfs", dir, error_text(errno));
         return;
     }
     cgroup_mount_data(options, data, sizeof data);
     if (mount("cgroup", dir, "cgroup", flags, data) < 0)
-        child_fail(errpipe, "cgroupfs", dir, strerror(errno));
+        child_fail(errpipe, "cgroupfs", dir, error_text(errno));
 }
 
 /* Splits a /proc/self/mountinfo line into its mount point, fstype and super options. */
@@ -1120,7 +1221,7 @@ static void mount_cgroupfs(int errpipe, const char *root)
     size_t capacity = 0;
     FILE *mounts = fopen("/proc/self/mountinfo", "re");
     if (mounts == NULL)
-        child_fail(errpipe, "cgroupfs", "/proc/self/mountinfo", strerror(errno));
+        child_fail(errpipe, "cgroupfs", "/proc/self/mountinfo", error_text(errno));
     join_path(errpipe, target, root, CGROUP_MOUNTS);
     int tmpfs = 0;
     while (getline(&line, &capacity, mounts) > 0) {
@@ -1173,7 +1274,7 @@ static void clone_shared_sources(int errpipe, const struct options *opts)
         bind->tree = open_tree(AT_FDCWD, bind->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |
                                                            AT_RECURSIVE);
         if (bind->tree < 0)
-            child_fail(errpipe, "bind", bind->source, strerror(errno));
+            child_fail(errpipe, "bind", bind->source, error_text(errno));
     }
 }
 
@@ -1185,7 +1286,7 @@ static void isolate_mounts(int errpipe, const struct options *opts)
     unsigned long type = binds_propagate(opts) ? MS_SLAVE : MS_PRIVATE;
     if (mount(NULL, "/", NULL, MS_REC | type, NULL) < 0)
         child_fail(errpipe, "mount", type == MS_SLAVE ? "make / a slave" : "make / private",
-                   strerror(errno));
+                   error_text(errno));
 }
 
 /* An rshared bind: its source's clone moved into place, still a peer of the host's mount. */
@@ -1193,10 +1294,10 @@ static void attach_tree(int errpipe, const struct bind *bind, char *path)
 {
     struct stat info;
     if (fstat(bind->tree, &info) < 0) /* the source's path may be out of a userns's reach */
-        child_fail(errpipe, "bind", bind->source, strerror(errno));
+        child_fail(errpipe, "bind", bind->source, error_text(errno));
     make_mount_point(errpipe, path, !S_ISDIR(info.st_mode));
     if (move_mount(bind->tree, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0)
-        child_fail(errpipe, "bind", path, strerror(errno));
+        child_fail(errpipe, "bind", path, error_text(errno));
     close(bind->tree);
     if (bind->read_only)
         mount_or_fail(errpipe, NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL);
@@ -1215,7 +1316,7 @@ static void mount_binds(int errpipe, const char *root, const struct options *opt
         else
             bind_into(errpipe, root, bind->source, bind->target, bind->read_only);
         if (mount(NULL, path, NULL, MS_REC | bind->propagation, NULL) < 0)
-            child_fail(errpipe, "bind", path, strerror(errno));
+            child_fail(errpipe, "bind", path, error_text(errno));
     }
 }
 
@@ -1230,14 +1331,14 @@ static void bind_host_sysfs(int errpipe, const char *path)
 {
     if (host_sysfs_tree >= 0) {
         if (move_mount(host_sysfs_tree, "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0)
-            child_fail(errpipe, "rootfs", path, strerror(errno));
+            child_fail(errpipe, "rootfs", path, error_text(errno));
         close(host_sysfs_tree);
         return;
     }
     struct mount_attr attr = host_sysfs_attr;
     mount_or_fail(errpipe, "/sys", path, NULL, MS_BIND | MS_REC, NULL);
     if (mount_setattr(AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr) < 0)
-        child_fail(errpipe, "rootfs", path, strerror(errno));
+        child_fail(errpipe, "rootfs", path, error_text(errno));
 }
 
 /* While host root, for a user namespace of the container's own: /sys alone, read-only, as a
@@ -1250,14 +1351,14 @@ static void take_host_sysfs(int errpipe)
     host_sysfs_tree = open_tree(AT_FDCWD, "/sys", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
     if (host_sysfs_tree < 0 ||
         mount_setattr(host_sysfs_tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
-        child_fail(errpipe, "rootfs", "/sys", strerror(errno));
+        child_fail(errpipe, "rootfs", "/sys", error_text(errno));
 }
 
 static void overlay_config(int errpipe, int context, const char *key, const char *value, int fd)
 {
     unsigned int command = value != NULL ? FSCONFIG_SET_STRING : FSCONFIG_SET_FD;
     if (fsconfig(context, command, key, value, fd) < 0)
-        child_fail(errpipe, "rootfs", value != NULL ? value : key, strerror(errno));
+        child_fail(errpipe, "rootfs", value != NULL ? value : key, error_text(errno));
 }
 
 /* The overlay of the image's layers (--rootfs-lower, topmost first, colon-separated) under
@@ -1271,7 +1372,7 @@ static void mount_overlay(int errpipe, const char *root, const char *dir, const 
     char path[PATH_MAX];
     int context = fsopen("overlay", FSOPEN_CLOEXEC);
     if (context < 0)
-        child_fail(errpipe, "rootfs", "overlay", strerror(errno));
+        child_fail(errpipe, "rootfs", "overlay", error_text(errno));
     if (in_user_namespace) {
         /* Attached first, in our mount namespace (which our user namespace owns): overlayfs
          * clones each layer's mount, and a detached tree is owned by the host's user namespace
@@ -1281,16 +1382,16 @@ static void mount_overlay(int errpipe, const char *root, const char *dir, const 
             snprintf(lower, sizeof lower, "lower%zu", i);
             if ((mkdir(lower, 0755) < 0 && errno != EEXIST) ||
                 move_mount(userns_lower_trees[i], "", AT_FDCWD, lower, MOVE_MOUNT_F_EMPTY_PATH) < 0)
-                child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+                child_fail(errpipe, "rootfs", "idmapped lower layer", error_text(errno));
             close(userns_lower_trees[i]);
             overlay_config(errpipe, context, "lowerdir+", lower, 0);
         }
         if (fsconfig(context, FSCONFIG_SET_FLAG, "userxattr", NULL, 0) < 0)
-            child_fail(errpipe, "rootfs", "userxattr", strerror(errno));
+            child_fail(errpipe, "rootfs", "userxattr", error_text(errno));
     } else {
         char *layers = strdup(opts->rootfs_lower), *rest = NULL;
         if (layers == NULL)
-            child_fail(errpipe, "rootfs", opts->rootfs_lower, strerror(errno));
+            child_fail(errpipe, "rootfs", opts->rootfs_lower, error_text(errno));
         for (char *layer = strtok_r(layers, ":", &rest); layer; layer = strtok_r(NULL, ":", &rest))
             overlay_config(errpipe, context, "lowerdir+", layer, 0);
         free(layers);
@@ -1300,10 +1401,10 @@ static void mount_overlay(int errpipe, const char *root, const char *dir, const 
     join_path(errpipe, path, dir, "/work");
     overlay_config(errpipe, context, "workdir", path, 0);
     if (fsconfig(context, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
-        child_fail(errpipe, "rootfs", "overlay", strerror(errno));
+        child_fail(errpipe, "rootfs", "overlay", error_text(errno));
     int mounted = fsmount(context, FSMOUNT_CLOEXEC, 0);
     if (mounted < 0 || move_mount(mounted, "", AT_FDCWD, root, MOVE_MOUNT_F_EMPTY_PATH) < 0)
-        child_fail(errpipe, "rootfs", root, strerror(errno));
+        child_fail(errpipe, "rootfs", root, error_text(errno));
     close(mounted);
     close(context);
 }
@@ -1327,7 +1428,7 @@ static void enter_rootfs(int errpipe, const struct options *opts)
                    (opts->privileged ? 0 : MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    NULL) < 0) {
         if (errno != EPERM || !in_user_namespace)
-            child_fail(errpipe, "rootfs", path, strerror(errno));
+            child_fail(errpipe, "rootfs", path, error_text(errno));
         bind_host_sysfs(errpipe, path);
     }
     if (opts->cgroupns)
@@ -1338,7 +1439,7 @@ static void enter_rootfs(int errpipe, const struct options *opts)
     /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only ours. */
     if (chdir(root) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
         chdir("/") < 0)
-        child_fail(errpipe, "pivot_root", root, strerror(errno));
+        child_fail(errpipe, "pivot_root", root, error_text(errno));
 }
 
 /* Hides each masked path (a file under /dev/null, a directory under an empty read-only tmpfs)
@@ -1366,20 +1467,20 @@ static void confine_paths(int errpipe, const struct options *opts)
         if (stat(*path, &info) < 0) {
             if (errno == ENOENT || errno == ENOTDIR)
                 continue;
-            child_fail(errpipe, "masked-path", *path, strerror(errno));
+            child_fail(errpipe, "masked-path", *path, error_text(errno));
         }
         if (S_ISDIR(info.st_mode) ? mount("tmpfs", *path, "tmpfs", locked, "mode=555,size=4k") < 0
                                   : mount("/dev/null", *path, NULL, MS_BIND, NULL) < 0)
-            child_fail(errpipe, "masked-path", *path, strerror(errno));
+            child_fail(errpipe, "masked-path", *path, error_text(errno));
     }
     for (char **path = opts->readonly_paths; *path != NULL; path++) {
         if (mount(*path, *path, NULL, MS_BIND | MS_REC, NULL) < 0) {
             if (errno == ENOENT || errno == ENOTDIR)
                 continue;
-            child_fail(errpipe, "readonly-path", *path, strerror(errno));
+            child_fail(errpipe, "readonly-path", *path, error_text(errno));
         }
         if (mount(NULL, *path, NULL, MS_BIND | MS_REMOUNT | locked, NULL) < 0)
-            child_fail(errpipe, "readonly-path", *path, strerror(errno));
+            child_fail(errpipe, "readonly-path", *path, error_text(errno));
     }
 }
 
@@ -1439,7 +1540,7 @@ static void join_namespaces(int errpipe, const struct options *opts)
 {
     for (int kind = NS_IPC; kind <= NS_UTS; kind++)
         if (namespace_fds[kind] >= 0 && setns(namespace_fds[kind], ns_kinds[kind].flag) < 0)
-            child_fail(errpipe, ns_kinds[kind].step, opts->ns[kind].path, strerror(errno));
+            child_fail(errpipe, ns_kinds[kind].step, opts->ns[kind].path, error_text(errno));
     close_namespaces();
 }
 
@@ -1448,7 +1549,7 @@ static void join_namespaces(int errpipe, const struct options *opts)
 static void reap_orphans(int errpipe, const struct options *opts)
 {
     if (!own_namespace(opts, NS_PID) && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
-        child_fail(errpipe, "init", "child subreaper", strerror(errno));
+        child_fail(errpipe, "init", "child subreaper", error_text(errno));
 }
 
 /* --- user namespace (--userns, or a pod's: --ns user=PATH) -------------------------------- */
@@ -1471,7 +1572,7 @@ static int sandbox_fd; /* defined with the workload's stdio, below */
 static void become_namespace_root(int errpipe)
 {
     if (setgroups(0, NULL) < 0 || setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
-        child_fail(errpipe, "userns", "become its root", strerror(errno));
+        child_fail(errpipe, "userns", "become its root", error_text(errno));
 }
 
 
@@ -1483,7 +1584,7 @@ static void write_id_map(int errpipe, pid_t pid, const char *name, unsigned long
     int n = snprintf(map, sizeof map, "0 %lu %lu\n", start, size);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0 || write_all(fd, map, (size_t)n) < 0)
-        child_fail(errpipe, "userns", name, strerror(errno));
+        child_fail(errpipe, "userns", name, error_text(errno));
     close(fd);
 }
 
@@ -1496,42 +1597,42 @@ static void take_host_trees(int errpipe, const struct options *opts)
         bind->tree = open_tree(AT_FDCWD, bind->source,
                                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
         if (bind->tree < 0)
-            child_fail(errpipe, "bind", bind->source, strerror(errno));
+            child_fail(errpipe, "bind", bind->source, error_text(errno));
     }
     if (opts->rootfs_lower == NULL) {
         /* Without an image the workload starts in its sandbox, whose host path the namespace's
          * root may not be able to walk (a parent 0700): entered now, by our descriptor, so the
          * mount namespace made next carries it over as the cwd. */
         if (opts->cwd != NULL && strcmp(opts->cwd, opts->sandbox) == 0 && fchdir(sandbox_fd) < 0)
-            child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
+            child_fail(errpipe, "cwd", opts->cwd, error_text(errno));
         return;
     }
     char *layers = strdup(opts->rootfs_lower), *rest = NULL;
     if (layers == NULL)
-        child_fail(errpipe, "rootfs", opts->rootfs_lower, strerror(errno));
+        child_fail(errpipe, "rootfs", opts->rootfs_lower, error_text(errno));
     for (char *layer = strtok_r(layers, ":", &rest); layer; layer = strtok_r(NULL, ":", &rest)) {
         if (n_userns_lower_trees == MAX_LOWER_LAYERS)
             child_fail(errpipe, "rootfs", opts->rootfs_lower, "more layers than an overlay stacks");
         int tree = open_tree(AT_FDCWD, layer, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
         if (tree < 0)
-            child_fail(errpipe, "rootfs", layer, strerror(errno));
+            child_fail(errpipe, "rootfs", layer, error_text(errno));
         userns_lower_trees[n_userns_lower_trees++] = tree;
     }
     free(layers);
     if (opts->userns_size > 0)
         take_host_sysfs(errpipe);
     if (chdir(opts->rootfs_dir) < 0)
-        child_fail(errpipe, "rootfs", opts->rootfs_dir, strerror(errno));
+        child_fail(errpipe, "rootfs", opts->rootfs_dir, error_text(errno));
 }
 
 static void idmap_lower(int errpipe, int userns)
 {
     struct mount_attr attr = {.attr_set = MOUNT_ATTR_IDMAP, .userns_fd = (uint64_t)userns};
     if (userns < 0)
-        child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+        child_fail(errpipe, "rootfs", "idmapped lower layer", error_text(errno));
     for (size_t i = 0; i < n_userns_lower_trees; i++)
         if (mount_setattr(userns_lower_trees[i], "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
-            child_fail(errpipe, "rootfs", "idmapped lower layer", strerror(errno));
+            child_fail(errpipe, "rootfs", "idmapped lower layer", error_text(errno));
 }
 
 /* A pod's user namespace: after the host's network namespace and before the pod's ipc and uts
@@ -1542,7 +1643,7 @@ static void join_user_namespace(int errpipe, const struct options *opts)
     if (n_userns_lower_trees > 0)
         idmap_lower(errpipe, namespace_fds[NS_USER]);
     if (setns(namespace_fds[NS_USER], CLONE_NEWUSER) < 0)
-        child_fail(errpipe, "userns", opts->ns[NS_USER].path, strerror(errno));
+        child_fail(errpipe, "userns", opts->ns[NS_USER].path, error_text(errno));
     in_user_namespace = 1;
     become_namespace_root(errpipe);
 }
@@ -1553,16 +1654,16 @@ static void join_user_namespace(int errpipe, const struct options *opts)
 static void fork_into_pid_namespace(int errpipe)
 {
     if (unshare(CLONE_NEWPID) < 0)
-        child_fail(errpipe, "pidns", "new", strerror(errno));
+        child_fail(errpipe, "pidns", "new", error_text(errno));
     pid_t pid = fork();
     if (pid < 0)
-        child_fail(errpipe, "pidns", "fork", strerror(errno));
+        child_fail(errpipe, "pidns", "fork", error_text(errno));
     if (pid == 0) {
         close(userns_pid_pipe);
         return;
     }
     if (write_all(userns_pid_pipe, (const char *)&pid, sizeof pid) < 0)
-        child_fail(errpipe, "userns", "start the init", strerror(errno));
+        child_fail(errpipe, "userns", "start the init", error_text(errno));
     _exit(0);
 }
 
@@ -1573,12 +1674,12 @@ static void clone_into_user_namespace(int errpipe, const struct options *opts)
     char byte;
     take_host_trees(errpipe, opts);
     if (pipe2(go, O_CLOEXEC) < 0)
-        child_fail(errpipe, "userns", "pipe", strerror(errno));
+        child_fail(errpipe, "userns", "pipe", error_text(errno));
     /* one clone: the kernel makes the user namespace first, so it owns the pid namespace */
     pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWPID | SIGCHLD, NULL, NULL,
                                NULL, NULL);
     if (pid < 0)
-        child_fail(errpipe, "userns", "clone", strerror(errno));
+        child_fail(errpipe, "userns", "clone", error_text(errno));
     if (pid == 0) {
         close(go[1]);
         close(userns_pid_pipe);
@@ -1601,7 +1702,7 @@ static void clone_into_user_namespace(int errpipe, const struct options *opts)
     }
     if (write_all(userns_pid_pipe, (const char *)&pid, sizeof pid) < 0 ||
         write_all(go[1], "g", 1) < 0)
-        child_fail(errpipe, "userns", "start the init", strerror(errno));
+        child_fail(errpipe, "userns", "start the init", error_text(errno));
     _exit(0);
 }
 
@@ -1623,7 +1724,7 @@ static void write_sysctls(int errpipe, const struct options *opts)
             *c = *c == '.' ? '/' : *c;
         int fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0 || write_all(fd, equals + 1, strlen(equals + 1)) < 0)
-            child_fail(errpipe, "sysctl", *setting, strerror(errno));
+            child_fail(errpipe, "sysctl", *setting, error_text(errno));
         close(fd);
     }
 }
@@ -1636,7 +1737,7 @@ static void enter_namespaces(int errpipe, const struct options *opts)
               (own_namespace(opts, NS_IPC) ? CLONE_NEWIPC : 0) |
               (opts->cgroupns ? CLONE_NEWCGROUP : 0);
     if (unshare(own) < 0)
-        child_fail(errpipe, "namespaces", NULL, strerror(errno));
+        child_fail(errpipe, "namespaces", NULL, error_text(errno));
     clone_shared_sources(errpipe, opts);
     isolate_mounts(errpipe, opts);
     if (opts->rootfs_lower != NULL)
@@ -1644,14 +1745,14 @@ static void enter_namespaces(int errpipe, const struct options *opts)
     else {
         mount_binds(errpipe, "", opts);
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-            child_fail(errpipe, "proc", "/proc", strerror(errno));
+            child_fail(errpipe, "proc", "/proc", error_text(errno));
     }
     write_sysctls(errpipe, opts);
     confine_paths(errpipe, opts);
     if (opts->hostname != NULL && own_namespace(opts, NS_UTS)) {
         size_t len = strlen(opts->hostname);
         if (sethostname(opts->hostname, len > HOSTNAME_MAX_LEN ? HOSTNAME_MAX_LEN : len) < 0)
-            child_fail(errpipe, "hostname", NULL, strerror(errno));
+            child_fail(errpipe, "hostname", NULL, error_text(errno));
     }
 }
 
@@ -1701,7 +1802,7 @@ static int open_log_file(const char *path, const char **reason)
     struct stat info;
     int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0640);
     if (fd < 0) {
-        *reason = strerror(errno);
+        *reason = error_text(errno);
         return -1;
     }
     if (fstat(fd, &info) < 0 || !S_ISREG(info.st_mode) || info.st_nlink != 1) {
@@ -1739,7 +1840,7 @@ static void attach_log_pipes(int errpipe)
 {
     for (int i = 0; i < 2; i++) {
         if (dup2(cri_log.write_ends[i], STDOUT_FILENO + i) < 0)
-            child_fail(errpipe, cri_log.streams[i].name, "log pipe", strerror(errno));
+            child_fail(errpipe, cri_log.streams[i].name, "log pipe", error_text(errno));
         close(cri_log.write_ends[i]);
         close(cri_log.streams[i].fd);
     }
@@ -2089,7 +2190,7 @@ static int open_output_file(int dir, const char *name, int flags, uid_t uid, gid
                     O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | flags,
                     0640);
     if (fd < 0) {
-        *reason = strerror(errno);
+        *reason = error_text(errno);
         return -1;
     }
     *reason = "not a regular file of its own";
@@ -2097,7 +2198,7 @@ static int open_output_file(int dir, const char *name, int flags, uid_t uid, gid
         if (((info.st_uid == uid && info.st_gid == gid) || fchown(fd, uid, gid) == 0) &&
             ((info.st_mode & 07777) == 0640 || fchmod(fd, 0640) == 0))
             return fd;
-        *reason = strerror(errno);
+        *reason = error_text(errno);
     }
     close(fd);
     return -1;
@@ -2509,7 +2610,7 @@ static void attach_prepare(const struct options *opts)
 static void attach_child_stdio(int errpipe)
 {
     if (attach.child_stdin >= 0 && dup2(attach.child_stdin, STDIN_FILENO) < 0)
-        child_fail(errpipe, "stdin", "attach", strerror(errno));
+        child_fail(errpipe, "stdin", "attach", error_text(errno));
     close_fd(&attach.child_stdin);
     close_fd(&attach.listen_fd);
     close_fd(&attach.dir_fd);
@@ -2533,7 +2634,7 @@ static void take_terminal(const struct options *opts, int errpipe)
     if (!opts->tty || exec_mode) /* exec mode's command took the caller's terminal already */
         return;
     if (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0)
-        child_fail(errpipe, "tty", "controlling terminal", strerror(errno));
+        child_fail(errpipe, "tty", "controlling terminal", error_text(errno));
 }
 
 /* --- the workload's input --- */
@@ -2879,11 +2980,11 @@ static void open_output(int errpipe, const struct options *opts, const char *nam
     snprintf(shown, sizeof shown, "%s/%s", opts->sandbox, name);
     int fd = openat(sandbox_fd, name, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (fd < 0)
-        child_fail(errpipe, name, shown, strerror(errno));
+        child_fail(errpipe, name, shown, error_text(errno));
     if (fstat(fd, info) < 0 || !S_ISREG(info->st_mode) || info->st_nlink != 1)
         child_fail(errpipe, name, shown, "not a regular file of its own");
     if (dup2(fd, target) < 0) /* dup2 clears close-on-exec on target */
-        child_fail(errpipe, name, shown, strerror(errno));
+        child_fail(errpipe, name, shown, error_text(errno));
     close(fd);
 }
 
@@ -2892,11 +2993,11 @@ static void open_stdio(const struct options *opts, int errpipe)
 {
     int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd < 0 || dup2(fd, STDIN_FILENO) < 0)
-        child_fail(errpipe, "stdin", "/dev/null", strerror(errno));
+        child_fail(errpipe, "stdin", "/dev/null", error_text(errno));
     close(fd);
     sandbox_fd = open(opts->sandbox, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (sandbox_fd < 0 || fstat(sandbox_fd, &sandbox_files[0]) < 0)
-        child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
+        child_fail(errpipe, "sandbox", opts->sandbox, error_text(errno));
     if (output_piped(opts)) {
         attach_log_pipes(errpipe); /* the supervisor writes the log (or the sandbox's files) */
         attach_child_stdio(errpipe);
@@ -2926,7 +3027,7 @@ static void give_sandbox(int errpipe, const struct options *opts, uid_t uid, gid
         (!output_piped(opts) &&
          (give(STDOUT_FILENO, &sandbox_files[STDOUT_FILENO], uid, gid, 0640) < 0 ||
           give(STDERR_FILENO, &sandbox_files[STDERR_FILENO], uid, gid, 0640) < 0)))
-        child_fail(errpipe, "sandbox", opts->sandbox, strerror(errno));
+        child_fail(errpipe, "sandbox", opts->sandbox, error_text(errno));
 }
 
 /* --- who the workload runs as, and what it may do ----------------------------------------- */
@@ -2946,11 +3047,11 @@ static gid_t workload_gid(const struct options *opts)
 static void become(int errpipe, const struct options *opts)
 {
     if (setgroups(opts->n_groups, opts->groups) < 0)
-        child_fail(errpipe, "user", "setgroups", strerror(errno));
+        child_fail(errpipe, "user", "setgroups", error_text(errno));
     if (setgid(opts->gid) < 0)
-        child_fail(errpipe, "user", "setgid", strerror(errno));
+        child_fail(errpipe, "user", "setgid", error_text(errno));
     if (setuid(opts->uid) < 0)
-        child_fail(errpipe, "user", "setuid", strerror(errno));
+        child_fail(errpipe, "user", "setuid", error_text(errno));
 }
 
 static int set_capabilities(unsigned long long permitted, unsigned long long inheritable)
@@ -2970,9 +3071,9 @@ static void drop_bounding_set(int errpipe, const struct options *opts)
 {
     for (int cap = 0; cap <= opts->last_capability; cap++)
         if (!(opts->capabilities & (1ULL << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
-            child_fail(errpipe, "capabilities", "bounding set", strerror(errno));
+            child_fail(errpipe, "capabilities", "bounding set", error_text(errno));
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
-        child_fail(errpipe, "capabilities", "ambient set", strerror(errno));
+        child_fail(errpipe, "capabilities", "ambient set", error_text(errno));
 }
 
 /* no_new_privs, the seccomp filter and root's last capabilities: the steps right before exec. */
@@ -2981,20 +3082,20 @@ static void confine(int errpipe, const struct options *opts, int as_root)
     const unsigned long long sys_admin = 1ULL << CAP_SYS_ADMIN;
     if (opts->privileged) {
         if (opts->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-            child_fail(errpipe, "no_new_privs", NULL, strerror(errno));
+            child_fail(errpipe, "no_new_privs", NULL, error_text(errno));
         return;
     }
     /* Root keeps CAP_SYS_ADMIN only until the filter is loaded: without no_new_privs only a
      * holder of it may load one. */
     if (as_root && set_capabilities(opts->capabilities | sys_admin, opts->capabilities) < 0)
-        child_fail(errpipe, "capabilities", NULL, strerror(errno));
+        child_fail(errpipe, "capabilities", NULL, error_text(errno));
     if ((opts->no_new_privs || !as_root) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-        child_fail(errpipe, "no_new_privs", NULL, strerror(errno));
+        child_fail(errpipe, "no_new_privs", NULL, error_text(errno));
     int filter = opts->seccomp.len > 0; /* --seccomp 0: none */
     if (filter && prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &opts->seccomp, 0, 0) < 0)
-        child_fail(errpipe, "seccomp", NULL, strerror(errno));
+        child_fail(errpipe, "seccomp", NULL, error_text(errno));
     if (as_root && set_capabilities(opts->capabilities, opts->capabilities) < 0)
-        child_fail(errpipe, "capabilities", NULL, strerror(errno));
+        child_fail(errpipe, "capabilities", NULL, error_text(errno));
 }
 
 static void reset_signals(void)
@@ -3027,11 +3128,80 @@ static int sandbox_as_cwd(const struct options *opts)
            strcmp(opts->cwd, opts->sandbox) == 0;
 }
 
+/* A file the kernel cannot execute (ENOEXEC: a script without a #! line) is run by this shell, as
+ * POSIX asks of execvp. glibc's execvp does so, musl's does not: the search is ours, the same in
+ * either build. */
+#define SCRIPT_SHELL "/bin/sh"
+
+/* Executes path; a file the kernel refuses as ENOEXEC goes to SCRIPT_SHELL as its script (if
+ * that cannot run either, the file's ENOEXEC is what the caller hears). Returns on failure. */
+static void exec_file(const char *path, char **argv, char **env)
+{
+    size_t argc = 0;
+    execve(path, argv, env);
+    if (errno != ENOEXEC)
+        return;
+    while (argv[argc] != NULL)
+        argc++;
+    char **script_argv = calloc(argc + 2, sizeof *script_argv); /* argv may be long: no VLA */
+    if (script_argv != NULL) {
+        script_argv[0] = (char *)SCRIPT_SHELL;
+        script_argv[1] = (char *)path;
+        if (argc > 1)
+            memcpy(script_argv + 2, argv + 1, (argc - 1) * sizeof *argv);
+        execve(SCRIPT_SHELL, script_argv, env);
+        free(script_argv);
+    }
+    errno = ENOEXEC;
+}
+
+/* execvp's search in the workload's environment (never ours): a name with a slash is a path,
+ * else each directory of its PATH in turn (an empty one is the cwd). A directory without the
+ * file, or one we cannot search, is passed over; EACCES is reported if any directory had the
+ * file but refused it, ENOENT if none had it; any other error ends the search with itself. */
+static void exec_command(char **argv, char **env)
+{
+    const char *name = argv[0], *path = DEFAULT_PATH + sizeof "PATH=" - 1;
+    char file[PATH_MAX];
+    int refused = 0;
+    if (strchr(name, '/') != NULL) {
+        exec_file(name, argv, env);
+        return;
+    }
+    size_t name_length = strlen(name);
+    if (name_length == 0 || name_length > NAME_MAX) {
+        errno = name_length == 0 ? ENOENT : ENAMETOOLONG;
+        return;
+    }
+    for (char **variable = env; *variable != NULL; variable++)
+        if (strncmp(*variable, "PATH=", 5) == 0) {
+            path = *variable + 5; /* the first, as getenv finds it */
+            break;
+        }
+    for (const char *dir = path;; dir++) {
+        size_t dir_length = strcspn(dir, ":");
+        if (dir_length + 1 + name_length < sizeof file) {
+            snprintf(file, sizeof file, "%.*s%s%s", (int)dir_length, dir, dir_length ? "/" : "",
+                     name);
+            exec_file(file, argv, env);
+            if (errno == EACCES)
+                refused = 1;
+            else if (errno != ENOENT && errno != ENOTDIR && errno != ESTALE && errno != ENODEV &&
+                     errno != ETIMEDOUT)
+                return;
+        }
+        dir += dir_length;
+        if (*dir == '\0')
+            break;
+    }
+    errno = refused ? EACCES : ENOENT;
+}
+
 static void exec_workload(const struct options *opts, int errpipe)
 {
     take_terminal(opts, errpipe);
     if (opts->cwd != NULL && chdir(opts->cwd) < 0 && !sandbox_as_cwd(opts))
-        child_fail(errpipe, "cwd", opts->cwd, strerror(errno));
+        child_fail(errpipe, "cwd", opts->cwd, error_text(errno));
     give_sandbox(errpipe, opts, workload_uid(opts), workload_gid(opts));
     if (!opts->privileged && !opts->namespaces)
         drop_bounding_set(errpipe, opts); /* with namespaces the init did, before the fork */
@@ -3039,11 +3209,10 @@ static void exec_workload(const struct options *opts, int errpipe)
         become(errpipe, opts);
     close_other_fds(errpipe);
     reset_signals();
-    environ = opts->env; /* execvp searches the workload's PATH, not ours */
     confine(errpipe, opts, workload_uid(opts) == 0);
-    execvp(opts->argv[0], opts->argv);
+    exec_command(opts->argv, opts->env);
     /* exec mode names the command (a launch's handshake has it already) */
-    child_fail(errpipe, "exec", errpipe < 0 ? opts->argv[0] : NULL, strerror(errno));
+    child_fail(errpipe, "exec", errpipe < 0 ? opts->argv[0] : NULL, error_text(errno));
 }
 
 /* --- the container's init (pid 1 of its pid namespace) ----------------------------------- */
@@ -3082,7 +3251,7 @@ static void run_init(const struct options *opts, int errpipe, int statuspipe)
     forward_signals();
     pid_t pid = fork();
     if (pid < 0)
-        child_fail(errpipe, "fork", "workload", strerror(errno));
+        child_fail(errpipe, "fork", "workload", error_text(errno));
     if (pid == 0) {
         close(statuspipe);
         exec_workload(opts, errpipe); /* resets the handlers before exec */
@@ -3094,7 +3263,7 @@ static void run_init(const struct options *opts, int errpipe, int statuspipe)
      * signals to a workload of another user): nothing in it is worth taking over. */
     if (!opts->privileged && set_capabilities(opts->capabilities, 0) < 0) {
         (void)kill(pid, SIGKILL);
-        child_fail(errpipe, "capabilities", "init", strerror(errno));
+        child_fail(errpipe, "capabilities", "init", error_text(errno));
     }
     close(errpipe); /* the workload's copy alone tells the supervisor whether exec succeeded */
     close(sandbox_fd);
@@ -3536,7 +3705,7 @@ static int run_exec(struct options *opts, int devnull)
         if (master >= 0 && (setsid() < 0 || dup2(peer, STDIN_FILENO) < 0 ||
                             dup2(peer, STDOUT_FILENO) < 0 || dup2(peer, STDERR_FILENO) < 0 ||
                             ioctl(STDIN_FILENO, TIOCSCTTY, 0) < 0))
-            child_fail(-1, "tty", "controlling terminal", strerror(errno));
+            child_fail(-1, "tty", "controlling terminal", error_text(errno));
         exec_workload(opts, -1); /* errors straight to stderr: nobody reads a pipe */
     }
     if (peer >= 0)

@@ -3,15 +3,18 @@
 A CRI container needs an image of our store; on libvirt an image is a disk image the node names
 (`[runtimes.libvirt.disk_images]`), so the store's busybox reference names a base disk built
 here (test_libvirt_disk's builder) whose init runs the command and powers off with its status,
-as a disk image made for containers would. Guest boots are costly under TCG: one boot in all.
+as a disk image made for containers would. Guest boots are costly under TCG: one boot per test.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +32,8 @@ __all__ = ["libvirtd"]  # the shared session fixture, used by name
 pytestmark = pytest.mark.integration
 
 HANDLER = "libvirt"
+BOOT_TIMEOUT = 180  # a guest boots under TCG, slowly on a loaded machine
+RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)")
 # The disk's init: the config drive's user-data is the container's command; its status goes
 # to the status port (ttyS3), then the guest powers off, which ends the container.
 CONTAINER_INIT = """#!/bin/sh
@@ -120,3 +125,70 @@ def test_one_vm_per_pod_runs_exits_and_leaves_nothing(
         below = [child for child in path.iterdir() if child.is_dir()]
         leftovers += below if path.name == "_pods" else [path]
     assert leftovers == []
+
+
+def _records(path: Path) -> list[tuple[bytes, bytes, bytes]]:
+    found = []
+    for line in path.read_bytes().splitlines():
+        match = RECORD.fullmatch(line)
+        assert match is not None, line[:100]
+        found.append((match.group(2), match.group(3), match.group(4)))
+    return found
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = BOOT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_guest_output_is_a_cri_log_complete_at_the_exit_and_reopened(
+    node: CriNode,
+) -> None:
+    script = (
+        "echo one; head -c 20000 /dev/zero | tr '\\0' a; echo; echo two >&2;"
+        " sleep 3; echo three; printf 'no newline'"
+    )
+    pod_id = node.run_pod(runtime_handler=HANDLER)
+    try:
+        container = node.run(pod_id, node.container_config("sh", "-c", script))
+        path = Path(node.status(container).log_path)
+        _wait_for(lambda: b" stderr F two" in path.read_bytes())
+        rotated = path.with_name(path.name + ".1")
+        path.rename(rotated)  # as the kubelet rotates: rename, then ReopenContainerLog
+        node.runtime.ReopenContainerLog(
+            cri.ReopenContainerLogRequest(container_id=container), timeout=TIMEOUT
+        )
+        assert node.wait_exited(container, timeout=BOOT_TIMEOUT).exit_code == 0
+        first, then = _records(rotated), _records(path)  # complete once EXITED is reported
+    finally:
+        node.remove_pod(pod_id)
+    shape = [(stream, tag, len(text), set(text)) for stream, tag, text in first]
+    assert [entry for entry in shape if entry[0] == b"stdout"] == [
+        (b"stdout", b"F", 3, set(b"one")),
+        (b"stdout", b"P", 16384, {ord("a")}),
+        (b"stdout", b"F", 20000 - 16384, {ord("a")}),
+    ]
+    assert [entry for entry in first if entry[0] == b"stderr"] == [(b"stderr", b"F", b"two")]
+    # The rest in the new file; the unfinished last line written once the guest ended.
+    assert then == [(b"stdout", b"F", b"three"), (b"stdout", b"F", b"no newline")]
+
+
+def test_the_cri_log_goes_on_after_a_restart_without_a_line_twice(node: CriNode) -> None:
+    count = 150
+    counter = f"i=0; while [ $i -lt {count} ]; do echo line$i; i=$((i+1)); sleep 0.05; done"
+    pod_id = node.run_pod(runtime_handler=HANDLER)
+    try:
+        container = node.run(pod_id, node.container_config("sh", "-c", counter))
+        path = Path(node.status(container).log_path)
+        _wait_for(lambda: len(path.read_bytes().splitlines()) >= 3)
+        node.service.kill()
+        time.sleep(0.5)  # output the service is not there to copy: the sandbox's file keeps it
+        node.service.start()
+        node.reconnect()
+        assert node.wait_exited(container, timeout=BOOT_TIMEOUT).exit_code == 0
+        lines = [text for _, _, text in _records(path)]
+    finally:
+        node.remove_pod(pod_id)
+    assert lines == [b"line%d" % number for number in range(count)], lines

@@ -32,8 +32,7 @@ def require_lxc() -> None:
     require(Path("/bin/busybox").is_file(), "/bin/busybox missing (Debian: busybox-static)")
     require(
         STATIC_SUPERVISOR.is_file(),
-        f"{STATIC_SUPERVISOR} not built: cc -static -O2 -o {STATIC_SUPERVISOR}"
-        " supervisor/containerizer-supervisor.c",
+        f"{STATIC_SUPERVISOR} not built: make -C supervisor STATIC_BIN={STATIC_SUPERVISOR}",
     )
 
 

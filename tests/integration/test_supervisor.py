@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from adapter.core.confinement import Confinement
+from adapter.core.model import Identity
 from adapter.supervisor import client as supervisor
 from adapter.supervisor import processes
 from adapter.supervisor.client import (
@@ -36,22 +37,27 @@ from tests.cgroup_roots import run_scoped_name
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE = REPO / "supervisor" / "containerizer-supervisor.c"
+SUPERVISOR_DIR = REPO / "supervisor"  # its source and the Makefile that builds it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 
 
 @pytest.fixture(scope="session")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The supervisor built from this checkout's source, so the tests never run a stale one."""
+    """The supervisor built from this checkout's source as `make -C supervisor` builds the one
+    installed (musl-gcc, static, when there is one; else cc), so the tests never run a stale
+    build nor another libc's. Only BIN is made, in a directory of this session's."""
     if os.geteuid() != 0:
         pytest.skip("needs root (pid/mount/uts namespaces, cgroups, setuid)")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("needs a C compiler (cc) to build the supervisor")
-    out = tmp_path_factory.mktemp("supervisor") / supervisor.SUPERVISOR_NAME
-    flags = ["-O2", "-Wall", "-Wextra", "-Werror"]
-    subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE)], check=True)
+    if shutil.which("make") is None or not (shutil.which("musl-gcc") or shutil.which("cc")):
+        pytest.skip("needs make and a C compiler (musl-gcc or cc) to build the supervisor")
+    build = tmp_path_factory.mktemp("supervisor")
+    out = build / supervisor.SUPERVISOR_NAME
+    subprocess.run(
+        ["make", "-C", str(SUPERVISOR_DIR), "--no-print-directory", "--silent",
+         f"BIN={out}", f"BUILD={build / 'build'}", str(out)],
+        check=True,
+    )  # fmt: skip
     return str(out)
 
 
@@ -192,6 +198,22 @@ async def test_other_launch_errors_name_their_step(
         await box.spawn(["true"], **options)
     assert caught.value.step == step
     assert "No such file or directory" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("loop", "Too many levels of symbolic links"),  # musl: "Symbolic link loop"
+        ("x" * 300, "File name too long"),  # musl: "Filename too long"
+    ],
+)
+async def test_reasons_are_worded_as_glibc_words_them_in_any_build(
+    box: Box, name: str, reason: str
+) -> None:
+    (box.root / "loop").symlink_to("loop")
+    with pytest.raises(SpawnError) as caught:
+        await box.spawn([str(box.root / name)])
+    assert (caught.value.step, caught.value.reason) == ("exec", reason)
 
 
 async def test_status_directory_that_does_not_exist_fails_before_launch(box: Box) -> None:
@@ -335,6 +357,74 @@ async def test_workload_inherits_no_stray_fds(box: Box) -> None:
     status = await box.run(["ls", "/proc/self/fd"])
     assert status is not None and status.exit_code == 0
     assert sorted(box.stdout.read_text().split()) == ["0", "1", "2", "3"]  # 3: ls's own dir fd
+
+
+# --- the command, found as POSIX's execvp finds it (in either libc's build) ----------------------
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("command", "shown_as"), [("./bin/script", None), ("script", "bin/script")]
+)
+async def test_a_file_without_a_shebang_line_is_run_by_bin_sh(
+    box: Box, command: str, shown_as: str | None
+) -> None:
+    # The kernel refuses it (ENOEXEC); POSIX's execvp hands it to /bin/sh, and musl's does not.
+    executable(box.root / "bin" / "script", 'printf "[%s]" "$0" "$@"\n')
+    status = await box.run([command, "a", "b c"], cwd=str(box.root), env=[("PATH", "bin")])
+    assert status is not None and status.exit_code == 0, box.stderr.read_text()
+    assert box.stdout.read_text() == f"[{shown_as or command}][a][b c]"
+
+
+async def test_the_search_passes_over_missing_non_directory_and_unsearchable_entries(
+    box: Box,
+) -> None:
+    (box.root / "a-file").write_text("")
+    locked = box.root / "locked"  # root's, 0700: the workload (no capability) may not search it
+    executable(locked / "tool", "#!/bin/sh\necho from-locked\n")
+    locked.chmod(0o700)
+    executable(box.root / "bin" / "tool", "#!/bin/sh\necho from-bin\n")
+    status = await box.run(
+        ["tool"],
+        cwd=str(box.root),  # relative entries: the sandbox's host parents are root's, 0700
+        env=[("PATH", "missing:a-file:locked:bin")],
+        identity=Identity(1234, 1234),
+    )
+    assert status is not None and status.exit_code == 0, box.stderr.read_text()
+    assert box.stdout.read_text() == "from-bin\n"
+
+
+async def test_a_command_found_but_refused_is_permission_denied_naming_it(box: Box) -> None:
+    data = box.root / "refused" / "ctz-data"
+    executable(data, "not a program\n").chmod(0o644)
+    with pytest.raises(SpawnError) as caught:  # though the last entry's error is ENOENT
+        await box.spawn(["ctz-data"], cwd=str(box.root), env=[("PATH", "refused:missing")])
+    assert (caught.value.step, caught.value.reason) == ("exec", "Permission denied")
+    assert "'ctz-data'" in str(caught.value)
+
+
+async def test_a_command_in_no_entry_is_not_found_though_an_entry_is_no_directory(
+    box: Box,
+) -> None:
+    (box.root / "a-file").write_text("")  # its ENOTDIR, the last, is what execvp would report
+    with pytest.raises(SpawnError) as caught:
+        await box.spawn(["ctz-no-such-command"], env=[("PATH", f"/bin:{box.root / 'a-file'}")])
+    assert (caught.value.step, caught.value.reason) == ("exec", "No such file or directory")
+
+
+@pytest.mark.parametrize("path", [":/nonexistent", "/nonexistent:", "/nonexistent::/bin"])
+async def test_an_empty_path_entry_is_the_cwd(box: Box, path: str) -> None:
+    # as both libcs' execvp do: an entry joined to the name with a "/" would look at /ctz-in-cwd
+    executable(box.root / "ctz-in-cwd", "#!/bin/sh\necho from-cwd\n")
+    status = await box.run(["ctz-in-cwd"], cwd=str(box.root), env=[("PATH", path)])
+    assert status is not None and status.exit_code == 0, box.stderr.read_text()
+    assert box.stdout.read_text() == "from-cwd\n"
 
 
 # --- the supervisor itself ------------------------------------------------------------------------

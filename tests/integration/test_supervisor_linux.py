@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 
 SANDBOX_INSIDE = "/mnt/mesos/sandbox"
 DEFAULT_MASK = f"{capability_mask(DEFAULT_CAPABILITIES):016x}"
+FORTY_GROUPS = tuple(range(3000, 3040))
 NSS_MARKER = "nss-was-loaded"
 EVIL_NSS_SOURCE = f"""
 #include <fcntl.h>
@@ -165,6 +166,11 @@ def mounted_at(path: Path) -> bool:
         (Identity(1234, 2345, (7, 8)), ["1234", "2345", "2345 7 8"]),
         (Identity(1234, 2345, ()), ["1234", "2345", "2345"]),  # an empty list: no group at all
         (Identity(0, 0, (5,)), ["0", "0", "0 5"]),
+        # more than musl's NGROUPS_MAX (32): the kernel takes 65536, and so does the supervisor
+        (
+            Identity(1234, 2345, FORTY_GROUPS),
+            ["1234", "2345", " ".join(map(str, (2345, *FORTY_GROUPS)))],
+        ),
     ],
 )
 async def test_uid_gid_and_groups_are_exactly_the_numbers_given(

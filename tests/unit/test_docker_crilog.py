@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from adapter.core.errors import FailedPrecondition
-from adapter.runtimes.docker.crilog import LINE_MAX, CriLog, CriSink, records, timestamp
+from adapter.runtimes.crilog import LINE_MAX, records, timestamp
+from adapter.runtimes.docker.crilog import CriLog, CriSink
 from adapter.runtimes.docker.streams import STDERR, STDOUT
 
 RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)")

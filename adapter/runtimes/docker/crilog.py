@@ -1,14 +1,6 @@
 """A docker container's CRI log: its output as the kubelet reads it, made from the same followed
-log stream that otherwise fills the sandbox's files (output.py).
-
-The records are the supervisor's for the other runtimes (supervisor/containerizer-supervisor.c,
-emit_records): `<RFC3339Nano, UTC> <stdout|stderr> <F|P> <content>\\n`, F ending a line, P each
-16 KiB piece of a longer one; an unfinished line waits for its end, or is written as an F once
-the container has ended. The time is when the service read the output.
-
-The file is opened as the supervisor opens it (adapter/runtimes/crilog.py's LOG_FLAGS): never
-through a symlink, a regular file with one link, appended to. ReopenContainerLog opens the path
-again after the kubelet renamed the file.
+log stream that otherwise fills the sandbox's files (output.py), in the records every runtime
+writes (adapter/runtimes/crilog.py).
 
 No line twice after our restart: a mark on the file (an xattr in the `trusted` namespace, out of
 a workload's reach) holds the docker id and how many bytes of each stream the records hold so
@@ -22,67 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
-import time
 
-from adapter.core.errors import FailedPrecondition
-from adapter.runtimes.crilog import LOG_FLAGS
-from adapter.runtimes.docker.streams import STDERR, STDOUT
+from adapter.runtimes.crilog import STDERR, STDOUT, CriLogFile
 
-LINE_MAX = 16 * 1024  # the supervisor's LOG_LINE_MAX: longer lines are cut into P records
 MARK_XATTR = "trusted.containerizer.cri-log"  # "<docker id> <stdout bytes> <stderr bytes>"
-STREAM_NAMES = {STDOUT: b"stdout", STDERR: b"stderr"}
 
 
-def timestamp(now_ns: int) -> bytes:
-    """RFC 3339 in UTC with nanoseconds, as Go's RFC3339Nano but with every digit kept."""
-    seconds, nanos = divmod(now_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % nanos
-
-
-def records(stream: int, pending: bytearray, now_ns: int, *, at_end: bool) -> tuple[bytes, int]:
-    """The records of what `pending` holds, taken from it, and how many bytes they consumed.
-    What stays is an unfinished line of at most LINE_MAX bytes (nothing `at_end`)."""
-    prefix = timestamp(now_ns) + b" " + STREAM_NAMES[stream] + b" "
-    out = bytearray()
-    start = 0
-    while True:
-        newline = pending.find(b"\n", start)
-        length = (newline if newline >= 0 else len(pending)) - start
-        if length > LINE_MAX:
-            out += prefix + b"P " + pending[start : start + LINE_MAX] + b"\n"
-            start += LINE_MAX
-        elif newline >= 0:
-            out += prefix + b"F " + pending[start:newline] + b"\n"
-            start = newline + 1
-        else:
-            break
-    if at_end and start < len(pending):
-        out += prefix + b"F " + pending[start:] + b"\n"
-        start = len(pending)
-    del pending[:start]
-    return bytes(out), start
-
-
-def open_log(path: str) -> int:
-    try:
-        fd = os.open(path, LOG_FLAGS, 0o640)
-    except OSError as exc:
-        raise FailedPrecondition(f"CRI log {path}: {exc.strerror}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        os.close(fd)
-        raise FailedPrecondition(f"CRI log {path}: not a regular file of its own")
-    return fd
-
-
-class CriLog:
+class CriLog(CriLogFile):
     """One container's log file and how much of each stream is in it."""
 
     def __init__(self, path: str, docker_id: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.docker_id = docker_id
-        self.fd = open_log(path)
         self.copied = self._marked()
 
     def _marked(self) -> dict[int, int]:
@@ -102,26 +45,17 @@ class CriLog:
 
     def reopen(self) -> None:
         """A new file at the path (the kubelet moved the old one away), marked at once."""
-        fd = open_log(self.path)
-        os.close(self.fd)
-        self.fd = fd
+        super().reopen()
         self._mark()
 
-    def write(self, stream: int, pending: bytearray, *, at_end: bool = False) -> None:
-        data, consumed = records(stream, pending, time.time_ns(), at_end=at_end)
-        if not consumed:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError:
-            pass  # a full disk: the records are dropped, as the supervisor drops them
-        self.copied[stream] += consumed
-        self._mark()
-
-    def close(self) -> None:
-        os.close(self.fd)
+    def write(
+        self, stream: int, pending: bytearray, *, at_end: bool = False, last_tag: bytes = b"F"
+    ) -> int:
+        consumed = super().write(stream, pending, at_end=at_end, last_tag=last_tag)
+        if consumed:
+            self.copied[stream] += consumed
+            self._mark()
+        return consumed
 
 
 class CriSink:

@@ -23,6 +23,10 @@ integration (connection.py); its exit status is what the guest wrote to a serial
 QEMU writes, so it survives a crash of this service. A domain libvirt refuses to start fails the
 launch at once with libvirt's message (nothing of it is left to wait for). Whether guests run
 under KVM or TCG is decided in the background at start (kvm.py) and remembered.
+
+The guest's stdout and stderr are the sandbox's files (serial ports 1 and 2); with a CRI log
+(`linux.log_path`) a follower also copies them there as records (output.py), and `wait` returns
+the exit only once that log is complete.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from adapter.core.limits import CPU_SHARES_PER_CPU
 from adapter.core.model import Capabilities, Exit, Fingerprint, LaunchSpec, Resources, Statistics
 from adapter.core.services import Services
 from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.crilog import check_log_file
 from adapter.runtimes.libvirt import cgroups, disk, domain, kvm
 from adapter.runtimes.libvirt.confinement import vm_confinement
 from adapter.runtimes.libvirt.connection import Connection, connection_failed
@@ -62,6 +67,7 @@ from adapter.runtimes.libvirt.initramfs import (
     write_container_initramfs,
 )
 from adapter.runtimes.libvirt.options import MIN_GUEST_MEMORY_MIB, LibvirtOptions
+from adapter.runtimes.libvirt.output import GuestOutput, GuestOutputs
 from adapter.runtimes.libvirt.state import Guest, Guests
 from isolators.cgroups.accounting import read_statistics
 from isolators.network.model import Attachment
@@ -84,6 +90,7 @@ class LibvirtDriver:
         self._partition = "/" + node.cgroups_root.strip("/")
         self._node = node
         self._guests = Guests()
+        self._outputs = GuestOutputs()  # the CRI logs being written
         self._network = services.network
         self._libvirt = Connection(self._options.uri, self._guests, services.libvirt_events)
         self._partition_lock = asyncio.Lock()
@@ -179,11 +186,6 @@ class LibvirtDriver:
         vcpus = max(1, math.ceil(spec.resources.cpus or 1))
         if spec.command.user:
             warnings.append(f"user {spec.command.user!r} ignored: the guest runs as root")
-        if spec.linux.log_path:  # QEMU writes the serial ports to the sandbox's files itself
-            warnings.append(
-                "linux.log_path: the guest's output is in the sandbox's stdout and stderr (its"
-                " serial ports), not in a CRI log"
-            )
         return memory, vcpus, tuple(warnings)
 
     async def start(self, spec: LaunchSpec) -> Launched:
@@ -192,6 +194,8 @@ class LibvirtDriver:
         memory, vcpus, warnings = self._shape(spec)
         base_disk = self._base_disk(spec)
         bridged = self._bridged(spec)
+        if spec.linux.log_path:  # a log that cannot be written fails the launch, saying why
+            check_log_file(spec.linux.log_path)
         conn = await self._libvirt.get()
         choice = await self._virt_choice()
         run_dir = self._run_root / cid
@@ -218,6 +222,8 @@ class LibvirtDriver:
             guest.handle = cgroups.attach_qemu(
                 handle, self._services.cgroups.hierarchies, self._partition
             )
+            if spec.linux.log_path:  # the serial files exist now, emptied for this guest
+                self._follow_output(spec, guest)
             if address is not None:
                 await self._network.link_created(cid)
         except ContainerizerError as exc:
@@ -350,11 +356,19 @@ class LibvirtDriver:
                 return
             cgroups.remove_partition(self._partition)
 
+    def _follow_output(self, spec: LaunchSpec, guest: Guest) -> None:
+        """Copy the guest's output into its CRI log (output.py) until it has ended."""
+        output = GuestOutput(spec.linux.log_path, spec.sandbox, guest.handle.run_dir)
+        self._outputs.follow(spec.container_id, output, guest.stopped)
+
     async def wait(self, container_id: str) -> Exit:
+        """The guest's exit, once its output is all in its CRI log."""
         guest = self._guests.get(container_id)
         if guest is None:
             return Exit(lost=True, message="the libvirt runtime has no record of this guest")
-        return await asyncio.shield(guest.stopped)
+        exit_status = await asyncio.shield(guest.stopped)
+        await self._outputs.drained(container_id)
+        return exit_status
 
     async def signal(self, container_id: str, signal: int) -> None:
         """SIGTERM presses the ACPI power button (the guest's init passes it on as SIGTERM);
@@ -408,6 +422,7 @@ class LibvirtDriver:
         if guest is not None:
             run_dir = Path(guest.handle.run_dir)
         await self._network.cleanup(container_id)  # the tap went with the domain
+        await self._outputs.stop(container_id)
         shutil.rmtree(run_dir, ignore_errors=True)  # initrd, or overlay and config drive
         self._guests.pop(container_id)
         await self._release_partition()
@@ -479,9 +494,13 @@ class LibvirtDriver:
                 continue
             memory, vcpus, _ = self._shape(entry.spec)
             handle = GuestHandle.from_json(entry.handle)
-            self._guests.add(
-                entry.spec.container_id, Guest(handle, loop.create_future(), memory, vcpus)
-            )
+            guest = Guest(handle, loop.create_future(), memory, vcpus)
+            self._guests.add(entry.spec.container_id, guest)
+            if entry.spec.linux.log_path:  # goes on where the copy stood (output.py)
+                try:
+                    self._follow_output(entry.spec, guest)
+                except FailedPrecondition as exc:
+                    log.warning("libvirt: %s: no CRI log: %s", entry.spec.container_id, exc)
         try:
             await self._libvirt.get()  # resyncs: guests that ended while we were down resolve
             await self._remove_orphan_domains(known_ids)
@@ -512,7 +531,12 @@ class LibvirtDriver:
                 with contextlib.suppress(libvirt.libvirtError):
                     await asyncio.to_thread(dom.destroy)
 
+    async def reopen_log(self, container_id: str) -> None:
+        """ReopenContainerLog: the CRI log's path opened again (the kubelet renamed the file)."""
+        self._outputs.reopen(container_id)
+
     async def close(self) -> None:
+        await self._outputs.close()  # before the guests' futures are cancelled
         await self._libvirt.close()
         await self._virt.close()
         self._guests.clear()

@@ -43,7 +43,7 @@ class LxcOptions:
                 return candidate
         raise FailedPrecondition(
             f"lxc: static supervisor not found (looked at {[c for c in candidates if c]}); build"
-            f" it with `cc -static -O2 -o {candidates[0]} supervisor/containerizer-supervisor.c`"
+            f" it with `make -C supervisor STATIC_BIN={candidates[0]}`"
         )
 
     @classmethod
