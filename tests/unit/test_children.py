@@ -9,7 +9,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from adapter.runtimes.lxc.driver import SMALL_TREE_ENTRIES, _remove_tree
+from adapter.runtimes.lxc.teardown import SMALL_TREE_ENTRIES, remove_tree
 from adapter.supervisor.children import Child as Monitor
 
 
@@ -68,7 +68,7 @@ async def test_remove_tree_small_and_large(tmp_path: Path) -> None:
     (large / "delta0").mkdir(parents=True)
     for index in range(SMALL_TREE_ENTRIES + 10):
         (large / "delta0" / f"f{index}").write_text("x")
-    await _remove_tree(small)
-    await _remove_tree(large)
-    await _remove_tree(tmp_path / "absent")
+    await remove_tree(small)
+    await remove_tree(large)
+    await remove_tree(tmp_path / "absent")
     assert not small.exists() and not large.exists()

@@ -30,6 +30,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.clients.cli import client as cli_client
 from adapter.clients.cli import main as cli
+from adapter.clients.cli import run as cli_run
 from adapter.clients.cli.format import size_mib
 
 MIB = 1024 * 1024
@@ -332,7 +333,7 @@ def test_run_ctrl_c_destroys_the_container(
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "follow_until_exit", interrupted)
+    monkeypatch.setattr(cli_run, "follow_until_exit", interrupted)
     code, _, err = run_cli("run", "--id", "c1", "--", "sleep")
     assert code == 130
     assert "destroying container c1" in err

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tests.unit.test_cli import Cli, FakeContainerizer, run_cli, service  # noqa: F401 - fixtures
 
-# What `ps` needs of the package: the CLI's common modules and the API's generated ones.
+# What `ps` needs of the package: the CLI's common modules, its own (containers) and the API's
+# generated ones.
 PS_MODULES = {
     "adapter",
     "adapter.api",
@@ -23,6 +24,7 @@ PS_MODULES = {
     "adapter.clients",
     "adapter.clients.cli",
     "adapter.clients.cli.client",
+    "adapter.clients.cli.containers",
     "adapter.clients.cli.format",
     "adapter.clients.cli.main",
 }

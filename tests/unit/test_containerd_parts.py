@@ -35,13 +35,13 @@ from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import spec as oci
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.content import chain_ids
-from adapter.runtimes.containerd.driver import exit_from_status
 from adapter.runtimes.containerd.handle import (
     CONTAINERD_ID,
     CONTAINERD_ID_MAX,
     ContainerdHandle,
     containerd_id,
 )
+from adapter.runtimes.containerd.task import exit_from_status
 from isolators.cgroups.cpu import cpu_shares
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "protos"))

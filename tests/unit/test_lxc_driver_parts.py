@@ -10,8 +10,7 @@ import pytest
 from adapter.core.errors import InvalidArgument
 from adapter.core.limits import Limits
 from adapter.core.model import Resources
-from adapter.runtimes.lxc.config import LxcConfig, fstab_escape
-from adapter.runtimes.lxc.driver import cgroup_keys
+from adapter.runtimes.lxc.config import LxcConfig, cgroup_keys, fstab_escape
 from adapter.runtimes.lxc.handle import LxcHandle
 from adapter.runtimes.lxc.rootfs import COMPLETE_MARKER, build_busybox_base
 from adapter.supervisor.processes import ProcessRef, read_status

@@ -22,8 +22,7 @@ from adapter.core.model import (
 from adapter.core.network import RuntimeNetwork
 from adapter.images.image import Descriptor, Image
 from adapter.runtimes.containerd import spec as oci
-from adapter.runtimes.lxc.config import LxcConfig
-from adapter.runtimes.lxc.driver import set_isolator_network
+from adapter.runtimes.lxc.config import LxcConfig, set_isolator_network
 from isolators.network.model import Attachment
 
 NETNS = "/run/netns/ctz0.web-1"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from adapter.clients.cli.main import build_parser, launch_request
+from adapter.clients.cli.main import build_parser
+from adapter.clients.cli.run import launch_request
 from adapter.core.config import parse_config
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ConfigError, FailedPrecondition

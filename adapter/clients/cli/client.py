@@ -1,8 +1,9 @@
 """How every `containerizer` command reaches the service: the connection flags it accepts (before
-or after the subcommand), the client they configure, and the one error type the CLI reports.
+or after the subcommand), the client they configure, the one error type the CLI reports and its
+exit statuses, and the one shape of a warning.
 
-main.py, images.py and compare.py all build on this module and none of them on another,
-so the command modules import each other in no circle. grpc and the generated stubs are imported
+main.py and every command module build on this module and none of them on main.py, so the
+command modules import each other in no circle. grpc and the generated stubs are imported
 inside the methods that talk to the service: building the parser stays cheap.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
     from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 
+PROG = "containerizer"
 ENDPOINT_ENV = "CONTAINERIZER_ENDPOINT"
 DEFAULT_ENDPOINT = "unix:///run/containerizer/containerizer.sock"
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -28,6 +31,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 # are exit codes a workload could have returned.
 EXIT_FAILURE = cli_format.EXIT_CLI_FAILURE
 EXIT_USAGE = EXIT_FAILURE
+EXIT_INTERRUPTED = 130  # after Ctrl-C, as a shell reports SIGINT
 # The TCP listener takes only clients with a certificate (mutual TLS): flag -> environment.
 TLS_ENV = {
     "tls_cert": "CONTAINERIZER_TLS_CERT",
@@ -44,6 +48,11 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not fail the command: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def grpc_target(endpoint: str) -> str:

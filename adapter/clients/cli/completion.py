@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.clients.cli.client import ServiceClient
+from adapter.clients.cli.client import PROG, ServiceClient
 
 SHELLS = ("bash", "zsh")
 FUNCTION = "_containerizer_complete"
@@ -40,7 +40,7 @@ def add_completion_parser(subcommands: Any) -> None:
 
 
 def command_completion(args: argparse.Namespace, _client: ServiceClient) -> int:
-    from adapter.clients.cli.main import PROG, build_parser
+    from adapter.clients.cli.main import build_parser  # main builds on this module, not us
 
     print(completion_script(build_parser(), PROG, args.shell), end="")
     return 0

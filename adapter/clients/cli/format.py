@@ -1,9 +1,9 @@
 """The text `containerizer` reads and writes: flag values (sizes, K=V, signals) in, and API
 messages out as aligned tables with human units, or JSON.
 
-Kept apart from main.py so the command code reads as parse -> call -> print. Nothing here talks to
-the service; the protobuf modules are only imported for type checking, so importing this module
-stays cheap.
+Kept apart from the command modules so their code reads as parse -> call -> print. Nothing here
+talks to the service; the protobuf modules are only imported for type checking, so importing
+this module stays cheap.
 """
 
 from __future__ import annotations

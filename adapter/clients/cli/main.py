@@ -1,10 +1,11 @@
-"""`containerizer`: the command line in front of the gRPC API.
+"""`containerizer`: the command line in front of the gRPC API, and its entry point.
 
-Thin on purpose: parse the arguments, call one or two RPCs, print the answer (cli_format.py). grpc
-and the generated stubs are imported inside the commands that talk to the service, so `--help`,
-usage errors and `serve` start without paying for them; a subcommand's arguments, and the modules
-they need, are defined only when that subcommand is the one given (LazySubcommands), so `ps`
-costs little more than grpc itself.
+Thin on purpose: parse the arguments, call one or two RPCs, print the answer (format.py). This
+module is the parser and the dispatch only; each command's flags and handler live in the module
+of its area (containers.py, run.py, service.py, images.py, compare.py, ...), imported only when
+that command is the one given (LazySubcommands), and grpc and the generated stubs are imported
+inside the commands that talk to the service: `--help` and usage errors start without paying for
+them, `serve` pays for none of the client's, and `ps` costs little more than grpc itself.
 
 Exit status: the workload's own for `run` and `wait` (128+n when killed by signal n); 125, as
 `docker run` uses, for every failure of the CLI, the service or the launch (a bad flag, no service,
@@ -19,37 +20,28 @@ import argparse
 import gc
 import importlib
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from adapter.clients.cli import format as cli_format
 from adapter.clients.cli.client import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
+    PROG,
     CliError,
     ServiceClient,
     ServiceCommand,
     TlsFiles,
     add_connection_options,
-    add_subcommand,
 )
 
 if TYPE_CHECKING:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
     SubParsersAction = argparse._SubParsersAction[argparse.ArgumentParser]
 else:  # not subscriptable at run time
     SubParsersAction = argparse._SubParsersAction
 
-PROG = "containerizer"
 DISTRIBUTION = "containerizer-adapter"  # the project name in pyproject.toml
-EXIT_INTERRUPTED = 130
-# How often `run` looks for new output while the workload runs: fast enough to feel live.
-OUTPUT_POLL_SECONDS = 0.05
-OUTPUT_CHUNK_BYTES = 1 << 16
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -116,506 +108,54 @@ def package_version() -> str:
         return "unknown (not installed as a package)"
 
 
-# ---- run: launch, follow the output files, exit like the workload ----
-
-
-class OutputFollower:
-    """Copies what the workload appends to one sandbox file onto one of our streams (tail -f)."""
-
-    def __init__(self, path: str, sink: IO[str]) -> None:
-        self.path = path
-        self.sink = sink
-        self.source: IO[bytes] | None = None
-        self.unreadable = False
-
-    def pump(self) -> None:
-        if self.source is None and not self.unreadable:
-            self.open_source()
-        while self.source is not None and (chunk := self.source.read(OUTPUT_CHUNK_BYTES)):
-            write_bytes(self.sink, chunk)
-
-    def open_source(self) -> None:
-        try:
-            self.source = open(self.path, "rb")  # noqa: SIM115 - held open across pumps
-        except FileNotFoundError:
-            return  # the service has not created it yet
-        except OSError as exc:
-            self.unreadable = True
-            warn(f"cannot follow {self.path}: {exc.strerror}; output is not shown")
-
-    def close(self) -> None:
-        if self.source is not None:
-            self.source.close()
-
-
-def write_bytes(sink: IO[str], data: bytes) -> None:
-    """The workload's bytes unchanged when the stream has a binary side, else decoded."""
-    sink.flush()
-    binary = getattr(sink, "buffer", None)
-    if binary is not None:
-        binary.write(data)
-        binary.flush()
-    else:
-        sink.write(data.decode(errors="replace"))
-        sink.flush()
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def launch_request(args: argparse.Namespace) -> pb.LaunchRequest:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    command = pb.CommandInfo(
-        shell=args.shell or "",
-        argv=args.command,
-        environment=[pb.EnvironmentVariable(name=k, value=v) for k, v in args.env],
-        user=args.user or "",
-        working_dir=args.workdir or "",
-    )
-    return pb.LaunchRequest(
-        container_id=args.id,
-        command=command,
-        resources=resource_messages(args),
-        container=pb.ContainerInfo(
-            runtime=args.runtime or "",
-            image=args.image or "",
-            network=pb.NetworkInfo(mode=args.network or "", port_mappings=args.publish),
-        ),
-        sandbox=os.path.abspath(args.sandbox) if args.sandbox else "",
-        labels=dict(args.label),
-        privileged=args.privileged,
-        no_new_privileges=args.no_new_privileges,
-        stdin=args.interactive,
-        tty=args.tty,
-        user_namespace=args.userns,
-    )
-
-
-def resource_messages(args: argparse.Namespace) -> list[pb.Resource]:
-    """The resource flags that were given, as Mesos scalar resources (mem and disk in MiB)."""
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    names = ("cpus", "mem", "disk", "pids", "network_bandwidth")
-    requested = {name: getattr(args, name, None) for name in names}
-    return [
-        pb.Resource(name=name, type=pb.Value.SCALAR, scalar=pb.Value.Scalar(value=float(value)))
-        for name, value in requested.items()
-        if value is not None
-    ]
-
-
-def command_run(args: argparse.Namespace, client: ServiceClient) -> int:
-    if args.command[:1] == ["--"]:
-        args.command = args.command[1:]
-    if bool(args.shell) == bool(args.command):
-        raise CliError(
-            "run: give the command after `--` (run -- sh -c 'echo hi') or as --shell 'STRING', "
-            "not both",
-            EXIT_USAGE,
-        )
-    import secrets  # here: hashlib and random cost every other command's start
-
-    args.id = args.id or "ctr-" + secrets.token_hex(6)
-    try:
-        response = client.call("Launch", launch_request(args))
-        for warning in response.warnings:
-            warn(warning)
-        if args.detach:
-            print(cli_format.to_json(response) if args.json else response.status.container_id)
-            return 0
-        if args.interactive or args.tty:
-            from adapter.clients.cli.attach import attach  # its own module: attach
-
-            attach(client, args.id, stdin=args.interactive)
-            termination = client.wait(args.id)
-        else:
-            termination = follow_until_exit(client, args.id, response.status.sandbox)
-    except KeyboardInterrupt:
-        return destroy_after_interrupt(client, args.id)
-    return report_exit(args.id, termination)
-
-
-def follow_until_exit(client: ServiceClient, container_id: str, sandbox: str) -> pb.Termination:
-    """Streams stdout/stderr until Wait answers, then drains what is left."""
-    followers = []
-    if sandbox:
-        followers = [
-            OutputFollower(os.path.join(sandbox, "stdout"), sys.stdout),
-            OutputFollower(os.path.join(sandbox, "stderr"), sys.stderr),
-        ]
-    future = client.wait_future(container_id)
-    try:
-        while not future.done():
-            for follower in followers:
-                follower.pump()
-            time.sleep(OUTPUT_POLL_SECONDS)
-        for follower in followers:
-            follower.pump()
-        termination: pb.Termination = client.result(future).termination
-        return termination
-    finally:
-        future.cancel()
-        for follower in followers:
-            follower.close()
-
-
-def destroy_after_interrupt(client: ServiceClient, container_id: str) -> int:
-    print(f"{PROG}: interrupted: destroying container {container_id}", file=sys.stderr)
-    try:
-        client.call("Destroy", destroy_request(container_id))
-    except CliError as exc:
-        # Ctrl-C during Launch may come before the container exists: nothing left to destroy.
-        print(f"{PROG}: destroy {container_id}: {exc}", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-def report_exit(container_id: str, termination: pb.Termination) -> int:
-    """The workload's exit status; anything but a plain exit is explained on stderr."""
-    if cli_format.reason_name(termination) != "EXITED" or not termination.HasField("exit_code"):
-        description = cli_format.describe_termination(termination)
-        print(f"{PROG}: container {container_id}: {description}", file=sys.stderr)
-    return cli_format.exit_code_of(termination)
-
-
-def destroy_request(container_id: str) -> pb.DestroyRequest:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    return pb.DestroyRequest(container_id=container_id)
-
-
-# ---- the other commands ----
-
-
-def command_serve(args: argparse.Namespace) -> int:
-    from adapter.server.serve import run_server
-
-    return run_server(args.config)
-
-
-def list_containers(client: ServiceClient) -> list[pb.ContainerStatus]:
-    """Every container, page by page: one reply holds only as many as fit its size bound."""
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    containers: list[pb.ContainerStatus] = []
-    token = ""
-    while True:
-        page = client.call("Containers", pb.ContainersRequest(page_token=token))
-        containers.extend(page.containers)
-        token = page.next_page_token
-        if not token:
-            return containers
-
-
-def command_ps(args: argparse.Namespace, client: ServiceClient) -> int:
-    containers = list_containers(client)
-    if args.json:
-        # One shape with and without containers: {"containers": [...]}.
-        print(cli_format.containers_json(containers))
-    else:
-        print(cli_format.containers_table(containers, time.time()))
-    return 0
-
-
-def command_status(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    status = client.call("Status", pb.StatusRequest(container_id=args.container_id))
-    print(cli_format.to_json(status) if args.json else cli_format.status_text(status, time.time()))
-    return 0
-
-
-def command_usage(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    request = pb.UsageRequest(container_id=args.container_id)
-    clear_screen = args.watch and not args.json and sys.stdout.isatty()
-    try:
-        while True:
-            statistics = client.call("Usage", request).statistics
-            if clear_screen:
-                print("\x1b[H\x1b[2J", end="")
-            if args.json:
-                # --watch prints one JSON object per line so the stream can be piped to jq.
-                print(cli_format.to_json(statistics, indent=None if args.watch else 2))
-            else:
-                print(cli_format.usage_table(statistics))
-            if not args.watch:
-                return 0
-            sys.stdout.flush()
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C is how --watch ends
-
-
-def command_update(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    resources = resource_messages(args)
-    if not resources:
-        raise CliError("update: give at least one of --cpus, --mem, --pids", EXIT_USAGE)
-    request = pb.UpdateRequest(container_id=args.container_id, resources=resources)
-    response = client.call("Update", request)
-    for warning in response.warnings:  # e.g. a limit raised to the kernel's minimum
-        warn(warning)
-    if args.json:
-        print(cli_format.to_json(response))
-    return 0
-
-
-def command_kill(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    response = client.call(
-        "Kill", pb.KillRequest(container_id=args.container_id, signal=args.signal)
-    )
-    if args.json:
-        print(cli_format.to_json(response))
-    return 0
-
-
-def command_destroy(args: argparse.Namespace, client: ServiceClient) -> int:
-    response = client.call("Destroy", destroy_request(args.container_id))
-    if args.json:
-        print(cli_format.to_json(response))
-    else:
-        description = cli_format.describe_termination(response.termination)
-        print(f"{args.container_id}: {description}")
-    return 0
-
-
-def command_wait(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    termination = client.wait(args.container_id)
-    if args.json:
-        print(cli_format.to_json(pb.WaitResponse(termination=termination)))
-    else:
-        print(f"{args.container_id}: {cli_format.describe_termination(termination)}")
-    return cli_format.exit_code_of(termination)
-
-
-def command_runtimes(args: argparse.Namespace, client: ServiceClient) -> int:
-    from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-
-    response = client.call("Runtimes", pb.RuntimesRequest())
-    for entry in response.quarantined:
-        warn(f"damaged record of container {entry.container_id} set aside: {entry.error}")
-    print(
-        cli_format.to_json(response) if args.json else cli_format.runtimes_table(response.runtimes)
-    )
-    return 0
-
-
-# ---- the parser ----
-
-
-def add_resource_options(parser: argparse.ArgumentParser, *, disk: bool) -> None:
-    parser.add_argument("--cpus", type=cli_format.positive_float, help="CPU cores, e.g. 0.5")
-    parser.add_argument(
-        "--mem", type=cli_format.size_mib, help="memory limit: 64M, 1G, 512K; plain = MiB"
-    )
-    if disk:
-        parser.add_argument(
-            "--disk", type=cli_format.size_mib, help="disk limit, same units as --mem"
-        )
-    parser.add_argument("--pids", type=cli_format.positive_int, help="maximum number of processes")
-    parser.add_argument(
-        "--bandwidth",
-        dest="network_bandwidth",
-        type=cli_format.positive_float,
-        metavar="MBIT",
-        help="rate limit of traffic into the container, Mbit/s (bridge networking)",
-    )
-
-
-def add_run_parser(subcommands: Any) -> None:
-    from adapter.core.model import NETWORK_MODES
-    from adapter.runtimes.registry import RUNTIME_NAMES
-
-    run = add_subcommand(subcommands, "run", command_run, "launch a container and follow it")
-    run.add_argument(
-        "--runtime",
-        choices=RUNTIME_NAMES,
-        help="runtime from the node's config; default: the node's default one",
-    )
-    add_resource_options(run, disk=True)
-    run.add_argument("--image", help="image reference; default: the runtime's root filesystem")
-    run.add_argument("--id", help="container id; default: ctr- and 12 random hex digits")
-    run.add_argument(
-        "--network",
-        choices=NETWORK_MODES,
-        help="network mode; default: the node's (config [network])",
-    )
-    run.add_argument(
-        "--publish",
-        "-p",
-        action="append",
-        default=[],
-        metavar="HOST_PORT:CONTAINER_PORT[/tcp|/udp]",
-        help="forward 127.0.0.1:HOST_PORT to the container (bridge mode); repeatable",
-    )
-    run.add_argument(
-        "--env",
-        type=cli_format.key_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="repeatable",
-    )
-    run.add_argument("--user", help="user name or uid to run as")
-    run.add_argument(
-        "--privileged",
-        action="store_true",
-        help="no confinement: all capabilities, no seccomp (the node must allow it)",
-    )
-    run.add_argument(
-        "--no-new-privileges",
-        action="store_true",
-        help="set no_new_privs even as root (always set for other users)",
-    )
-    run.add_argument(
-        "--userns",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="in a user namespace of its own (root is an unprivileged host uid); default: the"
-        " node's",
-    )
-    run.add_argument("--workdir", help="working directory inside the container")
-    run.add_argument("--sandbox", metavar="DIR", help="host directory for stdout/stderr files")
-    run.add_argument(
-        "--label",
-        type=cli_format.key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="repeatable",
-    )
-    run.add_argument("--detach", "-d", action="store_true", help="print the id and return at once")
-    run.add_argument(
-        "--interactive", "-i", action="store_true", help="keep its stdin open, pass ours to it"
-    )
-    run.add_argument("--tty", "-t", action="store_true", help="give it a terminal")
-    run.add_argument("--shell", metavar="STRING", help="run STRING with /bin/sh -c")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="argv to execute (after --)")
-
-
-def add_serve_parser(subcommands: Any) -> None:
-    serve = subcommands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
-    serve.add_argument("--config", metavar="FILE", help="agent config (TOML)")
-
-
-def add_ps_parser(subcommands: Any) -> None:
-    add_subcommand(subcommands, "ps", command_ps, PS_HELP)
-
-
-def add_status_parser(subcommands: Any) -> None:
-    status = add_subcommand(subcommands, "status", command_status, STATUS_HELP)
-    status.add_argument("container_id", metavar="ID")
-
-
-def add_usage_parser(subcommands: Any) -> None:
-    usage = add_subcommand(subcommands, "usage", command_usage, USAGE_HELP)
-    usage.add_argument("container_id", metavar="ID")
-    usage.add_argument("--watch", "-w", action="store_true", help="repeat until Ctrl-C")
-    usage.add_argument(
-        "--interval", type=cli_format.positive_float, default=2.0, help="seconds (default 2)"
-    )
-
-
-def add_update_parser(subcommands: Any) -> None:
-    update = add_subcommand(subcommands, "update", command_update, UPDATE_HELP)
-    update.add_argument("container_id", metavar="ID")
-    add_resource_options(update, disk=False)
-
-
-def add_kill_parser(subcommands: Any) -> None:
-    kill = add_subcommand(subcommands, "kill", command_kill, KILL_HELP)
-    kill.add_argument("container_id", metavar="ID")
-    kill.add_argument(
-        "--signal",
-        "-s",
-        type=cli_format.signal_number,
-        default=int(signal.SIGTERM),
-        help="default TERM",
-    )
-
-
-def add_destroy_parser(subcommands: Any) -> None:
-    destroy = add_subcommand(subcommands, "destroy", command_destroy, DESTROY_HELP)
-    destroy.add_argument("container_id", metavar="ID")
-
-
-def add_wait_parser(subcommands: Any) -> None:
-    wait = add_subcommand(subcommands, "wait", command_wait, WAIT_HELP)
-    wait.add_argument("container_id", metavar="ID")
-
-
-def add_runtimes_parser(subcommands: Any) -> None:
-    from adapter.runtimes.registry import RUNTIME_NAMES
-
-    add_subcommand(
-        subcommands,
-        "runtimes",
-        command_runtimes,
-        f"{RUNTIMES_HELP} (of {', '.join(RUNTIME_NAMES)})",
-    )
+CLI = "adapter.clients.cli."
 
 
 def defined_in(module: str, function: str) -> Callable[[Any], object]:
-    """A subcommand defined by `function` of its own `module`, imported only when chosen."""
+    """A subcommand defined by `function` of its own `module` of this package, imported only
+    when chosen."""
 
     def define(subcommands: Any) -> object:
-        adder: Callable[[Any], object] = getattr(importlib.import_module(module), function)
+        adder: Callable[[Any], object] = getattr(importlib.import_module(CLI + module), function)
         return adder(subcommands)
 
     return define
 
 
-SERVE_HELP = "run the service"
-PS_HELP = "list containers"
-STATUS_HELP = "show one container"
-USAGE_HELP = "resource usage of a container"
-UPDATE_HELP = "change resource limits, live"
-KILL_HELP = "send a signal to a container"
-DESTROY_HELP = "kill and clean up a container"
-WAIT_HELP = "wait for a container to end"
-RUNTIMES_HELP = "runtimes configured on this node"
-CLI = "adapter.clients.cli."
 # name -> (its line in `containerizer --help`, what defines its parser), in the listing's order.
-# The lines of the commands of other modules repeat those modules' descriptions.
+# Each line repeats the description its module gives the subcommand's own --help: the listing
+# must not import the modules it lists.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Any], object]]] = {
-    "serve": (SERVE_HELP, add_serve_parser),
-    "run": ("launch a container and follow it", add_run_parser),
-    "ps": (PS_HELP, add_ps_parser),
-    "status": (STATUS_HELP, add_status_parser),
-    "usage": (USAGE_HELP, add_usage_parser),
-    "update": (UPDATE_HELP, add_update_parser),
-    "kill": (KILL_HELP, add_kill_parser),
-    "destroy": (DESTROY_HELP, add_destroy_parser),
-    "wait": (WAIT_HELP, add_wait_parser),
-    "runtimes": (RUNTIMES_HELP, add_runtimes_parser),
-    "images": ("manage the node's image store", defined_in(CLI + "images", "add_images_commands")),
-    "exec": ("run a command in a running container", defined_in(CLI + "exec", "add_exec_parser")),
+    "serve": ("run the service", defined_in("service", "add_serve_parser")),
+    "run": ("launch a container and follow it", defined_in("run", "add_run_parser")),
+    "ps": ("list containers", defined_in("containers", "add_ps_parser")),
+    "status": ("show one container", defined_in("containers", "add_status_parser")),
+    "usage": ("resource usage of a container", defined_in("containers", "add_usage_parser")),
+    "update": ("change resource limits, live", defined_in("containers", "add_update_parser")),
+    "kill": ("send a signal to a container", defined_in("containers", "add_kill_parser")),
+    "destroy": ("kill and clean up a container", defined_in("containers", "add_destroy_parser")),
+    "wait": ("wait for a container to end", defined_in("containers", "add_wait_parser")),
+    "runtimes": ("runtimes configured on this node", defined_in("service", "add_runtimes_parser")),
+    "images": ("manage the node's image store", defined_in("images", "add_images_commands")),
+    "exec": ("run a command in a running container", defined_in("exec", "add_exec_parser")),
     "attach": (
         "attach to a running container's first process",
-        defined_in(CLI + "attach", "add_attach_parser"),
+        defined_in("attach", "add_attach_parser"),
     ),
-    "logs": ("show a container's output", defined_in(CLI + "logs", "add_logs_parser")),
+    "logs": ("show a container's output", defined_in("logs", "add_logs_parser")),
     "port-forward": (
         "reach a port inside a container",
-        defined_in(CLI + "portforward", "add_port_forward_parser"),
+        defined_in("portforward", "add_port_forward_parser"),
     ),
     "compare": (
         "run the same workloads on each runtime and compare latency, density, isolation, "
         "accounting and capabilities",
-        defined_in(CLI + "compare", "add_compare_parser"),
+        defined_in("compare", "add_compare_parser"),
     ),
-    "events": ("follow lifecycle events", defined_in(CLI + "events", "add_events_parser")),
+    "events": ("follow lifecycle events", defined_in("events", "add_events_parser")),
     "completion": (
         "print a bash or zsh completion script",
-        defined_in(CLI + "completion", "add_completion_parser"),
+        defined_in("completion", "add_completion_parser"),
     ),
 }
 
@@ -675,9 +215,10 @@ def build_parser() -> ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    if args.subcommand == "serve":
+    if args.subcommand == "serve":  # the one command without a client (service.py)
         gc.enable()  # entry() turned it off for the start-up: the service runs for months
-        return command_serve(args)
+        serve: Callable[[argparse.Namespace], int] = args.handler
+        return serve(args)
     client = ServiceClient(args.endpoint, args.timeout, TlsFiles.from_args(args))
     gc.enable()  # grpc and the API are loaded (see entry()): `run` or `logs -f` may last days
     try:

@@ -3,10 +3,10 @@
 Launch: a lease (so nothing is collected while we build), the image loaded from our store and
 unpacked to snapshots (content.py), an active snapshot for the container, a container record with
 the OCI spec (spec.py), and a task whose stdout/stderr go to the sandbox files: through our
-sandbox relay, which rotates them by size (logs.py), or appended by the shim itself. The shim,
-not this service, reaps the workload and keeps its exit status until the task is deleted, so a
-container survives a restart of the service and one that exited meanwhile still reports its
-status: the task is deleted only by cleanup, after the core has checkpointed the exit.
+sandbox relay, which rotates them by size (logs.py), or appended by the shim itself (task.py).
+The shim, not this service, reaps the workload and keeps its exit status until the task is
+deleted, so a container survives a restart of the service and one that exited meanwhile still
+reports its status: the task is deleted only by cleanup, after the core has checkpointed the exit.
 
 Network: the node's shared network isolator (adapter/core/network.py) makes the container's
 namespace (mode none or bridge: veth on our bridge, address, port forwards, rate) before the
@@ -21,27 +21,23 @@ is written by our log relay, which the shim runs as the task's logging binary (l
 ExecSync runs one more process of the task (exec.py). What the service and the shim share by
 path (the relay's pid file, ExecSync's FIFOs) lives in a run directory per container
 (rundir.py).
+
+This module is the Runtime's verbs and the launch's order; the containerd calls of a container's
+life are task.py's, what recovery removes recovery.py's, the in-memory state state.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from google.protobuf import any_pb2, empty_pb2  # type: ignore[import-untyped, unused-ignore]
+from google.protobuf import empty_pb2  # type: ignore[import-untyped, unused-ignore]
 
-from adapter.api.containerd.runc.options import oci_pb2
-from adapter.api.containerd.services.containers.v1 import containers_pb2
-from adapter.api.containerd.services.images.v1 import images_pb2
 from adapter.api.containerd.services.leases.v1 import leases_pb2
 from adapter.api.containerd.services.snapshots.v1 import snapshots_pb2
-from adapter.api.containerd.services.tasks.v1 import tasks_pb2
-from adapter.core.confinement import Confinement, held_capabilities
+from adapter.core.confinement import Confinement
 from adapter.core.errors import (
     AlreadyExists,
     ContainerizerError,
@@ -58,21 +54,19 @@ from adapter.core.model import (
     ExecResult,
     Exit,
     Fingerprint,
-    Identity,
     IdMapping,
     LaunchSpec,
     Resources,
     Statistics,
 )
-from adapter.core.sandbox import OUTPUTS
 from adapter.core.services import Services
-from adapter.core.userns import give_to_namespace_root, host_identity
+from adapter.core.userns import give_to_namespace_root
 from adapter.core.workload import merge
 from adapter.images.image import Image
 from adapter.runtimes.base import Checkpointed, ExecSession, Launched
 from adapter.runtimes.containerd import exec as execs
 from adapter.runtimes.containerd import linux as pod
-from adapter.runtimes.containerd import logs
+from adapter.runtimes.containerd import logs, recovery
 from adapter.runtimes.containerd import spec as oci
 from adapter.runtimes.containerd.client import ContainerdClient
 from adapter.runtimes.containerd.content import ImageLoader
@@ -81,42 +75,28 @@ from adapter.runtimes.containerd.options import ContainerdOptions
 from adapter.runtimes.containerd.remap import RemappedSnapshots
 from adapter.runtimes.containerd.rundir import RunDirectories
 from adapter.runtimes.containerd.state import ContainerdState
+from adapter.runtimes.containerd.task import Tasks
 from adapter.runtimes.crilog import check_log_file
-from adapter.supervisor.client import REOPEN_TIMEOUT_S, find_supervisor, log_reopened
+from adapter.supervisor.client import REOPEN_TIMEOUT_S, log_reopened
 from adapter.supervisor.oci_seccomp import launch_profile
 from isolators.cgroups.mem import MemIsolator
 from isolators.cgroups.pids import PidsIsolator
 from isolators.registry import limitation_at_exit
 
 log = logging.getLogger(__name__)
-RUNC_OPTIONS_TYPE_URL = oci_pb2.Options.DESCRIPTOR.full_name
 FINGERPRINT_TIMEOUT = 3.0
-EXIT_AFTER_KILL_TIMEOUT = 30.0
-RECONNECT_DELAY = 1.0
-DELETE_ATTEMPTS = 3
-DELETE_RETRY_DELAY = 0.2
-SIGKILL = 9
 RELEASE_TIMEOUT = 5.0
-# The shim reports a death by signal N as 128 + N (the shell's convention); so does this driver.
-SIGNAL_EXIT_BASE = 128
-
-
-def exit_from_status(status: int) -> Exit:
-    if SIGNAL_EXIT_BASE < status <= SIGNAL_EXIT_BASE + 64:
-        return Exit(signal=status - SIGNAL_EXIT_BASE)
-    return Exit(exit_code=status)
 
 
 class ContainerdDriver:
     name = "containerd"
 
     def __init__(self, options: ContainerdOptions, services: Services) -> None:
-        self._log_paths: dict[str, str] = {}  # a CRI container's log, which reopen waits for
+        self._options = options
         self._address = options.address
         self._namespace = options.namespace
         self._runtime = options.runtime
         self._snapshotter = options.snapshotter
-        self._runtime_binary = options.runtime_binary
         self._node = services.node
         self._cgroups = services.cgroups
         # Only its check() is used: the OOM counter of the container's memory cgroup.
@@ -126,7 +106,6 @@ class ContainerdDriver:
             MemIsolator(self._cgroups.hierarchies),
             PidsIsolator(self._cgroups.hierarchies),
         )
-        self._held_capabilities = held_capabilities()
         self._store = services.images
         self._client_instance: ContainerdClient | None = None
         self._loader: ImageLoader | None = None
@@ -134,10 +113,14 @@ class ContainerdDriver:
         self._state = ContainerdState()
         self._network = services.network
         self._run_dirs = RunDirectories(services.node.state_dir / "containerd")
+        self._tasks = Tasks(self._connect, options, services, self._state, self._run_dirs)
         self._releases: set[asyncio.Task[None]] = set()  # of streaming Exec sessions ended
 
     @property
     def _client(self) -> ContainerdClient:
+        return self._connect()
+
+    def _connect(self) -> ContainerdClient:
         """Created on first use, inside the event loop that will use it."""
         if self._client_instance is None:
             self._client_instance = ContainerdClient(self._address, self._namespace)
@@ -151,6 +134,12 @@ class ContainerdDriver:
             handle = ContainerdHandle.for_container(
                 container_id, self._namespace, self._snapshotter
             )
+        return handle
+
+    def _known(self, container_id: str) -> ContainerdHandle:
+        handle = self._state.handles.get(container_id)
+        if handle is None:
+            raise NotFound(f"containerd runtime: no running container {container_id!r}")
         return handle
 
     # ---- fingerprint ----
@@ -168,7 +157,7 @@ class ContainerdDriver:
             disk_enforced=True,
         )
         try:
-            binary = self._binary_path()
+            binary = self._options.runtime_binary_path()
             reply = await self._client.call(
                 self._client.version.Version,
                 empty_pb2.Empty(),
@@ -190,17 +179,6 @@ class ContainerdDriver:
             capabilities,
             confinement=Confinement().summary(),
         )
-
-    def _binary_path(self) -> str | None:
-        if self._runtime_binary is None:
-            return None
-        found = shutil.which(self._runtime_binary)
-        if found is None:
-            raise FailedPrecondition(
-                f"runtimes.containerd.runtime_binary: {self._runtime_binary!r} is not installed"
-                " (Debian packages runc, crun)"
-            )
-        return found
 
     # ---- launch ----
 
@@ -232,13 +210,14 @@ class ContainerdDriver:
             network = await self._prepare_network(spec)
             give_to_namespace_root(spec)
             mounts = await self._prepare_rootfs(handle, image, spec.id_mapping)
-            await self._create_container(handle, spec, image, (identity, seccomp), network)
-            pid = await self._start_task(handle, spec, mounts, identity)
+            process = (identity, seccomp)
+            await self._tasks.create_container(handle, spec, image, process, network.oci)
+            pid = await self._tasks.start_task(handle, spec, mounts, identity)
         except ContainerizerError as exc:
             if type(exc) is ContainerizerError:  # a runtime failure with no better class
                 raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
             raise
-        self._state.subscribe(self._client, self._end_after_oom)
+        self._state.subscribe(self._client, self._tasks.end_after_oom)
         return Launched(handle=handle.to_json(), pid=pid, ip_address=network.address)
 
     async def _prepare_network(self, spec: LaunchSpec) -> _PreparedNetwork:
@@ -305,120 +284,14 @@ class ContainerdDriver:
         )
         return prepared.mounts
 
-    async def _create_container(
-        self,
-        handle: ContainerdHandle,
-        spec: LaunchSpec,
-        image: Image,
-        process: tuple[Identity, dict[str, Any] | None],
-        network: _PreparedNetwork,
-    ) -> None:
-        """`process`: who runs it, and the node's seccomp profile if the launch names one."""
-        identity, localhost_seccomp = process
-        document = oci.runtime_spec(
-            spec,
-            image,
-            # The directory the container's cgroup is made in: ours, or its pod's there.
-            cgroups_root=self._cgroups.hierarchies.relative(spec.container_id).rpartition("/")[0],
-            limits=self._node.limits(spec.resources),
-            identity=identity,
-            network=network.oci,
-            held=self._held_capabilities,
-            localhost_seccomp=localhost_seccomp,
-        )
-        runtime = containers_pb2.Container.Runtime(name=self._runtime)
-        binary = self._binary_path()
-        if binary is not None:
-            options = oci_pb2.Options(binary_name=binary)
-            runtime.options.CopyFrom(
-                any_pb2.Any(type_url=RUNC_OPTIONS_TYPE_URL, value=options.SerializeToString())
-            )
-        container = containers_pb2.Container(
-            id=handle.containerd_id,
-            labels={CONTAINER_LABEL: handle.container_id},
-            image=image.reference,
-            runtime=runtime,
-            spec=any_pb2.Any(type_url=oci.SPEC_TYPE_URL, value=oci.encode(document)),
-            snapshotter=handle.snapshotter,
-            snapshot_key=handle.snapshot_key,
-        )
-        await self._client.call(
-            self._client.containers.Create,
-            containers_pb2.CreateContainerRequest(container=container),
-            f"create container {handle.containerd_id}",
-            lease=handle.lease_id,
-        )
-
-    async def _start_task(
-        self, handle: ContainerdHandle, spec: LaunchSpec, mounts: Any, identity: Identity
-    ) -> int:
-        outputs = self._task_outputs(spec, identity)
-        await self._client.call(
-            self._client.tasks.Create,
-            tasks_pb2.CreateTaskRequest(
-                container_id=handle.containerd_id,
-                rootfs=mounts,
-                stdout=outputs[0],
-                stderr=outputs[1],
-            ),
-            f"create task {handle.containerd_id}",
-        )
-        reply = await self._client.call(
-            self._client.tasks.Start,
-            tasks_pb2.StartRequest(container_id=handle.containerd_id),
-            f"start task {handle.containerd_id}",
-        )
-        return int(reply.pid)
-
-    def _task_outputs(self, spec: LaunchSpec, identity: Identity) -> tuple[str, str]:
-        """The task's stdout and stderr. A CRI log goes through our log relay, and the
-        sandbox's files, when they rotate, through our sandbox relay: the shim runs either
-        (logs.py), so the output keeps flowing while this service is down. Else they are
-        plain paths of regular files the shim opens for append itself. The core made or
-        checked the files just before start (core/sandbox.py): files, not what an earlier
-        workload of this sandbox left there."""
-        if spec.linux.log_path:
-            self._log_paths[spec.container_id] = spec.linux.log_path
-            relay = logs.relay_uri(
-                find_supervisor(None),
-                spec.linux.log_path,
-                self._run_dirs.path(spec.container_id),
-            )
-            return relay, relay
-        if self._node.log_max_size > 0:
-            relay = logs.sandbox_relay_uri(
-                find_supervisor(None),
-                spec.sandbox,
-                self._node.log_max_size,
-                self._node.log_max_files,
-                host_identity(identity, spec.id_mapping),
-            )
-            return relay, relay
-        stdout, stderr = (str(Path(spec.sandbox) / name) for name in OUTPUTS)
-        return stdout, stderr
-
-    # ---- wait, kill ----
+    # ---- wait, signal, exec ----
 
     async def wait(self, container_id: str) -> Exit:
         handle = self._state.handles.get(container_id)
         if handle is None:
             return Exit(lost=True, message="the containerd runtime has no record of it")
-        while True:
-            try:
-                reply = await self._client.call(
-                    self._client.tasks.Wait,
-                    tasks_pb2.WaitRequest(container_id=handle.containerd_id),
-                    f"wait for task {handle.containerd_id}",
-                    timeout=None,
-                )
-                break
-            except NotFound:
-                return Exit(lost=True, message="containerd has no task for it any more")
-            except Unavailable as exc:  # containerd restarts; its shims keep the container
-                log.warning("%s; retrying the wait for %s", exc, container_id)
-                await asyncio.sleep(RECONNECT_DELAY)
-        self._state.mark_exited(handle.containerd_id)
-        return self._with_limitation(handle, exit_from_status(reply.exit_status))
+        exit_ = await self._tasks.wait(handle)
+        return exit_ if exit_.lost else self._with_limitation(handle, exit_)
 
     def _with_limitation(self, handle: ContainerdHandle, exit_: Exit) -> Exit:
         """A limit the container hit: an OOM kill, from the events stream or the cgroup's
@@ -433,21 +306,7 @@ class ContainerdDriver:
         return Exit(exit_.exit_code, exit_.signal, limitation.resource, limitation.message)
 
     async def signal(self, container_id: str, signal: int) -> None:
-        handle = self._known(container_id)
-        await self._client.call(
-            self._client.tasks.Kill,
-            tasks_pb2.KillRequest(container_id=handle.containerd_id, signal=signal),
-            f"kill task {handle.containerd_id}",
-        )
-
-    async def _end_after_oom(self, containerd_id: str) -> None:
-        """The OOM killer may have hit a child, not the init: end the whole container."""
-        with contextlib.suppress(ContainerizerError):
-            await self._client.call(
-                self._client.tasks.Kill,
-                tasks_pb2.KillRequest(container_id=containerd_id, signal=SIGKILL, all=True),
-                f"kill task {containerd_id} after an OOM kill",
-            )
+        await self._tasks.signal(self._known(container_id), signal)
 
     async def exec_sync(
         self, container_id: str, argv: tuple[str, ...], timeout: float | None
@@ -481,7 +340,7 @@ class ContainerdDriver:
     async def reopen_log(self, container_id: str) -> None:
         self._known(container_id)
         logs.reopen(self._run_dirs.path(container_id), container_id)
-        log_path = self._log_paths.get(container_id, "")
+        log_path = self._state.log_paths.get(container_id, "")
         if log_path and not await log_reopened(log_path):
             raise FailedPrecondition(
                 f"containerd runtime: {container_id!r} did not reopen {log_path} within"
@@ -499,106 +358,11 @@ class ContainerdDriver:
         )
         return writable_dirs_of(reply.mounts)
 
-    def _known(self, container_id: str) -> ContainerdHandle:
-        handle = self._state.handles.get(container_id)
-        if handle is None:
-            raise NotFound(f"containerd runtime: no running container {container_id!r}")
-        return handle
-
-    # ---- kill_all, cleanup ----
-
-    async def kill_all(self, container_id: str) -> None:
-        """SIGKILL to every process of the task; no task, or a stopped one, is no error."""
-        task_id = self._handle(container_id).containerd_id
-        with contextlib.suppress(NotFound, FailedPrecondition):
-            await self._client.call(
-                self._client.tasks.Kill,
-                tasks_pb2.KillRequest(container_id=task_id, signal=SIGKILL, all=True),
-                f"kill task {task_id}",
-            )
-
-    async def cleanup(self, container_id: str) -> None:
-        """Delete task, container, snapshot, lease; each step tolerates what an earlier,
-        interrupted cleanup already removed."""
-        try:
-            await self._delete_in_containerd(self._handle(container_id))
-        finally:
-            await self._network.cleanup(container_id)
-        # After the task's deletion: the shim has then ended the log relay, which writes here.
-        self._run_dirs.remove(container_id)
-        self._log_paths.pop(container_id, None)
-
-    async def _delete_in_containerd(self, handle: ContainerdHandle) -> None:
-        client = self._client
-        await self._stopped(handle)
-        ctr_id = handle.containerd_id
-        steps: list[tuple[Any, Any, str]] = [
-            (client.tasks.Delete, tasks_pb2.DeleteTaskRequest(container_id=ctr_id), "task"),
-            (
-                client.containers.Delete,
-                containers_pb2.DeleteContainerRequest(id=ctr_id),
-                "container",
-            ),
-            (
-                client.snapshots.Remove,
-                snapshots_pb2.RemoveSnapshotRequest(
-                    snapshotter=handle.snapshotter, key=handle.snapshot_key
-                ),
-                "snapshot",
-            ),
-            (client.leases.Delete, leases_pb2.DeleteRequest(id=handle.lease_id), "lease"),
-        ]
-        for method, request, what in steps:
-            await self._delete(method, request, f"delete {what} {ctr_id}")
-        self._state.clear_oom(handle.containerd_id)
-        self._state.forget_exit(handle.containerd_id)
-        self._state.handles.pop(handle.container_id, None)
-
-    async def _delete(self, method: Any, request: Any, what: str) -> None:
-        """One step of cleanup; NotFound means an earlier cleanup did it. An error containerd
-        gives no class is retried: the shim can exit while containerd deletes its task
-        ("ttrpc: closed", containerd/containerd#8981), and a second Delete completes it."""
-        for attempt in range(1, DELETE_ATTEMPTS + 1):
-            try:
-                await self._client.call(method, request, what)
-                return
-            except NotFound:
-                return
-            except ContainerizerError as exc:
-                if type(exc) is not ContainerizerError or attempt == DELETE_ATTEMPTS:
-                    raise
-                log.warning("%s; retrying", exc)
-                await asyncio.sleep(DELETE_RETRY_DELAY)
-
-    async def _stopped(self, handle: ContainerdHandle) -> None:
-        """containerd deletes only a stopped task: a half-started one is killed and reaped
-        first. A task whose exit our Wait returned is stopped already; its kill would cost the
-        shim a `runc kill --all` per cleanup."""
-        if self._state.exited(handle.containerd_id):
-            return
-        await self.kill_all(handle.container_id)
-        task_id = handle.containerd_id
-        with contextlib.suppress(NotFound):
-            await self._client.call(
-                self._client.tasks.Wait,
-                tasks_pb2.WaitRequest(container_id=task_id),
-                f"wait for task {task_id}",
-                timeout=EXIT_AFTER_KILL_TIMEOUT,
-            )
-
     # ---- update, usage ----
 
     async def update(self, container_id: str, resources: Resources) -> None:
         handle = self._known(container_id)
-        document = oci.linux_resources(self._node.limits(resources))
-        await self._client.call(
-            self._client.tasks.Update,
-            tasks_pb2.UpdateTaskRequest(
-                container_id=handle.containerd_id,
-                resources=any_pb2.Any(type_url=oci.RESOURCES_TYPE_URL, value=oci.encode(document)),
-            ),
-            f"update task {handle.containerd_id}",
-        )
+        await self._tasks.update(handle, self._node.limits(resources))
 
     async def usage(self, container_id: str) -> Statistics:
         """The shared accounting reader on the cgroups runc made at linux.cgroupsPath."""
@@ -607,58 +371,45 @@ class ContainerdDriver:
             raise NotFound(f"containerd runtime: {container_id!r} has no cgroup (not running)")
         return self._cgroups.statistics(container_id)
 
-    # ---- recovery ----
+    # ---- kill_all, cleanup, recovery ----
+
+    async def kill_all(self, container_id: str) -> None:
+        """SIGKILL to every process of the task; no task, or a stopped one, is no error."""
+        await self._tasks.kill_all(self._handle(container_id).containerd_id)
+
+    async def cleanup(self, container_id: str) -> None:
+        """Delete task, container, snapshot, lease; each step tolerates what an earlier,
+        interrupted cleanup already removed."""
+        try:
+            await self._tasks.delete(self._handle(container_id))
+        finally:
+            await self._network.cleanup(container_id)
+        # After the task's deletion: the shim has then ended the log relay, which writes here.
+        self._run_dirs.remove(container_id)
+        self._state.log_paths.pop(container_id, None)
 
     async def recover(self, checkpointed: list[Checkpointed], known_ids: set[str]) -> None:
         for entry in checkpointed:
             cid = entry.spec.container_id
             if entry.spec.linux.log_path:
-                self._log_paths[cid] = entry.spec.linux.log_path
+                self._state.log_paths[cid] = entry.spec.linux.log_path
             if entry.handle:
                 self._state.handles[cid] = ContainerdHandle.from_json(cid, entry.handle)
             else:
                 self._state.handles[cid] = self._handle(cid)
         try:
-            await self._remove_orphans(known_ids)
+            for orphan in await recovery.orphans(self._client, known_ids):
+                log.info("containerd: removing orphan container %s", orphan)
+                await self.kill_all(orphan)
+                await self.cleanup(orphan)
             self._run_dirs.remove_orphans(known_ids)
-            await self._remove_images_not_in_store()
+            stored = {image.reference for image in self._store.list()}
+            await recovery.remove_images_not_in(self._client, stored, self._loader)
         except Unavailable as exc:
             # The other runtimes must keep working; fingerprint reports containerd unhealthy.
             log.warning("containerd recovery skipped: %s", exc)
             return
-        self._state.subscribe(self._client, self._end_after_oom)
-
-    async def _remove_orphans(self, known_ids: set[str]) -> None:
-        """Containers and leases in our namespace that no checkpoint knows."""
-        client = self._client
-        listed = await client.call(
-            client.containers.List, containers_pb2.ListContainersRequest(), "list containers"
-        )
-        leases = await client.call(client.leases.List, leases_pb2.ListRequest(), "list leases")
-        owners = [c.labels.get(CONTAINER_LABEL, "") for c in listed.containers]
-        owners += [lease.labels.get(CONTAINER_LABEL, "") for lease in leases.leases]
-        for owner in dict.fromkeys(owners):
-            if owner and owner not in known_ids:
-                log.info("containerd: removing orphan container %s", owner)
-                await self.kill_all(owner)
-                await self.cleanup(owner)
-
-    async def _remove_images_not_in_store(self) -> None:
-        """The containerd image records we made own their content and snapshots; an image
-        removed from our store goes, and containerd's garbage collector takes the rest."""
-        stored = {image.reference for image in self._store.list()}
-        client = self._client
-        listed = await client.call(client.images.List, images_pb2.ListImagesRequest(), "images")
-        for image in listed.images:
-            if image.name not in stored:
-                with contextlib.suppress(NotFound):
-                    await client.call(
-                        client.images.Delete,
-                        images_pb2.DeleteImageRequest(name=image.name),
-                        f"delete image {image.name}",
-                    )
-                if self._loader is not None:
-                    self._loader.forget(image.name)
+        self._state.subscribe(self._client, self._tasks.end_after_oom)
 
     async def close(self) -> None:
         if self._releases:  # ended Exec sessions whose processes are being deleted

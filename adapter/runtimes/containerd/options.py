@@ -3,8 +3,10 @@ loaded."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
+from adapter.core.errors import FailedPrecondition
 from adapter.runtimes.containerd.handle import CONTAINERD_ID
 from adapter.runtimes.table import RuntimeTable
 
@@ -18,6 +20,18 @@ class ContainerdOptions:
     runtime: str = "io.containerd.runc.v2"  # the shim
     runtime_binary: str | None = None  # e.g. "crun": the runc shim runs this OCI runtime instead
     snapshotter: str = "overlayfs"
+
+    def runtime_binary_path(self) -> str | None:
+        """Where runtime_binary is installed; None when the shim's own runc is used."""
+        if self.runtime_binary is None:
+            return None
+        found = shutil.which(self.runtime_binary)
+        if found is None:
+            raise FailedPrecondition(
+                f"runtimes.containerd.runtime_binary: {self.runtime_binary!r} is not installed"
+                " (Debian packages runc, crun)"
+            )
+        return found
 
     @classmethod
     def parse(cls, table: RuntimeTable) -> ContainerdOptions:

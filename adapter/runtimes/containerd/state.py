@@ -1,5 +1,5 @@
-"""In-memory state of the containerd driver: the containers it knows and the OOM kills containerd
-announced on its events stream.
+"""In-memory state of the containerd driver: the containers it knows, the CRI logs among their
+outputs, and the OOM kills containerd announced on its events stream.
 
 The events stream is one Subscribe per driver, filtered to our namespace and the `/tasks/oom`
 topic, reconnected when containerd restarts. An OOM can also happen while we are not subscribed
@@ -31,6 +31,7 @@ RESUBSCRIBE_DELAY = 1.0
 class ContainerdState:
     def __init__(self) -> None:
         self.handles: dict[str, ContainerdHandle] = {}
+        self.log_paths: dict[str, str] = {}  # a CRI container's log, which reopen waits for
         self._oom_killed: set[str] = set()  # containerd ids
         # Tasks whose exit a Wait returned (containerd ids): stopped, and with a private pid
         # namespace or the shim's kill of the rest at init's exit, nothing of them runs.

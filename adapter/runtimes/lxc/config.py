@@ -10,7 +10,7 @@ are octal-escaped the way LXC's getmntent-style parser decodes them.
 
 What never enters this file at all: the command, its arguments, environment variables and
 labels. They go to the container's init (our supervisor) through lxc-start's stdin (see
-driver.py), where there is no syntax to break and no command line to read them from.
+monitor.py), where there is no syntax to break and no command line to read them from.
 
 Also here: the cgroup keys for a container's limits and the keys that put it on the network
 isolator's namespace.
