@@ -158,8 +158,9 @@ def accepts_connections(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def private_dockerd() -> Iterator[PrivateDockerd]:
-    """A started private dockerd, stopped and removed at exit (also used by the benchmark)."""
+def private_dockerd(keep_log: Path | None = None) -> Iterator[PrivateDockerd]:
+    """A started private dockerd, stopped and removed at exit (also used by the benchmark).
+    Its log (dockerd's and its containerd's lines) is copied to `keep_log` first, if given."""
     # Named with the run id (and in /tmp, for short socket paths): should this run be killed
     # halfway, the next one finds the directory, its mounts and the daemons naming it.
     workdir = run_scoped_tempdir("ctz-dockerd")
@@ -169,6 +170,9 @@ def private_dockerd() -> Iterator[PrivateDockerd]:
         yield daemon
     finally:
         daemon.stop()
+        if keep_log is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(daemon.log_path, keep_log)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -245,14 +249,17 @@ def docker_service_config(daemon: PrivateDockerd, registry: str | None) -> str:
 
 
 @pytest.fixture(scope="session")
-def dockerd() -> Iterator[PrivateDockerd]:
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDockerd]:
     """One private dockerd per xdist worker. At the end nothing of ours may be left in it (the
-    suite's `docker ps -a` check): leftovers are removed and reported as an error."""
+    suite's `docker ps -a` check): leftovers are removed and reported as an error. Its log is
+    kept in the session's basetemp (`dockerd-<worker>.log`), to read after a failure."""
     require_root()
     for binary, package in ((DOCKERD, "docker.io"), (DOCKER_CLI, "docker.io")):
         require(binary.is_file(), f"{binary} missing: apt-get install {package}")
     require(BUSYBOX.is_file(), f"{BUSYBOX} missing: apt-get install busybox-static")
-    with private_dockerd() as daemon:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    keep_log = tmp_path_factory.getbasetemp() / f"dockerd-{worker}.log"
+    with private_dockerd(keep_log) as daemon:
         yield daemon
         leftovers = daemon.our_containers()
         for container in leftovers:

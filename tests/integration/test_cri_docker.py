@@ -16,6 +16,8 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
+from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID, LABEL_ROLE, ROLE_SANDBOX
+from isolators.cgroups.locate import UNIFIED, process_cgroups
 from tests.conftest import ServiceProcess
 from tests.docker_fixtures import PrivateDockerd, build_busybox_image, dockerd
 from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
@@ -141,6 +143,37 @@ def test_a_container_pid_namespace_of_its_own(node: CriNode) -> None:
         shared = node.run(pod_id, node.container_config("sleep", "603"))
         processes = node.exec_sync(shared, "ps", "-o", "args").stdout
         assert b"sleep infinity" in processes, processes  # the pod's: the holder is in sight
+
+
+def test_the_network_sandbox_leaves_room_for_runc_to_start_it(
+    node: CriNode, dockerd: PrivateDockerd
+) -> None:
+    # runc applies the sandbox's pids limit while its own init (a Go program of several
+    # threads) still waits in there for the start: one refused a thread dies, and the pod's
+    # start failed at random ("cannot start a stopped process").
+    with docker_pod(node) as pod_id:
+        cgroup = _pids_cgroup(_sandbox_pid(dockerd, pod_id))
+        peak, limit = (int((cgroup / name).read_text()) for name in ("pids.peak", "pids.max"))
+        assert peak < limit, f"{cgroup}: runc's start took {peak} tasks, the limit is {limit}"
+
+
+def _sandbox_pid(daemon: PrivateDockerd, container_id: str) -> int:
+    """The host pid of the network sandbox of our container `container_id`."""
+    client = daemon.client()
+    try:
+        labels = [f"{LABEL_ROLE}={ROLE_SANDBOX}", f"{LABEL_CONTAINER_ID}={container_id}"]
+        (sandbox,) = client.containers.list(filters={"label": labels})
+        return int(sandbox.attrs["State"]["Pid"])
+    finally:
+        client.close()
+
+
+def _pids_cgroup(pid: int) -> Path:
+    """The pids cgroup directory of process `pid` (cgroup v1 or v2)."""
+    paths = process_cgroups(pid)
+    if "pids" in paths:
+        return Path("/sys/fs/cgroup/pids") / paths["pids"].lstrip("/")
+    return Path("/sys/fs/cgroup") / paths[UNIFIED].lstrip("/")
 
 
 def test_pod_and_containers_come_back_after_kill_9(node: CriNode, dockerd: PrivateDockerd) -> None:

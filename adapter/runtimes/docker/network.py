@@ -40,7 +40,11 @@ from adapter.runtimes.docker.client import DockerEngine
 
 SANDBOX_COMMAND = ("sleep", "infinity")  # busybox and coreutils both understand "infinity"
 SANDBOX_USER = "65534:65534"  # nobody: the sandbox needs no privilege, nor a passwd entry
-SANDBOX_PIDS_LIMIT = 4
+# Not the one task `sleep` needs: runc applies the limit while its own init (a Go program whose
+# threads are tasks to the pids controller: 5 to 9 seen) still waits in the container for the
+# start. An init refused a thread there dies, and Docker's start fails at random ("cannot start
+# a stopped process"). 32 still stops a fork bomb.
+SANDBOX_PIDS_LIMIT = 32
 HOSTNAME_MAX = 63
 
 
