@@ -15,7 +15,7 @@ Then, when critest is there ($CRITEST, else ../shared/cri/bin/critest), `critest
 against the same service (critest_benchmark.py); without it, one line says why not.
 
 Usage: python benchmarks/bench_cri.py [--runs 30] [--warmup 3] [--critest-samples 20]
-(root; prints a summary on stderr and JSON on stdout)
+(root; prints a summary on stderr and JSON on stdout; --critest-samples 0 skips critest)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ from tests.integration.containerd_daemon import (
 )
 from tests.integration.cri import TIMEOUT, CriNode
 from tests.integration.test_network import network_config
+from tests.run_records import RunRecord, run_scoped_tempdir
 
 TARGET_RATIO = 1.15
 # The ways the same work is done, as the results name them.
@@ -336,8 +336,12 @@ def main() -> int:
     if missing is not None:
         print(json.dumps({"benchmark": "cri", "error": missing}))
         return 1
-    tools = critest_tools()
-    workdir = Path(tempfile.mkdtemp(prefix="ctz-bench-cri-", dir="/tmp"))
+    tools = critest_tools() if args.critest_samples > 0 else "--critest-samples 0"
+    workdir = run_scoped_tempdir("ctz-bench-cri")
+    # A run of its own (tests/run_records.py): a test session that starts meanwhile spares its
+    # bridge and namespaces instead of sweeping them as orphans, and one that starts after this
+    # benchmark was killed sweeps what it left.
+    record = RunRecord([workdir])
     try:
         with contextlib.ExitStack() as stack:
             tarball = busybox_oci_layout(workdir)
@@ -348,6 +352,7 @@ def main() -> int:
             critest = critest_result(tools, node, workdir / "critest", args.critest_samples)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        record.release()
     result = CriBenchmark.of(samples, critest)
     print(result.report(), file=sys.stderr)  # stdout carries the JSON, for run_all.py
     print(json.dumps(result.as_json(), indent=2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -45,7 +45,7 @@ from adapter.core.model import (
 )
 from adapter.core.network import RuntimeNetwork
 from adapter.core.pod_cgroups import PodCgroups
-from adapter.core.sandbox import prepare_outputs
+from adapter.core.sandbox import prepare_outputs, remove_directory
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
 from adapter.core.userns import IdRangeAllocator, user_namespace_for
 from adapter.runtimes.base import (
@@ -593,13 +593,15 @@ class Containerizer:
             self.pod_cgroups.unplace(container_id)
         container = self._containers.pop(container_id, None)
         if container is not None and container.record.sandbox_owned:
-            shutil.rmtree(container.record.spec.sandbox, ignore_errors=True)
+            remove_directory(container.record.spec.sandbox)
 
     def _is_default_sandbox(self, spec: LaunchSpec) -> bool:
         """The service makes (and may remove) only the default sandbox; a caller-named one may
         not lie under the state directory (validation), so it can never be this path."""
-        default = self.sandbox_root / spec.container_id if self.sandbox_root else None
-        return default is not None and Path(spec.sandbox) == default
+        if self.sandbox_root is None:
+            return False
+        default = f"{self.sandbox_root}/{spec.container_id}"  # as validation spells it
+        return spec.sandbox == default or Path(spec.sandbox) == Path(default)
 
     def quarantined(self) -> list[QuarantinedRecord]:
         """Records found damaged at start, set aside with the reason."""
@@ -624,10 +626,22 @@ class Containerizer:
 
 def _make_sandbox(path: str) -> None:
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        _make_directories(path)
     except OSError as exc:
         raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
     prepare_outputs(path)
+
+
+def _make_directories(path: str) -> None:
+    """Path.mkdir(parents=True, exist_ok=True), in one mkdir when the parent exists (the
+    sandboxes' root, made by the first launch)."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def _disk_not_enforced(spec: LaunchSpec) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeGuard
 
 from adapter.core.errors import ContainerizerError
 from adapter.core.model import MIB, LaunchSpec, Resources, Statistics
@@ -36,16 +37,22 @@ class DiskAccounting:
         self.isolator = isolator
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._said: set[str] = set()  # the reasons for measuring already logged
+        # Runtime class -> whether it shows its writable layer: asked at every launch, and a
+        # Protocol's isinstance inspects the class each time.
+        self._shows_layers: dict[type, bool] = {}
 
-    @staticmethod
-    def enforces(driver: Runtime) -> bool:
+    def enforces(self, driver: Runtime) -> TypeGuard[WritableLayers]:
         """Whether a disk request is enforced on this runtime: all it writes can be seen."""
-        return isinstance(driver, WritableLayers)
+        kind = type(driver)
+        shows = self._shows_layers.get(kind)
+        if shows is None:
+            shows = self._shows_layers[kind] = isinstance(driver, WritableLayers)
+        return shows
 
     async def _roots(self, spec: LaunchSpec, driver: Runtime) -> tuple[list[str], str]:
         """The sandbox, and the writable layer where the runtime can say; else why not (a
         daemon that is down, a storage driver without one): the sandbox alone is measured."""
-        if not isinstance(driver, WritableLayers):
+        if not self.enforces(driver):
             return [spec.sandbox], ""
         try:
             layers = await driver.writable_dirs(spec.container_id)
@@ -62,7 +69,15 @@ class DiskAccounting:
         launch's warning when its disk request is enforced on its sandbox only."""
         (roots, unmeasured), limit = await self._roots(spec, driver), self._limit(spec, driver)
         mode = await self.isolator.prepare(spec.container_id, roots, limit)
-        log.info("%s: disk %s over %s", spec.container_id, mode.name or "measured", roots)
+        # How a limit is enforced is the operator's to know; that a container is measured,
+        # every container's, is per-launch chatter.
+        log.log(
+            logging.INFO if mode.name else logging.DEBUG,
+            "%s: disk %s over %s",
+            spec.container_id,
+            mode.name or "measured",
+            roots,
+        )
         if mode.why_not_quota and mode.why_not_quota not in self._said:
             self._said.add(mode.why_not_quota)  # once per cause, not once per container
             log.warning(

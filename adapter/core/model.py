@@ -327,9 +327,17 @@ class Termination:
     finished_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reason"] = self.reason.value
-        return data
+        # Field by field: asdict's deep copy cost more than the rest of a checkpoint.
+        return {
+            "reason": self.reason.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "status": self.status,
+            "killed": self.killed,
+            "message": self.message,
+            "limited_resources": self.limited_resources,
+            "finished_at": self.finished_at,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Termination:
@@ -368,6 +376,9 @@ class Capabilities:
     # Its containers cannot join a pod's user namespace (LXC enters a shared user namespace
     # before the pod's network namespace): a pod on it gets none, unless it asks (refused).
     no_pod_user_namespace: bool = False
+    # Its `wait` returns once the workload's output is all written (the CRI log, the sandbox's
+    # files), not only at its cleanup: the CRI shows such a container EXITED at its exit.
+    output_complete_at_exit: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ FIFO, a directory or a hard link to some other file is refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
+from collections.abc import Sequence
 
 from adapter.core.errors import FailedPrecondition
 
@@ -49,3 +52,30 @@ def prepare_outputs(sandbox: str) -> None:
     earlier launch of this sandbox left there."""
     for name in OUTPUTS:
         os.close(open_output(sandbox, name))
+
+
+def remove_directory(path: str, expected: Sequence[str] = OUTPUTS) -> None:
+    """Remove the directory `path` and what it holds, like rmtree(ignore_errors=True), faster
+    for the usual content: the files `expected` (a sandbox's outputs) are unlinked relative to
+    the directory opened without following a link, and the directory is removed. Anything
+    else there (a workload's files, a subdirectory, a symlink in its place) is left to rmtree,
+    which follows no symlink either. A missing directory is fine."""
+    try:
+        directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        for name in expected:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=directory)
+    except OSError:
+        pass  # a directory under that name, say: rmtree below
+    finally:
+        os.close(directory)
+    try:
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)

@@ -20,6 +20,7 @@ refused with one line that says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -74,11 +75,11 @@ class ContainerRecord:
     def evolve(self, **changes: Any) -> ContainerRecord:
         return replace(self, **changes)
 
-    def to_json(self, spec: dict[str, Any] | None = None) -> str:
-        """The record as stored; `spec`: the spec's JSON form, when the caller has it."""
-        return json.dumps(
+    def to_json(self, spec: str | None = None) -> str:
+        """The record as stored; `spec`: the spec's JSON text, when the caller has it."""
+        spec_text = spec_json(self.spec) if spec is None else spec
+        rest = json.dumps(
             {
-                "spec": self.spec.to_json() if spec is None else spec,
                 "state": self.state.value,
                 "launched_at": self.launched_at,
                 "handle": self.handle,
@@ -90,6 +91,8 @@ class ContainerRecord:
                 "disk_limitation": self.disk_limitation,
             }
         )
+        # json.dumps of the whole record, spec first, without encoding the spec every time.
+        return f'{{"spec": {spec_text}, {rest[1:]}'
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ContainerRecord:
@@ -115,6 +118,19 @@ class ContainerRecord:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DamagedRecord(f"{type(exc).__name__}: {exc}") from None
+
+
+def spec_json(spec: LaunchSpec) -> str:
+    """json.dumps(spec.to_json()), a quarter of its cost: the encoder takes each nested record's
+    fields as they are (tuples become lists either way) instead of asdict's deep copy first."""
+    return json.dumps(spec, default=_fields_of)
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    # A dataclass instance's attributes are its fields (none of the spec's sets others).
+    return vars(value)
 
 
 # The JSON shape a record must have: field -> accepted types. Checked before any field is used,
@@ -235,24 +251,29 @@ class StateStore:
         restrict_database_files(path)
         # Read once: records are set aside only while loading, and every Launch asks.
         self._quarantined: list[QuarantinedRecord] | None = None
-        # container id -> (spec, its JSON form): a container's transitions keep its spec, and
-        # turning the spec into JSON was half the cost of each of its checkpoints.
-        self._spec_json: dict[str, tuple[LaunchSpec, dict[str, Any]]] = {}
+        # container id -> (spec, its JSON text): a container's transitions keep its spec, and
+        # encoding the spec was most of the cost of each of its checkpoints.
+        self._spec_json: dict[str, tuple[LaunchSpec, str]] = {}
 
     def put(self, record: ContainerRecord) -> None:
-        """One committed transaction: it survives a crash of the service once this returns."""
+        """One committed transaction: it survives a crash of the service once this returns.
+
+        An upsert, not INSERT OR REPLACE: a replace deletes the row and inserts it again under a
+        new rowid, writing the primary key's index too, at over twice the cost of updating the
+        row in place; and the row keeps its place, so records load in launch order."""
         self._db.execute(
-            "INSERT OR REPLACE INTO containers (container_id, record) VALUES (?, ?)",
+            "INSERT INTO containers (container_id, record) VALUES (?, ?)"
+            " ON CONFLICT (container_id) DO UPDATE SET record = excluded.record",
             (record.container_id, record.to_json(self._spec_json_of(record))),
         )
 
-    def _spec_json_of(self, record: ContainerRecord) -> dict[str, Any]:
+    def _spec_json_of(self, record: ContainerRecord) -> str:
         cached = self._spec_json.get(record.container_id)
         if cached is not None and cached[0] is record.spec:
             return cached[1]
-        spec_json = record.spec.to_json()
-        self._spec_json[record.container_id] = (record.spec, spec_json)
-        return spec_json
+        text = spec_json(record.spec)
+        self._spec_json[record.container_id] = (record.spec, text)
+        return text
 
     def delete(self, container_id: str) -> None:
         self._db.execute("DELETE FROM containers WHERE container_id = ?", (container_id,))

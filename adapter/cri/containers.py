@@ -2,8 +2,14 @@
 pod's namespaces), exited (the core's termination, kept here until RemoveContainer).
 
 The core keeps a container from its launch to its destroy; the CRI's container lives longer on
-both sides (created before it starts, kept after it ends), so this module keeps the CRI record
-and a watcher per started container copies the core's termination into it.
+both sides (created before it starts, kept after it ends), so this module keeps the CRI record.
+A started container is EXITED as soon as the core has checkpointed its exit (an observer of the
+core's events), while the core still cleans up (cgroups, mounts, sandbox): the CRI's EXITED says
+that its process ended, and that its log is complete, so this holds on a runtime whose exit comes
+with the output all written (`output_complete_at_exit`: native's supervisor); on another one (a
+shim's log relay ends with the task's deletion) it is EXITED once the cleanup is done. A watcher
+per started container awaits the end of that cleanup, which StopContainer and RemoveContainer
+wait for: after them, nothing of the container runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import ContainerizerError, FailedPrecondition, NotFound
+from adapter.core.events import Event
 from adapter.core.model import (
     ExecResult,
     LaunchSpec,
@@ -55,8 +62,13 @@ class CriContainers:
         self.pods = pods
         self.images = images
         self.records: dict[str, Container] = {c.id: c for c in store.load(Container)}
+        # container id -> the task awaiting the core's end of it (the exit and its cleanup)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # runtime -> whether its exit comes with the output all written (its capabilities,
+        # asked before it starts or re-watches a container here)
+        self._output_at_exit: dict[str, bool] = {}
+        core.event_hub.observe(self._on_core_event)
 
     def get(self, container_id: str) -> Container:
         return find(self.records, container_id, "container")
@@ -114,12 +126,14 @@ class CriContainers:
         return ImageChoice(image.reference, image.config.digest)
 
     async def start(self, container_id: str) -> None:
-        container = self.get(container_id)
-        async with self._lock(container.id):
+        async with self._lock(self.get(container_id).id):
+            container = self.get(container_id)  # as it is now that no other start runs
             if container.state != CREATED:
                 raise FailedPrecondition(f"container {container.id!r} is not in the created state")
+            await self._predecessor_gone(container)
             try:
                 spec = self._launch_spec(container)
+                await self._learn_output_at_exit(spec.runtime)
                 log.debug("starting %s as %s", container.id, spec)
                 started_at = time.time_ns()  # the workload may end before launch returns
                 record = await self.core.launch(spec)
@@ -137,6 +151,16 @@ class CriContainers:
             self._put(container.evolve(state=RUNNING, started_at=started_at))
             self.pods.container_started(self.pods.get(container.pod_id), record)
             self._watch(container.id)
+
+    async def _predecessor_gone(self, container: Container) -> None:
+        """A pod without a holder is its one container (a VM): the one it follows is EXITED,
+        but its cleanup, which releases the pod's address, must be done before this starts."""
+        if self.pods.get(container.pod_id).holder_runtime:
+            return
+        for other in self.of_pod(container.pod_id):
+            watcher = self._watchers.get(other.id)
+            if other.id != container.id and watcher is not None:
+                await asyncio.shield(watcher)
 
     def _launch_spec(self, container: Container) -> LaunchSpec:
         pod = self.pods.get(container.pod_id)
@@ -191,10 +215,34 @@ class CriContainers:
         user = ("user", f"/proc/{self.pods.holder_pid(pod)}/ns/user")
         return replace(linux, namespaces=(*linux.namespaces, user))
 
-    def _watch(self, container_id: str) -> None:
-        self._watchers[container_id] = asyncio.create_task(self._await_exit(container_id))
+    async def _learn_output_at_exit(self, runtime: str) -> None:
+        if runtime not in self._output_at_exit:
+            capabilities = await self.core.capabilities(runtime)
+            self._output_at_exit[runtime] = capabilities.output_complete_at_exit
 
-    async def _await_exit(self, container_id: str) -> None:
+    def _on_core_event(self, event: Event) -> None:
+        """A started container's exit, once the core has checkpointed it (before its cleanup),
+        on a runtime whose output is all written by then. Called inside the core's checkpoint,
+        which must go on: a failure to record it here is logged, and the watcher records the
+        exit once the cleanup is done."""
+        if event.termination is None or not self._output_at_exit.get(event.runtime, False):
+            return
+        container = self.records.get(event.container_id)
+        if container is None or container.state != RUNNING:
+            return
+        try:
+            self._put(exited(container, event.termination))
+        except Exception:
+            log.exception("CRI container %s: its exit could not be recorded yet", container.id)
+
+    def _watch(self, container_id: str) -> None:
+        watcher = asyncio.create_task(self._await_end(container_id))
+        self._watchers[container_id] = watcher
+        watcher.add_done_callback(lambda _: self._watchers.pop(container_id, None))
+
+    async def _await_end(self, container_id: str) -> None:
+        """The core's end of the container: its exit (recorded here if the observer has not)
+        and its cleanup."""
         try:
             termination = await self.core.wait(container_id)
         except NotFound:
@@ -204,26 +252,37 @@ class CriContainers:
                 finished_at=time.time(),
             )
         container = self.records.get(container_id)
-        if container is not None and container.state == RUNNING:
+        if container is None:
+            return
+        if container.state == RUNNING:
             self._put(exited(container, termination))
-            self.pods.container_ended(container.pod_id)
+        self.pods.container_ended(container.pod_id)
 
     async def stop(self, container_id: str, timeout: int) -> None:
-        """SIGTERM, then after `timeout` seconds SIGKILL of every process (the core's destroy)."""
+        """SIGTERM, then after `timeout` seconds SIGKILL of every process (the core's destroy).
+        Returns once nothing of the container runs: an exited one's cleanup is waited for."""
         container = self.get(container_id)
-        if container.state != RUNNING:
-            return
+        if container.state == RUNNING:
+            await self._end(container.id, timeout)
+        watcher = self._watchers.get(container.id)
+        if watcher is not None:  # shielded: a caller that goes away must not cancel it
+            await asyncio.shield(watcher)
+
+    async def _end(self, container_id: str, timeout: int) -> None:
         if timeout > 0:
             with contextlib.suppress(ContainerizerError):
-                await self.core.kill(container.id, signal.SIGTERM)
+                await self.core.kill(container_id, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.core.wait(container.id)), timeout)
-        if self.core.status(container.id).state is not State.TERMINATED:
+                await asyncio.wait_for(asyncio.shield(self.core.wait(container_id)), timeout)
+        if not self._exit_known(container_id):
             with contextlib.suppress(NotFound):
-                await self.core.destroy(container.id)
-        watcher = self._watchers.pop(container.id, None)
-        if watcher is not None:
-            await watcher
+                await self.core.destroy(container_id)
+
+    def _exit_known(self, container_id: str) -> bool:
+        try:
+            return self.core.status(container_id).termination is not None
+        except NotFound:
+            return True  # the core's record is gone: nothing of it is left to stop
 
     async def remove(self, container_id: str) -> None:
         try:
@@ -243,7 +302,7 @@ class CriContainers:
             raise FailedPrecondition(f"container {container.id!r} is not running")
         return await self.core.exec_sync(container.id, tuple(argv), float(timeout) or None)
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """Re-watch started containers; one whose core record is gone or ended gets its exit."""
         for container in list(self.records.values()):
             if container.state != RUNNING:
@@ -258,9 +317,11 @@ class CriContainers:
                     )
                 )
                 continue
-            if record.state is State.TERMINATED and record.termination is not None:
+            if record.termination is not None:  # the exit was checkpointed before the restart
                 self._put(exited(container, record.termination))
-            else:
+            if record.state is not State.TERMINATED:
+                with contextlib.suppress(ContainerizerError):  # unknown: EXITED at the cleanup
+                    await self._learn_output_at_exit(record.spec.runtime)
                 self._watch(container.id)
 
     async def close(self) -> None:
@@ -269,8 +330,11 @@ class CriContainers:
         self._watchers.clear()
 
     def _put(self, container: Container) -> None:
-        self.records[container.id] = container
+        """Stored first: a record that could not be written is not shown either."""
+        if self.records.get(container.id) == container:
+            return
         self.store.put(container)
+        self.records[container.id] = container
 
 
 def exited(container: Container, termination: Termination) -> Container:

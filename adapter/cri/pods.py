@@ -151,8 +151,7 @@ class Pods:
             holder_runtime=self._holder_runtime(handler, capabilities),
         )
         self._write_files(pod.id, config)
-        self.records[pod.id] = pod
-        self.store.put(pod)
+        self._put(pod)
         try:
             self._cgroups().create(pod.id, translate.pod_resources(config))
             if not pod.holder_runtime:
@@ -394,5 +393,9 @@ class Pods:
         self._watchers.clear()
 
     def _put(self, pod: Pod) -> None:
-        self.records[pod.id] = pod
+        """Stored first: a record that could not be written is not shown either. An unchanged
+        one is not written again (a stopped pod is stopped again by its removal)."""
+        if self.records.get(pod.id) == pod:
+            return
         self.store.put(pod)
+        self.records[pod.id] = pod

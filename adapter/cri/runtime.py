@@ -21,7 +21,7 @@ from adapter.cri import convert, translate
 from adapter.cri.api import cri, cri_grpc
 from adapter.cri.containers import CriContainers
 from adapter.cri.pods import Pods
-from adapter.cri.store import RUNNING, CriStore
+from adapter.cri.store import RUNNING, Container, CriStore
 from adapter.cri.streaming import StreamingServer
 from adapter.images.store import ImageStore
 from adapter.server.errors import mapped_errors
@@ -57,7 +57,7 @@ class CriRuntime:
 
     async def recover(self) -> None:
         await self.pods.recover()
-        self.containers.recover()
+        await self.containers.recover()
 
     async def stop_pod(self, pod_id: str) -> None:
         try:
@@ -80,11 +80,14 @@ class CriRuntime:
             await self.containers.remove(container.id)
         await self.pods.remove(pod)
 
-    async def usage(self, container_id: str) -> Statistics:
+    async def usage(self, container: Container) -> Statistics:
+        """Created or exited: nothing runs to account (an exited one's cgroups may be going)."""
+        if container.state != RUNNING:
+            return {}
         try:
-            return await self.core.usage(container_id)
+            return await self.core.usage(container.id)
         except ContainerizerError:
-            return {}  # created or exited: nothing is running to account
+            return {}  # it ended since
 
     async def close(self) -> None:
         await self.streaming.close()
@@ -294,7 +297,7 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         self, request: cri.ContainerStatsRequest, context: Any
     ) -> cri.ContainerStatsResponse:
         record = self.containers.get(_required(request.container_id, "container_id"))
-        statistics = await self.runtime.usage(record.id)
+        statistics = await self.runtime.usage(record)
         return cri.ContainerStatsResponse(stats=convert.container_stats(record, statistics))
 
     @mapped_errors
@@ -310,7 +313,7 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
                 continue
             if not convert.matches_labels(record.container_config().labels, wanted.label_selector):
                 continue
-            statistics = await self.runtime.usage(record.id)
+            statistics = await self.runtime.usage(record)
             stats.append(convert.container_stats(record, statistics))
         return cri.ListContainerStatsResponse(stats=stats)
 
@@ -339,7 +342,7 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         pod = self.pods.get(pod_id)
         containers = []
         for record in self.containers.of_pod(pod.id):
-            statistics = await self.runtime.usage(record.id)
+            statistics = await self.runtime.usage(record)
             containers.append(convert.container_stats(record, statistics))
         # The pod's cgroup: the kernel's sums over all its containers and its holder.
         return convert.pod_stats(pod, self.pods.statistics(pod.id), containers)

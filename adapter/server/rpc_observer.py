@@ -19,6 +19,9 @@ log = logging.getLogger("containerizer.rpc")
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here
     def __init__(self, metrics: ServiceMetrics | None) -> None:
         self._metrics = metrics
+        # method -> (its handler, the handler with the call's end watched): the servicers'
+        # handlers are fixed at start, so each is wrapped once, not at every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -29,9 +32,16 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED itself
             return handler
         method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        observed = self._observed(handler, method)
+        self._wrapped[method] = (handler, observed)
+        return observed
+
+    def _observed(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         kind = _kind(handler)
-        behavior = getattr(handler, kind)
-        wrapped = self._wrap(behavior, method.rpartition("/")[2])
+        wrapped = self._wrap(getattr(handler, kind), method.rpartition("/")[2])
         if wrapped is None:
             return handler
         return handler._replace(**{kind: wrapped})

@@ -98,7 +98,14 @@ class SupervisorHandle:
     status_file: str
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Field by field: asdict's deep copy is slow, and this is on every launch's path.
+        return {
+            "supervisor_pid": self.supervisor_pid,
+            "supervisor_start_time": self.supervisor_start_time,
+            "child_pid": self.child_pid,
+            "child_start_time": self.child_start_time,
+            "status_file": self.status_file,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SupervisorHandle:
@@ -603,7 +610,8 @@ async def _read_handshake(
     """The parsed `ok` line. On anything else the supervisor (and whatever it forked) is killed
     and reaped before SpawnError is raised; a cancelled spawn leaves nothing behind either."""
     try:
-        line = await asyncio.wait_for(handshake(process, config_fd, payload), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: no task of its own per launch
+            line = await handshake(process, config_fd, payload)
     except TimeoutError:
         await _abandon(process)
         raise SpawnError(

@@ -140,7 +140,8 @@ def read_status(path: str | Path) -> ExitStatus | None:
     """The recorded status, or None when there is none: no file means the supervisor died
     without recording (the caller reports LOST); an unreadable or garbled file is logged."""
     try:
-        text = Path(path).read_text(encoding="ascii")
+        with open(path, encoding="ascii") as status_file:
+            text = status_file.read()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:

@@ -43,14 +43,14 @@ class CpuIsolator(CgroupIsolator):
     async def apply(self, container_id: str, limits: Limits, *, initial: bool) -> None:
         if limits.cpus is None:
             return
-        cgroup = self.hierarchies.path("cpu", container_id)
+        cgroup = self.cgroup("cpu", container_id)
         shares = cpu_shares(limits.cpus)
         if self.hierarchies.version == 1:
-            files.write(cgroup / "cpu.shares", shares)
+            files.write(f"{cgroup}/cpu.shares", shares)
             if self.enable_cfs:
-                files.write(cgroup / "cpu.cfs_period_us", CFS_PERIOD_US)
-                files.write(cgroup / "cpu.cfs_quota_us", cfs_quota_us(limits.cpus))
+                files.write(f"{cgroup}/cpu.cfs_period_us", CFS_PERIOD_US)
+                files.write(f"{cgroup}/cpu.cfs_quota_us", cfs_quota_us(limits.cpus))
             return
-        files.write(cgroup / "cpu.weight", cpu_weight(shares))
+        files.write(f"{cgroup}/cpu.weight", cpu_weight(shares))
         quota = str(cfs_quota_us(limits.cpus)) if self.enable_cfs else "max"
-        files.write(cgroup / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        files.write(f"{cgroup}/cpu.max", f"{quota} {CFS_PERIOD_US}")

@@ -38,11 +38,11 @@ def parse_int(path: str | Path, text: str) -> int:
         raise CgroupFileError(f"{path}: expected an integer, read {text.strip()!r}") from None
 
 
-def read_int(path: Path) -> int:
+def read_int(path: str | Path) -> int:
     return parse_int(path, read_text(path))
 
 
-def read_limit(path: Path) -> int | None:
+def read_limit(path: str | Path) -> int | None:
     """A limit file: None for "max" (v2) or the v1 unlimited sentinel, else the integer."""
     text = read_text(path).strip()
     if text == "max":
@@ -65,7 +65,7 @@ def parse_kv(path: str | Path, text: str) -> dict[str, int]:
     return result
 
 
-def read_kv(path: Path) -> dict[str, int]:
+def read_kv(path: str | Path) -> dict[str, int]:
     return parse_kv(path, read_text(path))
 
 
@@ -78,7 +78,7 @@ def read_pids(cgroup: Path, name: str = "cgroup.procs") -> list[int]:
     return [int(line) for line in text.split()]
 
 
-def write(path: Path, value: str | int) -> None:
+def write(path: str | Path, value: str | int) -> None:
     """Write one value. The kernel answers bad values with EINVAL/EBUSY: name file and value."""
     data = str(value).encode()
     try:
@@ -91,57 +91,81 @@ def write(path: Path, value: str | int) -> None:
         raise CgroupFileError(f"cannot write {str(value)!r} to {path}: {exc.strerror}") from exc
 
 
-def create(cgroup: Path) -> None:
+def create(cgroup: str | Path) -> None:
     """Create the cgroup directory and missing parents; an existing one is reused. In a v1
     cpuset hierarchy each level gets its parent's CPUs and memory nodes (see inherit_cpuset)."""
     try:
-        cgroup.mkdir(parents=True, exist_ok=True)
+        _make_directory(os.fspath(cgroup))
     except OSError as exc:
         raise CgroupFileError(f"cannot create cgroup {cgroup}: {exc.strerror}") from exc
     inherit_cpuset(cgroup)
 
 
+def _make_directory(path: str) -> None:
+    """Path.mkdir(parents=True, exist_ok=True) for the usual case in one mkdir: the parent
+    (our root) exists; the parents are made only when it does not."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 
 
-def inherit_cpuset(cgroup: Path) -> None:
+def inherit_cpuset(cgroup: str | Path) -> None:
     """Give `cgroup` and its ancestors below the mount their parent's cpuset.cpus and
     cpuset.mems where those are empty, top-down; nothing outside a v1 cpuset hierarchy.
 
     A new v1 cpuset cgroup starts with both empty unless its parent's cgroup.clone_children is
     1 (it is 0 on a fresh host), and no task can join an empty cpuset: the kernel answers
     ENOSPC. runc and libvirt fill their own groups the same way. Values already set are kept."""
-    chain: list[Path] = []
-    level = cgroup
+    chain: list[str] = []
+    level = os.fspath(cgroup).rstrip("/")
+    parent = os.path.dirname(level)
     # v1 only: a v2 cpuset with empty values inherits its parent's, and has no clone_children.
-    while (level / "cgroup.clone_children").exists() and (level.parent / CPUSET_FILES[0]).exists():
+    # The parent's cpuset file first: outside a cpuset hierarchy (every other controller) it is
+    # missing, and that one stat answers.
+    while os.path.exists(f"{parent}/{CPUSET_FILES[0]}") and os.path.exists(
+        f"{level}/cgroup.clone_children"
+    ):
         chain.append(level)
-        level = level.parent
+        level, parent = parent, os.path.dirname(parent)
     for directory in reversed(chain):
         for name in CPUSET_FILES:
             try:
-                if read_text(directory / name).strip():
+                if read_text(f"{directory}/{name}").strip():
                     continue
-                value = read_text(directory.parent / name).strip()
+                value = read_text(f"{os.path.dirname(directory)}/{name}").strip()
             except FileNotFoundError:
                 return  # not a cpuset hierarchy, or removed meanwhile
             if value:
-                write(directory / name, value)
+                write(f"{directory}/{name}", value)
 
 
-async def remove(cgroup: Path, attempts: int = 20, delay: float = 0.01) -> None:
+async def remove(cgroup: str | Path, attempts: int = 20, delay: float = 0.01) -> None:
     """Remove the cgroup and any nested cgroups, deepest first; a missing one is fine.
 
     rmdir answers EBUSY while exiting tasks are still being released, so it is retried a few
     times with short sleeps before giving up with the cgroup's name.
     """
-    if not cgroup.is_dir():
+    try:
+        os.rmdir(cgroup)  # the usual case, in one call: no nested cgroup, no task left
         return
-    nested = [Path(root) for root, _, _ in os.walk(cgroup, topdown=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError:
+        pass  # nested cgroups, or tasks still leaving: the walk below, with its retries
+    if not os.path.isdir(cgroup):
+        return
+    nested = [root for root, _, _ in os.walk(cgroup, topdown=False)]
     for directory in nested:
         for attempt in range(attempts):
             try:
-                directory.rmdir()
+                os.rmdir(directory)
                 break
             except FileNotFoundError:
                 break

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from isolators.base import Limitation, Limits
 from isolators.cgroups import files
@@ -52,8 +51,8 @@ class MemIsolator(CgroupIsolator):
         super().__init__(hierarchies)
         self._watches: dict[str, _OomWatch] = {}
 
-    def _cgroup(self, container_id: str) -> Path:
-        return self.hierarchies.path("memory", container_id)
+    def _cgroup(self, container_id: str) -> str:
+        return self.cgroup("memory", container_id)
 
     async def apply(self, container_id: str, limits: Limits, *, initial: bool) -> None:
         if limits.mem_bytes is not None:
@@ -61,7 +60,7 @@ class MemIsolator(CgroupIsolator):
         if initial and self.hierarchies.version == 1:
             self._register_oom(container_id)
 
-    def _write_limit(self, cgroup: Path, limit: int) -> None:
+    def _write_limit(self, cgroup: str, limit: int) -> None:
         """Raising applies at once. Lowering never goes below current usage: the kernel would
         reclaim or refuse (EBUSY), so clamp to usage and let the soft limit push back."""
         v1 = self.hierarchies.version == 1
@@ -70,11 +69,11 @@ class MemIsolator(CgroupIsolator):
             if v1
             else ("memory.max", "memory.low", "memory.current")
         )
-        current = files.read_limit(cgroup / hard)
+        current = files.read_limit(f"{cgroup}/{hard}")
         if current is not None and limit < current:
-            limit = max(limit, files.read_int(cgroup / usage_file))
-        files.write(cgroup / hard, limit)
-        files.write(cgroup / soft, limit)
+            limit = max(limit, files.read_int(f"{cgroup}/{usage_file}"))
+        files.write(f"{cgroup}/{hard}", limit)
+        files.write(f"{cgroup}/{soft}", limit)
 
     def _register_oom(self, container_id: str) -> None:
         """eventfd + memory.oom_control fd written to cgroup.event_control."""
@@ -84,13 +83,13 @@ class MemIsolator(CgroupIsolator):
         loop = asyncio.get_running_loop()
         eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            control_fd = os.open(cgroup / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            control_fd = os.open(f"{cgroup}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             os.close(eventfd)
             raise
         watch = _OomWatch(eventfd, control_fd, loop.create_future())
         try:
-            files.write(cgroup / "cgroup.event_control", f"{eventfd} {control_fd}")
+            files.write(f"{cgroup}/cgroup.event_control", f"{eventfd} {control_fd}")
         except Exception:
             watch.close(loop)
             raise
@@ -104,14 +103,14 @@ class MemIsolator(CgroupIsolator):
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(watch.eventfd)
         cgroup = self._cgroup(container_id)
-        if not cgroup.is_dir():  # removal also signals the eventfd
+        if not os.path.isdir(cgroup):  # removal also signals the eventfd
             watch.close(asyncio.get_running_loop())
             del self._watches[container_id]
             return
         if not watch.future.done():
             watch.future.set_result(self._limitation(cgroup))
 
-    def _limitation(self, cgroup: Path) -> Limitation:
+    def _limitation(self, cgroup: str) -> Limitation:
         """The message Mesos gives: the limit and the peak usage that hit it."""
         v1 = self.hierarchies.version == 1
         limit_file, peak_file = (
@@ -120,18 +119,18 @@ class MemIsolator(CgroupIsolator):
             else ("memory.max", "memory.peak")
         )
         try:
-            limit: object = files.read_limit(cgroup / limit_file)
-            peak: object = files.read_int(cgroup / peak_file)
+            limit: object = files.read_limit(f"{cgroup}/{limit_file}")
+            peak: object = files.read_int(f"{cgroup}/{peak_file}")
         except (OSError, CgroupFileError):
             limit, peak = "unknown", "unknown"
         return Limitation(
             "mem", f"Memory limit exceeded: limit {limit} bytes, max usage {peak} bytes"
         )
 
-    def _oom_kills(self, cgroup: Path) -> int:
+    def _oom_kills(self, cgroup: str) -> int:
         name = "memory.oom_control" if self.hierarchies.version == 1 else "memory.events"
         try:
-            return files.read_kv(cgroup / name).get("oom_kill", 0)
+            return files.read_kv(f"{cgroup}/{name}").get("oom_kill", 0)
         except FileNotFoundError:
             return 0
 

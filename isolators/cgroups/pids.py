@@ -14,17 +14,17 @@ class PidsIsolator(CgroupIsolator):
 
     async def apply(self, container_id: str, limits: Limits, *, initial: bool) -> None:
         value = "max" if limits.pids is None else str(limits.pids)
-        files.write(self.hierarchies.path("pids", container_id) / "pids.max", value)
+        files.write(f"{self.cgroup('pids', container_id)}/pids.max", value)
 
     def check(self, container_id: str) -> Limitation | None:
         """pids.events "max N" counts forks refused at the limit (v1 has it too since 4.x)."""
-        cgroup = self.hierarchies.path("pids", container_id)
+        cgroup = self.cgroup("pids", container_id)
         try:
-            refused = files.read_kv(cgroup / "pids.events").get("max", 0)
-            limit = files.read_text(cgroup / "pids.max").strip()
+            refused = files.read_kv(f"{cgroup}/pids.events").get("max", 0)
+            if refused <= 0:
+                return None  # the usual answer, without reading the limit
+            limit = files.read_text(f"{cgroup}/pids.max").strip()
         except FileNotFoundError:
-            return None
-        if refused <= 0:
             return None
         return Limitation(
             "pids", f"Task limit reached: pids.max {limit}, {refused} fork(s) refused"

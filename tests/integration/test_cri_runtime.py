@@ -172,6 +172,38 @@ def test_container_lifecycle_exit_codes_and_filters(cri_node: CriNode) -> None:
         cri_node.remove_pod(pod_id)
 
 
+def test_exited_at_the_exit_with_the_whole_log_and_removed_after_the_cleanup(
+    cri_node: CriNode,
+) -> None:
+    """EXITED comes as soon as the exit is known (before the core's cleanup, on native), and
+    the log is complete then; RemoveContainer leaves nothing of the container in the core."""
+    pod_id = cri_node.run_pod()
+    try:
+        # More output than a pipe holds: the supervisor is still copying it when `sh` exits.
+        config = cri_node.container_config("sh", "-c", "seq 1 20000; exit 4")
+        container_id = cri_node.run(pod_id, config)
+        log_path = Path(cri_node.status(container_id).log_path)
+        deadline = time.monotonic() + TIMEOUT
+        while (status := cri_node.status(container_id)).state != cri.CONTAINER_EXITED:
+            assert status.state == cri.CONTAINER_RUNNING
+            assert time.monotonic() < deadline, "no exit"
+            time.sleep(0.001)
+        assert (status.exit_code, status.reason) == (4, "Error")
+        lines = log_path.read_bytes().splitlines()
+        assert [line.split(b" ", 3)[3] for line in lines] == [
+            str(n).encode() for n in range(1, 20001)
+        ]
+        for call, request in (
+            (cri_node.runtime.StopContainer, cri.StopContainerRequest),
+            (cri_node.runtime.RemoveContainer, cri.RemoveContainerRequest),
+        ):
+            call(request(container_id=container_id), timeout=TIMEOUT)
+        listed = cri_node.service.stub().Containers(pb.ContainersRequest(), timeout=TIMEOUT)
+        assert container_id not in {c.container_id for c in listed.containers}
+    finally:
+        cri_node.remove_pod(pod_id)
+
+
 def test_stop_sends_sigterm_then_kills(cri_node: CriNode) -> None:
     pod_id = cri_node.run_pod()
     try:

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,23 @@ def test_completion_offers_nested_subcommands_and_choices(
     assert offered("run", "--network", "b") == ["bridge"]
     assert "--since" in offered("events", "--")
     assert offered("ev") == ["events"]
+
+
+def test_text_lines_are_logging_s_own_format_with_the_fields() -> None:
+    """TextFormatter formats each second's date once; its lines are still the stock
+    formatter's, in every second and with a traceback, then the fields."""
+    stock = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = TextFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+    for created in (1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.0, 1_699_999_999.5):
+        for exc_info in (None, failure):
+            attributes = {"msg": "container %s", "args": ("c1",), "exc_info": exc_info}
+            attributes["created"] = created
+            attributes["msecs"] = int((created - int(created)) * 1000) + 0.0
+            expected = stock.format(logging.makeLogRecord(attributes))
+            assert ours.format(logging.makeLogRecord(attributes)) == expected
+    with_fields = logging.makeLogRecord({"msg": "m", "container_id": "c1", "created": 5.5})
+    assert ours.format(with_fields).endswith(": m container_id=c1")

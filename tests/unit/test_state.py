@@ -4,14 +4,26 @@ import os
 import signal
 import sqlite3
 import stat
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from adapter.core.errors import FailedPrecondition
-from adapter.core.model import Command, LaunchSpec, Reason, Resources, State, Termination
-from adapter.core.state import ContainerRecord, StateStore, database_is_empty
+from adapter.core.model import (
+    Command,
+    IdMapping,
+    LaunchSpec,
+    LinuxOptions,
+    Mount,
+    NetworkSettings,
+    PortMapping,
+    Reason,
+    Resources,
+    State,
+    Termination,
+)
+from adapter.core.state import ContainerRecord, StateStore, database_is_empty, spec_json
 
 
 def record(cid: str) -> ContainerRecord:
@@ -188,3 +200,83 @@ def test_a_changed_spec_is_stored_with_the_next_transition(tmp_path: Path) -> No
     reopened = StateStore(tmp_path / "state.db")
     assert reopened.load_all() == [updated]
     reopened.close()
+
+
+def test_a_record_is_stored_as_one_json_document_spec_first(tmp_path: Path) -> None:
+    """The stored text is what json.dumps of the whole record gave before the spec's text was
+    kept between transitions: rows written by either version read the same."""
+    ended = record("a").evolve(
+        state=State.TERMINATED,
+        warnings=("w",),
+        termination=Termination(
+            Reason.LIMITATION_MEMORY, signal=9, killed=True, limited_resources=("mem",)
+        ),
+    )
+    whole = {
+        "spec": asdict(ended.spec),
+        "state": "TERMINATED",
+        "launched_at": ended.launched_at,
+        "handle": ended.handle,
+        "pid": ended.pid,
+        "termination": {**asdict(ended.termination), "reason": "LIMITATION_MEMORY"},
+        "warnings": ["w"],
+        "ip_address": "",
+        "sandbox_owned": False,
+        "disk_limitation": "",
+    }
+    assert ended.to_json() == json.dumps(whole)
+    store = StateStore(tmp_path / "state.db")
+    store.put(ended)
+    stored = store._db.execute("SELECT record FROM containers").fetchone()[0]
+    assert stored == json.dumps(whole)
+    store.close()
+
+
+def test_rows_of_an_older_writer_are_updated_in_place_and_load_in_launch_order(
+    tmp_path: Path,
+) -> None:
+    """Rows an older version wrote (INSERT OR REPLACE) load and take the next transition; a
+    transition updates its row where it is, so records load in the order they were launched."""
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for cid in ("old", "older"):
+            db.execute(
+                "INSERT OR REPLACE INTO containers (container_id, record) VALUES (?, ?)",
+                (cid, record(cid).to_json()),
+            )
+        db.commit()
+    store = StateStore(path)
+    store.put(record("new"))
+    destroying = record("old").evolve(state=State.DESTROYING)
+    store.put(destroying)
+    assert store.load_all() == [destroying, record("older"), record("new")]
+    store.close()
+
+
+def test_every_part_of_a_spec_is_encoded_as_its_json_form() -> None:
+    """spec_json is json.dumps(spec.to_json()) for a spec with every nested record set."""
+    spec = LaunchSpec(
+        container_id="full",
+        command=Command(argv=("sh", "-c", "x"), environment=(("A", "1"),), user="u"),
+        resources=Resources(cpus=1.5, mem_mib=64, disk_mib=10, pids=5, ports=((80, 81),)),
+        runtime="native",
+        sandbox="/sb",
+        image="busybox",
+        labels=(("k", "v"),),
+        network=NetworkSettings("bridge", (PortMapping(8080, 80), PortMapping(53, 53, "udp"))),
+        privileged=True,
+        linux=LinuxOptions(
+            namespaces=(("net", "/proc/1/ns/net"),),
+            masked_paths=("/proc/kcore",),
+            mounts=(Mount("/h", "/c", read_only=True, propagation="rslave"),),
+            sysctls=(("net.ipv4.ip_forward", "1"),),
+            pod="p",
+        ),
+        user_namespace=True,
+        id_mapping=IdMapping(100000, 100000, 65536),
+    )
+    assert spec_json(spec) == json.dumps(spec.to_json())
+    assert LaunchSpec.from_json(json.loads(spec_json(spec))) == spec
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        spec_json(replace(spec, image=State.RUNNING))  # type: ignore[arg-type]

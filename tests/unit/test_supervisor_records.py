@@ -3,6 +3,7 @@ locating the binary, and the start-time guard (against this test's own process).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -93,6 +94,7 @@ def test_handle_round_trips_through_json() -> None:
         "child_start_time": 2001,
         "status_file": "/run/ctz/c1/status",
     }
+    assert data == dataclasses.asdict(HANDLE)  # written field by field: a new field is in it
     assert SupervisorHandle.from_json(data) == HANDLE
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from adapter.core.model import (
     Resources,
     Statistics,
 )
+from adapter.core.sandbox import remove_directory
 from adapter.core.services import Services
 from adapter.core.userns import give_to_namespace_root, own_id_mapping
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
@@ -84,6 +86,19 @@ class _Running:
         self.watch_task: asyncio.Task[None] | None = None
 
 
+def _make_run_dir(path: str) -> None:
+    """An empty directory of root's only (its files are ours) for the container: a previous
+    container's of the same id is removed first."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        shutil.rmtree(path, ignore_errors=True)
+        os.mkdir(path, 0o700)
+    except FileNotFoundError:  # the first launch: the runtime's directory is made too
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mkdir(path, 0o700)
+
+
 class NativeDriver:
     name = "native"
 
@@ -103,6 +118,9 @@ class NativeDriver:
             enable_cfs=node.enable_cfs,
             hierarchies=self._cgroups.hierarchies if self._cgroups else None,
         )
+        # The isolators that can report a limitation: Isolator.watch itself never resolves,
+        # and a task per container for each of the others would only wait to be cancelled.
+        self._watching = [i for i in self._isolators if type(i).watch is not Isolator.watch]
         self._running: dict[str, _Running] = {}
         self._network = services.network
         self._images = services.images
@@ -126,6 +144,7 @@ class NativeDriver:
             pods=self._namespaces,
             user_namespace=self._namespaces,
             disk_enforced=True,
+            output_complete_at_exit=True,  # the supervisor records the exit after the output
         )
         try:
             binary = self._binary()
@@ -141,20 +160,19 @@ class NativeDriver:
     async def start(self, spec: LaunchSpec) -> Launched:
         cid = spec.container_id
         binary = self._binary()
-        run_dir = self._run_dir / cid
-        shutil.rmtree(run_dir, ignore_errors=True)  # a previous container of the same id
-        run_dir.mkdir(parents=True, mode=0o700)  # root's only: its files are ours
+        run_dir = f"{self._run_dir}/{cid}"  # text: pathlib's joins cost more on this path
+        _make_run_dir(run_dir)
         try:
             netns, address = await self._prepare_network(spec)
             workload, filesystem = await self._workload(spec, run_dir)
-            give_to_namespace_root(spec, run_dir / "rootfs" if filesystem else None)
+            give_to_namespace_root(spec, Path(run_dir, "rootfs") if filesystem else None)
             enforcement = await linux.enforcement(
                 spec, self._seccomp_filter, own_root=filesystem is not None
             )
             limits = self._node.limits(spec.resources).for_isolators()
             prepared = await prepare_isolators(self._isolators, cid, limits)
             config = supervisor.LaunchConfig(
-                status_file=str(run_dir / "status"),
+                status_file=f"{run_dir}/status",
                 sandbox=spec.sandbox,
                 argv=workload.argv,
                 enforcement=enforcement,
@@ -169,7 +187,7 @@ class NativeDriver:
                 log_file=spec.linux.log_path or None,
                 namespaces_joined=linux.joined_namespaces(spec),
                 sysctls=spec.linux.sysctls,
-                attach_socket=str(run_dir / ATTACH_SOCKET),
+                attach_socket=f"{run_dir}/{ATTACH_SOCKET}",
                 stdin=spec.linux.stdin,
                 stdin_once=spec.linux.stdin_once,
                 tty=spec.linux.tty,
@@ -194,7 +212,7 @@ class NativeDriver:
         return network.netns_path, network.address or ""
 
     async def _workload(
-        self, spec: LaunchSpec, run_dir: Path
+        self, spec: LaunchSpec, run_dir: str
     ) -> tuple[Workload, supervisor.Filesystem | None]:
         """What runs, and the files it sees: the host's, or an overlay of the image's layers
         with the sandbox and the network's /etc files bound in."""
@@ -205,7 +223,7 @@ class NativeDriver:
         image = self._images.get(spec.image)
         workload = merge(spec.command, image, host_sandbox=spec.sandbox)
         layers = await self._images.layers(spec.image)
-        rootfs_dir = run_dir / "rootfs"
+        rootfs_dir = Path(run_dir, "rootfs")
         for part in ("upper", "work", "merged"):
             (rootfs_dir / part).mkdir(parents=True)
         # With a network of its own, the container's /etc/hosts and resolv.conf (none for the
@@ -243,7 +261,7 @@ class NativeDriver:
 
     async def _watch_limits(self, cid: str, running: _Running) -> None:
         """Mesos semantics: a container that hits a limit is ended, with the limitation."""
-        watches = [asyncio.create_task(i.watch(cid)) for i in self._isolators]
+        watches = [asyncio.create_task(i.watch(cid)) for i in self._watching]
         try:
             done, _ = await asyncio.wait(
                 [*watches, running.exit_task], return_when=asyncio.FIRST_COMPLETED
@@ -325,8 +343,8 @@ class NativeDriver:
     async def writable_dirs(self, container_id: str) -> tuple[str, ...]:
         """The upper directory of an image's overlay (an image-less launch writes the host's
         filesystem, measured by nobody, as in Mesos)."""
-        upper = self._run_dir / container_id / "rootfs" / "upper"
-        return (str(upper),) if upper.is_dir() else ()
+        upper = f"{self._run_dir}/{container_id}/rootfs/upper"
+        return (upper,) if os.path.isdir(upper) else ()
 
     def _cgroup_dirs(self, container_id: str) -> list[Path]:
         return self._cgroups.dirs(container_id) if self._cgroups is not None else []
@@ -360,7 +378,9 @@ class NativeDriver:
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
         await self._network.cleanup(container_id)
-        shutil.rmtree(self._run_dir / container_id, ignore_errors=True)
+        # What a run directory holds once its supervisor ended: the status file (the attach
+        # socket goes with the supervisor); an image's rootfs is left to rmtree.
+        remove_directory(f"{self._run_dir}/{container_id}", ("status", ATTACH_SOCKET))
 
     async def update(self, container_id: str, resources: Resources) -> None:
         if container_id not in self._running:
