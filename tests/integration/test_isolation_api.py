@@ -88,7 +88,9 @@ def test_cfs_quota_holds_half_a_cpu(tmp_path: Path) -> None:
 
 def test_fork_bomb_is_contained(service: ServiceProcess, container_id: str) -> None:
     stub = service.stub()
-    launch(stub, container_id, "bomb() { bomb | bomb & }; bomb; sleep 300", pids=50)
+    # `exec`: a forked sleep could be refused once the bomb fills the limit, and the container
+    # would end by itself before the destroy this test is about.
+    launch(stub, container_id, "bomb() { bomb | bomb & }; bomb; exec sleep 300", pids=50)
     deadline = time.monotonic() + 15  # until the bomb has run into the limit at least once
     while time.monotonic() < deadline:
         if cgroup_file(service, "pids", container_id, "pids.events").split()[1] != "0":

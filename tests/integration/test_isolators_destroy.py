@@ -4,6 +4,7 @@ members, and orphans left from a previous run."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -88,6 +89,29 @@ async def test_destroy_kills_a_stopped_member(cgroups_root: str) -> None:
     await cgroups.destroy("c1")
     assert await process.wait() == -9
     assert all(files.read_pids(d) == [] for d in cgroups.dirs("c1"))
+    for isolator in isolators:
+        await isolator.cleanup("c1")
+    assert cgroups.dirs("c1") == []
+
+
+async def test_destroy_without_pidfds_still_kills_everything(
+    cgroups_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel before 5.3 has no pidfd_open: the destroyer waits with sleeps instead."""
+    isolators = build_isolators(CGROUPS, cgroups_root=cgroups_root)
+    cgroups = container_cgroups(cgroups_root=cgroups_root)
+    launch = await prepare_isolators(isolators, "c1", Limits(cpus=1))
+    process = await start(launch.cgroup_procs, "sleep 600 & sleep 601 & exec sleep 602")
+    await until(lambda: len(files.read_pids(cgroups.dirs("c1")[0])) == 3)
+
+    def no_pidfds(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    await cgroups.destroy("c1")
+    monkeypatch.undo()
+    assert all(files.read_pids(d) == [] for d in cgroups.dirs("c1"))
+    assert await process.wait() == -9
     for isolator in isolators:
         await isolator.cleanup("c1")
     assert cgroups.dirs("c1") == []
