@@ -21,7 +21,7 @@ from adapter.core.model import NETWORK_MODES, is_valid_container_id
 from adapter.core.userns import USER_NAMESPACE_KEYS, UserNamespaceOptions, parse_user_namespace
 from adapter.runtimes.native.options import NativeOptions
 from adapter.runtimes.registry import RUNTIMES, RuntimeOptions, parse_options
-from adapter.supervisor.client import OUTPUT_FILES_LIMIT
+from adapter.supervisor.launch_config import OUTPUT_FILES_LIMIT
 
 CONFIG_VERSION = 1
 DEFAULT_SOCKET = "/run/containerizer/containerizer.sock"

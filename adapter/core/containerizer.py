@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -34,7 +32,6 @@ from adapter.core.events import Event, EventHub, Missed
 from adapter.core.model import (
     Capabilities,
     ExecResult,
-    Exit,
     Fingerprint,
     LaunchSpec,
     Reason,
@@ -45,8 +42,9 @@ from adapter.core.model import (
 )
 from adapter.core.network import RuntimeNetwork
 from adapter.core.pod_cgroups import PodCgroups
-from adapter.core.sandbox import prepare_outputs, remove_directory
+from adapter.core.sandbox import make_sandbox, remove_directory
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
+from adapter.core.termination import await_exit, termination_of
 from adapter.core.userns import IdRangeAllocator, user_namespace_for
 from adapter.runtimes.base import (
     Attaches,
@@ -60,18 +58,6 @@ from adapter.runtimes.base import (
 )
 
 log = logging.getLogger(__name__)
-
-LIMITATION_REASONS = {
-    "mem": Reason.LIMITATION_MEMORY,
-    "pids": Reason.LIMITATION_PIDS,
-    "disk": Reason.LIMITATION_DISK,
-}
-# Limits whose enforcement ends the container (the kernel's OOM kill, the disk isolator); a
-# pids limit only refuses forks, so the container's end has another cause.
-KILLING_LIMITATIONS = (Reason.LIMITATION_MEMORY, Reason.LIMITATION_DISK)
-# How long the exit may take to show after kill_all; then the container is recorded as killed
-# with its exit unknown, and cleaned up anyway.
-EXIT_AFTER_KILL_TIMEOUT = 30.0
 
 
 @dataclass
@@ -158,7 +144,7 @@ class Containerizer:
         async with container.lock:
             self._checkpoint(container, record)
             try:
-                _make_sandbox(spec.sandbox)
+                make_sandbox(spec.sandbox)
                 if spec.linux.pod:
                     self._pod_cgroups().place(spec)
                 launched = await driver.start(spec)
@@ -238,8 +224,12 @@ class Containerizer:
 
     async def _watch(self, container: Container, driver: Runtime) -> None:
         container_id = container.record.container_id
-        exit_ = await self._exit(container, driver)
-        termination = self._termination(container, exit_)
+        exit_ = await await_exit(driver, container_id, container.killed)
+        termination = termination_of(
+            exit_,
+            destroy_requested=container.destroy_requested,
+            disk_limitation=container.record.disk_limitation,
+        )
         # Checkpoint the status first: a crash during cleanup must not lose it.
         self._checkpoint(container, container.record.evolve(termination=termination))
         # Under the container's lock: a Destroy in flight may still be in kill_all, and a
@@ -278,49 +268,6 @@ class Containerizer:
             await self.disk.cleanup(container_id)
         except Exception:
             log.exception("disk cleanup of %s failed", container_id)
-
-    async def _exit(self, container: Container, driver: Runtime) -> Exit:
-        """The runtime's exit of the container; after kill_all it gets EXIT_AFTER_KILL_TIMEOUT,
-        then the exit is unknown (and the container, killed, is cleaned up anyway)."""
-        container_id = container.record.container_id
-        wait = asyncio.ensure_future(driver.wait(container_id))
-        killed = asyncio.ensure_future(container.killed.wait())
-        try:
-            await asyncio.wait((wait, killed), return_when=asyncio.FIRST_COMPLETED)
-            if not wait.done():
-                await asyncio.wait((wait,), timeout=EXIT_AFTER_KILL_TIMEOUT)
-            if not wait.done():
-                log.warning(
-                    "%s: no exit %g s after the kill", container_id, EXIT_AFTER_KILL_TIMEOUT
-                )
-                return Exit(
-                    lost=True,
-                    message=f"no exit reported within {EXIT_AFTER_KILL_TIMEOUT:g} s of the kill",
-                )
-            if wait.exception() is not None:  # a runtime fault must not leave waiters hanging
-                log.error("wait on %s failed", container_id, exc_info=wait.exception())
-                return Exit(lost=True, message=f"wait failed: {wait.exception()}")
-            return wait.result()
-        finally:
-            wait.cancel()
-            killed.cancel()
-
-    def _termination(self, container: Container, exit_: Exit) -> Termination:
-        disk_limitation = container.record.disk_limitation
-        if disk_limitation and not exit_.lost:
-            exit_ = replace(exit_, limitation="disk", limitation_message=disk_limitation)
-        reason = _reason(exit_, destroy_requested=container.destroy_requested)
-        killed = container.destroy_requested or reason in KILLING_LIMITATIONS
-        return Termination(
-            reason=reason,
-            exit_code=exit_.exit_code,
-            signal=exit_.signal,
-            status=exit_.status,
-            killed=killed,
-            message=_termination_message(reason, exit_),
-            limited_resources=(exit_.limitation,) if exit_.limitation else (),
-            finished_at=exit_.finished_at or time.time(),
-        )
 
     def _terminate(self, container: Container, termination: Termination) -> None:
         record = container.record.evolve(state=State.TERMINATED, termination=termination, pid=0)
@@ -624,26 +571,6 @@ class Containerizer:
             self._prune()
 
 
-def _make_sandbox(path: str) -> None:
-    try:
-        _make_directories(path)
-    except OSError as exc:
-        raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
-    prepare_outputs(path)
-
-
-def _make_directories(path: str) -> None:
-    """Path.mkdir(parents=True, exist_ok=True), in one mkdir when the parent exists (the
-    sandboxes' root, made by the first launch)."""
-    try:
-        os.mkdir(path)
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-
-
 def _disk_not_enforced(spec: LaunchSpec) -> str:
     """The Launch warning for a disk request: accepted (Mesos agents always send disk) but not
     enforced by any runtime until a disk isolator exists."""
@@ -659,43 +586,6 @@ def _with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
     note = "disk: not enforced"
     message = f"{fingerprint.message}; {note}" if fingerprint.message else note
     return replace(fingerprint, message=message)
-
-
-def _reason(exit_: Exit, *, destroy_requested: bool) -> Reason:
-    """Why the container ended. A limit that kills (memory, disk) was the cause even when a
-    Destroy followed; otherwise a requested destroy is: it ends DESTROYED even if the runtime
-    lost track of the exit (a restart in the middle of the destroy) or a pids limit had refused
-    some forks (that kills nothing)."""
-    limitation = LIMITATION_REASONS.get(exit_.limitation or "")
-    if limitation is not None and limitation in KILLING_LIMITATIONS and not exit_.lost:
-        return limitation
-    if destroy_requested:
-        return Reason.DESTROYED
-    if exit_.lost:
-        return Reason.LOST
-    return limitation or Reason.EXITED
-
-
-def _termination_message(reason: Reason, exit_: Exit) -> str:
-    """What happened, said once: the one sentence every client shows as it is."""
-    if exit_.lost:
-        outcome = exit_.message or "exit status unknown"
-    elif exit_.signal is not None:
-        outcome = f"killed by signal {exit_.signal} ({_signal_name(exit_.signal)})"
-    else:
-        outcome = f"exited with code {exit_.exit_code}"
-    if reason is Reason.DESTROYED:
-        outcome = f"destroyed: {outcome}"
-    if exit_.limitation_message:
-        outcome += f"; {exit_.limitation_message}"
-    return outcome
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return "unknown signal"
 
 
 def default_sandbox_root(state_dir: Path) -> Path:

@@ -16,7 +16,7 @@ import shutil
 import stat
 from collections.abc import Sequence
 
-from adapter.core.errors import FailedPrecondition
+from adapter.core.errors import FailedPrecondition, LaunchFailed
 
 OUTPUTS = ("stdout", "stderr")
 
@@ -79,3 +79,25 @@ def remove_directory(path: str, expected: Sequence[str] = OUTPUTS) -> None:
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def make_sandbox(path: str) -> None:
+    """A launch's sandbox made (with its parents) and its output files ready; LaunchFailed
+    naming the path when it cannot be made."""
+    try:
+        _make_directories(path)
+    except OSError as exc:
+        raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
+    prepare_outputs(path)
+
+
+def _make_directories(path: str) -> None:
+    """Path.mkdir(parents=True, exist_ok=True), in one mkdir when the parent exists (the
+    sandboxes' root, made by the first launch)."""
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise

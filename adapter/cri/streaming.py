@@ -27,7 +27,7 @@ from adapter.runtimes.base import AttachSession, ExecSession
 from adapter.server.netns import open_connection
 from adapter.streaming import portforward, remotecommand, websocket
 from adapter.streaming.remotecommand import ExecOptions, ExecOutput, ExecStreams
-from adapter.streaming.spdy import StreamReset
+from adapter.streaming.spdy_stream import StreamReset
 from adapter.streaming.upgrade import HttpError, UpgradeRequest, error_response, read_request
 
 log = logging.getLogger(__name__)

@@ -27,38 +27,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import os
-import queue
 import shutil
 import stat
 import tarfile
 import threading
 import zlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from adapter.core.errors import InvalidArgument
+from adapter.images.directory_walk import DIRECTORY_FLAGS, NEW_DIRECTORY_MODE, DirectoryWalk
 from adapter.images.image import GZIP_LAYER_TYPES, Descriptor
+from adapter.images.inflate import InflatingReader
 from adapter.images.layout import CHUNK, TAR_STREAM_BUFFER, Cancelled
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
-MAX_SYMLINK_HOPS = 40  # the kernel's MAXSYMLINKS
-NEW_DIRECTORY_MODE = 0o755
-DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Opens an entry we just made (a file, directory or fifo) to set its metadata: never a symlink,
 # and O_NONBLOCK so a fifo opens without a writer.
 ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# Directory descriptors kept open between entries (tar members come grouped by directory).
-CACHED_DIRECTORIES = 64
-# Inflated chunks a layer's inflating thread may hold ahead of its reader.
-AHEAD_CHUNKS = 4
-GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip header and checks its trailer
 
 
 @dataclass(frozen=True)
@@ -105,103 +96,6 @@ class UnpackBudget:
     def check_stop(self) -> None:
         if self.stop.is_set():
             raise Cancelled("the unpack was cancelled")
-
-
-class InflatingReader:
-    """The decompressed bytes of a gzip layer blob, hashed as they pass (the layer's diff_id).
-
-    A thread of its own reads, inflates and hashes up to AHEAD_CHUNKS chunks ahead of the
-    reader (zlib and hashlib release the GIL), so inflating overlaps applying the entries: the
-    blob is still read once. It never inflates more than CHUNK bytes at a time, so a compression
-    bomb costs no memory; concatenated gzip members are read one after another, each checked
-    against its CRC and length by zlib. `close` stops and joins the thread."""
-
-    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None) -> None:
-        self.inflating = Inflater(raw, on_read)
-        self.chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(AHEAD_CHUNKS)
-        self.stopping = threading.Event()
-        self.current, self.offset, self.ended = b"", 0, False
-        self.thread = threading.Thread(target=self.produce, name="inflate-layer", daemon=True)
-        self.thread.start()
-
-    def produce(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                data = self.inflating.read()
-                self.chunks.put(data or None)
-                if not data:
-                    return
-        except BaseException as exc:  # handed to the reader, which raises it
-            self.chunks.put(exc)
-
-    def read(self, size: int = -1) -> bytes:
-        if self.offset == len(self.current) and not self.ended:
-            item = self.chunks.get()
-            if item is None or isinstance(item, BaseException):
-                self.ended = True
-                if item is not None:
-                    raise item
-                return b""
-            self.current, self.offset = item, 0
-        end = len(self.current) if size < 0 else self.offset + size
-        data = self.current[self.offset : end]
-        self.offset += len(data)
-        return data
-
-    def drain(self) -> str:
-        """Read what the tar reader left (end-of-archive padding) and return the digest."""
-        while self.read(CHUNK):
-            pass
-        self.thread.join()
-        return "sha256:" + self.inflating.hasher.hexdigest()
-
-    def close(self) -> None:
-        """Stop the thread: emptying the queue frees a `put` it may be blocked in, and it
-        checks `stopping` before inflating more."""
-        self.stopping.set()
-        while self.thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self.chunks.get(timeout=0.01)
-        self.thread.join()
-
-
-class Inflater:
-    """Inflates a gzip stream CHUNK bytes at a time and hashes what comes out."""
-
-    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None) -> None:
-        self.raw, self.on_read = raw, on_read
-        self.hasher = hashlib.sha256()
-        self.inflater = zlib.decompressobj(GZIP_WBITS)
-        self.pending = b""  # compressed input not yet inflated
-        self.ended = False
-
-    def read(self) -> bytes:
-        """The next chunk of the uncompressed stream; b"" at its (complete) end."""
-        while not self.ended:
-            data = self.inflater.decompress(self.pending, CHUNK)
-            self.pending = self.inflater.unconsumed_tail
-            if data:
-                self.hasher.update(data)
-                return data
-            self.next_input()
-        return b""
-
-    def next_input(self) -> None:
-        """More compressed input, or the next gzip member, or the end (checked complete)."""
-        if self.pending:
-            return
-        if self.inflater.eof:
-            self.pending = self.inflater.unused_data
-            if self.pending:
-                self.inflater = zlib.decompressobj(GZIP_WBITS)
-                return
-        self.pending = self.raw.read(CHUNK)
-        if self.on_read is not None and self.pending:
-            self.on_read(len(self.pending))
-        if not self.pending:
-            if not self.inflater.eof:
-                raise EOFError("the compressed layer ends before its end-of-stream marker")
-            self.ended = True
 
 
 def apply_layer(
@@ -349,96 +243,6 @@ def _write_all(out: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(out, view) :]
-
-
-class DirectoryWalk:
-    """Directories inside the rootfs, reached one O_NOFOLLOW open at a time from the rootfs's
-    descriptor. The descriptors of recent directories are kept, keyed by the name's components;
-    anything that removes from the rootfs calls `forget`, since a removal is the only way a
-    name can start to mean another directory."""
-
-    def __init__(self, root_fd: int, refuse: Callable[[str, str], InvalidArgument]) -> None:
-        self.root_fd = root_fd
-        self.refuse = refuse
-        self.cache: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
-        # Forgotten descriptors stay open until the entry that forgot them is done with them.
-        self.retired: list[int] = []
-
-    def open(
-        self, parts: tuple[str, ...], name: str, create: bool = True
-    ) -> tuple[int, tuple[str, ...]]:
-        """(descriptor, real components) of the directory `parts` names, created when missing
-        (with `create`). The descriptor belongs to the walk and stays open until `release`."""
-        if not parts:
-            return self.root_fd, ()
-        cached = self.cache.get(parts)
-        if cached is None:
-            if len(self.cache) >= CACHED_DIRECTORIES:
-                self.forget()
-            cached = self.cache[parts] = self.walk(parts, name, create)
-        return cached
-
-    def forget(self) -> None:
-        self.retired.extend(descriptor for descriptor, _ in self.cache.values())
-        self.cache.clear()
-
-    def release(self) -> None:
-        """Close what `forget` retired: call between entries, when no descriptor is in use."""
-        for descriptor in self.retired:
-            os.close(descriptor)
-        self.retired.clear()
-
-    def walk(self, parts: tuple[str, ...], name: str, create: bool) -> tuple[int, tuple[str, ...]]:
-        opened: list[tuple[str, int]] = []  # the real path walked so far, one open directory each
-        pending = deque(parts)
-        hops = 0
-        try:
-            while pending:
-                part = pending.popleft()
-                if part == "..":  # only link targets bring these
-                    if not opened:
-                        raise self.refuse(name, "goes through a symlink that leaves the rootfs")
-                    os.close(opened.pop()[1])
-                    continue
-                parent = opened[-1][1] if opened else self.root_fd
-                descriptor = self.step(parent, part, name, create)
-                if descriptor is None:  # a symlink that stays inside: walk its target instead
-                    hops += 1
-                    if hops > MAX_SYMLINK_HOPS:
-                        raise self.refuse(name, "goes through too many symlinks")
-                    pending.extendleft(reversed(self.symlink_target(parent, part, name)))
-                    continue
-                opened.append((part, descriptor))
-            resolved = tuple(part for part, _ in opened)
-            last = opened.pop()[1] if opened else os.dup(self.root_fd)
-            return last, resolved
-        finally:
-            for _, descriptor in opened:
-                os.close(descriptor)
-
-    def step(self, parent: int, part: str, name: str, create: bool) -> int | None:
-        """A descriptor of directory `part` in `parent`, or None when it is a symlink."""
-        try:
-            return os.open(part, DIRECTORY_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            if not create:
-                raise self.refuse(
-                    name, "points to a path that does not exist in the layers"
-                ) from None
-            os.mkdir(part, NEW_DIRECTORY_MODE, dir_fd=parent)
-            return os.open(part, DIRECTORY_FLAGS, dir_fd=parent)
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-        if stat.S_ISLNK(os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode):
-            return None
-        raise self.refuse(name, f"needs {part!r} to be a directory")
-
-    def symlink_target(self, parent: int, part: str, name: str) -> list[str]:
-        target = os.readlink(part, dir_fd=parent)
-        if target.startswith("/"):
-            raise self.refuse(name, f"goes through the absolute symlink {part} -> {target}")
-        return [piece for piece in target.split("/") if piece not in ("", ".")]
 
 
 class LayerApplier:

@@ -25,7 +25,7 @@ from adapter.core import errors
 from adapter.core.containerizer import Containerizer
 from adapter.core.model import State
 from adapter.server import validation
-from adapter.supervisor.client import OUTPUT_FILES_LIMIT
+from adapter.supervisor.launch_config import OUTPUT_FILES_LIMIT
 
 POLL_SECONDS = 0.2
 READ_CHUNK = 64 * 1024

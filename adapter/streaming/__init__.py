@@ -66,7 +66,8 @@ from adapter.streaming.remotecommand import (
     TerminalSize,
     serve_exec,
 )
-from adapter.streaming.spdy import Connection, ConnectionClosed, Limits, Role, Stream, StreamReset
+from adapter.streaming.spdy import Connection, Limits, Role
+from adapter.streaming.spdy_stream import ConnectionClosed, Stream, StreamReset
 from adapter.streaming.upgrade import (
     HttpError,
     UpgradeRefused,

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from adapter.streaming.frames import RstStatus
-from adapter.streaming.spdy import Connection, ConnectionClosed, Limits, Role, Stream, StreamReset
+from adapter.streaming.spdy import Connection, Limits, Role
+from adapter.streaming.spdy_stream import ConnectionClosed, Stream, StreamReset
 from adapter.streaming.upgrade import UpgradeRequest, accept_upgrade
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from typing import Protocol
 
 from adapter.core.errors import InvalidArgument
 from adapter.streaming.frames import RstStatus
-from adapter.streaming.spdy import Connection, Limits, Role, Stream, StreamReset
+from adapter.streaming.spdy import Connection, Limits, Role
+from adapter.streaming.spdy_stream import Stream, StreamReset
 from adapter.streaming.upgrade import UpgradeRequest, accept_upgrade
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,8 @@ from adapter.streaming.remotecommand import (
     parse_sizes,
     run_until_client_leaves,
 )
-from adapter.streaming.spdy import Connection, Role, StreamReset
+from adapter.streaming.spdy import Connection, Role
+from adapter.streaming.spdy_stream import StreamReset
 from adapter.streaming.upgrade import HttpError, UpgradeRequest
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from adapter.core.errors import FailedPrecondition, InvalidArgument, LaunchFailed
 from adapter.core.model import Identity
-from adapter.supervisor.client import Enforcement, _feed, _serialize
+from adapter.supervisor.client import _feed
+from adapter.supervisor.launch_config import Enforcement, _serialize
 from adapter.supervisor.processes import ProcessRef
 
 # What ExecSync keeps of each stream; the rest is read and dropped, so that a command writing

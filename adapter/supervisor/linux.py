@@ -10,7 +10,7 @@ import dataclasses
 from adapter.core.confinement import Confinement, confinement_of
 from adapter.core.model import HOST_NAMESPACE, LaunchSpec
 from adapter.core.services import SeccompFilter
-from adapter.supervisor import client as supervisor
+from adapter.supervisor.launch_config import Enforcement
 from adapter.supervisor.seccomp import load_localhost_profile
 
 UNCONFINED = "unconfined"
@@ -33,12 +33,10 @@ async def seccomp_program(spec: LaunchSpec, policy: Confinement, filters: Seccom
     return filters.bpf(policy.capabilities)
 
 
-async def enforcement(
-    spec: LaunchSpec, filters: SeccompFilter, *, own_root: bool
-) -> supervisor.Enforcement:
+async def enforcement(spec: LaunchSpec, filters: SeccompFilter, *, own_root: bool) -> Enforcement:
     policy = confinement_of(spec)
     bpf = b"" if policy.privileged else await seccomp_program(spec, policy, filters)
-    base = supervisor.Enforcement.of(policy, bpf, own_root=own_root, cgroup_namespace=own_root)
+    base = Enforcement.of(policy, bpf, own_root=own_root, cgroup_namespace=own_root)
     if policy.privileged or not own_root:
         return base
     # The CRI's lists add to ours: a workload is never given less than the default.

@@ -5,7 +5,7 @@ process is known by (pid, start time — field 22 of /proc/PID/stat), and nothin
 waited for unless the start time still matches. Waiting works whether or not the process is our
 child (a pidfd becomes readable at exit: no polling).
 
-Status file, as the supervisor writes it (fsync + rename):
+Status file, as the supervisor writes it (temp file + rename):
     exited <code> | signaled <signo>
     finished <unix time>
 """

@@ -29,6 +29,7 @@ from adapter.core.confinement import (
     capability_mask,
 )
 from adapter.supervisor import client as supervisor
+from adapter.supervisor.launch_config import Enforcement, LaunchConfig
 from adapter.supervisor.seccomp import build_program
 from tests.conftest import ServiceProcess, require_root
 from tests.images import (
@@ -411,10 +412,10 @@ class TestNativeConfinement(ConfinementChecks):
 # --- the supervisor itself, past the service's edge (which refuses an argv over ARG_MAX) ---
 
 
-def direct_config(tmp_path: Path, argv: list[str]) -> supervisor.LaunchConfig:
-    enforcement = supervisor.Enforcement.of(Confinement(), build_program().bpf, own_root=False)
+def direct_config(tmp_path: Path, argv: list[str]) -> LaunchConfig:
+    enforcement = Enforcement.of(Confinement(), build_program().bpf, own_root=False)
     status_file = str(tmp_path / "status")
-    return supervisor.LaunchConfig(status_file, str(tmp_path), argv, enforcement)
+    return LaunchConfig(status_file, str(tmp_path), argv, enforcement)
 
 
 async def test_200000_arguments_reach_the_supervisor_without_crashing_it(tmp_path: Path) -> None:

@@ -24,13 +24,8 @@ from adapter.core.confinement import Confinement
 from adapter.core.model import Identity
 from adapter.supervisor import client as supervisor
 from adapter.supervisor import processes
-from adapter.supervisor.client import (
-    Enforcement,
-    ExitStatus,
-    LaunchConfig,
-    SpawnError,
-    SupervisorHandle,
-)
+from adapter.supervisor.client import ExitStatus, SpawnError, SupervisorHandle
+from adapter.supervisor.launch_config import Enforcement, LaunchConfig
 from adapter.supervisor.seccomp import build_program
 from tests.cgroup_roots import run_scoped_name
 
@@ -438,14 +433,15 @@ async def test_status_survives_the_process_that_spawned_it(box: Box) -> None:
             import asyncio, json, os, sys
             from adapter.core.confinement import Confinement
             from adapter.supervisor import client as supervisor
+            from adapter.supervisor.launch_config import Enforcement, LaunchConfig
             from adapter.supervisor.seccomp import build_program
 
             async def main() -> None:
                 binary, status_file, log = sys.argv[1:]
-                enforcement = supervisor.Enforcement.of(
+                enforcement = Enforcement.of(
                     Confinement(), build_program().bpf, own_root=False
                 )
-                config = supervisor.LaunchConfig(
+                config = LaunchConfig(
                     status_file=status_file, sandbox=os.path.dirname(log),
                     argv=["sh", "-c", "sleep 0.5; exit 7"], enforcement=enforcement,
                 )

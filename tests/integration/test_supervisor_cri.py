@@ -22,7 +22,7 @@ from adapter.core.confinement import DEFAULT_CAPABILITIES, capability_mask
 from adapter.core.errors import FailedPrecondition, InvalidArgument
 from adapter.core.model import Identity
 from adapter.supervisor import client as supervisor
-from adapter.supervisor.client import Enforcement, SpawnError, SupervisorHandle
+from adapter.supervisor.client import SpawnError, SupervisorHandle
 from adapter.supervisor.exec import (
     MAX_OUTPUT_BYTES,
     TIMED_OUT_EXIT_CODE,
@@ -32,6 +32,7 @@ from adapter.supervisor.exec import (
     exec_process,
     exec_sync,
 )
+from adapter.supervisor.launch_config import Enforcement
 from adapter.supervisor.session import ExecSession
 from isolators.cgroups.hierarchy import Hierarchies
 from isolators.registry import ContainerCgroups

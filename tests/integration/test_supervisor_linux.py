@@ -27,7 +27,8 @@ from adapter.core.confinement import DEFAULT_CAPABILITIES, Confinement, capabili
 from adapter.core.errors import InvalidArgument
 from adapter.core.identity import image_etc, resolve_identity
 from adapter.core.model import Identity, Mount
-from adapter.supervisor.client import Enforcement, Filesystem, SpawnError
+from adapter.supervisor.client import SpawnError
+from adapter.supervisor.launch_config import Enforcement, Filesystem
 from adapter.supervisor.seccomp import build_program
 from tests.conftest import ServiceProcess
 from tests.images import BUSYBOX, Entry, busybox_entries, tar_bytes, write_oci_layout

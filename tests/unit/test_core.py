@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.core import containerizer as core_module
+from adapter.core import termination as termination_module
 from adapter.core.containerizer import Containerizer
 from adapter.core.errors import AlreadyExists, FailedPrecondition, LaunchFailed, NotFound
 from adapter.core.model import (
@@ -474,7 +474,7 @@ async def test_an_exit_that_never_comes_after_the_kill_is_recorded_and_cleaned_u
     core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     containerizer, driver = core
-    monkeypatch.setattr(core_module, "EXIT_AFTER_KILL_TIMEOUT", 0.05)
+    monkeypatch.setattr(termination_module, "EXIT_AFTER_KILL_TIMEOUT", 0.05)
     driver.kill_exit = None  # the runtime cannot report an exit
     await containerizer.launch(make_spec("stuck", tmp_path))
     termination = await asyncio.wait_for(containerizer.destroy("stuck"), 5)

@@ -34,12 +34,9 @@ from adapter.runtimes.docker.confinement import (
     confinement_fields,
     is_root_user,
 )
-from adapter.runtimes.docker.driver import (
-    DockerDriver,
-    DockerImage,
-    exit_from_inspect,
-    resource_fields,
-)
+from adapter.runtimes.docker.container_config import resource_fields
+from adapter.runtimes.docker.container_state import exit_from_inspect
+from adapter.runtimes.docker.driver import DockerDriver
 from adapter.runtimes.docker.handle import (
     LABEL_CONTAINER_ID,
     LABEL_OWNER,
@@ -49,6 +46,7 @@ from adapter.runtimes.docker.handle import (
     container_name,
     sandbox_name,
 )
+from adapter.runtimes.docker.images import DockerImage, DockerImages
 from adapter.runtimes.docker.network import PreparedNetwork
 from adapter.runtimes.docker.options import DockerOptions
 from adapter.runtimes.registry import parse_options
@@ -262,26 +260,22 @@ class FakeImages:
     ],
 )
 async def test_missing_images_come_from_the_configured_registry(
-    tmp_path: Path, reference: str, pulled: str
+    reference: str, pulled: str
 ) -> None:
-    subject = driver(tmp_path, registry="127.0.0.1:5000")
-    subject._engine = FakeImages(set())  # type: ignore[assignment]
-    assert await subject._ensure_image(reference) == DockerImage(pulled, {"Cmd": ["sh"]})
-    assert subject._engine.pulled == [pulled]  # type: ignore[attr-defined]
+    engine = FakeImages(set())
+    subject = DockerImages(engine, "127.0.0.1:5000")  # type: ignore[arg-type]
+    assert await subject.ensure(reference) == DockerImage(pulled, {"Cmd": ["sh"]})
+    assert engine.pulled == [pulled]
 
 
-async def test_present_images_are_not_pulled_and_other_registries_are_refused(
-    tmp_path: Path,
-) -> None:
-    subject = driver(tmp_path, registry="127.0.0.1:5000")
-    subject._engine = FakeImages({"local:1"})  # type: ignore[assignment]
-    assert (await subject._ensure_image("local:1")).reference == "local:1"
+async def test_present_images_are_not_pulled_and_other_registries_are_refused() -> None:
+    subject = DockerImages(FakeImages({"local:1"}), "127.0.0.1:5000")  # type: ignore[arg-type]
+    assert (await subject.ensure("local:1")).reference == "local:1"
     with pytest.raises(NotFound, match="only from the configured registry"):
-        await subject._ensure_image("quay.io/app:1")
-    unconfigured = driver(tmp_path)
-    unconfigured._engine = FakeImages(set())  # type: ignore[assignment]
+        await subject.ensure("quay.io/app:1")
+    unconfigured = DockerImages(FakeImages(set()), None)  # type: ignore[arg-type]
     with pytest.raises(NotFound, match=r"no runtimes\.docker\.registry"):
-        await unconfigured._ensure_image("busybox")
+        await unconfigured.ensure("busybox")
 
 
 async def test_unreachable_daemon_is_unavailable_naming_the_socket(tmp_path: Path) -> None:
@@ -435,7 +429,8 @@ def test_an_empty_command_leaves_the_images_entrypoint_cmd_and_working_dir(
 
 async def test_an_empty_command_needs_an_image_with_one(tmp_path: Path) -> None:
     subject = driver(tmp_path)
-    subject._engine = FakeImages({"bare:1"}, {"Env": ["PATH=/bin"]})  # type: ignore[assignment]
+    images = FakeImages({"bare:1"}, {"Env": ["PATH=/bin"]})
+    subject._images = DockerImages(images, None)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument) as refused:
         await subject.start(spec(command=Command(), image="bare:1"))
     assert refused.value.field == "command" and "bare:1" in str(refused.value)

@@ -15,7 +15,7 @@ import pytest
 
 from adapter.core.errors import InvalidArgument
 from adapter.images import ImageStore
-from adapter.images.unpack import InflatingReader
+from adapter.images.inflate import InflatingReader
 from tests.image_fixtures import ImageFiles, image_files  # noqa: F401
 from tests.images import (
     Entry,

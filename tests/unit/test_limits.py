@@ -10,7 +10,7 @@ import pytest
 from adapter.core.limits import Limits, memory_floor
 from adapter.core.model import Resources
 from adapter.runtimes.containerd.spec import linux_resources
-from adapter.runtimes.docker.driver import resource_fields
+from adapter.runtimes.docker.container_config import resource_fields
 from adapter.runtimes.lxc.config import cgroup_keys
 from isolators import base as isolators
 from isolators.cgroups.cpu import CpuIsolator

@@ -45,7 +45,8 @@ from adapter.streaming.frames import (
     decode_header_block,
     encode_header_block,
 )
-from adapter.streaming.spdy import Connection, Limits, Role, StreamReset
+from adapter.streaming.spdy import Connection, Limits, Role
+from adapter.streaming.spdy_stream import StreamReset
 
 Pipe = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

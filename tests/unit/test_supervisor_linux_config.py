@@ -1,5 +1,5 @@
-"""The supervisor's options for what a CRI container asks (adapter/supervisor/client.py): its
-identity as numbers, namespaces joined or shared, sysctls, propagation, read-only root."""
+"""The supervisor's options for what a CRI container asks (adapter/supervisor/launch_config.py):
+its identity as numbers, namespaces joined or shared, sysctls, propagation, read-only root."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from adapter.core.errors import InvalidArgument
 from adapter.core.model import Identity, Mount
-from adapter.supervisor.client import Enforcement, Filesystem, LaunchConfig
+from adapter.supervisor.launch_config import Enforcement, Filesystem, LaunchConfig
 
 PRIVILEGED = Enforcement(privileged=True)
 

@@ -17,6 +17,7 @@ from adapter.core.model import Identity
 from adapter.supervisor import client as supervisor
 from adapter.supervisor import processes
 from adapter.supervisor.client import ExitStatus, SpawnError, SupervisorHandle
+from adapter.supervisor.launch_config import Enforcement, LaunchConfig
 
 
 def write(path: Path, text: str | bytes) -> str:
@@ -141,8 +142,8 @@ def test_unexpected_handshake_is_a_handshake_error(line: bytes) -> None:
 
 
 def test_configuration_carries_every_option(tmp_path: Path) -> None:
-    enforcement = supervisor.Enforcement(privileged=True)
-    config = supervisor.LaunchConfig(
+    enforcement = Enforcement(privileged=True)
+    config = LaunchConfig(
         status_file=str(tmp_path / "status"),
         sandbox="box",
         argv=["sh", "-c", "--env"],
@@ -187,9 +188,9 @@ def test_configuration_carries_every_option(tmp_path: Path) -> None:
 def test_configuration_rejects_what_the_supervisor_would_misread(
     argv: list[str], env: list[tuple[str, str]], field: str
 ) -> None:
-    config = supervisor.LaunchConfig(
+    config = LaunchConfig(
         status_file="s", sandbox="o", argv=argv, env=env,
-        enforcement=supervisor.Enforcement(privileged=True),
+        enforcement=Enforcement(privileged=True),
     )  # fmt: skip
     with pytest.raises(InvalidArgument, match=field):
         config.encode()

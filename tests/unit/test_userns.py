@@ -34,7 +34,7 @@ from adapter.runtimes.containerd.remap import shift_owners
 from adapter.runtimes.lxc import userns as lxc_userns
 from adapter.runtimes.lxc.config import LxcConfig
 from adapter.runtimes.lxc.linux import set_namespaces
-from adapter.supervisor.client import Enforcement, LaunchConfig
+from adapter.supervisor.launch_config import Enforcement, LaunchConfig
 from tests.conftest import searchable_by_all
 from tests.unit.test_core import FakeDriver, make_spec
 

@@ -36,14 +36,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal as signals
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import docker.auth  # type: ignore[import-untyped]
-import docker.errors  # type: ignore[import-untyped]
-import docker.utils  # type: ignore[import-untyped]
 
 from adapter.core.confinement import Confinement
 from adapter.core.errors import (
@@ -55,7 +50,6 @@ from adapter.core.errors import (
     NotFound,
     Unavailable,
 )
-from adapter.core.limits import Limits
 from adapter.core.model import (
     Capabilities,
     ExecResult,
@@ -72,8 +66,18 @@ from adapter.runtimes.docker import exec as execs
 from adapter.runtimes.docker import handle as names
 from adapter.runtimes.docker import pod
 from adapter.runtimes.docker.client import DockerEngine, ExitFollower, Inspect
-from adapter.runtimes.docker.confinement import NodeCapabilities, confinement_fields
+from adapter.runtimes.docker.confinement import NodeCapabilities
+from adapter.runtimes.docker.container_config import container_config, resource_fields
+from adapter.runtimes.docker.container_state import (
+    Tracked,
+    exit_from_inspect,
+    has_ended,
+    remove_cgroups,
+    sandbox_of,
+    stop_owned,
+)
 from adapter.runtimes.docker.handle import DockerHandle
+from adapter.runtimes.docker.images import DockerImage, DockerImages
 from adapter.runtimes.docker.network import DockerNetwork, PreparedNetwork
 from adapter.runtimes.docker.options import DockerOptions
 from adapter.runtimes.docker.output import (
@@ -85,14 +89,11 @@ from adapter.runtimes.docker.output import (
 from adapter.supervisor.oci_seccomp import launch_profile
 from isolators.cgroups.accounting import read_statistics
 from isolators.cgroups.hierarchy import check_root
-from isolators.cgroups.pods import pod_dirs
 from isolators.registry import ACCOUNTED_CONTROLLERS
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 30.0  # re-inspect now and then even without an event: belt and braces
-STOP_TIMEOUT_SECONDS = 30.0
-SIGNAL_MAX = int(signals.SIGRTMAX)
 CAPABILITIES = Capabilities(
     pods=True,
     pod_holder=True,
@@ -107,84 +108,13 @@ CAPABILITIES = Capabilities(
 MEASURED_STORAGE_DRIVER = "overlay2"
 
 
-@dataclass
-class _Tracked:
-    """A container this driver watches; `died` is set on each `die` event (or stream gap)."""
-
-    handle: DockerHandle
-    sandbox: Path
-    died: asyncio.Event = field(default_factory=asyncio.Event)
-    pid: int = 0  # the init's host pid at launch; 0 after a recovery (nobody asks then)
-
-    def output(self) -> OutputTarget:
-        handle = self.handle
-        return OutputTarget(
-            handle.docker_id,
-            self.sandbox,
-            handle.stdout_offset,
-            handle.stderr_offset,
-            handle.log_path,
-        )
-
-
-@dataclass(frozen=True)
-class DockerImage:
-    """An image the daemon has: the reference to create from, and its own Config."""
-
-    reference: str
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def has_command(self) -> bool:
-        return bool(self.config.get("Entrypoint") or self.config.get("Cmd"))
-
-
-def exit_from_inspect(inspect: Inspect) -> Exit:
-    """Docker's final state of a container -> our Exit (see the module docstring for 128+n)."""
-    state = inspect["State"]
-    code = int(state.get("ExitCode", 0))
-    signal = code - 128 if 128 < code <= 128 + SIGNAL_MAX else None
-    limitation, limitation_message = None, ""
-    if state.get("OOMKilled"):
-        limit = inspect.get("HostConfig", {}).get("Memory") or "unknown"
-        limitation = "mem"
-        limitation_message = f"Memory limit exceeded: limit {limit} bytes (Docker: OOMKilled)"
-    return Exit(
-        exit_code=None if signal is not None else code,
-        signal=signal,
-        limitation=limitation,
-        limitation_message=limitation_message,
-        message=str(state.get("Error") or ""),
-    )
-
-
-def has_ended(inspect: Inspect) -> bool:
-    return inspect["State"].get("Status") in ("exited", "dead")
-
-
-def resource_fields(limits: Limits) -> dict[str, int]:
-    """`limits` as Engine API HostConfig/update fields."""
-    fields: dict[str, int] = {}
-    if limits.cpu_shares is not None:
-        fields["CpuShares"] = limits.cpu_shares
-    if limits.cfs_quota_us is not None:
-        fields["CpuPeriod"] = limits.cfs_period_us
-        fields["CpuQuota"] = limits.cfs_quota_us
-    if limits.mem_bytes is not None:
-        limit = limits.mem_bytes
-        # Swap equal to memory: the limit is hard, as the native runtime's is.
-        fields.update(Memory=limit, MemorySwap=limit, MemoryReservation=limit)
-    if limits.pids is not None:
-        fields["PidsLimit"] = limits.pids
-    return fields
-
-
 class DockerDriver:
     name = "docker"
 
     def __init__(self, options: DockerOptions, services: Services) -> None:
-        self._registry = options.registry
         self._sandbox_image = options.sandbox_image
         self._engine = DockerEngine(options.endpoint)
+        self._images = DockerImages(self._engine, options.registry)
         self._owner = str(services.node.state_dir)
         check_root(services.node.cgroups_root)
         self._node = services.node
@@ -193,9 +123,7 @@ class DockerDriver:
         self._network = DockerNetwork(
             services.network, self._engine, self._owner, self._cgroup_parent
         )
-        self._tracked: dict[str, _Tracked] = {}
-        # The holder image's tag, and the busybox binary it was made from (pod.holder_source).
-        self._holder_tag: tuple[tuple[object, ...], str] | None = None
+        self._tracked: dict[str, Tracked] = {}
         self._follower = ExitFollower(
             self._engine, f"{names.LABEL_OWNER}={self._owner}", self._on_exit_event
         )
@@ -243,7 +171,7 @@ class DockerDriver:
         if not spec.image and spec.linux.pod != spec.container_id:
             raise InvalidArgument("container.image", "the docker runtime needs an image to run")
         # A pod's holder (the pod's own id) has no image: it runs one the driver makes.
-        image = await (self._ensure_image(spec.image) if spec.image else self._holder_image())
+        image = await (self._images.ensure(spec.image) if spec.image else self._images.holder())
         if not spec.command.resolved_argv() and not image.has_command():
             raise InvalidArgument(
                 "command",
@@ -257,7 +185,7 @@ class DockerDriver:
         if mode == "bridge":
             sandbox_image = image
             if self._sandbox_image is not None:
-                sandbox_image = await self._ensure_image(self._sandbox_image)
+                sandbox_image = await self._images.ensure(self._sandbox_image)
             network = await self._network.prepare_bridge(spec, sandbox_image.reference)
         tracked = await self._create_and_start(spec, image, network, modes, localhost)
         return Launched(
@@ -299,25 +227,6 @@ class DockerDriver:
             " (a docker pod's holder runs on docker)"
         )
 
-    async def _holder_image(self) -> DockerImage:
-        """The image of a launch without one (a pod's holder): the host's static busybox,
-        imported once (its tag names its content). The layer is built and hashed only when the
-        binary changed since the last pod, or when dockerd has lost the image."""
-        source = pod.holder_source()  # one stat: no thread hop
-        if self._holder_tag is not None and self._holder_tag[0] == source:
-            reference = f"{pod.HOLDER_REPOSITORY}:{self._holder_tag[1]}"
-            config = await self._engine.image_config(reference)
-            if config is not None:
-                return DockerImage(reference, config)
-        rootfs, tag = await asyncio.to_thread(pod.holder_rootfs)
-        self._holder_tag = (source, tag)
-        reference = f"{pod.HOLDER_REPOSITORY}:{tag}"
-        config = await self._engine.image_config(reference)
-        if config is None:
-            await self._engine.import_rootfs(rootfs, pod.HOLDER_REPOSITORY, tag)
-            config = await self._engine.image_config(reference)
-        return DockerImage(reference, config or {})
-
     async def _create_and_start(
         self,
         spec: LaunchSpec,
@@ -325,7 +234,7 @@ class DockerDriver:
         network: PreparedNetwork,
         modes: pod.PodModes,
         localhost: dict[str, Any] | None,
-    ) -> _Tracked:
+    ) -> Tracked:
         cid = spec.container_id
         name = names.container_name(self._owner, cid)
         if spec.linux.log_path:  # a log that cannot be written fails the launch, saying why
@@ -342,7 +251,7 @@ class DockerDriver:
             docker_id, name, cgroup, image.reference, network.sandbox_id,
             stdout_offset, stderr_offset, spec.linux.log_path,
         )  # fmt: skip
-        tracked = _Tracked(handle, Path(spec.sandbox))
+        tracked = Tracked(handle, Path(spec.sandbox))
         self._tracked[cid] = tracked
         await self._engine.start(docker_id, LaunchFailed)
         self._outputs.follow(cid, tracked.output())
@@ -361,75 +270,18 @@ class DockerDriver:
         modes: pod.PodModes = pod.NO_POD,
         localhost: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """create_container keyword arguments; host_config is Engine API JSON (data, never text:
-        the sandbox path goes into a Mounts entry, not a "src:dst" bind string)."""
-        argv = spec.command.resolved_argv()
-        working_dir = spec.command.working_dir or image.config.get("WorkingDir")
-        labels = dict(spec.labels)
-        labels.update({names.LABEL_CONTAINER_ID: spec.container_id, names.LABEL_OWNER: self._owner})
-        host_config: dict[str, Any] = {
-            **resource_fields(self._node.limits(spec.resources)),
-            "CgroupParent": self._cgroup_parent(spec.container_id),
-            "Mounts": [
-                {"Type": "bind", "Source": spec.sandbox, "Target": names.SANDBOX_MOUNT},
-                *pod.pod_mounts(spec.linux, network.etc_mounts),
-            ],
-            "NetworkMode": network.network_mode,
-            "Init": True,
-            "LogConfig": {"Type": "json-file", "Config": {}},
-            **confinement_fields(
-                spec, str(image.config.get("User") or ""), self._node_capabilities, localhost
-            ),
-            **pod.pod_fields(spec, modes),
-        }
-        environment = [f"{key}={value}" for key, value in spec.command.environment]
-        environment.append(f"MESOS_SANDBOX={names.SANDBOX_MOUNT}")
-        return {
-            "image": image.reference,
-            # None, not []: an empty Entrypoint would drop the image's own.
-            "entrypoint": argv[:1] or None,
-            "command": argv[1:] or None,
-            "environment": environment,
-            "user": pod.docker_user(spec),
-            # Docker takes a hostname only for a container in a network namespace of its own.
-            "hostname": (spec.linux.hostname or None) if network.network_mode == "none" else None,
-            "tty": spec.linux.tty,
-            "stdin_open": spec.linux.stdin,
-            "working_dir": working_dir or names.SANDBOX_MOUNT,
-            "labels": labels,
-            "detach": True,
-            "host_config": host_config,
-        }
-
-    async def _ensure_image(self, reference: str) -> DockerImage:
-        """The reference to create from: as given when Docker has it, else pulled from the
-        configured registry (an unqualified name is looked up there). Never another registry."""
-        config = await self._engine.image_config(reference)
-        if config is not None:
-            return DockerImage(reference, config)
-        try:
-            repository, tag = docker.utils.parse_repository_tag(reference)
-            index, remote = docker.auth.resolve_repository_name(repository)
-        except docker.errors.DockerException as exc:
-            raise InvalidArgument("container.image", f"{reference!r}: {exc}") from exc
-        if self._registry is None:
-            raise NotFound(
-                f"image {reference!r} is not in the docker daemon at {self._engine.where}, and no"
-                " runtimes.docker.registry is configured to pull it from"
-            )
-        qualified = repository.split("/", 1)[0] == index
-        if qualified and index != self._registry:
-            raise NotFound(
-                f"image {reference!r} is not in the docker daemon, and images are pulled only from"
-                f" the configured registry {self._registry!r}"
-            )
-        separator = "@" if "@" in reference else ":"
-        pulled = f"{self._registry}/{remote}" + (f"{separator}{tag}" if tag else ":latest")
-        config = await self._engine.image_config(pulled)
-        if config is None:
-            await self._engine.pull(pulled, LaunchFailed)
-            config = await self._engine.image_config(pulled)
-        return DockerImage(pulled, config or {})
+        """create_container keyword arguments, with this driver's owner, limits and cgroups."""
+        return container_config(
+            spec,
+            image,
+            network,
+            modes,
+            localhost,
+            owner=self._owner,
+            limits=self._node.limits(spec.resources),
+            cgroup_parent=self._cgroup_parent(spec.container_id),
+            node_capabilities=self._node_capabilities,
+        )
 
     # ---- exit ----
 
@@ -484,7 +336,7 @@ class DockerDriver:
     async def kill_all(self, container_id: str) -> None:
         """SIGKILL (as Mesos destroys) and return once Docker has it stopped, so the wait sees
         the exit at once rather than at its next poll."""
-        await self._kill(self._target(container_id))
+        await stop_owned(self._engine, self._owner, self._target(container_id))
         tracked = self._tracked.get(container_id)
         if tracked is not None:
             tracked.died.set()
@@ -497,29 +349,11 @@ class DockerDriver:
         self._tracked.pop(container_id, None)
         if tracked is not None:
             tracked.died.set()
-        await self._remove_parent_cgroups(container_id)
-
-    async def _kill(self, target: str) -> Inspect | None:
-        """Kill a container of ours and wait until it is stopped; its final inspect, or None
-        when there is no such container."""
-        try:
-            inspect = await self._engine.inspect(target)
-        except NotFound:
-            return None
-        labels = inspect.get("Config", {}).get("Labels") or {}
-        if labels.get(names.LABEL_OWNER) != self._owner:
-            raise FailedPrecondition(f"docker container {target!r} is not ours; not removing it")
-        if not has_ended(inspect):
-            docker_id = str(inspect["Id"])
-            with contextlib.suppress(FailedPrecondition):
-                await self._engine.kill(docker_id, int(signals.SIGKILL))
-            await self._engine.wait_stopped(docker_id, STOP_TIMEOUT_SECONDS)
-            inspect = await self._engine.inspect(docker_id)
-        return inspect
+        await remove_cgroups(self._services.cgroups.hierarchies, container_id)
 
     async def _remove(self, target: str, container_id: str, *, copy_logs: bool) -> None:
         """Kill (if it still runs), copy the output, remove; no container of ours is no error."""
-        inspect = await self._kill(target)
+        inspect = await stop_owned(self._engine, self._owner, target)
         if inspect is None:
             return
         docker_id = str(inspect["Id"])
@@ -531,7 +365,7 @@ class DockerDriver:
     async def _finish_output(self, container_id: str, inspect: Inspect) -> None:
         """The container has stopped: its output complete in the sandbox files, which the
         container's own mount names (so this needs no record of ours)."""
-        sandbox = _sandbox_of(inspect)
+        sandbox = sandbox_of(inspect)
         if sandbox is None or not sandbox.is_dir():
             await self._outputs.stop(container_id)
             return
@@ -542,19 +376,6 @@ class DockerDriver:
         else:
             target = OutputTarget(docker_id, sandbox)
         await self._outputs.finish(container_id, target)
-
-    async def _remove_parent_cgroups(self, container_id: str) -> None:
-        """Docker removes its leaf cgroup asynchronously to the API reply: retry briefly."""
-        hierarchies = self._services.cgroups.hierarchies
-        relative = hierarchies.relative(container_id)
-        for _ in range(50):
-            if not names.remove_parent_cgroups(relative):
-                pod = hierarchies.pods.get(container_id)
-                if pod is not None:  # the core keeps the pod's cgroup where it limits it
-                    names.remove_pod_directories(relative, set(pod_dirs(hierarchies, pod)))
-                return
-            await asyncio.sleep(0.02)
-        log.warning("docker: cgroups of %s are still busy; recovery will retry", container_id)
 
     async def reopen_log(self, container_id: str) -> None:
         """ReopenContainerLog: the CRI log's path opened again (the kubelet renamed the file)."""
@@ -606,7 +427,7 @@ class DockerDriver:
         for entry in checkpointed:
             if entry.handle:
                 handle = DockerHandle.from_json(entry.handle)
-                tracked = _Tracked(handle, Path(entry.spec.sandbox))
+                tracked = Tracked(handle, Path(entry.spec.sandbox))
                 self._tracked[entry.spec.container_id] = tracked
                 # On from where the files are; retried until dockerd answers, if it is down.
                 self._outputs.follow(entry.spec.container_id, tracked.output())
@@ -642,18 +463,9 @@ class DockerDriver:
             else:
                 await self._remove(docker_id, cid, copy_logs=False)
             if cid and cid not in known_ids:
-                await self._remove_parent_cgroups(cid)
+                await remove_cgroups(self._services.cgroups.hierarchies, cid)
 
     async def close(self) -> None:
         self._follower.stop()
         await self._outputs.close()
         await self._engine.close()
-
-
-def _sandbox_of(inspect: Inspect) -> Path | None:
-    """The host directory mounted at /mnt/mesos/sandbox: the container says where its output
-    goes, so cleanup needs nothing but the container, even after our restart."""
-    for mount in inspect.get("Mounts") or []:
-        if mount.get("Destination") == names.SANDBOX_MOUNT and mount.get("Source"):
-            return Path(mount["Source"])
-    return None

@@ -41,7 +41,7 @@ from adapter.runtimes.lxc.rootfs import (
     Lower,
     resolve_in_root,
 )
-from adapter.supervisor import client as protocol
+from adapter.supervisor.launch_config import Filesystem, LaunchConfig
 from isolators.network.model import Attachment
 
 SANDBOX_IN_CONTAINER = "/" + SANDBOX_TARGET
@@ -149,10 +149,10 @@ class ContainerConfigs:
 
     async def supervisor_config(
         self, spec: LaunchSpec, workload: Workload, identity: Identity, view: linux.ContainerView
-    ) -> protocol.LaunchConfig:
+    ) -> LaunchConfig:
         """The supervisor's configuration, in the container's paths: it runs as the init."""
         mounts = view.propagating_mounts
-        return protocol.LaunchConfig(
+        return LaunchConfig(
             status_file=f"/{RUN_TARGET}/status",
             sandbox=SANDBOX_IN_CONTAINER,
             argv=workload.argv,
@@ -161,7 +161,7 @@ class ContainerConfigs:
             cwd=workload.working_dir,
             identity=identity,
             hostname=linux.hostname(spec),
-            filesystem=protocol.Filesystem(mounts=mounts) if mounts else None,
+            filesystem=Filesystem(mounts=mounts) if mounts else None,
             log_file=view.log_file,
             namespaces_joined=linux.supervisor_namespaces(spec),
             sysctls=spec.linux.sysctls,

@@ -37,15 +37,15 @@ from adapter.core.services import SeccompFilter
 from adapter.runtimes.lxc import shared_mounts
 from adapter.runtimes.lxc.config import LxcConfig
 from adapter.runtimes.lxc.rootfs import resolve_in_root
-from adapter.supervisor import client as protocol
 from adapter.supervisor import linux as supervised
+from adapter.supervisor.launch_config import JOINABLE_NAMESPACES, Enforcement
 
 # Where the service's own files are bound into a container: the supervisor, its run directory,
 # the CRI log's directory. Hidden from the workload (a masked path): they are the service's.
 SERVICE_DIRECTORY = ".containerizer"
 LOG_TARGET = f"{SERVICE_DIRECTORY}/log"
 # Namespaces our supervisor joins or keeps (the network one is LXC's alone).
-SUPERVISOR_KINDS = protocol.JOINABLE_NAMESPACES
+SUPERVISOR_KINDS = JOINABLE_NAMESPACES
 # Once LXC has mounted everything (and made every mount point), before the pivot_root. LXC
 # appends the container's name and the hook's type as arguments: the shell's $0 and $1 here.
 READ_ONLY_ROOT_HOOK = "/bin/sh -c 'exec /bin/mount -o bind,remount,ro \"$LXC_ROOTFS_MOUNT\"'"
@@ -163,7 +163,7 @@ def set_log_directory(config: LxcConfig, spec: LaunchSpec, lower: Path) -> str |
     return f"/{LOG_TARGET}/{name}"
 
 
-async def enforcement(spec: LaunchSpec, filters: SeccompFilter) -> protocol.Enforcement:
+async def enforcement(spec: LaunchSpec, filters: SeccompFilter) -> Enforcement:
     """The native runtime's enforcement of the launch, as the supervisor applies it inside LXC:
     LXC makes the cgroup namespace and mounts its cgroupfs (read-only here too), and the
     service's directory is hidden from the workload."""

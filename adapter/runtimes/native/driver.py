@@ -3,8 +3,9 @@
 Launch: every isolator prepares (cgroups created, limits written), then the C supervisor forks
 the workload, which joins the cgroups and new pid/mount/uts/ipc namespaces before its first
 instruction. The supervisor, not this service, reaps the workload and records its status
-durably, so an exit while the service is down is not lost. kill_all kills through the cgroup
-freezer (and the pid namespace: when init dies the kernel kills the rest).
+durably, so an exit while the service is down is not lost. kill_all kills the init of a pid
+namespace of the container's own first (the kernel kills the rest of the namespace), then sweeps
+the cgroups through the freezer for anything else.
 
 Attach: every launch gets an attach socket in its run directory, so the supervisor carries the
 workload's output (to the sandbox's files, or the CRI log) and serves it, and with linux.stdin
@@ -23,9 +24,11 @@ read-only cgroupfs. A launch without an image keeps the host's filesystem, as in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,8 @@ from adapter.supervisor import client as supervisor
 from adapter.supervisor import linux
 from adapter.supervisor.attach import AttachSession
 from adapter.supervisor.exec import ExecConfig, exec_sync
-from adapter.supervisor.processes import supervised_exit
+from adapter.supervisor.launch_config import Filesystem, LaunchConfig
+from adapter.supervisor.processes import ProcessRef, supervised_exit
 from adapter.supervisor.session import ExecSession
 from isolators.base import Isolator, Limitation
 from isolators.cgroups.isolator import CgroupIsolator
@@ -68,6 +72,9 @@ log = logging.getLogger(__name__)
 # The supervisor's attach socket in the container's run directory (root's, 0700): every launch
 # has one, so a client can attach to the workload's stdio whenever it runs.
 ATTACH_SOCKET = "attach"
+# How long kill_all waits for a pid namespace to end after its init's SIGKILL: a slower end (a
+# large address space to tear down, a task in uninterruptible sleep) gets the cgroup sweep.
+NAMESPACE_END_TIMEOUT = 1.0
 
 
 class _Running:
@@ -84,6 +91,18 @@ class _Running:
         self.exit_task = exit_task
         self.limitation: Limitation | None = None
         self.watch_task: asyncio.Task[None] | None = None
+
+
+async def _end_pid_namespace(handle: supervisor.SupervisorHandle) -> None:
+    """SIGKILL to the container's init, pid 1 of its pid namespace, and the wait for its end:
+    the kernel kills every other process of the namespace and ends the init only once they
+    all have, so the init's pidfd turning readable means the namespace is empty. After
+    NAMESPACE_END_TIMEOUT the wait is given up (the cgroup sweep, which comes next, kills
+    what is left either way)."""
+    init = ProcessRef(handle.child_pid, handle.child_start_time)
+    if init.send(signal.SIGKILL):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(init.wait(), NAMESPACE_END_TIMEOUT)
 
 
 def _make_run_dir(path: str) -> None:
@@ -171,7 +190,7 @@ class NativeDriver:
             )
             limits = self._node.limits(spec.resources).for_isolators()
             prepared = await prepare_isolators(self._isolators, cid, limits)
-            config = supervisor.LaunchConfig(
+            config = LaunchConfig(
                 status_file=f"{run_dir}/status",
                 sandbox=spec.sandbox,
                 argv=workload.argv,
@@ -211,9 +230,7 @@ class NativeDriver:
         network = await self._network.prepare(spec)
         return network.netns_path, network.address or ""
 
-    async def _workload(
-        self, spec: LaunchSpec, run_dir: str
-    ) -> tuple[Workload, supervisor.Filesystem | None]:
+    async def _workload(self, spec: LaunchSpec, run_dir: str) -> tuple[Workload, Filesystem | None]:
         """What runs, and the files it sees: the host's, or an overlay of the image's layers
         with the sandbox and the network's /etc files bound in."""
         if spec.image is None:
@@ -234,7 +251,7 @@ class NativeDriver:
         else:
             etc_files = self._network.etc_files(spec.container_id, spec.container_id[:63])
             etc_binds = tuple((str(path), target) for target, path in etc_files.items())
-        filesystem = supervisor.Filesystem(
+        filesystem = Filesystem(
             ":".join(str(layer) for layer in layers),
             str(rootfs_dir),
             binds=((spec.sandbox, SANDBOX_IN_CONTAINER),),
@@ -363,11 +380,25 @@ class NativeDriver:
             )
 
     async def kill_all(self, container_id: str) -> None:
+        """Every process of the container killed, by the cgroup sweep (freezer, then each
+        controller's directory). A container whose init is pid 1 of a pid namespace of its own
+        loses its init first: the kernel then kills the rest of the namespace and refuses its
+        forks, so the sweep finds at most what joined the cgroups from outside it. In a pod's
+        or the host's pid namespace the init's end takes nothing along: the sweep comes first."""
+        running = self._running.get(container_id)
+        if running is not None and self._own_pid_namespace(running):
+            await _end_pid_namespace(running.handle)
         if self._cgroups is not None:
             await self._cgroups.destroy(container_id)
-        running = self._running.get(container_id)
-        if running is not None:
-            supervisor.kill(running.handle, 9)  # pid namespace: the kernel kills the rest
+        if running is not None:  # without cgroups, the one kill (a pid namespace goes with it)
+            supervisor.kill(running.handle, 9)
+
+    def _own_pid_namespace(self, running: _Running) -> bool:
+        """Whether the container's init is pid 1 of a pid namespace made for it (it is the
+        workload itself without namespaces, and a member of a pod's or the host's pid namespace
+        when the launch joined one)."""
+        spec = running.spec
+        return self._namespaces and spec is not None and spec.linux.namespace("pid") is None
 
     async def cleanup(self, container_id: str) -> None:
         running = self._running.pop(container_id, None)
