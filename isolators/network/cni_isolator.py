@@ -194,7 +194,9 @@ class CniIsolator(NetworkIsolator):
         """Nothing: forwards are the portmap plugin's, through runtimeConfig.portMappings."""
 
     async def close(self) -> None:
-        """Nothing: a CNI network's bridge belongs to the network, not to this service."""
+        """The bridge is the CNI network's, not this service's: only host sides that the bridge
+        backend's cleanup detached (attachments from before a change of backend) go."""
+        await self._detached.close()
 
     def write_etc_files(self, container_id: str, directory: Path, hostname: str) -> list[Path]:
         """The bridge backend's files; resolv.conf from the result's DNS when it has one."""

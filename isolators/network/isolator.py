@@ -77,6 +77,7 @@ class NetworkIsolator:
         self._pool = AddressPool(config.network) if config.enabled else None
         self._lock = asyncio.Lock()
         self._recovered = False
+        self._detached = veth.DetachedVeths()
 
     # ---- checks: everything a request can get wrong, before anything exists ----
 
@@ -239,7 +240,7 @@ class NetworkIsolator:
             bridge_index = await bridge.ensure_bridge(
                 host, self.config.bridge, self._pool.gateway, self._pool.subnet.prefixlen
             )
-            alias = f"containerizer {self.config.bridge} {attachment.container_id}"
+            alias = veth.host_veth_alias(self.config.bridge, attachment.container_id)
             index = await veth.create_pair(host, attachment.host_veth, path, bridge_index, alias)
             if attachment.bandwidth_mbit is not None:
                 await shaping.set_rate(host, index, attachment.bandwidth_mbit)
@@ -323,8 +324,7 @@ class NetworkIsolator:
         """Undo `_create` from whatever point it reached, then forget the attachment. Links go
         first: a namespace some process still holds must not keep a veth on our bridge."""
         if attachment.host_veth is not None:
-            async with AsyncIPRoute() as host:
-                await veth.delete_link(host, attachment.host_veth)
+            await self._release_link(attachment)
         if attachment.netns_path is not None:
             netns.remove(Path(attachment.netns_path))
         shutil.rmtree(self._etc_root / attachment.container_id, ignore_errors=True)
@@ -332,6 +332,20 @@ class NetworkIsolator:
         if attachment.port_mappings:
             await self._apply_forwards()
         self._save()
+
+    async def _release_link(self, attachment: Attachment) -> None:
+        """A veth into a namespace of ours is detached and set down, not deleted (veth.py): the
+        kernel deletes the pair when `_remove` lets the namespace go, and `_detached` deletes it
+        if someone holds the namespace on. A runtime's own link (libvirt's tap) has no namespace
+        of ours whose end would delete it: it is deleted now."""
+        assert attachment.host_veth is not None
+        async with AsyncIPRoute() as host:
+            if attachment.netns_path is None:
+                await veth.delete_link(host, attachment.host_veth)
+                return
+            index = await veth.detach(host, attachment.host_veth)
+        if index is not None:
+            self._detached.delete_later(index, attachment.host_veth)
 
     async def _apply_forwards(self) -> None:
         forwards = [
@@ -392,18 +406,22 @@ class NetworkIsolator:
             await self._sweep_links(host)
 
     async def _sweep_links(self, host: AsyncIPRoute) -> None:
-        """Ports of our bridge that no attachment names (a crash between veth and checkpoint)."""
+        """Ports of our bridge that no attachment names (a crash between veth and checkpoint),
+        and detached host sides of ours (a service that died before `_detached` deleted them)."""
         owned_links = {a.host_veth for a in self._state.attachments.values() if a.host_veth}
+        links = await veth.detached_host_sides(host, self.config.bridge)
         bridge_index = await bridge.link_index(host, self.config.bridge)
-        if bridge_index is None:
-            return
-        for name in await veth.bridge_ports(host, bridge_index):
+        if bridge_index is not None:
+            links += await veth.bridge_ports(host, bridge_index)
+        for name in links:
             if name not in owned_links:
                 log.info("network: removing orphan link %s", name)
                 await veth.delete_link(host, name)
 
     async def close(self) -> None:
-        """The service stops: containers keep running, and so does the bridge if one uses it."""
+        """The service stops: containers keep running, and so does the bridge if one uses it.
+        Host sides detached by cleanups and not yet deleted by the kernel are deleted now."""
+        await self._detached.close()
         async with self._lock:
             if any(a.mode == "bridge" for a in self._state.attachments.values()):
                 return

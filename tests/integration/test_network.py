@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -61,13 +62,44 @@ def network_service(workdir: Path, extra: str = "") -> ServiceProcess:
     return process
 
 
-def node_state(bridge: str) -> dict[str, object]:
-    """What of ours the host shows: links on or named like our bridge, namespaces, nft table."""
-    links = json.loads(
+# A removed container's host-side veth is detached at once and deleted by the kernel ~30 ms
+# after its namespace, or by the service 2 s after the cleanup when someone holds the namespace.
+DETACHED_LINK_GRACE_SECONDS = 3.0
+
+
+def _links() -> list[dict[str, Any]]:
+    links: list[dict[str, Any]] = json.loads(
         subprocess.run(
             ["ip", "-j", "-d", "link"], capture_output=True, text=True, check=True
         ).stdout
     )
+    return links
+
+
+def _detached_links(bridge: str, links: list[dict[str, Any]]) -> list[str]:
+    """Host sides of `bridge` (by their ifalias) on no bridge: removed containers' ones."""
+    prefix = f"containerizer {bridge} "
+    return [
+        link["ifname"]
+        for link in links
+        if "master" not in link and link.get("ifalias", "").startswith(prefix)
+    ]
+
+
+def settled_links(bridge: str) -> list[dict[str, Any]]:
+    """The host's links once the detached host sides of `bridge` are gone, or after the grace
+    period: one still there then is a leak, and shows in what the caller compares."""
+    deadline = time.monotonic() + DETACHED_LINK_GRACE_SECONDS
+    links = _links()
+    while _detached_links(bridge, links) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        links = _links()
+    return links
+
+
+def node_state(bridge: str) -> dict[str, object]:
+    """What of ours the host shows: links on or named like our bridge, namespaces, nft table."""
+    links = settled_links(bridge)
     ours = sorted(
         link["ifname"]
         for link in links
@@ -391,6 +423,14 @@ def test_kill_9_and_restart_keep_addresses_and_leak_nothing(
             ],
             check=True,
         )
+        # And a host side that a cleanup detached and the dead service never deleted.
+        subprocess.run(
+            ["ip", "link", "add", "vzdetached", "type", "veth", "peer", "name", "vzdetached-p"],
+            check=True,
+        )
+        subprocess.run(
+            ["ip", "link", "set", "vzdetached", "alias", f"containerizer {bridge} gone"], check=True
+        )
         service.start()
         stub = service.stub()
         for reply in (first, second):
@@ -400,6 +440,7 @@ def test_kill_9_and_restart_keep_addresses_and_leak_nothing(
             assert status.state == pb.RUNNING and status.ip_address == reply.status.ip_address
         assert not Path(f"/run/netns/{orphan}").exists()
         assert "vzorphan" not in node_state(bridge)["links"]
+        assert _link("vzdetached") is None
         third = launch(stub, f"{container_id}-3", "sleep 1000").status.ip_address
         assert third not in (first.status.ip_address, second.status.ip_address)
         assert _get(f"http://127.0.0.1:{port}/index.html") == "still here"
@@ -408,3 +449,105 @@ def test_kill_9_and_restart_keep_addresses_and_leak_nothing(
         service.stop()
         service.remove_cgroup_roots()
     assert node_state(bridge) == before
+
+
+def _link(name: str) -> dict[str, Any] | None:
+    found = subprocess.run(["ip", "-j", "-d", "link", "show", name], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    link: dict[str, Any] = json.loads(found.stdout)[0]
+    return link
+
+
+@contextlib.contextmanager
+def namespace_held(service: ServiceProcess, container_id: str) -> Iterator[None]:
+    """A process outside the service holding the container's network namespace open."""
+    prefix = netns_prefix(service.bridge, service.state_dir)  # type: ignore[attr-defined]
+    path = netns_path(prefix, container_id)
+    holder = subprocess.Popen(["nsenter", f"--net={path}", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline, "nsenter never entered the namespace"
+            time.sleep(0.01)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_held_namespace_leaves_its_veth_detached_and_down_then_deleted(
+    net_service: ServiceProcess, container_id: str
+) -> None:
+    """Destroy detaches the host side at once, whoever holds the namespace; the kernel cannot
+    delete a pair whose namespace lives on, so the service deletes it after a while."""
+    stub = net_service.stub()
+    bridge = net_service.bridge  # type: ignore[attr-defined]
+    veth = _host_veth(bridge, container_id)
+    launch(stub, container_id, "sleep 1000")
+    with namespace_held(net_service, container_id):
+        destroy(stub, container_id)
+        detached = _link(veth)
+        assert detached is not None, "the held namespace keeps the pair"
+        assert "master" not in detached and "UP" not in detached["flags"]
+        time.sleep(0.5)
+        assert _link(veth) is not None  # not the kernel's doing: the namespace is alive
+        deadline = time.monotonic() + DETACHED_LINK_GRACE_SECONDS
+        while _link(veth) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _link(veth) is None
+    assert container_state(bridge)["links"] == []
+
+
+def test_stop_deletes_the_detached_veth_of_a_held_namespace(
+    tmp_path: Path, container_id: str
+) -> None:
+    service = network_service(tmp_path)
+    bridge = service.bridge  # type: ignore[attr-defined]
+    before = node_state(bridge)
+    service.start()
+    try:
+        stub = service.stub()
+        launch(stub, container_id, "sleep 1000")
+        with namespace_held(service, container_id):
+            destroy(stub, container_id)
+            assert _link(_host_veth(bridge, container_id)) is not None
+            service.stop()
+            assert _link(_host_veth(bridge, container_id)) is None
+    finally:
+        service.stop()
+        service.remove_cgroup_roots()
+    assert node_state(bridge) == before
+
+
+def test_same_id_relaunched_at_once_gets_a_working_network(
+    net_service: ServiceProcess, container_id: str
+) -> None:
+    """A launch right after the destroy of the same id finds the old host side (same name) not
+    yet deleted; every other round holds the old namespace so that it surely is still there."""
+    stub = net_service.stub()
+    bridge = net_service.bridge  # type: ignore[attr-defined]
+    gateway = ipaddress.IPv4Network(net_service.subnet)[1]  # type: ignore[attr-defined]
+    veth = _host_veth(bridge, container_id)
+    with contextlib.ExitStack() as holders:
+        for round_ in range(10):
+            launch(stub, container_id, "sleep 1000")
+            if round_ % 2:
+                holders.enter_context(namespace_held(net_service, container_id))
+            destroy(stub, container_id)
+            if round_ % 2:
+                assert _link(veth) is not None
+            ping = f"{BUSYBOX} ping -c 1 -W 2 {gateway} && echo reached && exec sleep 1000"
+            reply = launch(stub, container_id, ping)
+            relaunched = _link(veth)
+            assert relaunched is not None and relaunched.get("master") == bridge
+            _wait_for_output(Path(reply.status.sandbox) / "stdout", "reached")
+            destroy(stub, container_id)
+    assert container_state(bridge)["links"] == []
+
+
+def _wait_for_output(path: Path, text: str, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{path} never said {text!r}"
+        time.sleep(0.02)
