@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -171,7 +172,9 @@ def measure(
     node: CriNode, daemon: ContainerdDaemon, runs: int, warmup: int
 ) -> dict[str, list[Steps]]:
     """Each way `runs` times after `warmup` untimed rounds, interleaved so that the machine's
-    drift (a noisy 2-core host) falls on every way alike."""
+    drift (a noisy 2-core host) falls on every way alike, in an order shuffled every round: what
+    one way leaves the kernel to finish (a namespace and its veth pair going, ~30 ms under the
+    rtnl lock) must not always fall on the same next way's launch."""
     ways: dict[str, Callable[[str], Steps]] = {
         CRI: lambda name: cri_once(node, name),
         OWN_API: lambda name: own_api_once(node.service, name),
@@ -179,9 +182,12 @@ def measure(
         CRI_POD_ONLY: lambda name: pod_once(node, name),
     }
     samples: dict[str, list[Steps]] = defaultdict(list)
+    order = list(ways)
+    shuffler = random.Random(20261202)  # the same orders in every run of the benchmark
     for n in range(warmup + runs):
-        for way, run_once in ways.items():
-            steps = run_once(f"bench-cri-{way.replace('_', '-')}-{n}")
+        shuffler.shuffle(order)
+        for way in order:
+            steps = ways[way](f"bench-cri-{way.replace('_', '-')}-{n}")
             if n >= warmup:
                 samples[way].append(steps)
     return samples
