@@ -17,6 +17,7 @@ import stat
 from collections.abc import Sequence
 
 from adapter.core.errors import FailedPrecondition, LaunchFailed
+from isolators.cgroups.files import make_directory
 
 OUTPUTS = ("stdout", "stderr")
 
@@ -85,19 +86,7 @@ def make_sandbox(path: str) -> None:
     """A launch's sandbox made (with its parents) and its output files ready; LaunchFailed
     naming the path when it cannot be made."""
     try:
-        _make_directories(path)
+        make_directory(path)
     except OSError as exc:
         raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
     prepare_outputs(path)
-
-
-def _make_directories(path: str) -> None:
-    """Path.mkdir(parents=True, exist_ok=True), in one mkdir when the parent exists (the
-    sandboxes' root, made by the first launch)."""
-    try:
-        os.mkdir(path)
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise

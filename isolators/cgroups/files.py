@@ -95,15 +95,15 @@ def create(cgroup: str | Path) -> None:
     """Create the cgroup directory and missing parents; an existing one is reused. In a v1
     cpuset hierarchy each level gets its parent's CPUs and memory nodes (see inherit_cpuset)."""
     try:
-        _make_directory(os.fspath(cgroup))
+        make_directory(os.fspath(cgroup))
     except OSError as exc:
         raise CgroupFileError(f"cannot create cgroup {cgroup}: {exc.strerror}") from exc
     inherit_cpuset(cgroup)
 
 
-def _make_directory(path: str) -> None:
-    """Path.mkdir(parents=True, exist_ok=True) for the usual case in one mkdir: the parent
-    (our root) exists; the parents are made only when it does not."""
+def make_directory(path: str) -> None:
+    """Path.mkdir(parents=True, exist_ok=True) for the usual case in one mkdir: the parent (a
+    cgroup root, the sandboxes' root) exists; the parents are made only when it does not."""
     try:
         os.mkdir(path)
     except FileNotFoundError:
