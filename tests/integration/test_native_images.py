@@ -64,6 +64,52 @@ def test_image_rootfs_is_the_workloads_root(
     assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
 
 
+def test_the_writable_layer_is_volatile_and_goes_with_the_container(
+    service: ServiceProcess, container_id: str, imported: str
+) -> None:
+    """The overlay is never synced at its unmount (the container's exit): its upper layer is
+    scratch, removed with the run directory, the overlay's volatile marker in its work dir too."""
+    reply = launch_in_image(service, container_id, "grep ' / / ' /proc/self/mountinfo", imported)
+    termination = wait(service.stub(), container_id)
+    root_mount = (Path(reply.status.sandbox) / "stdout").read_text()
+    assert termination.exit_code == 0, root_mount
+    options = root_mount.split()[-1].split(",")  # the superblock's: the kernel's own words
+    assert "overlay" in root_mount and "fsync=volatile" in options
+    assert not (service.state_dir / "native" / container_id).exists()
+
+
+def test_each_user_of_an_image_gets_its_own_identity(
+    service: ServiceProcess, container_id: str, imported: str
+) -> None:
+    """The identities an image's /etc files give are kept per image and user: launches of one
+    image as different users, in turn, never get each other's; an unknown user fails each
+    time."""
+    stub = service.stub()
+    for n, (user, expected) in enumerate([("", "0 0"), ("nobody", "65534 65534"), ("", "0 0")]):
+        cid = f"{container_id}-{n}"
+        reply = stub.Launch(
+            pb.LaunchRequest(
+                container_id=cid,
+                command=pb.CommandInfo(shell="echo $(id -u) $(id -g)", user=user),
+                container=pb.ContainerInfo(image=imported),
+            ),
+            timeout=30,
+        )
+        assert wait(stub, cid).exit_code == 0
+        assert (Path(reply.status.sandbox) / "stdout").read_text() == expected + "\n", user
+        destroy(stub, cid)
+    for attempt in range(2):
+        with pytest.raises(grpc.RpcError, match="no-such-user"):
+            stub.Launch(
+                pb.LaunchRequest(
+                    container_id=f"{container_id}-unknown-{attempt}",
+                    command=pb.CommandInfo(shell="true", user="no-such-user"),
+                    container=pb.ContainerInfo(image=imported),
+                ),
+                timeout=30,
+            )
+
+
 def test_sandbox_is_shared_with_the_host(
     service: ServiceProcess, container_id: str, imported: str
 ) -> None:
