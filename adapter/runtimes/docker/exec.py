@@ -48,6 +48,9 @@ OUTPUT_QUEUE_CHUNKS = 16  # per stream: a reader that falls behind holds the com
 NOT_STARTED_MESSAGE_BYTES = 4096
 PID_POLL_FIRST_S = 0.005
 PID_POLL_MAX_S = 0.1
+# How long an exec may take to start before its pid is given up for (a command that never ran
+# may keep no exit code in dockerd's inspect).
+PID_WAIT_S = 30.0
 EXIT_POLLS = 50  # an ended stream's exit code shows within a few inspects
 MAX_TERMINAL_SIDE = 65535
 # Tasks that must run to their end though nobody awaits them (a kill after a close).
@@ -198,11 +201,16 @@ class DockerExecSession:
         """Learn the command's host pid (dockerd sets it once the command runs), so that it can
         be killed; kill it at once when that was asked meanwhile."""
         delay = PID_POLL_FIRST_S
+        deadline = asyncio.get_running_loop().time() + PID_WAIT_S
         try:
             while True:
                 inspect = await self._engine.exec_inspect(self._exec_id)
                 pid = int(inspect.get("Pid") or 0)
-                if pid or not inspect.get("Running"):
+                # Not running and no exit code yet: dockerd answered the start's upgrade before
+                # the command began (a loaded host): ask again, or its pid is never learnt and a
+                # timeout cannot kill what it started.
+                ended = not inspect.get("Running") and inspect.get("ExitCode") is not None
+                if pid or ended or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PID_POLL_MAX_S)
