@@ -214,18 +214,24 @@ def _user_namespace_default(extra_config: str) -> str:
     return USER_NAMESPACE_DEFAULT if wanted else ""
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """One service per xdist worker; tests share it and use unique container ids."""
-    require_root()
-    require(shutil.which("containerizer", path=str(BIN)) is not None, "containerizer not installed")
-    process = ServiceProcess(tmp_path_factory.mktemp("service"))
+def serving(process: ServiceProcess) -> Iterator[ServiceProcess]:
+    """A fixture's service: started, yielded, then whatever it still runs destroyed, stopped,
+    and its cgroup roots removed (`yield from serving(...)`)."""
     process.start()
     yield process
     with contextlib.suppress(Exception):
         process.destroy_all()
     process.stop()
     process.remove_cgroup_roots()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One service per xdist worker; tests share it and use unique container ids."""
+    require_root()
+    require(shutil.which("containerizer", path=str(BIN)) is not None, "containerizer not installed")
+    process = ServiceProcess(tmp_path_factory.mktemp("service"))
+    yield from serving(process)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from adapter.core.errors import FailedPrecondition, InvalidArgument, LaunchFailed
 from adapter.core.model import Identity
 from adapter.supervisor.client import _feed
-from adapter.supervisor.launch_config import Enforcement, _serialize
+from adapter.supervisor.launch_config import Enforcement, _serialize, environment_with_home
 from adapter.supervisor.processes import ProcessRef
 
 # What ExecSync keeps of each stream; the rest is read and dropped, so that a command writing
@@ -83,21 +83,13 @@ class ExecConfig:
         if self.tty:
             parts += [("--tty", "")]
         parts += [(part, "identity") for part in _identity_options(self.identity)]
-        for key, value in self._environment():
+        for key, value in environment_with_home(self.env, self.identity):
             if not key or "=" in key:
                 raise InvalidArgument("envs", f"name {key!r} is empty or has '='")
             parts += [("--env", ""), (f"{key}={value}", "envs")]
         parts += [(part, "confinement") for part in _process_enforcement(self.enforcement).parts()]
         parts += [("--", ""), *((word, "cmd") for word in self.argv)]
         return _serialize(parts)
-
-    def _environment(self) -> list[tuple[str, str]]:
-        """`env`, with HOME from the identity when it sets none, as the workload got it."""
-        environment = list(self.env)
-        home = self.identity.home if self.identity is not None else ""
-        if home and all(key != "HOME" for key, _ in environment):
-            environment.append(("HOME", home))
-        return environment
 
 
 def _identity_options(identity: Identity | None) -> list[str]:

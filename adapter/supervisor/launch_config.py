@@ -170,7 +170,7 @@ class LaunchConfig:
         if not self.argv:
             raise InvalidArgument("command", "the workload command is empty")
         parts: list[tuple[str | bytes, str]] = []
-        for key, value in self._environment():
+        for key, value in environment_with_home(self.env, self.identity):
             if not key or "=" in key:
                 raise InvalidArgument("command.environment", f"name {key!r} is empty or has '='")
             parts += [("--env", ""), (f"{key}={value}", "command.environment")]
@@ -195,14 +195,6 @@ class LaunchConfig:
         parts += [(part, "confinement") for part in self.enforcement.parts()]
         parts += [("--", ""), *((word, "command.argv") for word in self.argv)]
         return _serialize(parts)
-
-    def _environment(self) -> list[tuple[str, str]]:
-        """The workload's environment, with HOME from the identity when it sets none."""
-        environment = list(self.env)
-        home = self.identity.home if self.identity is not None else ""
-        if home and all(key != "HOME" for key, _ in environment):
-            environment.append(("HOME", home))
-        return environment
 
     def _attach_parts(self) -> list[tuple[str | bytes, str]]:
         """--attach-socket, --stdin, --stdin-once and --tty, each with what it needs."""
@@ -293,6 +285,17 @@ def _check_sysctl(key: str, *, host_ipc: bool, own_network: bool) -> None:
             f"{key!r} is not namespaced: only kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*"
             " and net.* may be set",
         )
+
+
+def environment_with_home(
+    env: Sequence[tuple[str, str]], identity: Identity | None
+) -> list[tuple[str, str]]:
+    """`env` with HOME from the identity when it sets none: a launch's and an exec's alike."""
+    environment = list(env)
+    home = identity.home if identity is not None else ""
+    if home and all(key != "HOME" for key, _ in environment):
+        environment.append(("HOME", home))
+    return environment
 
 
 def _serialize(parts: Sequence[tuple[str | bytes, str]]) -> bytes:

@@ -168,6 +168,16 @@ async def detached_host_sides(ipr: AsyncIPRoute, bridge: str) -> list[str]:
     ]
 
 
+def _still_there(index: int, name: str) -> bool:
+    """Whether the link `name` with this index still exists in the service's namespace (sysfs:
+    a read, where netlink is a socket and a dump)."""
+    try:
+        with open(f"/sys/class/net/{name}/ifindex") as ifindex:
+            return int(ifindex.read()) == index
+    except (OSError, ValueError):
+        return False
+
+
 class DetachedVeths:
     """Owner of the host sides that cleanup detached: the kernel deletes each with its
     namespace, unless some process still holds that namespace (Docker's sandbox container until
@@ -188,6 +198,9 @@ class DetachedVeths:
 
     async def _delete_after_delay(self, index: int, name: str) -> None:
         await asyncio.sleep(self._delay)
+        if not _still_there(index, name):  # the usual case: no netlink socket for nothing
+            self._pending.pop(index, None)
+            return
         try:
             async with AsyncIPRoute() as host:
                 if await delete_index(host, index):

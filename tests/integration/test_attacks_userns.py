@@ -28,7 +28,13 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
-from tests.conftest import USER_NAMESPACE_DEFAULT, ServiceProcess, require_root, searchable_by_all
+from tests.conftest import (
+    USER_NAMESPACE_DEFAULT,
+    ServiceProcess,
+    require_root,
+    searchable_by_all,
+    serving,
+)
 from tests.integration.api import destroy, wait
 from tests.integration.cri import CriNode, cri_service, running_cri_node
 
@@ -49,12 +55,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     workdir = tmp_path_factory.mktemp("userns-attacks")
     searchable_by_all(workdir)
     process = ServiceProcess(workdir, USERNS_CONFIG.replace("]\n", "]\ndefault = true\n", 1))
-    process.start()
-    yield process
-    with contextlib.suppress(Exception):
-        process.destroy_all()
-    process.stop()
-    process.remove_cgroup_roots()
+    yield from serving(process)
 
 
 @pytest.fixture

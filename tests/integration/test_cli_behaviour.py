@@ -5,7 +5,6 @@ for itself (`images import --busybox`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from importlib import metadata
 
 import pytest
 
-from tests.conftest import BIN, ServiceProcess, require, require_root
+from tests.conftest import BIN, ServiceProcess, require, require_root, serving
 
 pytestmark = pytest.mark.integration
 CLI_FAILURE = 125
@@ -40,12 +39,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     require_root()
     require((BIN / "containerizer").exists(), "containerizer not installed")
     process = ServiceProcess(tmp_path_factory.mktemp("cli-behaviour"))
-    process.start()
-    yield process
-    with contextlib.suppress(Exception):
-        process.destroy_all()
-    process.stop()
-    process.remove_cgroup_roots()
+    yield from serving(process)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.clients.compare.results import SECTIONS
 from adapter.clients.compare.session import OWNER_LABEL
-from tests.conftest import BIN, ServiceProcess, require, require_root
+from tests.conftest import BIN, ServiceProcess, require, require_root, serving
 from tests.image_fixtures import busybox_oci_tar  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -225,12 +225,7 @@ def bare_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
     service = ServiceProcess(
         tmp_path_factory.mktemp("compare-bare"), extra_config="[runtimes.native]"
     )
-    service.start()
-    yield service
-    with contextlib.suppress(Exception):
-        service.destroy_all()
-    service.stop()
-    service.remove_cgroup_roots()
+    yield from serving(service)
 
 
 def test_compare_on_a_fresh_node_makes_its_image_and_measures(bare_service: ServiceProcess) -> None:

@@ -11,7 +11,6 @@ its own. The scripts and parsers are the containerd module's: both runtimes must
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from adapter.core.confinement import (
     capability_mask,
 )
 from adapter.runtimes.docker.confinement import NodeCapabilities
-from tests.conftest import ServiceProcess, require
+from tests.conftest import ServiceProcess, require, serving
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     BUSYBOX,
     PrivateDockerd,
@@ -185,12 +184,7 @@ def privileged_docker_service(
 ) -> Iterator[ServiceProcess]:
     config = "allow_privileged = true\n" + docker_service_config(dockerd, docker_registry)
     process = ServiceProcess(tmp_path, config)
-    process.start()
-    yield process
-    with contextlib.suppress(Exception):
-        process.destroy_all()
-    process.stop()
-    process.remove_cgroup_roots()
+    yield from serving(process)
 
 
 def test_privileged_is_refused_unless_the_node_allows_it(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from adapter.cri.api import cri
 from adapter.runtimes.docker.handle import LABEL_CONTAINER_ID, LABEL_ROLE, ROLE_SANDBOX
 from isolators.cgroups.locate import UNIFIED, process_cgroups
 from tests.conftest import ServiceProcess
+from tests.cri_logs import records as cri_records
 from tests.docker_fixtures import PrivateDockerd, build_busybox_image, dockerd
 from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
 from tests.integration.test_network import _get, free_port, network_config
@@ -27,9 +27,6 @@ __all__ = ["dockerd"]  # the shared session fixture, used by name
 pytestmark = pytest.mark.integration
 
 HANDLER = "docker"
-CRI_RECORD = re.compile(
-    rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)", re.DOTALL
-)
 
 
 @pytest.fixture(scope="module")
@@ -210,16 +207,6 @@ def test_a_stopped_pod_takes_no_containers(node: CriNode) -> None:
 # ---- CRI logs, seccomp, sysctls, ports ----
 
 
-def _records(path: Path) -> list[tuple[bytes, bytes, bytes]]:
-    """(stream, tag, content) of each record of a CRI log, each checked for its form."""
-    found = []
-    for line in path.read_bytes().splitlines():
-        match = CRI_RECORD.fullmatch(line)
-        assert match is not None, line[:200]
-        found.append((match.group(2), match.group(3), match.group(4)))
-    return found
-
-
 def _log_path(node: CriNode, container_id: str) -> Path:
     return Path(node.status(container_id).log_path)
 
@@ -231,7 +218,7 @@ def test_the_output_is_a_cri_log_with_partial_records_for_long_lines(node: CriNo
     with docker_pod(node) as pod_id:
         container = node.run(pod_id, node.container_config("sh", "-c", script))
         assert node.wait_exited(container).exit_code == 0
-        found = _records(_log_path(node, container))
+        found = cri_records(_log_path(node, container))
         shape = [(stream, tag, len(text), set(text)) for stream, tag, text in found]
         stdout = [entry for entry in shape if entry[0] == b"stdout"]
         assert stdout == [
@@ -259,7 +246,7 @@ def test_reopen_container_log_continues_in_a_new_file(node: CriNode) -> None:
         node.runtime.StopContainer(
             cri.StopContainerRequest(container_id=container, timeout=0), timeout=TIMEOUT
         )
-        lines = [text for _, _, text in _records(rotated) + _records(path)]
+        lines = [text for _, _, text in cri_records(rotated) + cri_records(path)]
         # Every line once, in order, across the two files.
         assert lines == [b"line%d" % number for number in range(len(lines))], lines
 
@@ -279,7 +266,7 @@ def test_the_cri_log_resumes_after_kill_9_without_a_line_twice(node: CriNode) ->
         node.runtime.StopContainer(
             cri.StopContainerRequest(container_id=container, timeout=0), timeout=TIMEOUT
         )
-        lines = [text for _, _, text in _records(path)]
+        lines = [text for _, _, text in cri_records(path)]
         assert lines == [b"line%d" % number for number in range(len(lines))], lines
 
 

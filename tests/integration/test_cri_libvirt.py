@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import pytest
 from adapter.cri.api import cri
 from adapter.runtimes.libvirt import cgroups
 from tests.conftest import ServiceProcess
+from tests.cri_logs import records as cri_records
 from tests.images import REFERENCE
 from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
 from tests.integration.libvirtd import PrivateLibvirtd, libvirt_config, libvirtd
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.integration
 
 HANDLER = "libvirt"
 BOOT_TIMEOUT = 180  # a guest boots under TCG, slowly on a loaded machine
-RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)")
 # The disk's init: the config drive's user-data is the container's command; its status goes
 # to the status port (ttyS3), then the guest powers off, which ends the container.
 CONTAINER_INIT = """#!/bin/sh
@@ -127,15 +126,6 @@ def test_one_vm_per_pod_runs_exits_and_leaves_nothing(
     assert leftovers == []
 
 
-def _records(path: Path) -> list[tuple[bytes, bytes, bytes]]:
-    found = []
-    for line in path.read_bytes().splitlines():
-        match = RECORD.fullmatch(line)
-        assert match is not None, line[:100]
-        found.append((match.group(2), match.group(3), match.group(4)))
-    return found
-
-
 def _wait_for(condition: Callable[[], bool], timeout: float = BOOT_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -161,7 +151,7 @@ def test_the_guest_output_is_a_cri_log_complete_at_the_exit_and_reopened(
             cri.ReopenContainerLogRequest(container_id=container), timeout=TIMEOUT
         )
         assert node.wait_exited(container, timeout=BOOT_TIMEOUT).exit_code == 0
-        first, then = _records(rotated), _records(path)  # complete once EXITED is reported
+        first, then = cri_records(rotated), cri_records(path)  # complete once EXITED is reported
     finally:
         node.remove_pod(pod_id)
     shape = [(stream, tag, len(text), set(text)) for stream, tag, text in first]
@@ -188,7 +178,7 @@ def test_the_cri_log_goes_on_after_a_restart_without_a_line_twice(node: CriNode)
         node.service.start()
         node.reconnect()
         assert node.wait_exited(container, timeout=BOOT_TIMEOUT).exit_code == 0
-        lines = [text for _, _, text in _records(path)]
+        lines = [text for _, _, text in cri_records(path)]
     finally:
         node.remove_pod(pod_id)
     assert lines == [b"line%d" % number for number in range(count)], lines

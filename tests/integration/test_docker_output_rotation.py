@@ -9,14 +9,13 @@ the service after a rotation neither repeats nor loses a byte."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServiceProcess
+from tests.conftest import ServiceProcess, serving
 from tests.docker_fixtures import (  # noqa: F401  (fixtures, injected by parameter name)
     PrivateDockerd,
     busybox_image,
@@ -44,12 +43,7 @@ ONE_FRAME = 16 << 10
 def rotating_docker_service(workdir: Path, dockerd: PrivateDockerd) -> Iterator[ServiceProcess]:
     # The rotation keys are top-level: before the [runtimes.docker] table.
     service = ServiceProcess(workdir, ROTATION_CONFIG + docker_service_config(dockerd, None))
-    service.start()
-    yield service
-    with contextlib.suppress(Exception):
-        service.destroy_all()
-    service.stop()
-    service.remove_cgroup_roots()
+    yield from serving(service)
 
 
 @pytest.fixture(scope="module")

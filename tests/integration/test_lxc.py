@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from tests.conftest import ServiceProcess, require, require_root
+from tests.conftest import ServiceProcess, require, require_root, serving
 from tests.integration.api import destroy, launch, scalar, usage, wait
 
 pytestmark = pytest.mark.integration
@@ -41,12 +40,7 @@ def lxc_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePro
     """One LXC service per xdist worker (and module), with private state, socket and cgroups."""
     require_lxc()
     process = ServiceProcess(tmp_path_factory.mktemp("lxc-service"), extra_config=LXC_CONFIG)
-    process.start()
-    yield process
-    with contextlib.suppress(Exception):
-        process.destroy_all()
-    process.stop()
-    process.remove_cgroup_roots()
+    yield from serving(process)
 
 
 def lxcpath(service: ServiceProcess) -> Path:

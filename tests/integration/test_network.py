@@ -22,7 +22,7 @@ import pytest
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from isolators.network.netns import netns_name, netns_path, netns_prefix
-from tests.conftest import ServiceProcess, require, require_root
+from tests.conftest import ServiceProcess, require, require_root, serving
 from tests.integration.api import destroy, scalar, usage, wait
 from tests.run_records import run_scoped_bridge
 
@@ -141,12 +141,7 @@ def etc_dirs(state_dir: Path, bridge: str) -> list[str]:
 def net_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     process = network_service(tmp_path_factory.mktemp("network"))
     before = node_state(process.bridge)  # type: ignore[attr-defined]
-    process.start()
-    yield process
-    with contextlib.suppress(Exception):
-        process.destroy_all()
-    process.stop()
-    process.remove_cgroup_roots()
+    yield from serving(process)
     assert node_state(process.bridge) == before  # type: ignore[attr-defined]
 
 

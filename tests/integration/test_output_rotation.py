@@ -5,14 +5,13 @@ reads across a rotation (--tail and -f), and bad values are refused naming the k
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ServiceProcess, require_root
+from tests.conftest import BIN, ServiceProcess, require_root, serving
 from tests.integration.api import destroy, launch, serve_expecting_refusal, wait
 from tests.integration.test_lxc import LXC_CONFIG, require_lxc
 
@@ -32,12 +31,7 @@ ROTATION_CONFIG = f"log_max_size = {MAX_SIZE}\nlog_max_files = {MAX_FILES}\n"
 def rotating_service(workdir: Path, extra_config: str = "") -> Iterator[ServiceProcess]:
     """A service whose containers' files rotate at 256 KiB, 3 kept."""
     service = ServiceProcess(workdir, extra_config=ROTATION_CONFIG + extra_config)
-    service.start()
-    yield service
-    with contextlib.suppress(Exception):
-        service.destroy_all()
-    service.stop()
-    service.remove_cgroup_roots()
+    yield from serving(service)
 
 
 @pytest.fixture(scope="module")

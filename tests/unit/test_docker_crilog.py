@@ -4,7 +4,6 @@ writes them, reopening, and resuming after a restart without a line twice."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,9 @@ from adapter.core.errors import FailedPrecondition
 from adapter.runtimes.crilog import LINE_MAX, records, timestamp
 from adapter.runtimes.docker.crilog import CriLog, CriSink
 from adapter.runtimes.docker.streams import STDERR, STDOUT
+from tests.cri_logs import records_of
 
-RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)")
 DOCKER_ID = "d" * 64
-
-
-def _shape(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    found = []
-    for line in data.splitlines():
-        match = RECORD.fullmatch(line)
-        assert match is not None, line[:100]
-        found.append((match.group(2), match.group(3), match.group(4)))
-    return found
 
 
 def test_timestamp_is_rfc3339_utc_with_every_nanosecond() -> None:
@@ -34,20 +24,20 @@ def test_timestamp_is_rfc3339_utc_with_every_nanosecond() -> None:
 def test_lines_are_f_records_and_an_unfinished_line_waits() -> None:
     pending = bytearray(b"one\n\ntwo\nhalf")
     data, consumed = records(STDOUT, pending, 0, at_end=False)
-    assert _shape(data) == [
+    assert records_of(data) == [
         (b"stdout", b"F", b"one"),
         (b"stdout", b"F", b""),
         (b"stdout", b"F", b"two"),
     ]
     assert (consumed, bytes(pending)) == (9, b"half")
     data, consumed = records(STDERR, pending, 0, at_end=True)
-    assert _shape(data) == [(b"stderr", b"F", b"half")] and consumed == 4 and not pending
+    assert records_of(data) == [(b"stderr", b"F", b"half")] and consumed == 4 and not pending
 
 
 def test_a_long_line_is_cut_into_16_kib_partial_records() -> None:
     pending = bytearray(b"a" * (2 * LINE_MAX + 10) + b"\n" + b"b" * LINE_MAX + b"\n")
     data, consumed = records(STDOUT, pending, 0, at_end=False)
-    shape = [(tag, len(text)) for _, tag, text in _shape(data)]
+    shape = [(tag, len(text)) for _, tag, text in records_of(data)]
     # A line of exactly 16 KiB is one F, as the supervisor writes it.
     assert shape == [(b"P", LINE_MAX), (b"P", LINE_MAX), (b"F", 10), (b"F", LINE_MAX)]
     assert consumed == 3 * LINE_MAX + 12 and not pending
@@ -56,7 +46,7 @@ def test_a_long_line_is_cut_into_16_kib_partial_records() -> None:
 def test_an_unfinished_line_over_16_kib_is_written_as_partial_records_at_once() -> None:
     pending = bytearray(b"c" * (LINE_MAX + 5))
     data, _ = records(STDOUT, pending, 0, at_end=False)
-    assert [(tag, len(text)) for _, tag, text in _shape(data)] == [(b"P", LINE_MAX)]
+    assert [(tag, len(text)) for _, tag, text in records_of(data)] == [(b"P", LINE_MAX)]
     assert bytes(pending) == b"ccccc"
 
 
@@ -71,15 +61,15 @@ def test_reopen_continues_in_a_new_file_and_a_restart_skips_what_is_written(
     log.reopen()
     sink.write(b"ond\nthird\n")
     log.close()
-    assert [text for _, _, text in _shape((tmp_path / "c.log.1").read_bytes())] == [b"first"]
-    assert [text for _, _, text in _shape(path.read_bytes())] == [b"second", b"third"]
+    assert [text for _, _, text in records_of((tmp_path / "c.log.1").read_bytes())] == [b"first"]
+    assert [text for _, _, text in records_of(path.read_bytes())] == [b"second", b"third"]
     # A restart reads the stream from its start: the mark says what the file holds.
     again = CriLog(str(path), DOCKER_ID)
     replay = CriSink(again, STDOUT)
     replay.write(b"first\nsecond\nthird\nfourth\n")
     CriSink(again, STDERR).write(b"err\n")
     again.close()
-    texts = [(stream, text) for stream, _, text in _shape(path.read_bytes())]
+    texts = [(stream, text) for stream, _, text in records_of(path.read_bytes())]
     assert texts == [
         (b"stdout", b"second"),
         (b"stdout", b"third"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from adapter.core.model import Exit
 from adapter.runtimes.crilog import LINE_MAX
 from adapter.runtimes.libvirt import output
 from adapter.runtimes.libvirt.output import GuestOutput, GuestOutputs
-
-RECORD = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)")
+from tests.cri_logs import records as cri_records
 
 
 @dataclass(frozen=True)
@@ -47,15 +45,6 @@ def places(tmp_path: Path) -> Places:
 def _append(path: Path, data: bytes) -> None:
     with path.open("ab") as file:
         file.write(data)
-
-
-def _records(path: Path) -> list[tuple[bytes, bytes, bytes]]:
-    found = []
-    for line in path.read_bytes().splitlines():
-        match = RECORD.fullmatch(line)
-        assert match is not None, line[:100]
-        found.append((match.group(2), match.group(3), match.group(4)))
-    return found
 
 
 def _rotate(sandbox: Path, name: str = "stdout", backups: int = 3) -> None:
@@ -87,7 +76,7 @@ async def test_lines_long_lines_and_the_last_unfinished_line(places: Places) -> 
     _append(sandbox / "stdout", b"one\n" + b"x" * (LINE_MAX + 5) + b"\nno newline")
     _append(sandbox / "stderr", b"oops\n")
     await guest_output.copy()
-    assert _records(log_path) == [
+    assert cri_records(log_path) == [
         (b"stdout", b"F", b"one"),
         (b"stdout", b"P", b"x" * LINE_MAX),
         (b"stdout", b"F", b"xxxxx"),
@@ -95,7 +84,7 @@ async def test_lines_long_lines_and_the_last_unfinished_line(places: Places) -> 
     ]  # the unfinished line waits for its end...
     _age(sandbox / "stdout", sandbox / "stderr")
     await _finish(guest_output)  # ...or for the end of the guest
-    assert _records(log_path)[-1] == (b"stdout", b"F", b"no newline")
+    assert cri_records(log_path)[-1] == (b"stdout", b"F", b"no newline")
     assert guest_output.closed
     with pytest.raises(FailedPrecondition, match="written no more"):
         guest_output.reopen()
@@ -115,7 +104,7 @@ async def test_a_restart_goes_on_where_the_records_stopped(places: Places) -> No
     _append(sandbox / "stdout", b"after\n")
     _age(sandbox / "stdout", sandbox / "stderr")
     await _finish(again)
-    texts = [(stream, text) for stream, _, text in _records(log_path)]
+    texts = [(stream, text) for stream, _, text in cri_records(log_path)]
     assert texts == [
         (b"stdout", b"before"),
         (b"stderr", b"e1"),
@@ -137,7 +126,7 @@ async def test_rotations_are_followed_and_a_cut_line_goes_on_in_a_partial_record
     _append(sandbox / "stdout.0", b"f-")  # written before the rename: read to the end first
     _append(sandbox / "stdout", b"line\nb\n")
     await guest_output.copy()
-    assert _records(log_path) == [
+    assert cri_records(log_path) == [
         (b"stdout", b"F", b"a"),
         (b"stdout", b"P", b"half-"),
         (b"stdout", b"F", b"line"),
@@ -160,7 +149,7 @@ async def test_files_rotated_while_the_service_was_down_are_found_again(
     _append(sandbox / "stdout", b"4\n")
     again = places.open()
     await again.copy()
-    assert [text for _, _, text in _records(log_path)] == [b"1", b"2", b"3", b"4"]
+    assert [text for _, _, text in cri_records(log_path)] == [b"1", b"2", b"3", b"4"]
     again.close()
     # Rotated beyond the backups kept: what is left is copied, the loss is said. (The file
     # stays open, so that its inode is not a new file's when the position is looked for.)
@@ -172,7 +161,7 @@ async def test_files_rotated_while_the_service_was_down_are_found_again(
         last = places.open()
         await last.copy()
     os.close(held)
-    assert [text for _, _, text in _records(log_path)][4:] == [b"6", b"7", b"8", b"9"]
+    assert [text for _, _, text in cri_records(log_path)][4:] == [b"6", b"7", b"8", b"9"]
     assert "rotated away" in caplog.text
     last.close()
 
@@ -192,7 +181,7 @@ async def test_reads_are_bounded_whatever_the_guest_prints(places: Places) -> No
     finally:
         tracemalloc.stop()
     assert peak < 1024 * 1024  # a read and a record at a time, never the output
-    shape = [(tag, len(text)) for _, tag, text in _records(log_path)]
+    shape = [(tag, len(text)) for _, tag, text in cri_records(log_path)]
     # The last 16 KiB of the long line end it: an F, as the supervisor writes it.
     assert shape == [(b"P", LINE_MAX)] * (size // LINE_MAX - 1) + [(b"F", LINE_MAX), (b"F", 3)]
     guest_output.close()
@@ -214,7 +203,7 @@ async def test_the_end_waits_for_the_writer_to_be_done(
     await asyncio.sleep(0.1)
     _append(sandbox / "stdout", b"late")
     await asyncio.wait_for(follower, 10)
-    assert [text for _, _, text in _records(log_path)] == [b"early", b"late"]
+    assert [text for _, _, text in cri_records(log_path)] == [b"early", b"late"]
 
 
 async def test_the_followers_of_a_driver(places: Places) -> None:
@@ -230,8 +219,8 @@ async def test_the_followers_of_a_driver(places: Places) -> None:
     _age(sandbox / "stdout", sandbox / "stderr")
     stopped.set_result(Exit(exit_code=0))
     await asyncio.wait_for(followers.drained("c1"), 10)
-    assert [text for _, _, text in _records(log_path.with_name("c.log.1"))] == [b"first"]
-    assert [text for _, _, text in _records(log_path)] == [b"second"]
+    assert [text for _, _, text in cri_records(log_path.with_name("c.log.1"))] == [b"first"]
+    assert [text for _, _, text in cri_records(log_path)] == [b"second"]
     with pytest.raises(FailedPrecondition):
         followers.reopen("c1")  # the guest has ended
     await followers.stop("c1")
