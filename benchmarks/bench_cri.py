@@ -6,10 +6,11 @@ runtime, the image imported through our Images API): RunPodSandbox, CreateContai
 StartContainer, ContainerStatus until EXITED (polled every millisecond: the CRI has no wait),
 StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. Ours: Launch on native, Wait,
 Destroy. ctr: `ctr run --rm` in a private containerd (as bench_containerd.py). Both of ours give
-the workload a network namespace on the service's bridge: the pod's holder gets it, and the
-pod's container joins it. Target: CRI p50 <= 1.15 x ours. Also timed: the pod alone
-(RunPodSandbox, StopPodSandbox, RemovePodSandbox), and the p50 of every call, which say where
-the difference goes.
+the workload a network namespace on the service's bridge: the pod gets it, and the pod's
+container joins it. The pod is the kubelet's default (tests/integration/cri.py: no shared pid
+namespace), so its namespaces are pinned, without a holder process. Target: CRI p50 <= 1.15 x
+ours. Also timed: the pod alone (RunPodSandbox, StopPodSandbox, RemovePodSandbox), and the p50
+of every call, which say where the difference goes.
 
 Then, when critest is there ($CRITEST, else ../shared/cri/bin/critest), `critest --benchmark`
 against the same service (critest_benchmark.py); without it, one line says why not.

@@ -163,6 +163,8 @@ class LinuxOptions:
     tty             a terminal as the workload's stdin, stdout and stderr
     pod             the pod whose cgroup holds the container's (pod-level limits and
                     accounting); "" for none
+    hold_only       the launch only holds a pod's namespaces (its command never matters): a
+                    runtime may pin them without a process (native: runtimes/native/pinned.py)
     """
 
     namespaces: tuple[tuple[str, str], ...] = ()
@@ -183,6 +185,7 @@ class LinuxOptions:
     stdin_once: bool = False
     tty: bool = False
     pod: str = ""
+    hold_only: bool = False
 
     def localhost_seccomp(self) -> str | None:
         """The node's seccomp profile file the launch names (`localhost/<path>`), if any."""

@@ -85,7 +85,7 @@ class CriContainers:
         translate.check_container_config(config)
         pod = self.pods.get(pod_id)
         if pod.holder_runtime:
-            self.pods.holder_pid(pod)  # the pod must be ready now
+            self.pods.namespace_files(pod)  # the pod must be ready now
         else:
             self.pods.check_ready(pod)
             self._check_alone(pod)
@@ -199,7 +199,7 @@ class CriContainers:
                 translate.container_options(
                     config,
                     pod_config,
-                    holder_pid=None if alone else self.pods.holder_pid(pod),
+                    pod_namespaces=None if alone else self.pods.namespace_files(pod),
                     pod_id=pod.id,
                     pod_files=self.pods.files(pod.id),
                     log_path=container.log_path,
@@ -212,7 +212,7 @@ class CriContainers:
         """A pod's containers share its holder's user namespace (and so its mapping)."""
         if self.pods.holder_id_mapping(pod) is None:
             return linux
-        user = ("user", f"/proc/{self.pods.holder_pid(pod)}/ns/user")
+        user = ("user", self.pods.namespace_files(pod)["user"])
         return replace(linux, namespaces=(*linux.namespaces, user))
 
     async def _learn_output_at_exit(self, runtime: str) -> None:

@@ -1,15 +1,18 @@
-"""Pod sandboxes: a holder process per pod, launched through the core on the native runtime,
-whose namespaces the pod's containers join (adapter/cri/translate.py says which).
+"""Pod sandboxes: a holder per pod, launched through the core on the native runtime, whose
+namespaces the pod's containers join (adapter/cri/translate.py says which). A pod whose
+containers share no pid namespace (the kubelet's default) has them pinned by bind mounts, no
+process (runtimes/native/pinned.py); one that shares its pid namespace has a holder process.
 
 The pod's runtime handler may change that, as its capabilities declare: a runtime that joins
 only its own containers' namespaces (docker, `pod_holder`) runs the holder itself; a runtime
 whose pod is one container (libvirt's VM, `single_container_pods`) has no holder at all, and the
 pod's address is its container's, known once that container started.
 
-No pause image: the holder is our supervisor running the host's `sleep infinity` in the pod's new
-namespaces, confined like any workload. The core owns it like any container (network, cgroups,
-recovery); this module owns the pod's record and its files under <state_dir>/cri/pods/<id>/
-(hostname, hosts, resolv.conf, bound read-only into every container of the pod).
+No pause image: a holder process is our supervisor running the host's `sleep infinity` in the
+pod's new namespaces, confined like any workload. The core owns a holder, pinned or not, like
+any container (network, cgroups, recovery); this module owns the pod's record and its files
+under <state_dir>/cri/pods/<id>/ (hostname, hosts, resolv.conf, bound read-only into every
+container of the pod).
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def pod_id_mapping(config: cri.PodSandboxConfig) -> IdMapping | None:
     if uids[0].length != gids[0].length or not uids[0].length or not uids[0].host_id:
         raise InvalidArgument(USERNS_FIELD, "the mappings need one length and host ids above 0")
     return IdMapping(uids[0].host_id, gids[0].host_id, uids[0].length)
+
+
+def _network_file(holder: ContainerRecord) -> str:
+    """The file of the pod's network namespace: pinned, or the holder process's."""
+    pinned = holder.handle.get("pinned")
+    if isinstance(pinned, dict):
+        return str(pinned.get("net", ""))
+    return f"/proc/{holder.pid}/ns/net"
 
 
 def new_id() -> str:
@@ -214,7 +225,7 @@ class Pods:
         """The running holder's address and namespace recorded, and its end watched. Also at
         recovery, for a pod whose launch a crash interrupted before this ran."""
         config = pod.pod_config()
-        netns = "" if translate.host_network(config) else f"/proc/{holder.pid}/ns/net"
+        netns = "" if translate.host_network(config) else _network_file(holder)
         pod = pod.evolve(ip=holder.ip_address, netns=netns)
         self._add_own_hosts_line(pod, config)
         self._put(pod)
@@ -246,7 +257,8 @@ class Pods:
         )
 
     def holder_id_mapping(self, pod: Pod) -> IdMapping | None:
-        """The pod's user namespace (its holder's), which its containers join; None: none."""
+        """The pod's user namespace (its holder process's), which its containers join; None:
+        none."""
         if not pod.holder_runtime:
             return None  # no holder: the pod's one container has its own
         return self.core.status(pod.id).spec.id_mapping
@@ -282,8 +294,20 @@ class Pods:
         if pod.state != POD_READY:
             raise FailedPrecondition(f"pod sandbox {pod.id!r} is not ready")
 
-    def holder_pid(self, pod: Pod) -> int:
-        """The running holder's pid, whose /proc/PID/ns/* the pod's containers join."""
+    def namespace_files(self, pod: Pod) -> dict[str, str]:
+        """kind -> the file of the ready pod's namespace that its containers join."""
+        return self._namespace_files(self._running_holder(pod))
+
+    def _namespace_files(self, holder: ContainerRecord) -> dict[str, str]:
+        """Its pinned namespaces' files, or its process's /proc/PID/ns/KIND (the pid checked
+        first)."""
+        pinned = holder.handle.get("pinned")
+        if isinstance(pinned, dict):
+            return {str(kind): str(path) for kind, path in pinned.items()}
+        pid = self._holder_pid(holder)
+        return {kind: f"/proc/{pid}/ns/{kind}" for kind in ("net", "uts", "ipc", "pid", "user")}
+
+    def _running_holder(self, pod: Pod) -> ContainerRecord:
         self.check_ready(pod)
         if not pod.holder_runtime:
             raise FailedPrecondition(
@@ -294,16 +318,23 @@ class Pods:
             record = self.core.status(pod.id)
         except NotFound:
             record = None
-        if record is None or record.state is not State.RUNNING or not record.pid:
+        if record is None or record.state is not State.RUNNING:
             raise FailedPrecondition(f"pod sandbox {pod.id!r}: its namespaces are gone")
-        # The pid with its start time: a pid the holder left and another process took (before
-        # the holder's end was seen) must not hand that process's namespaces to the pod.
-        if pod.holder_runtime != HOLDER_RUNTIME:
-            return record.pid  # that runtime maps the pid to its own running container, or fails
-        started = record.handle.get("child_start_time")
-        if not isinstance(started, int) or not ProcessRef(record.pid, started).is_alive():
-            raise FailedPrecondition(f"pod sandbox {pod.id!r}: its holder has ended")
-        return record.pid
+        return record
+
+    def _holder_pid(self, holder: ContainerRecord) -> int:
+        """The running holder process's pid, checked with its start time: a pid the holder left
+        and another process took (before the holder's end was seen) must not hand that
+        process's namespaces to the pod."""
+        pod_id = holder.spec.container_id
+        if not holder.pid:
+            raise FailedPrecondition(f"pod sandbox {pod_id!r}: its namespaces are gone")
+        if holder.spec.runtime != HOLDER_RUNTIME:
+            return holder.pid  # that runtime maps the pid to its own running container, or fails
+        started = holder.handle.get("child_start_time")
+        if not isinstance(started, int) or not ProcessRef(holder.pid, started).is_alive():
+            raise FailedPrecondition(f"pod sandbox {pod_id!r}: its holder has ended")
+        return holder.pid
 
     def statistics(self, pod_id: str) -> Statistics:
         """The pod cgroup's accounting ({} once it is gone)."""

@@ -282,7 +282,7 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
         self, request: cri.PortForwardRequest, context: Any
     ) -> cri.PortForwardResponse:
         pod = self.pods.get(_required(request.pod_sandbox_id, "pod_sandbox_id"))
-        self.pods.holder_pid(pod)  # the pod is ready: its namespaces exist
+        self.pods.namespace_files(pod)  # the pod is ready: its namespaces exist
         for index, port in enumerate(request.port):
             if not 0 < port < 65536:
                 raise InvalidArgument(f"port[{index}]", f"{port} is not a TCP port")

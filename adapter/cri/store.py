@@ -48,7 +48,7 @@ class Pod:
     created_at: int  # ns since the epoch
     state: str = POD_READY
     ip: str = ""
-    netns: str = ""  # the holder's /proc/PID/ns/net while READY, "" on the host's network
+    netns: str = ""  # its network namespace's file while READY, "" on the host's network
     # The runtime the pod's holder runs on; "" for a pod without one (one container, a VM).
     holder_runtime: str = "native"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 from adapter.core.errors import InvalidArgument
 from adapter.core.model import (
@@ -138,7 +139,8 @@ def holder_options(
     config: cri.PodSandboxConfig, pod_files: dict[str, str], pod_id: str
 ) -> LinuxOptions:
     """The pod holder: the pod's UTS (hostname), IPC and, with pod-level sharing, PID namespace,
-    or the host's where the pod asks for them; in the pod's cgroup like its containers."""
+    or the host's where the pod asks for them; in the pod's cgroup like its containers. Without
+    pod-level PID sharing no process has to hold them: the runtime may pin them (hold_only)."""
     options = config.linux.security_context.namespace_options
     namespaces: list[tuple[str, str]] = []
     if options.ipc == cri.NODE:
@@ -153,6 +155,7 @@ def holder_options(
         hostname="" if host_network(config) else pod_hostname(config),
         etc_files=tuple(pod_files.items()),
         pod=pod_id,
+        hold_only=options.pid != cri.POD,
     )
 
 
@@ -283,13 +286,14 @@ def container_mounts(config: cri.ContainerConfig) -> tuple[Mount, ...]:
 
 
 def container_namespaces(
-    config: cri.ContainerConfig, pod_config: cri.PodSandboxConfig, holder_pid: int
+    config: cri.ContainerConfig, pod_config: cri.PodSandboxConfig, pod: Mapping[str, str]
 ) -> tuple[tuple[str, str], ...]:
-    """Which of the holder's namespaces the container joins, or the host's."""
+    """Which of the pod's namespaces (`pod`: kind -> its file) the container joins, or the
+    host's."""
     pod_options = pod_config.linux.security_context.namespace_options
 
     def holder(kind: str) -> str:
-        return f"/proc/{holder_pid}/ns/{kind}"
+        return pod[kind]
 
     own = config.linux.security_context.namespace_options
     network = HOST_NAMESPACE if host_network(pod_config) else holder("net")
@@ -313,16 +317,18 @@ def container_options(
     config: cri.ContainerConfig,
     pod_config: cri.PodSandboxConfig,
     *,
-    holder_pid: int | None,
+    pod_namespaces: Mapping[str, str] | None,
     pod_id: str,
     pod_files: dict[str, str],
     log_path: str,
 ) -> LinuxOptions:
-    """`holder_pid` None: a pod without a holder (a VM's), whose one container joins nothing
-    and has the pod's hostname itself."""
+    """`pod_namespaces` None: a pod without a holder (a VM's), whose one container joins
+    nothing and has the pod's hostname itself."""
     security = config.linux.security_context
-    alone = holder_pid is None
-    namespaces = () if holder_pid is None else container_namespaces(config, pod_config, holder_pid)
+    alone = pod_namespaces is None
+    namespaces = (
+        () if pod_namespaces is None else container_namespaces(config, pod_config, pod_namespaces)
+    )
     return LinuxOptions(
         namespaces=namespaces,
         hostname=pod_hostname(pod_config) if alone else "",

@@ -245,7 +245,7 @@ class LaunchConfig:
         host_ipc = not self.namespaces or joined.get("ipc") == HOST_NAMESPACE
         own_network = self.namespaces and self.netns is not None
         for key, value in self.sysctls:
-            _check_sysctl(key, host_ipc=host_ipc, own_network=own_network)
+            check_sysctl(key, host_ipc=host_ipc, own_network=own_network)
             parts += [("--sysctl", ""), (f"{key}={value}", "linux.sysctls")]
         return parts
 
@@ -267,7 +267,7 @@ def _checked_namespaces(joined: Sequence[tuple[str, str]], namespaces: bool) -> 
     return checked
 
 
-def _check_sysctl(key: str, *, host_ipc: bool, own_network: bool) -> None:
+def check_sysctl(key: str, *, host_ipc: bool, own_network: bool) -> None:
     """Only a namespaced key, and only in a namespace that is not the host's: a write to any
     other would change the node for every container on it."""
     field = "linux.sysctls"

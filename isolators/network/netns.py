@@ -56,7 +56,7 @@ def netns_path(prefix: str, container_id: str) -> Path:
     return NETNS_DIR / netns_name(prefix, container_id)
 
 
-async def _in_fresh_thread(work: Callable[[], T]) -> T:
+async def in_fresh_thread(work: Callable[[], T]) -> T:
     """Run `work` in a new thread that ends with it, and await its result."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
@@ -115,7 +115,7 @@ def _create(path: Path) -> None:
 
 async def create(path: Path) -> None:
     """Create the named namespace at `path`; FileExistsError if the name is taken."""
-    await _in_fresh_thread(lambda: _create(path))
+    await in_fresh_thread(lambda: _create(path))
 
 
 def _adopt(path: Path, source: Path) -> None:
@@ -138,7 +138,7 @@ async def adopt(path: Path, source: Path) -> None:
     process) at `path`, so it is ours from here on exactly as one `create` made: the bind mount
     keeps it alive after that process is gone, and `remove` lets it go. For runtimes that
     cannot join a namespace by path (Docker) and make one of their own instead."""
-    await _in_fresh_thread(lambda: _adopt(path, source))
+    await in_fresh_thread(lambda: _adopt(path, source))
 
 
 def _netlink_socket_in(path: Path) -> socket.socket:
@@ -153,7 +153,7 @@ def _netlink_socket_in(path: Path) -> socket.socket:
 async def netlink_socket_in(path: Path) -> socket.socket:
     """An rtnetlink socket that talks to the namespace at `path` (a socket keeps the namespace
     it was created in), for pyroute2's AsyncIPRoute(fileno=...)."""
-    return await _in_fresh_thread(lambda: _netlink_socket_in(path))
+    return await in_fresh_thread(lambda: _netlink_socket_in(path))
 
 
 MAX_STACKED_MOUNTS = 64

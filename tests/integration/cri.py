@@ -6,6 +6,7 @@ One service per xdist worker (session scope) with a bridge network, privileged l
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.cri.api import cri, cri_grpc
 from tests.conftest import ServiceProcess, require_root
@@ -21,6 +23,18 @@ from tests.images import REFERENCE, busybox_oci_layout
 from tests.integration.test_network import network_config
 
 TIMEOUT = 60
+
+
+def kubelet_default_linux(pid: int = cri.CONTAINER) -> cri.LinuxPodSandboxConfig:
+    options = cri.NamespaceOption(pid=pid)  # type: ignore[arg-type]
+    security = cri.LinuxSandboxSecurityContext(namespace_options=options)
+    return cri.LinuxPodSandboxConfig(security_context=security)
+
+
+def namespace_of(path: str | Path, kind: str) -> str:
+    """A namespace's name as `readlink /proc/PID/ns/KIND` gives it, from any file of it (a
+    bind-mounted pin too)."""
+    return f"{kind}:[{os.stat(path).st_ino}]"
 
 
 class CriNode:
@@ -40,13 +54,31 @@ class CriNode:
         self.images = cri_grpc.ImageServiceStub(self.channel)
 
     def pod_config(self, name: str = "", **fields: object) -> cri.PodSandboxConfig:
+        """A pod as the kubelet asks for one by default (its containers' pid namespaces their
+        own: the pod's namespaces are pinned, no holder process) unless `linux` says more."""
         name = name or f"pod-{uuid.uuid4().hex[:8]}"
+        fields.setdefault("linux", kubelet_default_linux())
         config = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, namespace="test", uid=uuid.uuid4().hex),
             log_directory=str(self.log_root / name),
             **fields,  # type: ignore[arg-type]
         )
         return config
+
+    def shared_pid_pod_config(self, name: str = "", **fields: object) -> cri.PodSandboxConfig:
+        """A pod whose containers share its pid namespace: it has a holder process (pid 1)."""
+        return self.pod_config(name, linux=kubelet_default_linux(cri.POD), **fields)
+
+    def pod_namespace(self, pod_id: str, kind: str) -> str:
+        """The pod's namespace of `kind` as its containers' `readlink /proc/self/ns/KIND` shows
+        it: its holder process's, or the file that pins it."""
+        pid = self.service.stub().Status(pb.StatusRequest(container_id=pod_id), timeout=10).pid
+        if pid:
+            return os.readlink(f"/proc/{pid}/ns/{kind}")
+        if kind == "net":
+            [path] = Path("/run/netns").glob(f"*.{pod_id}")
+            return namespace_of(path, kind)
+        return namespace_of(self.service.state_dir / "native" / pod_id / kind, kind)
 
     def limited_pod_config(
         self, memory: int, overhead: int, cpu_quota: int = 0

@@ -152,10 +152,9 @@ def test_containers_share_the_holders_network_hostname_and_ipc(
 ) -> None:
     server = node.run(pod, node.container_config("httpd", "-f", "-p", "8080"))
     client = node.run(pod, node.container_config("sleep", "600"))
-    holder = node.holder_pid(pod)
     for kind in ("net", "uts", "ipc"):
         inside = _output(node, client, "readlink", f"/proc/self/ns/{kind}")
-        assert inside == os.readlink(f"/proc/{holder}/ns/{kind}"), kind
+        assert inside == node.pod_namespace(pod, kind), kind
     assert _output(node, client, "hostname") == "ctr-pod"
     assert "ctr-pod" in _output(node, client, "cat", "/etc/hosts")
     deadline = time.monotonic() + 10

@@ -20,7 +20,7 @@ from isolators.cgroups.locate import UNIFIED, process_cgroups
 from tests.conftest import ServiceProcess
 from tests.cri_logs import records as cri_records
 from tests.docker_fixtures import PrivateDockerd, build_busybox_image, dockerd
-from tests.integration.cri import TIMEOUT, CriNode, running_cri_node
+from tests.integration.cri import TIMEOUT, CriNode, kubelet_default_linux, running_cri_node
 from tests.integration.test_network import _get, free_port, network_config
 
 __all__ = ["dockerd"]  # the shared session fixture, used by name
@@ -133,7 +133,7 @@ def test_a_container_pid_namespace_of_its_own(node: CriNode) -> None:
             namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)
         )
     )
-    with docker_pod(node) as pod_id:
+    with docker_pod(node, linux=kubelet_default_linux(cri.POD)) as pod_id:
         container = node.run(pod_id, node.container_config("sleep", "601", linux=own))
         processes = node.exec_sync(container, "ps", "-o", "args").stdout
         assert b"sleep 601" in processes and b"sleep infinity" not in processes, processes

@@ -20,7 +20,13 @@ from adapter.core.errors import InvalidArgument
 from adapter.cri.api import cri
 from adapter.runtimes.lxc.rootfs import resolve_in_root
 from tests.conftest import BIN
-from tests.integration.cri import TIMEOUT, CriNode, cri_service, running_cri_node
+from tests.integration.cri import (
+    TIMEOUT,
+    CriNode,
+    cri_service,
+    kubelet_default_linux,
+    running_cri_node,
+)
 from tests.integration.test_cri_runtime import CRI_LOG_LINE
 from tests.integration.test_lxc import lxcpath, monitors, require_lxc
 
@@ -73,10 +79,14 @@ def _record(node: CriNode, container_id: str) -> pb.ContainerStatus:
 # ---- namespaces ----
 
 
-def test_lxc_containers_join_the_native_holders_namespaces(node: CriNode) -> None:
+@pytest.mark.parametrize("shared_pid", [True, False], ids=["holder-process", "pinned"])
+def test_lxc_containers_join_the_native_holders_namespaces(node: CriNode, shared_pid: bool) -> None:
+    """A pod that shares its pid namespace has a holder process; the kubelet's default pod
+    has its namespaces pinned: LXC containers join either."""
     config_fields = {
         "hostname": "lxc-pod",
         "dns_config": cri.DNSConfig(servers=["10.9.9.9"], searches=["example.test"]),
+        "linux": kubelet_default_linux(cri.POD if shared_pid else cri.CONTAINER),
     }
     with lxc_pod(node, **config_fields) as pod_id:
         server = node.run(pod_id, node.container_config("httpd", "-f", "-p", "8080"))
@@ -91,15 +101,19 @@ def test_lxc_containers_join_the_native_holders_namespaces(node: CriNode) -> Non
                 break
             time.sleep(0.1)
         assert reply.exit_code == 0, reply.stderr
-        for kind in ("net", "uts", "ipc", "pid"):
+        for kind in ("net", "uts", "ipc", "pid") if shared_pid else ("net", "uts", "ipc"):
             inside = node.exec_sync(client, "readlink", f"/proc/self/ns/{kind}").stdout
-            assert inside.decode().strip() == os.readlink(f"/proc/{holder.pid}/ns/{kind}"), kind
+            assert inside.decode().strip() == node.pod_namespace(pod_id, kind), kind
         assert node.exec_sync(client, "hostname").stdout.strip() == b"lxc-pod"
         resolv = node.exec_sync(client, "cat", "/etc/resolv.conf").stdout
         assert b"nameserver 10.9.9.9" in resolv and b"search example.test" in resolv
-        # The pod's pid namespace: the holder and the other container are in sight.
+        # The pod's pid namespace: the holder and the other container are in sight; or the
+        # container's own, with nothing else in it.
         processes = node.exec_sync(client, "ps", "-o", "args").stdout
-        assert b"sleep infinity" in processes and b"httpd -f -p 8080" in processes, processes
+        if shared_pid:
+            assert b"sleep infinity" in processes and b"httpd -f -p 8080" in processes
+        else:
+            assert b"sleep 600" in processes and b"httpd" not in processes, processes
         assert node.status(server).state == cri.CONTAINER_RUNNING
 
 

@@ -105,6 +105,9 @@ def assert_nothing_left(node: CriNode, *pids: int) -> None:
     assert list(node.service.stub().Containers(pb.ContainersRequest(), timeout=10).containers) == []
     assert node.service.leftover_cgroups() == []
     assert service_netns(node) == []
+    with open("/proc/self/mountinfo") as mountinfo:
+        state_dir = str(node.service.state_dir)
+        assert [line for line in mountinfo if state_dir in line] == [], "a pin is left"
     pods_dir = node.service.state_dir / "cri" / "pods"
     assert not pods_dir.exists() or list(pods_dir.iterdir()) == []
     for room in ("sandboxes", "native"):
@@ -157,7 +160,7 @@ def test_running_pod_and_container_come_back_and_go_cleanly(node: CriNode) -> No
     container_id = node.run(pod_id, node.container_config(*TICKER))
     before_pod = pod_status(node, pod_id)
     before = node.status(container_id)
-    pids = {core_pid(node, pod_id), core_pid(node, container_id)}
+    pids = {core_pid(node, pod_id), core_pid(node, container_id)} - {0}  # 0: pinned, no holder
     log_path = Path(before.log_path)
     crash(node)
     assert grows(log_path), "the supervisor keeps writing the log while the service is down"
@@ -223,9 +226,10 @@ def test_container_exited_before_the_crash_keeps_its_status(node: CriNode) -> No
 
 
 def test_pod_whose_holder_died_during_the_outage_is_not_ready(node: CriNode) -> None:
-    pod_id = node.run_pod()
+    pod_id = node.run_pod(node.shared_pid_pod_config())
     container_id = node.run(pod_id, node.container_config("sleep", "600"))
     holder = core_pid(node, pod_id)
+    assert holder > 0, "a pod that shares its pid namespace has a holder process"
     crash(node)
     holder_processes = cgroup_pids(node, pod_id) | {holder}
     for pid in holder_processes:
@@ -251,9 +255,10 @@ def test_pod_whose_holder_died_during_the_outage_is_not_ready(node: CriNode) -> 
 
 
 def test_pod_whose_holder_is_killed_while_the_service_runs_is_not_ready(node: CriNode) -> None:
-    pod_id = node.run_pod()
+    pod_id = node.run_pod(node.shared_pid_pod_config())
     try:
         holder = core_pid(node, pod_id)
+        assert holder > 0, "a pod that shares its pid namespace has a holder process"
         os.kill(holder, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while pod_status(node, pod_id).state != cri.SANDBOX_NOTREADY:
@@ -261,6 +266,45 @@ def test_pod_whose_holder_is_killed_while_the_service_runs_is_not_ready(node: Cr
             time.sleep(0.1)
     finally:
         node.remove_pod(pod_id)
+    assert_nothing_left(node)
+
+
+def test_pinned_pod_comes_back_with_its_namespaces(node: CriNode) -> None:
+    pod_id = node.run_pod(node.pod_config(hostname="pinned-back"))
+    try:
+        first = node.run(pod_id, node.container_config("sleep", "600"))
+        kinds = ("net", "uts", "ipc")
+        before = {kind: node.pod_namespace(pod_id, kind) for kind in kinds}
+        crash(node)
+        come_back(node)
+        assert pod_status(node, pod_id).state == cri.SANDBOX_READY
+        assert {kind: node.pod_namespace(pod_id, kind) for kind in kinds} == before
+        second = node.run(pod_id, node.container_config("sleep", "601"))
+        for container in (first, second):
+            for kind in kinds:
+                inside = node.exec_sync(container, "readlink", f"/proc/self/ns/{kind}").stdout
+                assert inside.decode().strip() == before[kind], (container, kind)
+        assert node.exec_sync(second, "hostname").stdout.strip() == b"pinned-back"
+    finally:
+        remove(node, pod_id)
+    assert_nothing_left(node)
+
+
+def test_pinned_pod_whose_pins_went_during_the_outage_is_not_ready(node: CriNode) -> None:
+    pod_id = node.run_pod()
+    run_dir = node.service.state_dir / "native" / pod_id
+    crash(node)
+    for kind in ("uts", "ipc"):
+        subprocess.run(["umount", "-l", str(run_dir / kind)], check=True, timeout=10)
+    come_back(node)
+    deadline = time.monotonic() + 10
+    while pod_status(node, pod_id).state != cri.SANDBOX_NOTREADY:
+        assert time.monotonic() < deadline, "the pod is still ready without its namespaces"
+        time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as error:
+        node.create(pod_id, node.container_config("true"))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    node.remove_pod(pod_id)
     assert_nothing_left(node)
 
 

@@ -36,6 +36,7 @@ from adapter.core.confinement import Confinement
 from adapter.core.errors import FailedPrecondition, NotFound
 from adapter.core.identity import HostIdentities, workload_identity
 from adapter.core.model import (
+    HOST_NAMESPACE,
     Capabilities,
     ExecResult,
     Exit,
@@ -51,12 +52,13 @@ from adapter.core.userns import give_to_namespace_root, own_id_mapping
 from adapter.core.workload import SANDBOX_IN_CONTAINER, Workload, merge
 from adapter.images.image import Image
 from adapter.runtimes.base import Checkpointed, Launched
+from adapter.runtimes.native import pinned
 from adapter.runtimes.native.options import NativeOptions
 from adapter.supervisor import client as supervisor
 from adapter.supervisor import linux
 from adapter.supervisor.attach import AttachSession
 from adapter.supervisor.exec import ExecConfig, exec_sync
-from adapter.supervisor.launch_config import Filesystem, LaunchConfig
+from adapter.supervisor.launch_config import Filesystem, LaunchConfig, check_sysctl
 from adapter.supervisor.processes import ProcessRef, supervised_exit
 from adapter.supervisor.session import ExecSession
 from isolators.base import Isolator, Limitation
@@ -82,6 +84,8 @@ ATTACH_SOCKET = "attach"
 # How long kill_all waits for a pid namespace to end after its init's SIGKILL: a slower end (a
 # large address space to tear down, a task in uninterruptible sleep) gets the cgroup sweep.
 NAMESPACE_END_TIMEOUT = 1.0
+# The signals that end a pinned hold, as they would end a holder process.
+ENDING_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 class _Running:
@@ -152,6 +156,8 @@ class NativeDriver:
         # and a task per container for each of the others would only wait to be cancelled.
         self._watching = [i for i in self._isolators if type(i).watch is not Isolator.watch]
         self._running: dict[str, _Running] = {}
+        # Pods' namespaces held by bind mounts (pinned.py): container id -> set at its end.
+        self._held: dict[str, asyncio.Event] = {}
         self._network = services.network
         self._images = services.images
         self._supervisors = services.supervisors
@@ -188,6 +194,8 @@ class NativeDriver:
         )
 
     async def start(self, spec: LaunchSpec) -> Launched:
+        if self._pins(spec):
+            return await self._hold(spec)
         cid = spec.container_id
         binary = self._binary()
         run_dir = f"{self._run_dir}/{cid}"  # text: pathlib's joins cost more on this path
@@ -232,6 +240,40 @@ class NativeDriver:
             raise supervisor.launch_error(cid, exc) from exc
         self._attach(spec, handle)
         return Launched(handle=handle.to_json(), pid=handle.child_pid, ip_address=address)
+
+    def _pins(self, spec: LaunchSpec) -> bool:
+        """A launch that only holds a pod's namespaces is pinned instead of run, unless its
+        namespaces must be made in a user namespace (which a process must own)."""
+        return spec.linux.hold_only and self._namespaces and own_id_mapping(spec) is None
+
+    async def _hold(self, spec: LaunchSpec) -> Launched:
+        """The pod's network, and its UTS and IPC namespaces (those it does not take from the
+        host) pinned in the run directory; the handle names every namespace's file."""
+        cid = spec.container_id
+        run_dir = f"{self._run_dir}/{cid}"
+        _make_run_dir(run_dir)
+        self._held[cid] = asyncio.Event()  # from here on, cleanup removes what was made
+        netns, address = await self._prepare_network(spec)
+        for key, _ in spec.linux.sysctls:
+            check_sysctl(
+                key,
+                host_ipc=spec.linux.namespace("ipc") == HOST_NAMESPACE,
+                own_network=netns is not None,
+            )
+        kinds = [kind for kind in pinned.PINNABLE if spec.linux.namespace(kind) is None]
+        try:
+            paths = await pinned.pin(
+                run_dir,
+                kinds,
+                hostname=linux.hostname(spec),
+                sysctls=spec.linux.sysctls,
+                network=netns,
+            )
+        except OSError as exc:
+            raise supervisor.launch_error(cid, supervisor.SpawnError(str(exc))) from exc
+        if netns is not None:
+            paths["net"] = netns
+        return Launched(handle={"pinned": paths}, pid=0, ip_address=address)
 
     async def _prepare_network(self, spec: LaunchSpec) -> tuple[str | None, str]:
         """(the network namespace to join or None for the host's, the container's address). A
@@ -315,6 +357,10 @@ class NativeDriver:
                 task.cancel()
 
     async def wait(self, container_id: str) -> Exit:
+        held = self._held.get(container_id)
+        if held is not None:
+            await held.wait()
+            return Exit(signal=signal.SIGKILL, message="its pinned namespaces were let go")
         running = self._running.get(container_id)
         if running is None:
             return Exit(lost=True, message="the native runtime has no record of this container")
@@ -325,6 +371,11 @@ class NativeDriver:
         )
 
     async def signal(self, container_id: str, signal: int) -> None:
+        held = self._held.get(container_id)
+        if held is not None:  # no process: a signal that ends a process ends the hold
+            if signal in ENDING_SIGNALS:
+                held.set()
+            return
         running = self._running.get(container_id)
         if running is None:
             raise NotFound(f"native runtime: no running container {container_id!r}")
@@ -406,6 +457,10 @@ class NativeDriver:
         loses its init first: the kernel then kills the rest of the namespace and refuses its
         forks, so the sweep finds at most what joined the cgroups from outside it. In a pod's
         or the host's pid namespace the init's end takes nothing along: the sweep comes first."""
+        held = self._held.get(container_id)
+        if held is not None:
+            held.set()  # the namespaces go at cleanup, after the wait
+            return
         running = self._running.get(container_id)
         if running is not None and self._own_pid_namespace(running):
             await _end_pid_namespace(running.handle)
@@ -422,6 +477,12 @@ class NativeDriver:
         return self._namespaces and spec is not None and spec.linux.namespace("pid") is None
 
     async def cleanup(self, container_id: str) -> None:
+        if self._held.pop(container_id, None) is not None:
+            run_dir = f"{self._run_dir}/{container_id}"
+            pinned.unpin_directory(run_dir)
+            await self._network.cleanup(container_id)
+            remove_directory(run_dir, ())
+            return
         running = self._running.pop(container_id, None)
         if running is not None:
             running.exit_task.cancel()  # done already, unless the exit never came
@@ -430,11 +491,17 @@ class NativeDriver:
         for isolator in reversed(self._isolators):
             await isolator.cleanup(container_id)
         await self._network.cleanup(container_id)
+        run_dir = f"{self._run_dir}/{container_id}"
+        # A hold that a crash interrupted before its handle was checkpointed is cleaned up as a
+        # launch: its pins, if any, go first (a mounted file cannot be removed).
+        pinned.unpin_directory(run_dir)
         # What a run directory holds once its supervisor ended: the status file (the attach
         # socket goes with the supervisor); an image's rootfs is left to rmtree.
-        remove_directory(f"{self._run_dir}/{container_id}", ("status", ATTACH_SOCKET))
+        remove_directory(run_dir, ("status", ATTACH_SOCKET))
 
     async def update(self, container_id: str, resources: Resources) -> None:
+        if container_id in self._held:
+            return  # nothing runs to limit
         if container_id not in self._running:
             raise NotFound(f"native runtime: no running container {container_id!r}")
         limits = self._node.limits(resources).for_isolators()
@@ -442,6 +509,8 @@ class NativeDriver:
             await isolator.update(container_id, limits)
 
     async def usage(self, container_id: str) -> Statistics:
+        if container_id in self._held:
+            return {}  # nothing runs to account
         # One pass over the container's cgroup directories for every cgroup isolator: reading
         # once per isolator probed each directory for every controller's files and re-counted
         # cgroup.procs and tasks each time.
@@ -455,13 +524,19 @@ class NativeDriver:
         for isolator in self._isolators:
             await isolator.recover(known_ids)
         for entry in checkpointed:
-            if entry.handle:
+            paths = entry.handle.get("pinned") if entry.handle else None
+            if isinstance(paths, dict):
+                self._held[entry.spec.container_id] = held = asyncio.Event()
+                if not pinned.still_pinned(paths):
+                    held.set()  # its namespaces went with the host's mounts: it has ended
+            elif entry.handle:
                 handle = supervisor.SupervisorHandle.from_json(entry.handle)
                 self._attach(entry.spec, handle)
         if self._run_dir.is_dir():
             for run_dir in self._run_dir.iterdir():
                 if run_dir.name not in known_ids:
                     log.info("native: removing orphan run directory %s", run_dir)
+                    pinned.unpin_directory(str(run_dir))
                     shutil.rmtree(run_dir, ignore_errors=True)
 
     async def close(self) -> None:
