@@ -10,9 +10,11 @@ inside the methods that talk to the service: building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from adapter.clients.cli import format as cli_format
@@ -40,6 +42,13 @@ TLS_ENV = {
 }
 # After an UNAVAILABLE, how long to check whether the service itself answered (connection is up).
 REACHABILITY_PROBE_SECONDS = 0.5
+# Modules that grpc and protobuf import and no command uses, loaded only if something asks for
+# them (LoadedOnUse): grpc's asyncio API (our calls are synchronous), a tenth of importing grpc;
+# protobuf's pure-Python message implementation, which its descriptor pool imports even when the C
+# one (upb) builds every message, and with it text_format, the Python encoder and decoder, pickle
+# and copy: more than half of what loading our API costs a command.
+GRPC_ASYNCIO = "grpc.aio"
+PURE_PYTHON_MESSAGES = "google.protobuf.internal.python_message"
 
 
 class CliError(Exception):
@@ -101,27 +110,76 @@ class TlsFiles(NamedTuple):
 
 
 def open_channel(target: str, tls: TlsFiles) -> Any:
-    """The Unix socket as it is (root-only by its mode); a TCP endpoint only over mutual TLS."""
+    """The Unix socket as it is (root-only by its mode); a TCP endpoint only over mutual TLS.
+    Connecting starts at once, in grpc's own threads, while the caller loads the API's stubs."""
+    if "grpc" not in sys.modules:  # else its asyncio API came with it (tests, in-process use)
+        defer_import(GRPC_ASYNCIO)
     import grpc
 
     # The service is node-local: an http_proxy in the environment must never be used for it.
     options = [("grpc.enable_http_proxy", 0)]
     if target.startswith("unix:"):
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, tls.credentials(target), options=options)
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, tls.credentials(target), options=options)
+    start_connecting(channel)
+    return channel
+
+
+def start_connecting(channel: Any) -> None:
+    """Ask the channel to connect now rather than at its first call. grpc has no public call for
+    this but subscribe(), whose polling and delivery threads would cost more than the overlap
+    saves; without the core channel (another grpc), the first call connects, as it always may."""
+    core_channel = getattr(channel, "_channel", None)
+    check_state = getattr(core_channel, "check_connectivity_state", None)
+    if check_state is not None:
+        check_state(True)  # True: try to connect
+
+
+class LoadedOnUse(ModuleType):
+    """A module's stand-in in sys.modules: the first attribute asked of it imports the module,
+    whose names it then takes, so whoever imported the stand-in holds the module."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        module = importlib.import_module(self.__name__)
+        self.__dict__.update(module.__dict__)
+        return getattr(module, name)
+
+
+def defer_import(name: str) -> None:
+    """Import `name` from now on as a LoadedOnUse stand-in, also as its package's attribute if
+    the package is loaded (else the package's own import of it binds the stand-in)."""
+    stand_in = LoadedOnUse(name)
+    sys.modules[name] = stand_in
+    package, _, attribute = name.rpartition(".")
+    if package in sys.modules:
+        setattr(sys.modules[package], attribute, stand_in)
+
+
+def load_api_stubs() -> ModuleType:
+    """The generated gRPC stubs of our API, without protobuf's pure-Python messages when its C
+    implementation is the one in use (the pure-Python one builds every message with them).
+    Nothing deferred once protobuf is loaded (the service's own process, tests)."""
+    if PURE_PYTHON_MESSAGES not in sys.modules:
+        from google.protobuf.internal import api_implementation  # type: ignore[import-untyped, unused-ignore]
+
+        if api_implementation.Type() == "upb":
+            defer_import(PURE_PYTHON_MESSAGES)
+    from adapter.api.containerizer.v1 import containerizer_pb2_grpc
+
+    return containerizer_pb2_grpc
 
 
 class ServiceClient:
     """One channel to the service; every failed call becomes a CliError with a readable line."""
 
     def __init__(self, endpoint: str, timeout: float, tls: TlsFiles | None = None) -> None:
-        from adapter.api.containerizer.v1 import containerizer_pb2_grpc
-
         self.target = grpc_target(endpoint)
         self.timeout = timeout
         self.channel = open_channel(self.target, tls or TlsFiles())
-        # The generated grpc module is unannotated; newer generators may add annotations.
-        self.stub = containerizer_pb2_grpc.ContainerizerStub(self.channel)  # type: ignore[no-untyped-call, unused-ignore]
+        self.stub = load_api_stubs().ContainerizerStub(self.channel)
 
     def call(self, method: str, request: Any) -> Any:
         """A unary RPC bounded by --timeout."""

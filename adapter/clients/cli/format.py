@@ -34,7 +34,8 @@ MIB_PER_UNIT = {
     **{unit: 1024.0 for unit in ("g", "gb", "gib")},
     **{unit: 1024.0**2 for unit in ("t", "tb", "tib")},
 }
-SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+# Compiled at its first use (re caches it), not by every command's import of this module.
+SIZE_PATTERN = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*"
 # Labels the CRI front end puts on the containers it launches: a pod's holder has the role
 # "sandbox", the pod's containers "container" (adapter/cri/pods.py, containers.py).
 CRI_ROLE_LABEL = "io.containerizer.cri.role"
@@ -47,7 +48,7 @@ POD_NAME_LABEL = "io.kubernetes.pod.name"
 
 def size_mib(text: str) -> float:
     """'64M', '1G', '512K', '1.5GiB' or a plain number of MiB -> MiB."""
-    match = SIZE_PATTERN.fullmatch(text)
+    match = re.fullmatch(SIZE_PATTERN, text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in MIB_PER_UNIT:
         raise argparse.ArgumentTypeError(
