@@ -38,6 +38,7 @@ from adapter.core.model import (
     Statistics,
 )
 from adapter.core.pod_cgroups import PodCgroups
+from adapter.core.sandbox import remove_directory
 from adapter.core.state import ContainerRecord
 from adapter.cri import translate
 from adapter.cri.api import cri
@@ -51,6 +52,9 @@ HOLDER_RUNTIME = "native"
 LABEL_POD = "io.containerizer.cri.pod"
 LABEL_ROLE = "io.containerizer.cri.role"
 
+
+# The files of a pod's directory, bound read-only at /etc/<name> in every container of the pod.
+POD_FILES = ("hostname", "hosts", "resolv.conf")
 
 USERNS_FIELD = "config.linux.security_context.namespace_options.userns_options"
 
@@ -140,9 +144,7 @@ class Pods:
     def files(self, pod_id: str) -> dict[str, str]:
         """host file -> its place in every container of the pod."""
         directory = self.root / pod_id
-        return {
-            str(directory / name): f"/etc/{name}" for name in ("hostname", "hosts", "resolv.conf")
-        }
+        return {str(directory / name): f"/etc/{name}" for name in POD_FILES}
 
     async def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> Pod:
         translate.check_pod_config(config)
@@ -368,7 +370,7 @@ class Pods:
         self.records.pop(pod.id, None)
         self.store.delete(pod)
         self.locks.pop(pod.id, None)
-        shutil.rmtree(self.root / pod.id, ignore_errors=True)
+        remove_directory(str(self.root / pod.id), POD_FILES)
 
     async def recover(self) -> None:
         """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone); a
