@@ -68,7 +68,8 @@ echo "==> building containerizer-supervisor"
 # .venv/bin/containerizer-supervisor and its static twin, which the LXC runtime bind-mounts into
 # image root filesystems as their pid 1, where the host's shared libraries are not. With musl-gcc
 # both are one static musl build, else cc's (dynamic, and static); remade only when the source,
-# the Makefile or the compiler changed (supervisor/Makefile).
+# the Makefile or the compiler changed (supervisor/Makefile). Beside them containerizer-du, the
+# disk isolator's walker.
 make -C supervisor --no-print-directory
 
 # The libvirt runtime boots guests on Debian's cloud kernel; fetched, never installed.

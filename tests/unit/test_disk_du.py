@@ -1,4 +1,4 @@
-"""disk/du measurement (coreutils du): blocks counted as allocated, hard links once, symlinks
+"""disk/du measurement (containerizer-du): blocks counted as allocated, hard links once, symlinks
 not followed, no depth limit, a pass out of budget partial; the isolator's budget and limit; the
 core's disk limitation kept across a restart (a fake runtime)."""
 
