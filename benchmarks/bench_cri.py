@@ -9,8 +9,10 @@ Destroy. ctr: `ctr run --rm` in a private containerd (as bench_containerd.py). B
 the workload a network namespace on the service's bridge: the pod gets it, and the pod's
 container joins it. The pod is the kubelet's default (tests/integration/cri.py: no shared pid
 namespace), so its namespaces are pinned, without a holder process. Target: CRI p50 <= 1.15 x
-ours. Also timed: the pod alone (RunPodSandbox, StopPodSandbox, RemovePodSandbox), and the p50
-of every call, which say where the difference goes.
+ours. Also timed: the pod alone (RunPodSandbox, StopPodSandbox, RemovePodSandbox), the p50
+of every call, which say where the difference goes, and an empty call (Version): the CRI makes
+7 calls and its ContainerStatus polls where ours makes 3, and `calls_floor` says what those
+extra round trips cost by themselves.
 
 Then, when critest is there ($CRITEST, else ../shared/cri/bin/critest), `critest --benchmark`
 against the same service (critest_benchmark.py); without it, one line says why not.
@@ -26,6 +28,7 @@ import contextlib
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +67,12 @@ from tests.run_records import RunRecord, run_scoped_tempdir
 TARGET_RATIO = 1.15
 # The ways the same work is done, as the results name them.
 CRI, OWN_API, CTR, CRI_POD_ONLY = "cri_pod_and_container", "own_api", "ctr_run_rm", "cri_pod_only"
+EMPTY_RPC = "empty_rpc"  # one CRI Version call: what every call costs before any work
+# The calls of one lifecycle besides the ContainerStatus polls: ours Launch, Wait, Destroy; the
+# CRI's RunPodSandbox, CreateContainer, StartContainer, StopContainer, RemoveContainer,
+# StopPodSandbox, RemovePodSandbox.
+OWN_API_CALLS, CRI_CALLS = 3, 7
+POLLS = "polls"  # a step that counts ContainerStatus calls, not seconds
 TRUE = ["/bin/true"]
 EXIT_POLL_SECONDS = 0.001
 
@@ -99,7 +108,7 @@ def cri_once(node: CriNode, name: str) -> Steps:
     clock.lap("CreateContainer")
     node.start(container_id)
     clock.lap("StartContainer")
-    exit_code = wait_exited(node, container_id)
+    exit_code, polls = wait_exited(node, container_id)
     clock.lap("ContainerStatus until EXITED")
     runtime.StopContainer(cri.StopContainerRequest(container_id=container_id), timeout=TIMEOUT)
     clock.lap("StopContainer")
@@ -111,16 +120,18 @@ def cri_once(node: CriNode, name: str) -> Steps:
     clock.lap("RemovePodSandbox")
     if exit_code != 0:
         raise RuntimeError(f"CRI container {container_id} exited {exit_code}")
-    return clock.result()
+    return {**clock.result(), POLLS: polls}
 
 
-def wait_exited(node: CriNode, container_id: str) -> int:
-    """The exit code, once ContainerStatus says EXITED."""
+def wait_exited(node: CriNode, container_id: str) -> tuple[int, int]:
+    """The exit code, once ContainerStatus says EXITED, and how many calls that took."""
     deadline = time.monotonic() + TIMEOUT
+    polls = 0
     while True:
         status = node.status(container_id)
+        polls += 1
         if status.state == cri.CONTAINER_EXITED:
-            return int(status.exit_code)
+            return int(status.exit_code), polls
         if time.monotonic() > deadline:
             raise RuntimeError(f"CRI container {container_id} did not exit: {status}")
         time.sleep(EXIT_POLL_SECONDS)
@@ -137,6 +148,16 @@ def pod_once(node: CriNode, name: str) -> Steps:
     )
     clock.lap("RemovePodSandbox")
     return clock.result()
+
+
+def empty_rpc_once(node: CriNode) -> Steps:
+    """The median of five Version calls: a call's round trip through both gRPC stacks."""
+    samples = []
+    for _ in range(5):
+        started = time.perf_counter()
+        node.runtime.Version(cri.VersionRequest(), timeout=TIMEOUT)
+        samples.append(time.perf_counter() - started)
+    return {"total": statistics.median(samples)}
 
 
 def own_api_once(service: ServiceProcess, container_id: str) -> Steps:
@@ -181,6 +202,7 @@ def measure(
         OWN_API: lambda name: own_api_once(node.service, name),
         CTR: lambda name: ctr_run_once(daemon, name),
         CRI_POD_ONLY: lambda name: pod_once(node, name),
+        EMPTY_RPC: lambda name: empty_rpc_once(node),
     }
     samples: dict[str, list[Steps]] = defaultdict(list)
     order = list(ways)
@@ -198,6 +220,7 @@ def measure(
 class CriBenchmark:
     lifecycles: dict[str, dict[str, float]]  # way -> n, p50_ms, p90_ms of the whole lifecycle
     per_call_p50_ms: dict[str, dict[str, float]]  # way -> step -> p50 in ms
+    polls: float  # median ContainerStatus calls until EXITED
     critest: CritestRun | str  # str: why it did not run
 
     @classmethod
@@ -209,12 +232,13 @@ class CriBenchmark:
             way: {
                 step: p50_p90_ms([run[step] for run in runs])["p50_ms"]
                 for step in runs[0]
-                if step != "total"
+                if step not in ("total", POLLS)
             }
             for way, runs in samples.items()
             if len(runs[0]) > 1  # ctr is one process: no steps to show
         }
-        return cls(lifecycles, per_call, critest)
+        polls = statistics.median(run[POLLS] for run in samples[CRI])
+        return cls(lifecycles, per_call, polls, critest)
 
     def ratio(self, way: str, other: str, key: str = "p50_ms") -> float:
         return round(self.lifecycles[way][key] / self.lifecycles[other][key], 3)
@@ -222,6 +246,19 @@ class CriBenchmark:
     def target(self) -> str:
         met = self.ratio(CRI, OWN_API) <= TARGET_RATIO
         return f"{'met' if met else 'missed'} (CRI / own API p50 <= {TARGET_RATIO})"
+
+    def calls_floor(self) -> dict[str, float]:
+        """What the CRI's extra calls cost by themselves: (its calls - ours) x an empty call's
+        round trip, and the ratio the CRI would have without them."""
+        rpc = self.lifecycles[EMPTY_RPC]["p50_ms"]
+        extra = (CRI_CALLS + self.polls - OWN_API_CALLS) * rpc
+        own, cri_ms = self.lifecycles[OWN_API]["p50_ms"], self.lifecycles[CRI]["p50_ms"]
+        return {
+            "empty_rpc_p50_ms": rpc,
+            "calls_per_lifecycle": {"own_api": OWN_API_CALLS, "cri": CRI_CALLS + self.polls},
+            "extra_calls_ms": round(extra, 2),
+            "ratio_cri_without_extra_calls": round((cri_ms - extra) / own, 3),
+        }
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -232,6 +269,7 @@ class CriBenchmark:
             "ratio_cri_vs_ctr_run_rm_p50": self.ratio(CRI, CTR),
             "ratio_target": self.target(),
             "per_call_p50_ms": self.per_call_p50_ms,
+            "calls_floor": self.calls_floor(),
             "critest_benchmark": (
                 self.critest if isinstance(self.critest, str) else asdict(self.critest)
             ),
@@ -246,6 +284,13 @@ class CriBenchmark:
             )
         lines.append(f"  CRI / own API p50 {self.ratio(CRI, OWN_API)}: target {self.target()}")
         lines.append(f"  CRI / ctr run --rm p50 {self.ratio(CRI, CTR)}")
+        floor = self.calls_floor()
+        lines.append(
+            f"  the CRI's {floor['calls_per_lifecycle']['cri']:g} calls against our"
+            f" {OWN_API_CALLS}, at {floor['empty_rpc_p50_ms']} ms a round trip:"
+            f" {floor['extra_calls_ms']} ms; CRI / own API without them"
+            f" {floor['ratio_cri_without_extra_calls']}"
+        )
         for way, steps in self.per_call_p50_ms.items():
             lines.append(
                 f"  {way} p50 per call (ms): " + ", ".join(f"{s} {ms}" for s, ms in steps.items())
