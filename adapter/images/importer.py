@@ -51,6 +51,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINK_HOPS = 16
 # Blobs copied at once: hashing and file I/O release the GIL, so layers copy side by side.
 COPY_THREADS = min(4, os.cpu_count() or 1)
+# Members up to this size (configs, manifests) are copied as their header comes: a thread of
+# their own would cost more than the copy.
+INLINE_COPY_SIZE = 1 << 16
 
 
 @dataclass
@@ -151,36 +154,57 @@ def _stage_tarball(raw: BinaryIO, counting: CountingReader, staging: Staging) ->
 def _stage_plain(
     archive: tarfile.TarFile, descriptor: int, counting: CountingReader, staging: Staging
 ) -> TarballContents:
+    """Metadata and small files are staged as their headers come; the large files once every
+    header is read (headers only: the data is skipped), so that one is copied on this thread
+    and several side by side."""
     contents = TarballContents()
-    copies: dict[str, Future[tuple[str, int]]] = {}
+    copies: dict[str, tuple[MemberReader, str | None]] = {}  # name -> (data, expected digest)
+    for member in archive:
+        name = _member_name(member, contents)
+        if name is None:
+            continue
+        copies.pop(name, None)  # as in tar, a later member of the same name is the one kept
+        if member.sparse is not None:  # rare: tarfile maps the holes, on this thread
+            _stage_member(name, archive.extractfile(member), member.size, contents, staging)
+            continue
+        blob = BLOB_NAME.fullmatch(name)
+        if blob is not None and _reuse_stored(staging, name, blob.group(1), member, contents):
+            counting.count(member.size)
+            continue
+        reader = MemberReader(descriptor, member, counting)
+        if name in METADATA_NAMES:
+            _stage_member(name, reader, member.size, contents, staging)
+            continue
+        expected = None if blob is None else "sha256:" + blob.group(1)
+        if member.size <= INLINE_COPY_SIZE:
+            contents.staged[name] = _stage_blob(staging, reader, expected)
+        else:
+            copies[name] = (reader, expected)
+    contents.staged.update(_copy_blobs(copies, staging))
+    return contents
+
+
+def _copy_blobs(
+    copies: dict[str, tuple[MemberReader, str | None]], staging: Staging
+) -> dict[str, tuple[str, int]]:
+    """Stage large members, one on this thread or several side by side; name -> (digest,
+    size), or the first failure in tarball order once every copy has ended."""
+    if len(copies) <= 1:
+        return {name: _stage_blob(staging, *copy) for name, copy in copies.items()}
     with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        futures: dict[str, Future[tuple[str, int]]] = {}
         try:
-            for member in archive:
-                name = _member_name(member, contents)
-                if name is None:
-                    continue
-                if member.sparse is not None:  # rare: tarfile maps the holes, on this thread
-                    _stage_member(name, archive.extractfile(member), member.size, contents, staging)
-                    continue
-                blob = BLOB_NAME.fullmatch(name)
-                if blob is not None and _reuse_stored(
-                    staging, name, blob.group(1), member, contents
-                ):
-                    counting.count(member.size)
-                    continue
-                reader = MemberReader(descriptor, member, counting)
-                if name in METADATA_NAMES:
-                    _stage_member(name, reader, member.size, contents, staging)
-                else:
-                    expected = None if blob is None else "sha256:" + blob.group(1)
-                    copies[name] = pool.submit(staging.write, reader, expected)  # type: ignore[arg-type]
+            for name, copy in copies.items():
+                futures[name] = pool.submit(_stage_blob, staging, *copy)
         except BaseException:
             staging.stop.set()  # the copies in flight end at their next chunk
             raise
     # Every copy has ended (the pool is shut down): the first failure, if any, is the answer.
-    for name, copy in copies.items():
-        contents.staged[name] = copy.result()
-    return contents
+    return {name: future.result() for name, future in futures.items()}
+
+
+def _stage_blob(staging: Staging, data: MemberReader, expected: str | None) -> tuple[str, int]:
+    return staging.write(data, expected)  # type: ignore[arg-type]  # reads like a binary file
 
 
 def _reuse_stored(

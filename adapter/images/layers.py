@@ -36,15 +36,18 @@ def unpack_layer(
     budget: UnpackBudget,
     on_read: Callable[[int], None] | None,
 ) -> Path:
-    """Unpack `layer` over `lowers` (topmost first) into `temporary`/upper, a new directory,
-    and return it (in a worker thread). The caller owns `temporary` and removes it whatever
-    happens, once it has renamed the upper directory into place."""
+    """Unpack `layer` over `lowers` (topmost first) into a new directory, and return it (in a
+    worker thread): `temporary`/upper, or `temporary` itself for a base layer, which needs no
+    overlay work directory beside it (one directory less to make and remove). The caller owns
+    `temporary` and removes what is left of it whatever happens, once it has renamed the
+    returned directory into place."""
+    if not lowers:
+        temporary.mkdir(mode=0o755)
+        apply_layer(blob, layer, diff_id, temporary, budget, on_read)
+        return temporary
     upper, work = temporary / "upper", temporary / "work"
     temporary.mkdir(mode=0o700)
     upper.mkdir(mode=0o755)
-    if not lowers:
-        apply_layer(blob, layer, diff_id, upper, budget, on_read)
-        return upper
     work.mkdir(mode=0o700)
     with DetachedOverlay(lowers, upper, work) as merged:
         opaque = apply_layer(blob, layer, diff_id, merged.descriptor, budget, on_read)

@@ -47,7 +47,9 @@ DIGEST_PATTERN = re.compile(r"sha256:([0-9a-f]{64})")
 TEMPORARY_PREFIX = ".tmp-"
 # How often (in bytes) a blob copy reports progress: often enough for a smooth bar.
 PROGRESS_STEP = 1 << 20
-# Blobs fsynced at once: concurrent fsyncs share journal commits.
+# Blobs fsynced at once: concurrent fsyncs share journal commits. Up to that many are fsynced
+# one after another instead (an image of a layer or two): starting the threads would cost the
+# unpack that runs beside the sync more than the commits they would share.
 SYNC_THREADS = 4
 # A staging directory's subdirectory of layer stacks, by manifest (not a blob: never hex).
 STAGED_STACKS = "stacks"
@@ -156,10 +158,11 @@ class Staging:
     def _sync_pending(self) -> None:
         with self._lock:
             pending, self._unsynced = self._unsynced, set()
-        if len(pending) == 1:
-            _fsync_file(pending.pop())
-        elif pending:
-            with ThreadPoolExecutor(max_workers=min(len(pending), SYNC_THREADS)) as pool:
+        if len(pending) <= SYNC_THREADS:
+            for path in pending:
+                _fsync_file(path)
+        else:
+            with ThreadPoolExecutor(max_workers=SYNC_THREADS) as pool:
                 list(pool.map(_fsync_file, pending))
 
     def _sync_in_thread(self) -> None:
@@ -304,9 +307,9 @@ class Layout:
         return self.layers / digest_hex(chain_id)
 
     def temporary_layer_path(self, chain_id: str) -> Path:
-        """Where a layer is unpacked (its `upper/`, with the overlay's `work/`) before its
-        upper is renamed into place; garbage collection leaves these to their unpack while the
-        store is open, and a store opening alone removes them."""
+        """Where a layer is unpacked (its `upper/`, with the overlay's `work/`; a base layer
+        into the directory itself) before it is renamed into place; garbage collection leaves
+        these to their unpack while the store is open, and a store opening alone removes them."""
         return self.layers / f"{TEMPORARY_PREFIX}{digest_hex(chain_id)}-{uuid.uuid4().hex}"
 
     def read_stack(self, manifest_digest: str) -> list[str] | None:

@@ -328,7 +328,7 @@ class ImageStore:
                 lowers = [self.layout.layer_path(chain) for chain in reversed(chains[:index])]
                 temporary = self.layout.temporary_layer_path(chains[index])
                 try:
-                    upper = await _in_thread(
+                    layer_directory = await _in_thread(
                         stop,
                         unpack_layer,
                         blob_of(layer.digest),
@@ -339,7 +339,7 @@ class ImageStore:
                         budget,
                         report.on_read,
                     )
-                    upper.rename(target)
+                    layer_directory.rename(target)
                 except InvalidArgument as exc:
                     detail = str(exc).removeprefix(f"{exc.field}: ")
                     raise InvalidArgument(

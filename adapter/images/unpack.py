@@ -12,7 +12,10 @@ What is refused, with the layer digest and the entry name (the whole rootfs is t
 - hard links whose target is outside the rootfs or not yet in it;
 - character and block devices (a container gets its /dev from the runtime, never from an image);
 - more bytes or entries than the node allows one image (counted as they are written: a tar
-  header's size, a sparse map or a compression ratio says nothing about what a layer will cost).
+  header's size, a sparse map or a compression ratio says nothing about what a layer will cost;
+  only a large file of an uncompressed layer, copied by the kernel on a thread of its own while
+  the next entries are made, is counted whole as it is handed over: its size is then exactly
+  what the kernel copies from the blob).
 
 How nothing can reach outside: every path is walked one component at a time from a descriptor of
 the rootfs, each directory opened with O_NOFOLLOW relative to its parent, so a symlink is never
@@ -33,7 +36,9 @@ import stat
 import tarfile
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +48,7 @@ from adapter.images.directory_walk import DIRECTORY_FLAGS, NEW_DIRECTORY_MODE, D
 from adapter.images.image import GZIP_LAYER_TYPES, Descriptor
 from adapter.images.inflate import InflatingReader
 from adapter.images.layout import CHUNK, TAR_STREAM_BUFFER, Cancelled
+from adapter.images.tar_headers import LayerTarInfo
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -50,6 +56,11 @@ OPAQUE_WHITEOUT = ".wh..wh..opq"
 # and O_NONBLOCK so a fifo opens without a writer.
 ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# An uncompressed layer's files from this size on are copied by a thread of their own while
+# the next entries are made (the kernel copies, so both go at once); a smaller copy is over
+# before handing it over would pay. At most BACKGROUND_COPIES wait, each holding its file open.
+BACKGROUND_COPY_SIZE = 1 << 18
+BACKGROUND_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,9 @@ def _diff_id_mismatch(layer: Descriptor, actual: str, diff_id: str) -> InvalidAr
 def _apply_stream(
     source: InflatingReader, root_fd: int, layer: Descriptor, budget: UnpackBudget
 ) -> list[tuple[str, ...]]:
-    with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM_BUFFER) as archive:  # type: ignore[call-overload]
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=source, mode="r|", bufsize=TAR_STREAM_BUFFER, tarinfo=LayerTarInfo
+    ) as archive:
         applier = LayerApplier(root_fd, layer.digest, budget, StreamData(archive))
         _apply_members(archive, applier)
         return applier.opaque_directories
@@ -162,7 +175,7 @@ def _apply_in_place(
     budget: UnpackBudget,
     on_read: Callable[[int], None] | None,
 ) -> list[tuple[str, ...]]:
-    with tarfile.open(fileobj=raw, mode="r:") as archive:
+    with tarfile.open(fileobj=raw, mode="r:", tarinfo=LayerTarInfo) as archive:
         data = InPlaceData(archive, raw.fileno())
         done = 0
 
@@ -200,6 +213,9 @@ class StreamData:
     def __init__(self, archive: tarfile.TarFile) -> None:
         self.archive = archive
 
+    def in_background(self, member: tarfile.TarInfo) -> bool:
+        return False  # the stream is read in order, by the thread that reads the entries
+
     def copy(self, member: tarfile.TarInfo, out: int, count: Callable[[int], None]) -> None:
         source = self.archive.extractfile(member)
         while source is not None and (chunk := source.read(CHUNK)):
@@ -214,6 +230,11 @@ class InPlaceData:
     def __init__(self, archive: tarfile.TarFile, descriptor: int) -> None:
         self.archive, self.descriptor = archive, descriptor
         self.kernel_copy = True
+
+    def in_background(self, member: tarfile.TarInfo) -> bool:
+        """Whether `member` is worth copying on another thread: a large file read at its own
+        offset (the holes of a sparse one are read through the archive, in order)."""
+        return member.sparse is None and member.size >= BACKGROUND_COPY_SIZE
 
     def copy(self, member: tarfile.TarInfo, out: int, count: Callable[[int], None]) -> None:
         if member.sparse is not None:  # holes: tarfile knows where the data lies
@@ -245,6 +266,42 @@ def _write_all(out: int, data: bytes) -> None:
         view = view[os.write(out, view) :]
 
 
+class BackgroundCopies:
+    """Files whose contents a thread of their own copies while the next entries are made. Each
+    copy owns its file's descriptor (and closes it); whoever needs the files complete (a hard
+    link, which may name one and set its metadata; the end of the layer) calls `wait`."""
+
+    def __init__(self) -> None:
+        self.copier: ThreadPoolExecutor | None = None  # started by the first large file
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, copy: Callable[[], None]) -> None:
+        """Queue `copy`; when this raises (an earlier copy's failure), it was not queued."""
+        if len(self.pending) >= BACKGROUND_COPIES:
+            self.pending.popleft().result()
+        if self.copier is None:
+            self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-copy")
+        self.pending.append(self.copier.submit(copy))
+
+    def wait(self) -> None:
+        """Wait for every copy; then raise the first failure, if any."""
+        failure: BaseException | None = None
+        while self.pending:
+            try:
+                self.pending.popleft().result()
+            except BaseException as exc:  # raised below, once all have ended
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        """End the copier once its copies have ended (a failure is the caller's already)."""
+        with contextlib.suppress(Exception):
+            self.wait()
+        if self.copier is not None:
+            self.copier.shutdown()
+
+
 class LayerApplier:
     def __init__(
         self, root_fd: int, digest: str, budget: UnpackBudget, data: StreamData | InPlaceData
@@ -258,11 +315,13 @@ class LayerApplier:
         # Directories an opaque whiteout emptied of the layers below (layers.py marks them).
         self.opaque_directories: list[tuple[str, ...]] = []
         self.set_owner = os.geteuid() == 0
+        self.copies = BackgroundCopies()
 
     def refuse(self, name: str, why: str) -> InvalidArgument:
         return InvalidArgument("image", f"layer {self.digest}: entry {name!r} {why}")
 
     def close(self) -> None:
+        self.copies.close()
         self.directories.forget()
         self.directories.release()
 
@@ -333,6 +392,7 @@ class LayerApplier:
 
     def finish(self) -> None:
         """Directory mtimes last: writing their children changed them."""
+        self.copies.wait()
         for parent, leaf, mtime in reversed(self.directory_times):
             # A later entry of the layer may have removed it: then it has no time to keep.
             with contextlib.suppress(FileNotFoundError, InvalidArgument):
@@ -350,7 +410,10 @@ class LayerApplier:
 
     def hard_link(self, parent_fd: int, leaf: str, member: tarfile.TarInfo) -> None:
         """Link to an existing non-directory inside the rootfs. A link to a symlink links the
-        symlink itself (linkat without AT_SYMLINK_FOLLOW) and, like the symlink, gets no mode."""
+        symlink itself (linkat without AT_SYMLINK_FOLLOW) and, like the symlink, gets no mode.
+        The files being copied are complete first: the link may name one, and its metadata is
+        then the link's, set after the copy's."""
+        self.copies.wait()
         if member.linkname.startswith("/") or ".." in member.linkname.split("/"):
             raise self.refuse(member.name, f"is a hard link to {member.linkname!r}, outside")
         parts = self.components(member.linkname)
@@ -398,11 +461,28 @@ class LayerApplier:
             # longer than its header says, so this also bounds what the kernel copies.)
             raise self.refuse(member.name, self.budget.bytes_refusal())
         descriptor = os.open(leaf, NEW_FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        if not self.data.in_background(member):
+            self.fill(descriptor, member, functools.partial(self.count_bytes, member.name))
+            return
         try:
-            self.data.copy(member, descriptor, functools.partial(self.count_bytes, member.name))
+            # Counted whole now: the check above lets it in, and the copy writes no more.
+            self.count_bytes(member.name, member.size)
+            self.copies.submit(functools.partial(self.fill, descriptor, member, self.stopped))
+        except BaseException:  # not handed over: the descriptor is still ours
+            os.close(descriptor)
+            raise
+
+    def fill(self, descriptor: int, member: tarfile.TarInfo, count: Callable[[int], None]) -> None:
+        """Copy `member`'s contents into the new file, set its metadata and close it."""
+        try:
+            self.data.copy(member, descriptor, count)
             self.set_metadata(descriptor, member)
         finally:
             os.close(descriptor)
+
+    def stopped(self, _: int) -> None:
+        """A background copy's check between chunks: the unpack may have been cancelled."""
+        self.budget.check_stop()
 
     def count_bytes(self, name: str, written: int) -> None:
         over_budget = self.budget.add_bytes(written)

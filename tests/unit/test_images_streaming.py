@@ -193,7 +193,8 @@ async def test_a_gzip_layer_cut_short_is_refused(tmp_path: Path) -> None:
 def test_a_reader_that_stops_early_ends_the_inflating_thread() -> None:
     data = bytes(64 * MIB)  # 64 chunks: far more than the thread may inflate ahead
     reader = InflatingReader(io.BytesIO(gzip.compress(data, 1)), None)  # type: ignore[arg-type]
-    assert reader.read(MIB) == bytes(MIB)
+    first = reader.read(MIB)  # one inflated chunk, at most
+    assert first and first == bytes(len(first))
     reader.close()
     assert not reader.thread.is_alive()
     assert reader.thread not in threading.enumerate()
