@@ -17,6 +17,7 @@ import grpc
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from tests.cgroup_roots import remove_cgroup_trees
+from tests.run_records import unmount_below
 
 BIN = Path(sys.executable).parent
 
@@ -57,6 +58,7 @@ def private_service(extra_config: str = "") -> Iterator[Service]:
             _destroy_all(service)
             process.terminate()
             process.wait(timeout=30)
+            unmount_below(workdir)  # the sandboxes' nosuid mount, kept while sandboxes remain
             remove_cgroup_trees(cgroups_root, f"{cgroups_root}.*")
 
 

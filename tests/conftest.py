@@ -26,7 +26,13 @@ from tests.cgroup_roots import (
     run_scoped_name,
 )
 from tests.integration.containerd_daemon import user_namespace_mode
-from tests.run_records import RunRecord, bridge_prefix, remove_network, sweep_dead_runs
+from tests.run_records import (
+    RunRecord,
+    bridge_prefix,
+    remove_network,
+    sweep_dead_runs,
+    unmount_below,
+)
 
 # Fixtures several test modules share, registered once here rather than imported by each.
 pytest_plugins = ["tests.integration.cgroup_helpers", "tests.integration.cri"]
@@ -97,6 +103,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 red=True,
             )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # A stopped service keeps its sandboxes' nosuid mount while a sandbox is there (state_dir.py);
+    # the run's directories are its own, so that mount goes with them.
+    if os.geteuid() == 0:
+        unmount_below(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
     with contextlib.suppress(KeyError):
         session.config.stash[RUN_RECORD].release()
 
@@ -161,6 +171,8 @@ class ServiceProcess:
             self._channel = None
 
     def stop(self) -> None:
+        """SIGTERM, and the sandboxes' nosuid mount undone: a service keeps it while sandboxes
+        remain (adapter/core/state_dir.py), and this state directory is the test's."""
         self._close_channel()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -169,6 +181,7 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        unmount_below(self.state_dir / "sandboxes")
 
     def kill(self) -> None:
         """kill -9: what a crash looks like."""

@@ -14,6 +14,7 @@ start over running containers whose records are gone.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 from pathlib import Path
@@ -65,6 +66,57 @@ def make_private_directory(path: Path) -> None:
     mode = path.stat().st_mode & 0o7777
     if mode & ~PRIVATE_DIRECTORY_MODE:
         os.chmod(path, mode & PRIVATE_DIRECTORY_MODE)
+
+
+# mount(2) flags, and statvfs's for those a bind remount must keep (it sets them all anew).
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME = 1024, 2048, 4096, 1 << 21
+KEPT_FLAGS = {
+    os.ST_RDONLY: MS_RDONLY,
+    os.ST_NOEXEC: MS_NOEXEC,
+    os.ST_NOATIME: MS_NOATIME,
+    os.ST_NODIRATIME: MS_NODIRATIME,
+    os.ST_RELATIME: MS_RELATIME,
+}
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: Path | None, target: Path, flags: int) -> None:
+    source_bytes = None if source is None else os.fsencode(source)
+    if _libc.mount(source_bytes, os.fsencode(target), None, flags, None) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mount {target}: {os.strerror(error)}")
+
+
+def is_nosuid(path: Path) -> bool:
+    flags = os.statvfs(path).f_flag
+    return bool(flags & os.ST_NOSUID and flags & os.ST_NODEV)
+
+
+def mount_nosuid(path: Path) -> bool:
+    """Make `path` a mount of its own with nosuid and nodev, keeping its other flags, unless its
+    filesystem is mounted so already; True if this made the mount. For the sandboxes: a workload
+    that is root on the host (no user namespace) may leave a setuid-root file in its sandbox,
+    and open the sandbox to every user (it owns it): a host user must not gain root by it."""
+    if is_nosuid(path):
+        return False
+    kept = os.statvfs(path).f_flag
+    _mount(path, path, MS_BIND)
+    flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV
+    flags |= sum(mount_flag for st_flag, mount_flag in KEPT_FLAGS.items() if kept & st_flag)
+    try:
+        _mount(None, path, flags)
+    except OSError:
+        _libc.umount2(os.fsencode(path), MNT_DETACH)
+        raise
+    return True
+
+
+def unmount_nosuid(path: Path) -> None:
+    """mount_nosuid undone, once nothing is left under `path` to protect."""
+    if os.path.ismount(path) and not any(os.scandir(path)):
+        _libc.umount2(os.fsencode(path), MNT_DETACH)
 
 
 def refuse_start_without_records(

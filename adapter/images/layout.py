@@ -280,9 +280,19 @@ def _fsync_file(path: Path) -> None:
         os.close(descriptor)
 
 
+# The store is root's alone: its layers hold images' files as they are, setuid binaries among
+# them, which a host user who could reach a layer's directory (its name is the chain id, known
+# for any public image) could run on the host. Nothing but root reads them: an overlay's lower
+# layers are looked up with its mounter's credentials.
+STORE_MODE = 0o700
+
+
 class Layout:
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir(mode=STORE_MODE, parents=True, exist_ok=True)
+        if root.stat().st_mode & 0o777 != STORE_MODE:  # a store made before: closed now
+            os.chmod(root, STORE_MODE)
         self.blobs = root / "blobs" / "sha256"
         self.ingest = root / "ingest"
         self.layers = root / "layers"

@@ -36,7 +36,9 @@ from adapter.core.state_dir import (
     StateDirLock,
     lock_state_dir,
     make_private_directory,
+    mount_nosuid,
     refuse_start_without_records,
+    unmount_nosuid,
 )
 from adapter.cri.api import cri_grpc
 from adapter.cri.images import CriImageService
@@ -82,6 +84,11 @@ def _claim_state_dir(config: AgentConfig, sandbox_root: Path) -> tuple[StateDirL
     make_private_directory(config.state_dir)
     make_private_directory(sandbox_root)
     lock = lock_state_dir(config.state_dir)
+    try:
+        mount_nosuid(sandbox_root)
+    except OSError as exc:
+        lock.close()
+        raise ConfigError(f"state_dir: cannot mount {sandbox_root} nosuid: {exc}") from exc
     try:
         database = config.state_dir / "state.db"
         refuse_start_without_records(
@@ -157,6 +164,20 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     sandbox_root = default_sandbox_root(config.state_dir)
     # Held until the process ends: the lock is what keeps a second service off these records.
     lock, store = _claim_state_dir(config, sandbox_root)
+    try:
+        await _serve_claimed(config, credentials, sandbox_root, store, ready)
+    finally:
+        unmount_nosuid(sandbox_root)  # kept while a sandbox is there (its container runs on)
+        lock.close()
+
+
+async def _serve_claimed(
+    config: AgentConfig,
+    credentials: grpc.ServerCredentials | None,
+    sandbox_root: Path,
+    store: StateStore,
+    ready: asyncio.Event | None,
+) -> None:
     # Once, after the lock: every runtime and the Images API get the same store, isolator, ...
     services = build_services(config)
     drivers = {name: build_driver(name, opts, services) for name, opts in config.runtimes.items()}
@@ -234,7 +255,6 @@ async def serve(config: AgentConfig, ready: asyncio.Event | None = None) -> None
     for path in (config.socket, cri_socket):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    lock.close()
 
 
 def _raise_open_file_limit() -> None:

@@ -17,6 +17,7 @@ runtime, on the real kernel. Each hostile tarball is built here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -24,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,6 +316,88 @@ def test_a_setuid_binary_is_kept_but_gives_no_privilege(
     )
     assert "uid=65534 euid=65534" in output, output
     assert "NoNewPrivs:\t1" in output, output
+
+
+@contextlib.contextmanager
+def traversable_by_all(directory: Path) -> Iterator[None]:
+    """`directory` and its parents passable by every user, as /var/lib is (pytest makes its
+    temporary directories 0700, which would hide the store whatever its own mode)."""
+    changed = []
+    for path in (directory, *directory.parents):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o001 == 0:
+            os.chmod(path, mode | 0o011)
+            changed.append((path, mode))
+    try:
+        yield
+    finally:
+        for path, mode in changed:
+            os.chmod(path, mode)
+
+
+def test_a_host_user_cannot_reach_the_stores_setuid_binaries(
+    node: ServiceProcess, tmp_path: Path, euid_binary: bytes
+) -> None:
+    """A layer's name is its chain id, known for any public image: were the store open to other
+    users, a host user could run an image's setuid-root binary on the host as root."""
+    suid = Entry("bin/euid", data=euid_binary, mode=0o4755, uid=0, gid=0)
+    layers = [BASE, tar_bytes([suid])]
+    _, error = import_layers(node, tmp_path, layers, "setuid-host")
+    assert error is None, error.details()
+    binary = layer_dir(node, layers, 1) / "bin" / "euid"
+    assert stat.S_IMODE(binary.lstat().st_mode) == 0o4755, "the layer keeps the image's mode"
+    with traversable_by_all(node.state_dir.parent), pytest.raises(PermissionError):
+        subprocess.run(  # as nobody, with no capability left
+            [str(binary)], user=65534, group=65534, extra_groups=[], timeout=30, check=False
+        )
+    assert stat.S_IMODE((node.state_dir / "images").stat().st_mode) == 0o700
+
+
+def test_a_setuid_binary_a_container_plants_in_its_sandbox_gives_host_users_nothing(
+    node: ServiceProcess, tmp_path: Path, container_id: str, euid_binary: bytes
+) -> None:
+    """Root in a container (without a user namespace, host root) may make a setuid-root file in
+    its sandbox and open the sandbox to every user; the sandboxes are mounted nosuid on the
+    host, so a host user who runs it stays itself."""
+    layers = [BASE, tar_bytes([Entry("bin/euid", data=euid_binary, mode=0o755)])]
+    image, error = import_layers(node, tmp_path, layers, "plant")
+    assert error is None, error.details()
+    box = "/mnt/mesos/sandbox"
+    # The sandbox is 0750, but root in the container may open it to everyone.
+    plant = (
+        f"cp /bin/euid {box}/euid && chmod 4755 {box}/euid && chmod 755 {box} && touch {box}/ready"
+    )
+    reply = node.stub().Launch(
+        pb.LaunchRequest(
+            container_id=container_id,
+            command=pb.CommandInfo(shell=f"{plant} && sleep 600"),
+            container=pb.ContainerInfo(runtime="native", image=image),
+        ),
+        timeout=60,
+    )
+    try:
+        sandbox = Path(reply.status.sandbox)
+        deadline = time.monotonic() + 30
+        while not (sandbox / "ready").exists():
+            assert time.monotonic() < deadline, (sandbox / "stderr").read_text()
+            time.sleep(0.05)
+        planted = (sandbox / "euid").lstat()
+        assert stat.S_IMODE(planted.st_mode) == 0o4755 and planted.st_uid == 0
+        with traversable_by_all(sandbox.parent):
+            ran = subprocess.run(
+                [str(sandbox / "euid")],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        assert "euid=0" not in ran.stdout, ran
+        assert ran.stdout.strip() == "uid=65534 euid=65534", ran
+    finally:
+        destroy(node.stub(), container_id)
 
 
 def test_a_container_writing_a_shared_layer_changes_nothing_for_another_image(

@@ -272,3 +272,35 @@ def test_image_layers_stack_in_the_lxc_overlay(
     assert "passwd" in listed and "new" in listed
     assert "gone" not in listed and "old" not in listed
     destroy(stub, container_id)
+
+
+def test_a_setuid_file_in_the_writable_layer_is_out_of_host_users_reach(
+    lxc_service: ServiceProcess, container_id: str
+) -> None:
+    """Root in an LXC container without a user namespace is host root: a setuid-root file it
+    leaves in its writable layer (delta0, which it may also open to everyone) must not be
+    reachable by host users through the container's directory."""
+    stub = lxc_service.stub()
+    launch(stub, container_id, "chmod 755 / && sleep 600")
+    try:
+        directory = lxcpath(lxc_service) / container_id
+        planted = directory / "delta0" / "planted"
+        shutil.copyfile("/bin/true", planted)
+        planted.chmod(0o4755)
+        assert (directory.stat().st_mode & 0o777) == 0o700
+        opened = []
+        for path in (directory.parent, *directory.parent.parents):  # as /var/lib would be
+            mode = path.stat().st_mode & 0o777
+            if not mode & 0o001:
+                path.chmod(mode | 0o011)
+                opened.append((path, mode))
+        try:
+            with pytest.raises(PermissionError):
+                subprocess.run(
+                    [str(planted)], user=65534, group=65534, extra_groups=[], check=False
+                )
+        finally:
+            for path, mode in opened:
+                path.chmod(mode)
+    finally:
+        destroy(stub, container_id)

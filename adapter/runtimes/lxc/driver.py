@@ -213,6 +213,12 @@ class LxcDriver:
                 self._configs.set_network(config, spec, network, lower.view)
             (directory / "delta0").mkdir(parents=True)
             (directory / "run").mkdir()
+            # Root's alone without a user namespace: root in the container is host root then,
+            # and may leave setuid-root files in its writable layer, delta0, and open delta0 to
+            # everyone. (With one, the namespace's root, which mounts the rootfs, must pass, and
+            # what it leaves is set-id to an unprivileged host id of its range.)
+            if spec.id_mapping is None:
+                directory.chmod(0o700)
             userns.give_to_namespace_root(spec, directory)
             (directory / "config").write_text(config.render())
             process, config_fd = self._lxc_start.spawn(cid)
