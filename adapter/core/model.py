@@ -147,8 +147,9 @@ SECCOMP_LOCALHOST = "localhost/"
 class LinuxOptions:
     """What a CRI container asks beyond a Mesos launch; the defaults are a plain launch.
 
-    namespaces      kind -> the path of a namespace to join (/proc/PID/ns/KIND of the pod's
-                    holder), or HOST_NAMESPACE; a kind not named gets a namespace of its own
+    namespaces      kind -> the path of a namespace to join (the pod's: a pinned file, or
+                    /proc/PID/ns/KIND of its holder process), or HOST_NAMESPACE; a kind not
+                    named gets a namespace of its own
     group           the primary group (CRI run_as_group), overriding the user's
     supplementary_groups  added to the user's groups
     capabilities_add / capabilities_drop  changes to the default set ("ALL" allowed)

@@ -3,7 +3,7 @@
 Two parties set a container up here: LXC, on the host's side, before the container's init runs;
 then our supervisor, that init, inside the container. So what needs the host's paths is LXC's:
 
-    namespaces   lxc.namespace.share.KIND = /proc/PID/ns/KIND of the pod's holder; the host's
+    namespaces   lxc.namespace.share.KIND = the file of the pod's namespace; the host's
                  by lxc.namespace.keep. LXC then makes no namespace of that kind (no network of
                  its own when the pod's is joined) and does not set the hostname of a UTS
                  namespace it did not make. The supervisor, told `--ns KIND=host`, stays in

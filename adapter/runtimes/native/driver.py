@@ -11,6 +11,11 @@ Attach: every launch gets an attach socket in its run directory, so the supervis
 workload's output (to the sandbox's files, or the CRI log) and serves it, and with linux.stdin
 the workload's stdin, to clients that attach at any time, also after a restart of the service.
 
+A CRI pod's holder (`linux.hold_only`) whose namespaces need no process (no shared pid namespace,
+no user namespace) is pinned instead (pinned.py): its network, UTS and IPC namespaces held by
+bind mounts in its run directory, no supervisor, no cgroups; it "runs" until kill_all and its
+cleanup lets the namespaces go.
+
 Network: the shared network isolator prepares the container's namespace (mode none or bridge)
 first, so a bad request fails before anything else exists; the supervisor's child joins it
 (--netns) before its other namespaces. Host mode passes no --netns.
