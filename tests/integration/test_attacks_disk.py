@@ -20,6 +20,7 @@ import pytest
 
 from isolators.disk import du, quota
 from tests.conftest import require_root
+from tests.integration.test_disk_walker import chain
 from tests.run_records import remove_tree, run_scoped_tempdir
 
 pytestmark = pytest.mark.integration
@@ -30,18 +31,8 @@ PROJECT = 70_123
 
 
 def deep(root: Path, depth: int) -> None:
-    """root/d/d/.../d (depth levels) with a 1 MiB file at the bottom, made through
-    descriptors (the path is far longer than PATH_MAX)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir("d", dir_fd=fd)
-        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
-    leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(leaf, b"x" * MIB)
-    os.close(leaf)
-    os.close(fd)
+    """root/d/d/.../d (depth levels) with a 1 MiB file at the bottom."""
+    chain(root, depth, MIB)
 
 
 @pytest.fixture
