@@ -171,8 +171,11 @@ class CriNode:
         self.channel.close()
 
 
-def cri_service(workdir: Path, runtimes: tuple[str, ...] = ()) -> ServiceProcess:
-    """`runtimes`: the runtime tables besides native's (which runs the pods' holders)."""
+def cri_service(
+    workdir: Path, runtimes: tuple[str, ...] = (), *, allow_host: bool = False
+) -> ServiceProcess:
+    """`runtimes`: the runtime tables besides native's (which runs the pods' holders);
+    `allow_host`: pods may ask for the host's network."""
     require_root()
     bridge, subnet = network_config()
     tables = "".join(f"[runtimes.{name}]\n" for name in ("native", *runtimes)) if runtimes else ""
@@ -180,7 +183,8 @@ def cri_service(workdir: Path, runtimes: tuple[str, ...] = ()) -> ServiceProcess
         workdir,
         extra_config=(
             f'cri_socket = "{workdir / "cri.sock"}"\nallow_privileged = true\n'
-            f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n{tables}'
+            f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\n'
+            f"{'allow_host = true' if allow_host else ''}\n{tables}"
         ),
     )
 

@@ -5,6 +5,8 @@ a holder process (its pid 1)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,7 +15,13 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.cri.api import cri
-from tests.integration.cri import TIMEOUT, CriNode, kubelet_default_linux
+from tests.integration.cri import (
+    TIMEOUT,
+    CriNode,
+    cri_service,
+    kubelet_default_linux,
+    running_cri_node,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +127,30 @@ def test_a_sysctl_of_the_hosts_namespaces_is_refused_and_leaves_nothing(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sysctls" in (error.value.details() or "")
     assert pods_and_pins() == before
+
+
+@pytest.fixture(scope="module")
+def host_network_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriNode]:
+    """A CRI service whose node allows the host's network."""
+    workdir = tmp_path_factory.mktemp("cri-host-network")
+    with running_cri_node(cri_service(workdir, allow_host=True), workdir) as node:
+        yield node
+
+
+def test_a_host_network_pod_pins_only_its_ipc_namespace(host_network_node: CriNode) -> None:
+    cri_node = host_network_node
+    options = cri.NamespaceOption(network=cri.NODE, pid=cri.CONTAINER)
+    linux = cri.LinuxPodSandboxConfig(
+        security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)
+    )
+    pod_id = cri_node.run_pod(cri_node.pod_config(linux=linux))
+    try:
+        assert [Path(p).name for p in _pins(cri_node, pod_id)] == ["ipc"]
+        container = cri_node.run(pod_id, cri_node.container_config("sleep", "614"))
+        for kind in ("net", "uts"):
+            assert _namespace(cri_node, container, kind) == os.readlink(f"/proc/self/ns/{kind}")
+        assert _namespace(cri_node, container, "ipc") == cri_node.pod_namespace(pod_id, "ipc")
+        assert _namespace(cri_node, container, "ipc") != os.readlink("/proc/self/ns/ipc")
+    finally:
+        cri_node.remove_pod(pod_id)
+    assert _pins(cri_node, pod_id) == []
