@@ -302,6 +302,8 @@ def test_pinned_pod_whose_pins_went_during_the_outage_is_not_ready(node: CriNode
     while pod_status(node, pod_id).state != cri.SANDBOX_NOTREADY:
         assert time.monotonic() < deadline, "the pod is still ready without its namespaces"
         time.sleep(0.1)
+    holder = node.service.stub().Status(pb.StatusRequest(container_id=pod_id), timeout=10)
+    assert holder.termination.reason == pb.LOST, holder.termination
     with pytest.raises(grpc.RpcError) as error:
         node.create(pod_id, node.container_config("true"))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

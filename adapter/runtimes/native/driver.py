@@ -161,8 +161,10 @@ class NativeDriver:
         # and a task per container for each of the others would only wait to be cancelled.
         self._watching = [i for i in self._isolators if type(i).watch is not Isolator.watch]
         self._running: dict[str, _Running] = {}
-        # Pods' namespaces held by bind mounts (pinned.py): container id -> set at its end.
+        # Pods' namespaces held by bind mounts (pinned.py): container id -> set at its end;
+        # and those whose pins a restart found gone (their end was not seen).
         self._held: dict[str, asyncio.Event] = {}
+        self._held_lost: set[str] = set()
         self._network = services.network
         self._images = services.images
         self._supervisors = services.supervisors
@@ -365,6 +367,8 @@ class NativeDriver:
         held = self._held.get(container_id)
         if held is not None:
             await held.wait()
+            if container_id in self._held_lost:
+                return Exit(lost=True, message="its pinned namespaces were gone at a restart")
             return Exit(signal=signal.SIGKILL, message="its pinned namespaces were let go")
         running = self._running.get(container_id)
         if running is None:
@@ -483,6 +487,7 @@ class NativeDriver:
 
     async def cleanup(self, container_id: str) -> None:
         if self._held.pop(container_id, None) is not None:
+            self._held_lost.discard(container_id)
             run_dir = f"{self._run_dir}/{container_id}"
             pinned.unpin_directory(run_dir)
             await self._network.cleanup(container_id)
@@ -532,8 +537,9 @@ class NativeDriver:
             paths = entry.handle.get("pinned") if entry.handle else None
             if isinstance(paths, dict):
                 self._held[entry.spec.container_id] = held = asyncio.Event()
-                if not pinned.still_pinned(paths):
-                    held.set()  # its namespaces went with the host's mounts: it has ended
+                if not pinned.still_pinned(paths):  # gone with the host's mounts: it has ended
+                    self._held_lost.add(entry.spec.container_id)
+                    held.set()
             elif entry.handle:
                 handle = supervisor.SupervisorHandle.from_json(entry.handle)
                 self._attach(entry.spec, handle)
