@@ -10,6 +10,9 @@ Layers, each usable on its own:
     remotecommand.py  exec and attach: v4/v3/v2.channel.k8s.io and channel.k8s.io
     portforward.py    portforward.k8s.io
     websocket.py      the same over WebSocket: v5/v4.channel.k8s.io, SPDY/3.1+portforward.k8s.io
+                      (the handshake and the services), websocket_connection.py (one open
+                      WebSocket, its channels' ends), websocket_channels.py (the channel
+                      protocols: exec, port-forward over channels or tunneled SPDY)
 
 A streaming server runs one task per accepted TCP connection, reads the request head, finds
 the cached CRI request by the token in its path, and hands the connection over:

@@ -61,7 +61,7 @@ async def forward_ports(
     connection: Connection, connect: Connector, *, stream_timeout: float = DEFAULT_STREAM_TIMEOUT
 ) -> None:
     """Serve the client's stream pairs on a started SPDY connection until it ends: the
-    session of serve_port_forward, or one tunneled through a WebSocket (websocket.py)."""
+    session of serve_port_forward, or one tunneled through a WebSocket (websocket_channels.py)."""
     await _PortForwarder(connection, connect, stream_timeout).run()
 
 

@@ -72,7 +72,8 @@ class TerminalSize:
 
 
 class ExecInput(Protocol):
-    """A channel the client writes: a SPDY stream, or a WebSocket channel (websocket.py)."""
+    """A channel the client writes: a SPDY stream, or a WebSocket channel
+    (websocket_connection.py)."""
 
     async def read(self, max_bytes: int = -1) -> bytes:
         """Up to `max_bytes` (all buffered when negative); b"" once the client closed it."""

@@ -40,7 +40,8 @@ from adapter.streaming import (
     serve_exec_websocket,
     serve_port_forward_websocket,
 )
-from adapter.streaming.websocket import TUNNELED_PORT_FORWARD, V1, V4, V5, _Inbound
+from adapter.streaming.websocket import TUNNELED_PORT_FORWARD, V1, V4, V5
+from adapter.streaming.websocket_connection import Inbound
 
 Pipe = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, UpgradeRequest], Awaitable[object]]
@@ -351,7 +352,7 @@ async def test_the_runner_is_cancelled_when_the_client_goes_away() -> None:
 
 
 async def test_a_channels_buffer_is_bounded_until_it_is_read() -> None:
-    inbound = _Inbound(bound=8)
+    inbound = Inbound(bound=8)
     await inbound.deliver(b"12345678")
     blocked = asyncio.create_task(inbound.deliver(b"9"))
     await asyncio.sleep(0.05)
