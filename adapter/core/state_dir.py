@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 from pathlib import Path
 
 from adapter.core.errors import FailedPrecondition
@@ -113,10 +114,33 @@ def mount_nosuid(path: Path) -> bool:
     return True
 
 
+def is_mount_point(path: Path) -> bool:
+    """Whether a mount sits on `path`, a bind of its own filesystem included (which
+    os.path.ismount cannot see: the device is its parent's)."""
+    wanted = str(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split(" ", 5)[4]
+            if point == wanted or _unescaped(point) == wanted:
+                return True
+    return False
+
+
+def _unescaped(point: str) -> str:
+    """mountinfo writes a space, tab, newline and backslash in a path as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), point)
+
+
 def unmount_nosuid(path: Path) -> None:
-    """mount_nosuid undone, once nothing is left under `path` to protect."""
-    if os.path.ismount(path) and not any(os.scandir(path)):
-        _libc.umount2(os.fsencode(path), MNT_DETACH)
+    """mount_nosuid undone, once nothing is left under `path` to protect. Only a bind of the
+    filesystem its parent is on (what mount_nosuid makes): a filesystem of its own mounted there
+    is the operator's."""
+    if os.stat(path).st_dev != os.stat(path.parent).st_dev or not is_mount_point(path):
+        return
+    with os.scandir(path) as entries:
+        if any(entries):
+            return
+    _libc.umount2(os.fsencode(path), MNT_DETACH)
 
 
 def refuse_start_without_records(
