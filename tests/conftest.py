@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -114,6 +115,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def require(condition: bool, reason: str) -> None:
     if not condition:
         pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def traversable_by_all(directory: Path) -> Iterator[None]:
+    """`directory` and its parents passable by every user, as /var/lib is (pytest makes its
+    temporary directories 0700, which would hide what lies below whatever its own mode)."""
+    changed = []
+    for path in (directory, *directory.parents):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o001 == 0:
+            os.chmod(path, mode | 0o011)
+            changed.append((path, mode))
+    try:
+        yield
+    finally:
+        for path, mode in changed:
+            os.chmod(path, mode)
 
 
 def require_root() -> None:

@@ -97,12 +97,18 @@ def pod_id_mapping(config: cri.PodSandboxConfig) -> IdMapping | None:
     return IdMapping(uids[0].host_id, gids[0].host_id, uids[0].length)
 
 
+def _pinned_files(holder: ContainerRecord) -> dict[str, str] | None:
+    """kind -> the file that pins it, for a holder without a process; None for a process."""
+    pinned = holder.handle.get("pinned")
+    if not isinstance(pinned, dict):
+        return None
+    return {str(kind): str(path) for kind, path in pinned.items()}
+
+
 def _network_file(holder: ContainerRecord) -> str:
     """The file of the pod's network namespace: pinned, or the holder process's."""
-    pinned = holder.handle.get("pinned")
-    if isinstance(pinned, dict):
-        return str(pinned.get("net", ""))
-    return f"/proc/{holder.pid}/ns/net"
+    pinned = _pinned_files(holder)
+    return f"/proc/{holder.pid}/ns/net" if pinned is None else pinned.get("net", "")
 
 
 def new_id() -> str:
@@ -303,9 +309,9 @@ class Pods:
     def _namespace_files(self, holder: ContainerRecord) -> dict[str, str]:
         """Its pinned namespaces' files, or its process's /proc/PID/ns/KIND (the pid checked
         first)."""
-        pinned = holder.handle.get("pinned")
-        if isinstance(pinned, dict):
-            return {str(kind): str(path) for kind, path in pinned.items()}
+        pinned = _pinned_files(holder)
+        if pinned is not None:
+            return pinned
         pid = self._holder_pid(holder)
         return {kind: f"/proc/{pid}/ns/{kind}" for kind in ("net", "uts", "ipc", "pid", "user")}
 

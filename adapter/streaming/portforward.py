@@ -156,15 +156,21 @@ class _PortForwarder:
             await error.close()  # the client waits for this before it hangs up its side
             await upstream
         finally:
-            upstream.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await upstream
-            target_writer.close()
-            with contextlib.suppress(ConnectionError):
-                await target_writer.wait_closed()
+            await end_forwarding(upstream, target_writer)
             with contextlib.suppress(StreamReset, ConnectionClosed):
                 await error.close()
             await data.reset(RstStatus.CANCEL)  # a no-op once both sides closed it
+
+
+async def end_forwarding(upstream: asyncio.Task[None], target: asyncio.StreamWriter) -> None:
+    """One forwarded connection's end, whichever side ended it: the client-to-port copy stopped
+    and the port's connection closed (SPDY's and WebSocket's port-forward alike)."""
+    upstream.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await upstream
+    target.close()
+    with contextlib.suppress(ConnectionError):
+        await target.wait_closed()
 
 
 async def _client_to_port(data: Stream, target: asyncio.StreamWriter) -> None:

@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
-from adapter.streaming.portforward import Connector, forward_ports
+from adapter.streaming.portforward import Connector, end_forwarding, forward_ports
 from adapter.streaming.remotecommand import ExecOptions, parse_sizes
 from adapter.streaming.spdy import Connection, Role
 from adapter.streaming.spdy_stream import StreamReset
@@ -153,12 +153,7 @@ async def _forward_pair(
             while chunk := await target_reader.read(CHUNK):
                 await data.write(chunk)
     finally:
-        upstream.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await upstream
-        target_writer.close()
-        with contextlib.suppress(ConnectionError):
-            await target_writer.wait_closed()
+        await end_forwarding(upstream, target_writer)
 
 
 async def _client_to_port(inbound: Inbound, target: asyncio.StreamWriter) -> None:

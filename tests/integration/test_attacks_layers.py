@@ -17,7 +17,6 @@ runtime, on the real kernel. Each hostile tarball is built here.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -38,7 +37,7 @@ from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.images.busybox import BUSYBOX_BINARY as BUSYBOX
 from adapter.images.busybox import FIXED_MTIME
 from adapter.images.layout import chain_ids, digest_hex
-from tests.conftest import ServiceProcess, require, require_root
+from tests.conftest import ServiceProcess, require, require_root, traversable_by_all
 from tests.images import Entry, busybox_entries, digest, tar_bytes, write_oci_layout
 from tests.integration.api import destroy, wait
 
@@ -316,23 +315,6 @@ def test_a_setuid_binary_is_kept_but_gives_no_privilege(
     )
     assert "uid=65534 euid=65534" in output, output
     assert "NoNewPrivs:\t1" in output, output
-
-
-@contextlib.contextmanager
-def traversable_by_all(directory: Path) -> Iterator[None]:
-    """`directory` and its parents passable by every user, as /var/lib is (pytest makes its
-    temporary directories 0700, which would hide the store whatever its own mode)."""
-    changed = []
-    for path in (directory, *directory.parents):
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o001 == 0:
-            os.chmod(path, mode | 0o011)
-            changed.append((path, mode))
-    try:
-        yield
-    finally:
-        for path, mode in changed:
-            os.chmod(path, mode)
 
 
 def test_a_host_user_cannot_reach_the_stores_setuid_binaries(

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
-from tests.conftest import ServiceProcess, require, require_root, serving
+from tests.conftest import ServiceProcess, require, require_root, serving, traversable_by_all
 from tests.integration.api import destroy, launch, scalar, usage, wait
 
 pytestmark = pytest.mark.integration
@@ -288,19 +288,7 @@ def test_a_setuid_file_in_the_writable_layer_is_out_of_host_users_reach(
         shutil.copyfile("/bin/true", planted)
         planted.chmod(0o4755)
         assert (directory.stat().st_mode & 0o777) == 0o700
-        opened = []
-        for path in (directory.parent, *directory.parent.parents):  # as /var/lib would be
-            mode = path.stat().st_mode & 0o777
-            if not mode & 0o001:
-                path.chmod(mode | 0o011)
-                opened.append((path, mode))
-        try:
-            with pytest.raises(PermissionError):
-                subprocess.run(
-                    [str(planted)], user=65534, group=65534, extra_groups=[], check=False
-                )
-        finally:
-            for path, mode in opened:
-                path.chmod(mode)
+        with traversable_by_all(directory.parent), pytest.raises(PermissionError):
+            subprocess.run([str(planted)], user=65534, group=65534, extra_groups=[], check=False)
     finally:
         destroy(stub, container_id)

@@ -502,9 +502,11 @@ class NativeDriver:
             await isolator.cleanup(container_id)
         await self._network.cleanup(container_id)
         run_dir = f"{self._run_dir}/{container_id}"
-        # A hold that a crash interrupted before its handle was checkpointed is cleaned up as a
-        # launch: its pins, if any, go first (a mounted file cannot be removed).
-        pinned.unpin_directory(run_dir)
+        if running is None:
+            # A launch this driver never saw through, perhaps a hold that a crash interrupted
+            # before its handle was checkpointed: its pins, if any, go first (a mounted file
+            # cannot be removed). A container that ran has none: no syscalls for it here.
+            pinned.unpin_directory(run_dir)
         # What a run directory holds once its supervisor ended: the status file (the attach
         # socket goes with the supervisor); an image's rootfs is left to rmtree.
         remove_directory(run_dir, ("status", ATTACH_SOCKET))

@@ -9,8 +9,8 @@ the IPC (and, in the pod's network namespace, the network) sysctls, bind-mounts
 /proc/thread-self/ns/{uts,ipc} onto files in the holder's run directory, and ends.
 
 The run directory is root's (0700) and the workload never sees it; the files are removed by
-`unpin`: unmount, then unlink, which also detaches the copies of the mount that mount namespaces
-created meanwhile took (Linux >= 3.18), so the namespaces really go.
+`unpin_directory`: unmount, then unlink, which also detaches the copies of the mount that mount
+namespaces created meanwhile took (Linux >= 3.18), so the namespaces really go.
 """
 
 from __future__ import annotations
@@ -90,21 +90,16 @@ async def pin(
 ) -> dict[str, str]:
     """kind -> the file that holds the new namespace, for each of `kinds` (uts, ipc); the
     hostname set in the UTS one; `sysctls` written in the new IPC namespace and, for net.*
-    keys, in the network namespace at `network`. A failure leaves files for `unpin`."""
+    keys, in the network namespace at `network`. A failure leaves files for `unpin_directory`."""
     return await netns.in_fresh_thread(
         lambda: _pin(directory, tuple(kinds), hostname, tuple(sysctls), network)
     )
 
 
-def unpin(pinned: Mapping[str, str]) -> None:
-    """Let the namespaces go; idempotent."""
-    for path in pinned.values():
-        netns.remove(Path(path))
-
-
 def unpin_directory(directory: str) -> None:
-    """The pins a run directory may hold, whatever a crash left of them."""
-    unpin({kind: os.path.join(directory, kind) for kind in PINNABLE})
+    """Let go the namespaces a run directory pins, whatever a crash left of them; idempotent."""
+    for kind in PINNABLE:
+        netns.remove(Path(directory, kind))
 
 
 def still_pinned(pinned: Mapping[str, str]) -> bool:
