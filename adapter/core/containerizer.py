@@ -52,10 +52,12 @@ from adapter.runtimes.base import (
     Checkpointed,
     ExecSession,
     Executes,
+    HoldsWithoutProcess,
     ReopensLogs,
     Runtime,
     StreamsExec,
 )
+from isolators.cgroups.warm import AttachWarmer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,12 @@ class Containerizer:
         user_namespace_default: bool = False,
         disk: DiskAccounting | None = None,
         pod_cgroups: PodCgroups | None = None,
+        attach_warmer: AttachWarmer | None = None,
     ) -> None:
         self.drivers = drivers
+        # Starts the wait of a launch's first cgroup attach as the launch begins
+        # (isolators/cgroups/warm.py): it passes while the launch prepares.
+        self._attach_warmer = attach_warmer
         # Pods' cgroups, and the placement of a pod's containers in them (LaunchSpec.linux.pod).
         self.pod_cgroups = pod_cgroups
         # Every container's disk usage, and its disk request enforced where the runtime shows
@@ -118,6 +124,7 @@ class Containerizer:
 
     async def launch(self, spec: LaunchSpec, warnings: tuple[str, ...] = ()) -> ContainerRecord:
         driver = self._driver(spec.runtime)
+        self._warm_cgroup_attach()
         if spec.privileged and not self.allow_privileged:
             raise FailedPrecondition(
                 "privileged: this node does not allow privileged containers"
@@ -144,7 +151,8 @@ class Containerizer:
         async with container.lock:
             self._checkpoint(container, record)
             try:
-                make_sandbox(spec.sandbox)
+                if not _holds_without_process(driver, spec):  # what runs has a sandbox
+                    make_sandbox(spec.sandbox)
                 if spec.linux.pod:
                     self._pod_cgroups().place(spec)
                 launched = await driver.start(spec)
@@ -313,6 +321,7 @@ class Containerizer:
             raise FailedPrecondition(
                 f"runtime {runtime.name!r} cannot run a command in a container"
             )
+        self._warm_cgroup_attach()  # the command joins the container's cgroups
         return await runtime.exec_sync(container_id, argv, timeout)
 
     async def exec_stream(
@@ -324,6 +333,7 @@ class Containerizer:
             raise FailedPrecondition(
                 f"runtime {runtime.name!r} cannot run an interactive command in a container"
             )
+        self._warm_cgroup_attach()
         return await runtime.exec_stream(container_id, argv, tty=tty)
 
     async def attach(
@@ -486,9 +496,15 @@ class Containerizer:
             await self.network.close()
         if self.disk is not None:
             await self.disk.close()
+        if self._attach_warmer is not None:
+            self._attach_warmer.close()
         self._store.close()
 
     # ---- helpers ----
+
+    def _warm_cgroup_attach(self) -> None:
+        if self._attach_warmer is not None:
+            self._attach_warmer.warm()
 
     def _driver(self, runtime: str) -> Runtime:
         try:
@@ -586,6 +602,14 @@ def _with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
     note = "disk: not enforced"
     message = f"{fingerprint.message}; {note}" if fingerprint.message else note
     return replace(fingerprint, message=message)
+
+
+def _holds_without_process(driver: Runtime, spec: LaunchSpec) -> bool:
+    return (
+        spec.linux.hold_only
+        and isinstance(driver, HoldsWithoutProcess)
+        and driver.holds_without_process(spec)
+    )
 
 
 def default_sandbox_root(state_dir: Path) -> Path:

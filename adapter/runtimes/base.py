@@ -88,6 +88,14 @@ class Runtime(Protocol):
 
 
 @runtime_checkable
+class HoldsWithoutProcess(Protocol):
+    def holds_without_process(self, spec: LaunchSpec) -> bool:
+        """Whether this launch of a pod's holder (`linux.hold_only`) keeps the pod's namespaces
+        without a process: then nothing of it runs, and it needs no sandbox."""
+        ...
+
+
+@runtime_checkable
 class Executes(Protocol):
     async def exec_sync(
         self, container_id: str, argv: tuple[str, ...], timeout: float | None

@@ -35,6 +35,11 @@ def _pins(node: CriNode, pod_id: str) -> list[str]:
         return [line.split()[4] for line in mountinfo if line.split()[4].startswith(run_dir)]
 
 
+def node_sandbox(node: CriNode, container_id: str) -> str:
+    reply = node.service.stub().Status(pb.StatusRequest(container_id=container_id), timeout=10)
+    return str(reply.sandbox)
+
+
 def _core_pid(node: CriNode, container_id: str) -> int:
     reply = node.service.stub().Status(pb.StatusRequest(container_id=container_id), timeout=10)
     return int(reply.pid)
@@ -64,6 +69,8 @@ def test_the_kubelets_default_pod_is_pinned_and_shared_by_its_containers(
         assert _core_pid(cri_node, pod_id) == 0, "no holder process"
         assert _processes_naming(pod_id) == [], "nothing runs for the pod itself"
         assert sorted(Path(p).name for p in _pins(cri_node, pod_id)) == ["ipc", "uts"]
+        sandbox = node_sandbox(cri_node, pod_id)
+        assert not os.path.lexists(sandbox), "no process, no sandbox"
         first = cri_node.run(pod_id, cri_node.container_config("sleep", "611"))
         second = cri_node.run(pod_id, cri_node.container_config("sleep", "612"))
         for kind in ("net", "uts", "ipc"):
@@ -98,6 +105,7 @@ def test_a_pod_that_shares_its_pid_namespace_has_a_holder_process(cri_node: CriN
         holder = _core_pid(cri_node, pod_id)
         assert holder > 0
         assert _pins(cri_node, pod_id) == []
+        assert os.path.isdir(node_sandbox(cri_node, pod_id)), "a holder process has a sandbox"
         shared = cri.LinuxContainerConfig(
             security_context=cri.LinuxContainerSecurityContext(
                 namespace_options=cri.NamespaceOption(pid=cri.POD)

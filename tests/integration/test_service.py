@@ -489,3 +489,20 @@ def _launch_labelled(stub: pb_grpc.ContainerizerStub, container_id: str) -> None
         ),
         timeout=30,
     )
+
+
+def test_launches_leave_the_service_in_its_own_cgroups(
+    service: ServiceProcess, container_id: str
+) -> None:
+    """Every launch warms the cgroup attach lock by writing 0 (the writer) to the service's own
+    cgroup.procs (isolators/cgroups/warm.py): that must move nothing, and must not fail."""
+    assert service.process is not None
+    memberships = Path(f"/proc/{service.process.pid}/cgroup")
+    before = memberships.read_text()
+    stub = service.stub()
+    for n in range(3):
+        launch(stub, f"{container_id}-{n}", "true")
+        assert wait(stub, f"{container_id}-{n}").exit_code == 0
+        destroy(stub, f"{container_id}-{n}")
+    assert memberships.read_text() == before
+    assert "warm-up off" not in service.log_path.read_text()

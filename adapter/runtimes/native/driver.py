@@ -201,7 +201,7 @@ class NativeDriver:
         )
 
     async def start(self, spec: LaunchSpec) -> Launched:
-        if self._pins(spec):
+        if self.holds_without_process(spec):
             return await self._hold(spec)
         cid = spec.container_id
         binary = self._binary()
@@ -248,7 +248,7 @@ class NativeDriver:
         self._attach(spec, handle)
         return Launched(handle=handle.to_json(), pid=handle.child_pid, ip_address=address)
 
-    def _pins(self, spec: LaunchSpec) -> bool:
+    def holds_without_process(self, spec: LaunchSpec) -> bool:
         """A launch that only holds a pod's namespaces is pinned instead of run, unless its
         namespaces must be made in a user namespace (which a process must own)."""
         return spec.linux.hold_only and self._namespaces and own_id_mapping(spec) is None

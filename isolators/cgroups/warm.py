@@ -1,0 +1,106 @@
+"""A launch's first cgroup attach, made cheap by starting its wait early.
+
+Moving a process into a cgroup (a write to cgroup.procs, in any hierarchy, v1 or v2) takes the
+kernel's one cgroup_threadgroup_rwsem for writing. The first writer after a quiet spell waits for
+an RCU grace period before it gets the lock (rcu_sync_enter): 10-15 ms on this kind of host
+(CONFIG_HZ=250, lazy RCU), half of a native launch. Writers that follow within a few ms do not
+wait, as the kernel keeps the fast path off for a grace period after the last one.
+
+So a launch asks for a warm-up as it begins: a thread of ours writes 0 (the writer itself) to the
+cgroup.procs of the cgroup the service is in already, which moves nothing but takes the lock.
+The grace period then passes while the launch prepares (network, root filesystem, cgroups), and
+the attach that follows (our supervisor's, runc's, LXC's, QEMU's) finds the lock warm. A host
+whose lock never waits (cgroup mounted with favordynmods) pays one write on a thread. Where the
+file cannot be written (a service without the right to), warming is off, said once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
+
+log = logging.getLogger(__name__)
+
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+# Hierarchies whose attach does nothing more for a process already there (cpuset and devices
+# check their own rules first): any will do, these are asked first.
+PREFERRED = ("pids", "cpuacct", "cpu", "memory")
+
+
+def own_procs_file(
+    mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_SELF_CGROUP
+) -> Path | None:
+    """The cgroup.procs file of the cgroup this process is in, in the first hierarchy mounted
+    here (v1 by controller, else v2); None when there is none or the tables cannot be read."""
+    try:
+        mounts = parse_mountinfo(mountinfo.read_text())
+        memberships = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v1: dict[str, str] = {}  # controller -> this process's cgroup in its hierarchy
+    v2 = None
+    for line in memberships:
+        _, controllers, path = line.split(":", 2)
+        if controllers:
+            v1.update(dict.fromkeys(controllers.split(","), path.lstrip("/")))
+        else:
+            v2 = path.lstrip("/")
+    mounted = [c for c in (*PREFERRED, *sorted(v1)) if c in v1 and c in mounts.v1]
+    if mounted:
+        return mounts.v1[mounted[0]] / v1[mounted[0]] / "cgroup.procs"
+    if v2 is not None and mounts.v2 is not None:
+        return mounts.v2 / v2 / "cgroup.procs"
+    return None
+
+
+class AttachWarmer:
+    """`warm()` from anywhere, at once; the write happens on a thread of its own. Asks that
+    come while a write runs are served by one more write after it (cheap: the lock is warm)."""
+
+    def __init__(self, procs_file: Path | None) -> None:
+        self._file = procs_file
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.writes = 0  # done so far, for the curious (tests, a debugger)
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None and not self._closed
+
+    def warm(self) -> None:
+        if not self.enabled:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cgroup-warm", daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            procs = self._file
+            if self._closed or procs is None:
+                return
+            try:
+                fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+                self.writes += 1
+            except OSError as exc:
+                log.info("cgroup attach warm-up off: %s: %s", procs, exc.strerror)
+                self._file = None
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)

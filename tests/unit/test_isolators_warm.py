@@ -1,0 +1,118 @@
+"""The cgroup attach warm-up: which file it writes, what it writes, and that a failure turns it
+off instead of failing launches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from isolators.cgroups.warm import AttachWarmer, own_procs_file
+
+
+def wait_for_writes(warmer: AttachWarmer, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while warmer.writes < count:
+        assert time.monotonic() < deadline, f"{warmer.writes} writes, wanted {count}"
+        time.sleep(0.001)
+
+
+V1_MOUNTS = (
+    "30 25 0:26 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n"
+    "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    "32 25 0:28 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+    "33 25 0:29 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+)
+V2_MOUNTS = "40 25 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+
+
+def tables(tmp_path: Path, mounts: str, memberships: str) -> tuple[Path, Path]:
+    (tmp_path / "mountinfo").write_text(mounts)
+    (tmp_path / "cgroup").write_text(memberships)
+    return tmp_path / "mountinfo", tmp_path / "cgroup"
+
+
+def test_v1_prefers_pids_and_skips_named_hierarchies(tmp_path: Path) -> None:
+    mountinfo, cgroup = tables(
+        tmp_path,
+        V1_MOUNTS,
+        "5:memory:/agent/job\n4:pids:/agent\n1:name=systemd:/init.scope\n0::/agent\n",
+    )
+    assert own_procs_file(mountinfo, cgroup) == Path("/sys/fs/cgroup/pids/agent/cgroup.procs")
+
+
+def test_v1_takes_another_controller_when_pids_is_not_mounted(tmp_path: Path) -> None:
+    mounts = V1_MOUNTS.replace("rw,pids", "rw,hugetlb")
+    mountinfo, cgroup = tables(tmp_path, mounts, "5:memory:/job\n4:pids:/\n0::/\n")
+    assert own_procs_file(mountinfo, cgroup) == Path("/sys/fs/cgroup/memory/job/cgroup.procs")
+
+
+def test_v2_only(tmp_path: Path) -> None:
+    mountinfo, cgroup = tables(tmp_path, V2_MOUNTS, "0::/system.slice/containerizer.service\n")
+    expected = Path("/sys/fs/cgroup/system.slice/containerizer.service/cgroup.procs")
+    assert own_procs_file(mountinfo, cgroup) == expected
+
+
+def test_no_tables_no_file(tmp_path: Path) -> None:
+    assert own_procs_file(tmp_path / "absent", tmp_path / "absent too") is None
+    mountinfo, cgroup = tables(tmp_path, "", "0::/\n")
+    assert own_procs_file(mountinfo, cgroup) is None
+
+
+def test_writes_zero_the_writer_itself(tmp_path: Path) -> None:
+    """ "0" moves the writer, into the cgroup it is in: nothing moves, the lock is taken."""
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    warmer = AttachWarmer(procs)
+    try:
+        warmer.warm()
+        wait_for_writes(warmer, 1)
+        warmer.warm()
+        wait_for_writes(warmer, 2)
+    finally:
+        warmer.close()
+    assert procs.read_text() == "0"
+    assert not warmer.enabled  # closed
+    warmer.warm()
+    assert warmer.writes == 2
+
+
+def test_a_file_it_cannot_write_turns_it_off_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    warmer = AttachWarmer(tmp_path / "no such cgroup" / "cgroup.procs")
+    with caplog.at_level(logging.INFO, logger="isolators.cgroups.warm"):
+        warmer.warm()
+        assert warmer._thread is not None
+        warmer._thread.join(timeout=5)
+    assert not warmer.enabled
+    assert "warm-up off" in caplog.text
+    warmer.warm()  # off: a no-op, no thread, no error
+    warmer.close()
+
+
+def test_without_a_file_it_never_starts_a_thread() -> None:
+    warmer = AttachWarmer(None)
+    warmer.warm()
+    assert warmer._thread is None
+    warmer.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing cgroup.procs needs root")
+def test_the_real_write_leaves_this_process_where_it_is() -> None:
+    """On the host's own hierarchy: the write succeeds and moves nothing."""
+    procs = own_procs_file()
+    if procs is None:
+        pytest.skip("no cgroup hierarchy mounted here")
+    before = Path("/proc/self/cgroup").read_text()
+    warmer = AttachWarmer(procs)
+    try:
+        warmer.warm()
+        wait_for_writes(warmer, 1)
+        assert warmer.enabled  # not turned off: the write succeeded
+    finally:
+        warmer.close()
+    assert Path("/proc/self/cgroup").read_text() == before
