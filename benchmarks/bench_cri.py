@@ -3,16 +3,18 @@ socket, next to the same work through our own API and `ctr run --rm`, interleave
 
 All three run /bin/true of the deterministic busybox test image. CRI (runtime.v1 stubs, native
 runtime, the image imported through our Images API): RunPodSandbox, CreateContainer,
-StartContainer, ContainerStatus until EXITED (polled every millisecond: the CRI has no wait),
-StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. Ours: Launch on native, Wait,
+StartContainer, the exit learnt from the GetContainerEvents stream (one for the whole run, as the
+kubelet's evented PLEG keeps), StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox.
+The same with the exit learnt by polling ContainerStatus every millisecond instead (the
+kubelet's older PLEG lists every second) is `cri_polling`. Ours: Launch on native, Wait,
 Destroy. ctr: `ctr run --rm` in a private containerd (as bench_containerd.py). Both of ours give
 the workload a network namespace on the service's bridge: the pod gets it, and the pod's
 container joins it. The pod is the kubelet's default (tests/integration/cri.py: no shared pid
 namespace), so its namespaces are pinned, without a holder process. Target: CRI p50 <= 1.15 x
 ours. Also timed: the pod alone (RunPodSandbox, StopPodSandbox, RemovePodSandbox), the p50
 of every call, which say where the difference goes, and an empty call (Version): the CRI makes
-7 calls and its ContainerStatus polls where ours makes 3, and `calls_floor` says what those
-extra round trips cost by themselves.
+7 calls (and, polling, its ContainerStatus polls) where ours makes 3, and `calls_floor` says what
+those extra round trips cost by themselves.
 
 Then, when critest is there ($CRITEST, else ../shared/cri/bin/critest), `critest --benchmark`
 against the same service (critest_benchmark.py); without it, one line says why not.
@@ -31,11 +33,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,6 +72,7 @@ from tests.run_records import RunRecord, run_scoped_tempdir
 TARGET_RATIO = 1.15
 # The ways the same work is done, as the results name them.
 CRI, OWN_API, CTR, CRI_POD_ONLY = "cri_pod_and_container", "own_api", "ctr_run_rm", "cri_pod_only"
+CRI_POLLING = "cri_polling"  # the CRI's lifecycle, its exit learnt by polling ContainerStatus
 EMPTY_RPC = "empty_rpc"  # one CRI Version call: what every call costs before any work
 # The calls of one lifecycle besides the ContainerStatus polls: ours Launch, Wait, Destroy; the
 # CRI's RunPodSandbox, CreateContainer, StartContainer, StopContainer, RemoveContainer,
@@ -99,7 +105,61 @@ class StepClock:
 # ---- the three ways of doing the same work ----
 
 
-def cri_once(node: CriNode, name: str) -> Steps:
+class ExitEvents:
+    """One GetContainerEvents stream for the whole run, read by a thread: a container's
+    STOPPED event, with its exit code, wakes whoever waits for that container."""
+
+    def __init__(self, node: CriNode) -> None:
+        self._stream = node.runtime.GetContainerEvents(cri.GetEventsRequest())
+        self._exits: dict[str, int] = {}
+        self._ended: BaseException | None = None
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="cri-events", daemon=True)
+        self._reader.start()
+        self._wait_live(node)
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                if event.container_event_type != cri.CONTAINER_STOPPED_EVENT:
+                    continue
+                for status in event.containers_statuses:
+                    if status.id == event.container_id:
+                        with self._changed:
+                            self._exits[status.id] = status.exit_code
+                            self._changed.notify_all()
+        except grpc.RpcError as exc:
+            with self._changed:
+                self._ended = exc
+                self._changed.notify_all()
+
+    def _wait_live(self, node: CriNode) -> None:
+        """Until the stream shows a container's exit: from then on, no exit is missed."""
+        pod_id = node.run_pod(node.pod_config("bench-cri-events-live"))
+        container_id = node.create(pod_id, node.container_config(*TRUE, name="live"))
+        node.start(container_id)
+        self.wait_exit(container_id)
+        node.runtime.RemovePodSandbox(
+            cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+        )
+
+    def wait_exit(self, container_id: str) -> int:
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: container_id in self._exits or self._ended is not None, TIMEOUT
+            ):
+                raise RuntimeError(f"no exit event for CRI container {container_id}")
+            if container_id not in self._exits:
+                raise RuntimeError(f"the event stream ended: {self._ended}")
+            return self._exits.pop(container_id)
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._reader.join(timeout=TIMEOUT)
+
+
+def cri_once(node: CriNode, name: str, events: ExitEvents | None) -> Steps:
+    """The CRI's lifecycle; its exit from `events`, or from ContainerStatus polls without."""
     runtime = node.runtime
     clock = StepClock()
     pod_id = node.run_pod(node.pod_config(name))
@@ -108,8 +168,12 @@ def cri_once(node: CriNode, name: str) -> Steps:
     clock.lap("CreateContainer")
     node.start(container_id)
     clock.lap("StartContainer")
-    exit_code, polls = wait_exited(node, container_id)
-    clock.lap("ContainerStatus until EXITED")
+    if events is not None:
+        exit_code, polls = events.wait_exit(container_id), 0
+        clock.lap("the exit event")
+    else:
+        exit_code, polls = wait_exited(node, container_id)
+        clock.lap("ContainerStatus until EXITED")
     runtime.StopContainer(cri.StopContainerRequest(container_id=container_id), timeout=TIMEOUT)
     clock.lap("StopContainer")
     runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id), timeout=TIMEOUT)
@@ -191,14 +255,15 @@ def ctr_run_once(daemon: ContainerdDaemon, container_id: str) -> Steps:
 
 
 def measure(
-    node: CriNode, daemon: ContainerdDaemon, runs: int, warmup: int
+    node: CriNode, events: ExitEvents, daemon: ContainerdDaemon, runs: int, warmup: int
 ) -> dict[str, list[Steps]]:
     """Each way `runs` times after `warmup` untimed rounds, interleaved so that the machine's
     drift (a noisy 2-core host) falls on every way alike, in an order shuffled every round: what
     one way leaves the kernel to finish (a namespace and its veth pair going, ~30 ms under the
     rtnl lock) must not always fall on the same next way's launch."""
     ways: dict[str, Callable[[str], Steps]] = {
-        CRI: lambda name: cri_once(node, name),
+        CRI: lambda name: cri_once(node, name, events),
+        CRI_POLLING: lambda name: cri_once(node, name, None),
         OWN_API: lambda name: own_api_once(node.service, name),
         CTR: lambda name: ctr_run_once(daemon, name),
         CRI_POD_ONLY: lambda name: pod_once(node, name),
@@ -237,26 +302,33 @@ class CriBenchmark:
             for way, runs in samples.items()
             if len(runs[0]) > 1  # ctr is one process: no steps to show
         }
-        polls = statistics.median(run[POLLS] for run in samples[CRI])
+        polls = statistics.median(run[POLLS] for run in samples[CRI_POLLING])
         return cls(lifecycles, per_call, polls, critest)
 
     def ratio(self, way: str, other: str, key: str = "p50_ms") -> float:
+        """p50 (or `key`) of `way` over `other`'s."""
         return round(self.lifecycles[way][key] / self.lifecycles[other][key], 3)
 
     def target(self) -> str:
         met = self.ratio(CRI, OWN_API) <= TARGET_RATIO
         return f"{'met' if met else 'missed'} (CRI / own API p50 <= {TARGET_RATIO})"
 
-    def calls_floor(self) -> dict[str, float]:
+    def calls_floor(self) -> dict[str, object]:
         """What the CRI's extra calls cost by themselves: (its calls - ours) x an empty call's
-        round trip, and the ratio the CRI would have without them."""
+        round trip, as a share of our API's lifecycle, and the ratio the CRI would have without
+        them (with its exit from the event stream)."""
         rpc = self.lifecycles[EMPTY_RPC]["p50_ms"]
-        extra = (CRI_CALLS + self.polls - OWN_API_CALLS) * rpc
+        extra = (CRI_CALLS - OWN_API_CALLS) * rpc
         own, cri_ms = self.lifecycles[OWN_API]["p50_ms"], self.lifecycles[CRI]["p50_ms"]
         return {
             "empty_rpc_p50_ms": rpc,
-            "calls_per_lifecycle": {"own_api": OWN_API_CALLS, "cri": CRI_CALLS + self.polls},
+            "calls_per_lifecycle": {
+                "own_api": OWN_API_CALLS,
+                "cri": CRI_CALLS,
+                "cri_polling": CRI_CALLS + self.polls,
+            },
             "extra_calls_ms": round(extra, 2),
+            "extra_calls_share_of_own_api": round(extra / own, 3),
             "ratio_cri_without_extra_calls": round((cri_ms - extra) / own, 3),
         }
 
@@ -266,6 +338,7 @@ class CriBenchmark:
             "lifecycle": self.lifecycles,
             "ratio_cri_vs_own_api_p50": self.ratio(CRI, OWN_API),
             "ratio_cri_vs_own_api_p90": self.ratio(CRI, OWN_API, "p90_ms"),
+            "ratio_cri_polling_vs_own_api_p50": self.ratio(CRI_POLLING, OWN_API),
             "ratio_cri_vs_ctr_run_rm_p50": self.ratio(CRI, CTR),
             "ratio_target": self.target(),
             "per_call_p50_ms": self.per_call_p50_ms,
@@ -283,13 +356,16 @@ class CriBenchmark:
                 f"  {way:22} p50 {numbers['p50_ms']:7.2f} ms  p90 {numbers['p90_ms']:7.2f} ms"
             )
         lines.append(f"  CRI / own API p50 {self.ratio(CRI, OWN_API)}: target {self.target()}")
+        lines.append(
+            f"  CRI polling ContainerStatus / own API p50 {self.ratio(CRI_POLLING, OWN_API)}"
+        )
         lines.append(f"  CRI / ctr run --rm p50 {self.ratio(CRI, CTR)}")
         floor = self.calls_floor()
         lines.append(
-            f"  the CRI's {floor['calls_per_lifecycle']['cri']:g} calls against our"
-            f" {OWN_API_CALLS}, at {floor['empty_rpc_p50_ms']} ms a round trip:"
-            f" {floor['extra_calls_ms']} ms; CRI / own API without them"
-            f" {floor['ratio_cri_without_extra_calls']}"
+            f"  the CRI's {CRI_CALLS} calls against our {OWN_API_CALLS}, at"
+            f" {floor['empty_rpc_p50_ms']} ms a round trip: {floor['extra_calls_ms']} ms,"
+            f" {floor['extra_calls_share_of_own_api']:.1%} of our lifecycle; CRI / own API"
+            f" without them {floor['ratio_cri_without_extra_calls']}"
         )
         for way, steps in self.per_call_p50_ms.items():
             lines.append(
@@ -400,7 +476,9 @@ def main() -> int:
             mirrors = critest_mirrors(stack, tools, workdir / "registry")
             node = stack.enter_context(cri_node(workdir / "service", tarball, mirrors))
             daemon = stack.enter_context(containerd_with_busybox(workdir / "containerd", tarball))
-            samples = measure(node, daemon, args.runs, args.warmup)
+            events = ExitEvents(node)
+            stack.callback(events.close)
+            samples = measure(node, events, daemon, args.runs, args.warmup)
             critest = critest_result(tools, node, workdir / "critest", args.critest_samples)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

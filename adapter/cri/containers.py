@@ -35,7 +35,7 @@ from adapter.core.model import (
     State,
     Termination,
 )
-from adapter.cri import translate
+from adapter.cri import events, translate
 from adapter.cri.api import cri
 from adapter.cri.pods import LABEL_POD, LABEL_ROLE, Pods, find, new_id
 from adapter.cri.store import CREATED, EXITED, RUNNING, Container, CriStore, Pod
@@ -55,12 +55,18 @@ class ImageChoice:
 
 class CriContainers:
     def __init__(
-        self, core: Containerizer, store: CriStore, pods: Pods, images: ImageStore
+        self,
+        core: Containerizer,
+        store: CriStore,
+        pods: Pods,
+        images: ImageStore,
+        container_events: events.ContainerEvents,
     ) -> None:
         self.core = core
         self.store = store
         self.pods = pods
         self.images = images
+        self.events = container_events
         self.records: dict[str, Container] = {c.id: c for c in store.load(Container)}
         # container id -> the task awaiting the core's end of it (the exit and its cleanup)
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -295,6 +301,7 @@ class CriContainers:
         self.records.pop(container.id, None)
         self._locks.pop(container.id, None)
         self.store.delete(container)
+        self._publish(container, events.DELETED)
 
     async def exec_sync(self, container_id: str, argv: list[str], timeout: int) -> ExecResult:
         container = self.get(container_id)
@@ -330,11 +337,23 @@ class CriContainers:
         self._watchers.clear()
 
     def _put(self, container: Container) -> None:
-        """Stored first: a record that could not be written is not shown either."""
-        if self.records.get(container.id) == container:
+        """Stored first: a record that could not be written is not shown either. A new state
+        is an event."""
+        previous = self.records.get(container.id)
+        if previous == container:
             return
         self.store.put(container)
         self.records[container.id] = container
+        if previous is None or previous.state != container.state:
+            self._publish(container, EVENT_OF_STATE[container.state])
+
+    def _publish(self, container: Container, event_type: events.EventType) -> None:
+        pod = self.pods.records.get(container.pod_id)
+        if pod is not None:
+            self.events.publish(container.id, event_type, pod)
+
+
+EVENT_OF_STATE = {CREATED: events.CREATED, RUNNING: events.STARTED, EXITED: events.STOPPED}
 
 
 def exited(container: Container, termination: Termination) -> Container:

@@ -40,7 +40,7 @@ from adapter.core.model import (
 from adapter.core.pod_cgroups import PodCgroups
 from adapter.core.sandbox import remove_directory
 from adapter.core.state import ContainerRecord
-from adapter.cri import translate
+from adapter.cri import events, translate
 from adapter.cri.api import cri
 from adapter.cri.store import POD_NOTREADY, POD_READY, Container, CriStore, Pod
 from adapter.supervisor.processes import ProcessRef
@@ -130,9 +130,17 @@ def find(records: dict[str, Found], wanted: str, what: str) -> Found:
 
 class Pods:
     def __init__(
-        self, core: Containerizer, store: CriStore, root: Path, runtimes: set[str], *, bridge: bool
+        self,
+        core: Containerizer,
+        store: CriStore,
+        root: Path,
+        runtimes: set[str],
+        pod_events: events.ContainerEvents,
+        *,
+        bridge: bool,
     ) -> None:
         self.core = core
+        self.events = pod_events
         self.bridge = bridge  # the node has a bridge network (config [network])
         self.store = store
         self.root = root  # <state_dir>/cri/pods
@@ -174,6 +182,7 @@ class Pods:
         try:
             self._cgroups().create(pod.id, translate.pod_resources(config))
             if not pod.holder_runtime:
+                self._publish_ready(pod)
                 return pod  # ready: its one container brings the namespaces
             record = await self.core.launch(self._holder_spec(pod, config, user_namespace))
         except BaseException:
@@ -238,7 +247,12 @@ class Pods:
         self._add_own_hosts_line(pod, config)
         self._put(pod)
         self._watch(pod.id)
+        self._publish_ready(pod)
         return pod
+
+    def _publish_ready(self, pod: Pod) -> None:
+        self.events.publish(pod.id, events.CREATED, pod)
+        self.events.publish(pod.id, events.STARTED, pod)
 
     def _holder_spec(
         self, pod: Pod, config: cri.PodSandboxConfig, user_namespace: bool | None
@@ -377,6 +391,7 @@ class Pods:
         self.store.delete(pod)
         self.locks.pop(pod.id, None)
         remove_directory(str(self.root / pod.id), POD_FILES)
+        self.events.publish(pod.id, events.DELETED, pod)
 
     async def recover(self) -> None:
         """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone); a
@@ -434,7 +449,10 @@ class Pods:
     def _put(self, pod: Pod) -> None:
         """Stored first: a record that could not be written is not shown either. An unchanged
         one is not written again (a stopped pod is stopped again by its removal)."""
-        if self.records.get(pod.id) == pod:
+        previous = self.records.get(pod.id)
+        if previous == pod:
             return
         self.store.put(pod)
         self.records[pod.id] = pod
+        if previous is not None and previous.state == POD_READY and pod.state != POD_READY:
+            self.events.publish(pod.id, events.STOPPED, pod)

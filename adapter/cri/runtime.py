@@ -20,6 +20,7 @@ from adapter.core.model import Capabilities, Statistics
 from adapter.cri import convert, translate
 from adapter.cri.api import cri, cri_grpc
 from adapter.cri.containers import CriContainers
+from adapter.cri.events import QUEUE_LIMIT, ContainerEvents
 from adapter.cri.pods import Pods
 from adapter.cri.store import RUNNING, Container, CriStore
 from adapter.cri.streaming import StreamingServer
@@ -51,8 +52,9 @@ class CriRuntime:
         self.streaming = StreamingServer(core, host.strip("[]"), int(port))
         self.store = CriStore(state_dir / "cri.db")
         root = state_dir / "cri" / "pods"
-        self.pods = Pods(core, self.store, root, set(core.drivers), bridge=bridge)
-        self.containers = CriContainers(core, self.store, self.pods, images)
+        self.events = ContainerEvents(lambda pod_id: self.containers.of_pod(pod_id))
+        self.pods = Pods(core, self.store, root, set(core.drivers), self.events, bridge=bridge)
+        self.containers = CriContainers(core, self.store, self.pods, images, self.events)
         self.pod_cidr = ""
 
     async def recover(self) -> None:
@@ -90,6 +92,7 @@ class CriRuntime:
             return {}  # it ended since
 
     async def close(self) -> None:
+        self.events.close()
         await self.streaming.close()
         await self.containers.close()
         await self.pods.close()
@@ -213,6 +216,19 @@ class CriRuntimeService(cri_grpc.RuntimeServiceServicer):
                 continue
             found.append(convert.container(record))
         return cri.ListContainersResponse(containers=found)
+
+    async def GetContainerEvents(self, request: cri.GetEventsRequest, context: Any) -> None:
+        """Every lifecycle event from now on, until the client goes or the service stops
+        (adapter/cri/events.py)."""
+        with self.runtime.events.subscribe() as subscription:
+            while (event := await subscription.next()) is not None:
+                await context.write(event)
+            if subscription.overflowed:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this stream fell {QUEUE_LIMIT} events behind and was ended: list"
+                    " the containers again, then subscribe again",
+                )
 
     @mapped_errors
     async def ContainerStatus(

@@ -251,6 +251,8 @@ async def _serve_claimed(
     await observability.stopping()
     await health_servicer.enter_graceful_shutdown()
     await ecp_endpoint.close()
+    # The kubelet's event stream ends first: an open one would hold the CRI server's grace.
+    cri_runtime.events.close()
     await asyncio.gather(server.stop(grace=2), cri_server.stop(grace=2))
     await cri_runtime.close()
     await core.close()

@@ -10,6 +10,7 @@ import pytest
 from adapter.core.errors import FailedPrecondition, InvalidArgument
 from adapter.core.model import Capabilities, Fingerprint
 from adapter.cri.api import cri
+from adapter.cri.events import ContainerEvents
 from adapter.cri.pods import Pods
 from adapter.cri.store import CriStore
 
@@ -36,7 +37,8 @@ def pods(tmp_path: Path) -> Pods:
         sandbox_root=tmp_path / "sandboxes",
     )
     store = CriStore(tmp_path / "cri.db")
-    return Pods(core, store, tmp_path / "pods", set(core.drivers), bridge=False)  # type: ignore[arg-type]
+    events = ContainerEvents(lambda pod_id: [])
+    return Pods(core, store, tmp_path / "pods", set(core.drivers), events, bridge=False)  # type: ignore[arg-type]
 
 
 def config(**fields: object) -> cri.PodSandboxConfig:
