@@ -31,6 +31,10 @@ from isolators.network.bridge import ENOENT_OR_NODEV, collect, link_index
 
 log = logging.getLogger(__name__)
 CONTAINER_IFNAME = "eth0"
+# The loopback's index in every network namespace: the kernel registers `lo` first in each new
+# namespace and gives it index 1 (LOOPBACK_IFINDEX, checked there by a BUG_ON); it can be
+# neither deleted nor moved to another namespace. So no lookup is needed to bring it up.
+LOOPBACK_IFINDEX = 1
 HOST_PREFIX = "vz"
 ALIAS_PREFIX = "containerizer"
 # How long a detached host side may outlive its container's cleanup: the kernel deletes the pair
@@ -72,7 +76,7 @@ async def create_pair(
             await _add_pair(ipr, host_name, netns_fd, bridge_index)
     finally:
         os.close(netns_fd)
-    index = await link_index(ipr, host_name)
+    index = link_index(host_name)
     assert index is not None
     await ipr.link("set", index=index, state="up", ifalias=alias[:255])
     return index
@@ -90,14 +94,14 @@ async def _add_pair(ipr: AsyncIPRoute, host_name: str, netns_fd: int, bridge_ind
 
 async def configure_container_side(
     ipr_in_netns: AsyncIPRoute,
+    index: int,
     address: ipaddress.IPv4Address,
     prefix_len: int,
     gateway: ipaddress.IPv4Address | None,
 ) -> None:
-    """Inside the container's namespace: lo and eth0 up, the address, the default route."""
+    """Inside the container's namespace: lo and eth0 (link `index` there) up, the address, the
+    default route."""
     await bring_loopback_up(ipr_in_netns)
-    index = await link_index(ipr_in_netns, CONTAINER_IFNAME)
-    assert index is not None
     await ipr_in_netns.addr("add", index=index, address=str(address), prefixlen=prefix_len)
     await ipr_in_netns.link("set", index=index, state="up")
     if gateway is not None:
@@ -105,9 +109,7 @@ async def configure_container_side(
 
 
 async def bring_loopback_up(ipr_in_netns: AsyncIPRoute) -> None:
-    index = await link_index(ipr_in_netns, "lo")
-    assert index is not None
-    await ipr_in_netns.link("set", index=index, state="up")
+    await ipr_in_netns.link("set", index=LOOPBACK_IFINDEX, state="up")
 
 
 async def delete_link(ipr: AsyncIPRoute, name: str) -> None:
@@ -123,7 +125,7 @@ async def detach(ipr: AsyncIPRoute, name: str) -> int | None:
     """Take the host side off its bridge and set it down, in one request (~1 ms, where a delete
     takes ~30): no frame from the namespace behind it reaches the bridge any more, whoever
     still holds that namespace. Its index, or None when there is no such link."""
-    index = await link_index(ipr, name)
+    index = link_index(name)
     if index is None:
         return None
     try:

@@ -21,6 +21,8 @@ import pytest
 
 from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
+from isolators.network.isolator import NetworkIsolator
+from isolators.network.model import NetworkConfig, NetworkRequest
 from isolators.network.netns import netns_name, netns_path, netns_prefix
 from tests.conftest import ServiceProcess, require, require_root, serving
 from tests.integration.api import destroy, scalar, usage, wait
@@ -546,3 +548,58 @@ def _wait_for_output(path: Path, text: str, seconds: float = 5) -> None:
     while text not in (path.read_text() if path.exists() else ""):
         assert time.monotonic() < deadline, f"{path} never said {text!r}"
         time.sleep(0.02)
+
+
+def _addresses(link: str) -> list[str]:
+    shown = json.loads(
+        subprocess.run(
+            ["ip", "-j", "addr", "show", "dev", link], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    inet = [a for a in shown[0]["addr_info"] if a["family"] == "inet"]
+    return [f"{a['local']}/{a['prefixlen']}" for a in inet]
+
+
+def _master(link: str) -> str | None:
+    shown = json.loads(
+        subprocess.run(
+            ["ip", "-j", "link", "show", "dev", link], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    master: str | None = shown[0].get("master")
+    return master
+
+
+async def test_a_bridge_deleted_between_two_attaches_is_made_again(tmp_path: Path) -> None:
+    """The isolator remembers the bridge it made; one deleted behind its back (by an operator)
+    is made again, address and all, by the next attach, whose veth lands on it."""
+    require_root()
+    require(os.path.exists(BUSYBOX), "needs busybox-static at /bin/busybox")
+    name, subnet = network_config()
+    config = NetworkConfig(
+        state_dir=tmp_path, enabled=True, bridge=name, subnet=subnet,
+        default_mode="bridge", allow_host=False,
+    )  # fmt: skip
+    isolator = NetworkIsolator(config)
+    gateway = f"{config.gateway}/{config.network.prefixlen}"
+    try:
+        await isolator.prepare("first", NetworkRequest("bridge"))
+        assert _addresses(name) == [gateway]
+        subprocess.run(["ip", "link", "del", name], check=True)
+        second = await isolator.prepare("second", NetworkRequest("bridge"))
+        assert _addresses(name) == [gateway]
+        assert second.host_veth is not None and _master(second.host_veth) == name
+        route_localnet = Path(f"/proc/sys/net/ipv4/conf/{name}/route_localnet")
+        assert route_localnet.read_text() == "1\n"
+        assert second.netns_path is not None
+        reached = subprocess.run(
+            ["ip", "netns", "exec", Path(second.netns_path).name,
+             BUSYBOX, "ping", "-c", "1", "-W", "2", str(config.gateway)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert reached.returncode == 0, reached.stdout + reached.stderr
+    finally:
+        for container_id in ("first", "second"):
+            await isolator.cleanup(container_id)
+        await isolator.close()
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
