@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from adapter.core import sandbox_guard
 from adapter.core.disk import DiskAccounting
 from adapter.core.errors import (
     AlreadyExists,
@@ -145,6 +146,7 @@ class Containerizer:
             handle={},
             warnings=warnings,
             sandbox_owned=self._is_default_sandbox(spec),
+            sandbox_mount=self._sandbox_mount_point(spec, driver),  # checkpointed before made
         )
         container = Container(record)
         self._containers[spec.container_id] = container
@@ -153,6 +155,7 @@ class Containerizer:
             try:
                 if not _holds_without_process(driver, spec):  # what runs has a sandbox
                     make_sandbox(spec.sandbox)
+                    self._guard_sandbox(container)
                 if spec.linux.pod:
                     self._pod_cgroups().place(spec)
                 launched = await driver.start(spec)
@@ -170,7 +173,7 @@ class Containerizer:
                 log.exception("launch of %s failed", spec.container_id)
                 await self._fail_launch(container, driver, f"internal error: {exc}")
                 raise LaunchFailed(f"launch of {spec.container_id!r} failed: {exc}") from exc
-            running = record.evolve(
+            running = container.record.evolve(
                 state=State.RUNNING,
                 handle=launched.handle,
                 pid=launched.pid,
@@ -218,13 +221,17 @@ class Containerizer:
         steps = [driver.kill_all, driver.cleanup]
         if self.disk is not None:
             steps.append(self.disk.cleanup)
+        failed = []
         for step in steps:  # cleanup even if the kill failed
             try:
                 await step(container_id)
             except Exception:
+                failed.append(step)
                 log.exception(
                     "%s after the failed launch of %s failed", step.__name__, container_id
                 )
+        if driver.cleanup not in failed:  # nothing of the workload runs (see _watch)
+            await self._release_sandbox(container)
         termination = Termination(
             reason=Reason.LAUNCH_FAILED, message=message, finished_at=time.time()
         )
@@ -247,6 +254,12 @@ class Containerizer:
                 await driver.cleanup(container_id)
             except Exception:
                 log.exception("cleanup of %s failed", container_id)
+            else:
+                # Here, not before the cleanup nor at _forget: a runtime's cleanup returns only
+                # once nothing of the container is left (a cgroup that still holds a process
+                # cannot be removed), so nothing can write the sandbox again; and the record is
+                # not TERMINATED yet, so no new launch may take the sandbox meanwhile.
+                await self._release_sandbox(container)
             await self._cleanup_disk(container_id)
         self._terminate(container, termination)
 
@@ -440,6 +453,7 @@ class Containerizer:
         driver = self.drivers.get(record.spec.runtime)
         if driver is None:
             if record.state is not State.TERMINATED:
+                # Its processes may run on: its sandbox, if caller-named, keeps its mount.
                 message = f"runtime {record.spec.runtime!r} is no longer configured"
                 self._terminate(
                     container, Termination(Reason.LOST, message=message, finished_at=time.time())
@@ -457,6 +471,8 @@ class Containerizer:
                 await driver.cleanup(record.container_id)
             except Exception:
                 log.exception("cleanup of %s after the restart failed", record.container_id)
+            else:
+                await self._release_sandbox(container)  # see _watch
             await self._cleanup_disk(record.container_id)
             self._terminate(container, record.termination)
             return
@@ -565,6 +581,35 @@ class Containerizer:
             return False
         default = f"{self.sandbox_root}/{spec.container_id}"  # as validation spells it
         return spec.sandbox == default or Path(spec.sandbox) == Path(default)
+
+    def _sandbox_mount_point(self, spec: LaunchSpec, driver: Runtime) -> str:
+        """Where a caller-named sandbox gets its own nosuid,nodev mount (sandbox_guard.py);
+        "": none. The default sandbox has the sandbox root's (serve.py), a pod's holder has no
+        sandbox, and a core without a sandbox root (the core's unit tests) mounts nothing."""
+        if self.sandbox_root is None or self._is_default_sandbox(spec):
+            return ""
+        if _holds_without_process(driver, spec):
+            return ""
+        return sandbox_guard.mount_point(spec.sandbox)
+
+    def _guard_sandbox(self, container: Container) -> None:
+        """The sandbox's mount, made before the workload's first instruction. Its place is
+        checkpointed already: a crash from here on leaves a record that says what to undo."""
+        record = container.record
+        if record.sandbox_mount and not sandbox_guard.guard(
+            record.spec.sandbox, record.sandbox_mount
+        ):
+            self._checkpoint(container, record.evolve(sandbox_mount=""), publish=False)
+
+    async def _release_sandbox(self, container: Container) -> None:
+        """The sandbox handed back stripped, its mount undone (sandbox_guard.release), once
+        nothing of the workload can write it. A failure keeps the mount: nosuid, the host stays
+        safe, and the log says what is left."""
+        record = container.record
+        if record.sandbox_mount and await sandbox_guard.hand_back(
+            record.container_id, record.spec.sandbox, record.sandbox_mount
+        ):
+            self._checkpoint(container, record.evolve(sandbox_mount=""), publish=False)
 
     def quarantined(self) -> list[QuarantinedRecord]:
         """Records found damaged at start, set aside with the reason."""

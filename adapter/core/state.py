@@ -64,6 +64,10 @@ class ContainerRecord:
     # Whether the service created the sandbox (the default one under the state directory) and
     # so may remove it with the record; a sandbox the caller named is never removed.
     sandbox_owned: bool = False
+    # Where a caller-named sandbox has the service's nosuid,nodev bind mount (its resolved path),
+    # checkpointed before the mount is made and cleared once it is undone at the end
+    # (adapter/core/sandbox_guard.py); "": none.
+    sandbox_mount: str = ""
     # The disk isolator's message once it killed the container for its disk usage: kept so
     # that a restart between the kill and the exit still ends it LIMITATION_DISK.
     disk_limitation: str = ""
@@ -88,6 +92,7 @@ class ContainerRecord:
                 "warnings": list(self.warnings),
                 "ip_address": self.ip_address,
                 "sandbox_owned": self.sandbox_owned,
+                "sandbox_mount": self.sandbox_mount,
                 "disk_limitation": self.disk_limitation,
             }
         )
@@ -114,6 +119,7 @@ class ContainerRecord:
                 warnings=tuple(data["warnings"]),
                 ip_address=data.get("ip_address", ""),
                 sandbox_owned=data.get("sandbox_owned", False),
+                sandbox_mount=data.get("sandbox_mount", ""),
                 disk_limitation=data.get("disk_limitation", ""),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -149,6 +155,7 @@ _RECORD_SHAPE: dict[str, tuple[type, ...]] = {
 _OPTIONAL_SHAPE: dict[str, tuple[type, ...]] = {
     "ip_address": (str,),
     "sandbox_owned": (bool,),
+    "sandbox_mount": (str,),
     "disk_limitation": (str,),
 }
 _SPEC_SHAPE: dict[str, tuple[type, ...]] = {

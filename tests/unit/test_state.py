@@ -222,6 +222,7 @@ def test_a_record_is_stored_as_one_json_document_spec_first(tmp_path: Path) -> N
         "warnings": ["w"],
         "ip_address": "",
         "sandbox_owned": False,
+        "sandbox_mount": "",
         "disk_limitation": "",
     }
     assert ended.to_json() == json.dumps(whole)
