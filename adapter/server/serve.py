@@ -51,7 +51,7 @@ from adapter.server.images import ImagesService
 from adapter.server.mesos import start_ecp_endpoint
 from adapter.server.observability import Observability
 from adapter.server.service_log import configure_logging
-from isolators.cgroups.warm import AttachWarmer, own_procs_file
+from isolators.cgroups.warm import AttachWarmer, OwnCgroup
 from isolators.disk.isolator import DiskIsolator
 
 log = logging.getLogger("containerizer")
@@ -194,7 +194,7 @@ async def _serve_claimed(
         user_namespaces=services.user_namespaces,
         user_namespace_default=config.user_namespace.default,
         pod_cgroups=PodCgroups(services),
-        attach_warmer=AttachWarmer(own_procs_file()),
+        attach_warmer=AttachWarmer(OwnCgroup().procs_file),
     )
     observability = Observability(config, core)
     await observability.start()

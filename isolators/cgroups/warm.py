@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from isolators.cgroups.hierarchy import MOUNTINFO, parse_mountinfo
+from isolators.cgroups.hierarchy import MOUNTINFO, Mounts, parse_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -31,38 +32,58 @@ PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 PREFERRED = ("pids", "cpuacct", "cpu", "memory")
 
 
+class OwnCgroup:
+    """The cgroup.procs file of the cgroup this process is in, found again at every ask (the
+    mounts are read once): a process that was moved since (by systemd, an operator) must not be
+    moved back by a warm-up. The first hierarchy mounted here is used (v1 by controller, else
+    v2); None when there is none or the tables cannot be read."""
+
+    def __init__(self, mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_SELF_CGROUP) -> None:
+        self._proc_cgroup = proc_cgroup
+        try:
+            self._mounts: Mounts | None = parse_mountinfo(mountinfo.read_text())
+        except OSError:
+            self._mounts = None
+
+    def procs_file(self) -> Path | None:
+        mounts = self._mounts
+        if mounts is None:
+            return None
+        try:
+            memberships = self._proc_cgroup.read_text().splitlines()
+        except OSError:
+            return None
+        v1: dict[str, str] = {}  # controller -> this process's cgroup in its hierarchy
+        v2 = None
+        for line in memberships:
+            _, controllers, path = line.split(":", 2)
+            if controllers:
+                v1.update(dict.fromkeys(controllers.split(","), path.lstrip("/")))
+            else:
+                v2 = path.lstrip("/")
+        mounted = [c for c in (*PREFERRED, *sorted(v1)) if c in v1 and c in mounts.v1]
+        if mounted:
+            return mounts.v1[mounted[0]] / v1[mounted[0]] / "cgroup.procs"
+        if v2 is not None and mounts.v2 is not None:
+            return mounts.v2 / v2 / "cgroup.procs"
+        return None
+
+
 def own_procs_file(
     mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_SELF_CGROUP
 ) -> Path | None:
-    """The cgroup.procs file of the cgroup this process is in, in the first hierarchy mounted
-    here (v1 by controller, else v2); None when there is none or the tables cannot be read."""
-    try:
-        mounts = parse_mountinfo(mountinfo.read_text())
-        memberships = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    v1: dict[str, str] = {}  # controller -> this process's cgroup in its hierarchy
-    v2 = None
-    for line in memberships:
-        _, controllers, path = line.split(":", 2)
-        if controllers:
-            v1.update(dict.fromkeys(controllers.split(","), path.lstrip("/")))
-        else:
-            v2 = path.lstrip("/")
-    mounted = [c for c in (*PREFERRED, *sorted(v1)) if c in v1 and c in mounts.v1]
-    if mounted:
-        return mounts.v1[mounted[0]] / v1[mounted[0]] / "cgroup.procs"
-    if v2 is not None and mounts.v2 is not None:
-        return mounts.v2 / v2 / "cgroup.procs"
-    return None
+    """OwnCgroup's answer, once."""
+    return OwnCgroup(mountinfo, proc_cgroup).procs_file()
 
 
 class AttachWarmer:
     """`warm()` from anywhere, at once; the write happens on a thread of its own. Asks that
     come while a write runs are served by one more write after it (cheap: the lock is warm)."""
 
-    def __init__(self, procs_file: Path | None) -> None:
-        self._file = procs_file
+    def __init__(self, locate: Callable[[], Path | None] | None) -> None:
+        """`locate`: where to write, asked before every write (OwnCgroup.procs_file); None:
+        never warm."""
+        self._locate = locate
         self._wanted = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -70,7 +91,7 @@ class AttachWarmer:
 
     @property
     def enabled(self) -> bool:
-        return self._file is not None and not self._closed
+        return self._locate is not None and not self._closed
 
     def warm(self) -> None:
         if not self.enabled:
@@ -84,8 +105,12 @@ class AttachWarmer:
         while True:
             self._wanted.wait()
             self._wanted.clear()
-            procs = self._file
-            if self._closed or procs is None:
+            if self._closed or self._locate is None:
+                return
+            procs = self._locate()
+            if procs is None:
+                log.info("cgroup attach warm-up off: this process's cgroup is not found")
+                self._locate = None
                 return
             try:
                 fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
@@ -96,7 +121,7 @@ class AttachWarmer:
                 self.writes += 1
             except OSError as exc:
                 log.info("cgroup attach warm-up off: %s: %s", procs, exc.strerror)
-                self._file = None
+                self._locate = None
                 return
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from isolators.cgroups.warm import AttachWarmer, own_procs_file
+from isolators.cgroups.warm import AttachWarmer, OwnCgroup, own_procs_file
 
 
 def wait_for_writes(warmer: AttachWarmer, count: int) -> None:
@@ -66,7 +66,7 @@ def test_writes_zero_the_writer_itself(tmp_path: Path) -> None:
     """ "0" moves the writer, into the cgroup it is in: nothing moves, the lock is taken."""
     procs = tmp_path / "cgroup.procs"
     procs.write_text("")
-    warmer = AttachWarmer(procs)
+    warmer = AttachWarmer(lambda: procs)
     try:
         warmer.warm()
         wait_for_writes(warmer, 1)
@@ -83,7 +83,7 @@ def test_writes_zero_the_writer_itself(tmp_path: Path) -> None:
 def test_a_file_it_cannot_write_turns_it_off_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    warmer = AttachWarmer(tmp_path / "no such cgroup" / "cgroup.procs")
+    warmer = AttachWarmer(lambda: tmp_path / "no such cgroup" / "cgroup.procs")
     with caplog.at_level(logging.INFO, logger="isolators.cgroups.warm"):
         warmer.warm()
         assert warmer._thread is not None
@@ -108,7 +108,7 @@ def test_the_real_write_leaves_this_process_where_it_is() -> None:
     if procs is None:
         pytest.skip("no cgroup hierarchy mounted here")
     before = Path("/proc/self/cgroup").read_text()
-    warmer = AttachWarmer(procs)
+    warmer = AttachWarmer(lambda: procs)
     try:
         warmer.warm()
         wait_for_writes(warmer, 1)
@@ -116,3 +116,37 @@ def test_the_real_write_leaves_this_process_where_it_is() -> None:
     finally:
         warmer.close()
     assert Path("/proc/self/cgroup").read_text() == before
+
+
+def test_a_process_moved_since_is_written_where_it_is_now(tmp_path: Path) -> None:
+    """The membership is read again before every write: a warm-up writes 0 to the cgroup the
+    service is in now, never the one it was in (which would move it back)."""
+    mountinfo, cgroup = tables(tmp_path, V1_MOUNTS, "4:pids:/before\n0::/\n")
+    own = OwnCgroup(mountinfo, cgroup)
+    assert own.procs_file() == Path("/sys/fs/cgroup/pids/before/cgroup.procs")
+    cgroup.write_text("4:pids:/after\n0::/\n")
+    assert own.procs_file() == Path("/sys/fs/cgroup/pids/after/cgroup.procs")
+
+    before, after = tmp_path / "before.procs", tmp_path / "after.procs"
+    before.write_text("")
+    after.write_text("")
+    where = [before]
+    warmer = AttachWarmer(lambda: where[0])
+    try:
+        warmer.warm()
+        wait_for_writes(warmer, 1)
+        where[0] = after
+        warmer.warm()
+        wait_for_writes(warmer, 2)
+    finally:
+        warmer.close()
+    assert before.read_text() == "0" and after.read_text() == "0"
+
+
+def test_a_cgroup_that_cannot_be_found_turns_it_off(tmp_path: Path) -> None:
+    warmer = AttachWarmer(lambda: None)
+    warmer.warm()
+    assert warmer._thread is not None
+    warmer._thread.join(timeout=5)
+    assert not warmer.enabled and warmer.writes == 0
+    warmer.close()
