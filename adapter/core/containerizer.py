@@ -17,11 +17,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter.core import sandbox_guard
-from adapter.core.disk import DiskAccounting
+from adapter.core.disk import DiskAccounting, not_enforced_warning, with_disk_note
 from adapter.core.errors import (
     AlreadyExists,
     ContainerizerError,
@@ -43,7 +43,7 @@ from adapter.core.model import (
 )
 from adapter.core.network import RuntimeNetwork
 from adapter.core.pod_cgroups import PodCgroups
-from adapter.core.sandbox import make_sandbox, remove_directory
+from adapter.core.sandbox import is_default_sandbox, make_sandbox, remove_directory
 from adapter.core.state import ContainerRecord, QuarantinedRecord, StateStore
 from adapter.core.termination import await_exit, termination_of
 from adapter.core.userns import IdRangeAllocator, user_namespace_for
@@ -53,10 +53,10 @@ from adapter.runtimes.base import (
     Checkpointed,
     ExecSession,
     Executes,
-    HoldsWithoutProcess,
     ReopensLogs,
     Runtime,
     StreamsExec,
+    holds_without_process,
 )
 from isolators.cgroups.warm import AttachWarmer
 
@@ -136,7 +136,7 @@ class Containerizer:
             raise AlreadyExists(f"container {spec.container_id!r} already exists")
         enforced = self.disk is not None and self.disk.enforces(driver)
         if spec.resources.disk_mib is not None and not enforced:
-            warnings = (*warnings, _disk_not_enforced(spec))
+            warnings = (*warnings, not_enforced_warning(spec))
         spec, userns_warnings = await self._with_user_namespace(spec, driver)
         warnings = (*warnings, *userns_warnings)
         record = ContainerRecord(
@@ -145,15 +145,17 @@ class Containerizer:
             launched_at=time.time(),
             handle={},
             warnings=warnings,
-            sandbox_owned=self._is_default_sandbox(spec),
-            sandbox_mount=self._sandbox_mount_point(spec, driver),  # checkpointed before made
+            sandbox_owned=is_default_sandbox(spec, self.sandbox_root),
+            sandbox_mount=sandbox_guard.mount_point_of(  # checkpointed before it is made
+                spec, self.sandbox_root, runs=not holds_without_process(driver, spec)
+            ),
         )
         container = Container(record)
         self._containers[spec.container_id] = container
         async with container.lock:
             self._checkpoint(container, record)
             try:
-                if not _holds_without_process(driver, spec):  # what runs has a sandbox
+                if not holds_without_process(driver, spec):  # what runs has a sandbox
                     make_sandbox(spec.sandbox)
                     self._guard_sandbox(container)
                 if spec.linux.pod:
@@ -397,7 +399,7 @@ class Containerizer:
 
     async def runtimes(self) -> list[Fingerprint]:
         fingerprints = await asyncio.gather(*(d.fingerprint() for d in self.drivers.values()))
-        return [_with_disk_note(fingerprint) for fingerprint in fingerprints]
+        return [with_disk_note(fingerprint) for fingerprint in fingerprints]
 
     def events(
         self, container_id: str | None = None, since: float | None = None
@@ -574,24 +576,6 @@ class Containerizer:
         if container is not None and container.record.sandbox_owned:
             remove_directory(container.record.spec.sandbox)
 
-    def _is_default_sandbox(self, spec: LaunchSpec) -> bool:
-        """The service makes (and may remove) only the default sandbox; a caller-named one may
-        not lie under the state directory (validation), so it can never be this path."""
-        if self.sandbox_root is None:
-            return False
-        default = f"{self.sandbox_root}/{spec.container_id}"  # as validation spells it
-        return spec.sandbox == default or Path(spec.sandbox) == Path(default)
-
-    def _sandbox_mount_point(self, spec: LaunchSpec, driver: Runtime) -> str:
-        """Where a caller-named sandbox gets its own nosuid,nodev mount (sandbox_guard.py);
-        "": none. The default sandbox has the sandbox root's (serve.py), a pod's holder has no
-        sandbox, and a core without a sandbox root (the core's unit tests) mounts nothing."""
-        if self.sandbox_root is None or self._is_default_sandbox(spec):
-            return ""
-        if _holds_without_process(driver, spec):
-            return ""
-        return sandbox_guard.mount_point(spec.sandbox)
-
     def _guard_sandbox(self, container: Container) -> None:
         """The sandbox's mount, made before the workload's first instruction. Its place is
         checkpointed already: a crash from here on leaves a record that says what to undo."""
@@ -630,32 +614,3 @@ class Containerizer:
         while True:
             await asyncio.sleep(max(1.0, min(self._retention, 60.0)))
             self._prune()
-
-
-def _disk_not_enforced(spec: LaunchSpec) -> str:
-    """The Launch warning for a disk request: accepted (Mesos agents always send disk) but not
-    enforced by any runtime until a disk isolator exists."""
-    return (
-        f"disk: {spec.resources.disk_mib:g} MiB requested, but disk is not enforced on this node"
-        f" (runtime {spec.runtime!r} has no disk isolator): the container may write more"
-    )
-
-
-def _with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
-    if fingerprint.capabilities.disk_enforced:
-        return fingerprint
-    note = "disk: not enforced"
-    message = f"{fingerprint.message}; {note}" if fingerprint.message else note
-    return replace(fingerprint, message=message)
-
-
-def _holds_without_process(driver: Runtime, spec: LaunchSpec) -> bool:
-    return (
-        spec.linux.hold_only
-        and isinstance(driver, HoldsWithoutProcess)
-        and driver.holds_without_process(spec)
-    )
-
-
-def default_sandbox_root(state_dir: Path) -> Path:
-    return state_dir / "sandboxes"

@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeGuard
 
 from adapter.core.errors import ContainerizerError
-from adapter.core.model import MIB, LaunchSpec, Resources, Statistics
+from adapter.core.model import MIB, Fingerprint, LaunchSpec, Resources, Statistics
 from adapter.runtimes.base import Runtime, WritableLayers
 from isolators.disk.isolator import DiskIsolator
 
@@ -128,3 +129,20 @@ class DiskAccounting:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._watches.clear()
+
+
+def not_enforced_warning(spec: LaunchSpec) -> str:
+    """The Launch warning for a disk request: accepted (Mesos agents always send disk) but not
+    enforced by any runtime until a disk isolator exists."""
+    return (
+        f"disk: {spec.resources.disk_mib:g} MiB requested, but disk is not enforced on this node"
+        f" (runtime {spec.runtime!r} has no disk isolator): the container may write more"
+    )
+
+
+def with_disk_note(fingerprint: Fingerprint) -> Fingerprint:
+    if fingerprint.capabilities.disk_enforced:
+        return fingerprint
+    note = "disk: not enforced"
+    message = f"{fingerprint.message}; {note}" if fingerprint.message else note
+    return replace(fingerprint, message=message)

@@ -15,8 +15,10 @@ import os
 import shutil
 import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 from adapter.core.errors import FailedPrecondition, LaunchFailed
+from adapter.core.model import LaunchSpec
 from isolators.cgroups.files import make_directory
 
 OUTPUTS = ("stdout", "stderr")
@@ -90,3 +92,16 @@ def make_sandbox(path: str) -> None:
     except OSError as exc:
         raise LaunchFailed(f"sandbox {path}: {exc.strerror}") from exc
     prepare_outputs(path)
+
+
+def default_sandbox_root(state_dir: Path) -> Path:
+    return state_dir / "sandboxes"
+
+
+def is_default_sandbox(spec: LaunchSpec, sandbox_root: Path | None) -> bool:
+    """The service makes (and may remove) only the default sandbox; a caller-named one may not
+    lie under the state directory (validation), so it can never be this path."""
+    if sandbox_root is None:
+        return False
+    default = f"{sandbox_root}/{spec.container_id}"  # as validation spells it
+    return spec.sandbox == default or Path(spec.sandbox) == Path(default)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.core.errors import LaunchFailed
+from adapter.core.model import LaunchSpec
+from adapter.core.sandbox import is_default_sandbox
 from adapter.core.state_dir import (
     KEPT_FLAGS,
     MNT_DETACH,
@@ -91,6 +93,16 @@ def mount_point(sandbox: str) -> str:
     """Where the sandbox's own mount goes: its path with every symlink resolved, as the kernel
     lists the mount (and as `release` looks for it)."""
     return os.path.realpath(sandbox)
+
+
+def mount_point_of(spec: LaunchSpec, sandbox_root: Path | None, *, runs: bool) -> str:
+    """Where a launch's caller-named sandbox gets its own nosuid,nodev mount; "": none. The
+    default sandbox has the sandbox root's (serve.py), a launch that runs nothing (a pod's
+    pinned holder) has no sandbox, and a core without a sandbox root (the core's unit tests)
+    mounts nothing."""
+    if sandbox_root is None or not runs or is_default_sandbox(spec, sandbox_root):
+        return ""
+    return mount_point(spec.sandbox)
 
 
 def guard(sandbox: str, point: str) -> bool:

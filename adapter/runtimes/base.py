@@ -95,6 +95,15 @@ class HoldsWithoutProcess(Protocol):
         ...
 
 
+def holds_without_process(driver: Runtime, spec: LaunchSpec) -> bool:
+    """Whether this launch runs nothing: a pod's holder whose runtime pins its namespaces."""
+    return (
+        spec.linux.hold_only
+        and isinstance(driver, HoldsWithoutProcess)
+        and driver.holds_without_process(spec)
+    )
+
+
 @runtime_checkable
 class Executes(Protocol):
     async def exec_sync(

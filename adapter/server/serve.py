@@ -25,11 +25,12 @@ from adapter.api.containerizer.v1 import containerizer_pb2 as pb
 from adapter.api.containerizer.v1 import containerizer_pb2_grpc as pb_grpc
 from adapter.api.containerizer.v1 import images_pb2, images_pb2_grpc
 from adapter.core.config import AgentConfig, load_config
-from adapter.core.containerizer import Containerizer, default_sandbox_root
+from adapter.core.containerizer import Containerizer
 from adapter.core.disk import DiskAccounting
 from adapter.core.errors import ConfigError, ContainerizerError, Unavailable
 from adapter.core.model import State
 from adapter.core.pod_cgroups import PodCgroups
+from adapter.core.sandbox import default_sandbox_root
 from adapter.core.services import build_services
 from adapter.core.state import StateStore, database_is_empty
 from adapter.core.state_dir import (
