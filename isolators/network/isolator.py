@@ -353,7 +353,7 @@ class NetworkIsolator:
         self._state.attachments.pop(attachment.container_id, None)
         if attachment.port_mappings:
             await self._apply_forwards()
-        self._save()
+        self._save(durable=False)  # a removal lost to a power loss is done again at recovery
 
     async def _release_link(self, attachment: Attachment) -> None:
         """A veth into a namespace of ours is detached and set down, not deleted (veth.py): the
@@ -452,8 +452,8 @@ class NetworkIsolator:
                 async with AsyncIPRoute() as host:
                     await bridge.remove_bridge(host, self.config.bridge)
 
-    def _save(self) -> None:
-        state.save(self._state_path, self._state)
+    def _save(self, *, durable: bool = True) -> None:
+        state.save(self._state_path, self._state, durable=durable)
 
     # ---- files for image-based containers ----
 

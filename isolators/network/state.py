@@ -40,8 +40,11 @@ def load(path: Path) -> NetworkState:
     return NetworkState(attachments, data.get("last_address"))
 
 
-def save(path: Path, state: NetworkState) -> None:
-    """Durable when it returns: temp file, fsync, rename over the old one, fsync the directory."""
+def save(path: Path, state: NetworkState, *, durable: bool = True) -> None:
+    """Durable when it returns: temp file, fsync, rename over the old one, fsync the directory.
+    Not `durable`: the directory is not synced, so a power loss may bring back the file before
+    this save (whole either way: the new one was synced before the rename). For a removal only,
+    which recovery does again when it finds the attachment still there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(
         {
@@ -57,6 +60,8 @@ def save(path: Path, state: NetworkState) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, path)
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,25 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     loaded = state.load(path)
     assert loaded.attachments == {"c1": attachment} and loaded.last_address == "10.210.3.2"
     assert state.load(tmp_path / "absent.json").attachments == {}
+
+
+def test_a_removal_is_saved_whole_without_the_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal's save syncs the file, not the directory: what a power loss can leave is
+    either save, whole (recovery redoes a lost removal)."""
+    path = tmp_path / "b.json"
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    attachment = Attachment("c1", "none", netns_path="/run/netns/b.c1")
+    state.save(path, state.NetworkState({"c1": attachment}, None))
+    assert len(synced) == 2  # the file, then the directory
+    synced.clear()
+    state.save(path, state.NetworkState({}, None), durable=False)
+    assert len(synced) == 1  # the file only
+    assert state.load(path).attachments == {}
+    assert not (tmp_path / "b.json.tmp").exists()
 
 
 def test_render_forwards_loopback_and_host_address_and_masquerades_loopback() -> None:
