@@ -387,11 +387,11 @@ class Pods:
         except NotFound:
             pass
         await self._remove_cgroup(pod.id)
-        self.records.pop(pod.id, None)
+        last = self.records.pop(pod.id, pod)  # as it is now: stopped by the removal
         self.store.delete(pod)
         self.locks.pop(pod.id, None)
         remove_directory(str(self.root / pod.id), POD_FILES)
-        self.events.publish(pod.id, events.DELETED, pod)
+        self.events.publish(pod.id, events.DELETED, last)
 
     async def recover(self) -> None:
         """A pod whose holder the core no longer runs is NOTREADY (its namespaces are gone); a

@@ -197,6 +197,31 @@ def test_a_stopped_container_is_stopped_once(cri_node: CriNode) -> None:
     ]
 
 
+def test_a_running_pod_removed_at_once_is_stopped_then_deleted(cri_node: CriNode) -> None:
+    """RemovePodSandbox without StopPodSandbox first: its container and the pod are stopped,
+    and every event after that says so (the DELETED ones too)."""
+    with event_stream(cri_node) as stream:
+        pod_id = cri_node.run_pod()
+        container_id = cri_node.run(pod_id, cri_node.container_config("sleep", "1000"))
+        stream.wait_for(container_id, STARTED)
+        cri_node.runtime.RemovePodSandbox(
+            cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=TIMEOUT
+        )
+        deleted = stream.wait_for(pod_id, DELETED)
+    assert kinds(stream.of(pod_id)) == [
+        "CONTAINER_CREATED_EVENT",
+        "CONTAINER_STARTED_EVENT",
+        "CONTAINER_STOPPED_EVENT",
+        "CONTAINER_DELETED_EVENT",
+    ]
+    assert kinds(stream.of(container_id))[-2:] == [
+        "CONTAINER_STOPPED_EVENT",
+        "CONTAINER_DELETED_EVENT",
+    ]
+    assert deleted.pod_sandbox_status.state == cri.SANDBOX_NOTREADY
+    assert list(deleted.containers_statuses) == []
+
+
 def test_a_failed_start_is_stopped_with_its_error(cri_node: CriNode) -> None:
     with event_stream(cri_node) as stream:
         pod_id = cri_node.run_pod()
