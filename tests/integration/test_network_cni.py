@@ -169,6 +169,19 @@ def test_cni_gives_an_address_and_none_gives_loopback_only(
     assert not [c for c in cni_service.checkpoint() if c.startswith(container_id)]
 
 
+def test_cni_containers_have_their_loopback_up(cni_service: CniService, container_id: str) -> None:
+    """Brought up by the service whether or not the chain has the `loopback` plugin (this
+    chain has not), in mode bridge and in mode none."""
+    stub = cni_service.stub()
+    ping = f"{BUSYBOX} ping -c 1 -W 2 127.0.0.1"
+    launch(stub, f"{container_id}-b", ping)
+    launch(stub, f"{container_id}-n", ping, mode="none")
+    assert wait(stub, f"{container_id}-b").exit_code == 0
+    assert wait(stub, f"{container_id}-n").exit_code == 0
+    for suffix in ("b", "n"):
+        destroy(stub, f"{container_id}-{suffix}")
+
+
 def test_cni_port_mapping_reaches_127_0_0_1_and_del_removes_it(
     cni_service: CniService, container_id: str, tmp_path: Path
 ) -> None:
