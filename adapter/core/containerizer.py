@@ -124,8 +124,14 @@ class Containerizer:
     # ---- lifecycle ----
 
     async def launch(self, spec: LaunchSpec, warnings: tuple[str, ...] = ()) -> ContainerRecord:
+        if self._attach_warmer is None:
+            return await self._launch(spec, warnings)
+        # Its first cgroup attach waits for no grace period (isolators/cgroups/warm.py).
+        with self._attach_warmer.kept_warm():
+            return await self._launch(spec, warnings)
+
+    async def _launch(self, spec: LaunchSpec, warnings: tuple[str, ...]) -> ContainerRecord:
         driver = self._driver(spec.runtime)
-        self._warm_cgroup_attach()
         if spec.privileged and not self.allow_privileged:
             raise FailedPrecondition(
                 "privileged: this node does not allow privileged containers"

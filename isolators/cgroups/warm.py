@@ -6,20 +6,24 @@ an RCU grace period before it gets the lock (rcu_sync_enter): 10-15 ms on this k
 (CONFIG_HZ=250, lazy RCU), half of a native launch. Writers that follow within a few ms do not
 wait, as the kernel keeps the fast path off for a grace period after the last one.
 
-So a launch asks for a warm-up as it begins: a thread of ours writes 0 (the writer itself) to the
-cgroup.procs of the cgroup the service is in already, which moves nothing but takes the lock.
-The grace period then passes while the launch prepares (network, root filesystem, cgroups), and
-the attach that follows (our supervisor's, runc's, LXC's, QEMU's) finds the lock warm. A host
+So a launch keeps the lock warm while it prepares: a thread of ours writes 0 (the writer itself)
+to the cgroup.procs of the cgroup the service is in already, which moves nothing but takes the
+lock, at once and then every KEEP_WARM_S until the launch is done. The grace period passes while
+the launch prepares (network, root filesystem, cgroups), however long that takes (a CNI chain
+takes longer than a grace period), and the attach that follows (our supervisor's, runc's, LXC's,
+QEMU's) finds the lock warm. While it is kept warm, the kernel's fork and exit take their slower
+path, as they do for a grace period after any attach: for the length of a launch only. A host
 whose lock never waits (cgroup mounted with favordynmods) pays one write on a thread. Where the
 file cannot be written (a service without the right to), warming is off, said once in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from isolators.cgroups.hierarchy import MOUNTINFO, Mounts, parse_mountinfo
@@ -27,6 +31,7 @@ from isolators.cgroups.hierarchy import MOUNTINFO, Mounts, parse_mountinfo
 log = logging.getLogger(__name__)
 
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+KEEP_WARM_S = 0.003  # well inside a grace period: the lock never cools while a launch holds it
 # Hierarchies whose attach does nothing more for a process already there (cpuset and devices
 # check their own rules first): any will do, these are asked first.
 PREFERRED = ("pids", "cpuacct", "cpu", "memory")
@@ -77,8 +82,9 @@ def own_procs_file(
 
 
 class AttachWarmer:
-    """`warm()` from anywhere, at once; the write happens on a thread of its own. Asks that
-    come while a write runs are served by one more write after it (cheap: the lock is warm)."""
+    """`warm()` for one write, `kept_warm()` for writes every KEEP_WARM_S while it is held;
+    from the event loop, at once: the writes happen on a thread of their own. An ask that comes
+    while a write runs is served by one more write after it (cheap: the lock is warm)."""
 
     def __init__(self, locate: Callable[[], Path | None] | None) -> None:
         """`locate`: where to write, asked before every write (OwnCgroup.procs_file); None:
@@ -87,6 +93,7 @@ class AttachWarmer:
         self._wanted = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._holders = 0  # launches between their start and their attach (kept_warm)
         self.writes = 0  # done so far, for the curious (tests, a debugger)
 
     @property
@@ -101,9 +108,21 @@ class AttachWarmer:
             self._thread.start()
         self._wanted.set()
 
+    @contextlib.contextmanager
+    def kept_warm(self) -> Iterator[None]:
+        """Warm now, and again every KEEP_WARM_S until the block ends."""
+        self._holders += 1
+        try:
+            self.warm()
+            yield
+        finally:
+            self._holders -= 1
+
     def _run(self) -> None:
         while True:
-            self._wanted.wait()
+            asked = self._wanted.wait(KEEP_WARM_S if self._holders else None)
+            if not asked and not self._holders:
+                continue  # the last holder left during the wait
             self._wanted.clear()
             if self._closed or self._locate is None:
                 return

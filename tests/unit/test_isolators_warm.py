@@ -150,3 +150,22 @@ def test_a_cgroup_that_cannot_be_found_turns_it_off(tmp_path: Path) -> None:
     warmer._thread.join(timeout=5)
     assert not warmer.enabled and warmer.writes == 0
     warmer.close()
+
+
+def test_kept_warm_writes_again_while_held_and_stops_after(tmp_path: Path) -> None:
+    """A launch that prepares longer than a grace period (a CNI chain) must still find the lock
+    warm at its attach: the writes go on while it is held, and end with it."""
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    warmer = AttachWarmer(lambda: procs)
+    try:
+        with warmer.kept_warm():
+            wait_for_writes(warmer, 3)  # the first at once, then every KEEP_WARM_S
+        time.sleep(0.05)  # a write under way when the hold ended may still land
+        settled = warmer.writes
+        time.sleep(0.05)
+        assert warmer.writes == settled, "writes went on after the hold ended"
+        with warmer.kept_warm(), warmer.kept_warm():  # two launches at once
+            wait_for_writes(warmer, settled + 3)
+    finally:
+        warmer.close()
