@@ -56,6 +56,7 @@ from adapter.core.state_dir import (
     MS_REMOUNT,
     mount_nosuid,
 )
+from isolators.cgroups.hierarchy import unescape_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ def _is_guard_mount(top: int, point: str) -> bool:
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split(" ", 6)
-            mounts[int(fields[0])] = (int(fields[1]), _unescaped(fields[4]), fields[5])
+            mounts[int(fields[0])] = (int(fields[1]), unescape_mountinfo(fields[4]), fields[5])
     found = mounts.get(_mount_id(top))
     if found is None:
         return False
@@ -349,12 +350,6 @@ def _is_guard_mount(top: int, point: str) -> bool:
         return False
     over_a_mount_at_point = parent in mounts and mounts[parent][1] == point
     return over_a_mount_at_point or os.fstat(top).st_dev == os.stat("..", dir_fd=top).st_dev
-
-
-def _unescaped(point: str) -> str:
-    """mountinfo writes a space, tab, newline and backslash in a path as \\ooo (octal)."""
-    parts = point.split("\\")
-    return parts[0] + "".join(chr(int(part[:3], 8)) + part[3:] for part in parts[1:])
 
 
 def _kept_flags(top: int) -> int:

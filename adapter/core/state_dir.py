@@ -17,12 +17,11 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import re
 from pathlib import Path
 
 from adapter.core.errors import FailedPrecondition
 from isolators.cgroups.errors import HierarchyError
-from isolators.cgroups.hierarchy import Hierarchies
+from isolators.cgroups.hierarchy import Hierarchies, unescape_mountinfo
 
 LOCK_FILE = "lock"
 PRIVATE_DIRECTORY_MODE = 0o711  # traverse only: no listing by other users
@@ -121,14 +120,9 @@ def is_mount_point(path: Path) -> bool:
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             point = line.split(" ", 5)[4]
-            if point == wanted or _unescaped(point) == wanted:
+            if point == wanted or unescape_mountinfo(point) == wanted:
                 return True
     return False
-
-
-def _unescaped(point: str) -> str:
-    """mountinfo writes a space, tab, newline and backslash in a path as \\ooo (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), point)
 
 
 def unmount_nosuid(path: Path) -> None:

@@ -32,8 +32,9 @@ KNOWN_CONTROLLERS = frozenset(
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def _unescape(field_text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+def unescape_mountinfo(field_text: str) -> str:
+    """A path as /proc/self/mountinfo writes it, which escapes space, tab, newline and backslash
+    as \\ooo (octal), as it is."""
     return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field_text)
 
 
@@ -76,7 +77,7 @@ def parse_mountinfo(text: str) -> Mounts:
         left, right = before.split(), after.split()
         if len(left) < 5 or len(right) < 3:
             continue
-        mount_point = Path(_unescape(left[4]))
+        mount_point = Path(unescape_mountinfo(left[4]))
         fstype, super_options = right[0], right[2].split(",")
         if fstype in ("cgroup", "cgroup2"):
             every[mount_point] = None
