@@ -74,13 +74,6 @@ class OwnCgroup:
         return None
 
 
-def own_procs_file(
-    mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_SELF_CGROUP
-) -> Path | None:
-    """OwnCgroup's answer, once."""
-    return OwnCgroup(mountinfo, proc_cgroup).procs_file()
-
-
 class AttachWarmer:
     """`warm()` for one write, `kept_warm()` for writes every KEEP_WARM_S while it is held;
     from the event loop, at once: the writes happen on a thread of their own. An ask that comes

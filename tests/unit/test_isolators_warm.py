@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from isolators.cgroups.warm import AttachWarmer, OwnCgroup, own_procs_file
+from isolators.cgroups.warm import AttachWarmer, OwnCgroup
 
 
 def wait_for_writes(warmer: AttachWarmer, count: int) -> None:
@@ -41,25 +41,27 @@ def test_v1_prefers_pids_and_skips_named_hierarchies(tmp_path: Path) -> None:
         V1_MOUNTS,
         "5:memory:/agent/job\n4:pids:/agent\n1:name=systemd:/init.scope\n0::/agent\n",
     )
-    assert own_procs_file(mountinfo, cgroup) == Path("/sys/fs/cgroup/pids/agent/cgroup.procs")
+    expected = Path("/sys/fs/cgroup/pids/agent/cgroup.procs")
+    assert OwnCgroup(mountinfo, cgroup).procs_file() == expected
 
 
 def test_v1_takes_another_controller_when_pids_is_not_mounted(tmp_path: Path) -> None:
     mounts = V1_MOUNTS.replace("rw,pids", "rw,hugetlb")
     mountinfo, cgroup = tables(tmp_path, mounts, "5:memory:/job\n4:pids:/\n0::/\n")
-    assert own_procs_file(mountinfo, cgroup) == Path("/sys/fs/cgroup/memory/job/cgroup.procs")
+    expected = Path("/sys/fs/cgroup/memory/job/cgroup.procs")
+    assert OwnCgroup(mountinfo, cgroup).procs_file() == expected
 
 
 def test_v2_only(tmp_path: Path) -> None:
     mountinfo, cgroup = tables(tmp_path, V2_MOUNTS, "0::/system.slice/containerizer.service\n")
     expected = Path("/sys/fs/cgroup/system.slice/containerizer.service/cgroup.procs")
-    assert own_procs_file(mountinfo, cgroup) == expected
+    assert OwnCgroup(mountinfo, cgroup).procs_file() == expected
 
 
 def test_no_tables_no_file(tmp_path: Path) -> None:
-    assert own_procs_file(tmp_path / "absent", tmp_path / "absent too") is None
+    assert OwnCgroup(tmp_path / "absent", tmp_path / "absent too").procs_file() is None
     mountinfo, cgroup = tables(tmp_path, "", "0::/\n")
-    assert own_procs_file(mountinfo, cgroup) is None
+    assert OwnCgroup(mountinfo, cgroup).procs_file() is None
 
 
 def test_writes_zero_the_writer_itself(tmp_path: Path) -> None:
@@ -104,7 +106,7 @@ def test_without_a_file_it_never_starts_a_thread() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="writing cgroup.procs needs root")
 def test_the_real_write_leaves_this_process_where_it_is() -> None:
     """On the host's own hierarchy: the write succeeds and moves nothing."""
-    procs = own_procs_file()
+    procs = OwnCgroup().procs_file()
     if procs is None:
         pytest.skip("no cgroup hierarchy mounted here")
     before = Path("/proc/self/cgroup").read_text()
