@@ -113,7 +113,7 @@ class CniIsolator(NetworkIsolator):
         path = Path(attachment.netns_path)
         # Loopback up whether or not the chain has `loopback`: by the thread that made the
         # namespace, still in it (a second thread and netlink socket cost ~1 ms of the launch).
-        await netns.in_fresh_thread(lambda: _create_with_loopback_up(path))
+        await netns.create(path, then=_loopback_up)
         if attachment.cni_config is None:  # mode none
             return
         network = cni.NetworkList.from_json(attachment.cni_config, "checkpoint")
@@ -220,11 +220,9 @@ class CniIsolator(NetworkIsolator):
         return written
 
 
-def _create_with_loopback_up(path: Path) -> None:
-    """In a throwaway thread (netns.in_fresh_thread): the namespace at `path`, then its
-    loopback up with one SIOCGIFFLAGS/SIOCSIFFLAGS pair from inside it, where unshare left the
-    thread. A failure leaves the namespace to prepare's rollback, as any later step's does."""
-    netns._create(path)
+def _loopback_up() -> None:
+    """In the thread that made the namespace, still in it: its loopback up with one
+    SIOCGIFFLAGS/SIOCSIFFLAGS pair."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         request = struct.pack(IFREQ_FLAGS, b"lo", 0)
         _, flags = struct.unpack(IFREQ_FLAGS, fcntl.ioctl(sock, SIOCGIFFLAGS, request))

@@ -113,9 +113,17 @@ def _create(path: Path) -> None:
         raise
 
 
-async def create(path: Path) -> None:
-    """Create the named namespace at `path`; FileExistsError if the name is taken."""
-    await in_fresh_thread(lambda: _create(path))
+async def create(path: Path, then: Callable[[], None] | None = None) -> None:
+    """Create the named namespace at `path`; FileExistsError if the name is taken. `then` runs
+    next in the same throwaway thread, still inside the new namespace; if it fails, the
+    namespace is left to the caller's rollback."""
+
+    def work() -> None:
+        _create(path)
+        if then is not None:
+            then()
+
+    await in_fresh_thread(work)
 
 
 def _adopt(path: Path, source: Path) -> None:
