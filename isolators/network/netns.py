@@ -13,6 +13,7 @@ the namespaces of one service instance, which is what recovery sweeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -57,7 +58,10 @@ def netns_path(prefix: str, container_id: str) -> Path:
 
 
 async def in_fresh_thread(work: Callable[[], T]) -> T:
-    """Run `work` in a new thread that ends with it, and await its result."""
+    """Run `work` in a new thread that ends with it, and await its result. A cancelled caller
+    still waits for the thread to end before the cancellation goes on: a thread cannot be
+    stopped, and what it makes (a namespace, a pin) must exist before the caller's rollback
+    looks for it, or it is left behind."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -70,7 +74,13 @@ async def in_fresh_thread(work: Callable[[], T]) -> T:
             loop.call_soon_threadsafe(_settle, done, result, None)
 
     threading.Thread(target=run, name="netns", daemon=True).start()
-    return await done
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([done])
+        raise
 
 
 def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:

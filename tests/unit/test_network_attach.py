@@ -5,7 +5,9 @@ operator, or by `close`) is ensured again by the next attach."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,3 +244,30 @@ async def test_an_ensure_that_failed_is_done_again_by_the_next_attach(
             await isolator.prepare("a", NetworkRequest("bridge"))
     await isolator.prepare("b", NetworkRequest("bridge"))
     _assert_bridge_is_ready(kernel)
+
+
+async def test_a_cancelled_caller_waits_for_its_thread_before_the_rollback() -> None:
+    """What the thread makes (a namespace, a pin) exists by the time the caller's cancellation
+    reaches its rollback; otherwise the rollback finds nothing and the thread's work stays."""
+    started, release = threading.Event(), threading.Event()
+    made: list[str] = []
+
+    def work() -> None:
+        started.set()
+        release.wait(5)
+        made.append("namespace")
+
+    async def caller() -> list[str]:
+        try:
+            await netns.in_fresh_thread(work)
+        except asyncio.CancelledError:
+            return list(made)  # what the rollback would see
+        raise AssertionError("not cancelled")
+
+    task = asyncio.ensure_future(caller())
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    assert not task.done(), "the cancellation went on while the thread still worked"
+    release.set()
+    assert await asyncio.wait_for(task, 5) == ["namespace"]
